@@ -1,0 +1,565 @@
+//! A data directory: the store, this writer's identity and (on the machine
+//! that created the fleet) the root key. The operations of the `shoal` CLI
+//! live here; `main.rs` only parses and dispatches.
+//!
+//! ```text
+//! <data-dir>/store.redb     the redb store
+//! <data-dir>/identity.json  this writer's certificate and secret key (0600)
+//! <data-dir>/root.key       the fleet root secret key (0600; fleet init only)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::bundle::Bundle;
+use crate::doc::{DocId, Document, SignedChange};
+use crate::error::{Error, Result};
+use crate::identity::{Certificate, Identity, PublicKey, Role, generate_key, parse_secret, write_private};
+use crate::manifest::{Manifest, Spec};
+use crate::model::{self, FleetView, Kind, flatten};
+use crate::store::{Store, StoreConfig};
+use crate::verify::{Trust, verify_and_apply};
+
+/// Name of the store file in a data dir.
+pub const STORE_FILE: &str = "store.redb";
+/// Name of the identity file in a data dir.
+pub const IDENTITY_FILE: &str = "identity.json";
+/// Name of the root key file in a data dir.
+pub const ROOT_KEY_FILE: &str = "root.key";
+
+/// What `apply` did to one manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// Kind of the manifest.
+    pub kind: Kind,
+    /// Its name.
+    pub name: String,
+    /// The document written.
+    pub doc: String,
+    /// How many fields were set or deleted (0: unchanged).
+    pub fields: usize,
+}
+
+/// One conflicting value, for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConflictValue {
+    /// The value (JSON).
+    pub value: serde_json::Value,
+    /// Writer name (or key prefix when unknown).
+    pub writer: String,
+    /// Writer role.
+    pub role: Option<Role>,
+    /// Writer key.
+    pub key: Option<PublicKey>,
+    /// Whether readers currently see this value.
+    pub winner: bool,
+}
+
+/// A field with concurrent values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    /// The document.
+    pub doc: String,
+    /// The field (dotted key).
+    pub field: String,
+    /// Every value; exactly one is the winner.
+    pub values: Vec<ConflictValue>,
+}
+
+/// What a bundle import brought.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ImportReport {
+    /// New changes per document (documents with none are left out).
+    pub new_changes: BTreeMap<String, usize>,
+    /// Changes held back because changes they depend on are missing.
+    pub waiting: usize,
+}
+
+/// An open data directory.
+pub struct DataDir {
+    path: PathBuf,
+    store: Store,
+    identity: Option<Identity>,
+    trust: Trust,
+}
+
+impl std::fmt::Debug for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir").field("path", &self.path).finish()
+    }
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+impl DataDir {
+    /// Creates a fleet: root key, a first operator identity (`admin`) and
+    /// the fleet document. Refuses a data dir that already holds a fleet.
+    pub fn init(path: &Path, fleet_name: &str, now: i64) -> Result<DataDir> {
+        model::validate_name("fleet", fleet_name).map_err(Error::Identity)?;
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let store = Store::open(&path.join(STORE_FILE), StoreConfig::default())?;
+        if store.fleet_root()?.is_some() || path.join(ROOT_KEY_FILE).exists() {
+            return Err(Error::DataDir {
+                path: path.into(),
+                reason: "already holds a fleet".into(),
+            });
+        }
+        let root = generate_key()?;
+        let root_pub = PublicKey(root.verifying_key().to_bytes());
+        write_private(&path.join(ROOT_KEY_FILE), hex::encode(root.to_bytes()).as_bytes())?;
+        let op_key = generate_key()?;
+        let cert = Certificate::issue(
+            &root,
+            PublicKey(op_key.verifying_key().to_bytes()),
+            "admin",
+            Role::Operator,
+            None,
+            now,
+        )?;
+        let identity = Identity::new(cert.clone(), op_key)?;
+        identity.write(&path.join(IDENTITY_FILE))?;
+        store.set_fleet_root(root_pub)?;
+        store.put_certs(std::slice::from_ref(&cert))?;
+        let mut trust = Trust::new(root_pub);
+        trust.add_cert(cert.clone())?;
+        let mut dd = DataDir {
+            path: path.into(),
+            store,
+            identity: Some(identity),
+            trust,
+        };
+        let mut ops = BTreeMap::new();
+        ops.insert("fleet.name".to_string(), Some(json_str(fleet_name)));
+        ops.insert(format!("certs.{}", cert.key), Some(json_str(&cert.to_json())));
+        dd.write(&DocId::Fleet, &ops, now)?;
+        Ok(dd)
+    }
+
+    /// Opens an existing data dir. `identity` overrides `identity.json`.
+    pub fn open(path: &Path, identity: Option<&Path>) -> Result<DataDir> {
+        let store_path = path.join(STORE_FILE);
+        if !store_path.exists() {
+            return Err(Error::DataDir {
+                path: path.into(),
+                reason: "holds no Shoal store: run `shoal fleet init` or `shoal identity use` first"
+                    .into(),
+            });
+        }
+        let store = Store::open(&store_path, StoreConfig::default())?;
+        let root = store.fleet_root()?.ok_or_else(|| Error::DataDir {
+            path: path.into(),
+            reason: "store belongs to no fleet yet: run `shoal identity use` first".into(),
+        })?;
+        let identity = match identity {
+            Some(p) => Some(Identity::read(p)?),
+            None if path.join(IDENTITY_FILE).exists() => {
+                Some(Identity::read(&path.join(IDENTITY_FILE))?)
+            }
+            None => None,
+        };
+        let mut trust = Trust::new(root);
+        for c in store.certs()? {
+            if let Err(e) = trust.add_cert(c) {
+                tracing::warn!(error = %e, "ignoring a stored certificate");
+            }
+        }
+        if let Some(id) = &identity {
+            id.cert.verify(&root)?;
+            trust.add_cert(id.cert.clone())?;
+        }
+        if let Some(fleet) = store.load(&DocId::Fleet)? {
+            for e in trust.absorb_fleet(&fleet) {
+                tracing::warn!(error = %e, "fleet document holds an invalid entry");
+            }
+        }
+        Ok(DataDir {
+            path: path.into(),
+            store,
+            identity,
+            trust,
+        })
+    }
+
+    /// Installs an identity file into a data dir (creating it and binding
+    /// its store to the identity's fleet if new).
+    pub fn use_identity(path: &Path, file: &Path) -> Result<DataDir> {
+        let identity = Identity::read(file)?;
+        identity.cert.verify(&identity.cert.issuer)?;
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let store = Store::open(&path.join(STORE_FILE), StoreConfig::default())?;
+        store.set_fleet_root(identity.cert.issuer)?;
+        store.put_certs(std::slice::from_ref(&identity.cert))?;
+        identity.write(&path.join(IDENTITY_FILE))?;
+        drop(store);
+        DataDir::open(path, None)
+    }
+
+    /// The data dir.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The trust (root, certificates, revocations).
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// The writer identity in use.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    fn writer(&self) -> Result<&Identity> {
+        self.identity.as_ref().ok_or_else(|| Error::DataDir {
+            path: self.path.clone(),
+            reason: "has no identity to sign with: run `shoal identity use` or pass --identity"
+                .into(),
+        })
+    }
+
+    /// Loads a document, or a new empty one.
+    pub fn doc(&self, id: &DocId) -> Result<Document> {
+        Ok(self
+            .store
+            .load(id)?
+            .unwrap_or_else(|| Document::new(id.clone())))
+    }
+
+    /// Makes one signed change to `id` with this data dir's identity and
+    /// commits it. Returns the number of fields written.
+    pub fn write(
+        &mut self,
+        id: &DocId,
+        ops: &BTreeMap<String, Option<String>>,
+        now: i64,
+    ) -> Result<usize> {
+        self.write_many(vec![(id.clone(), ops.clone())], now)
+    }
+
+    fn check_may_write(&self, id: &DocId) -> Result<&Identity> {
+        let writer = self.writer()?;
+        if !writer.cert.may_write(id) {
+            return Err(Error::NotAllowed(format!(
+                "{} ({}{}) may not write {id}",
+                writer.cert.name,
+                writer.cert.role,
+                writer
+                    .cert
+                    .site
+                    .as_deref()
+                    .map(|s| format!(" of site {s}"))
+                    .unwrap_or_default()
+            )));
+        }
+        if self.trust.is_revoked(&writer.key()) {
+            return Err(Error::NotAllowed(format!(
+                "identity {} is revoked",
+                writer.cert.name
+            )));
+        }
+        Ok(writer)
+    }
+
+    /// One signed change per document, all committed in one transaction:
+    /// either every document is written or none. Checks authority for all
+    /// of them before writing any.
+    pub fn write_many(
+        &mut self,
+        edits: Vec<(DocId, BTreeMap<String, Option<String>>)>,
+        now: i64,
+    ) -> Result<usize> {
+        for (id, _) in &edits {
+            self.check_may_write(id)?;
+        }
+        let writer = self.writer()?.clone();
+        let mut staged = Vec::new();
+        let mut total = 0;
+        for (id, ops) in &edits {
+            let mut doc = self.doc(id)?;
+            if let Some((hash, change, n)) = doc.edit(&writer, now, ops)? {
+                total += n;
+                staged.push((doc, vec![(hash, change)]));
+            }
+        }
+        let items: Vec<(&Document, &[(automerge::ChangeHash, SignedChange)])> =
+            staged.iter().map(|(d, c)| (d, c.as_slice())).collect();
+        self.store.commit_batch(&items)?;
+        for (doc, _) in &staged {
+            if *doc.id() == DocId::Fleet {
+                self.trust.absorb_fleet(doc);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Applies manifests: one signed change per document touched, writing
+    /// only the fields that differ.
+    pub fn apply(&mut self, manifests: &[Manifest], now: i64) -> Result<Vec<Applied>> {
+        let mut per_doc: BTreeMap<DocId, BTreeMap<String, Option<String>>> = BTreeMap::new();
+        let mut results = Vec::new();
+        for m in manifests {
+            let (doc_id, ops) = self.ops_for(m)?;
+            results.push(Applied {
+                kind: m.kind(),
+                name: m.name.clone(),
+                doc: doc_id.to_string(),
+                fields: ops.len(),
+            });
+            per_doc.entry(doc_id).or_default().extend(ops);
+        }
+        let edits = per_doc.into_iter().filter(|(_, ops)| !ops.is_empty()).collect();
+        self.write_many(edits, now)?;
+        Ok(results)
+    }
+
+    fn ops_for(&self, m: &Manifest) -> Result<(DocId, BTreeMap<String, Option<String>>)> {
+        let (doc_id, prefixes, desired) = match &m.spec {
+            Spec::SiteOverride(s) => {
+                let mut desired = BTreeMap::new();
+                desired.insert("site.name".to_string(), json_str(&m.name));
+                let v = serde_json::to_value(s).unwrap_or_default();
+                for (k, sub) in v.as_object().into_iter().flatten() {
+                    flatten(k, sub, &mut desired);
+                }
+                (
+                    DocId::Site(m.name.clone()),
+                    vec!["apps.".to_string(), "configs.".to_string()],
+                    desired,
+                )
+            }
+            other => {
+                let kind = m.kind();
+                let base = format!("{}.{}", kind.prefix(), m.name);
+                let v = match other {
+                    Spec::App(a) => serde_json::to_value(a),
+                    Spec::Config(c) => serde_json::to_value(c),
+                    Spec::Node(n) => serde_json::to_value(n),
+                    Spec::SiteOverride(_) => unreachable_spec(),
+                }
+                .unwrap_or_default();
+                let mut desired = BTreeMap::new();
+                desired.insert(base.clone(), json_str(kind.as_str()));
+                flatten(&base, &v, &mut desired);
+                (DocId::Fleet, vec![format!("{base}.")], desired)
+            }
+        };
+        let doc = self.doc(&doc_id)?;
+        let mut current = BTreeMap::new();
+        for p in &prefixes {
+            current.extend(doc.fields(p));
+        }
+        for k in desired.keys() {
+            if !current.contains_key(k) {
+                if let Some(v) = doc.fields(k).remove(k) {
+                    current.insert(k.clone(), v);
+                }
+            }
+        }
+        let mut ops = BTreeMap::new();
+        for (k, v) in &desired {
+            let conflicted = doc.values(k).len() > 1;
+            if current.get(k) != Some(v) || conflicted {
+                ops.insert(k.clone(), Some(v.clone()));
+            }
+        }
+        for k in current.keys() {
+            if !desired.contains_key(k) {
+                ops.insert(k.clone(), None);
+            }
+        }
+        Ok((doc_id, ops))
+    }
+
+    /// Deletes an entity (`app`, `config`, `node`) from the fleet document,
+    /// or a site's overrides.
+    pub fn delete(&mut self, kind: Kind, name: &str, now: i64) -> Result<usize> {
+        let (id, keys) = match kind {
+            Kind::SiteOverride => {
+                let id = DocId::Site(name.to_string());
+                let doc = self.doc(&id)?;
+                let mut keys: Vec<String> = doc.fields("apps.").into_keys().collect();
+                keys.extend(doc.fields("configs.").into_keys());
+                (id, keys)
+            }
+            _ => {
+                let base = format!("{}.{name}", kind.prefix());
+                let doc = self.doc(&DocId::Fleet)?;
+                if doc.get(&base).is_none() {
+                    return Err(Error::NotFound(format!("{} {name}", kind.as_str())));
+                }
+                let mut keys: Vec<String> = doc.fields(&format!("{base}.")).into_keys().collect();
+                keys.push(base);
+                (DocId::Fleet, keys)
+            }
+        };
+        let ops = keys.into_iter().map(|k| (k, None)).collect();
+        self.write(&id, &ops, now)
+    }
+
+    /// The fleet document, read.
+    pub fn fleet(&self) -> Result<FleetView> {
+        Ok(FleetView::read(&self.doc(&DocId::Fleet)?))
+    }
+
+    /// Every field with concurrent values, in every document.
+    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
+        let mut out = Vec::new();
+        for id in self.store.doc_ids()? {
+            let Some(doc) = self.store.load(&id)? else { continue };
+            for (field, values) in doc.conflicts() {
+                let values = values
+                    .into_iter()
+                    .map(|v| {
+                        let cert = v.writer.and_then(|k| self.trust.cert(&k));
+                        ConflictValue {
+                            value: serde_json::from_str(&v.value)
+                                .unwrap_or(serde_json::Value::String(v.value.clone())),
+                            writer: cert.map(|c| c.name.clone()).unwrap_or_else(|| {
+                                v.writer.map(|k| k.short()).unwrap_or_else(|| "?".into())
+                            }),
+                            role: cert.map(|c| c.role),
+                            key: v.writer,
+                            winner: v.winner,
+                        }
+                    })
+                    .collect();
+                out.push(Conflict {
+                    doc: id.to_string(),
+                    field,
+                    values,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates another writer's identity, signed by the root key of this
+    /// data dir, and publishes its certificate in the fleet document.
+    pub fn create_identity(
+        &mut self,
+        role: Role,
+        site: Option<&str>,
+        name: &str,
+        now: i64,
+    ) -> Result<Identity> {
+        let root_path = self.path.join(ROOT_KEY_FILE);
+        let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
+            path: self.path.clone(),
+            reason: "holds no fleet root key: create identities on the data dir made by `shoal fleet init`".into(),
+        })?;
+        let root = parse_secret(&text).map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
+        if PublicKey(root.verifying_key().to_bytes()) != self.trust.root() {
+            return Err(Error::Identity(format!(
+                "{} is not the root key of this store's fleet",
+                root_path.display()
+            )));
+        }
+        let key = generate_key()?;
+        let cert = Certificate::issue(
+            &root,
+            PublicKey(key.verifying_key().to_bytes()),
+            name,
+            role,
+            site,
+            now,
+        )?;
+        let identity = Identity::new(cert.clone(), key)?;
+        self.store.put_certs(std::slice::from_ref(&cert))?;
+        self.trust.add_cert(cert.clone())?;
+        let mut ops = BTreeMap::new();
+        ops.insert(format!("certs.{}", cert.key), Some(json_str(&cert.to_json())));
+        self.write(&DocId::Fleet, &ops, now)?;
+        Ok(identity)
+    }
+
+    /// Every document's signed changes, for an offline bundle.
+    pub fn export(&self) -> Result<Vec<u8>> {
+        let mut bundle = Bundle {
+            root: Some(self.trust.root()),
+            certs: self.trust.certs().cloned().collect(),
+            docs: Vec::new(),
+        };
+        bundle.certs.sort_by(|a, b| a.key.cmp(&b.key));
+        for id in self.store.doc_ids()? {
+            let Some(doc) = self.store.load(&id)? else { continue };
+            let sigs = self.store.signatures(&id)?;
+            let mut changes = Vec::new();
+            for c in doc.changes() {
+                let signature = *sigs.get(&c.hash()).ok_or_else(|| Error::CorruptDocument {
+                    doc: id.to_string(),
+                    reason: format!("no signature stored for change {}", c.hash()),
+                })?;
+                changes.push(SignedChange {
+                    bytes: c.raw_bytes().to_vec(),
+                    signature,
+                });
+            }
+            bundle.docs.push((id, changes));
+        }
+        Ok(bundle.encode(self.trust.root()))
+    }
+
+    /// Verifies every change of a bundle and merges it. A bundle with any
+    /// bad certificate or change is refused whole: nothing is stored.
+    pub fn import(&mut self, bytes: &[u8]) -> Result<ImportReport> {
+        let bundle = Bundle::decode(bytes)?;
+        if bundle.root != Some(self.trust.root()) {
+            return Err(Error::Bundle(format!(
+                "it belongs to fleet {}, this data dir to fleet {}",
+                bundle.root.map(|r| r.short()).unwrap_or_default(),
+                self.trust.root().short()
+            )));
+        }
+        let mut trust = self.trust.clone();
+        for (i, c) in bundle.certs.iter().enumerate() {
+            trust
+                .add_cert(c.clone())
+                .map_err(|e| Error::Bundle(format!("certificate #{i}: {e}")))?;
+        }
+        let mut docs = bundle.docs;
+        docs.sort_by(|a, b| a.0.rank().cmp(&b.0.rank()).then(a.0.cmp(&b.0)));
+        let mut staged = Vec::new();
+        let mut report = ImportReport::default();
+        for (id, changes) in &docs {
+            let mut doc = self.doc(id)?;
+            let (applied, waiting) = verify_and_apply(&trust, &mut doc, changes)
+                .map_err(|e| Error::Bundle(e.to_string()))?;
+            report.waiting += waiting;
+            if *id == DocId::Fleet {
+                trust.absorb_fleet(&doc);
+            }
+            if !applied.is_empty() {
+                report.new_changes.insert(id.to_string(), applied.len());
+            }
+            staged.push((doc, applied));
+        }
+        // Changes held back for missing dependencies are not stored.
+        let items: Vec<(&Document, &[(automerge::ChangeHash, SignedChange)])> = staged
+            .iter()
+            .filter(|(_, a)| !a.is_empty())
+            .map(|(d, a)| (d, a.as_slice()))
+            .collect();
+        self.store.commit_batch(&items)?;
+        let certs: Vec<Certificate> = bundle
+            .certs
+            .into_iter()
+            .filter(|c| self.trust.cert(&c.key).is_none())
+            .collect();
+        self.store.put_certs(&certs)?;
+        self.trust = trust;
+        Ok(report)
+    }
+}
+
+fn unreachable_spec() -> serde_json::Result<serde_json::Value> {
+    Ok(serde_json::Value::Null)
+}

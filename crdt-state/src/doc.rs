@@ -1,0 +1,336 @@
+//! Signed Automerge documents with a flat key space.
+//!
+//! Every Shoal document is one Automerge map whose keys are dotted paths
+//! (`apps.inspect.native.command`) and whose values are JSON texts. Keeping
+//! the map flat makes every field its own last-writer-wins register, so two
+//! writers that touch different fields of the same object both survive a
+//! merge, and only writes to the same field conflict (see
+//! `docs/adr/0001-flat-documents.md`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Author, Automerge, Change, ChangeHash, ROOT, ReadDoc, ScalarValueRef, ValueRef};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, PublicKey};
+
+/// Domain separator for change signatures.
+const CHANGE_DOMAIN: &[u8] = b"shoal/change/v1\0";
+
+/// Which document: the unit of authority.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DocId {
+    /// The fleet document, written by operators.
+    Fleet,
+    /// A site document (`site/<site>`), written by operators and that site's engineers.
+    Site(String),
+    /// A node's own report document (`node/<name>/<epoch>`).
+    Node {
+        /// The node name.
+        name: String,
+        /// The epoch: a node document rolls to a new epoch when its history grows.
+        epoch: u32,
+    },
+}
+
+impl DocId {
+    /// Parses `fleet`, `site/<s>` or `node/<n>/<epoch>`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::NotFound(format!("document id {s:?}: {why}"));
+        let mut parts = s.split('/');
+        let id = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("fleet"), None, None, None) => DocId::Fleet,
+            (Some("site"), Some(site), None, None) => {
+                crate::model::validate_name("site", site).map_err(|e| bad(&e))?;
+                DocId::Site(site.to_string())
+            }
+            (Some("node"), Some(name), Some(epoch), None) => {
+                crate::model::validate_name("node", name).map_err(|e| bad(&e))?;
+                let epoch = epoch
+                    .parse()
+                    .map_err(|_| bad("epoch is not a number"))?;
+                DocId::Node {
+                    name: name.to_string(),
+                    epoch,
+                }
+            }
+            _ => return Err(bad("expected fleet, site/<site> or node/<name>/<epoch>")),
+        };
+        Ok(id)
+    }
+
+    /// Order in which documents must be verified: the fleet document first,
+    /// since it holds the certificates and revocations the others need.
+    pub fn rank(&self) -> u8 {
+        match self {
+            DocId::Fleet => 0,
+            DocId::Site(_) => 1,
+            DocId::Node { .. } => 2,
+        }
+    }
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DocId::Fleet => f.write_str("fleet"),
+            DocId::Site(s) => write!(f, "site/{s}"),
+            DocId::Node { name, epoch } => write!(f, "node/{name}/{epoch}"),
+        }
+    }
+}
+
+/// A change in Automerge's binary form with its writer's signature.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SignedChange {
+    /// The raw change chunk.
+    pub bytes: Vec<u8>,
+    /// Ed25519 signature over [`signing_message`] of the change hash.
+    pub signature: [u8; 64],
+}
+
+impl fmt::Debug for SignedChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SignedChange({} bytes)", self.bytes.len())
+    }
+}
+
+/// The bytes a writer signs for a change: domain, document id, change hash.
+pub fn signing_message(doc: &DocId, hash: &ChangeHash) -> Vec<u8> {
+    let id = doc.to_string();
+    let mut m = Vec::with_capacity(CHANGE_DOMAIN.len() + id.len() + 1 + 32);
+    m.extend_from_slice(CHANGE_DOMAIN);
+    m.extend_from_slice(id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&hash.0);
+    m
+}
+
+/// One value of a field, with who wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldValue {
+    /// The value as JSON text.
+    pub value: String,
+    /// The writer's public key, when known.
+    pub writer: Option<PublicKey>,
+    /// Whether this is the value readers see.
+    pub winner: bool,
+}
+
+/// A signed Automerge document.
+pub struct Document {
+    id: DocId,
+    doc: Automerge,
+    writer: Option<PublicKey>,
+}
+
+impl fmt::Debug for Document {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Document").field("id", &self.id).finish()
+    }
+}
+
+impl Document {
+    /// A new, empty document.
+    pub fn new(id: DocId) -> Self {
+        Document {
+            id,
+            doc: Automerge::new(),
+            writer: None,
+        }
+    }
+
+    /// Loads a saved document (from this node's own store: trusted, already verified).
+    pub fn load(id: DocId, bytes: &[u8]) -> Result<Self> {
+        let doc = Automerge::load_unverified_heads(bytes).map_err(|e| Error::CorruptDocument {
+            doc: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Document {
+            id,
+            doc,
+            writer: None,
+        })
+    }
+
+    /// The document id.
+    pub fn id(&self) -> &DocId {
+        &self.id
+    }
+
+    /// The whole document in Automerge's compressed form.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// The current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// Read access to the Automerge document.
+    pub fn automerge(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// Whether the document holds the change with this hash.
+    pub fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_meta_by_hash(hash).is_some()
+    }
+
+    /// Every change (for export), in causal order.
+    pub fn changes(&self) -> Vec<Change> {
+        self.doc.get_changes(&[])
+    }
+
+    /// The key bound to an actor through its first (authored) change.
+    pub fn actor_key(&self, actor: &ActorId) -> Option<PublicKey> {
+        let author = self.doc.get_author_for_actor(actor)?;
+        PublicKey::from_slice(author.as_bytes()).ok()
+    }
+
+    /// Applies changes that have already been verified. Returns the hashes
+    /// that are now part of the document (changes whose dependencies are
+    /// still missing stay out and are not returned).
+    pub(crate) fn apply_verified(&mut self, changes: Vec<Change>) -> Result<Vec<ChangeHash>> {
+        let hashes: Vec<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+        self.doc.apply_changes(changes)?;
+        Ok(hashes.into_iter().filter(|h| self.has_change(h)).collect())
+    }
+
+    /// The value of one field, decoded from JSON.
+    pub fn get(&self, key: &str) -> Option<serde_json::Value> {
+        match self.doc.get(ROOT, key).ok()?? {
+            (automerge::Value::Scalar(s), _) => match s.as_ref() {
+                automerge::ScalarValue::Str(t) => serde_json::from_str(t).ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Every field whose key starts with `prefix`, as raw JSON texts.
+    pub fn fields(&self, prefix: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let range = self.doc.map_range(ROOT, prefix.to_string()..);
+        for item in range {
+            if !item.key.starts_with(prefix) {
+                break;
+            }
+            if let ValueRef::Scalar(ScalarValueRef::Str(s)) = item.value {
+                out.insert(item.key.into_owned(), s.into_owned());
+            }
+        }
+        out
+    }
+
+    /// Fields with concurrent values: key and every value with its writer.
+    pub fn conflicts(&self) -> Vec<(String, Vec<FieldValue>)> {
+        let keys: Vec<String> = self
+            .doc
+            .map_range(ROOT, ..)
+            .filter(|i| i.conflict)
+            .map(|i| i.key.into_owned())
+            .collect();
+        keys.into_iter()
+            .map(|k| {
+                let values = self.values(&k);
+                (k, values)
+            })
+            .collect()
+    }
+
+    /// All values of a field, the winner marked.
+    pub fn values(&self, key: &str) -> Vec<FieldValue> {
+        let winner = self.doc.get(ROOT, key).ok().flatten().map(|(_, id)| id);
+        let all = self.doc.get_all(ROOT, key).unwrap_or_default();
+        all.into_iter()
+            .map(|(v, id)| {
+                let value = match v {
+                    automerge::Value::Scalar(s) => match s.as_ref() {
+                        automerge::ScalarValue::Str(t) => t.to_string(),
+                        other => other.to_string(),
+                    },
+                    automerge::Value::Object(t) => format!("<{t:?}>"),
+                };
+                let writer = match &id {
+                    automerge::ObjId::Id(_, actor, _) => self.actor_key(actor),
+                    automerge::ObjId::Root => None,
+                };
+                FieldValue {
+                    value,
+                    writer,
+                    winner: Some(&id) == winner.as_ref(),
+                }
+            })
+            .collect()
+    }
+
+    /// Makes one signed change that sets (`Some`) or deletes (`None`) the
+    /// given fields, as `writer`, with the change's timestamp `now` (seconds;
+    /// informational). Returns `None` when nothing would change.
+    pub fn edit(
+        &mut self,
+        writer: &Identity,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+    ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
+        let ops: Vec<_> = ops
+            .iter()
+            .filter(|(k, v)| {
+                // Writing the value already there still resolves a conflict.
+                self.fields_exact(k).as_ref() != v.as_ref() || self.is_conflicted(k)
+            })
+            .collect();
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        if self.writer != Some(writer.key()) {
+            // A fresh actor for this writer in this process (never reuse an
+            // actor in two places); its first change carries the author.
+            self.doc
+                .set_author(Some(Author::from(writer.key().0.to_vec())));
+            self.writer = Some(writer.key());
+        }
+        let n = ops.len();
+        let mut tx = self.doc.transaction();
+        for (k, v) in ops {
+            match v {
+                Some(v) => tx.put(ROOT, k.as_str(), v.as_str())?,
+                None => tx.delete(ROOT, k.as_str())?,
+            }
+        }
+        let (hash, _) = tx.commit_with(CommitOptions::default().with_time(now));
+        let Some(hash) = hash else { return Ok(None) };
+        let change = self
+            .doc
+            .get_change_by_hash(&hash)
+            .ok_or_else(|| Error::NotFound(format!("change {hash} just made")))?;
+        let signature = writer.sign(&signing_message(&self.id, &hash));
+        Ok(Some((
+            hash,
+            SignedChange {
+                bytes: change.raw_bytes().to_vec(),
+                signature,
+            },
+            n,
+        )))
+    }
+
+    fn is_conflicted(&self, key: &str) -> bool {
+        self.doc.get_all(ROOT, key).map(|v| v.len() > 1).unwrap_or(false)
+    }
+
+    fn fields_exact(&self, key: &str) -> Option<String> {
+        match self.doc.get(ROOT, key).ok()?? {
+            (automerge::Value::Scalar(s), _) => match s.as_ref() {
+                automerge::ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}

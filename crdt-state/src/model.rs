@@ -1,0 +1,384 @@
+//! The typed fleet model over the flat documents.
+//!
+//! | document | keys |
+//! |---|---|
+//! | `fleet` | `fleet.name`, `apps.<app>…`, `configs.<cfg>…`, `nodes.<node>…`, `certs.<key>`, `revoked.<key>` |
+//! | `site/<s>` | `site.name`, `apps.<app>.paused / version / env.<K>`, `configs.<cfg>.data.<k>` |
+//! | `node/<n>/<e>` | `report.*` (applied heads, workloads) |
+//!
+//! An entity (`apps.inspect`) exists while its marker key is present; its
+//! fields are the keys below it. Deleting an entity deletes the marker and
+//! every field, so an edit made concurrently on a partitioned copy leaves
+//! only an orphan field that readers ignore and the next apply removes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::doc::Document;
+
+/// Checks a DNS-label style name: 1–63 of `a-z 0-9 -`, starting and ending
+/// with a letter or digit.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} is not a valid name: expected 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+/// Escapes a free-form key component (`.` and `%`) for the flat key space.
+pub fn escape(component: &str) -> String {
+    let mut out = String::with_capacity(component.len());
+    for ch in component.chars() {
+        match ch {
+            '%' => out.push_str("%25"),
+            '.' => out.push_str("%2E"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Reverses [`escape`].
+pub fn unescape(component: &str) -> String {
+    component.replace("%2E", ".").replace("%25", "%")
+}
+
+/// Flattens a JSON object into `prefix.key.key = json` leaves. Nulls are
+/// left out; arrays and scalars are leaves.
+pub fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                flatten(&format!("{prefix}.{}", escape(k)), v, out);
+            }
+        }
+        Value::Null => {}
+        leaf => {
+            out.insert(prefix.to_string(), leaf.to_string());
+        }
+    }
+}
+
+/// Rebuilds a JSON object from the leaves below `prefix.`.
+pub fn unflatten(prefix: &str, fields: &BTreeMap<String, String>) -> Value {
+    let mut root = serde_json::Map::new();
+    let dotted = format!("{prefix}.");
+    for (k, text) in fields {
+        let Some(rest) = k.strip_prefix(&dotted) else { continue };
+        let Ok(leaf) = serde_json::from_str::<Value>(text) else { continue };
+        let parts: Vec<String> = rest.split('.').map(unescape).collect();
+        let mut cur = &mut root;
+        for (i, p) in parts.iter().enumerate() {
+            if i + 1 == parts.len() {
+                cur.insert(p.clone(), leaf.clone());
+                break;
+            }
+            let entry = cur
+                .entry(p.clone())
+                .or_insert_with(|| Value::Object(Default::default()));
+            if !entry.is_object() {
+                *entry = Value::Object(Default::default());
+            }
+            let Value::Object(next) = entry else { break };
+            cur = next;
+        }
+    }
+    Value::Object(root)
+}
+
+/// Which runtime applies an app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// The process supervisor (embedded default).
+    #[default]
+    Native,
+    /// Kubernetes manifests applied to the local K3s.
+    Kube,
+}
+
+/// How a native process is restarted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Always restart, with backoff.
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// A file rendered into the app's directory from a Config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSource {
+    /// The Config to render.
+    pub config: String,
+    /// One key of the Config; without it the file holds every `key=value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// How to run a native app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeSpec {
+    /// Program and arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Files rendered from Configs, by path relative to the app directory.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileSource>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// How to run a kube app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeSpec {
+    /// Namespace Shoal owns for this app (default `shoal-<app>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Kubernetes manifests, several separated by `---`.
+    #[serde(default)]
+    pub manifests: String,
+}
+
+/// An app: what runs where.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    /// `native` (default) or `kube`.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// Label selector (all must match); `site` and `node` are implicit labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// Run on at most this many matching nodes (rendezvous hashing); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Version or image tag, for people and for site rollbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Native runtime settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<NativeSpec>,
+    /// Kube runtime settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<KubeSpec>,
+}
+
+/// A config: named key/value data rendered into files or env.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSpec {
+    /// The values.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
+/// A node registry entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// The node's site.
+    pub site: String,
+    /// Labels for selectors.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A site's override of one app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppOverride {
+    /// Stop the app at this site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// Run this version instead (a rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Environment values on top of the app's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A site's override of one config.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigOverride {
+    /// Values on top of the config's.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
+/// Everything a site overrides.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteOverrideSpec {
+    /// Per app.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub apps: BTreeMap<String, AppOverride>,
+    /// Per config.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub configs: BTreeMap<String, ConfigOverride>,
+}
+
+/// The four kinds of entity in the fleet document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// `apps.*` in the fleet document.
+    App,
+    /// `configs.*` in the fleet document.
+    Config,
+    /// `nodes.*` in the fleet document.
+    Node,
+    /// The whole `site/<name>` document.
+    SiteOverride,
+}
+
+impl Kind {
+    /// The key prefix of this kind's entities (`apps`, `configs`, `nodes`).
+    pub fn prefix(&self) -> &'static str {
+        match self {
+            Kind::App => "apps",
+            Kind::Config => "configs",
+            Kind::Node => "nodes",
+            Kind::SiteOverride => "",
+        }
+    }
+
+    /// Name as written in manifests.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::App => "App",
+            Kind::Config => "Config",
+            Kind::Node => "Node",
+            Kind::SiteOverride => "SiteOverride",
+        }
+    }
+
+    /// Parses a manifest kind or a CLI noun (`app`, `apps`, `App`).
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s.to_ascii_lowercase().trim_end_matches('s') {
+            "app" => Kind::App,
+            "config" => Kind::Config,
+            "node" => Kind::Node,
+            "siteoverride" | "site" => Kind::SiteOverride,
+            _ => return None,
+        })
+    }
+}
+
+/// Reads every entity of one kind from a document.
+pub fn entities<T: for<'de> Deserialize<'de>>(doc: &Document, kind: Kind) -> BTreeMap<String, T> {
+    let prefix = format!("{}.", kind.prefix());
+    let fields = doc.fields(&prefix);
+    let mut out = BTreeMap::new();
+    for key in fields.keys() {
+        let rest = &key[prefix.len()..];
+        if rest.contains('.') {
+            continue; // a field, not a marker
+        }
+        let value = unflatten(key, &fields);
+        if let Ok(spec) = serde_json::from_value::<T>(value) {
+            out.insert(rest.to_string(), spec);
+        }
+    }
+    out
+}
+
+/// The fleet document, read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FleetView {
+    /// Fleet name.
+    pub name: String,
+    /// Apps by name.
+    pub apps: BTreeMap<String, AppSpec>,
+    /// Configs by name.
+    pub configs: BTreeMap<String, ConfigSpec>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, NodeSpec>,
+}
+
+impl FleetView {
+    /// Reads the fleet document.
+    pub fn read(doc: &Document) -> Self {
+        FleetView {
+            name: doc
+                .get("fleet.name")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            apps: entities(doc, Kind::App),
+            configs: entities(doc, Kind::Config),
+            nodes: entities(doc, Kind::Node),
+        }
+    }
+}
+
+/// Reads a site document.
+pub fn read_site(doc: &Document) -> SiteOverrideSpec {
+    let mut fields = doc.fields("apps.");
+    fields.extend(doc.fields("configs."));
+    serde_json::from_value(unflatten_root(&fields)).unwrap_or_default()
+}
+
+/// Unflattens keys that have no common prefix.
+pub(crate) fn unflatten_root(fields: &BTreeMap<String, String>) -> Value {
+    let prefixed: BTreeMap<String, String> = fields
+        .iter()
+        .map(|(k, v)| (format!("_.{k}"), v.clone()))
+        .collect();
+    unflatten("_", &prefixed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flatten_roundtrips_free_form_keys() {
+        let v = serde_json::json!({
+            "selector": {"topology.kubernetes.io/zone": "a%b"},
+            "native": {"command": ["x", "y"], "env": {"A.B": "1"}},
+            "replicas": 3,
+            "gone": null,
+        });
+        let mut out = BTreeMap::new();
+        flatten("apps.x", &v, &mut out);
+        assert!(out.contains_key("apps.x.selector.topology%2Ekubernetes%2Eio/zone"));
+        assert_eq!(out.get("apps.x.replicas").map(String::as_str), Some("3"));
+        assert!(!out.keys().any(|k| k.contains("gone")));
+        let back = unflatten("apps.x", &out);
+        let mut expected = v.clone();
+        expected.as_object_mut().map(|o| o.remove("gone"));
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("app", "inspect-2").is_ok());
+        for bad in ["", "-a", "a-", "A", "a.b", "a/b", &"x".repeat(64)] {
+            assert!(validate_name("app", bad).is_err(), "{bad}");
+        }
+    }
+}

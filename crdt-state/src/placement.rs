@@ -1,0 +1,200 @@
+//! Placement: which workloads a node runs. A pure function of the
+//! documents; every node computes its own share and nobody assigns it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::model::{AppSpec, FleetView, NodeSpec, RuntimeKind, SiteOverrideSpec};
+
+/// One workload a node should run: the app with its site's overrides and
+/// its config files resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// App name.
+    pub app: String,
+    /// The effective spec (site overrides applied).
+    pub spec: AppSpec,
+    /// Files to render: relative path → content.
+    pub files: BTreeMap<String, String>,
+}
+
+/// The labels a selector sees for a node: its own plus `site` and `node`.
+pub fn node_labels(name: &str, node: &NodeSpec) -> BTreeMap<String, String> {
+    let mut labels = node.labels.clone();
+    labels.insert("site".into(), node.site.clone());
+    labels.insert("node".into(), name.into());
+    labels
+}
+
+fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Rendezvous score of `node` for `app`: the top `replicas` scores win.
+fn score(app: &str, node: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(app.as_bytes());
+    h.update([0]);
+    h.update(node.as_bytes());
+    h.finalize().into()
+}
+
+/// The workloads `node` should run. `healthy` says which nodes count for
+/// replica spreading (all registered nodes when it always says yes). A
+/// node that is not in the registry runs nothing.
+pub fn share(
+    fleet: &FleetView,
+    site: Option<&SiteOverrideSpec>,
+    node: &str,
+    healthy: &dyn Fn(&str) -> bool,
+) -> Vec<Workload> {
+    let Some(me) = fleet.nodes.get(node) else {
+        return Vec::new();
+    };
+    let my_labels = node_labels(node, me);
+    let mut out = Vec::new();
+    for (name, app) in &fleet.apps {
+        if !matches(&app.selector, &my_labels) {
+            continue;
+        }
+        if let Some(r) = app.replicas {
+            let mut candidates: Vec<(&String, [u8; 32])> = fleet
+                .nodes
+                .iter()
+                .filter(|(n, spec)| {
+                    (n.as_str() == node || healthy(n))
+                        && matches(&app.selector, &node_labels(n, spec))
+                })
+                .map(|(n, _)| (n, score(name, n)))
+                .collect();
+            candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            if !candidates
+                .iter()
+                .take(r as usize)
+                .any(|(n, _)| n.as_str() == node)
+            {
+                continue;
+            }
+        }
+        let over = site.and_then(|s| s.apps.get(name));
+        if over.and_then(|o| o.paused) == Some(true) {
+            continue;
+        }
+        let mut spec = app.clone();
+        if let Some(o) = over {
+            if let Some(v) = &o.version {
+                spec.version = Some(v.clone());
+            }
+            if let Some(native) = spec.native.as_mut() {
+                native
+                    .env
+                    .extend(o.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        let mut files = BTreeMap::new();
+        if let (RuntimeKind::Native, Some(native)) = (spec.runtime, &spec.native) {
+            for (path, src) in &native.files {
+                let mut data = fleet
+                    .configs
+                    .get(&src.config)
+                    .map(|c| c.data.clone())
+                    .unwrap_or_default();
+                if let Some(o) = site.and_then(|s| s.configs.get(&src.config)) {
+                    data.extend(o.data.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                let content = match &src.key {
+                    Some(k) => data.get(k).cloned().unwrap_or_default(),
+                    None => data.iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
+                };
+                files.insert(path.clone(), content);
+            }
+        }
+        out.push(Workload {
+            app: name.clone(),
+            spec,
+            files,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AppOverride, ConfigOverride, ConfigSpec, FileSource, NativeSpec};
+
+    fn fleet(nodes: usize, replicas: Option<u32>) -> FleetView {
+        let mut f = FleetView::default();
+        for i in 0..nodes {
+            f.nodes.insert(
+                format!("n{i}"),
+                NodeSpec {
+                    site: if i % 2 == 0 { "a".into() } else { "b".into() },
+                    labels: BTreeMap::new(),
+                },
+            );
+        }
+        let native = NativeSpec {
+            command: vec!["x".into()],
+            files: [("c.ini".to_string(), FileSource { config: "c".into(), key: None })]
+                .into(),
+            ..Default::default()
+        };
+        f.apps.insert(
+            "app".into(),
+            AppSpec {
+                selector: [("site".to_string(), "a".to_string())].into(),
+                replicas,
+                native: Some(native),
+                ..Default::default()
+            },
+        );
+        f.configs.insert(
+            "c".into(),
+            ConfigSpec { data: [("k".to_string(), "1".to_string())].into() },
+        );
+        f
+    }
+
+    #[test]
+    fn selector_and_replicas() {
+        let f = fleet(10, Some(2));
+        let all = |_: &str| true;
+        let runners: Vec<String> = f
+            .nodes
+            .keys()
+            .filter(|n| !share(&f, None, n, &all).is_empty())
+            .cloned()
+            .collect();
+        assert_eq!(runners.len(), 2, "{runners:?}");
+        assert!(runners.iter().all(|n| f.nodes[n].site == "a"));
+        // An unhealthy chosen node hands its replica to another.
+        let down = runners[0].clone();
+        let healthy = |n: &str| n != down;
+        let again: Vec<String> = f
+            .nodes
+            .keys()
+            .filter(|n| n.as_str() != down && !share(&f, None, n, &healthy).is_empty())
+            .cloned()
+            .collect();
+        assert_eq!(again.len(), 2);
+        assert!(again.contains(&runners[1]));
+    }
+
+    #[test]
+    fn site_overrides_apply() {
+        let f = fleet(2, None);
+        let mut site = SiteOverrideSpec::default();
+        site.configs.insert(
+            "c".into(),
+            ConfigOverride { data: [("k".to_string(), "2".to_string())].into() },
+        );
+        let w = share(&f, Some(&site), "n0", &|_| true);
+        assert_eq!(w[0].files["c.ini"], "k=2\n");
+        site.apps.insert("app".into(), AppOverride { paused: Some(true), ..Default::default() });
+        assert!(share(&f, Some(&site), "n0", &|_| true).is_empty());
+        assert!(share(&f, None, "unknown", &|_| true).is_empty());
+    }
+}

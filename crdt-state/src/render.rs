@@ -1,0 +1,157 @@
+//! Output for people (tables) and machines (JSON, YAML).
+
+use serde::Serialize;
+
+use crate::datadir::{Applied, Conflict};
+use crate::model::FleetView;
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// Aligned columns.
+    #[default]
+    Table,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "table" => Ok(Format::Table),
+            "json" => Ok(Format::Json),
+            "yaml" => Ok(Format::Yaml),
+            other => Err(format!("unknown output format {other:?}: expected table, json or yaml")),
+        }
+    }
+}
+
+/// Renders `value` as JSON or YAML, or `rows` as a table with `header`.
+pub fn render<T: Serialize>(
+    format: Format,
+    value: &T,
+    header: &[&str],
+    rows: Vec<Vec<String>>,
+) -> String {
+    match format {
+        Format::Json => serde_json::to_string_pretty(value).unwrap_or_default() + "\n",
+        Format::Yaml => serde_yaml::to_string(value).unwrap_or_default(),
+        Format::Table => table(header, rows),
+    }
+}
+
+/// Aligns columns.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            out.push_str(&c);
+            if i + 1 < n {
+                let pad = widths[i].saturating_sub(c.chars().count()) + 2;
+                out.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect(), &mut out);
+    for r in rows {
+        line(r, &mut out);
+    }
+    out
+}
+
+fn kv(map: &std::collections::BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `shoal get apps`.
+pub fn apps(format: Format, fleet: &FleetView) -> String {
+    let rows = fleet
+        .apps
+        .iter()
+        .map(|(n, a)| {
+            vec![
+                n.clone(),
+                format!("{:?}", a.runtime).to_lowercase(),
+                a.version.clone().unwrap_or_else(|| "-".into()),
+                a.replicas.map(|r| r.to_string()).unwrap_or_else(|| "all".into()),
+                kv(&a.selector),
+            ]
+        })
+        .collect();
+    render(format, &fleet.apps, &["NAME", "RUNTIME", "VERSION", "REPLICAS", "SELECTOR"], rows)
+}
+
+/// `shoal get configs`.
+pub fn configs(format: Format, fleet: &FleetView) -> String {
+    let rows = fleet
+        .configs
+        .iter()
+        .map(|(n, c)| vec![n.clone(), c.data.keys().cloned().collect::<Vec<_>>().join(",")])
+        .collect();
+    render(format, &fleet.configs, &["NAME", "KEYS"], rows)
+}
+
+/// `shoal get nodes`.
+pub fn nodes(format: Format, fleet: &FleetView) -> String {
+    let rows = fleet
+        .nodes
+        .iter()
+        .map(|(n, s)| vec![n.clone(), s.site.clone(), kv(&s.labels)])
+        .collect();
+    render(format, &fleet.nodes, &["NAME", "SITE", "LABELS"], rows)
+}
+
+/// `shoal get conflicts`.
+pub fn conflicts(format: Format, conflicts: &[Conflict]) -> String {
+    let mut rows = Vec::new();
+    for c in conflicts {
+        for v in &c.values {
+            rows.push(vec![
+                c.doc.clone(),
+                c.field.clone(),
+                v.value.to_string(),
+                v.writer.clone(),
+                v.role.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
+                if v.winner { "yes".into() } else { "no".into() },
+            ]);
+        }
+    }
+    render(format, &conflicts, &["DOC", "FIELD", "VALUE", "WRITER", "ROLE", "WINS"], rows)
+}
+
+/// `shoal apply`.
+pub fn applied(format: Format, applied: &[Applied]) -> String {
+    match format {
+        Format::Table => applied
+            .iter()
+            .map(|a| {
+                let what = format!("{}/{}", a.kind.as_str().to_lowercase(), a.name);
+                if a.fields == 0 {
+                    format!("{what} unchanged\n")
+                } else {
+                    format!("{what} configured ({} fields in {})\n", a.fields, a.doc)
+                }
+            })
+            .collect(),
+        f => render(f, &applied, &[], vec![]),
+    }
+}

@@ -1,0 +1,373 @@
+//! The redb store: one file per node.
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | name | bytes (`format`, `fleet_root`) |
+//! | `docs` | doc id | (next chunk number, chunks since the snapshot) |
+//! | `snapshots` | doc id | saved Automerge document |
+//! | `changes` | (doc id, chunk number) | one incremental change |
+//! | `signatures` | (doc id, change hash) | 64-byte signature, kept for every change ever accepted |
+//! | `certs` | public key | certificate JSON |
+//! | `sync` | (peer, doc id) | per-peer sync state |
+//!
+//! Crash-only: a change is reported as accepted only after the transaction
+//! that holds it (and its signature) commits. Compaction writes the
+//! snapshot and deletes the chunks it replaces in one transaction.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use automerge::{Change, ChangeHash};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::doc::{DocId, Document, SignedChange};
+use crate::error::{Error, Result};
+use crate::identity::{Certificate, PublicKey};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const DOCS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("docs");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
+const SIGNATURES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("signatures");
+const CERTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("certs");
+const SYNC: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync");
+
+/// The format marker in `meta`.
+const FORMAT: &[u8] = b"shoal-store/1";
+
+/// Store settings.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Write a snapshot once a document has this many incremental chunks.
+    pub compact_after: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { compact_after: 512 }
+    }
+}
+
+/// An open store file.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    config: StoreConfig,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+trait StoreErr<T> {
+    fn at(self, path: &Path) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> StoreErr<T> for std::result::Result<T, E> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::Store {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. A file that is not a Shoal
+    /// store, or is corrupt, is a clear error.
+    pub fn open(path: &Path, config: StoreConfig) -> Result<Self> {
+        let db = Database::create(path).map_err(|e| {
+            let reason = match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    "is in use by another shoal process (a running daemon?)".to_string()
+                }
+                other => format!("cannot be opened as a Shoal store: {other}"),
+            };
+            Error::Store {
+                path: path.to_path_buf(),
+                reason,
+            }
+        })?;
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+            config,
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    fn check_format(&self) -> Result<()> {
+        let p = &self.path;
+        {
+            let rtx = self.db.begin_read().at(p)?;
+            let has_tables = rtx.list_tables().at(p)?.next().is_some();
+            if has_tables {
+                let format = match rtx.open_table(META) {
+                    Ok(t) => t.get("format").at(p)?.map(|v| v.value().to_vec()),
+                    Err(redb::TableError::TableDoesNotExist(_)) => None,
+                    Err(e) => return Err(e).at(p),
+                };
+                return match format.as_deref() {
+                    Some(FORMAT) => Ok(()),
+                    Some(other) => Err(Error::Store {
+                        path: p.clone(),
+                        reason: format!(
+                            "has format {:?}, this shoal reads {:?}",
+                            String::from_utf8_lossy(other),
+                            String::from_utf8_lossy(FORMAT)
+                        ),
+                    }),
+                    None => Err(Error::Store {
+                        path: p.clone(),
+                        reason: "is a redb file but not a Shoal store".into(),
+                    }),
+                };
+            }
+        }
+        let wtx = self.db.begin_write().at(p)?;
+        {
+            wtx.open_table(META).at(p)?.insert("format", FORMAT).at(p)?;
+            wtx.open_table(DOCS).at(p)?;
+            wtx.open_table(SNAPSHOTS).at(p)?;
+            wtx.open_table(CHANGES).at(p)?;
+            wtx.open_table(SIGNATURES).at(p)?;
+            wtx.open_table(CERTS).at(p)?;
+            wtx.open_table(SYNC).at(p)?;
+        }
+        wtx.commit().at(p)
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fleet root this store belongs to, once set.
+    pub fn fleet_root(&self) -> Result<Option<PublicKey>> {
+        let p = &self.path;
+        let rtx = self.db.begin_read().at(p)?;
+        let t = rtx.open_table(META).at(p)?;
+        match t.get("fleet_root").at(p)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(PublicKey::from_slice(v.value()).map_err(|_| Error::Store {
+                path: p.clone(),
+                reason: "fleet_root entry is corrupt".into(),
+            })?)),
+        }
+    }
+
+    /// Binds the store to a fleet root; refuses a different one.
+    pub fn set_fleet_root(&self, root: PublicKey) -> Result<()> {
+        if let Some(existing) = self.fleet_root()? {
+            if existing != root {
+                return Err(Error::Store {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "belongs to fleet {}, not to fleet {}",
+                        existing.short(),
+                        root.short()
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        let p = &self.path;
+        let wtx = self.db.begin_write().at(p)?;
+        wtx.open_table(META)
+            .at(p)?
+            .insert("fleet_root", root.0.as_slice())
+            .at(p)?;
+        wtx.commit().at(p)
+    }
+
+    /// The documents held.
+    pub fn doc_ids(&self) -> Result<Vec<DocId>> {
+        let p = &self.path;
+        let rtx = self.db.begin_read().at(p)?;
+        let t = rtx.open_table(DOCS).at(p)?;
+        let mut out = Vec::new();
+        for entry in t.iter().at(p)? {
+            let (k, _) = entry.at(p)?;
+            out.push(DocId::parse(k.value()).map_err(|_| Error::CorruptDocument {
+                doc: k.value().to_string(),
+                reason: "not a document id".into(),
+            })?);
+        }
+        out.sort_by(|a, b| a.rank().cmp(&b.rank()).then(a.cmp(b)));
+        Ok(out)
+    }
+
+    /// Loads a document: its snapshot, then its incremental chunks. The
+    /// store is this node's own and held only verified changes, so
+    /// signatures are not checked again here.
+    pub fn load(&self, id: &DocId) -> Result<Option<Document>> {
+        let p = &self.path;
+        let key = id.to_string();
+        let rtx = self.db.begin_read().at(p)?;
+        if rtx.open_table(DOCS).at(p)?.get(key.as_str()).at(p)?.is_none() {
+            return Ok(None);
+        }
+        let mut doc = match rtx.open_table(SNAPSHOTS).at(p)?.get(key.as_str()).at(p)? {
+            Some(bytes) => Document::load(id.clone(), bytes.value())?,
+            None => Document::new(id.clone()),
+        };
+        let t = rtx.open_table(CHANGES).at(p)?;
+        let mut changes = Vec::new();
+        for entry in t.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).at(p)? {
+            let (_, v) = entry.at(p)?;
+            let c = Change::from_bytes(v.value().to_vec()).map_err(|e| Error::CorruptDocument {
+                doc: key.clone(),
+                reason: format!("stored change: {e}"),
+            })?;
+            changes.push(c);
+        }
+        if !changes.is_empty() {
+            doc.apply_verified(changes)?;
+        }
+        Ok(Some(doc))
+    }
+
+    /// Persists changes already applied to `doc` (and so verified), with
+    /// their signatures, in one transaction; compacts the document when it
+    /// has gathered enough chunks. Returns once the transaction committed.
+    pub fn commit(&self, doc: &Document, changes: &[(ChangeHash, SignedChange)]) -> Result<()> {
+        self.commit_batch(&[(doc, changes)])
+    }
+
+    /// [`Store::commit`] for several documents in one transaction.
+    pub fn commit_batch(&self, items: &[(&Document, &[(ChangeHash, SignedChange)])]) -> Result<()> {
+        let p = &self.path;
+        let wtx = self.db.begin_write().at(p)?;
+        {
+            let mut docs = wtx.open_table(DOCS).at(p)?;
+            let mut sigs = wtx.open_table(SIGNATURES).at(p)?;
+            let mut table = wtx.open_table(CHANGES).at(p)?;
+            let mut snapshots = wtx.open_table(SNAPSHOTS).at(p)?;
+            for (doc, changes) in items {
+                let key = doc.id().to_string();
+                let (mut next, mut chunks) = docs
+                    .get(key.as_str())
+                    .at(p)?
+                    .map(|v| v.value())
+                    .unwrap_or((0, 0));
+                for (hash, sc) in changes.iter() {
+                    sigs.insert((key.as_str(), hash.0.as_slice()), sc.signature.as_slice())
+                        .at(p)?;
+                    table.insert((key.as_str(), next), sc.bytes.as_slice()).at(p)?;
+                    next += 1;
+                    chunks += 1;
+                }
+                if chunks >= self.config.compact_after {
+                    snapshots
+                        .insert(key.as_str(), doc.save().as_slice())
+                        .at(p)?;
+                    table
+                        .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
+                        .at(p)?;
+                    chunks = 0;
+                }
+                docs.insert(key.as_str(), (next, chunks)).at(p)?;
+            }
+        }
+        wtx.commit().at(p)
+    }
+
+    /// Writes a snapshot of `doc` now and drops its chunks, in one transaction.
+    pub fn compact(&self, doc: &Document) -> Result<()> {
+        let p = &self.path;
+        let key = doc.id().to_string();
+        let wtx = self.db.begin_write().at(p)?;
+        {
+            let mut docs = wtx.open_table(DOCS).at(p)?;
+            let (next, _) = docs
+                .get(key.as_str())
+                .at(p)?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            wtx.open_table(SNAPSHOTS)
+                .at(p)?
+                .insert(key.as_str(), doc.save().as_slice())
+                .at(p)?;
+            wtx.open_table(CHANGES)
+                .at(p)?
+                .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
+                .at(p)?;
+            docs.insert(key.as_str(), (next, 0)).at(p)?;
+        }
+        wtx.commit().at(p)
+    }
+
+    /// The signatures of every change of a document.
+    pub fn signatures(&self, id: &DocId) -> Result<HashMap<ChangeHash, [u8; 64]>> {
+        let p = &self.path;
+        let key = id.to_string();
+        let rtx = self.db.begin_read().at(p)?;
+        let t = rtx.open_table(SIGNATURES).at(p)?;
+        let lo: &[u8] = &[];
+        let hi: &[u8] = &[0xff; 33];
+        let mut out = HashMap::new();
+        for entry in t.range((key.as_str(), lo)..(key.as_str(), hi)).at(p)? {
+            let (k, v) = entry.at(p)?;
+            let (_, hash) = k.value();
+            let (Ok(hash), Ok(sig)) = (
+                <[u8; 32]>::try_from(hash),
+                <[u8; 64]>::try_from(v.value()),
+            ) else {
+                return Err(Error::CorruptDocument {
+                    doc: key,
+                    reason: "a stored signature is malformed".into(),
+                });
+            };
+            out.insert(ChangeHash(hash), sig);
+        }
+        Ok(out)
+    }
+
+    /// Remembers a verified certificate.
+    pub fn put_certs(&self, certs: &[Certificate]) -> Result<()> {
+        let p = &self.path;
+        let wtx = self.db.begin_write().at(p)?;
+        {
+            let mut t = wtx.open_table(CERTS).at(p)?;
+            for c in certs {
+                t.insert(c.key.0.as_slice(), c.to_json().as_bytes()).at(p)?;
+            }
+        }
+        wtx.commit().at(p)
+    }
+
+    /// Every remembered certificate (not re-verified: callers add them to a
+    /// [`crate::verify::Trust`], which does).
+    pub fn certs(&self) -> Result<Vec<Certificate>> {
+        let p = &self.path;
+        let rtx = self.db.begin_read().at(p)?;
+        let t = rtx.open_table(CERTS).at(p)?;
+        let mut out = Vec::new();
+        for entry in t.iter().at(p)? {
+            let (_, v) = entry.at(p)?;
+            out.push(Certificate::from_json(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Saved sync state for (peer, document).
+    pub fn sync_state(&self, peer: &str, doc: &DocId) -> Result<Option<Vec<u8>>> {
+        let p = &self.path;
+        let d = doc.to_string();
+        let rtx = self.db.begin_read().at(p)?;
+        let t = rtx.open_table(SYNC).at(p)?;
+        Ok(t.get((peer, d.as_str())).at(p)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Saves sync state for (peer, document).
+    pub fn put_sync_state(&self, peer: &str, doc: &DocId, state: &[u8]) -> Result<()> {
+        let p = &self.path;
+        let d = doc.to_string();
+        let wtx = self.db.begin_write().at(p)?;
+        wtx.open_table(SYNC).at(p)?.insert((peer, d.as_str()), state).at(p)?;
+        wtx.commit().at(p)
+    }
+}

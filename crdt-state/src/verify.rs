@@ -1,0 +1,296 @@
+//! Verification of incoming signed changes.
+//!
+//! A change is accepted only if (1) it decodes, (2) its actor is bound to a
+//! key — by the author footer of the actor's first change (automerge writes
+//! the author only on `seq == 1`), (3) that key holds a certificate of this
+//! fleet that allows writing the document and is not revoked for this
+//! change, and (4) the signature over `(doc id, change hash)` verifies with
+//! that key. One bad change refuses the whole batch.
+
+use std::collections::{BTreeMap, HashMap};
+
+use automerge::{ActorId, Change, ChangeHash};
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::doc::{Document, SignedChange, signing_message};
+use crate::error::{Error, Result};
+use crate::identity::{Certificate, PublicKey};
+
+/// A revocation, as held in the fleet document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Why (for people).
+    #[serde(default)]
+    pub reason: String,
+    /// Changes of the revoked key that stay valid: per actor (hex), the
+    /// highest sequence number the operator had seen when revoking. Any
+    /// other change by the key is refused. No clock involved.
+    #[serde(default)]
+    pub accepted: BTreeMap<String, u64>,
+}
+
+/// What a receiver trusts: the fleet root, the certificates it has
+/// verified, and the revocations of the fleet document.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    root: PublicKey,
+    certs: HashMap<PublicKey, Certificate>,
+    revoked: HashMap<PublicKey, Revocation>,
+}
+
+impl Trust {
+    /// Trust anchored at the fleet root key.
+    pub fn new(root: PublicKey) -> Self {
+        Trust {
+            root,
+            certs: HashMap::new(),
+            revoked: HashMap::new(),
+        }
+    }
+
+    /// The fleet root.
+    pub fn root(&self) -> PublicKey {
+        self.root
+    }
+
+    /// Adds a certificate after checking the root's signature on it.
+    pub fn add_cert(&mut self, cert: Certificate) -> Result<()> {
+        cert.verify(&self.root)?;
+        self.certs.insert(cert.key, cert);
+        Ok(())
+    }
+
+    /// Records a revocation.
+    pub fn revoke(&mut self, key: PublicKey, r: Revocation) {
+        self.revoked.insert(key, r);
+    }
+
+    /// The certificate of a key, if known.
+    pub fn cert(&self, key: &PublicKey) -> Option<&Certificate> {
+        self.certs.get(key)
+    }
+
+    /// Every known certificate.
+    pub fn certs(&self) -> impl Iterator<Item = &Certificate> {
+        self.certs.values()
+    }
+
+    /// Whether `key` is revoked at all.
+    pub fn is_revoked(&self, key: &PublicKey) -> bool {
+        self.revoked.contains_key(key)
+    }
+
+    /// Reads the certificates (`certs.*`) and revocations (`revoked.*`)
+    /// that the fleet document holds. Certificates that fail the root
+    /// check are skipped and returned as errors for the caller to report.
+    pub fn absorb_fleet(&mut self, fleet: &Document) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for (_, text) in fleet.fields("certs.") {
+            let parsed = serde_json::from_str::<String>(&text)
+                .map_err(|e| Error::Identity(format!("certificate entry is not text: {e}")))
+                .and_then(|s| Certificate::from_json(s.as_bytes()));
+            match parsed.and_then(|c| self.add_cert(c)) {
+                Ok(()) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        for (key, text) in fleet.fields("revoked.") {
+            let Some(hex) = key.strip_prefix("revoked.") else { continue };
+            match (PublicKey::from_hex(hex), serde_json::from_str::<Revocation>(&text)) {
+                (Ok(k), Ok(r)) => self.revoke(k, r),
+                _ => errors.push(Error::Identity(format!("malformed revocation {key}"))),
+            }
+        }
+        errors
+    }
+
+    fn revoked_for(&self, key: &PublicKey, actor: &ActorId, seq: u64) -> bool {
+        match self.revoked.get(key) {
+            None => false,
+            Some(r) => r
+                .accepted
+                .get(&actor.to_hex_string())
+                .is_none_or(|max| seq > *max),
+        }
+    }
+}
+
+/// Verifies `incoming` for `doc` and returns the changes to apply (those
+/// not already in the document) with their signatures. Refuses the whole
+/// batch on the first bad change, naming it.
+pub fn verify_changes(
+    trust: &Trust,
+    doc: &Document,
+    incoming: &[SignedChange],
+) -> Result<Vec<(Change, [u8; 64])>> {
+    let id = doc.id();
+    let reject = |hash: String, reason: String| Error::Rejected {
+        doc: id.to_string(),
+        hash,
+        reason,
+    };
+    let mut decoded = Vec::with_capacity(incoming.len());
+    for (i, sc) in incoming.iter().enumerate() {
+        let change = Change::from_bytes(sc.bytes.clone()).map_err(|e| {
+            reject(
+                "?".into(),
+                format!("change #{i} is not an automerge change: {e}"),
+            )
+        })?;
+        if doc.has_change(&change.hash()) {
+            continue;
+        }
+        decoded.push((change, sc.signature));
+    }
+
+    // Bind actors to keys: from the document, then from first changes here.
+    let mut bound: HashMap<ActorId, PublicKey> = HashMap::new();
+    for (c, _) in &decoded {
+        if c.seq() != 1 {
+            continue;
+        }
+        let hash = c.hash();
+        let key = match c.author() {
+            Some(a) => PublicKey::from_slice(a.as_bytes())
+                .map_err(|_| reject(hash.to_string(), "author is not an Ed25519 key".into()))?,
+            None => {
+                return Err(reject(
+                    hash.to_string(),
+                    "unsigned: first change of an actor carries no author".into(),
+                ));
+            }
+        };
+        let previous = doc.actor_key(c.actor_id()).or(bound.get(c.actor_id()).copied());
+        if previous.is_some_and(|p| p != key) {
+            return Err(reject(
+                hash.to_string(),
+                "actor already belongs to another key".into(),
+            ));
+        }
+        bound.insert(c.actor_id().clone(), key);
+    }
+
+    let mut keys: HashMap<PublicKey, VerifyingKey> = HashMap::new();
+    let mut messages = Vec::with_capacity(decoded.len());
+    let mut sigs = Vec::with_capacity(decoded.len());
+    let mut vks = Vec::with_capacity(decoded.len());
+    for (c, sig) in &decoded {
+        let hash = c.hash();
+        let actor = c.actor_id();
+        let key = bound
+            .get(actor)
+            .copied()
+            .or_else(|| doc.actor_key(actor))
+            .ok_or_else(|| {
+                reject(
+                    hash.to_string(),
+                    format!(
+                        "actor {} has no known key (its first change is missing)",
+                        actor.to_hex_string()
+                    ),
+                )
+            })?;
+        if let Some(a) = c.author() {
+            if a.as_bytes() != key.0 {
+                return Err(reject(hash.to_string(), "author does not match the actor's key".into()));
+            }
+        }
+        let cert = trust.cert(&key).ok_or_else(|| {
+            reject(
+                hash.to_string(),
+                format!("writer {} has no certificate of this fleet", key.short()),
+            )
+        })?;
+        if !cert.may_write(id) {
+            return Err(reject(
+                hash.to_string(),
+                format!(
+                    "unauthorised: {} ({}{}) may not write {id}",
+                    cert.name,
+                    cert.role,
+                    cert.site.as_deref().map(|s| format!(" of site {s}")).unwrap_or_default()
+                ),
+            ));
+        }
+        if trust.revoked_for(&key, actor, c.seq()) {
+            return Err(reject(
+                hash.to_string(),
+                format!("writer {} is revoked", cert.name),
+            ));
+        }
+        let vk = match keys.get(&key) {
+            Some(vk) => *vk,
+            None => {
+                let vk = key
+                    .verifying_key()
+                    .map_err(|e| reject(hash.to_string(), e.to_string()))?;
+                keys.insert(key, vk);
+                vk
+            }
+        };
+        messages.push(signing_message(id, &hash));
+        sigs.push(Signature::from_bytes(sig));
+        vks.push(vk);
+    }
+    check_signatures(&messages, &sigs, &vks).map_err(|i| {
+        reject(
+            decoded[i].0.hash().to_string(),
+            "bad signature".into(),
+        )
+    })?;
+    Ok(decoded)
+}
+
+/// Verifies all signatures, in one batch when there are several. On
+/// failure returns the index of the first bad one.
+fn check_signatures(
+    messages: &[Vec<u8>],
+    sigs: &[Signature],
+    vks: &[VerifyingKey],
+) -> std::result::Result<(), usize> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    if messages.len() > 1 {
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        if ed25519_dalek::verify_batch(&refs, sigs, vks).is_ok() {
+            return Ok(());
+        }
+    }
+    for (i, ((m, s), k)) in messages.iter().zip(sigs).zip(vks).enumerate() {
+        if k.verify_strict(m, s).is_err() {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
+
+/// Verifies and applies `incoming` to `doc`. Returns the changes now part
+/// of the document (for the caller to persist) and how many verified
+/// changes wait for dependencies that have not arrived.
+pub fn verify_and_apply(
+    trust: &Trust,
+    doc: &mut Document,
+    incoming: &[SignedChange],
+) -> Result<(Vec<(ChangeHash, SignedChange)>, usize)> {
+    let verified = verify_changes(trust, doc, incoming)?;
+    let mut by_hash: HashMap<ChangeHash, SignedChange> = HashMap::with_capacity(verified.len());
+    let mut changes = Vec::with_capacity(verified.len());
+    for (c, signature) in verified {
+        by_hash.insert(
+            c.hash(),
+            SignedChange {
+                bytes: c.raw_bytes().to_vec(),
+                signature,
+            },
+        );
+        changes.push(c);
+    }
+    let applied = doc.apply_verified(changes)?;
+    let applied: Vec<_> = applied
+        .into_iter()
+        .filter_map(|h| by_hash.remove(&h).map(|sc| (h, sc)))
+        .collect();
+    Ok((applied, by_hash.len()))
+}

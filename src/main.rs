@@ -1,0 +1,292 @@
+//! The `shoal` command line: parses and dispatches, nothing more.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use crdt_state::model::Kind;
+use crdt_state::render::{self, Format};
+use crdt_state::{DataDir, Role, manifest};
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Offline-first, peer-to-peer edge mesh")]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Dir {
+    /// The data directory (store, identity).
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create and manage the fleet.
+    #[command(subcommand)]
+    Fleet(FleetCmd),
+    /// Apply manifests (App, Config, Node, SiteOverride).
+    Apply {
+        #[command(flatten)]
+        dir: Dir,
+        /// Manifest files; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Sign with this identity file instead of the data dir's.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: Format,
+    },
+    /// Delete an app, config, node or a site's overrides.
+    Delete {
+        #[command(flatten)]
+        dir: Dir,
+        /// app, config, node or site.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// Sign with this identity file instead of the data dir's.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
+    /// Show apps, configs, nodes or conflicts.
+    Get {
+        /// apps, configs, nodes or conflicts.
+        what: String,
+        #[command(flatten)]
+        dir: Dir,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: Format,
+    },
+    /// Writer identities.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// Offline bundles for sites with no network.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+}
+
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// Create the fleet root key, a first operator identity and the fleet document.
+    Init {
+        #[command(flatten)]
+        dir: Dir,
+        /// Fleet name.
+        #[arg(long, default_value = "fleet")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCmd {
+    /// Issue a certificate and key for another writer (needs the root key).
+    Create {
+        #[command(flatten)]
+        dir: Dir,
+        /// operator, site-engineer, anchor or node.
+        #[arg(long)]
+        role: Role,
+        /// The site (site engineers and nodes).
+        #[arg(long)]
+        site: Option<String>,
+        /// The writer's name.
+        #[arg(long)]
+        name: String,
+        /// Where to write the identity file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make an identity file this data dir's writer (creates the data dir).
+    Use {
+        #[command(flatten)]
+        dir: Dir,
+        /// The identity file.
+        file: PathBuf,
+    },
+    /// Show this data dir's identity.
+    Show {
+        #[command(flatten)]
+        dir: Dir,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    /// Write every document's signed changes to a file.
+    Export {
+        #[command(flatten)]
+        dir: Dir,
+        /// The bundle file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify a bundle and merge it (refused whole if anything is bad).
+    Import {
+        #[command(flatten)]
+        dir: Dir,
+        /// The bundle file.
+        file: PathBuf,
+    },
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn read_input(path: &Path) -> anyhow::Result<(String, String)> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .take(manifest::MAX_MANIFEST_BYTES as u64 + 1)
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        return Ok(("-".into(), s));
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    Ok((path.display().to_string(), text))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Fleet(FleetCmd::Init { dir, name }) => {
+            let dd = DataDir::init(&dir.data_dir, &name, now())?;
+            println!(
+                "fleet {name} created in {} (root {}, operator admin)",
+                dir.data_dir.display(),
+                dd.trust().root().short()
+            );
+        }
+        Command::Apply {
+            dir,
+            files,
+            identity,
+            output,
+        } => {
+            let mut manifests = Vec::new();
+            for f in &files {
+                let (label, text) = read_input(f)?;
+                manifests.extend(manifest::parse(&label, &text)?);
+            }
+            let mut dd = DataDir::open(&dir.data_dir, identity.as_deref())?;
+            let applied = dd.apply(&manifests, now())?;
+            print!("{}", render::applied(output, &applied));
+        }
+        Command::Delete {
+            dir,
+            kind,
+            name,
+            identity,
+        } => {
+            let k = Kind::parse(&kind).ok_or_else(|| {
+                anyhow::anyhow!("unknown kind {kind:?}: expected app, config, node or site")
+            })?;
+            let mut dd = DataDir::open(&dir.data_dir, identity.as_deref())?;
+            dd.delete(k, &name, now())?;
+            println!("{}/{name} deleted", k.as_str().to_lowercase());
+        }
+        Command::Get { what, dir, output } => {
+            let dd = DataDir::open(&dir.data_dir, None)?;
+            let out = match what.as_str() {
+                "apps" | "app" => render::apps(output, &dd.fleet()?),
+                "configs" | "config" => render::configs(output, &dd.fleet()?),
+                "nodes" | "node" => render::nodes(output, &dd.fleet()?),
+                "conflicts" | "conflict" => render::conflicts(output, &dd.conflicts()?),
+                other => anyhow::bail!(
+                    "cannot get {other:?}: expected apps, configs, nodes or conflicts"
+                ),
+            };
+            print!("{out}");
+        }
+        Command::Identity(IdentityCmd::Create {
+            dir,
+            role,
+            site,
+            name,
+            out,
+        }) => {
+            let mut dd = DataDir::open(&dir.data_dir, None)?;
+            let id = dd.create_identity(role, site.as_deref(), &name, now())?;
+            id.write(&out)?;
+            println!("identity {name} ({role}) written to {}", out.display());
+        }
+        Command::Identity(IdentityCmd::Use { dir, file }) => {
+            let dd = DataDir::use_identity(&dir.data_dir, &file)?;
+            let cert = dd.identity().map(|i| i.cert.clone()).context("identity")?;
+            println!(
+                "{} now writes as {} ({}) of fleet {}",
+                dir.data_dir.display(),
+                cert.name,
+                cert.role,
+                cert.issuer.short()
+            );
+        }
+        Command::Identity(IdentityCmd::Show { dir }) => {
+            let dd = DataDir::open(&dir.data_dir, None)?;
+            let cert = dd
+                .identity()
+                .map(|i| i.cert.clone())
+                .context("this data dir has no identity")?;
+            println!("{}", serde_json::to_string_pretty(&cert)?);
+        }
+        Command::Bundle(BundleCmd::Export { dir, out }) => {
+            let dd = DataDir::open(&dir.data_dir, None)?;
+            let bytes = dd.export()?;
+            std::fs::write(&out, &bytes).with_context(|| format!("{}", out.display()))?;
+            println!("bundle of {} bytes written to {}", bytes.len(), out.display());
+        }
+        Command::Bundle(BundleCmd::Import { dir, file }) => {
+            let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+            let mut dd = DataDir::open(&dir.data_dir, None)?;
+            let report = dd.import(&bytes)?;
+            if report.new_changes.is_empty() {
+                println!("nothing new in {}", file.display());
+            }
+            for (doc, n) in &report.new_changes {
+                println!("{doc}: {n} new changes");
+            }
+            if report.waiting > 0 {
+                println!(
+                    "{} changes wait for changes they depend on (import a fuller bundle)",
+                    report.waiting
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
