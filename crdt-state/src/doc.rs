@@ -125,6 +125,8 @@ pub struct Document {
     id: DocId,
     doc: Automerge,
     writer: Option<PublicKey>,
+    /// Changes received before their dependencies (not verified yet).
+    pending: Vec<(Change, [u8; 64])>,
 }
 
 impl fmt::Debug for Document {
@@ -140,6 +142,7 @@ impl Document {
             id,
             doc: Automerge::new(),
             writer: None,
+            pending: Vec::new(),
         }
     }
 
@@ -153,6 +156,7 @@ impl Document {
             id,
             doc,
             writer: None,
+            pending: Vec::new(),
         })
     }
 
@@ -192,13 +196,29 @@ impl Document {
         PublicKey::from_slice(author.as_bytes()).ok()
     }
 
-    /// Applies changes that have already been verified. Returns the hashes
-    /// that are now part of the document (changes whose dependencies are
-    /// still missing stay out and are not returned).
-    pub(crate) fn apply_verified(&mut self, changes: Vec<Change>) -> Result<Vec<ChangeHash>> {
-        let hashes: Vec<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+    /// Applies changes that have already been verified and whose
+    /// dependencies are present.
+    pub(crate) fn apply_verified(&mut self, changes: Vec<Change>) -> Result<()> {
         self.doc.apply_changes(changes)?;
-        Ok(hashes.into_iter().filter(|h| self.has_change(h)).collect())
+        Ok(())
+    }
+
+    /// Changes held back for missing dependencies.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn take_pending(&mut self) -> Vec<(Change, [u8; 64])> {
+        std::mem::take(&mut self.pending)
+    }
+
+    pub(crate) fn set_pending(&mut self, mut pending: Vec<(Change, [u8; 64])>) {
+        if pending.len() > crate::verify::MAX_PENDING {
+            let excess = pending.len() - crate::verify::MAX_PENDING;
+            tracing::warn!(doc = %self.id, dropped = excess, "too many changes wait for dependencies");
+            pending.drain(..excess);
+        }
+        self.pending = pending;
     }
 
     /// The value of one field, decoded from JSON.

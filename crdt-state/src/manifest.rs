@@ -463,7 +463,7 @@ spec: { apps: { inspect: { paused: true } } }
         assert!(e.to_string().starts_with("f.yaml: document 1: spec.replicas: "), "{e}");
 
         let e = error_of(&GOOD.replace("command: [\"/bin/sleep\", \"1000\"]", "comand: [x]"));
-        assert_eq!(e.field, "spec.native");
+        assert_eq!(e.field, "spec.native.comand");
         assert!(e.message.contains("unknown field `comand`"), "{}", e.message);
 
         let e = error_of(&GOOD.replace("kind: Config", "kind: Konfig"));

@@ -13,7 +13,7 @@ use automerge::{ActorId, Change, ChangeHash};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::doc::{Document, SignedChange, signing_message};
+use crate::doc::{DocId, Document, SignedChange, signing_message};
 use crate::error::{Error, Result};
 use crate::identity::{Certificate, PublicKey};
 
@@ -116,37 +116,86 @@ impl Trust {
     }
 }
 
-/// Verifies `incoming` for `doc` and returns the changes to apply (those
-/// not already in the document) with their signatures. Refuses the whole
-/// batch on the first bad change, naming it.
+/// Largest number of changes held back for missing dependencies per document.
+pub const MAX_PENDING: usize = 16_384;
+
+/// The result of verifying a batch.
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// Verified changes whose dependencies are all present, in an order
+    /// that applies (with their signatures).
+    pub ready: Vec<(Change, [u8; 64])>,
+    /// Changes that wait for dependencies (not verified yet).
+    pub waiting: Vec<(Change, [u8; 64])>,
+}
+
+/// Verifies `incoming` for `doc`. Changes already in the document are
+/// dropped; changes whose dependencies are neither in the document nor in
+/// the batch wait (they cannot be checked before the actor's first change is
+/// known). Every other change must verify, or the whole batch is refused,
+/// naming the first bad change.
 pub fn verify_changes(
     trust: &Trust,
     doc: &Document,
-    incoming: &[SignedChange],
-) -> Result<Vec<(Change, [u8; 64])>> {
+    incoming: Vec<(Change, [u8; 64])>,
+) -> Result<Verified> {
     let id = doc.id();
     let reject = |hash: String, reason: String| Error::Rejected {
         doc: id.to_string(),
         hash,
         reason,
     };
-    let mut decoded = Vec::with_capacity(incoming.len());
-    for (i, sc) in incoming.iter().enumerate() {
-        let change = Change::from_bytes(sc.bytes.clone()).map_err(|e| {
-            reject(
-                "?".into(),
-                format!("change #{i} is not an automerge change: {e}"),
-            )
-        })?;
-        if doc.has_change(&change.hash()) {
-            continue;
+    // Dedupe, drop known.
+    let mut batch: HashMap<ChangeHash, (Change, [u8; 64])> = HashMap::with_capacity(incoming.len());
+    for (c, sig) in incoming {
+        let h = c.hash();
+        if !batch.contains_key(&h) && !doc.has_change(&h) {
+            batch.insert(h, (c, sig));
         }
-        decoded.push((change, sc.signature));
     }
+    // Causal readiness: a change is ready when each dependency is in the
+    // document or is itself ready. Kahn's algorithm over the batch.
+    let mut missing: HashMap<ChangeHash, usize> = HashMap::with_capacity(batch.len());
+    let mut dependents: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
+    let mut queue = Vec::new();
+    for (h, (c, _)) in &batch {
+        let mut n = 0;
+        for d in c.deps() {
+            if batch.contains_key(d) {
+                n += 1;
+                dependents.entry(*d).or_default().push(*h);
+            } else if !doc.has_change(d) {
+                n += 1; // never satisfied within this batch
+            }
+        }
+        missing.insert(*h, n);
+        if n == 0 {
+            queue.push(*h);
+        }
+    }
+    let mut order = Vec::with_capacity(batch.len());
+    while let Some(h) = queue.pop() {
+        order.push(h);
+        for d in dependents.get(&h).map(Vec::as_slice).unwrap_or_default() {
+            if let Some(n) = missing.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    queue.push(*d);
+                }
+            }
+        }
+    }
+    let mut ready = Vec::with_capacity(order.len());
+    for h in &order {
+        if let Some(entry) = batch.remove(h) {
+            ready.push(entry);
+        }
+    }
+    let waiting: Vec<_> = batch.into_values().collect();
 
     // Bind actors to keys: from the document, then from first changes here.
     let mut bound: HashMap<ActorId, PublicKey> = HashMap::new();
-    for (c, _) in &decoded {
+    for (c, _) in &ready {
         if c.seq() != 1 {
             continue;
         }
@@ -172,10 +221,10 @@ pub fn verify_changes(
     }
 
     let mut keys: HashMap<PublicKey, VerifyingKey> = HashMap::new();
-    let mut messages = Vec::with_capacity(decoded.len());
-    let mut sigs = Vec::with_capacity(decoded.len());
-    let mut vks = Vec::with_capacity(decoded.len());
-    for (c, sig) in &decoded {
+    let mut messages = Vec::with_capacity(ready.len());
+    let mut sigs = Vec::with_capacity(ready.len());
+    let mut vks = Vec::with_capacity(ready.len());
+    for (c, sig) in &ready {
         let hash = c.hash();
         let actor = c.actor_id();
         let key = bound
@@ -235,11 +284,28 @@ pub fn verify_changes(
     }
     check_signatures(&messages, &sigs, &vks).map_err(|i| {
         reject(
-            decoded[i].0.hash().to_string(),
+            ready[i].0.hash().to_string(),
             "bad signature".into(),
         )
     })?;
-    Ok(decoded)
+    Ok(Verified { ready, waiting })
+}
+
+/// Decodes signed changes; a malformed one refuses the batch.
+pub fn decode(doc: &DocId, incoming: &[SignedChange]) -> Result<Vec<(Change, [u8; 64])>> {
+    incoming
+        .iter()
+        .enumerate()
+        .map(|(i, sc)| {
+            Change::from_bytes(sc.bytes.clone())
+                .map(|c| (c, sc.signature))
+                .map_err(|e| Error::Rejected {
+                    doc: doc.to_string(),
+                    hash: "?".into(),
+                    reason: format!("change #{i} is not an automerge change: {e}"),
+                })
+        })
+        .collect()
 }
 
 /// Verifies all signatures, in one batch when there are several. On
@@ -266,31 +332,39 @@ fn check_signatures(
     Ok(())
 }
 
-/// Verifies and applies `incoming` to `doc`. Returns the changes now part
-/// of the document (for the caller to persist) and how many verified
-/// changes wait for dependencies that have not arrived.
+/// Verifies and applies `incoming` to `doc`, together with the changes
+/// the document already holds back. Returns the changes now part of the
+/// document (for the caller to persist) and how many still wait for
+/// dependencies (kept in the document, in memory, bounded).
 pub fn verify_and_apply(
     trust: &Trust,
     doc: &mut Document,
     incoming: &[SignedChange],
 ) -> Result<(Vec<(ChangeHash, SignedChange)>, usize)> {
-    let verified = verify_changes(trust, doc, incoming)?;
-    let mut by_hash: HashMap<ChangeHash, SignedChange> = HashMap::with_capacity(verified.len());
-    let mut changes = Vec::with_capacity(verified.len());
-    for (c, signature) in verified {
-        by_hash.insert(
+    let mut all = decode(doc.id(), incoming)?;
+    let held = doc.take_pending();
+    all.extend(held.iter().cloned());
+    let verified = match verify_changes(trust, doc, all) {
+        Ok(v) => v,
+        Err(e) => {
+            doc.set_pending(held);
+            return Err(e);
+        }
+    };
+    let mut persisted = Vec::with_capacity(verified.ready.len());
+    let mut changes = Vec::with_capacity(verified.ready.len());
+    for (c, signature) in verified.ready {
+        persisted.push((
             c.hash(),
             SignedChange {
                 bytes: c.raw_bytes().to_vec(),
                 signature,
             },
-        );
+        ));
         changes.push(c);
     }
-    let applied = doc.apply_verified(changes)?;
-    let applied: Vec<_> = applied
-        .into_iter()
-        .filter_map(|h| by_hash.remove(&h).map(|sc| (h, sc)))
-        .collect();
-    Ok((applied, by_hash.len()))
+    doc.apply_verified(changes)?;
+    let waiting = verified.waiting.len();
+    doc.set_pending(verified.waiting);
+    Ok((persisted, waiting))
 }
