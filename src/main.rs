@@ -11,7 +11,11 @@ use crdt_state::render::{self, Format};
 use crdt_state::{DataDir, Role, manifest};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Offline-first, peer-to-peer edge mesh")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Offline-first, peer-to-peer edge mesh"
+)]
 struct Cli {
     /// Log format: text or json.
     #[arg(long, global = true, default_value = "text")]
@@ -246,7 +250,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dd = DataDir::open(&dir.data_dir, None)?;
             let bytes = dd.export()?;
             std::fs::write(&out, &bytes).with_context(|| format!("{}", out.display()))?;
-            println!("bundle of {} bytes written to {}", bytes.len(), out.display());
+            println!(
+                "bundle of {} bytes written to {}",
+                bytes.len(),
+                out.display()
+            );
         }
         Command::Bundle(BundleCmd::Import { dir, file }) => {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;

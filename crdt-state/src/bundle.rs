@@ -187,7 +187,10 @@ mod tests {
             docs: vec![
                 (
                     DocId::Fleet,
-                    vec![SignedChange { bytes: vec![1, 2, 3], signature: [7; 64] }],
+                    vec![SignedChange {
+                        bytes: vec![1, 2, 3],
+                        signature: [7; 64],
+                    }],
                 ),
                 (DocId::Site("a".into()), vec![]),
             ],

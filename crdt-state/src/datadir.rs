@@ -16,7 +16,9 @@ use serde::Serialize;
 use crate::bundle::Bundle;
 use crate::doc::{DocId, Document, SignedChange};
 use crate::error::{Error, Result};
-use crate::identity::{Certificate, Identity, PublicKey, Role, generate_key, parse_secret, write_private};
+use crate::identity::{
+    Certificate, Identity, PublicKey, Role, generate_key, parse_secret, write_private,
+};
 use crate::manifest::{Manifest, Spec};
 use crate::model::{self, FleetView, Kind, flatten};
 use crate::store::{Store, StoreConfig};
@@ -110,7 +112,10 @@ impl DataDir {
         }
         let root = generate_key()?;
         let root_pub = PublicKey(root.verifying_key().to_bytes());
-        write_private(&path.join(ROOT_KEY_FILE), hex::encode(root.to_bytes()).as_bytes())?;
+        write_private(
+            &path.join(ROOT_KEY_FILE),
+            hex::encode(root.to_bytes()).as_bytes(),
+        )?;
         let op_key = generate_key()?;
         let cert = Certificate::issue(
             &root,
@@ -134,7 +139,10 @@ impl DataDir {
         };
         let mut ops = BTreeMap::new();
         ops.insert("fleet.name".to_string(), Some(json_str(fleet_name)));
-        ops.insert(format!("certs.{}", cert.key), Some(json_str(&cert.to_json())));
+        ops.insert(
+            format!("certs.{}", cert.key),
+            Some(json_str(&cert.to_json())),
+        );
         dd.write(&DocId::Fleet, &ops, now)?;
         Ok(dd)
     }
@@ -145,8 +153,9 @@ impl DataDir {
         if !store_path.exists() {
             return Err(Error::DataDir {
                 path: path.into(),
-                reason: "holds no Shoal store: run `shoal fleet init` or `shoal identity use` first"
-                    .into(),
+                reason:
+                    "holds no Shoal store: run `shoal fleet init` or `shoal identity use` first"
+                        .into(),
             });
         }
         let store = Store::open(&store_path, StoreConfig::default())?;
@@ -277,15 +286,26 @@ impl DataDir {
         edits: Vec<(DocId, BTreeMap<String, Option<String>>)>,
         now: i64,
     ) -> Result<usize> {
-        for (id, _) in &edits {
-            self.check_may_write(id)?;
+        let mut loaded = Vec::with_capacity(edits.len());
+        for (id, ops) in edits {
+            loaded.push((self.doc(&id)?, ops));
+        }
+        self.write_docs(loaded, now)
+    }
+
+    fn write_docs(
+        &mut self,
+        edits: Vec<(Document, BTreeMap<String, Option<String>>)>,
+        now: i64,
+    ) -> Result<usize> {
+        for (doc, _) in &edits {
+            self.check_may_write(doc.id())?;
         }
         let writer = self.writer()?.clone();
         let mut staged = Vec::new();
         let mut total = 0;
-        for (id, ops) in &edits {
-            let mut doc = self.doc(id)?;
-            if let Some((hash, change, n)) = doc.edit(&writer, now, ops)? {
+        for (mut doc, ops) in edits {
+            if let Some((hash, change, n)) = doc.edit(&writer, now, &ops)? {
                 total += n;
                 staged.push((doc, vec![(hash, change)]));
             }
@@ -302,81 +322,34 @@ impl DataDir {
     }
 
     /// Applies manifests: one signed change per document touched, writing
-    /// only the fields that differ.
+    /// only the fields that differ; all documents in one transaction.
     pub fn apply(&mut self, manifests: &[Manifest], now: i64) -> Result<Vec<Applied>> {
-        let mut per_doc: BTreeMap<DocId, BTreeMap<String, Option<String>>> = BTreeMap::new();
+        let mut docs: BTreeMap<DocId, (Document, BTreeMap<String, Option<String>>)> =
+            BTreeMap::new();
         let mut results = Vec::new();
         for m in manifests {
-            let (doc_id, ops) = self.ops_for(m)?;
+            let id = target(m);
+            if !docs.contains_key(&id) {
+                docs.insert(id.clone(), (self.doc(&id)?, BTreeMap::new()));
+            }
+            let Some((doc, all_ops)) = docs.get_mut(&id) else {
+                continue;
+            };
+            let ops = ops_for(doc, m);
             results.push(Applied {
                 kind: m.kind(),
                 name: m.name.clone(),
-                doc: doc_id.to_string(),
+                doc: id.to_string(),
                 fields: ops.len(),
             });
-            per_doc.entry(doc_id).or_default().extend(ops);
+            all_ops.extend(ops);
         }
-        let edits = per_doc.into_iter().filter(|(_, ops)| !ops.is_empty()).collect();
-        self.write_many(edits, now)?;
+        let edits = docs
+            .into_values()
+            .filter(|(_, ops)| !ops.is_empty())
+            .collect();
+        self.write_docs(edits, now)?;
         Ok(results)
-    }
-
-    fn ops_for(&self, m: &Manifest) -> Result<(DocId, BTreeMap<String, Option<String>>)> {
-        let (doc_id, prefixes, desired) = match &m.spec {
-            Spec::SiteOverride(s) => {
-                let mut desired = BTreeMap::new();
-                desired.insert("site.name".to_string(), json_str(&m.name));
-                let v = serde_json::to_value(s).unwrap_or_default();
-                for (k, sub) in v.as_object().into_iter().flatten() {
-                    flatten(k, sub, &mut desired);
-                }
-                (
-                    DocId::Site(m.name.clone()),
-                    vec!["apps.".to_string(), "configs.".to_string()],
-                    desired,
-                )
-            }
-            other => {
-                let kind = m.kind();
-                let base = format!("{}.{}", kind.prefix(), m.name);
-                let v = match other {
-                    Spec::App(a) => serde_json::to_value(a),
-                    Spec::Config(c) => serde_json::to_value(c),
-                    Spec::Node(n) => serde_json::to_value(n),
-                    Spec::SiteOverride(_) => unreachable_spec(),
-                }
-                .unwrap_or_default();
-                let mut desired = BTreeMap::new();
-                desired.insert(base.clone(), json_str(kind.as_str()));
-                flatten(&base, &v, &mut desired);
-                (DocId::Fleet, vec![format!("{base}.")], desired)
-            }
-        };
-        let doc = self.doc(&doc_id)?;
-        let mut current = BTreeMap::new();
-        for p in &prefixes {
-            current.extend(doc.fields(p));
-        }
-        for k in desired.keys() {
-            if !current.contains_key(k) {
-                if let Some(v) = doc.fields(k).remove(k) {
-                    current.insert(k.clone(), v);
-                }
-            }
-        }
-        let mut ops = BTreeMap::new();
-        for (k, v) in &desired {
-            let conflicted = doc.values(k).len() > 1;
-            if current.get(k) != Some(v) || conflicted {
-                ops.insert(k.clone(), Some(v.clone()));
-            }
-        }
-        for k in current.keys() {
-            if !desired.contains_key(k) {
-                ops.insert(k.clone(), None);
-            }
-        }
-        Ok((doc_id, ops))
     }
 
     /// Deletes an entity (`app`, `config`, `node`) from the fleet document,
@@ -414,7 +387,9 @@ impl DataDir {
     pub fn conflicts(&self) -> Result<Vec<Conflict>> {
         let mut out = Vec::new();
         for id in self.store.doc_ids()? {
-            let Some(doc) = self.store.load(&id)? else { continue };
+            let Some(doc) = self.store.load(&id)? else {
+                continue;
+            };
             for (field, values) in doc.conflicts() {
                 let values = values
                     .into_iter()
@@ -456,7 +431,8 @@ impl DataDir {
             path: self.path.clone(),
             reason: "holds no fleet root key: create identities on the data dir made by `shoal fleet init`".into(),
         })?;
-        let root = parse_secret(&text).map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
+        let root = parse_secret(&text)
+            .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
         if PublicKey(root.verifying_key().to_bytes()) != self.trust.root() {
             return Err(Error::Identity(format!(
                 "{} is not the root key of this store's fleet",
@@ -476,7 +452,10 @@ impl DataDir {
         self.store.put_certs(std::slice::from_ref(&cert))?;
         self.trust.add_cert(cert.clone())?;
         let mut ops = BTreeMap::new();
-        ops.insert(format!("certs.{}", cert.key), Some(json_str(&cert.to_json())));
+        ops.insert(
+            format!("certs.{}", cert.key),
+            Some(json_str(&cert.to_json())),
+        );
         self.write(&DocId::Fleet, &ops, now)?;
         Ok(identity)
     }
@@ -490,7 +469,9 @@ impl DataDir {
         };
         bundle.certs.sort_by(|a, b| a.key.cmp(&b.key));
         for id in self.store.doc_ids()? {
-            let Some(doc) = self.store.load(&id)? else { continue };
+            let Some(doc) = self.store.load(&id)? else {
+                continue;
+            };
             let sigs = self.store.signatures(&id)?;
             let mut changes = Vec::new();
             for c in doc.changes() {
@@ -560,6 +541,60 @@ impl DataDir {
     }
 }
 
-fn unreachable_spec() -> serde_json::Result<serde_json::Value> {
-    Ok(serde_json::Value::Null)
+/// The document a manifest writes.
+fn target(m: &Manifest) -> DocId {
+    match m.spec {
+        Spec::SiteOverride(_) => DocId::Site(m.name.clone()),
+        _ => DocId::Fleet,
+    }
+}
+
+/// The field writes that make `doc` hold what `m` declares.
+fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
+    let (prefixes, desired) = match &m.spec {
+        Spec::SiteOverride(s) => {
+            let mut desired = BTreeMap::new();
+            desired.insert("site.name".to_string(), json_str(&m.name));
+            let v = serde_json::to_value(s).unwrap_or_default();
+            for (k, sub) in v.as_object().into_iter().flatten() {
+                flatten(k, sub, &mut desired);
+            }
+            (vec!["apps.".to_string(), "configs.".to_string()], desired)
+        }
+        other => {
+            let kind = m.kind();
+            let base = format!("{}.{}", kind.prefix(), m.name);
+            let v = match other {
+                Spec::App(a) => serde_json::to_value(a),
+                Spec::Config(c) => serde_json::to_value(c),
+                Spec::Node(n) => serde_json::to_value(n),
+                Spec::SiteOverride(s) => serde_json::to_value(s),
+            }
+            .unwrap_or_default();
+            let mut desired = BTreeMap::new();
+            desired.insert(base.clone(), json_str(kind.as_str()));
+            flatten(&base, &v, &mut desired);
+            (vec![format!("{base}.")], desired)
+        }
+    };
+    let mut current = BTreeMap::new();
+    for p in &prefixes {
+        current.extend(doc.fields(p));
+    }
+    let mut ops = BTreeMap::new();
+    for (k, v) in &desired {
+        let now = match current.get(k) {
+            Some(c) => Some(c.clone()),
+            None => doc.get(k).map(|j| j.to_string()),
+        };
+        if now.as_ref() != Some(v) || doc.values(k).len() > 1 {
+            ops.insert(k.clone(), Some(v.clone()));
+        }
+    }
+    for k in current.keys() {
+        if !desired.contains_key(k) {
+            ops.insert(k.clone(), None);
+        }
+    }
+    ops
 }

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Author, Automerge, Change, ChangeHash, ROOT, ReadDoc, ScalarValueRef, ValueRef};
+use automerge::{
+    ActorId, Author, Automerge, Change, ChangeHash, ROOT, ReadDoc, ScalarValueRef, ValueRef,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -49,9 +51,7 @@ impl DocId {
             }
             (Some("node"), Some(name), Some(epoch), None) => {
                 crate::model::validate_name("node", name).map_err(|e| bad(&e))?;
-                let epoch = epoch
-                    .parse()
-                    .map_err(|_| bad("epoch is not a number"))?;
+                let epoch = epoch.parse().map_err(|_| bad("epoch is not a number"))?;
                 DocId::Node {
                     name: name.to_string(),
                     epoch,
@@ -341,7 +341,10 @@ impl Document {
     }
 
     fn is_conflicted(&self, key: &str) -> bool {
-        self.doc.get_all(ROOT, key).map(|v| v.len() > 1).unwrap_or(false)
+        self.doc
+            .get_all(ROOT, key)
+            .map(|v| v.len() > 1)
+            .unwrap_or(false)
     }
 
     fn fields_exact(&self, key: &str) -> Option<String> {

@@ -218,7 +218,10 @@ impl Certificate {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| {
-                Error::Identity(format!("certificate of {} has a malformed signature", self.name))
+                Error::Identity(format!(
+                    "certificate of {} has a malformed signature",
+                    self.name
+                ))
             })?;
         let vk = root.verifying_key()?;
         vk.verify(&self.signed_bytes(), &Signature::from_bytes(&sig_bytes))
@@ -250,7 +253,8 @@ impl Certificate {
 
     /// Parses the JSON form (does not verify it).
     pub fn from_json(s: &[u8]) -> Result<Self> {
-        serde_json::from_slice(s).map_err(|e| Error::Identity(format!("malformed certificate: {e}")))
+        serde_json::from_slice(s)
+            .map_err(|e| Error::Identity(format!("malformed certificate: {e}")))
     }
 }
 

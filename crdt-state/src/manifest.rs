@@ -145,7 +145,10 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             return Err(err(
                 n,
                 "apiVersion",
-                format!("{:?} is not supported: expected {API_VERSION}", env.api_version),
+                format!(
+                    "{:?} is not supported: expected {API_VERSION}",
+                    env.api_version
+                ),
             ));
         }
         let kind = match env.kind.as_str() {
@@ -161,8 +164,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
                 ));
             }
         };
-        validate_name(kind.as_str(), &env.metadata.name)
-            .map_err(|m| err(n, "metadata.name", m))?;
+        validate_name(kind.as_str(), &env.metadata.name).map_err(|m| err(n, "metadata.name", m))?;
         let spec = match kind {
             Kind::App => Spec::App(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
             Kind::Config => Spec::Config(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
@@ -179,7 +181,11 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             return Err(err(
                 n,
                 "metadata.name",
-                format!("{} {} is declared twice in this file", kind.as_str(), env.metadata.name),
+                format!(
+                    "{} {} is declared twice in this file",
+                    kind.as_str(),
+                    env.metadata.name
+                ),
             ));
         }
         out.push(Manifest {
@@ -199,7 +205,11 @@ fn typed<T: for<'de> Deserialize<'de>>(v: serde_yaml::Value) -> Result<T, (Strin
     };
     serde_path_to_error::deserialize(v).map_err(|e| {
         let p = path_of(e.path());
-        let field = if p.is_empty() { "spec".to_string() } else { format!("spec.{p}") };
+        let field = if p.is_empty() {
+            "spec".to_string()
+        } else {
+            format!("spec.{p}")
+        };
         (field, inner_message(e.inner()))
     })
 }
@@ -360,7 +370,9 @@ fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), In
         {
             return Err((
                 format!("{field}.{k}"),
-                format!("{v:?} is not a valid label value: expected at most 63 letters, digits, '-', '_' or '.'"),
+                format!(
+                    "{v:?} is not a valid label value: expected at most 63 letters, digits, '-', '_' or '.'"
+                ),
             ));
         }
     }
@@ -442,8 +454,13 @@ spec: { apps: { inspect: { paused: true } } }
     fn parses_every_kind() -> anyhow::Result<()> {
         let ms = parse("good.yaml", GOOD)?;
         let kinds: Vec<_> = ms.iter().map(Manifest::kind).collect();
-        assert_eq!(kinds, [Kind::App, Kind::Config, Kind::Node, Kind::SiteOverride]);
-        let Spec::App(app) = &ms[0].spec else { anyhow::bail!("not an app") };
+        assert_eq!(
+            kinds,
+            [Kind::App, Kind::Config, Kind::Node, Kind::SiteOverride]
+        );
+        let Spec::App(app) = &ms[0].spec else {
+            anyhow::bail!("not an app")
+        };
         assert_eq!(app.replicas, Some(2));
         Ok(())
     }
@@ -460,11 +477,19 @@ spec: { apps: { inspect: { paused: true } } }
         let text = GOOD.replace("replicas: 2", "replicas: two");
         let e = error_of(&text);
         assert_eq!((e.document, e.field.as_str()), (1, "spec.replicas"));
-        assert!(e.to_string().starts_with("f.yaml: document 1: spec.replicas: "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("f.yaml: document 1: spec.replicas: "),
+            "{e}"
+        );
 
         let e = error_of(&GOOD.replace("command: [\"/bin/sleep\", \"1000\"]", "comand: [x]"));
         assert_eq!(e.field, "spec.native.comand");
-        assert!(e.message.contains("unknown field `comand`"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown field `comand`"),
+            "{}",
+            e.message
+        );
 
         let e = error_of(&GOOD.replace("kind: Config", "kind: Konfig"));
         assert_eq!((e.document, e.field.as_str()), (2, "kind"));

@@ -76,8 +76,12 @@ pub fn unflatten(prefix: &str, fields: &BTreeMap<String, String>) -> Value {
     let mut root = serde_json::Map::new();
     let dotted = format!("{prefix}.");
     for (k, text) in fields {
-        let Some(rest) = k.strip_prefix(&dotted) else { continue };
-        let Ok(leaf) = serde_json::from_str::<Value>(text) else { continue };
+        let Some(rest) = k.strip_prefix(&dotted) else {
+            continue;
+        };
+        let Ok(leaf) = serde_json::from_str::<Value>(text) else {
+            continue;
+        };
         let parts: Vec<String> = rest.split('.').map(unescape).collect();
         let mut cur = &mut root;
         for (i, p) in parts.iter().enumerate() {

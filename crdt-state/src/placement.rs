@@ -138,8 +138,14 @@ mod tests {
         }
         let native = NativeSpec {
             command: vec!["x".into()],
-            files: [("c.ini".to_string(), FileSource { config: "c".into(), key: None })]
-                .into(),
+            files: [(
+                "c.ini".to_string(),
+                FileSource {
+                    config: "c".into(),
+                    key: None,
+                },
+            )]
+            .into(),
             ..Default::default()
         };
         f.apps.insert(
@@ -153,7 +159,9 @@ mod tests {
         );
         f.configs.insert(
             "c".into(),
-            ConfigSpec { data: [("k".to_string(), "1".to_string())].into() },
+            ConfigSpec {
+                data: [("k".to_string(), "1".to_string())].into(),
+            },
         );
         f
     }
@@ -189,11 +197,19 @@ mod tests {
         let mut site = SiteOverrideSpec::default();
         site.configs.insert(
             "c".into(),
-            ConfigOverride { data: [("k".to_string(), "2".to_string())].into() },
+            ConfigOverride {
+                data: [("k".to_string(), "2".to_string())].into(),
+            },
         );
         let w = share(&f, Some(&site), "n0", &|_| true);
         assert_eq!(w[0].files["c.ini"], "k=2\n");
-        site.apps.insert("app".into(), AppOverride { paused: Some(true), ..Default::default() });
+        site.apps.insert(
+            "app".into(),
+            AppOverride {
+                paused: Some(true),
+                ..Default::default()
+            },
+        );
         assert!(share(&f, Some(&site), "n0", &|_| true).is_empty());
         assert!(share(&f, None, "unknown", &|_| true).is_empty());
     }

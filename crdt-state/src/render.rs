@@ -24,7 +24,9 @@ impl std::str::FromStr for Format {
             "table" => Ok(Format::Table),
             "json" => Ok(Format::Json),
             "yaml" => Ok(Format::Yaml),
-            other => Err(format!("unknown output format {other:?}: expected table, json or yaml")),
+            other => Err(format!(
+                "unknown output format {other:?}: expected table, json or yaml"
+            )),
         }
     }
 }
@@ -92,12 +94,19 @@ pub fn apps(format: Format, fleet: &FleetView) -> String {
                 n.clone(),
                 format!("{:?}", a.runtime).to_lowercase(),
                 a.version.clone().unwrap_or_else(|| "-".into()),
-                a.replicas.map(|r| r.to_string()).unwrap_or_else(|| "all".into()),
+                a.replicas
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "all".into()),
                 kv(&a.selector),
             ]
         })
         .collect();
-    render(format, &fleet.apps, &["NAME", "RUNTIME", "VERSION", "REPLICAS", "SELECTOR"], rows)
+    render(
+        format,
+        &fleet.apps,
+        &["NAME", "RUNTIME", "VERSION", "REPLICAS", "SELECTOR"],
+        rows,
+    )
 }
 
 /// `shoal get configs`.
@@ -105,7 +114,12 @@ pub fn configs(format: Format, fleet: &FleetView) -> String {
     let rows = fleet
         .configs
         .iter()
-        .map(|(n, c)| vec![n.clone(), c.data.keys().cloned().collect::<Vec<_>>().join(",")])
+        .map(|(n, c)| {
+            vec![
+                n.clone(),
+                c.data.keys().cloned().collect::<Vec<_>>().join(","),
+            ]
+        })
         .collect();
     render(format, &fleet.configs, &["NAME", "KEYS"], rows)
 }
@@ -135,7 +149,12 @@ pub fn conflicts(format: Format, conflicts: &[Conflict]) -> String {
             ]);
         }
     }
-    render(format, &conflicts, &["DOC", "FIELD", "VALUE", "WRITER", "ROLE", "WINS"], rows)
+    render(
+        format,
+        &conflicts,
+        &["DOC", "FIELD", "VALUE", "WRITER", "ROLE", "WINS"],
+        rows,
+    )
 }
 
 /// `shoal apply`.

@@ -74,11 +74,35 @@ impl<T, E: std::fmt::Display> StoreErr<T> for std::result::Result<T, E> {
     }
 }
 
+/// Runs `f`, turning a panic inside the storage engine into an error:
+/// redb trusts its pages and can panic on a corrupt file instead of
+/// returning an error. The store must not be used after such an error.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Error::Store {
+                path: path.to_path_buf(),
+                reason: format!("is corrupt: the storage engine failed reading it ({msg})"),
+            })
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`. A file that is not a Shoal
     /// store, or is corrupt, is a clear error.
     pub fn open(path: &Path, config: StoreConfig) -> Result<Self> {
-        let db = Database::create(path).map_err(|e| {
+        guarded(path, || Self::open_inner(path, config))
+    }
+
+    fn open_inner(path: &Path, config: StoreConfig) -> Result<Self> {
+        let mut db = Database::create(path).map_err(|e| {
             let reason = match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => {
                     "is in use by another shoal process (a running daemon?)".to_string()
@@ -90,6 +114,20 @@ impl Store {
                 reason,
             }
         })?;
+        // redb trusts its pages once a file is open and may panic on a
+        // corrupt one; check every page's checksum first.
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(path = %path.display(), "store was damaged and has been repaired")
+            }
+            Err(e) => {
+                return Err(Error::Store {
+                    path: path.to_path_buf(),
+                    reason: format!("is corrupt: {e}"),
+                });
+            }
+        }
         let store = Store {
             db,
             path: path.to_path_buf(),
@@ -147,20 +185,30 @@ impl Store {
 
     /// The fleet root this store belongs to, once set.
     pub fn fleet_root(&self) -> Result<Option<PublicKey>> {
+        guarded(&self.path, || self.fleet_root_inner())
+    }
+
+    fn fleet_root_inner(&self) -> Result<Option<PublicKey>> {
         let p = &self.path;
         let rtx = self.db.begin_read().at(p)?;
         let t = rtx.open_table(META).at(p)?;
         match t.get("fleet_root").at(p)? {
             None => Ok(None),
-            Some(v) => Ok(Some(PublicKey::from_slice(v.value()).map_err(|_| Error::Store {
-                path: p.clone(),
-                reason: "fleet_root entry is corrupt".into(),
+            Some(v) => Ok(Some(PublicKey::from_slice(v.value()).map_err(|_| {
+                Error::Store {
+                    path: p.clone(),
+                    reason: "fleet_root entry is corrupt".into(),
+                }
             })?)),
         }
     }
 
     /// Binds the store to a fleet root; refuses a different one.
     pub fn set_fleet_root(&self, root: PublicKey) -> Result<()> {
+        guarded(&self.path, || self.set_fleet_root_inner(root))
+    }
+
+    fn set_fleet_root_inner(&self, root: PublicKey) -> Result<()> {
         if let Some(existing) = self.fleet_root()? {
             if existing != root {
                 return Err(Error::Store {
@@ -185,6 +233,10 @@ impl Store {
 
     /// The documents held.
     pub fn doc_ids(&self) -> Result<Vec<DocId>> {
+        guarded(&self.path, || self.doc_ids_inner())
+    }
+
+    fn doc_ids_inner(&self) -> Result<Vec<DocId>> {
         let p = &self.path;
         let rtx = self.db.begin_read().at(p)?;
         let t = rtx.open_table(DOCS).at(p)?;
@@ -204,10 +256,20 @@ impl Store {
     /// store is this node's own and held only verified changes, so
     /// signatures are not checked again here.
     pub fn load(&self, id: &DocId) -> Result<Option<Document>> {
+        guarded(&self.path, || self.load_inner(id))
+    }
+
+    fn load_inner(&self, id: &DocId) -> Result<Option<Document>> {
         let p = &self.path;
         let key = id.to_string();
         let rtx = self.db.begin_read().at(p)?;
-        if rtx.open_table(DOCS).at(p)?.get(key.as_str()).at(p)?.is_none() {
+        if rtx
+            .open_table(DOCS)
+            .at(p)?
+            .get(key.as_str())
+            .at(p)?
+            .is_none()
+        {
             return Ok(None);
         }
         let mut doc = match rtx.open_table(SNAPSHOTS).at(p)?.get(key.as_str()).at(p)? {
@@ -216,7 +278,10 @@ impl Store {
         };
         let t = rtx.open_table(CHANGES).at(p)?;
         let mut changes = Vec::new();
-        for entry in t.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).at(p)? {
+        for entry in t
+            .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+            .at(p)?
+        {
             let (_, v) = entry.at(p)?;
             let c = Change::from_bytes(v.value().to_vec()).map_err(|e| Error::CorruptDocument {
                 doc: key.clone(),
@@ -239,6 +304,13 @@ impl Store {
 
     /// [`Store::commit`] for several documents in one transaction.
     pub fn commit_batch(&self, items: &[(&Document, &[(ChangeHash, SignedChange)])]) -> Result<()> {
+        guarded(&self.path, || self.commit_batch_inner(items))
+    }
+
+    fn commit_batch_inner(
+        &self,
+        items: &[(&Document, &[(ChangeHash, SignedChange)])],
+    ) -> Result<()> {
         let p = &self.path;
         let wtx = self.db.begin_write().at(p)?;
         {
@@ -256,7 +328,9 @@ impl Store {
                 for (hash, sc) in changes.iter() {
                     sigs.insert((key.as_str(), hash.0.as_slice()), sc.signature.as_slice())
                         .at(p)?;
-                    table.insert((key.as_str(), next), sc.bytes.as_slice()).at(p)?;
+                    table
+                        .insert((key.as_str(), next), sc.bytes.as_slice())
+                        .at(p)?;
                     next += 1;
                     chunks += 1;
                 }
@@ -277,6 +351,10 @@ impl Store {
 
     /// Writes a snapshot of `doc` now and drops its chunks, in one transaction.
     pub fn compact(&self, doc: &Document) -> Result<()> {
+        guarded(&self.path, || self.compact_inner(doc))
+    }
+
+    fn compact_inner(&self, doc: &Document) -> Result<()> {
         let p = &self.path;
         let key = doc.id().to_string();
         let wtx = self.db.begin_write().at(p)?;
@@ -302,6 +380,10 @@ impl Store {
 
     /// The signatures of every change of a document.
     pub fn signatures(&self, id: &DocId) -> Result<HashMap<ChangeHash, [u8; 64]>> {
+        guarded(&self.path, || self.signatures_inner(id))
+    }
+
+    fn signatures_inner(&self, id: &DocId) -> Result<HashMap<ChangeHash, [u8; 64]>> {
         let p = &self.path;
         let key = id.to_string();
         let rtx = self.db.begin_read().at(p)?;
@@ -312,10 +394,8 @@ impl Store {
         for entry in t.range((key.as_str(), lo)..(key.as_str(), hi)).at(p)? {
             let (k, v) = entry.at(p)?;
             let (_, hash) = k.value();
-            let (Ok(hash), Ok(sig)) = (
-                <[u8; 32]>::try_from(hash),
-                <[u8; 64]>::try_from(v.value()),
-            ) else {
+            let (Ok(hash), Ok(sig)) = (<[u8; 32]>::try_from(hash), <[u8; 64]>::try_from(v.value()))
+            else {
                 return Err(Error::CorruptDocument {
                     doc: key,
                     reason: "a stored signature is malformed".into(),
@@ -328,6 +408,10 @@ impl Store {
 
     /// Remembers a verified certificate.
     pub fn put_certs(&self, certs: &[Certificate]) -> Result<()> {
+        guarded(&self.path, || self.put_certs_inner(certs))
+    }
+
+    fn put_certs_inner(&self, certs: &[Certificate]) -> Result<()> {
         let p = &self.path;
         let wtx = self.db.begin_write().at(p)?;
         {
@@ -342,6 +426,10 @@ impl Store {
     /// Every remembered certificate (not re-verified: callers add them to a
     /// [`crate::verify::Trust`], which does).
     pub fn certs(&self) -> Result<Vec<Certificate>> {
+        guarded(&self.path, || self.certs_inner())
+    }
+
+    fn certs_inner(&self) -> Result<Vec<Certificate>> {
         let p = &self.path;
         let rtx = self.db.begin_read().at(p)?;
         let t = rtx.open_table(CERTS).at(p)?;
@@ -355,6 +443,10 @@ impl Store {
 
     /// Saved sync state for (peer, document).
     pub fn sync_state(&self, peer: &str, doc: &DocId) -> Result<Option<Vec<u8>>> {
+        guarded(&self.path, || self.sync_state_inner(peer, doc))
+    }
+
+    fn sync_state_inner(&self, peer: &str, doc: &DocId) -> Result<Option<Vec<u8>>> {
         let p = &self.path;
         let d = doc.to_string();
         let rtx = self.db.begin_read().at(p)?;
@@ -364,10 +456,17 @@ impl Store {
 
     /// Saves sync state for (peer, document).
     pub fn put_sync_state(&self, peer: &str, doc: &DocId, state: &[u8]) -> Result<()> {
+        guarded(&self.path, || self.put_sync_state_inner(peer, doc, state))
+    }
+
+    fn put_sync_state_inner(&self, peer: &str, doc: &DocId, state: &[u8]) -> Result<()> {
         let p = &self.path;
         let d = doc.to_string();
         let wtx = self.db.begin_write().at(p)?;
-        wtx.open_table(SYNC).at(p)?.insert((peer, d.as_str()), state).at(p)?;
+        wtx.open_table(SYNC)
+            .at(p)?
+            .insert((peer, d.as_str()), state)
+            .at(p)?;
         wtx.commit().at(p)
     }
 }

@@ -96,8 +96,13 @@ impl Trust {
             }
         }
         for (key, text) in fleet.fields("revoked.") {
-            let Some(hex) = key.strip_prefix("revoked.") else { continue };
-            match (PublicKey::from_hex(hex), serde_json::from_str::<Revocation>(&text)) {
+            let Some(hex) = key.strip_prefix("revoked.") else {
+                continue;
+            };
+            match (
+                PublicKey::from_hex(hex),
+                serde_json::from_str::<Revocation>(&text),
+            ) {
                 (Ok(k), Ok(r)) => self.revoke(k, r),
                 _ => errors.push(Error::Identity(format!("malformed revocation {key}"))),
             }
@@ -210,7 +215,9 @@ pub fn verify_changes(
                 ));
             }
         };
-        let previous = doc.actor_key(c.actor_id()).or(bound.get(c.actor_id()).copied());
+        let previous = doc
+            .actor_key(c.actor_id())
+            .or(bound.get(c.actor_id()).copied());
         if previous.is_some_and(|p| p != key) {
             return Err(reject(
                 hash.to_string(),
@@ -242,7 +249,10 @@ pub fn verify_changes(
             })?;
         if let Some(a) = c.author() {
             if a.as_bytes() != key.0 {
-                return Err(reject(hash.to_string(), "author does not match the actor's key".into()));
+                return Err(reject(
+                    hash.to_string(),
+                    "author does not match the actor's key".into(),
+                ));
             }
         }
         let cert = trust.cert(&key).ok_or_else(|| {
@@ -258,7 +268,10 @@ pub fn verify_changes(
                     "unauthorised: {} ({}{}) may not write {id}",
                     cert.name,
                     cert.role,
-                    cert.site.as_deref().map(|s| format!(" of site {s}")).unwrap_or_default()
+                    cert.site
+                        .as_deref()
+                        .map(|s| format!(" of site {s}"))
+                        .unwrap_or_default()
                 ),
             ));
         }
@@ -282,12 +295,8 @@ pub fn verify_changes(
         sigs.push(Signature::from_bytes(sig));
         vks.push(vk);
     }
-    check_signatures(&messages, &sigs, &vks).map_err(|i| {
-        reject(
-            ready[i].0.hash().to_string(),
-            "bad signature".into(),
-        )
-    })?;
+    check_signatures(&messages, &sigs, &vks)
+        .map_err(|i| reject(ready[i].0.hash().to_string(), "bad signature".into()))?;
     Ok(Verified { ready, waiting })
 }
 

@@ -187,7 +187,10 @@ fn unsigned_automerge_changes_are_rejected() {
     let res = verify_and_apply(
         &f.trust,
         &mut victim,
-        &[SignedChange { bytes: c.raw_bytes().to_vec(), signature: [0; 64] }],
+        &[SignedChange {
+            bytes: c.raw_bytes().to_vec(),
+            signature: [0; 64],
+        }],
     );
     let msg = res.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("no author"), "{msg}");
@@ -198,7 +201,14 @@ fn unsigned_automerge_changes_are_rejected() {
 fn garbage_bytes_are_rejected_with_a_reason() {
     let f = fleet();
     let mut victim = Document::new(site_a());
-    let res = verify_and_apply(&f.trust, &mut victim, &[SignedChange { bytes: vec![0x85, 0x6f, 1, 2], signature: [0; 64] }]);
+    let res = verify_and_apply(
+        &f.trust,
+        &mut victim,
+        &[SignedChange {
+            bytes: vec![0x85, 0x6f, 1, 2],
+            signature: [0; 64],
+        }],
+    );
     let msg = res.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("not an automerge change"), "{msg}");
 }
@@ -223,14 +233,23 @@ fn revocation_keeps_what_was_seen_and_refuses_the_rest() {
     let mut w = Document::new(site_a());
     let seen = set(&mut w, &f.eng_a, "apps.x.paused", "1").unwrap();
     let later = set(&mut w, &f.eng_a, "apps.x.paused", "2").unwrap();
-    let actor = automerge::Change::from_bytes(seen.bytes.clone()).unwrap().actor_id().to_hex_string();
+    let actor = automerge::Change::from_bytes(seen.bytes.clone())
+        .unwrap()
+        .actor_id()
+        .to_hex_string();
     f.trust.revoke(
         f.eng_a.key(),
-        Revocation { reason: "laptop stolen".into(), accepted: BTreeMap::from([(actor, 1)]) },
+        Revocation {
+            reason: "laptop stolen".into(),
+            accepted: BTreeMap::from([(actor, 1)]),
+        },
     );
     let mut r = Document::new(site_a());
     verify_and_apply(&f.trust, &mut r, std::slice::from_ref(&seen)).unwrap();
-    let err = verify_and_apply(&f.trust, &mut r, &[later]).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = verify_and_apply(&f.trust, &mut r, &[later])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("revoked"), "{err}");
     assert_eq!(r.get("apps.x.paused"), Some(serde_json::json!("1")));
 }

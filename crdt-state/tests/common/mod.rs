@@ -18,10 +18,22 @@ pub struct Fleet {
     pub rogue: Identity,
 }
 
-pub fn identity(root: &ed25519_dalek::SigningKey, name: &str, role: Role, site: Option<&str>) -> Identity {
+pub fn identity(
+    root: &ed25519_dalek::SigningKey,
+    name: &str,
+    role: Role,
+    site: Option<&str>,
+) -> Identity {
     let key = generate_key().unwrap();
-    let cert = Certificate::issue(root, PublicKey(key.verifying_key().to_bytes()), name, role, site, 0)
-        .unwrap();
+    let cert = Certificate::issue(
+        root,
+        PublicKey(key.verifying_key().to_bytes()),
+        name,
+        role,
+        site,
+        0,
+    )
+    .unwrap();
     Identity::new(cert, key).unwrap()
 }
 
@@ -47,7 +59,10 @@ pub fn fleet() -> Fleet {
 /// Sets `key = value` (a JSON string) as `who`.
 pub fn set(doc: &mut Document, who: &Identity, key: &str, value: &str) -> Option<SignedChange> {
     let mut ops = BTreeMap::new();
-    ops.insert(key.to_string(), Some(serde_json::Value::String(value.into()).to_string()));
+    ops.insert(
+        key.to_string(),
+        Some(serde_json::Value::String(value.into()).to_string()),
+    );
     doc.edit(who, 0, &ops).unwrap().map(|(_, c, _)| c)
 }
 
