@@ -118,6 +118,16 @@ enum IdentityCmd {
         /// The identity file.
         file: PathBuf,
     },
+    /// Revoke a writer: its changes made so far stay, any other is refused.
+    Revoke {
+        #[command(flatten)]
+        dir: Dir,
+        /// The writer's name or public key (hex).
+        who: String,
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Show this data dir's identity.
     Show {
         #[command(flatten)]
@@ -236,6 +246,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cert.name,
                 cert.role,
                 cert.issuer.short()
+            );
+        }
+        Command::Identity(IdentityCmd::Revoke { dir, who, reason }) => {
+            let mut dd = DataDir::open(&dir.data_dir, None)?;
+            let key = dd.find_key(&who)?;
+            let r = dd.revoke(key, &reason, now())?;
+            println!(
+                "revoked {} ({} of its actors keep their changes so far)",
+                key.short(),
+                r.accepted.len()
             );
         }
         Command::Identity(IdentityCmd::Show { dir }) => {

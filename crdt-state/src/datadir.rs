@@ -8,7 +8,8 @@
 //! <data-dir>/root.key       the fleet root secret key (0600; fleet init only)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -22,7 +23,7 @@ use crate::identity::{
 use crate::manifest::{Manifest, Spec};
 use crate::model::{self, FleetView, Kind, flatten};
 use crate::store::{Store, StoreConfig};
-use crate::verify::{Trust, verify_and_apply};
+use crate::verify::{Revocation, Trust, verify_and_apply};
 
 /// Name of the store file in a data dir.
 pub const STORE_FILE: &str = "store.redb";
@@ -85,6 +86,9 @@ pub struct DataDir {
     store: Store,
     identity: Option<Identity>,
     trust: Trust,
+    /// Documents loaded for writing. The data dir holds the store's lock,
+    /// so nobody else changes them behind our back.
+    cache: HashMap<DocId, Document>,
 }
 
 impl std::fmt::Debug for DataDir {
@@ -136,6 +140,7 @@ impl DataDir {
             store,
             identity: Some(identity),
             trust,
+            cache: HashMap::new(),
         };
         let mut ops = BTreeMap::new();
         ops.insert("fleet.name".to_string(), Some(json_str(fleet_name)));
@@ -190,6 +195,7 @@ impl DataDir {
             store,
             identity,
             trust,
+            cache: HashMap::new(),
         })
     }
 
@@ -278,6 +284,19 @@ impl DataDir {
         Ok(writer)
     }
 
+    fn cached(&mut self, id: &DocId) -> Result<&mut Document> {
+        match self.cache.entry(id.clone()) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(v) => {
+                let doc = self
+                    .store
+                    .load(id)?
+                    .unwrap_or_else(|| Document::new(id.clone()));
+                Ok(v.insert(doc))
+            }
+        }
+    }
+
     /// One signed change per document, all committed in one transaction:
     /// either every document is written or none. Checks authority for all
     /// of them before writing any.
@@ -286,37 +305,43 @@ impl DataDir {
         edits: Vec<(DocId, BTreeMap<String, Option<String>>)>,
         now: i64,
     ) -> Result<usize> {
-        let mut loaded = Vec::with_capacity(edits.len());
-        for (id, ops) in edits {
-            loaded.push((self.doc(&id)?, ops));
+        for (id, _) in &edits {
+            self.check_may_write(id)?;
         }
-        self.write_docs(loaded, now)
+        let ids: Vec<DocId> = edits.iter().map(|(id, _)| id.clone()).collect();
+        let result = self.write_unchecked(edits, now);
+        if result.is_err() {
+            // Edits made in memory but not committed must not linger.
+            for id in &ids {
+                self.cache.remove(id);
+            }
+        }
+        result
     }
 
-    fn write_docs(
+    fn write_unchecked(
         &mut self,
-        edits: Vec<(Document, BTreeMap<String, Option<String>>)>,
+        edits: Vec<(DocId, BTreeMap<String, Option<String>>)>,
         now: i64,
     ) -> Result<usize> {
-        for (doc, _) in &edits {
-            self.check_may_write(doc.id())?;
-        }
         let writer = self.writer()?.clone();
         let mut staged = Vec::new();
         let mut total = 0;
-        for (mut doc, ops) in edits {
-            if let Some((hash, change, n)) = doc.edit(&writer, now, &ops)? {
+        for (id, ops) in edits {
+            if let Some((hash, change, n)) = self.cached(&id)?.edit(&writer, now, &ops)? {
                 total += n;
-                staged.push((doc, vec![(hash, change)]));
+                staged.push((id, vec![(hash, change)]));
             }
         }
-        let items: Vec<(&Document, &[(automerge::ChangeHash, SignedChange)])> =
-            staged.iter().map(|(d, c)| (d, c.as_slice())).collect();
+        let items: Vec<(&Document, &[(automerge::ChangeHash, SignedChange)])> = staged
+            .iter()
+            .filter_map(|(id, c)| self.cache.get(id).map(|d| (d, c.as_slice())))
+            .collect();
         self.store.commit_batch(&items)?;
-        for (doc, _) in &staged {
-            if *doc.id() == DocId::Fleet {
-                self.trust.absorb_fleet(doc);
-            }
+        if let Some(fleet) = self.cache.get(&DocId::Fleet)
+            && staged.iter().any(|(id, _)| *id == DocId::Fleet)
+        {
+            self.trust.absorb_fleet(fleet);
         }
         Ok(total)
     }
@@ -324,31 +349,24 @@ impl DataDir {
     /// Applies manifests: one signed change per document touched, writing
     /// only the fields that differ; all documents in one transaction.
     pub fn apply(&mut self, manifests: &[Manifest], now: i64) -> Result<Vec<Applied>> {
-        let mut docs: BTreeMap<DocId, (Document, BTreeMap<String, Option<String>>)> =
-            BTreeMap::new();
+        let mut per_doc: BTreeMap<DocId, BTreeMap<String, Option<String>>> = BTreeMap::new();
         let mut results = Vec::new();
         for m in manifests {
             let id = target(m);
-            if !docs.contains_key(&id) {
-                docs.insert(id.clone(), (self.doc(&id)?, BTreeMap::new()));
-            }
-            let Some((doc, all_ops)) = docs.get_mut(&id) else {
-                continue;
-            };
-            let ops = ops_for(doc, m);
+            let ops = ops_for(self.cached(&id)?, m);
             results.push(Applied {
                 kind: m.kind(),
                 name: m.name.clone(),
                 doc: id.to_string(),
                 fields: ops.len(),
             });
-            all_ops.extend(ops);
+            per_doc.entry(id).or_default().extend(ops);
         }
-        let edits = docs
-            .into_values()
+        let edits = per_doc
+            .into_iter()
             .filter(|(_, ops)| !ops.is_empty())
             .collect();
-        self.write_docs(edits, now)?;
+        self.write_many(edits, now)?;
         Ok(results)
     }
 
@@ -460,6 +478,65 @@ impl DataDir {
         Ok(identity)
     }
 
+    /// Finds a certified key by hex key or by writer name.
+    pub fn find_key(&self, key_or_name: &str) -> Result<PublicKey> {
+        if let Ok(k) = PublicKey::from_hex(key_or_name) {
+            return Ok(k);
+        }
+        let matches: Vec<&Certificate> = self
+            .trust
+            .certs()
+            .filter(|c| c.name == key_or_name)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one.key),
+            [] => Err(Error::NotFound(format!("no identity named {key_or_name}"))),
+            many => Err(Error::NotAllowed(format!(
+                "{} identities are named {key_or_name}: name one by its key ({})",
+                many.len(),
+                many.iter()
+                    .map(|c| c.key.short())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Revokes a writer's key. The changes of that key this data dir holds
+    /// stay valid (per-actor watermarks, see ADR 0003); any other change by
+    /// the key is refused everywhere the revocation reaches.
+    pub fn revoke(&mut self, key: PublicKey, reason: &str, now: i64) -> Result<Revocation> {
+        let author = automerge::Author::from(key.0.to_vec());
+        let mut accepted = BTreeMap::new();
+        for id in self.store.doc_ids()? {
+            let Some(doc) = self.store.load(&id)? else {
+                continue;
+            };
+            let am = doc.automerge();
+            let actors = am.get_actors_for_author(&author);
+            if actors.is_empty() {
+                continue;
+            }
+            for meta in am.get_changes_meta(&[]) {
+                if actors.contains(&meta.actor) {
+                    let e = accepted.entry(meta.actor.to_hex_string()).or_insert(0);
+                    *e = meta.seq.max(*e);
+                }
+            }
+        }
+        let r = Revocation {
+            reason: reason.to_string(),
+            accepted,
+        };
+        let mut ops = BTreeMap::new();
+        ops.insert(
+            format!("revoked.{key}"),
+            Some(serde_json::to_string(&r).unwrap_or_default()),
+        );
+        self.write(&DocId::Fleet, &ops, now)?;
+        Ok(r)
+    }
+
     /// Every document's signed changes, for an offline bundle.
     pub fn export(&self) -> Result<Vec<u8>> {
         let mut bundle = Bundle {
@@ -467,7 +544,7 @@ impl DataDir {
             certs: self.trust.certs().cloned().collect(),
             docs: Vec::new(),
         };
-        bundle.certs.sort_by(|a, b| a.key.cmp(&b.key));
+        bundle.certs.sort_by_key(|c| c.key);
         for id in self.store.doc_ids()? {
             let Some(doc) = self.store.load(&id)? else {
                 continue;
@@ -530,6 +607,9 @@ impl DataDir {
             .map(|(d, a)| (d, a.as_slice()))
             .collect();
         self.store.commit_batch(&items)?;
+        for (doc, _) in staged {
+            self.cache.insert(doc.id().clone(), doc);
+        }
         let certs: Vec<Certificate> = bundle
             .certs
             .into_iter()

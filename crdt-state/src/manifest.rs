@@ -264,10 +264,10 @@ fn validate(spec: &Spec) -> Result<(), Invalid> {
 
 fn validate_app(app: &AppSpec) -> Result<(), Invalid> {
     check_labels("selector", &app.selector)?;
-    if let Some(r) = app.replicas {
-        if r > 100_000 {
-            return Err(("replicas".into(), format!("{r} is more than 100000")));
-        }
+    if let Some(r) = app.replicas
+        && r > 100_000
+    {
+        return Err(("replicas".into(), format!("{r} is more than 100000")));
     }
     match app.runtime {
         RuntimeKind::Native => {

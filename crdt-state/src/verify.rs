@@ -247,13 +247,13 @@ pub fn verify_changes(
                     ),
                 )
             })?;
-        if let Some(a) = c.author() {
-            if a.as_bytes() != key.0 {
-                return Err(reject(
-                    hash.to_string(),
-                    "author does not match the actor's key".into(),
-                ));
-            }
+        if let Some(a) = c.author()
+            && a.as_bytes() != key.0
+        {
+            return Err(reject(
+                hash.to_string(),
+                "author does not match the actor's key".into(),
+            ));
         }
         let cert = trust.cert(&key).ok_or_else(|| {
             reject(

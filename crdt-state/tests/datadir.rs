@@ -321,3 +321,33 @@ fn corrupt_and_foreign_store_files_are_clear_errors() {
         "no corruption detected at all: {outcomes:?}"
     );
 }
+
+#[test]
+fn a_revoked_writer_keeps_what_was_seen_and_nothing_more() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut op, mut eng) = two_copies(tmp.path());
+    apply(&mut eng, &site_override(true, "v1"));
+    op.import(&eng.export().unwrap()).unwrap();
+    let eve = op.find_key("eve").unwrap();
+    let r = op.revoke(eve, "laptop lost", 5).unwrap();
+    assert_eq!(r.accepted.len(), 1);
+    // Eve, not yet told, edits again; her new change is refused whole.
+    apply(&mut eng, &site_override(false, "v1"));
+    let err = op.import(&eng.export().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("eve is revoked"), "{err}");
+    let site = DocId::Site("a".into());
+    assert_eq!(
+        op.doc(&site).unwrap().get("apps.inspect.paused"),
+        Some(serde_json::json!(true))
+    );
+    // A third copy gets the revocation and Eve's earlier change together.
+    let third = tmp.path().join("third");
+    let mut third =
+        DataDir::use_identity(&third, &tmp.path().join("op").join(IDENTITY_FILE)).unwrap();
+    third.import(&op.export().unwrap()).unwrap();
+    assert_eq!(
+        third.doc(&site).unwrap().get("apps.inspect.paused"),
+        Some(serde_json::json!(true))
+    );
+    assert!(third.trust().is_revoked(&eve));
+}

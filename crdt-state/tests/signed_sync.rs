@@ -55,9 +55,9 @@ fn shuffled_with_dups(items: &[SignedChange], seed: u64) -> Vec<SignedChange> {
         s
     };
     let mut out: Vec<SignedChange> = items.to_vec();
-    for i in 0..items.len() {
+    for item in items {
         if next() % 3 == 0 {
-            out.push(items[i].clone());
+            out.push(item.clone());
         }
     }
     for i in (1..out.len()).rev() {

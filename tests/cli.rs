@@ -1,0 +1,304 @@
+//! The `shoal` binary as a user runs it: exit codes, one-line errors,
+//! stdin manifests, identities, bundles and kill -9 at any moment.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn shoal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env_remove("SHOAL_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = shoal(args);
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command expected to fail; returns its one stderr line.
+fn fails(args: &[&str]) -> String {
+    let out = shoal(args);
+    assert!(!out.status.success(), "shoal {args:?} succeeded");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+const APP: &str = "apiVersion: shoal.dev/v1
+kind: App
+metadata: { name: inspect }
+spec:
+  selector: { site: a }
+  native: { command: [/bin/sleep, \"100\"] }
+---
+apiVersion: shoal.dev/v1
+kind: Node
+metadata: { name: n1 }
+spec: { site: a, labels: { zone: north } }
+";
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn operator_flow_with_stdin_and_env() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("op");
+    let d = d.to_str().unwrap();
+    assert!(
+        ok(&["fleet", "init", "--data-dir", d, "--name", "grid"]).contains("fleet grid created")
+    );
+    fails(&["fleet", "init", "--data-dir", d]).contains("already holds a fleet");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["apply", "--data-dir", d, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(APP.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("app/inspect configured"));
+
+    let apps: serde_json::Value =
+        serde_json::from_str(&ok(&["get", "apps", "--data-dir", d, "-o", "json"])).unwrap();
+    assert_eq!(apps["inspect"]["selector"]["site"], "a");
+    let yaml = ok(&["get", "nodes", "--data-dir", d, "-o", "yaml"]);
+    assert!(yaml.contains("zone: north"), "{yaml}");
+
+    // SHOAL_DATA_DIR stands in for --data-dir.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["get", "nodes"])
+        .env("SHOAL_DATA_DIR", d)
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("n1") && table.contains("zone=north"),
+        "{table}"
+    );
+
+    ok(&["delete", "--data-dir", d, "app", "inspect"]);
+    assert_eq!(
+        ok(&["get", "apps", "--data-dir", d, "-o", "json"]).trim(),
+        "{}"
+    );
+    let err = fails(&["delete", "--data-dir", d, "app", "inspect"]);
+    assert!(err.contains("not found: App inspect"), "{err}");
+    let err = fails(&["get", "pods", "--data-dir", d]);
+    assert!(err.contains("cannot get \"pods\""), "{err}");
+}
+
+#[test]
+fn a_bad_manifest_names_file_document_and_field_and_applies_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("op");
+    let d = d.to_str().unwrap();
+    ok(&["fleet", "init", "--data-dir", d]);
+    let good = write(tmp.path(), "good.yaml", APP);
+    let bad = write(
+        tmp.path(),
+        "bad.yaml",
+        &APP.replace(
+            "labels: { zone: north }",
+            "labels: { zone: north }, replicas: 2",
+        ),
+    );
+    let err = fails(&["apply", "--data-dir", d, "-f", &good, "-f", &bad]);
+    assert!(
+        err.contains("bad.yaml: document 2: spec.replicas: unknown field `replicas`"),
+        "{err}"
+    );
+    assert_eq!(
+        ok(&["get", "apps", "--data-dir", d, "-o", "json"]).trim(),
+        "{}"
+    );
+    let err = fails(&["apply", "--data-dir", d, "-f", "/nonexistent.yaml"]);
+    assert!(err.contains("/nonexistent.yaml"), "{err}");
+    let err = fails(&["get", "apps", "--data-dir", "/nonexistent-dir"]);
+    assert!(err.contains("holds no Shoal store"), "{err}");
+}
+
+#[test]
+fn site_engineer_edits_offline_and_bundles_merge_with_conflicts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let (op, eng) = (t("op"), t("eng"));
+    ok(&["fleet", "init", "--data-dir", &op]);
+    let app = write(tmp.path(), "app.yaml", APP);
+    ok(&["apply", "--data-dir", &op, "-f", &app]);
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        &op,
+        "--role",
+        "site-engineer",
+        "--site",
+        "a",
+        "--name",
+        "eve",
+        "--out",
+        &t("eve.json"),
+    ]);
+    ok(&["identity", "use", "--data-dir", &eng, &t("eve.json")]);
+    ok(&["bundle", "export", "--data-dir", &op, "--out", &t("b1")]);
+    assert!(ok(&["bundle", "import", "--data-dir", &eng, &t("b1")]).contains("fleet:"));
+    assert!(ok(&["bundle", "import", "--data-dir", &eng, &t("b1")]).contains("nothing new"));
+
+    let over = |v: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {{ name: a }}\nspec: {{ apps: {{ inspect: {{ version: {v} }} }} }}\n"
+        )
+    };
+    let o1 = write(tmp.path(), "o1.yaml", &over("v2"));
+    let o2 = write(tmp.path(), "o2.yaml", &over("v1-rollback"));
+    ok(&["apply", "--data-dir", &op, "-f", &o1]);
+    ok(&["apply", "--data-dir", &eng, "-f", &o2]);
+    // The engineer may not touch the fleet document.
+    let err = fails(&[
+        "apply",
+        "--data-dir",
+        &eng,
+        "-f",
+        &write(tmp.path(), "x.yaml", &APP.replace("site: a }", "site: b }")),
+    ]);
+    assert!(err.contains("may not write fleet"), "{err}");
+
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        &op,
+        "--out",
+        &t("from-op"),
+    ]);
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        &eng,
+        "--out",
+        &t("from-eng"),
+    ]);
+    ok(&["bundle", "import", "--data-dir", &eng, &t("from-op")]);
+    ok(&["bundle", "import", "--data-dir", &op, &t("from-eng")]);
+    let c_op = ok(&["get", "conflicts", "--data-dir", &op, "-o", "json"]);
+    let c_eng = ok(&["get", "conflicts", "--data-dir", &eng, "-o", "json"]);
+    assert_eq!(c_op, c_eng);
+    let c: serde_json::Value = serde_json::from_str(&c_op).unwrap();
+    assert_eq!(c[0]["field"], "apps.inspect.version");
+    let writers: Vec<&str> = c[0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["writer"].as_str().unwrap())
+        .collect();
+    assert!(
+        writers.contains(&"admin") && writers.contains(&"eve"),
+        "{writers:?}"
+    );
+    let table = ok(&["get", "conflicts", "--data-dir", &op]);
+    assert!(
+        table.contains("apps.inspect.version") && table.contains("yes") && table.contains("no"),
+        "{table}"
+    );
+
+    // A tampered bundle is refused whole.
+    let mut bytes = std::fs::read(t("from-op")).unwrap();
+    let n = bytes.len();
+    bytes[n - 70] ^= 0x01;
+    std::fs::write(t("bad"), &bytes).unwrap();
+    let err = fails(&["bundle", "import", "--data-dir", &eng, &t("bad")]);
+    assert!(err.contains("bundle refused"), "{err}");
+}
+
+#[test]
+fn kill_9_at_any_moment_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("op");
+    let d = d.to_str().unwrap();
+    ok(&["fleet", "init", "--data-dir", d]);
+    let mut acknowledged = Vec::new();
+    let mut killed = 0;
+    for i in 0..40u64 {
+        let file = write(
+            tmp.path(),
+            &format!("c{i}.yaml"),
+            &format!(
+                "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{ name: c{i} }}\nspec: {{ data: {{ k: \"{i}\" }} }}\n"
+            ),
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["apply", "--data-dir", d, "-f", &file])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill after a delay that sweeps the process's whole life.
+        let deadline = Instant::now() + Duration::from_micros((i * 7919) % 12_000);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() >= deadline {
+                child.kill().unwrap(); // SIGKILL
+                killed += 1;
+                child.wait().unwrap();
+                break None;
+            }
+            std::thread::yield_now();
+        };
+        if status.is_some_and(|s| s.success()) {
+            acknowledged.push(format!("c{i}"));
+        }
+    }
+    let configs: serde_json::Value =
+        serde_json::from_str(&ok(&["get", "configs", "--data-dir", d, "-o", "json"])).unwrap();
+    for name in &acknowledged {
+        assert!(configs.get(name).is_some(), "acknowledged {name} lost");
+    }
+    eprintln!("killed {killed}, acknowledged {}", acknowledged.len());
+    assert!(
+        killed > 0 && !acknowledged.is_empty(),
+        "killed {killed}, acknowledged {}",
+        acknowledged.len()
+    );
+    // The store is still fully usable.
+    ok(&[
+        "apply",
+        "--data-dir",
+        d,
+        "-f",
+        &write(tmp.path(), "last.yaml", APP),
+    ]);
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        d,
+        "--out",
+        tmp.path().join("b").to_str().unwrap(),
+    ]);
+}
