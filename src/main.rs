@@ -78,6 +78,12 @@ enum Command {
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// A guided tour on this machine: a fleet, offline edits, a merge.
+    Demo {
+        /// Where to keep the tour's data dirs (default: a fresh temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -276,6 +282,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        Command::Demo { dir } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id())),
+            };
+            let mut out = std::io::stdout();
+            simulations::tour::run(&dir, &mut out)?;
+        }
         Command::Bundle(BundleCmd::Import { dir, file }) => {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
             let mut dd = DataDir::open(&dir.data_dir, None)?;
@@ -298,6 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    crdt_state::panics::install_hook();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -409,6 +409,10 @@ impl DataDir {
                 continue;
             };
             for (field, values) in doc.conflicts() {
+                // The same value written on both sides is no conflict to a person.
+                if values.iter().all(|v| v.value == values[0].value) {
+                    continue;
+                }
                 let values = values
                     .into_iter()
                     .map(|v| {
@@ -634,7 +638,6 @@ fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
     let (prefixes, desired) = match &m.spec {
         Spec::SiteOverride(s) => {
             let mut desired = BTreeMap::new();
-            desired.insert("site.name".to_string(), json_str(&m.name));
             let v = serde_json::to_value(s).unwrap_or_default();
             for (k, sub) in v.as_object().into_iter().flatten() {
                 flatten(k, sub, &mut desired);

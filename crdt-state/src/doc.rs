@@ -109,6 +109,27 @@ pub fn signing_message(doc: &DocId, hash: &ChangeHash) -> Vec<u8> {
     m
 }
 
+/// Automerge's chunk magic.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Decodes one change from bytes that may come from anywhere. Only change
+/// chunks (plain or compressed) are accepted, and a panic inside Automerge's
+/// decoder (it has panicked on crafted input) becomes an error.
+pub fn decode_change(bytes: &[u8]) -> std::result::Result<Change, String> {
+    if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+        return Err("not an automerge chunk".into());
+    }
+    if !matches!(bytes[8], 1 | 2) {
+        return Err(format!("chunk type {} is not a change", bytes[8]));
+    }
+    let owned = bytes.to_vec();
+    match crate::panics::catch(move || Change::from_bytes(owned)) {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("malformed change: the decoder failed on it".into()),
+    }
+}
+
 /// One value of a field, with who wrote it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldValue {
@@ -199,8 +220,16 @@ impl Document {
     /// Applies changes that have already been verified and whose
     /// dependencies are present.
     pub(crate) fn apply_verified(&mut self, changes: Vec<Change>) -> Result<()> {
-        self.doc.apply_changes(changes)?;
-        Ok(())
+        let doc = &mut self.doc;
+        match crate::panics::catch(|| doc.apply_changes(changes)) {
+            Ok(r) => Ok(r?),
+            // The document may be half-updated: callers drop it (nothing was
+            // stored) and load it again from the store.
+            Err(_) => Err(Error::CorruptDocument {
+                doc: self.id.to_string(),
+                reason: "automerge failed applying verified changes".into(),
+            }),
+        }
     }
 
     /// Changes held back for missing dependencies.

@@ -24,6 +24,7 @@ pub mod error;
 pub mod identity;
 pub mod manifest;
 pub mod model;
+pub mod panics;
 pub mod placement;
 pub mod render;
 pub mod store;

@@ -3,7 +3,7 @@
 //! | document | keys |
 //! |---|---|
 //! | `fleet` | `fleet.name`, `apps.<app>…`, `configs.<cfg>…`, `nodes.<node>…`, `certs.<key>`, `revoked.<key>` |
-//! | `site/<s>` | `site.name`, `apps.<app>.paused / version / env.<K>`, `configs.<cfg>.data.<k>` |
+//! | `site/<s>` | `apps.<app>.paused / version / env.<K>`, `configs.<cfg>.data.<k>` |
 //! | `node/<n>/<e>` | `report.*` (applied heads, workloads) |
 //!
 //! An entity (`apps.inspect`) exists while its marker key is present; its

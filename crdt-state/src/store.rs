@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use automerge::{Change, ChangeHash};
+use automerge::ChangeHash;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::doc::{DocId, Document, SignedChange};
@@ -78,14 +78,9 @@ impl<T, E: std::fmt::Display> StoreErr<T> for std::result::Result<T, E> {
 /// redb trusts its pages and can panic on a corrupt file instead of
 /// returning an error. The store must not be used after such an error.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    match crate::panics::catch(f) {
         Ok(r) => r,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+        Err(msg) => {
             Err(Error::Store {
                 path: path.to_path_buf(),
                 reason: format!("is corrupt: the storage engine failed reading it ({msg})"),
@@ -283,7 +278,7 @@ impl Store {
             .at(p)?
         {
             let (_, v) = entry.at(p)?;
-            let c = Change::from_bytes(v.value().to_vec()).map_err(|e| Error::CorruptDocument {
+            let c = crate::doc::decode_change(v.value()).map_err(|e| Error::CorruptDocument {
                 doc: key.clone(),
                 reason: format!("stored change: {e}"),
             })?;

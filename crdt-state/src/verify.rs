@@ -306,7 +306,7 @@ pub fn decode(doc: &DocId, incoming: &[SignedChange]) -> Result<Vec<(Change, [u8
         .iter()
         .enumerate()
         .map(|(i, sc)| {
-            Change::from_bytes(sc.bytes.clone())
+            crate::doc::decode_change(&sc.bytes)
                 .map(|c| (c, sc.signature))
                 .map_err(|e| Error::Rejected {
                     doc: doc.to_string(),

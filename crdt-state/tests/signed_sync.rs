@@ -273,3 +273,17 @@ fn concurrent_writes_to_different_fields_both_survive() {
         assert!(d.conflicts().is_empty());
     }
 }
+
+/// Found by the `verify_changes` fuzz target: a crafted "bundle" chunk made
+/// automerge's decoder panic. It must be a clear rejection.
+#[test]
+fn crafted_chunks_that_crash_the_decoder_are_rejected() {
+    let f = fleet();
+    let crash: &[u8] = &[0x85, 0x6f, 0x4a, 0x83, 0xed, 0xed, 0xce, 0x11, 0x03, 0x27, 0x00, 0x00, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x23, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x03, 0x3b, 0x03, 0xc3];
+    let mut victim = Document::new(site_a());
+    for bytes in [crash.to_vec(), { let mut b = crash.to_vec(); b[8] = 1; b }, { let mut b = crash.to_vec(); b[8] = 2; b }] {
+        let res = verify_and_apply(&f.trust, &mut victim, &[SignedChange { bytes, signature: [0; 64] }]);
+        assert!(matches!(res, Err(Error::Rejected { .. })), "{:?}", res.map(|r| r.1));
+    }
+    assert!(victim.heads().is_empty());
+}

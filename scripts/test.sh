@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it, on a fresh machine of this project's
+# kind (Debian, Rust toolchain, root). Installs what the tests need itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# A build cache outside the clone makes reruns fast; the suite passes without one.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+# System packages the tests need (none yet beyond the toolchain; the mesh,
+# UI and adapter suites add nftables, chromium and the Python simulators here).
+need_apt=()
+for pkg in "${need_apt[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
+done
+if [ "${missing:-0}" = 1 ]; then
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+
+echo "== format"
+cargo fmt --all -- --check
+echo "== lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+cargo test --workspace --locked
