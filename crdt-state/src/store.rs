@@ -80,12 +80,10 @@ impl<T, E: std::fmt::Display> StoreErr<T> for std::result::Result<T, E> {
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match crate::panics::catch(f) {
         Ok(r) => r,
-        Err(msg) => {
-            Err(Error::Store {
-                path: path.to_path_buf(),
-                reason: format!("is corrupt: the storage engine failed reading it ({msg})"),
-            })
-        }
+        Err(msg) => Err(Error::Store {
+            path: path.to_path_buf(),
+            reason: format!("is corrupt: the storage engine failed reading it ({msg})"),
+        }),
     }
 }
 

@@ -92,19 +92,36 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), Error> {
     let eng_dir = dir.join("north-laptop");
     let now = 1_700_000_000;
 
-    step(out, "An operator creates the fleet (root key, first operator identity)");
+    step(
+        out,
+        "An operator creates the fleet (root key, first operator identity)",
+    );
     let mut op = DataDir::init(&op_dir, "grid", now)?;
-    let _ = writeln!(out, "  fleet root {}  data dir {}", op.trust().root().short(), op_dir.display());
+    let _ = writeln!(
+        out,
+        "  fleet root {}  data dir {}",
+        op.trust().root().short(),
+        op_dir.display()
+    );
 
-    step(out, "The operator declares apps, a config and four nodes in two sites");
+    step(
+        out,
+        "The operator declares apps, a config and four nodes in two sites",
+    );
     let applied = op.apply(&manifest::parse("fleet.yaml", FLEET)?, now)?;
     let _ = write!(out, "{}", render::applied(Format::Table, &applied));
     let _ = write!(out, "{}", render::apps(Format::Table, &op.fleet()?));
 
-    step(out, "Each node computes its own share (selectors, rendezvous hashing)");
+    step(
+        out,
+        "Each node computes its own share (selectors, rendezvous hashing)",
+    );
     shares(out, &op.fleet()?, &op)?;
 
-    step(out, "A field engineer of site north gets an identity and a bundle on a USB stick");
+    step(
+        out,
+        "A field engineer of site north gets an identity and a bundle on a USB stick",
+    );
     let eve = op.create_identity(Role::SiteEngineer, Some("north"), "eve", now)?;
     let eve_file = dir.join("eve.identity.json");
     eve.write(&eve_file)?;
@@ -113,16 +130,28 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), Error> {
     let _ = writeln!(out, "  imported and verified: {:?}", r.new_changes);
 
     step(out, "The uplink is down. Both sides edit site north");
-    op.apply(&manifest::parse("op.yaml", &site_override("v3-hotfix", None))?, now + 60)?;
+    op.apply(
+        &manifest::parse("op.yaml", &site_override("v3-hotfix", None))?,
+        now + 60,
+    )?;
     let _ = writeln!(out, "  operator:  meter-reader version v3-hotfix at north");
-    eng.apply(&manifest::parse("eve.yaml", &site_override("v1", Some("11.8")))?, now + 90)?;
-    let _ = writeln!(out, "  engineer:  meter-reader rolled back to v1, max_kv 11.8 at north");
+    eng.apply(
+        &manifest::parse("eve.yaml", &site_override("v1", Some("11.8")))?,
+        now + 90,
+    )?;
+    let _ = writeln!(
+        out,
+        "  engineer:  meter-reader rolled back to v1, max_kv 11.8 at north"
+    );
     let denied = eng.apply(&manifest::parse("eve.yaml", FLEET)?, now + 90);
     if let Err(e) = denied {
         let _ = writeln!(out, "  engineer tries to edit the fleet: refused ({e})");
     }
 
-    step(out, "The uplink returns: bundles both ways, every signature verified");
+    step(
+        out,
+        "The uplink returns: bundles both ways, every signature verified",
+    );
     let from_op = op.export()?;
     let from_eng = eng.export()?;
     eng.import(&from_op)?;
@@ -132,13 +161,22 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), Error> {
         Ok(format!(
             "version {:?}, max_kv {:?}",
             s.apps.get("meter-reader").and_then(|a| a.version.clone()),
-            s.configs.get("thresholds").and_then(|c| c.data.get("max_kv").cloned())
+            s.configs
+                .get("thresholds")
+                .and_then(|c| c.data.get("max_kv").cloned())
         ))
     };
     let _ = writeln!(out, "  operator sees: {}", north(&op)?);
     let _ = writeln!(out, "  engineer sees: {}", north(&eng)?);
-    step(out, "Different fields merged; the one field both changed is a surfaced conflict");
-    let _ = write!(out, "{}", render::conflicts(Format::Table, &op.conflicts()?));
+    step(
+        out,
+        "Different fields merged; the one field both changed is a surfaced conflict",
+    );
+    let _ = write!(
+        out,
+        "{}",
+        render::conflicts(Format::Table, &op.conflicts()?)
+    );
     shares(out, &op.fleet()?, &op)?;
 
     step(out, "A relay flips one byte of a bundle: refused whole");
