@@ -247,6 +247,87 @@ pub struct SiteOverrideSpec {
     pub configs: BTreeMap<String, ConfigOverride>,
 }
 
+/// Where a workload stands on its node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadState {
+    /// Desired but not started yet.
+    #[default]
+    Pending,
+    /// Running (and healthy, where a health check is set).
+    Running,
+    /// Failed; `reason` says why.
+    Failed,
+    /// Stopped on purpose (paused at the site, or removed).
+    Stopped,
+}
+
+/// One workload as its node reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadReport {
+    /// State.
+    pub state: WorkloadState,
+    /// Why it failed, in words an operator can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Restarts since the node started it with this spec.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The version it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// What a node reports in its own document (`node/<name>/<epoch>`).
+/// Written only when something an operator cares about changes: heartbeats
+/// and live metrics stay out of the CRDT.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeReport {
+    /// Heads (hex) of the fleet document the node last applied.
+    #[serde(default)]
+    pub fleet_heads: Vec<String>,
+    /// Heads (hex) of its site document it last applied.
+    #[serde(default)]
+    pub site_heads: Vec<String>,
+    /// Per app.
+    #[serde(default)]
+    pub workloads: BTreeMap<String, WorkloadReport>,
+    /// When the last reconcile finished (seconds since the epoch, the node's clock; informational).
+    #[serde(default)]
+    pub reconciled_at: i64,
+}
+
+impl NodeReport {
+    /// The field writes that make a node document hold this report.
+    pub fn ops(&self, doc: &Document) -> BTreeMap<String, Option<String>> {
+        let mut desired = BTreeMap::new();
+        flatten(
+            "report",
+            &serde_json::to_value(self).unwrap_or_default(),
+            &mut desired,
+        );
+        let current = doc.fields("report.");
+        let mut ops: BTreeMap<String, Option<String>> = desired
+            .iter()
+            .filter(|(k, v)| current.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        for k in current.keys() {
+            if !desired.contains_key(k) {
+                ops.insert(k.clone(), None);
+            }
+        }
+        ops
+    }
+
+    /// Reads the report from a node document.
+    pub fn read(doc: &Document) -> NodeReport {
+        serde_json::from_value(unflatten("report", &doc.fields("report."))).unwrap_or_default()
+    }
+}
+
 /// The four kinds of entity in the fleet document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
@@ -376,6 +457,49 @@ mod tests {
         let mut expected = v.clone();
         expected.as_object_mut().map(|o| o.remove("gone"));
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn node_reports_write_only_what_changed() -> anyhow::Result<()> {
+        use crate::identity::{Certificate, Identity, PublicKey, Role, generate_key};
+        let root = generate_key()?;
+        let key = generate_key()?;
+        let cert = Certificate::issue(
+            &root,
+            PublicKey(key.verifying_key().to_bytes()),
+            "n1",
+            Role::Node,
+            Some("a"),
+            0,
+        )?;
+        let me = Identity::new(cert, key)?;
+        let mut doc = Document::new(crate::doc::DocId::Node {
+            name: "n1".into(),
+            epoch: 0,
+        });
+        let mut report = NodeReport::default();
+        report.workloads.insert(
+            "inspect".into(),
+            WorkloadReport {
+                state: WorkloadState::Running,
+                ..Default::default()
+            },
+        );
+        doc.edit(&me, 0, &report.ops(&doc))?;
+        assert_eq!(NodeReport::read(&doc), report);
+        assert!(
+            report.ops(&doc).is_empty(),
+            "an unchanged report writes nothing"
+        );
+        if let Some(w) = report.workloads.get_mut("inspect") {
+            w.state = WorkloadState::Failed;
+            w.reason = Some("exited with 127: /usr/bin/inspect not found".into());
+        }
+        let ops = report.ops(&doc);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        doc.edit(&me, 1, &ops)?;
+        assert_eq!(NodeReport::read(&doc), report);
+        Ok(())
     }
 
     #[test]

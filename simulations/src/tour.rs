@@ -143,7 +143,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), Error> {
         out,
         "  engineer:  meter-reader rolled back to v1, max_kv 11.8 at north"
     );
-    let denied = eng.apply(&manifest::parse("eve.yaml", FLEET)?, now + 90);
+    let edited_fleet = FLEET.replace("version: v2", "version: v9");
+    let denied = eng.apply(&manifest::parse("eve.yaml", &edited_fleet)?, now + 90);
     if let Err(e) = denied {
         let _ = writeln!(out, "  engineer tries to edit the fleet: refused ({e})");
     }
