@@ -78,6 +78,9 @@ enum Command {
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// The store file.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// A guided tour on this machine: a fleet, offline edits, a merge.
     Demo {
         /// Where to keep the tour's data dirs (default: a fresh temporary directory).
@@ -136,6 +139,15 @@ enum IdentityCmd {
     },
     /// Show this data dir's identity.
     Show {
+        #[command(flatten)]
+        dir: Dir,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Check every page of the store file against its checksum.
+    Check {
         #[command(flatten)]
         dir: Dir,
     },
@@ -281,6 +293,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bytes.len(),
                 out.display()
             );
+        }
+        Command::Store(StoreCmd::Check { dir }) => {
+            let path = dir.data_dir.join(crdt_state::datadir::STORE_FILE);
+            if crdt_state::Store::check(&path)? {
+                println!("{}: intact", path.display());
+            } else {
+                println!("{}: was damaged and has been repaired", path.display());
+            }
         }
         Command::Demo { dir } => {
             let dir = match dir {

@@ -306,6 +306,8 @@ fn corrupt_and_foreign_store_files_are_clear_errors() {
         let d = tmp.path().join(format!("flip{pos}"));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(STORE_FILE), &bad).unwrap();
+        let checked = std::panic::catch_unwind(|| Store::check(&d.join(STORE_FILE)));
+        assert!(checked.is_ok(), "store check panicked at {pos}");
         let result = std::panic::catch_unwind(|| {
             DataDir::open(&d, None)
                 .and_then(|dd| dd.fleet().map(|_| ()).and(dd.export().map(|_| ())))
