@@ -201,6 +201,10 @@ impl Document {
         &self.doc
     }
 
+    pub(crate) fn automerge_mut(&mut self) -> &mut Automerge {
+        &mut self.doc
+    }
+
     /// Whether the document holds the change with this hash.
     pub fn has_change(&self, hash: &ChangeHash) -> bool {
         self.doc.get_change_meta_by_hash(hash).is_some()

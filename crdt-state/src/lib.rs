@@ -28,7 +28,9 @@ pub mod panics;
 pub mod placement;
 pub mod render;
 pub mod store;
+pub mod sync;
 pub mod verify;
+pub mod wire;
 
 pub use datadir::DataDir;
 pub use doc::{DocId, Document, SignedChange};

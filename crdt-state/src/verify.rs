@@ -227,6 +227,30 @@ pub fn verify_changes(
         bound.insert(c.actor_id().clone(), key);
     }
 
+    // Certificates travel inside the fleet document (`certs.<key>`), so the
+    // first change that introduces a writer may carry that writer's own
+    // certificate. Certificates are root-signed: take them from the batch
+    // when a writer is unknown, checking each against the root.
+    let extended;
+    let mut trust = trust;
+    let unknown_writer = ready.iter().any(|(c, _)| {
+        bound
+            .get(c.actor_id())
+            .copied()
+            .or_else(|| doc.actor_key(c.actor_id()))
+            .is_some_and(|k| trust.cert(&k).is_none())
+    });
+    if unknown_writer && *id == DocId::Fleet {
+        let mut t = trust.clone();
+        for cert in certs_in(&ready) {
+            if let Err(e) = t.add_cert(cert) {
+                tracing::warn!(error = %e, "a change carries an invalid certificate");
+            }
+        }
+        extended = t;
+        trust = &extended;
+    }
+
     let mut keys: HashMap<PublicKey, VerifyingKey> = HashMap::new();
     let mut messages = Vec::with_capacity(ready.len());
     let mut sigs = Vec::with_capacity(ready.len());
@@ -298,6 +322,28 @@ pub fn verify_changes(
     check_signatures(&messages, &sigs, &vks)
         .map_err(|i| reject(ready[i].0.hash().to_string(), "bad signature".into()))?;
     Ok(Verified { ready, waiting })
+}
+
+/// Certificates written by changes (`certs.<key>` puts), not yet verified.
+fn certs_in(changes: &[(Change, [u8; 64])]) -> Vec<Certificate> {
+    use automerge::legacy::{Key, OpType};
+    let mut out = Vec::new();
+    for (c, _) in changes {
+        let Ok(expanded) = crate::panics::catch(|| c.decode()) else {
+            continue;
+        };
+        for op in expanded.operations {
+            if let (Key::Map(k), OpType::Put(automerge::ScalarValue::Str(v))) =
+                (&op.key, &op.action)
+                && k.starts_with("certs.")
+                && let Ok(text) = serde_json::from_str::<String>(v)
+                && let Ok(cert) = Certificate::from_json(text.as_bytes())
+            {
+                out.push(cert);
+            }
+        }
+    }
+    out
 }
 
 /// Decodes signed changes; a malformed one refuses the batch.

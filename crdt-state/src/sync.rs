@@ -1,0 +1,661 @@
+//! The sync engine: sans-IO, one per node.
+//!
+//! Inputs: a peer connected (with its certificate and the sync states saved
+//! for it), disconnected, a frame received, a local edit, a tick. Outputs:
+//! frames to send, changes to persist, sync states to save, documents that
+//! changed, security events and peers to cut off. No sockets, no clock: the
+//! driver (the mesh, or the simulator) owns both.
+//!
+//! Per (peer, document) the engine keeps an Automerge `sync::State` and runs
+//! Automerge's own sync protocol, but never lets Automerge apply a change:
+//! every change a sync message carries is taken out of it, verified with the
+//! signatures of the frame (`verify_and_apply`) and applied by Shoal, and
+//! only the rest of the message (heads, have, need) is given to Automerge.
+//!
+//! On connect both sides send a digest of the (document, heads) pairs both
+//! should hold. Equal digests end the exchange: a reconnect where nothing
+//! changed costs one small frame each way, whatever the number of documents.
+//! Otherwise both send their heads per document and sync the ones that
+//! differ.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use automerge::sync::{ChunkList, Message, MessageVersion, State, SyncDoc};
+use automerge::{Automerge, Change, ChangeHash};
+use sha2::{Digest, Sha256};
+
+use crate::doc::{DocId, Document, SignedChange, decode_change};
+use crate::error::{Error, Result};
+use crate::identity::{Certificate, Identity, PublicKey, Role};
+use crate::verify::{Trust, verify_and_apply};
+use crate::wire::Frame;
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// Largest frame sent or accepted. A larger backlog goes in several
+    /// messages; a peer that sends a larger frame is cut off.
+    pub max_frame: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { max_frame: 4 << 20 }
+    }
+}
+
+/// What happens to the engine.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A peer passed admission.
+    Connected {
+        /// Its key (also its peer id).
+        peer: PublicKey,
+        /// Its certificate.
+        cert: Certificate,
+        /// Sync states saved for it, per document.
+        saved: Vec<(DocId, Vec<u8>)>,
+    },
+    /// The connection to a peer ended.
+    Disconnected {
+        /// The peer.
+        peer: PublicKey,
+    },
+    /// A frame arrived from a peer.
+    Received {
+        /// The peer.
+        peer: PublicKey,
+        /// The frame bytes.
+        frame: Vec<u8>,
+    },
+}
+
+/// What the engine asks its driver to do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send a frame to a peer.
+    Send {
+        /// The peer.
+        peer: PublicKey,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+    /// Persist changes now part of a document (before anything later is sent).
+    Persist {
+        /// The document.
+        doc: DocId,
+        /// The changes, in an order that applies.
+        changes: Vec<(ChangeHash, SignedChange)>,
+    },
+    /// Save the sync state for (peer, document).
+    SaveSyncState {
+        /// The peer.
+        peer: PublicKey,
+        /// The document.
+        doc: DocId,
+        /// `automerge::sync::State::encode()`.
+        state: Vec<u8>,
+    },
+    /// A document's state changed (for reconcilers and UIs).
+    Changed {
+        /// The document.
+        doc: DocId,
+    },
+    /// Something a peer sent was refused; nothing of it was applied.
+    Security {
+        /// The peer that sent it.
+        peer: PublicKey,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Cut the peer off (malformed or oversized frames, bad certificate).
+    Disconnect {
+        /// The peer.
+        peer: PublicKey,
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Peer {
+    cert: Certificate,
+    states: HashMap<DocId, State>,
+}
+
+/// The sync engine of one node.
+pub struct Engine {
+    me: Certificate,
+    trust: Trust,
+    docs: BTreeMap<DocId, Document>,
+    sigs: HashMap<DocId, HashMap<ChangeHash, [u8; 64]>>,
+    peers: HashMap<PublicKey, Peer>,
+    out: VecDeque<Output>,
+    config: SyncConfig,
+}
+
+/// Whether the holder of `cert` keeps document `doc`: anchors and
+/// operators keep everything; site engineers and nodes keep the fleet, their
+/// site, and the node documents of their site (store-and-forward).
+pub fn wants(trust: &Trust, cert: &Certificate, doc: &DocId) -> bool {
+    match cert.role {
+        Role::Anchor | Role::Operator => true,
+        Role::SiteEngineer | Role::Node => match doc {
+            DocId::Fleet => true,
+            DocId::Site(s) => cert.site.as_deref() == Some(s.as_str()),
+            DocId::Node { name, .. } => {
+                *name == cert.name
+                    || trust.certs().any(|c| {
+                        c.role == Role::Node
+                            && c.name == *name
+                            && c.site.is_some()
+                            && c.site == cert.site
+                    })
+            }
+        },
+    }
+}
+
+fn digest_of<'a>(pairs: impl Iterator<Item = (&'a DocId, Vec<ChangeHash>)>) -> ([u8; 32], u64) {
+    let mut h = Sha256::new();
+    let mut n = 0;
+    for (id, mut heads) in pairs {
+        heads.sort();
+        h.update(id.to_string().as_bytes());
+        h.update([0]);
+        for head in heads {
+            h.update(head.0);
+        }
+        h.update([0xff]);
+        n += 1;
+    }
+    (h.finalize().into(), n)
+}
+
+impl Engine {
+    /// An engine for the holder of `me`, with the documents it holds and
+    /// the signatures of their changes (from the store).
+    pub fn new(
+        me: Certificate,
+        trust: Trust,
+        docs: Vec<(Document, HashMap<ChangeHash, [u8; 64]>)>,
+        config: SyncConfig,
+    ) -> Self {
+        let mut engine = Engine {
+            me,
+            trust,
+            docs: BTreeMap::new(),
+            sigs: HashMap::new(),
+            peers: HashMap::new(),
+            out: VecDeque::new(),
+            config,
+        };
+        for (doc, sigs) in docs {
+            let id = doc.id().clone();
+            if id == DocId::Fleet {
+                engine.trust.absorb_fleet(&doc);
+            }
+            engine.sigs.insert(id.clone(), sigs);
+            engine.docs.insert(id, doc);
+        }
+        engine
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// A document, if held.
+    pub fn doc(&self, id: &DocId) -> Option<&Document> {
+        self.docs.get(id)
+    }
+
+    /// Every document held.
+    pub fn docs(&self) -> impl Iterator<Item = &Document> {
+        self.docs.values()
+    }
+
+    /// The trust in force.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Peers currently connected.
+    pub fn peers(&self) -> impl Iterator<Item = &PublicKey> {
+        self.peers.keys()
+    }
+
+    /// Feeds one input.
+    pub fn handle(&mut self, input: Input) {
+        match input {
+            Input::Connected { peer, cert, saved } => self.connected(peer, cert, saved),
+            Input::Disconnected { peer } => {
+                self.peers.remove(&peer);
+            }
+            Input::Received { peer, frame } => self.received(peer, frame),
+        }
+    }
+
+    /// Makes a signed change to `doc` as `writer` and sends it to every
+    /// connected peer that keeps the document.
+    pub fn edit(
+        &mut self,
+        doc: &DocId,
+        writer: &Identity,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+    ) -> Result<Option<ChangeHash>> {
+        if !writer.cert.may_write(doc) {
+            return Err(Error::NotAllowed(format!(
+                "{} ({}) may not write {doc}",
+                writer.cert.name, writer.cert.role
+            )));
+        }
+        let d = self
+            .docs
+            .entry(doc.clone())
+            .or_insert_with(|| Document::new(doc.clone()));
+        let Some((hash, change, _)) = d.edit(writer, now, ops)? else {
+            return Ok(None);
+        };
+        self.sigs
+            .entry(doc.clone())
+            .or_default()
+            .insert(hash, change.signature);
+        self.out.push_back(Output::Persist {
+            doc: doc.clone(),
+            changes: vec![(hash, change)],
+        });
+        self.changed(doc, None);
+        Ok(Some(hash))
+    }
+
+    fn changed(&mut self, doc: &DocId, except: Option<PublicKey>) {
+        if *doc == DocId::Fleet
+            && let Some(fleet) = self.docs.get(doc)
+        {
+            self.trust.absorb_fleet(fleet);
+        }
+        self.out.push_back(Output::Changed { doc: doc.clone() });
+        let peers: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|(k, p)| Some(**k) != except && wants(&self.trust, &p.cert, doc))
+            .map(|(k, _)| *k)
+            .collect();
+        for p in peers {
+            self.generate(p, doc);
+        }
+    }
+
+    fn cut_off(&mut self, peer: PublicKey, reason: String) {
+        self.out.push_back(Output::Security {
+            peer,
+            reason: reason.clone(),
+        });
+        self.out.push_back(Output::Disconnect { peer, reason });
+        self.peers.remove(&peer);
+    }
+
+    fn shared_docs(&self, peer: &Peer) -> Vec<DocId> {
+        self.docs
+            .keys()
+            .filter(|id| wants(&self.trust, &peer.cert, id))
+            .cloned()
+            .collect()
+    }
+
+    fn connected(&mut self, peer: PublicKey, cert: Certificate, saved: Vec<(DocId, Vec<u8>)>) {
+        if cert.key != peer {
+            return self.cut_off(peer, "certificate is for another key".into());
+        }
+        if let Err(e) = self.trust.add_cert(cert.clone()) {
+            return self.cut_off(peer, e.to_string());
+        }
+        if self.trust.is_revoked(&peer) {
+            return self.cut_off(peer, format!("{} is revoked", cert.name));
+        }
+        let mut states = HashMap::new();
+        for (doc, bytes) in saved {
+            if let Ok(s) = State::decode(&bytes) {
+                states.insert(doc, s);
+            }
+        }
+        let p = Peer { cert, states };
+        let docs = self.shared_docs(&p);
+        let (digest, n) = digest_of(
+            docs.iter()
+                .filter_map(|id| self.docs.get(id).map(|d| (id, d.heads()))),
+        );
+        self.peers.insert(peer, p);
+        self.send(peer, Frame::Digest { digest, docs: n });
+    }
+
+    fn send(&mut self, peer: PublicKey, frame: Frame) {
+        self.out.push_back(Output::Send {
+            peer,
+            frame: frame.encode(),
+        });
+    }
+
+    fn received(&mut self, peer: PublicKey, bytes: Vec<u8>) {
+        if !self.peers.contains_key(&peer) {
+            return self.cut_off(peer, "frame from a peer that was not admitted".into());
+        }
+        if bytes.len() > self.config.max_frame {
+            return self.cut_off(
+                peer,
+                format!(
+                    "frame of {} bytes exceeds the limit of {}",
+                    bytes.len(),
+                    self.config.max_frame
+                ),
+            );
+        }
+        let frame = match Frame::decode(&bytes) {
+            Ok(f) => f,
+            Err(e) => return self.cut_off(peer, e.to_string()),
+        };
+        match frame {
+            Frame::Digest { digest, docs } => {
+                let Some(p) = self.peers.get(&peer) else {
+                    return;
+                };
+                let ids = self.shared_docs(p);
+                let (mine, n) = digest_of(
+                    ids.iter()
+                        .filter_map(|id| self.docs.get(id).map(|d| (id, d.heads()))),
+                );
+                if mine != digest || n != docs {
+                    let heads = ids
+                        .iter()
+                        .filter_map(|id| self.docs.get(id).map(|d| (id.clone(), d.heads())))
+                        .collect();
+                    self.send(peer, Frame::Heads(heads));
+                }
+            }
+            Frame::Heads(entries) => {
+                let Some(p) = self.peers.get(&peer) else {
+                    return;
+                };
+                let mut to_sync: Vec<DocId> = Vec::new();
+                let theirs: HashMap<&DocId, &Vec<ChangeHash>> =
+                    entries.iter().map(|(d, h)| (d, h)).collect();
+                for id in self.shared_docs(p) {
+                    let mut mine = self.docs.get(&id).map(|d| d.heads()).unwrap_or_default();
+                    mine.sort();
+                    let mut other = theirs.get(&id).map(|h| (*h).clone()).unwrap_or_default();
+                    other.sort();
+                    if mine != other {
+                        to_sync.push(id);
+                    }
+                }
+                for (id, _) in &entries {
+                    if !self.docs.contains_key(id) && wants(&self.trust, &self.me, id) {
+                        self.docs.insert(id.clone(), Document::new(id.clone()));
+                        to_sync.push(id.clone());
+                    }
+                }
+                // One side opens each document's sync (the smaller key); the
+                // other answers. Both opening would run two exchanges side
+                // by side and send every change twice.
+                if self.me.key < peer {
+                    for id in to_sync {
+                        self.generate(peer, &id);
+                    }
+                }
+            }
+            Frame::Sync { doc, msg, sigs } => self.sync_message(peer, doc, msg, sigs),
+        }
+    }
+
+    fn sync_message(&mut self, peer: PublicKey, id: DocId, msg: Vec<u8>, sigs: Vec<[u8; 64]>) {
+        if !wants(&self.trust, &self.me, &id) {
+            self.out.push_back(Output::Security {
+                peer,
+                reason: format!("sent {id}, which this node does not keep"),
+            });
+            return;
+        }
+        let message = match crate::panics::catch(|| Message::decode(&msg)) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                return self.cut_off(peer, format!("malformed sync message for {id}: {e}"));
+            }
+            Err(_) => return self.cut_off(peer, format!("malformed sync message for {id}")),
+        };
+        let changes = match carried_changes(&message.changes) {
+            Ok(c) => c,
+            Err(e) => return self.cut_off(peer, format!("sync message for {id}: {e}")),
+        };
+        let mut applied_any = false;
+        let carried = !changes.is_empty();
+        if !changes.is_empty() || !sigs.is_empty() {
+            if changes.len() != sigs.len() {
+                self.out.push_back(Output::Security {
+                    peer,
+                    reason: format!(
+                        "sync message for {id} carries {} changes and {} signatures; dropped",
+                        changes.len(),
+                        sigs.len()
+                    ),
+                });
+                return;
+            }
+            let mut by_hash: Vec<Change> = changes;
+            by_hash.sort_by_key(|c| c.hash());
+            let signed: Vec<SignedChange> = by_hash
+                .iter()
+                .zip(&sigs)
+                .map(|(c, s)| SignedChange {
+                    bytes: c.raw_bytes().to_vec(),
+                    signature: *s,
+                })
+                .collect();
+            let doc = self
+                .docs
+                .entry(id.clone())
+                .or_insert_with(|| Document::new(id.clone()));
+            match verify_and_apply(&self.trust, doc, &signed) {
+                Ok((applied, _waiting)) => {
+                    if !applied.is_empty() {
+                        let table = self.sigs.entry(id.clone()).or_default();
+                        for (h, sc) in &applied {
+                            table.insert(*h, sc.signature);
+                        }
+                        self.out.push_back(Output::Persist {
+                            doc: id.clone(),
+                            changes: applied,
+                        });
+                        applied_any = true;
+                    }
+                }
+                Err(e) => {
+                    self.out.push_back(Output::Security {
+                        peer,
+                        reason: format!("dropped a sync message: {e}"),
+                    });
+                    return;
+                }
+            }
+        }
+        // Let Automerge track heads, have and need; the changes are ours.
+        let mut rest = message;
+        rest.changes = ChunkList::empty();
+        let doc = self
+            .docs
+            .entry(id.clone())
+            .or_insert_with(|| Document::new(id.clone()));
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let state = p.states.entry(id.clone()).or_default();
+        let before = state.shared_heads.clone();
+        let last_sent = state.last_sent_heads.clone();
+        let am = doc.automerge_mut();
+        let received = crate::panics::catch(|| am.receive_sync_message(state, rest));
+        if carried {
+            // Automerge took the message for one without changes that
+            // found us at its heads already (we applied them first), and
+            // would then never acknowledge them. Keep what we last sent.
+            state.last_sent_heads = last_sent;
+        }
+        if !matches!(received, Ok(Ok(()))) {
+            return self.cut_off(
+                peer,
+                format!("sync message for {id} could not be processed"),
+            );
+        }
+        if state.shared_heads != before {
+            let encoded = state.encode();
+            self.out.push_back(Output::SaveSyncState {
+                peer,
+                doc: id.clone(),
+                state: encoded,
+            });
+        }
+        if applied_any {
+            self.changed(&id, Some(peer));
+        }
+        self.generate(peer, &id);
+    }
+
+    /// Generates and sends the next sync message for (peer, doc), if any,
+    /// within the frame limit.
+    fn generate(&mut self, peer: PublicKey, id: &DocId) {
+        let Some(doc) = self.docs.get(id) else { return };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let state = p.states.entry(id.clone()).or_default();
+        let am = doc.automerge();
+        let Some(mut msg) = am.generate_sync_message(state) else {
+            return;
+        };
+        let sig_table = self.sigs.get(id);
+        let budget = self.config.max_frame.saturating_sub(1024);
+        let mut changes: Vec<Change> = carried_changes(&msg.changes).unwrap_or_default();
+        let carried_size: usize =
+            msg.changes.iter().map(<[u8]>::len).sum::<usize>() + changes.len() * 64;
+        if msg.version == MessageVersion::V2 && carried_size > budget {
+            // Too big as one document: send change chunks, as many as fit.
+            // Only what the peer lacks: everything after the heads it
+            // announced (those we know).
+            let theirs: Vec<ChangeHash> = state
+                .their_heads
+                .iter()
+                .flatten()
+                .filter(|h| doc.has_change(h))
+                .copied()
+                .collect();
+            changes = am.get_changes(&theirs);
+            msg.version = MessageVersion::V1;
+            msg.changes = ChunkList::from(
+                changes
+                    .iter()
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if msg.version == MessageVersion::V1 {
+            let mut kept = Vec::new();
+            let mut size = 0;
+            for c in changes {
+                let sz = c.raw_bytes().len() + 64 + 8;
+                if size + sz > budget && !kept.is_empty() {
+                    // Not sent this time: Automerge must offer it again.
+                    state.sent_hashes.remove(&c.hash());
+                    continue;
+                }
+                size += sz;
+                kept.push(c);
+            }
+            msg.changes = ChunkList::from(
+                kept.iter()
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect::<Vec<_>>(),
+            );
+            changes = kept;
+        }
+        let mut hashes: Vec<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+        hashes.sort();
+        let mut sigs = Vec::with_capacity(hashes.len());
+        for h in &hashes {
+            match sig_table.and_then(|t| t.get(h)) {
+                Some(s) => sigs.push(*s),
+                None => {
+                    tracing::error!(doc = %id, change = %h, "no signature for a change to send");
+                    state.sent_hashes.remove(h);
+                    return;
+                }
+            }
+        }
+        let frame = Frame::Sync {
+            doc: id.clone(),
+            msg: msg.encode(),
+            sigs,
+        };
+        self.send(peer, frame);
+    }
+}
+
+/// The changes a sync message carries: change chunks, several change
+/// chunks concatenated (Automerge's V2 form for changes), or a whole
+/// document (V2, loaded into a scratch document to list its changes).
+fn carried_changes(chunks: &ChunkList) -> std::result::Result<Vec<Change>, String> {
+    let mut out = Vec::new();
+    for chunk in chunks.iter() {
+        if chunk.len() > 8 && chunk[8] == 0 {
+            let bytes = chunk.to_vec();
+            let scratch = match crate::panics::catch(move || Automerge::load(&bytes)) {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => return Err(format!("whole-document chunk: {e}")),
+                Err(_) => return Err("whole-document chunk: the decoder failed on it".into()),
+            };
+            out.extend(scratch.get_changes(&[]));
+            continue;
+        }
+        for piece in split_chunks(chunk)? {
+            out.push(decode_change(piece)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits concatenated Automerge chunks (magic, checksum, type, LEB128
+/// length, body) without trusting any length beyond the buffer.
+fn split_chunks(data: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let header = data
+            .get(pos..pos + 9)
+            .ok_or_else(|| format!("truncated chunk header at byte {pos}"))?;
+        if header[..4] != [0x85, 0x6f, 0x4a, 0x83] {
+            return Err(format!("no chunk magic at byte {pos}"));
+        }
+        let mut len: u64 = 0;
+        let mut i = pos + 9;
+        let mut shift = 0;
+        loop {
+            let b = *data.get(i).ok_or("truncated chunk length")?;
+            i += 1;
+            len |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 56 {
+                return Err("chunk length too long".into());
+            }
+        }
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| i.checked_add(l))
+            .filter(|e| *e <= data.len())
+            .ok_or_else(|| format!("chunk at byte {pos} runs past the message"))?;
+        out.push(&data[pos..end]);
+        pos = end;
+    }
+    Ok(out)
+}
