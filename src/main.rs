@@ -81,6 +81,9 @@ enum Command {
     /// The store file.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// The deterministic partition simulator.
+    #[command(subcommand)]
+    Sim(SimCmd),
     /// A guided tour on this machine: a fleet, offline edits, a merge.
     Demo {
         /// Where to keep the tour's data dirs (default: a fresh temporary directory).
@@ -141,6 +144,21 @@ enum IdentityCmd {
     Show {
         #[command(flatten)]
         dir: Dir,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCmd {
+    /// Run a scenario file.
+    Run {
+        /// The scenario (TOML).
+        file: PathBuf,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -300,6 +318,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}: intact", path.display());
             } else {
                 println!("{}: was damaged and has been repaired", path.display());
+            }
+        }
+        Command::Sim(SimCmd::Run { file, seed, out }) => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let started = std::time::Instant::now();
+            let mut shown = 0;
+            let report = simulations::sim::run_scenario(&text, seed, |f| {
+                let pct = (f * 100.0) as usize;
+                if pct >= shown + 10 {
+                    shown = pct;
+                    eprint!("\r{} {pct:>3}%", "#".repeat(pct / 5));
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            eprintln!(
+                "\r{} 100% in {:.1}s wall",
+                "#".repeat(20),
+                started.elapsed().as_secs_f64()
+            );
+            let json = serde_json::to_string_pretty(&report)?;
+            match out {
+                Some(p) => {
+                    std::fs::write(&p, json + "\n").with_context(|| format!("{}", p.display()))?
+                }
+                None => println!("{json}"),
+            }
+            for h in &report.heals {
+                eprintln!(
+                    "heal at {:.0}s: converged after {:.1} ms",
+                    h.at_s, h.converged_after_ms
+                );
+            }
+            if !report.passed() {
+                anyhow::bail!(
+                    "scenario {} failed (replay with --seed {}): {:?}",
+                    report.name,
+                    report.seed,
+                    report.invariants
+                );
             }
         }
         Command::Demo { dir } => {

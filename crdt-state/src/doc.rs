@@ -331,6 +331,19 @@ impl Document {
         now: i64,
         ops: &BTreeMap<String, Option<String>>,
     ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
+        self.edit_with_actor(writer, now, ops, None)
+    }
+
+    /// [`Document::edit`], with the actor id to use if this edit needs a
+    /// fresh actor (the simulator's determinism; callers must never reuse
+    /// an actor across processes).
+    pub fn edit_with_actor(
+        &mut self,
+        writer: &Identity,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+        actor: Option<[u8; 16]>,
+    ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
         let ops: Vec<_> = ops
             .iter()
             .filter(|(k, v)| {
@@ -346,6 +359,9 @@ impl Document {
             // actor in two places); its first change carries the author.
             self.doc
                 .set_author(Some(Author::from(writer.key().0.to_vec())));
+            if let Some(a) = actor {
+                self.doc.set_actor(ActorId::from(a.as_slice()));
+            }
             self.writer = Some(writer.key());
         }
         let n = ops.len();

@@ -128,9 +128,10 @@ pub struct Engine {
     trust: Trust,
     docs: BTreeMap<DocId, Document>,
     sigs: HashMap<DocId, HashMap<ChangeHash, [u8; 64]>>,
-    peers: HashMap<PublicKey, Peer>,
+    peers: BTreeMap<PublicKey, Peer>,
     out: VecDeque<Output>,
     config: SyncConfig,
+    actor_seed: Option<u64>,
 }
 
 /// Whether the holder of `cert` keeps document `doc`: anchors and
@@ -185,9 +186,10 @@ impl Engine {
             trust,
             docs: BTreeMap::new(),
             sigs: HashMap::new(),
-            peers: HashMap::new(),
+            peers: BTreeMap::new(),
             out: VecDeque::new(),
             config,
+            actor_seed: None,
         };
         for (doc, sigs) in docs {
             let id = doc.id().clone();
@@ -198,6 +200,13 @@ impl Engine {
             engine.docs.insert(id, doc);
         }
         engine
+    }
+
+    /// Derive actor ids from `seed` instead of the OS's randomness, so a
+    /// simulation replays byte for byte. Give every engine start its own
+    /// seed: an actor must never be reused.
+    pub fn set_actor_seed(&mut self, seed: u64) {
+        self.actor_seed = Some(seed);
     }
 
     /// The next thing for the driver to do.
@@ -255,7 +264,17 @@ impl Engine {
             .docs
             .entry(doc.clone())
             .or_insert_with(|| Document::new(doc.clone()));
-        let Some((hash, change, _)) = d.edit(writer, now, ops)? else {
+        let actor = self.actor_seed.map(|seed| {
+            let mut h = Sha256::new();
+            h.update(seed.to_be_bytes());
+            h.update(doc.to_string().as_bytes());
+            h.update(writer.key().0);
+            let full: [u8; 32] = h.finalize().into();
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&full[..16]);
+            a
+        });
+        let Some((hash, change, _)) = d.edit_with_actor(writer, now, ops, actor)? else {
             return Ok(None);
         };
         self.sigs

@@ -178,6 +178,8 @@ pub fn verify_changes(
             queue.push(*h);
         }
     }
+    // Deterministic order (replays in the simulator are byte-identical).
+    queue.sort_unstable_by(|a, b| b.cmp(a));
     let mut order = Vec::with_capacity(batch.len());
     while let Some(h) = queue.pop() {
         order.push(h);
@@ -196,7 +198,8 @@ pub fn verify_changes(
             ready.push(entry);
         }
     }
-    let waiting: Vec<_> = batch.into_values().collect();
+    let mut waiting: Vec<_> = batch.into_values().collect();
+    waiting.sort_by_key(|(c, _)| c.hash());
 
     // Bind actors to keys: from the document, then from first changes here.
     let mut bound: HashMap<ActorId, PublicKey> = HashMap::new();

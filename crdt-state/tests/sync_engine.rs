@@ -239,6 +239,10 @@ fn reconnecting_with_100_unchanged_documents_costs_a_digest() {
     net.frames.clear();
     net.connect(0, 1);
     let total = net.total_bytes();
+    eprintln!(
+        "reconnect with 100 unchanged documents: {total} bytes in {} frames",
+        net.frames.values().sum::<usize>()
+    );
     assert!(total <= 2048, "reconnect exchanged {total} bytes");
     assert_eq!(net.frames.values().sum::<usize>(), 2, "{:?}", net.frames);
 }

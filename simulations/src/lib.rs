@@ -12,4 +12,6 @@
 //! simulations::tour::run(&dir, &mut out).unwrap();
 //! ```
 
+pub mod scenario;
+pub mod sim;
 pub mod tour;

@@ -1,0 +1,83 @@
+//! Every shipped scenario passes its expectations, and a scenario with a
+//! seed replays to the identical report.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use simulations::sim::run_scenario;
+
+fn scenario(name: &str) -> String {
+    let path = format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn check(name: &str) -> simulations::sim::Report {
+    let report = run_scenario(&scenario(name), None, |_| {}).unwrap();
+    assert!(
+        report.passed(),
+        "{name} failed (replay: shoal sim run simulations/scenarios/{name}.toml --seed {}): {:?}",
+        report.seed,
+        report.invariants
+    );
+    report
+}
+
+#[test]
+fn two_sites_partitioned_for_a_week_merge_with_the_conflict_surfaced() {
+    let r = check("two-sites-week-partition");
+    assert_eq!(r.conflicts, 1);
+    assert_eq!(r.heals.len(), 1);
+    // Every replica agrees with the latest fleet state at the end.
+    assert_eq!(r.agreement.last().map(|a| a.1), Some(r.nodes));
+}
+
+#[test]
+fn a_chain_reaches_the_far_end() {
+    let r = check("chain-of-six");
+    assert!(r.links.contains_key("anchor<->c[0]"), "{:?}", r.links);
+}
+
+#[test]
+fn an_anchor_crash_and_restart_loses_nothing() {
+    check("anchor-crash-restart");
+}
+
+#[test]
+fn a_rogue_node_changes_nothing_and_is_reported() {
+    let r = check("rogue-node");
+    assert!(r.security_events >= 1, "{r:?}");
+    assert!(r.invariants.no_forged_applied);
+}
+
+#[test]
+fn clock_skew_of_days_changes_nothing() {
+    let r = check("clock-skew");
+    assert_eq!(r.conflicts, 1);
+}
+
+#[test]
+fn a_thousand_nodes_converge() {
+    let r = check("thousand-nodes");
+    assert_eq!(r.nodes, 1000);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_report() {
+    let text = scenario("two-sites-week-partition");
+    let a = serde_json::to_string(&run_scenario(&text, None, |_| {}).unwrap()).unwrap();
+    let b = serde_json::to_string(&run_scenario(&text, None, |_| {}).unwrap()).unwrap();
+    assert_eq!(a, b);
+    let c = serde_json::to_string(&run_scenario(&text, Some(8), |_| {}).unwrap()).unwrap();
+    assert_ne!(a, c, "another seed should move at least the timings");
+}
+
+#[test]
+fn bad_scenarios_are_clear_errors() {
+    let err = run_scenario(
+        "name = 'x'\nduration = '1h'\ngroup = [{ name = 'a', count = 2 }]\n",
+        None,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.contains("nodes need a site"), "{err}");
+    let err = run_scenario("name = 'x'\nduration = '1x'\ngroup = []\n", None, |_| {}).unwrap_err();
+    assert!(err.contains("unknown unit"), "{err}");
+}
