@@ -159,6 +159,9 @@ enum SimCmd {
         /// Write the JSON report here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Write an SVG plot of agreement over time here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -320,7 +323,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}: was damaged and has been repaired", path.display());
             }
         }
-        Command::Sim(SimCmd::Run { file, seed, out }) => {
+        Command::Sim(SimCmd::Run {
+            file,
+            seed,
+            out,
+            plot,
+        }) => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let started = std::time::Instant::now();
@@ -344,6 +352,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::fs::write(&p, json + "\n").with_context(|| format!("{}", p.display()))?
                 }
                 None => println!("{json}"),
+            }
+            if let Some(p) = plot {
+                std::fs::write(&p, report.plot_svg())
+                    .with_context(|| format!("{}", p.display()))?;
             }
             for h in &report.heals {
                 eprintln!(

@@ -862,3 +862,56 @@ pub fn run_scenario(
     }
     Sim::new(s)?.run(progress)
 }
+
+impl Report {
+    /// An SVG plot of "replicas agreeing with the latest fleet state over
+    /// time", with the scenario's events marked.
+    pub fn plot_svg(&self) -> String {
+        let (w, h, pad) = (800.0, 300.0, 40.0);
+        let t_end = self.virtual_seconds.max(1e-9);
+        let n = self.nodes.max(1) as f64;
+        let x = |t: f64| pad + (t / t_end) * (w - 2.0 * pad);
+        let y = |c: f64| h - pad - (c / n) * (h - 2.0 * pad);
+        let points: Vec<String> = self
+            .agreement
+            .iter()
+            .map(|(t, c)| format!("{:.1},{:.1}", x(*t), y(*c as f64)))
+            .collect();
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{pad}\" y=\"20\" font-size=\"13\">{} (seed {}): replicas agreeing with the latest fleet state</text>\n\
+             <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <text x=\"4\" y=\"{}\">{}</text><text x=\"4\" y=\"{}\">0</text>\n\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0} s</text>\n",
+            self.name,
+            self.seed,
+            h - pad,
+            w - pad,
+            h - pad,
+            h - pad,
+            pad + 4.0,
+            self.nodes,
+            h - pad,
+            w - pad,
+            h - pad + 16.0,
+            t_end
+        );
+        for e in &self.events {
+            if let Some(t) = e.split('s').next().and_then(|s| s.parse::<f64>().ok()) {
+                svg.push_str(&format!(
+                    "<line x1=\"{0:.1}\" y1=\"{pad}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#bbb\" stroke-dasharray=\"3,3\"><title>{2}</title></line>\n",
+                    x(t),
+                    h - pad,
+                    e.replace('<', "&lt;").replace('"', "&quot;")
+                ));
+            }
+        }
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\n</svg>\n",
+            points.join(" ")
+        ));
+        svg
+    }
+}

@@ -30,6 +30,15 @@ fn two_sites_partitioned_for_a_week_merge_with_the_conflict_surfaced() {
 }
 
 #[test]
+fn the_plot_shows_the_agreement_curve_and_events() {
+    let r = check("chain-of-six");
+    let svg = r.plot_svg();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 1);
+    assert_eq!(svg.matches("stroke-dasharray").count(), r.events.len());
+}
+
+#[test]
 fn a_chain_reaches_the_far_end() {
     let r = check("chain-of-six");
     assert!(r.links.contains_key("anchor<->c[0]"), "{:?}", r.links);
