@@ -372,6 +372,40 @@ impl Store {
         wtx.commit().at(p)
     }
 
+    /// Deletes a document (snapshot, chunks, signatures, sync states) in one
+    /// transaction: an old node epoch that a newer one replaced.
+    pub fn drop_doc(&self, id: &DocId) -> Result<()> {
+        guarded(&self.path, || self.drop_doc_inner(id))
+    }
+
+    fn drop_doc_inner(&self, id: &DocId) -> Result<()> {
+        let p = &self.path;
+        let key = id.to_string();
+        let wtx = self.db.begin_write().at(p)?;
+        {
+            wtx.open_table(DOCS).at(p)?.remove(key.as_str()).at(p)?;
+            wtx.open_table(SNAPSHOTS)
+                .at(p)?
+                .remove(key.as_str())
+                .at(p)?;
+            wtx.open_table(CHANGES)
+                .at(p)?
+                .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
+                .at(p)?;
+            let lo: &[u8] = &[];
+            let hi: &[u8] = &[0xff; 33];
+            wtx.open_table(SIGNATURES)
+                .at(p)?
+                .retain_in((key.as_str(), lo)..(key.as_str(), hi), |_, _| false)
+                .at(p)?;
+            wtx.open_table(SYNC)
+                .at(p)?
+                .retain(|(_, d), _| d != key.as_str())
+                .at(p)?;
+        }
+        wtx.commit().at(p)
+    }
+
     /// The signatures of every change of a document.
     pub fn signatures(&self, id: &DocId) -> Result<HashMap<ChangeHash, [u8; 64]>> {
         guarded(&self.path, || self.signatures_inner(id))

@@ -36,11 +36,18 @@ pub struct SyncConfig {
     /// Largest frame sent or accepted. A larger backlog goes in several
     /// messages; a peer that sends a larger frame is cut off.
     pub max_frame: usize,
+    /// A node rolls its own document to a new epoch (a fresh document
+    /// seeded with its current report) once the current one holds this many
+    /// changes; peers drop the old epoch when the new one reaches them.
+    pub node_epoch_after: usize,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { max_frame: 4 << 20 }
+        SyncConfig {
+            max_frame: 4 << 20,
+            node_epoch_after: 2000,
+        }
     }
 }
 
@@ -95,6 +102,11 @@ pub enum Output {
         doc: DocId,
         /// `automerge::sync::State::encode()`.
         state: Vec<u8>,
+    },
+    /// A document was superseded (an old node epoch): delete it from the store.
+    Dropped {
+        /// The document.
+        doc: DocId,
     },
     /// A document's state changed (for reconcilers and UIs).
     Changed {
@@ -286,7 +298,71 @@ impl Engine {
             changes: vec![(hash, change)],
         });
         self.changed(doc, None);
+        if let DocId::Node { name, epoch } = doc
+            && *name == writer.cert.name
+            && self.sigs.get(doc).map_or(0, HashMap::len) >= self.config.node_epoch_after
+        {
+            self.roll_epoch(doc, name, *epoch, writer, now)?;
+        }
         Ok(Some(hash))
+    }
+
+    /// Starts `node/<name>/<epoch+1>` with the current fields of the old
+    /// epoch, then drops the old one.
+    fn roll_epoch(
+        &mut self,
+        old: &DocId,
+        name: &str,
+        epoch: u32,
+        writer: &Identity,
+        now: i64,
+    ) -> Result<()> {
+        let Some(current) = self.docs.get(old) else {
+            return Ok(());
+        };
+        let seed: BTreeMap<String, Option<String>> = current
+            .fields("")
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        let next = DocId::Node {
+            name: name.to_string(),
+            epoch: epoch + 1,
+        };
+        self.edit(&next, writer, now, &seed)?;
+        self.drop_older(&next);
+        Ok(())
+    }
+
+    /// Drops node documents of the same node with an older epoch.
+    fn drop_older(&mut self, newer: &DocId) {
+        let DocId::Node { name, epoch } = newer else {
+            return;
+        };
+        let old: Vec<DocId> = self
+            .docs
+            .keys()
+            .filter(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e < epoch))
+            .cloned()
+            .collect();
+        for d in old {
+            self.docs.remove(&d);
+            self.sigs.remove(&d);
+            for p in self.peers.values_mut() {
+                p.states.remove(&d);
+            }
+            self.out.push_back(Output::Dropped { doc: d });
+        }
+    }
+
+    /// Whether a newer epoch of this node document is held.
+    fn superseded(&self, doc: &DocId) -> bool {
+        let DocId::Node { name, epoch } = doc else {
+            return false;
+        };
+        self.docs
+            .keys()
+            .any(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e > epoch))
     }
 
     fn changed(&mut self, doc: &DocId, except: Option<PublicKey>) {
@@ -410,7 +486,10 @@ impl Engine {
                     }
                 }
                 for (id, _) in &entries {
-                    if !self.docs.contains_key(id) && wants(&self.trust, &self.me, id) {
+                    if !self.docs.contains_key(id)
+                        && wants(&self.trust, &self.me, id)
+                        && !self.superseded(id)
+                    {
                         self.docs.insert(id.clone(), Document::new(id.clone()));
                         to_sync.push(id.clone());
                     }
@@ -435,6 +514,9 @@ impl Engine {
                 reason: format!("sent {id}, which this node does not keep"),
             });
             return;
+        }
+        if self.superseded(&id) {
+            return; // an old epoch a peer has not dropped yet
         }
         let message = match crate::panics::catch(|| Message::decode(&msg)) {
             Ok(Ok(m)) => m,
@@ -535,6 +617,7 @@ impl Engine {
         }
         if applied_any {
             self.changed(&id, Some(peer));
+            self.drop_older(&id);
         }
         self.generate(peer, &id);
     }

@@ -353,3 +353,20 @@ fn a_revoked_writer_keeps_what_was_seen_and_nothing_more() {
     );
     assert!(third.trust().is_revoked(&eve));
 }
+
+#[test]
+fn dropping_a_document_removes_all_of_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut op = DataDir::init(&tmp.path().join("op"), "grid", 1).unwrap();
+    apply(&mut op, &site_override(true, "v1"));
+    let site = DocId::Site("a".into());
+    let store = op.store();
+    store.put_sync_state("peer", &site, b"state").unwrap();
+    assert!(!store.signatures(&site).unwrap().is_empty());
+    store.drop_doc(&site).unwrap();
+    assert!(!store.doc_ids().unwrap().contains(&site));
+    assert!(store.signatures(&site).unwrap().is_empty());
+    assert!(store.load(&site).unwrap().is_none());
+    assert_eq!(store.sync_state("peer", &site).unwrap(), None);
+    assert!(store.load(&DocId::Fleet).unwrap().is_some());
+}

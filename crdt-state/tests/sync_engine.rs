@@ -108,7 +108,9 @@ impl Net {
                                 self.cut.push((i, j));
                             }
                         }
-                        Output::SaveSyncState { .. } | Output::Changed { .. } => {}
+                        Output::SaveSyncState { .. }
+                        | Output::Changed { .. }
+                        | Output::Dropped { .. } => {}
                     }
                 }
             }
@@ -314,7 +316,13 @@ fn forged_changes_are_dropped_and_reported() {
 
 #[test]
 fn garbage_and_oversized_frames_cut_the_peer_off() {
-    let mut net = anchor_and_nodes(1, SyncConfig { max_frame: 4096 });
+    let mut net = anchor_and_nodes(
+        1,
+        SyncConfig {
+            max_frame: 4096,
+            ..SyncConfig::default()
+        },
+    );
     net.connect(0, 2);
     let peer = net.keys[2];
     net.engines[0].handle(Input::Received {
@@ -359,6 +367,7 @@ fn a_large_backlog_travels_in_bounded_frames() {
         1,
         SyncConfig {
             max_frame: 8 * 1024,
+            ..SyncConfig::default()
         },
     );
     net.connect(1, 0);
@@ -437,4 +446,49 @@ fn certificates_travel_in_the_fleet_document() {
         err.to_string().contains("no certificate of this fleet"),
         "{err}"
     );
+}
+
+#[test]
+fn node_documents_roll_to_a_new_epoch_and_peers_drop_the_old_one() {
+    let config = SyncConfig {
+        node_epoch_after: 20,
+        ..SyncConfig::default()
+    };
+    let mut net = anchor_and_nodes(2, config);
+    net.connect(0, 2);
+    net.connect(2, 3);
+    let e0 = DocId::Node {
+        name: "n0".into(),
+        epoch: 0,
+    };
+    let e1 = DocId::Node {
+        name: "n0".into(),
+        epoch: 1,
+    };
+    for i in 0..25 {
+        let doc = if net.engines[2].doc(&e1).is_some() {
+            e1.clone()
+        } else {
+            e0.clone()
+        };
+        net.edit(2, &doc, "report.workloads.x.restarts", &i.to_string());
+    }
+    for i in [0, 2, 3] {
+        assert!(
+            net.engines[i].doc(&e0).is_none(),
+            "engine {i} still holds epoch 0"
+        );
+        assert_eq!(
+            net.get(i, &e1, "report.workloads.x.restarts"),
+            Some(serde_json::json!("24")),
+            "engine {i}"
+        );
+    }
+    // The new epoch starts small: the seed change plus what came after.
+    let changes = net.engines[0]
+        .doc(&e1)
+        .map(|d| d.changes().len())
+        .unwrap_or(0);
+    assert!(changes <= 6, "{changes} changes in the new epoch");
+    assert!(net.security.is_empty(), "{:?}", net.security);
 }

@@ -451,6 +451,10 @@ impl Sim {
                         self.disconnect(l);
                     }
                 }
+                Output::Dropped { doc } => {
+                    self.nodes[i].store.remove(&doc);
+                    self.nodes[i].sync_states.retain(|(_, d), _| *d != doc);
+                }
                 Output::Changed { .. } => {}
             }
         }
@@ -740,7 +744,16 @@ impl Sim {
         let mut no_forged = true;
         let live: Vec<&SimNode> = self.nodes.iter().filter(|n| n.engine.is_some()).collect();
         let all_docs: HashSet<DocId> = self.committed.keys().cloned().collect();
+        let superseded = |id: &DocId| match id {
+            DocId::Node { name, epoch } => all_docs
+                .iter()
+                .any(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e > epoch)),
+            _ => false,
+        };
         for id in &all_docs {
+            if superseded(id) {
+                continue; // an old node epoch, dropped by design
+            }
             let mut seen: Option<Vec<ChangeHash>> = None;
             for n in &live {
                 if !wants(&self.trust, &n.identity.cert, id) {
