@@ -241,6 +241,22 @@ impl Document {
         self.pending.len()
     }
 
+    /// Dependencies of held-back changes that are neither in the document
+    /// nor held back: what to ask peers for.
+    pub fn pending_missing_deps(&self) -> Vec<ChangeHash> {
+        let held: std::collections::HashSet<ChangeHash> =
+            self.pending.iter().map(|(c, _)| c.hash()).collect();
+        let mut out: Vec<ChangeHash> = self
+            .pending
+            .iter()
+            .flat_map(|(c, _)| c.deps().iter().copied())
+            .filter(|d| !held.contains(d) && !self.has_change(d))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     pub(crate) fn take_pending(&mut self) -> Vec<(Change, [u8; 64])> {
         std::mem::take(&mut self.pending)
     }

@@ -40,6 +40,9 @@ pub struct SyncConfig {
     /// seeded with its current report) once the current one holds this many
     /// changes; peers drop the old epoch when the new one reaches them.
     pub node_epoch_after: usize,
+    /// On a tick, peers that heard no digest from us for this long get one:
+    /// a cheap anti-entropy round (one 34-byte frame when nothing differs).
+    pub reannounce_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -47,6 +50,7 @@ impl Default for SyncConfig {
         SyncConfig {
             max_frame: 4 << 20,
             node_epoch_after: 2000,
+            reannounce_ms: 60_000,
         }
     }
 }
@@ -74,6 +78,19 @@ pub enum Input {
         peer: PublicKey,
         /// The frame bytes.
         frame: Vec<u8>,
+    },
+    /// Signed changes made on this node outside the engine (a local tool,
+    /// the site API): verified, applied, persisted and sent on like any.
+    Local {
+        /// The document.
+        doc: DocId,
+        /// The changes.
+        changes: Vec<SignedChange>,
+    },
+    /// Time passed (milliseconds on the driver's monotonic clock).
+    Tick {
+        /// Now.
+        now_ms: u64,
     },
 }
 
@@ -132,6 +149,8 @@ pub enum Output {
 struct Peer {
     cert: Certificate,
     states: HashMap<DocId, State>,
+    /// When we last sent this peer a digest (driver's clock, ms).
+    announced_ms: Option<u64>,
 }
 
 /// The sync engine of one node.
@@ -254,7 +273,61 @@ impl Engine {
                 self.peers.remove(&peer);
             }
             Input::Received { peer, frame } => self.received(peer, frame),
+            Input::Local { doc, changes } => self.local(doc, changes),
+            Input::Tick { now_ms } => self.tick(now_ms),
         }
+    }
+
+    fn local(&mut self, id: DocId, changes: Vec<SignedChange>) {
+        let doc = self
+            .docs
+            .entry(id.clone())
+            .or_insert_with(|| Document::new(id.clone()));
+        match verify_and_apply(&self.trust, doc, &changes) {
+            Ok((applied, _)) if !applied.is_empty() => {
+                let table = self.sigs.entry(id.clone()).or_default();
+                for (h, sc) in &applied {
+                    table.insert(*h, sc.signature);
+                }
+                self.out.push_back(Output::Persist {
+                    doc: id.clone(),
+                    changes: applied,
+                });
+                self.changed(&id, None);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(doc = %id, error = %e, "local changes refused"),
+        }
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        let due: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.announced_ms
+                    .is_none_or(|t| now_ms.saturating_sub(t) >= self.config.reannounce_ms)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for peer in due {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.announced_ms = Some(now_ms);
+            }
+            self.announce(peer);
+        }
+    }
+
+    fn announce(&mut self, peer: PublicKey) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        let docs = self.shared_docs(p);
+        let (digest, n) = digest_of(
+            docs.iter()
+                .filter_map(|id| self.docs.get(id).map(|d| (id, d.heads()))),
+        );
+        self.send(peer, Frame::Digest { digest, docs: n });
     }
 
     /// Makes a signed change to `doc` as `writer` and sends it to every
@@ -416,14 +489,13 @@ impl Engine {
                 states.insert(doc, s);
             }
         }
-        let p = Peer { cert, states };
-        let docs = self.shared_docs(&p);
-        let (digest, n) = digest_of(
-            docs.iter()
-                .filter_map(|id| self.docs.get(id).map(|d| (id, d.heads()))),
-        );
+        let p = Peer {
+            cert,
+            states,
+            announced_ms: None,
+        };
         self.peers.insert(peer, p);
-        self.send(peer, Frame::Digest { digest, docs: n });
+        self.announce(peer);
     }
 
     fn send(&mut self, peer: PublicKey, frame: Frame) {
@@ -631,9 +703,20 @@ impl Engine {
         };
         let state = p.states.entry(id.clone()).or_default();
         let am = doc.automerge();
+        // Automerge asks only for what it knows is missing; changes we hold
+        // back (their dependencies have not arrived) are invisible to it, so
+        // ask for their missing dependencies ourselves. Without this, a
+        // bloom-filter false positive that hid such a dependency from the
+        // sender would stall the sync for good.
+        let extra_need = doc.pending_missing_deps();
         let Some(mut msg) = am.generate_sync_message(state) else {
             return;
         };
+        if !extra_need.is_empty() {
+            msg.need.extend(extra_need);
+            msg.need.sort();
+            msg.need.dedup();
+        }
         let sig_table = self.sigs.get(id);
         let budget = self.config.max_frame.saturating_sub(1024);
         let mut changes: Vec<Change> = carried_changes(&msg.changes).unwrap_or_default();

@@ -127,8 +127,10 @@ pub struct Report {
     pub events: Vec<String>,
     /// Convergence after each heal.
     pub heals: Vec<HealReport>,
-    /// Traffic per kind of link.
+    /// Traffic per kind of link (a group pair).
     pub links: BTreeMap<String, Traffic>,
+    /// Traffic per link (`node<->node`).
+    pub per_link: BTreeMap<String, Traffic>,
     /// Fields in conflict at the end (on the first live anchor or node).
     pub conflicts: usize,
     /// Security events raised.
@@ -165,6 +167,7 @@ pub struct Sim {
     seq: u64,
     now: u64,
     traffic: BTreeMap<String, Traffic>,
+    per_link: BTreeMap<String, Traffic>,
     events: Vec<String>,
     heals: Vec<u64>,
     /// When changes were committed anywhere (virtual µs), in order.
@@ -331,6 +334,7 @@ impl Sim {
             seq: 0,
             now: 0,
             traffic: BTreeMap::new(),
+            per_link: BTreeMap::new(),
             events: Vec::new(),
             heals: Vec::new(),
             persist_times: Vec::new(),
@@ -725,6 +729,10 @@ impl Sim {
                     let t = self.traffic.entry(l.kind.clone()).or_default();
                     t.messages += 1;
                     t.bytes += frame.len() as u64;
+                    let name = format!("{}<->{}", self.nodes[l.a].name, self.nodes[l.b].name);
+                    let t = self.per_link.entry(name).or_default();
+                    t.messages += 1;
+                    t.bytes += frame.len() as u64;
                     let peer = self.nodes[from].identity.key();
                     if let Some(e) = self.nodes[to].engine.as_mut() {
                         e.handle(Input::Received { peer, frame });
@@ -850,6 +858,7 @@ impl Sim {
             events: self.events,
             heals,
             links: self.traffic,
+            per_link: self.per_link,
             conflicts,
             security_events: self.security,
             invariants: Invariants {

@@ -42,6 +42,11 @@ fn the_plot_shows_the_agreement_curve_and_events() {
 fn a_chain_reaches_the_far_end() {
     let r = check("chain-of-six");
     assert!(r.links.contains_key("anchor<->c[0]"), "{:?}", r.links);
+    // Six links carried traffic: anchor-c0 and the five chain hops.
+    assert_eq!(r.per_link.len(), 6, "{:?}", r.per_link.keys());
+    let per_link: u64 = r.per_link.values().map(|t| t.bytes).sum();
+    let per_kind: u64 = r.links.values().map(|t| t.bytes).sum();
+    assert_eq!(per_link, per_kind);
 }
 
 #[test]
