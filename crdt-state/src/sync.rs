@@ -279,25 +279,34 @@ impl Engine {
     }
 
     fn local(&mut self, id: DocId, changes: Vec<SignedChange>) {
+        match self.ingest(&id, &changes) {
+            Ok(true) => self.changed(&id, None),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(doc = %id, error = %e, "local changes refused"),
+        }
+    }
+
+    /// Verifies and applies signed changes to a document, remembers their
+    /// signatures and asks the driver to persist them. Returns whether
+    /// anything new was applied.
+    fn ingest(&mut self, id: &DocId, signed: &[SignedChange]) -> Result<bool> {
         let doc = self
             .docs
             .entry(id.clone())
             .or_insert_with(|| Document::new(id.clone()));
-        match verify_and_apply(&self.trust, doc, &changes) {
-            Ok((applied, _)) if !applied.is_empty() => {
-                let table = self.sigs.entry(id.clone()).or_default();
-                for (h, sc) in &applied {
-                    table.insert(*h, sc.signature);
-                }
-                self.out.push_back(Output::Persist {
-                    doc: id.clone(),
-                    changes: applied,
-                });
-                self.changed(&id, None);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(doc = %id, error = %e, "local changes refused"),
+        let (applied, _waiting) = verify_and_apply(&self.trust, doc, signed)?;
+        if applied.is_empty() {
+            return Ok(false);
         }
+        let table = self.sigs.entry(id.clone()).or_default();
+        for (h, sc) in &applied {
+            table.insert(*h, sc.signature);
+        }
+        self.out.push_back(Output::Persist {
+            doc: id.clone(),
+            changes: applied,
+        });
+        Ok(true)
     }
 
     fn tick(&mut self, now_ms: u64) {
@@ -625,24 +634,8 @@ impl Engine {
                     signature: *s,
                 })
                 .collect();
-            let doc = self
-                .docs
-                .entry(id.clone())
-                .or_insert_with(|| Document::new(id.clone()));
-            match verify_and_apply(&self.trust, doc, &signed) {
-                Ok((applied, _waiting)) => {
-                    if !applied.is_empty() {
-                        let table = self.sigs.entry(id.clone()).or_default();
-                        for (h, sc) in &applied {
-                            table.insert(*h, sc.signature);
-                        }
-                        self.out.push_back(Output::Persist {
-                            doc: id.clone(),
-                            changes: applied,
-                        });
-                        applied_any = true;
-                    }
-                }
+            match self.ingest(&id, &signed) {
+                Ok(applied) => applied_any = applied,
                 Err(e) => {
                     self.out.push_back(Output::Security {
                         peer,
