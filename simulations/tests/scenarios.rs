@@ -95,3 +95,22 @@ fn bad_scenarios_are_clear_errors() {
     let err = run_scenario("name = 'x'\nduration = '1x'\ngroup = []\n", None, |_| {}).unwrap_err();
     assert!(err.contains("unknown unit"), "{err}");
 }
+
+#[test]
+fn invariants_hold_under_other_seeds() {
+    for name in [
+        "two-sites-week-partition",
+        "chain-of-six",
+        "anchor-crash-restart",
+        "rogue-node",
+    ] {
+        for seed in 100..104 {
+            let r = run_scenario(&scenario(name), Some(seed), |_| {}).unwrap();
+            assert!(
+                r.passed(),
+                "{name} failed (replay: shoal sim run simulations/scenarios/{name}.toml --seed {seed}): {:?}",
+                r.invariants
+            );
+        }
+    }
+}
