@@ -176,12 +176,7 @@ pub fn wants(trust: &Trust, cert: &Certificate, doc: &DocId) -> bool {
             DocId::Site(s) => cert.site.as_deref() == Some(s.as_str()),
             DocId::Node { name, .. } => {
                 *name == cert.name
-                    || trust.certs().any(|c| {
-                        c.role == Role::Node
-                            && c.name == *name
-                            && c.site.is_some()
-                            && c.site == cert.site
-                    })
+                    || (cert.site.is_some() && trust.node_site(name) == cert.site.as_deref())
             }
         },
     }

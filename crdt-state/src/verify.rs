@@ -37,6 +37,8 @@ pub struct Trust {
     root: PublicKey,
     certs: HashMap<PublicKey, Certificate>,
     revoked: HashMap<PublicKey, Revocation>,
+    /// Node name → site, from node certificates (for interest decisions).
+    node_sites: HashMap<String, String>,
 }
 
 impl Trust {
@@ -46,6 +48,7 @@ impl Trust {
             root,
             certs: HashMap::new(),
             revoked: HashMap::new(),
+            node_sites: HashMap::new(),
         }
     }
 
@@ -57,6 +60,11 @@ impl Trust {
     /// Adds a certificate after checking the root's signature on it.
     pub fn add_cert(&mut self, cert: Certificate) -> Result<()> {
         cert.verify(&self.root)?;
+        if cert.role == crate::identity::Role::Node
+            && let Some(site) = &cert.site
+        {
+            self.node_sites.insert(cert.name.clone(), site.clone());
+        }
         self.certs.insert(cert.key, cert);
         Ok(())
     }
@@ -69,6 +77,11 @@ impl Trust {
     /// The certificate of a key, if known.
     pub fn cert(&self, key: &PublicKey) -> Option<&Certificate> {
         self.certs.get(key)
+    }
+
+    /// The site of a node, from its certificate.
+    pub fn node_site(&self, name: &str) -> Option<&str> {
+        self.node_sites.get(name).map(String::as_str)
     }
 
     /// Every known certificate.
