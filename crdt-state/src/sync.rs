@@ -416,12 +416,15 @@ impl Engine {
         let DocId::Node { name, epoch } = newer else {
             return;
         };
-        let old: Vec<DocId> = self
-            .docs
-            .keys()
-            .filter(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e < epoch))
-            .cloned()
-            .collect();
+        let lo = DocId::Node {
+            name: name.clone(),
+            epoch: 0,
+        };
+        let hi = DocId::Node {
+            name: name.clone(),
+            epoch: *epoch,
+        };
+        let old: Vec<DocId> = self.docs.range(lo..hi).map(|(d, _)| d.clone()).collect();
         for d in old {
             self.docs.remove(&d);
             self.sigs.remove(&d);
@@ -437,9 +440,18 @@ impl Engine {
         let DocId::Node { name, epoch } = doc else {
             return false;
         };
-        self.docs
-            .keys()
-            .any(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e > epoch))
+        let Some(next) = epoch.checked_add(1) else {
+            return false;
+        };
+        let lo = DocId::Node {
+            name: name.clone(),
+            epoch: next,
+        };
+        let hi = DocId::Node {
+            name: name.clone(),
+            epoch: u32::MAX,
+        };
+        self.docs.range(lo..=hi).next().is_some()
     }
 
     fn changed(&mut self, doc: &DocId, except: Option<PublicKey>) {
