@@ -10,8 +10,7 @@ use std::time::Duration;
 use crdt_state::identity::generate_key;
 use crdt_state::verify::verify_and_apply;
 use crdt_state::{
-    Certificate, DataDir, DocId, Document, Identity, PublicKey, Role, SignedChange, Store,
-    StoreConfig, Trust,
+    DataDir, DocId, Document, Identity, PublicKey, Role, SignedChange, Store, StoreConfig, Trust,
 };
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -22,10 +21,9 @@ struct Writer {
 
 fn writer() -> Writer {
     let root = generate_key().unwrap();
-    let key = generate_key().unwrap();
-    let cert = Certificate::issue(
+    let op = Identity::issue(
         &root,
-        PublicKey(key.verifying_key().to_bytes()),
+        generate_key().unwrap(),
         "op",
         Role::Operator,
         None,
@@ -33,11 +31,8 @@ fn writer() -> Writer {
     )
     .unwrap();
     let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
-    trust.add_cert(cert.clone()).unwrap();
-    Writer {
-        trust,
-        op: Identity::new(cert, key).unwrap(),
-    }
+    trust.add_cert(op.cert.clone()).unwrap();
+    Writer { trust, op }
 }
 
 /// `n` small operator edits (one field each) to the fleet document.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crdt_state::identity::generate_key;
-use crdt_state::{Certificate, DocId, Document, Identity, PublicKey, Role, Store, StoreConfig};
+use crdt_state::{DocId, Document, Identity, Role, Store, StoreConfig};
 
 fn peak_rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -33,17 +33,15 @@ fn main() {
             std::fs::create_dir_all(dir).unwrap();
             let _ = std::fs::remove_file(&path);
             let root = generate_key().unwrap();
-            let key = generate_key().unwrap();
-            let cert = Certificate::issue(
+            let op = Identity::issue(
                 &root,
-                PublicKey(key.verifying_key().to_bytes()),
+                generate_key().unwrap(),
                 "op",
                 Role::Operator,
                 None,
                 0,
             )
             .unwrap();
-            let op = Identity::new(cert, key).unwrap();
             let store = Store::open(
                 &path,
                 StoreConfig {

@@ -120,16 +120,8 @@ impl DataDir {
             &path.join(ROOT_KEY_FILE),
             hex::encode(root.to_bytes()).as_bytes(),
         )?;
-        let op_key = generate_key()?;
-        let cert = Certificate::issue(
-            &root,
-            PublicKey(op_key.verifying_key().to_bytes()),
-            "admin",
-            Role::Operator,
-            None,
-            now,
-        )?;
-        let identity = Identity::new(cert.clone(), op_key)?;
+        let identity = Identity::issue(&root, generate_key()?, "admin", Role::Operator, None, now)?;
+        let cert = identity.cert.clone();
         identity.write(&path.join(IDENTITY_FILE))?;
         store.set_fleet_root(root_pub)?;
         store.put_certs(std::slice::from_ref(&cert))?;
@@ -409,10 +401,6 @@ impl DataDir {
                 continue;
             };
             for (field, values) in doc.conflicts() {
-                // The same value written on both sides is no conflict to a person.
-                if values.iter().all(|v| v.value == values[0].value) {
-                    continue;
-                }
                 let values = values
                     .into_iter()
                     .map(|v| {
@@ -461,16 +449,8 @@ impl DataDir {
                 root_path.display()
             )));
         }
-        let key = generate_key()?;
-        let cert = Certificate::issue(
-            &root,
-            PublicKey(key.verifying_key().to_bytes()),
-            name,
-            role,
-            site,
-            now,
-        )?;
-        let identity = Identity::new(cert.clone(), key)?;
+        let identity = Identity::issue(&root, generate_key()?, name, role, site, now)?;
+        let cert = identity.cert.clone();
         self.store.put_certs(std::slice::from_ref(&cert))?;
         self.trust.add_cert(cert.clone())?;
         let mut ops = BTreeMap::new();
@@ -660,19 +640,16 @@ fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
             (vec![format!("{base}.")], desired)
         }
     };
+    let mut ops = BTreeMap::new();
+    for (k, v) in &desired {
+        // Writing the value already there still resolves a conflict.
+        if doc.raw(k).as_ref() != Some(v) || doc.is_conflicted(k) {
+            ops.insert(k.clone(), Some(v.clone()));
+        }
+    }
     let mut current = BTreeMap::new();
     for p in &prefixes {
         current.extend(doc.fields(p));
-    }
-    let mut ops = BTreeMap::new();
-    for (k, v) in &desired {
-        let now = match current.get(k) {
-            Some(c) => Some(c.clone()),
-            None => doc.get(k).map(|j| j.to_string()),
-        };
-        if now.as_ref() != Some(v) || doc.values(k).len() > 1 {
-            ops.insert(k.clone(), Some(v.clone()));
-        }
     }
     for k in current.keys() {
         if !desired.contains_key(k) {

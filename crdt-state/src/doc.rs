@@ -272,13 +272,7 @@ impl Document {
 
     /// The value of one field, decoded from JSON.
     pub fn get(&self, key: &str) -> Option<serde_json::Value> {
-        match self.doc.get(ROOT, key).ok()?? {
-            (automerge::Value::Scalar(s), _) => match s.as_ref() {
-                automerge::ScalarValue::Str(t) => serde_json::from_str(t).ok(),
-                _ => None,
-            },
-            _ => None,
-        }
+        serde_json::from_str(&self.raw(key)?).ok()
     }
 
     /// Every field whose key starts with `prefix`, as raw JSON texts.
@@ -297,6 +291,8 @@ impl Document {
     }
 
     /// Fields with concurrent values: key and every value with its writer.
+    /// Concurrent writes of the same value are left out: they are no
+    /// conflict to a person and need no resolving.
     pub fn conflicts(&self) -> Vec<(String, Vec<FieldValue>)> {
         let keys: Vec<String> = self
             .doc
@@ -309,6 +305,7 @@ impl Document {
                 let values = self.values(&k);
                 (k, values)
             })
+            .filter(|(_, values)| values.iter().any(|v| v.value != values[0].value))
             .collect()
     }
 
@@ -364,7 +361,7 @@ impl Document {
             .iter()
             .filter(|(k, v)| {
                 // Writing the value already there still resolves a conflict.
-                self.fields_exact(k).as_ref() != v.as_ref() || self.is_conflicted(k)
+                self.raw(k).as_ref() != v.as_ref() || self.is_conflicted(k)
             })
             .collect();
         if ops.is_empty() {
@@ -405,14 +402,16 @@ impl Document {
         )))
     }
 
-    fn is_conflicted(&self, key: &str) -> bool {
+    /// Whether a field holds concurrent values.
+    pub fn is_conflicted(&self, key: &str) -> bool {
         self.doc
             .get_all(ROOT, key)
             .map(|v| v.len() > 1)
             .unwrap_or(false)
     }
 
-    fn fields_exact(&self, key: &str) -> Option<String> {
+    /// The winning value of one field as its raw JSON text.
+    pub fn raw(&self, key: &str) -> Option<String> {
         match self.doc.get(ROOT, key).ok()?? {
             (automerge::Value::Scalar(s), _) => match s.as_ref() {
                 automerge::ScalarValue::Str(t) => Some(t.to_string()),

@@ -284,6 +284,21 @@ impl Identity {
         Ok(Identity { cert, secret })
     }
 
+    /// Issues a certificate for `secret`'s public key, signed by `root`, and
+    /// pairs them.
+    pub fn issue(
+        root: &SigningKey,
+        secret: SigningKey,
+        name: &str,
+        role: Role,
+        site: Option<&str>,
+        issued_at: i64,
+    ) -> Result<Self> {
+        let key = PublicKey(secret.verifying_key().to_bytes());
+        let cert = Certificate::issue(root, key, name, role, site, issued_at)?;
+        Ok(Identity { cert, secret })
+    }
+
     /// The public key.
     pub fn key(&self) -> PublicKey {
         self.cert.key

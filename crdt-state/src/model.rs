@@ -461,18 +461,9 @@ mod tests {
 
     #[test]
     fn node_reports_write_only_what_changed() -> anyhow::Result<()> {
-        use crate::identity::{Certificate, Identity, PublicKey, Role, generate_key};
+        use crate::identity::{Identity, Role, generate_key};
         let root = generate_key()?;
-        let key = generate_key()?;
-        let cert = Certificate::issue(
-            &root,
-            PublicKey(key.verifying_key().to_bytes()),
-            "n1",
-            Role::Node,
-            Some("a"),
-            0,
-        )?;
-        let me = Identity::new(cert, key)?;
+        let me = Identity::issue(&root, generate_key()?, "n1", Role::Node, Some("a"), 0)?;
         let mut doc = Document::new(crate::doc::DocId::Node {
             name: "n1".into(),
             epoch: 0,

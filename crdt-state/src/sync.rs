@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::doc::{DocId, Document, SignedChange, decode_change};
 use crate::error::{Error, Result};
 use crate::identity::{Certificate, Identity, PublicKey, Role};
-use crate::verify::{Trust, verify_and_apply};
+use crate::verify::{Trust, verify_and_apply_decoded};
 use crate::wire::Frame;
 
 /// Engine settings.
@@ -274,7 +274,14 @@ impl Engine {
     }
 
     fn local(&mut self, id: DocId, changes: Vec<SignedChange>) {
-        match self.ingest(&id, &changes) {
+        let decoded = match crate::verify::decode(&id, &changes) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(doc = %id, error = %e, "local changes refused");
+                return;
+            }
+        };
+        match self.ingest(&id, decoded) {
             Ok(true) => self.changed(&id, None),
             Ok(false) => {}
             Err(e) => tracing::warn!(doc = %id, error = %e, "local changes refused"),
@@ -284,15 +291,22 @@ impl Engine {
     /// Verifies and applies signed changes to a document, remembers their
     /// signatures and asks the driver to persist them. Returns whether
     /// anything new was applied.
-    fn ingest(&mut self, id: &DocId, signed: &[SignedChange]) -> Result<bool> {
+    fn ingest(&mut self, id: &DocId, changes: Vec<(Change, [u8; 64])>) -> Result<bool> {
         let doc = self
             .docs
             .entry(id.clone())
             .or_insert_with(|| Document::new(id.clone()));
-        let (applied, _waiting) = verify_and_apply(&self.trust, doc, signed)?;
+        let (applied, _waiting) = verify_and_apply_decoded(&self.trust, doc, changes)?;
         if applied.is_empty() {
             return Ok(false);
         }
+        self.record(id, applied);
+        Ok(true)
+    }
+
+    /// Remembers the signatures of changes now in a document and asks the
+    /// driver to persist them.
+    fn record(&mut self, id: &DocId, applied: Vec<(ChangeHash, SignedChange)>) {
         let table = self.sigs.entry(id.clone()).or_default();
         for (h, sc) in &applied {
             table.insert(*h, sc.signature);
@@ -301,7 +315,6 @@ impl Engine {
             doc: id.clone(),
             changes: applied,
         });
-        Ok(true)
     }
 
     fn tick(&mut self, now_ms: u64) {
@@ -366,14 +379,7 @@ impl Engine {
         let Some((hash, change, _)) = d.edit_with_actor(writer, now, ops, actor)? else {
             return Ok(None);
         };
-        self.sigs
-            .entry(doc.clone())
-            .or_default()
-            .insert(hash, change.signature);
-        self.out.push_back(Output::Persist {
-            doc: doc.clone(),
-            changes: vec![(hash, change)],
-        });
+        self.record(doc, vec![(hash, change)]);
         self.changed(doc, None);
         if let DocId::Node { name, epoch } = doc
             && *name == writer.cert.name
@@ -633,15 +639,8 @@ impl Engine {
             }
             let mut by_hash: Vec<Change> = changes;
             by_hash.sort_by_key(|c| c.hash());
-            let signed: Vec<SignedChange> = by_hash
-                .iter()
-                .zip(&sigs)
-                .map(|(c, s)| SignedChange {
-                    bytes: c.raw_bytes().to_vec(),
-                    signature: *s,
-                })
-                .collect();
-            match self.ingest(&id, &signed) {
+            let signed: Vec<(Change, [u8; 64])> = by_hash.into_iter().zip(sigs).collect();
+            match self.ingest(&id, signed) {
                 Ok(applied) => applied_any = applied,
                 Err(e) => {
                     self.out.push_back(Output::Security {

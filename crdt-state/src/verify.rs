@@ -103,6 +103,13 @@ impl Trust {
             let parsed = serde_json::from_str::<String>(&text)
                 .map_err(|e| Error::Identity(format!("certificate entry is not text: {e}")))
                 .and_then(|s| Certificate::from_json(s.as_bytes()));
+            // Called on every fleet change: re-check only certificates not
+            // already held as they are (a signature check each).
+            if let Ok(c) = &parsed
+                && self.certs.get(&c.key) == Some(c)
+            {
+                continue;
+            }
             match parsed.and_then(|c| self.add_cert(c)) {
                 Ok(()) => {}
                 Err(e) => errors.push(e),
@@ -412,7 +419,17 @@ pub fn verify_and_apply(
     doc: &mut Document,
     incoming: &[SignedChange],
 ) -> Result<(Vec<(ChangeHash, SignedChange)>, usize)> {
-    let mut all = decode(doc.id(), incoming)?;
+    let decoded = decode(doc.id(), incoming)?;
+    verify_and_apply_decoded(trust, doc, decoded)
+}
+
+/// [`verify_and_apply`] for changes the caller has decoded already (a sync
+/// message's changes are decoded to match them with their signatures).
+pub fn verify_and_apply_decoded(
+    trust: &Trust,
+    doc: &mut Document,
+    mut all: Vec<(Change, [u8; 64])>,
+) -> Result<(Vec<(ChangeHash, SignedChange)>, usize)> {
     let held = doc.take_pending();
     all.extend(held.iter().cloned());
     let verified = match verify_changes(trust, doc, all) {

@@ -37,12 +37,8 @@ fn ops(k: &str, v: &str) -> BTreeMap<String, Option<String>> {
 }
 
 impl Net {
-    /// Engines for the given (name, role, site) identities of one fleet.
-    fn new(who: &[(&str, Role, Option<&str>)], config: SyncConfig) -> Net {
-        Net::seeded(who, config, None)
-    }
-
-    /// As `new`, with keys and actor ids derived from `seed` (a replayable run).
+    /// Engines for the given (name, role, site) identities of one fleet;
+    /// with a seed, keys and actor ids derive from it (a replayable run).
     fn seeded(who: &[(&str, Role, Option<&str>)], config: SyncConfig, seed: Option<u64>) -> Net {
         let key = |label: &str| match seed {
             None => generate_key().unwrap(),
@@ -56,19 +52,7 @@ impl Net {
         let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
         let ids: Vec<Identity> = who
             .iter()
-            .map(|(n, r, s)| {
-                let k = key(n);
-                let cert = crdt_state::Certificate::issue(
-                    &root,
-                    PublicKey(k.verifying_key().to_bytes()),
-                    n,
-                    *r,
-                    *s,
-                    0,
-                )
-                .unwrap();
-                Identity::new(cert, k).unwrap()
-            })
+            .map(|(n, r, s)| Identity::issue(&root, key(n), n, *r, *s, 0).unwrap())
             .collect();
         if !ROOT_ONLY.with(|r| r.get()) {
             for id in &ids {
@@ -192,20 +176,53 @@ impl Net {
         self.engines[i].doc(doc).and_then(|d| d.get(k))
     }
 
+    /// Sorted heads of a document on engine `i`.
+    fn heads(&self, i: usize, doc: &DocId) -> Option<Vec<automerge::ChangeHash>> {
+        self.engines[i].doc(doc).map(|d| {
+            let mut h = d.heads();
+            h.sort();
+            h
+        })
+    }
+
     fn total_bytes(&self) -> usize {
         self.bytes.values().sum()
     }
 }
 
+/// Engine 0 is an anchor, 1 an operator's laptop, 2.. nodes of site a.
 fn anchor_and_nodes(n: usize, config: SyncConfig) -> Net {
+    anchor_and_nodes_seeded(n, config, None)
+}
+
+fn anchor_and_nodes_seeded(n: usize, config: SyncConfig, seed: Option<u64>) -> Net {
     let mut who = vec![("anchor", Role::Anchor, None), ("op", Role::Operator, None)];
     let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
     for name in &names {
         who.push((name.as_str(), Role::Node, Some("a")));
     }
-    // leak names for the 'static-free signature: identities copy them
-    let who: Vec<(&str, Role, Option<&str>)> = who;
-    Net::new(&who, config)
+    Net::seeded(&who, config, seed)
+}
+
+/// The operator makes 300 changes through the anchor, then a fresh node
+/// connects and receives the whole backlog in frames of at most 8 KiB.
+fn backlog(seed: Option<u64>) -> Net {
+    let config = SyncConfig {
+        max_frame: 8 * 1024,
+        ..SyncConfig::default()
+    };
+    let mut net = anchor_and_nodes_seeded(1, config, seed);
+    net.connect(1, 0);
+    for i in 0..300 {
+        net.edit(
+            1,
+            &DocId::Fleet,
+            &format!("apps.a{i}.version"),
+            &"v".repeat(20),
+        );
+    }
+    net.connect(0, 2);
+    net
 }
 
 #[test]
@@ -414,38 +431,14 @@ fn garbage_and_oversized_frames_cut_the_peer_off() {
 
 #[test]
 fn a_large_backlog_travels_in_bounded_frames() {
-    let mut net = anchor_and_nodes(
-        1,
-        SyncConfig {
-            max_frame: 8 * 1024,
-            ..SyncConfig::default()
-        },
-    );
-    net.connect(1, 0);
-    for i in 0..300 {
-        net.edit(
-            1,
-            &DocId::Fleet,
-            &format!("apps.a{i}.version"),
-            &"v".repeat(20),
-        );
-    }
-    net.connect(0, 2);
-    let fleet = |i: usize| {
-        net.engines[i].doc(&DocId::Fleet).map(|d| {
-            let mut h = d.heads();
-            h.sort();
-            h
-        })
-    };
+    let net = backlog(None);
     assert!(net.security.is_empty(), "{:?}", net.security);
     assert_eq!(
         net.engines[2].doc(&DocId::Fleet).map(|d| d.pending_len()),
         Some(0)
     );
-    assert_eq!(fleet(2), fleet(0));
+    assert_eq!(net.heads(2, &DocId::Fleet), net.heads(0, &DocId::Fleet));
     assert!(net.frames[&(0, 2)] > 3, "{:?}", net.frames);
-    assert!(net.security.is_empty(), "{:?}", net.security);
 }
 
 #[test]
@@ -620,37 +613,8 @@ fn local_changes_and_ticks() {
 /// whether it settled with both sides equal.
 fn backlog_settles(seed: u64) -> bool {
     std::panic::catch_unwind(|| {
-        let who = [
-            ("anchor", Role::Anchor, None),
-            ("op", Role::Operator, None),
-            ("n0", Role::Node, Some("a")),
-        ];
-        let mut net = Net::seeded(
-            &who,
-            SyncConfig {
-                max_frame: 8 * 1024,
-                ..SyncConfig::default()
-            },
-            Some(seed),
-        );
-        net.connect(1, 0);
-        for i in 0..300 {
-            net.edit(
-                1,
-                &DocId::Fleet,
-                &format!("apps.a{i}.version"),
-                &"v".repeat(20),
-            );
-        }
-        net.connect(0, 2);
-        let heads = |i: usize| {
-            net.engines[i].doc(&DocId::Fleet).map(|d| {
-                let mut h = d.heads();
-                h.sort();
-                h
-            })
-        };
-        heads(0) == heads(2)
+        let net = backlog(Some(seed));
+        net.heads(0, &DocId::Fleet) == net.heads(2, &DocId::Fleet)
     })
     .unwrap_or(false)
 }

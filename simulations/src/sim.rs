@@ -10,7 +10,7 @@ use crdt_state::doc::signing_message;
 use crdt_state::sync::{Engine, Input, Output, SyncConfig, wants};
 use crdt_state::verify::verify_and_apply;
 use crdt_state::wire::Frame;
-use crdt_state::{Certificate, DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
+use crdt_state::{DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
 
@@ -194,17 +194,7 @@ impl Sim {
                      role: Role,
                      site: Option<&str>|
          -> Result<Identity, String> {
-            let key = rng.key();
-            let cert = Certificate::issue(
-                &root,
-                PublicKey(key.verifying_key().to_bytes()),
-                name,
-                role,
-                site,
-                0,
-            )
-            .map_err(|e| e.to_string())?;
-            Identity::new(cert, key).map_err(|e| e.to_string())
+            Identity::issue(&root, rng.key(), name, role, site, 0).map_err(|e| e.to_string())
         };
         let operator = issue(&mut rng, "operator", Role::Operator, None)?;
         trust
@@ -793,16 +783,7 @@ impl Sim {
         let conflicts = live
             .first()
             .and_then(|n| n.engine.as_ref())
-            .map(|e| {
-                e.docs()
-                    .map(|d| {
-                        d.conflicts()
-                            .into_iter()
-                            .filter(|(_, v)| v.iter().any(|x| x.value != v[0].value))
-                            .count()
-                    })
-                    .sum()
-            })
+            .map(|e| e.docs().map(|d| d.conflicts().len()).sum())
             .unwrap_or(0);
         // Convergence after a heal: the last change committed anywhere
         // before the next scripted event (later edits are not the merge).

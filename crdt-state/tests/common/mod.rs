@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crdt_state::identity::generate_key;
-use crdt_state::{Certificate, DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
+use crdt_state::{DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
 
 pub struct Fleet {
     pub trust: Trust,
@@ -24,17 +24,7 @@ pub fn identity(
     role: Role,
     site: Option<&str>,
 ) -> Identity {
-    let key = generate_key().unwrap();
-    let cert = Certificate::issue(
-        root,
-        PublicKey(key.verifying_key().to_bytes()),
-        name,
-        role,
-        site,
-        0,
-    )
-    .unwrap();
-    Identity::new(cert, key).unwrap()
+    Identity::issue(root, generate_key().unwrap(), name, role, site, 0).unwrap()
 }
 
 pub fn fleet() -> Fleet {
