@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use crdt_state::model::Kind;
-use crdt_state::render::{self, Format};
+use std::collections::BTreeMap;
+
+use crdt_state::render::Format;
 use crdt_state::{DataDir, Role, manifest};
+use node::control::{self, Request};
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +77,12 @@ enum Command {
     /// Writer identities.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// The always-on anchor.
+    #[command(subcommand)]
+    Anchor(AnchorCmd),
+    /// An edge node.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -102,6 +110,174 @@ enum FleetCmd {
         #[arg(long, default_value = "fleet")]
         name: String,
     },
+    /// One-time enrollment tokens for nodes.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// An offline enrollment file for an air-gapped node (holds its secret key).
+    NodeBundle {
+        #[command(flatten)]
+        dir: Dir,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Where to write the file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// The node's name.
+    #[arg(long)]
+    node: String,
+    /// Its site (default: the node's name).
+    #[arg(long)]
+    site: Option<String>,
+    /// A label, key=value (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+}
+
+impl NodeArgs {
+    fn labels(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        self.labels
+            .iter()
+            .map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("label {l:?} is not key=value"))
+            })
+            .collect()
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token (printed); the node enrolls with `shoal node enroll --token`.
+    Create {
+        #[command(flatten)]
+        dir: Dir,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Lifetime: 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct MeshArgs {
+    /// Listen address (repeatable), e.g. /ip4/0.0.0.0/udp/7411/quic-v1.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Peer to keep connected to (repeatable), ending in /p2p/<peer id>.
+    #[arg(long)]
+    peer: Vec<String>,
+    /// Discover peers on the local network with mDNS.
+    #[arg(long, default_value_t = false)]
+    mdns: bool,
+}
+
+impl MeshArgs {
+    fn parse(&self) -> anyhow::Result<(Vec<mesh::Multiaddr>, Vec<mesh::Multiaddr>)> {
+        let p = |s: &String| {
+            s.parse::<mesh::Multiaddr>()
+                .map_err(|e| anyhow::anyhow!("{s:?} is not a multiaddr: {e}"))
+        };
+        Ok((
+            self.listen.iter().map(p).collect::<Result<_, _>>()?,
+            self.peer.iter().map(p).collect::<Result<_, _>>()?,
+        ))
+    }
+}
+
+#[derive(Subcommand)]
+enum AnchorCmd {
+    /// Run the anchor: holds every document, enrolls nodes, serves relay.
+    Run {
+        #[command(flatten)]
+        dir: Dir,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Enroll this node: with a token (online) or an offline node bundle.
+    Enroll {
+        #[command(flatten)]
+        dir: Dir,
+        /// The token from `shoal fleet token create`.
+        #[arg(long, conflicts_with = "bundle", required_unless_present = "bundle")]
+        token: Option<String>,
+        /// The file from `shoal fleet node-bundle`.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// Run the node daemon.
+    Run {
+        #[command(flatten)]
+        dir: Dir,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+}
+
+fn parse_ttl(s: &str) -> anyhow::Result<i64> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad lifetime {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => anyhow::bail!("bad lifetime {s:?}: expected e.g. 90s, 30m, 1h, 7d"),
+    };
+    Ok(n * mult)
+}
+
+fn daemon(opts: node::daemon::Options) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        node::daemon::run(opts, shutdown).await
+    })
+}
+
+/// Runs a data-dir verb (through the daemon's socket if one holds the dir)
+/// and prints its output.
+fn verb(dir: &Path, identity: Option<&Path>, req: Request) -> anyhow::Result<control::Reply> {
+    let reply = control::run(dir, identity, req)?;
+    if let Some(e) = reply.error {
+        anyhow::bail!(e);
+    }
+    print!("{}", reply.stdout);
+    Ok(control::Reply {
+        error: None,
+        ..reply
+    })
+}
+
+fn identity_text(identity: Option<&Path>) -> anyhow::Result<Option<String>> {
+    identity
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("{}", p.display())))
+        .transpose()
 }
 
 #[derive(Subcommand)]
@@ -229,14 +405,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
             output,
         } => {
-            let mut manifests = Vec::new();
+            let mut texts = Vec::new();
             for f in &files {
-                let (label, text) = read_input(f)?;
-                manifests.extend(manifest::parse(&label, &text)?);
+                texts.push(read_input(f)?);
             }
-            let mut dd = DataDir::open(&dir.data_dir, identity.as_deref())?;
-            let applied = dd.apply(&manifests, now())?;
-            print!("{}", render::applied(output, &applied));
+            // Malformed manifests are refused here, before anything is sent.
+            for (label, text) in &texts {
+                manifest::parse(label, text)?;
+            }
+            let req = Request::Apply {
+                files: texts,
+                identity: identity_text(identity.as_deref())?,
+                output: output.to_string(),
+            };
+            verb(&dir.data_dir, identity.as_deref(), req)?;
         }
         Command::Delete {
             dir,
@@ -244,25 +426,83 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             identity,
         } => {
-            let k = Kind::parse(&kind).ok_or_else(|| {
-                anyhow::anyhow!("unknown kind {kind:?}: expected app, config, node or site")
-            })?;
-            let mut dd = DataDir::open(&dir.data_dir, identity.as_deref())?;
-            dd.delete(k, &name, now())?;
-            println!("{}/{name} deleted", k.as_str().to_lowercase());
+            let req = Request::Delete {
+                kind,
+                name,
+                identity: identity_text(identity.as_deref())?,
+            };
+            verb(&dir.data_dir, identity.as_deref(), req)?;
         }
         Command::Get { what, dir, output } => {
-            let dd = DataDir::open(&dir.data_dir, None)?;
-            let out = match what.as_str() {
-                "apps" | "app" => render::apps(output, &dd.fleet()?),
-                "configs" | "config" => render::configs(output, &dd.fleet()?),
-                "nodes" | "node" => render::nodes(output, &dd.fleet()?),
-                "conflicts" | "conflict" => render::conflicts(output, &dd.conflicts()?),
-                other => anyhow::bail!(
-                    "cannot get {other:?}: expected apps, configs, nodes or conflicts"
-                ),
+            let req = Request::Get {
+                what,
+                output: output.to_string(),
             };
-            print!("{out}");
+            verb(&dir.data_dir, None, req)?;
+        }
+        Command::Fleet(FleetCmd::Token(TokenCmd::Create { dir, node, ttl })) => {
+            let req = Request::TokenCreate(node::enroll::TokenRequest {
+                node: node.node.clone(),
+                site: node.site.clone(),
+                labels: node.labels()?,
+                ttl_s: parse_ttl(&ttl)?,
+            });
+            verb(&dir.data_dir, None, req)?;
+        }
+        Command::Fleet(FleetCmd::NodeBundle { dir, node, out }) => {
+            let mut dd = DataDir::open(&dir.data_dir, None)?;
+            node::enroll::node_bundle(
+                &mut dd,
+                &node.node,
+                node.site.as_deref(),
+                &node.labels()?,
+                &out,
+                now(),
+            )?;
+            println!(
+                "node bundle for {} written to {} (it holds the node's secret key: carry it safely)",
+                node.node,
+                out.display()
+            );
+        }
+        Command::Anchor(AnchorCmd::Run { dir, mesh }) => {
+            let (listen, peers) = mesh.parse()?;
+            daemon(node::daemon::Options {
+                data_dir: dir.data_dir,
+                listen,
+                peers,
+                mdns: mesh.mdns,
+                anchor: true,
+            })?;
+        }
+        Command::Node(NodeCmd::Run { dir, mesh }) => {
+            let (listen, peers) = mesh.parse()?;
+            daemon(node::daemon::Options {
+                data_dir: dir.data_dir,
+                listen,
+                peers,
+                mdns: mesh.mdns,
+                anchor: false,
+            })?;
+        }
+        Command::Node(NodeCmd::Enroll { dir, token, bundle }) => {
+            let cert = match (token, bundle) {
+                (_, Some(b)) => node::enroll::enroll_with_bundle(&dir.data_dir, &b)?,
+                (Some(t), None) => {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(node::enroll::enroll_with_token(&dir.data_dir, &t))?
+                }
+                (None, None) => anyhow::bail!("pass --token or --bundle"),
+            };
+            println!(
+                "enrolled as node {} of site {} (fleet {})",
+                cert.name,
+                cert.site.as_deref().unwrap_or("-"),
+                cert.issuer.short()
+            );
         }
         Command::Identity(IdentityCmd::Create {
             dir,
@@ -306,8 +546,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&cert)?);
         }
         Command::Bundle(BundleCmd::Export { dir, out }) => {
-            let dd = DataDir::open(&dir.data_dir, None)?;
-            let bytes = dd.export()?;
+            let reply = verb(&dir.data_dir, None, Request::BundleExport)?;
+            let bytes = hex::decode(reply.data.unwrap_or_default())
+                .map_err(|_| anyhow::anyhow!("bundle bytes damaged in transit"))?;
             std::fs::write(&out, &bytes).with_context(|| format!("{}", out.display()))?;
             println!(
                 "bundle of {} bytes written to {}",
@@ -382,20 +623,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bundle(BundleCmd::Import { dir, file }) => {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
-            let mut dd = DataDir::open(&dir.data_dir, None)?;
-            let report = dd.import(&bytes)?;
-            if report.new_changes.is_empty() {
-                println!("nothing new in {}", file.display());
-            }
-            for (doc, n) in &report.new_changes {
-                println!("{doc}: {n} new changes");
-            }
-            if report.waiting > 0 {
-                println!(
-                    "{} changes wait for changes they depend on (import a fuller bundle)",
-                    report.waiting
-                );
-            }
+            verb(
+                &dir.data_dir,
+                None,
+                Request::BundleImport(hex::encode(bytes)),
+            )?;
         }
     }
     Ok(())

@@ -87,8 +87,12 @@ pub struct DataDir {
     identity: Option<Identity>,
     trust: Trust,
     /// Documents loaded for writing. The data dir holds the store's lock,
-    /// so nobody else changes them behind our back.
+    /// so nobody else changes them behind our back (a daemon that also
+    /// commits synced changes calls [`DataDir::forget`]).
     cache: HashMap<DocId, Document>,
+    /// When set, every change this data dir commits is also queued here
+    /// for a daemon to hand to its sync engine.
+    outbox: Option<Vec<(DocId, Vec<SignedChange>)>>,
 }
 
 impl std::fmt::Debug for DataDir {
@@ -133,6 +137,7 @@ impl DataDir {
             identity: Some(identity),
             trust,
             cache: HashMap::new(),
+            outbox: None,
         };
         let mut ops = BTreeMap::new();
         ops.insert("fleet.name".to_string(), Some(json_str(fleet_name)));
@@ -188,7 +193,45 @@ impl DataDir {
             identity,
             trust,
             cache: HashMap::new(),
+            outbox: None,
         })
+    }
+
+    /// Queue every change committed from now on for [`DataDir::take_outbox`].
+    pub fn forward_changes(&mut self) {
+        self.outbox.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes committed since the last call (with forwarding on).
+    pub fn take_outbox(&mut self) -> Vec<(DocId, Vec<SignedChange>)> {
+        self.outbox.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Drops a cached document: someone else (the sync engine of a daemon)
+    /// committed changes to it.
+    pub fn forget(&mut self, id: &DocId) {
+        self.cache.remove(id);
+    }
+
+    /// Re-reads certificates and revocations from the stored fleet document.
+    pub fn refresh_trust(&mut self) -> Result<()> {
+        self.cache.remove(&DocId::Fleet);
+        if let Some(fleet) = self.store.load(&DocId::Fleet)? {
+            for e in self.trust.absorb_fleet(&fleet) {
+                tracing::warn!(error = %e, "fleet document holds an invalid entry");
+            }
+        }
+        Ok(())
+    }
+
+    /// Signs with `identity` instead of the data dir's own (None: back to
+    /// the data dir's own); returns the one it replaces.
+    pub fn swap_identity(&mut self, identity: Option<Identity>) -> Result<Option<Identity>> {
+        if let Some(id) = &identity {
+            id.cert.verify(&self.trust.root())?;
+            self.trust.add_cert(id.cert.clone())?;
+        }
+        Ok(std::mem::replace(&mut self.identity, identity))
     }
 
     /// Installs an identity file into a data dir (creating it and binding
@@ -335,6 +378,11 @@ impl DataDir {
         {
             self.trust.absorb_fleet(fleet);
         }
+        if let Some(outbox) = &mut self.outbox {
+            for (id, changes) in staged {
+                outbox.push((id, changes.into_iter().map(|(_, c)| c).collect()));
+            }
+        }
         Ok(total)
     }
 
@@ -450,8 +498,46 @@ impl DataDir {
             )));
         }
         let identity = Identity::issue(&root, generate_key()?, name, role, site, now)?;
-        let cert = identity.cert.clone();
-        self.store.put_certs(std::slice::from_ref(&cert))?;
+        self.publish_cert(&identity.cert, now)?;
+        Ok(identity)
+    }
+
+    /// Certifies a key generated elsewhere (a node enrolling with a token)
+    /// with this data dir's root key, and publishes the certificate.
+    pub fn certify(
+        &mut self,
+        key: PublicKey,
+        role: Role,
+        site: Option<&str>,
+        name: &str,
+        now: i64,
+    ) -> Result<Certificate> {
+        let root = self.root_key()?;
+        let cert = Certificate::issue(&root, key, name, role, site, now)?;
+        self.publish_cert(&cert, now)?;
+        Ok(cert)
+    }
+
+    fn root_key(&self) -> Result<ed25519_dalek::SigningKey> {
+        let root_path = self.path.join(ROOT_KEY_FILE);
+        let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
+            path: self.path.clone(),
+            reason: "holds no fleet root key: certify on the data dir made by `shoal fleet init`"
+                .into(),
+        })?;
+        let root = parse_secret(&text)
+            .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
+        if PublicKey(root.verifying_key().to_bytes()) != self.trust.root() {
+            return Err(Error::Identity(format!(
+                "{} is not the root key of this store's fleet",
+                root_path.display()
+            )));
+        }
+        Ok(root)
+    }
+
+    fn publish_cert(&mut self, cert: &Certificate, now: i64) -> Result<()> {
+        self.store.put_certs(std::slice::from_ref(cert))?;
         self.trust.add_cert(cert.clone())?;
         let mut ops = BTreeMap::new();
         ops.insert(
@@ -459,7 +545,7 @@ impl DataDir {
             Some(json_str(&cert.to_json())),
         );
         self.write(&DocId::Fleet, &ops, now)?;
-        Ok(identity)
+        Ok(())
     }
 
     /// Finds a certified key by hex key or by writer name.
@@ -523,6 +609,11 @@ impl DataDir {
 
     /// Every document's signed changes, for an offline bundle.
     pub fn export(&self) -> Result<Vec<u8>> {
+        self.export_some(|_| true)
+    }
+
+    /// The signed changes of the documents `keep` selects, for an offline bundle.
+    pub fn export_some(&self, keep: impl Fn(&DocId) -> bool) -> Result<Vec<u8>> {
         let mut bundle = Bundle {
             root: Some(self.trust.root()),
             certs: self.trust.certs().cloned().collect(),
@@ -530,6 +621,9 @@ impl DataDir {
         };
         bundle.certs.sort_by_key(|c| c.key);
         for id in self.store.doc_ids()? {
+            if !keep(&id) {
+                continue;
+            }
             let Some(doc) = self.store.load(&id)? else {
                 continue;
             };
@@ -591,7 +685,15 @@ impl DataDir {
             .map(|(d, a)| (d, a.as_slice()))
             .collect();
         self.store.commit_batch(&items)?;
-        for (doc, _) in staged {
+        for (doc, applied) in staged {
+            if let Some(outbox) = &mut self.outbox
+                && !applied.is_empty()
+            {
+                outbox.push((
+                    doc.id().clone(),
+                    applied.into_iter().map(|(_, c)| c).collect(),
+                ));
+            }
             self.cache.insert(doc.id().clone(), doc);
         }
         let certs: Vec<Certificate> = bundle

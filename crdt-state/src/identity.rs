@@ -304,6 +304,11 @@ impl Identity {
         self.cert.key
     }
 
+    /// The 32 secret bytes (the mesh derives this writer's peer id from them).
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
     /// Signs `msg`.
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.secret.sign(msg).to_bytes()
@@ -312,11 +317,15 @@ impl Identity {
     /// Reads an identity file (JSON with the certificate and the secret key).
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let file: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Identity(format!("{} is not an identity file: {e}", path.display()))
-        })?;
-        let secret = parse_secret(&file.secret_key)
-            .map_err(|e| Error::Identity(format!("{}: {e}", path.display())))?;
+        Identity::from_json(&path.display().to_string(), &bytes)
+    }
+
+    /// Parses the content of an identity file (`label` names it in errors).
+    pub fn from_json(label: &str, bytes: &[u8]) -> Result<Self> {
+        let file: IdentityFile = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Identity(format!("{label} is not an identity file: {e}")))?;
+        let secret =
+            parse_secret(&file.secret_key).map_err(|e| Error::Identity(format!("{label}: {e}")))?;
         Identity::new(file.certificate, secret)
     }
 
@@ -349,7 +358,7 @@ pub fn parse_secret(hex_str: &str) -> std::result::Result<SigningKey, String> {
 }
 
 /// Writes a file readable by its owner only.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -17,6 +17,16 @@ pub enum Format {
     Yaml,
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Table => "table",
+            Format::Json => "json",
+            Format::Yaml => "yaml",
+        })
+    }
+}
+
 impl std::str::FromStr for Format {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -126,12 +136,78 @@ pub fn configs(format: Format, fleet: &FleetView) -> String {
 
 /// `shoal get nodes`.
 pub fn nodes(format: Format, fleet: &FleetView) -> String {
+    nodes_with_contacts(format, fleet, None, 0)
+}
+
+/// What a running daemon knows of a node's connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Contact {
+    /// Connected now.
+    pub connected: bool,
+    /// When it was last heard from (Unix seconds).
+    pub last_contact: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct NodeRow<'a> {
+    #[serde(flatten)]
+    spec: &'a crate::model::NodeSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connected: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_contact: Option<i64>,
+}
+
+/// `shoal get nodes`, with connection columns when a daemon answers
+/// (`contacts`, ages relative to `now`); without one they show `-`.
+pub fn nodes_with_contacts(
+    format: Format,
+    fleet: &FleetView,
+    contacts: Option<&std::collections::BTreeMap<String, Contact>>,
+    now: i64,
+) -> String {
+    let none = Contact::default();
     let rows = fleet
         .nodes
         .iter()
-        .map(|(n, s)| vec![n.clone(), s.site.clone(), kv(&s.labels)])
+        .map(|(n, s)| {
+            let c = contacts.map(|m| m.get(n).unwrap_or(&none));
+            vec![
+                n.clone(),
+                s.site.clone(),
+                kv(&s.labels),
+                match c {
+                    Some(c) if c.connected => "yes".into(),
+                    Some(_) => "no".into(),
+                    None => "-".into(),
+                },
+                c.and_then(|c| c.last_contact)
+                    .map(|t| format!("{}s ago", (now - t).max(0)))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
         .collect();
-    render(format, &fleet.nodes, &["NAME", "SITE", "LABELS"], rows)
+    let value: std::collections::BTreeMap<&String, NodeRow> = fleet
+        .nodes
+        .iter()
+        .map(|(n, s)| {
+            let c = contacts.map(|m| m.get(n).unwrap_or(&none));
+            (
+                n,
+                NodeRow {
+                    spec: s,
+                    connected: c.map(|c| c.connected),
+                    last_contact: c.and_then(|c| c.last_contact),
+                },
+            )
+        })
+        .collect();
+    render(
+        format,
+        &value,
+        &["NAME", "SITE", "LABELS", "CONNECTED", "LAST CONTACT"],
+        rows,
+    )
 }
 
 /// `shoal get conflicts`.

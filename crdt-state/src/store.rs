@@ -88,6 +88,22 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl Store {
+    /// Saves several sync states in one transaction.
+    pub fn put_sync_states(&self, states: &[(String, DocId, Vec<u8>)]) -> Result<()> {
+        guarded(&self.path, || {
+            let p = &self.path;
+            let wtx = self.db.begin_write().at(p)?;
+            {
+                let mut t = wtx.open_table(SYNC).at(p)?;
+                for (peer, doc, state) in states {
+                    t.insert((peer.as_str(), doc.to_string().as_str()), state.as_slice())
+                        .at(p)?;
+                }
+            }
+            wtx.commit().at(p)
+        })
+    }
+
     /// Opens (or creates) the store at `path`. A file that is not a Shoal
     /// store, or is corrupt, is a clear error.
     pub fn open(path: &Path, config: StoreConfig) -> Result<Self> {
@@ -320,6 +336,12 @@ impl Store {
                     .map(|v| v.value())
                     .unwrap_or((0, 0));
                 for (hash, sc) in changes.iter() {
+                    // Committing a change already stored (a daemon persists
+                    // what its sync engine applied, which may be a change
+                    // the data dir committed first) is a no-op.
+                    if sigs.get((key.as_str(), hash.0.as_slice())).at(p)?.is_some() {
+                        continue;
+                    }
                     sigs.insert((key.as_str(), hash.0.as_slice()), sc.signature.as_slice())
                         .at(p)?;
                     table

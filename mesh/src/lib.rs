@@ -1,7 +1,1232 @@
-//! The mesh: libp2p over QUIC between Shoal peers.
+//! The mesh: libp2p over QUIC, carrying framed messages between admitted
+//! peers. It knows no documents.
 //!
-//! Not built yet. It will carry framed bytes on named protocols
-//! (`/shoal/hello/1` certificate exchange, `/shoal/sync/1` sync envelopes,
-//! `/shoal/blob/1` artifact ranges), discover peers (mDNS on the substation
-//! LAN, bootstrap addresses for anchors), relay through anchors and redial
-//! with backoff. It knows no documents and does not depend on `crdt-state`.
+//! One tokio task owns the libp2p swarm (QUIC, identify, ping, mDNS, relay
+//! server on anchors and relay client everywhere, DCUtR, AutoNAT,
+//! connection limits). Its owner talks to it through [`Mesh`] (commands)
+//! and [`Events`]:
+//!
+//! - **Hello and admission.** When identify tells us which process is at
+//!   the other end (its incarnation, a random id per process start), we
+//!   send our hello bytes on `/shoal/hello/1`. The remote's hello reaches the
+//!   owner as [`Event::Hello`]; the owner answers [`Mesh::admit`] or
+//!   [`Mesh::reject`]. Nothing is sent to a peer before it is admitted, and
+//!   frames a peer sends before its admission are held (bounded) and only
+//!   delivered once it is admitted. A peer that says nothing within the
+//!   hello timeout is cut off.
+//! - **Sessions.** An admitted peer has one session until its last
+//!   connection closes, a stream to it fails, or a new incarnation of it
+//!   shows up (a restarted process, while our old QUIC connection to it is
+//!   not yet timed out): then [`Event::Down`], and a new hello starts the
+//!   next session. The owner restarts its sync per session.
+//! - **Redialing** is ours: every known peer (bootstrap addresses, mDNS,
+//!   peers added by the owner) is redialed with jittered exponential
+//!   backoff while it is not connected.
+//! - **Requests** (`/shoal/enroll/1`): one frame each way, allowed before
+//!   admission; the only thing an unknown peer may ask for.
+
+#![warn(missing_docs)]
+
+pub mod frame;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise};
+use libp2p::{ping, relay, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+pub use libp2p::{Multiaddr, PeerId};
+
+/// Certificates are exchanged on this protocol right after connecting.
+pub const HELLO: StreamProtocol = StreamProtocol::new("/shoal/hello/1");
+/// Sync frames between admitted peers.
+pub const SYNC: StreamProtocol = StreamProtocol::new("/shoal/sync/1");
+/// Enrollment: a token and a fresh key in, a certificate out.
+pub const ENROLL: StreamProtocol = StreamProtocol::new("/shoal/enroll/1");
+/// Reserved for artifact transfer.
+pub const BLOB: StreamProtocol = StreamProtocol::new("/shoal/blob/1");
+
+/// Largest hello or request frame.
+pub const MAX_SMALL_FRAME: usize = 64 << 10;
+/// Bytes of the incarnation id that starts every hello frame.
+const INCARNATION: usize = 16;
+
+/// Mesh settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The Ed25519 secret key of this peer (its peer id and its Shoal key).
+    pub secret: [u8; 32],
+    /// Addresses to listen on (`/ip4/0.0.0.0/udp/0/quic-v1`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to keep connected to, each address ending in `/p2p/<id>`.
+    pub peers: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Serve circuit relay v2 (anchors), with limits raised for sync traffic.
+    pub relay_server: bool,
+    /// Largest sync frame sent or accepted.
+    pub max_frame: usize,
+    /// A peer that has not said hello (or was not admitted) by then is cut off.
+    pub hello_timeout: Duration,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// QUIC idle timeout: a connection that hears nothing for this long is dead.
+    pub idle_timeout: Duration,
+    /// Redial backoff: first and largest delay.
+    pub backoff: (Duration, Duration),
+    /// Protocols whose requests this peer answers ([`Event::Request`]).
+    pub serve: Vec<StreamProtocol>,
+    /// Bytes queued to a slow peer before it is cut off.
+    pub max_queued: usize,
+}
+
+impl Config {
+    /// Defaults for a peer with this secret key.
+    pub fn new(secret: [u8; 32]) -> Self {
+        Config {
+            secret,
+            listen: Vec::new(),
+            peers: Vec::new(),
+            mdns: false,
+            relay_server: false,
+            max_frame: 4 << 20,
+            hello_timeout: Duration::from_secs(10),
+            // A keep-alive every 5 s and a 20 s idle timeout: a QUIC
+            // connection survives ~4 lost keep-alives in a row (a flaky
+            // radio link), and a peer that vanished is noticed within 20 s.
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+            backoff: (Duration::from_millis(250), Duration::from_secs(30)),
+            serve: Vec::new(),
+            max_queued: 32 << 20,
+        }
+    }
+}
+
+/// The peer id of an Ed25519 public key.
+pub fn peer_id_of(public_key: &[u8; 32]) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(public_key).ok()?;
+    Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
+}
+
+/// The peer id at the end of an address (`…/p2p/<id>`).
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().last().and_then(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Errors starting the mesh or making requests.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration (key, address).
+    #[error("{0}")]
+    Config(String),
+    /// The mesh task has stopped.
+    #[error("the mesh has stopped")]
+    Stopped,
+    /// A request failed.
+    #[error("request to {peer} failed: {reason}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the mesh tells its owner.
+#[derive(Debug)]
+pub enum Event {
+    /// Listening on an address.
+    Listening(Multiaddr),
+    /// A peer said hello: answer [`Mesh::admit`] or [`Mesh::reject`].
+    Hello {
+        /// The peer.
+        peer: PeerId,
+        /// The address of its connection.
+        addr: Multiaddr,
+        /// What it sent.
+        hello: Vec<u8>,
+    },
+    /// A sync frame from an admitted peer.
+    Frame {
+        /// The peer.
+        peer: PeerId,
+        /// The frame.
+        bytes: Vec<u8>,
+    },
+    /// An admitted peer's session ended.
+    Down {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A request on a served protocol; answer on `reply` (dropping it
+    /// closes the stream without an answer).
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// The address of its connection.
+        addr: Multiaddr,
+        /// The protocol.
+        protocol: StreamProtocol,
+        /// The request frame.
+        bytes: Vec<u8>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+}
+
+/// The owner's receiving end.
+pub struct Events(mpsc::UnboundedReceiver<Event>);
+
+impl Events {
+    /// The next event; `None` once the mesh stopped.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+}
+
+enum Command {
+    Send(PeerId, Vec<u8>),
+    Admit(PeerId),
+    Reject(PeerId, String),
+    Disconnect(PeerId, String),
+    AddPeer(Multiaddr),
+    SetHello(Vec<u8>),
+    ListenVia(PeerId),
+    Request {
+        addr: Multiaddr,
+        protocol: StreamProtocol,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    },
+    Status(oneshot::Sender<Status>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A snapshot of the mesh.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Addresses we listen on.
+    pub listening: Vec<Multiaddr>,
+    /// Admitted peers, with the address of a connection.
+    pub admitted: Vec<(PeerId, Multiaddr)>,
+    /// Connected peers (admitted or not).
+    pub connected: usize,
+}
+
+/// The owner's sending end (cheap to clone).
+#[derive(Clone)]
+pub struct Mesh {
+    tx: mpsc::UnboundedSender<Command>,
+    peer_id: PeerId,
+}
+
+impl Mesh {
+    /// Starts the mesh task. `hello` is what we say to every peer (empty:
+    /// say nothing, as an enrolling peer does).
+    pub fn start(config: Config, hello: Vec<u8>) -> Result<(Mesh, Events), Error> {
+        let mut secret = config.secret;
+        let keypair = Keypair::ed25519_from_bytes(&mut secret)
+            .map_err(|e| Error::Config(format!("bad key: {e}")))?;
+        let peer_id = keypair.public().to_peer_id();
+        let mut incarnation = [0u8; INCARNATION];
+        fill_random(&mut incarnation);
+        let mut swarm = build_swarm(keypair, &config, &incarnation)?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let mut task = Task::new(swarm, config, hello, ev_tx, incarnation)?;
+        for addr in task.config.peers.clone() {
+            task.add_peer(addr)?;
+        }
+        tokio::spawn(task.run(rx));
+        Ok((Mesh { tx, peer_id }, Events(ev_rx)))
+    }
+
+    /// This peer's id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    fn cmd(&self, c: Command) {
+        let _ = self.tx.send(c);
+    }
+
+    /// Sends a sync frame to an admitted peer (dropped otherwise).
+    pub fn send(&self, peer: PeerId, bytes: Vec<u8>) {
+        self.cmd(Command::Send(peer, bytes));
+    }
+
+    /// Admits a peer that said hello.
+    pub fn admit(&self, peer: PeerId) {
+        self.cmd(Command::Admit(peer));
+    }
+
+    /// Refuses a peer: logged with its address, cut off, not redialed.
+    pub fn reject(&self, peer: PeerId, reason: impl Into<String>) {
+        self.cmd(Command::Reject(peer, reason.into()));
+    }
+
+    /// Cuts a peer off (its session ends; it is redialed later if known).
+    pub fn disconnect(&self, peer: PeerId, reason: impl Into<String>) {
+        self.cmd(Command::Disconnect(peer, reason.into()));
+    }
+
+    /// Keeps a peer connected (address ending in `/p2p/<id>`).
+    pub fn add_peer(&self, addr: Multiaddr) {
+        self.cmd(Command::AddPeer(addr));
+    }
+
+    /// Changes what we say in later hellos.
+    pub fn set_hello(&self, hello: Vec<u8>) {
+        self.cmd(Command::SetHello(hello));
+    }
+
+    /// Makes this peer reachable through a relay it is connected to.
+    pub fn listen_via(&self, relay: PeerId) {
+        self.cmd(Command::ListenVia(relay));
+    }
+
+    /// One request and its answer on `protocol`, to the peer at `addr`
+    /// (ending in `/p2p/<id>`); no hello needed.
+    pub async fn request(
+        &self,
+        addr: Multiaddr,
+        protocol: StreamProtocol,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd(Command::Request {
+            addr,
+            protocol,
+            bytes,
+            reply,
+        });
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Closes every connection (so peers notice at once, not after their
+    /// idle timeout) and stops the mesh; waits at most a second.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Command::Shutdown(tx));
+        let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
+    }
+
+    /// The mesh's state now.
+    pub async fn status(&self) -> Result<Status, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Command::Status(tx));
+        rx.await.map_err(|_| Error::Stopped)
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    relay: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+fn build_swarm(
+    keypair: Keypair,
+    config: &Config,
+    incarnation: &[u8; INCARNATION],
+) -> Result<Swarm<Behaviour>, Error> {
+    let incarnation = hex(incarnation);
+    let keep_alive = config.keep_alive;
+    let idle_ms = config.idle_timeout.as_millis() as u32;
+    let mdns_on = config.mdns;
+    let relay_on = config.relay_server;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic_config(move |mut c| {
+            c.keep_alive_interval = keep_alive;
+            c.max_idle_timeout = idle_ms;
+            c
+        })
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| Error::Config(format!("relay transport: {e}")))?
+        .with_behaviour(|key, relay_client| {
+            let me = key.public().to_peer_id();
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(64))
+                .with_max_pending_outgoing(Some(256))
+                .with_max_established_per_peer(Some(4));
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), me)?)
+            } else {
+                None
+            };
+            let relay = relay_on.then(|| {
+                let mut c = relay::Config {
+                    max_reservations: 4096,
+                    max_reservations_per_peer: 8,
+                    max_circuits: 4096,
+                    max_circuits_per_peer: 64,
+                    max_circuit_duration: Duration::from_secs(24 * 3600),
+                    max_circuit_bytes: 0,
+                    ..Default::default()
+                };
+                c.reservation_rate_limiters.clear();
+                c.circuit_src_rate_limiters.clear();
+                relay::Behaviour::new(me, c)
+            });
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/shoal/1".into(), key.public())
+                        .with_agent_version(format!("shoal/{incarnation}")),
+                ),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(15)),
+                ),
+                mdns: Toggle::from(mdns),
+                relay: Toggle::from(relay),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(me),
+                autonat: autonat::Behaviour::new(me, autonat::Config::default()),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| Error::Config(format!("mesh behaviour: {e}")))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn fill_random(b: &mut [u8]) {
+    // Process-unique, not secret: the time and the address of a local.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (std::process::id() as u64).rotate_left(32)
+        ^ (b.as_ptr() as u64);
+    let mut s = seed;
+    for x in b.iter_mut() {
+        s = splitmix(s);
+        *x = s as u8;
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What stream tasks tell the mesh task.
+enum Internal {
+    HelloIn(PeerId, [u8; INCARNATION], Vec<u8>),
+    FrameIn(PeerId, Vec<u8>),
+    Misbehaved(PeerId, String),
+    WriterFailed(PeerId, u64, String),
+    RequestIn(PeerId, StreamProtocol, Vec<u8>, oneshot::Sender<Vec<u8>>),
+}
+
+struct Session {
+    conns: HashMap<ConnectionId, Multiaddr>,
+    /// The remote process, from identify.
+    incarnation: Option<String>,
+    /// A hello whose incarnation identify has not confirmed yet.
+    early_hello: Option<([u8; INCARNATION], Vec<u8>)>,
+    /// The hello was handed to the owner; waiting for admit/reject.
+    asked: bool,
+    admitted: bool,
+    session_no: u64,
+    held: Vec<Vec<u8>>,
+    held_bytes: usize,
+    writer: Option<(mpsc::UnboundedSender<Vec<u8>>, Arc<AtomicUsize>)>,
+    since: Instant,
+}
+
+struct Known {
+    addrs: Vec<Multiaddr>,
+    backoff: Duration,
+    next: Instant,
+}
+
+struct PendingRequest {
+    protocol: StreamProtocol,
+    bytes: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+}
+
+struct Task {
+    swarm: Swarm<Behaviour>,
+    control: libp2p_stream::Control,
+    config: Config,
+    hello: Vec<u8>,
+    events: mpsc::UnboundedSender<Event>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    sessions: HashMap<PeerId, Session>,
+    known: HashMap<PeerId, Known>,
+    requests: HashMap<PeerId, Vec<PendingRequest>>,
+    listening: Vec<Multiaddr>,
+    next_session_no: u64,
+    rng: u64,
+    incarnation: [u8; INCARNATION],
+    closing: Option<oneshot::Sender<()>>,
+}
+
+impl Task {
+    fn new(
+        swarm: Swarm<Behaviour>,
+        config: Config,
+        hello: Vec<u8>,
+        events: mpsc::UnboundedSender<Event>,
+        incarnation: [u8; INCARNATION],
+    ) -> Result<Task, Error> {
+        let mut control = swarm.behaviour().stream.new_control();
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        // Inbound streams: hello, sync and served request protocols.
+        let mut hello_in = control
+            .accept(HELLO)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let tx = internal_tx.clone();
+        tokio::spawn(async move {
+            while let Some((peer, mut stream)) = hello_in.next().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let read = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        frame::read(&mut stream, MAX_SMALL_FRAME),
+                    )
+                    .await;
+                    match read {
+                        Ok(Ok(Some(body))) if body.len() >= INCARNATION => {
+                            let mut inc = [0u8; INCARNATION];
+                            inc.copy_from_slice(&body[..INCARNATION]);
+                            let _ =
+                                tx.send(Internal::HelloIn(peer, inc, body[INCARNATION..].to_vec()));
+                        }
+                        Ok(Ok(_)) => {
+                            let _ = tx.send(Internal::Misbehaved(peer, "empty hello".into()));
+                        }
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Internal::Misbehaved(peer, format!("hello: {e}")));
+                        }
+                        Err(_) => {}
+                    }
+                });
+            }
+        });
+        let mut sync_in = control
+            .accept(SYNC)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let tx = internal_tx.clone();
+        let max = config.max_frame;
+        tokio::spawn(async move {
+            while let Some((peer, mut stream)) = sync_in.next().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match frame::read(&mut stream, max).await {
+                            Ok(Some(body)) => {
+                                if tx.send(Internal::FrameIn(peer, body)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => return,
+                            Err(e @ frame::FrameError::TooLarge { .. }) => {
+                                let _ = tx.send(Internal::Misbehaved(peer, format!("sync: {e}")));
+                                return;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        for protocol in config.serve.clone() {
+            let mut incoming = control
+                .accept(protocol.clone())
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let tx = internal_tx.clone();
+            tokio::spawn(async move {
+                while let Some((peer, mut stream)) = incoming.next().await {
+                    let tx = tx.clone();
+                    let protocol = protocol.clone();
+                    tokio::spawn(async move {
+                        let read = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            frame::read(&mut stream, MAX_SMALL_FRAME),
+                        )
+                        .await;
+                        let body = match read {
+                            Ok(Ok(Some(b))) => b,
+                            Ok(Err(e)) => {
+                                let _ = tx.send(Internal::Misbehaved(
+                                    peer,
+                                    format!("{protocol} request: {e}"),
+                                ));
+                                return;
+                            }
+                            _ => return,
+                        };
+                        let (reply, answer) = oneshot::channel();
+                        if tx
+                            .send(Internal::RequestIn(peer, protocol, body, reply))
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if let Ok(Ok(bytes)) =
+                            tokio::time::timeout(Duration::from_secs(30), answer).await
+                        {
+                            let _ = frame::write(&mut stream, &bytes).await;
+                            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+                        }
+                    });
+                }
+            });
+        }
+        let mut seed = [0u8; 8];
+        fill_random(&mut seed);
+        Ok(Task {
+            swarm,
+            control,
+            config,
+            hello,
+            events,
+            internal_tx,
+            internal_rx,
+            sessions: HashMap::new(),
+            known: HashMap::new(),
+            requests: HashMap::new(),
+            listening: Vec::new(),
+            next_session_no: 1,
+            rng: u64::from_le_bytes(seed),
+            incarnation,
+            closing: None,
+        })
+    }
+
+    fn jitter(&mut self, d: Duration) -> Duration {
+        self.rng = splitmix(self.rng);
+        // ±25 %.
+        let f = 0.75 + (self.rng % 1000) as f64 / 2000.0;
+        d.mul_f64(f)
+    }
+
+    fn add_peer(&mut self, addr: Multiaddr) -> Result<(), Error> {
+        let peer = peer_of(&addr)
+            .ok_or_else(|| Error::Config(format!("peer address {addr} must end in /p2p/<id>")))?;
+        if peer == *self.swarm.local_peer_id() {
+            return Ok(());
+        }
+        let first = self.config.backoff.0;
+        let k = self.known.entry(peer).or_insert_with(|| Known {
+            addrs: Vec::new(),
+            backoff: first,
+            next: Instant::now(),
+        });
+        if !k.addrs.contains(&addr) {
+            k.addrs.push(addr);
+            if k.addrs.len() > 8 {
+                k.addrs.remove(0);
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                cmd = commands.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+                Some(msg) = self.internal_rx.recv() => self.on_internal(msg),
+                _ = tick.tick() => self.on_tick(),
+            }
+            if self.closing.is_some() && self.swarm.connected_peers().next().is_none() {
+                if let Some(tx) = self.closing.take() {
+                    let _ = tx.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        // Redial known peers that are not connected.
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .known
+            .iter()
+            .filter(|(p, k)| k.next <= now && !self.swarm.is_connected(p))
+            .map(|(p, k)| (*p, k.addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "dial not started");
+            }
+            self.backoff(peer);
+        }
+        // Peers that have not been admitted in time.
+        let late: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.admitted && now.duration_since(s.since) > self.config.hello_timeout)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in late {
+            let addr = self.addr_of(&peer);
+            tracing::warn!(%peer, %addr, "peer did not complete hello in time; disconnecting");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            if let Some(s) = self.sessions.get_mut(&peer) {
+                s.since = now;
+            }
+        }
+    }
+
+    /// Schedules the next dial of a known peer and doubles its backoff.
+    fn backoff(&mut self, peer: PeerId) {
+        let max = self.config.backoff.1;
+        let Some(b) = self.known.get(&peer).map(|k| k.backoff) else {
+            return;
+        };
+        let wait = self.jitter(b);
+        if let Some(k) = self.known.get_mut(&peer) {
+            k.next = Instant::now() + wait;
+            k.backoff = (b * 2).min(max);
+        }
+    }
+
+    fn addr_of(&self, peer: &PeerId) -> String {
+        self.sessions
+            .get(peer)
+            .and_then(|s| s.conns.values().next())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into())
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if self.config.relay_server && !address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.listening.push(address.clone());
+                self.emit(Event::Listening(address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let addr = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                tracing::debug!(peer = %peer_id, %addr, "connected");
+                let s = self.sessions.entry(peer_id).or_insert_with(|| Session {
+                    conns: HashMap::new(),
+                    incarnation: None,
+                    early_hello: None,
+                    asked: false,
+                    admitted: false,
+                    session_no: 0,
+                    held: Vec::new(),
+                    held_bytes: 0,
+                    writer: None,
+                    since: Instant::now(),
+                });
+                s.conns.insert(connection_id, addr);
+                if let Some(reqs) = self.requests.remove(&peer_id) {
+                    for r in reqs {
+                        self.spawn_request(peer_id, r);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                if let Some(s) = self.sessions.get_mut(&peer_id) {
+                    s.conns.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    self.end_session(peer_id, true);
+                    if self.known.contains_key(&peer_id) {
+                        self.backoff(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "dial failed");
+                if let Some(reqs) = self.requests.remove(&peer) {
+                    for r in reqs {
+                        let _ = r.reply.send(Err(Error::Request {
+                            peer,
+                            reason: error.to_string(),
+                        }));
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(addr = %send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(b) => self.on_behaviour(b),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                connection_id,
+                info,
+            }) => {
+                let Some(inc) = info.agent_version.strip_prefix("shoal/").map(String::from) else {
+                    let addr = self.addr_of(&peer_id);
+                    tracing::warn!(peer = %peer_id, %addr, agent = %info.agent_version,
+                        "not a Shoal peer; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                };
+                self.on_incarnation(peer_id, connection_id, inc);
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    let _ = self.add_peer(addr.with(Protocol::P2p(peer)));
+                }
+            }
+            BehaviourEvent::RelayClient(e) => tracing::debug!(?e, "relay client"),
+            BehaviourEvent::Relay(e) => tracing::debug!(?e, "relay"),
+            BehaviourEvent::Dcutr(e) => tracing::debug!(?e, "dcutr"),
+            _ => {}
+        }
+    }
+
+    /// Identify told us which process is at the other end of a connection.
+    fn on_incarnation(&mut self, peer: PeerId, conn: ConnectionId, inc: String) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        match &s.incarnation {
+            Some(old) if *old == inc => return,
+            Some(_) => {
+                // A restarted process: our other connections lead to the old
+                // one. Close them and start a new session.
+                tracing::info!(%peer, "peer restarted; replacing its old connections");
+                let stale: Vec<ConnectionId> =
+                    s.conns.keys().filter(|c| **c != conn).copied().collect();
+                for c in stale {
+                    self.swarm.close_connection(c);
+                }
+                self.end_session(peer, false);
+            }
+            None => {}
+        }
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        s.incarnation = Some(inc.clone());
+        s.since = Instant::now();
+        let early = s.early_hello.take();
+        self.send_hello(peer);
+        if let Some((hinc, hello)) = early
+            && hex(&hinc) == inc
+        {
+            self.ask(peer, hello);
+        }
+    }
+
+    fn send_hello(&mut self, peer: PeerId) {
+        if self.hello.is_empty() {
+            return;
+        }
+        let mut body = Vec::with_capacity(INCARNATION + self.hello.len());
+        body.extend_from_slice(&self.incarnation);
+        body.extend_from_slice(&self.hello);
+        let mut control = self.control.clone();
+        tokio::spawn(async move {
+            for attempt in 0..3u32 {
+                let sent = async {
+                    let mut s = control
+                        .open_stream(peer, HELLO)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    frame::write(&mut s, &body)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    futures::AsyncWriteExt::close(&mut s)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), sent).await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => tracing::debug!(%peer, attempt, error = %e, "hello not sent"),
+                    Err(_) => tracing::debug!(%peer, attempt, "hello timed out"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    fn ask(&mut self, peer: PeerId, hello: Vec<u8>) {
+        let addr = self.addr_of(&peer);
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if s.asked || s.admitted {
+            return;
+        }
+        s.asked = true;
+        let Ok(addr) = addr.parse::<Multiaddr>() else {
+            return;
+        };
+        self.emit(Event::Hello { peer, addr, hello });
+    }
+
+    /// Ends a peer's session: the owner hears `Down` if it was admitted.
+    fn end_session(&mut self, peer: PeerId, remove: bool) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let was_admitted = s.admitted;
+        s.admitted = false;
+        s.asked = false;
+        s.writer = None;
+        s.held.clear();
+        s.held_bytes = 0;
+        s.since = Instant::now();
+        if remove {
+            self.sessions.remove(&peer);
+        }
+        if was_admitted {
+            self.emit(Event::Down { peer });
+        }
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Send(peer, bytes) => self.send(peer, bytes),
+            Command::Admit(peer) => {
+                let backoff = self.config.backoff.0;
+                if let Some(k) = self.known.get_mut(&peer) {
+                    k.backoff = backoff;
+                }
+                let Some(s) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                if !s.asked || s.admitted {
+                    return;
+                }
+                s.admitted = true;
+                s.session_no = self.next_session_no;
+                self.next_session_no += 1;
+                let held = std::mem::take(&mut s.held);
+                s.held_bytes = 0;
+                for bytes in held {
+                    self.emit(Event::Frame { peer, bytes });
+                }
+            }
+            Command::Reject(peer, reason) => {
+                let addr = self.addr_of(&peer);
+                tracing::warn!(%peer, %addr, %reason, "peer refused admission; disconnecting");
+                self.known.remove(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::Disconnect(peer, reason) => {
+                let addr = self.addr_of(&peer);
+                tracing::warn!(%peer, %addr, %reason, "disconnecting peer");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::AddPeer(addr) => {
+                if let Err(e) = self.add_peer(addr) {
+                    tracing::warn!(error = %e, "peer not added");
+                }
+            }
+            Command::SetHello(h) => self.hello = h,
+            Command::ListenVia(relay) => {
+                let Some(addr) = self
+                    .sessions
+                    .get(&relay)
+                    .and_then(|s| s.conns.values().find(|a| !is_relayed(a)).cloned())
+                else {
+                    return;
+                };
+                let base: Multiaddr = addr
+                    .iter()
+                    .filter(|p| !matches!(p, Protocol::P2p(_)))
+                    .collect();
+                let circuit = base.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+                if let Err(e) = self.swarm.listen_on(circuit.clone()) {
+                    tracing::warn!(%circuit, error = %e, "cannot listen through relay");
+                }
+            }
+            Command::Request {
+                addr,
+                protocol,
+                bytes,
+                reply,
+            } => {
+                let Some(peer) = peer_of(&addr) else {
+                    let _ = reply.send(Err(Error::Config(format!(
+                        "address {addr} must end in /p2p/<id>"
+                    ))));
+                    return;
+                };
+                let r = PendingRequest {
+                    protocol,
+                    bytes,
+                    reply,
+                };
+                if self.swarm.is_connected(&peer) {
+                    self.spawn_request(peer, r);
+                    return;
+                }
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    let _ = r.reply.send(Err(Error::Request {
+                        peer,
+                        reason: e.to_string(),
+                    }));
+                    return;
+                }
+                self.requests.entry(peer).or_default().push(r);
+            }
+            Command::Shutdown(tx) => {
+                self.known.clear();
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for p in peers {
+                    let _ = self.swarm.disconnect_peer_id(p);
+                }
+                self.closing = Some(tx);
+            }
+            Command::Status(tx) => {
+                let admitted = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.admitted)
+                    .filter_map(|(p, s)| s.conns.values().next().map(|a| (*p, a.clone())))
+                    .collect();
+                let _ = tx.send(Status {
+                    listening: self.listening.clone(),
+                    admitted,
+                    connected: self.sessions.len(),
+                });
+            }
+        }
+    }
+
+    fn spawn_request(&mut self, peer: PeerId, r: PendingRequest) {
+        let mut control = self.control.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut s = control
+                    .open_stream(peer, r.protocol.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                frame::write(&mut s, &r.bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match frame::read(&mut s, MAX_SMALL_FRAME).await {
+                    Ok(Some(b)) => Ok(b),
+                    Ok(None) => Err("the peer closed the stream without an answer".to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            let result = match tokio::time::timeout(Duration::from_secs(30), result).await {
+                Ok(r) => r,
+                Err(_) => Err("no answer within 30 s".into()),
+            };
+            let _ = r
+                .reply
+                .send(result.map_err(|reason| Error::Request { peer, reason }));
+        });
+    }
+
+    fn send(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        let max_queued = self.config.max_queued;
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if !s.admitted {
+            tracing::debug!(%peer, "not admitted; frame dropped");
+            return;
+        }
+        if s.writer.is_none() {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let q = queued.clone();
+            let mut control = self.control.clone();
+            let internal = self.internal_tx.clone();
+            let session_no = s.session_no;
+            tokio::spawn(async move {
+                let opened =
+                    tokio::time::timeout(Duration::from_secs(10), control.open_stream(peer, SYNC))
+                        .await;
+                let mut stream = match opened {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let _ =
+                            internal.send(Internal::WriterFailed(peer, session_no, e.to_string()));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = internal.send(Internal::WriterFailed(
+                            peer,
+                            session_no,
+                            "opening the sync stream timed out".into(),
+                        ));
+                        return;
+                    }
+                };
+                while let Some(bytes) = rx.recv().await {
+                    q.fetch_sub(bytes.len(), Ordering::Relaxed);
+                    if let Err(e) = frame::write(&mut stream, &bytes).await {
+                        let _ =
+                            internal.send(Internal::WriterFailed(peer, session_no, e.to_string()));
+                        return;
+                    }
+                }
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            });
+            s.writer = Some((tx, queued));
+        }
+        let Some((tx, queued)) = &s.writer else {
+            return;
+        };
+        let total = queued.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
+        if total > max_queued {
+            tracing::warn!(%peer, total, "peer too slow: send queue full; disconnecting");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        let _ = tx.send(bytes);
+    }
+
+    fn on_internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::HelloIn(peer, inc, hello) => {
+                let Some(s) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                if s.incarnation.as_deref() == Some(hex(&inc).as_str()) {
+                    self.ask(peer, hello);
+                } else {
+                    // Identify has not told us about this process yet.
+                    s.early_hello = Some((inc, hello));
+                }
+            }
+            Internal::FrameIn(peer, bytes) => {
+                let Some(s) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                if s.admitted {
+                    self.emit(Event::Frame { peer, bytes });
+                    return;
+                }
+                s.held_bytes += bytes.len();
+                if s.held_bytes > self.config.max_frame * 2 {
+                    let addr = self.addr_of(&peer);
+                    tracing::warn!(%peer, %addr, "peer sent too much before admission; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
+                s.held.push(bytes);
+            }
+            Internal::Misbehaved(peer, reason) => {
+                let addr = self.addr_of(&peer);
+                tracing::warn!(%peer, %addr, %reason, "peer misbehaved; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Internal::WriterFailed(peer, session_no, reason) => {
+                if self
+                    .sessions
+                    .get(&peer)
+                    .is_some_and(|s| s.session_no == session_no && s.admitted)
+                {
+                    tracing::info!(%peer, %reason, "sync stream failed; restarting the session");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            Internal::RequestIn(peer, protocol, bytes, reply) => {
+                let addr = self
+                    .addr_of(&peer)
+                    .parse::<Multiaddr>()
+                    .unwrap_or_else(|_| Multiaddr::empty());
+                self.emit(Event::Request {
+                    peer,
+                    addr,
+                    protocol,
+                    bytes,
+                    reply,
+                });
+            }
+        }
+    }
+}
+
+/// The `/p2p/<id>` component for `peer`.
+pub fn multiaddr_p2p(peer: PeerId) -> Protocol<'static> {
+    Protocol::P2p(peer)
+}
+
+/// Whether an address goes through a relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}

@@ -1,6 +1,16 @@
-//! The edge node daemon.
+//! The edge node daemon (and, for now, the anchor's): the store, the sync
+//! engine and the mesh in one loop, enrollment, and the control socket
+//! through which the CLI reaches a running daemon.
 //!
-//! Not built yet. `shoal node run` will open the store, join the mesh,
-//! compute the node's share (`crdt_state::placement::share`), reconcile it to
-//! a runtime (native processes by default, or K3s) and report back into the
-//! node's own document. It composes `crdt-state`, `mesh` and `adapters`.
+//! - [`daemon`]: `shoal node run` / `shoal anchor run`.
+//! - [`hello`]: what peers say on `/shoal/hello/1`, and admission.
+//! - [`enroll`]: tokens, `/shoal/enroll/1`, offline node bundles.
+//! - [`control`]: CLI verbs on a data dir, directly or over the socket.
+//!
+//! Reconciling the node's share to a runtime comes with the node-daemon
+//! issue; the anchor's HTTP API and UI live in `cloud-anchor`.
+
+pub mod control;
+pub mod daemon;
+pub mod enroll;
+pub mod hello;

@@ -1,0 +1,456 @@
+//! The daemon behind `shoal node run` and `shoal anchor run`: the store,
+//! the sync engine and the mesh in one loop.
+//!
+//! One task owns the data dir (store) and the engine; it reacts to mesh
+//! events (hello → admission, frames → engine), control-socket requests
+//! (CLI verbs on the held data dir; the changes they commit are handed to
+//! the engine) and a one-second tick. After each step it carries out what
+//! the engine asked, in order: changes are committed before any frame that
+//! follows them is sent; sync states are saved every few seconds and on
+//! shutdown.
+//!
+//! An anchor differs from a node in four things: it holds every document
+//! (its certificate's role), it answers enrollment requests, it serves
+//! circuit relay, and it signs operator edits with the data dir's operator
+//! identity while its mesh identity is its own anchor certificate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use crdt_state::render::Contact;
+use crdt_state::sync::{Engine, Input, Output, SyncConfig};
+use crdt_state::{DataDir, DocId, Identity, PublicKey, Role};
+use mesh::{Event, Mesh, Multiaddr, PeerId};
+use tokio::sync::mpsc;
+
+use crate::control::{self, Incoming, Live};
+use crate::enroll::{self, ADDRS_FILE, ANCHOR_IDENTITY_FILE};
+use crate::hello;
+
+/// Daemon settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to keep connected to (besides those in `peers.json`).
+    pub peers: Vec<Multiaddr>,
+    /// mDNS discovery on the local network.
+    pub mdns: bool,
+    /// Run as an anchor.
+    pub anchor: bool,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The anchor's own identity: made (and certified with the root key) the
+/// first time the anchor runs on a data dir.
+fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
+    let path = dd.path().join(ANCHOR_IDENTITY_FILE);
+    if path.exists() {
+        return Ok(Identity::read(&path)?);
+    }
+    let mut suffix = [0u8; 4];
+    getrandom::fill(&mut suffix).map_err(|e| anyhow!("{e}"))?;
+    let name = format!("anchor-{}", hex::encode(suffix));
+    let id = dd
+        .create_identity(Role::Anchor, None, &name, now())
+        .context(
+            "an anchor runs on the data dir made by `shoal fleet init` (it needs the root key)",
+        )?;
+    id.write(&path)?;
+    Ok(id)
+}
+
+fn load_engine(dd: &DataDir, me: &Identity) -> anyhow::Result<Engine> {
+    let store = dd.store();
+    let mut docs = Vec::new();
+    for id in store.doc_ids()? {
+        if let Some(doc) = store.load(&id)? {
+            let sigs = store.signatures(&id)?;
+            docs.push((doc, sigs));
+        }
+    }
+    Ok(Engine::new(
+        me.cert.clone(),
+        dd.trust().clone(),
+        docs,
+        SyncConfig::default(),
+    ))
+}
+
+struct Daemon {
+    dd: DataDir,
+    engine: Engine,
+    mesh: Mesh,
+    anchor: bool,
+    /// Admitted peers: peer id → key, and back.
+    keys: HashMap<PeerId, PublicKey>,
+    peer_ids: HashMap<PublicKey, PeerId>,
+    contacts: BTreeMap<String, Contact>,
+    listening: Vec<String>,
+    pending_states: HashMap<(PublicKey, DocId), Vec<u8>>,
+    last_state_flush: Instant,
+    started: Instant,
+    known_peers: Vec<String>,
+    peers_dirty: bool,
+    security_events: u64,
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut dd = DataDir::open(&opts.data_dir, None)?;
+    dd.forward_changes();
+    let me = if opts.anchor {
+        anchor_identity(&mut dd)?
+    } else {
+        let id = dd
+            .identity()
+            .cloned()
+            .ok_or_else(|| anyhow!("{} has no identity: enroll first", opts.data_dir.display()))?;
+        if id.cert.role != Role::Node {
+            anyhow::bail!(
+                "{} holds a {} identity, not a node's: enroll a node data dir with `shoal node enroll`",
+                opts.data_dir.display(),
+                id.cert.role
+            );
+        }
+        id
+    };
+    // The anchor's certificate may be new: take what create_identity wrote.
+    let _ = dd.take_outbox();
+    let engine = load_engine(&dd, &me)?;
+    let mut config = mesh::Config::new(me.secret_bytes());
+    config.listen = if opts.listen.is_empty() {
+        let port = if opts.anchor { 7411 } else { 0 };
+        vec![format!("/ip4/0.0.0.0/udp/{port}/quic-v1").parse()?]
+    } else {
+        opts.listen.clone()
+    };
+    let mut known_peers = enroll::read_peers(&opts.data_dir);
+    for p in &opts.peers {
+        if !known_peers.contains(&p.to_string()) {
+            known_peers.push(p.to_string());
+        }
+    }
+    for p in &known_peers {
+        match p.parse::<Multiaddr>() {
+            Ok(a) if mesh::peer_of(&a).is_some() => config.peers.push(a),
+            _ => anyhow::bail!("peer address {p} must be a multiaddr ending in /p2p/<peer id>"),
+        }
+    }
+    config.mdns = opts.mdns;
+    config.relay_server = opts.anchor;
+    if opts.anchor {
+        config.serve.push(mesh::ENROLL);
+    }
+    let root = dd.trust().root();
+    let (mesh, mut events) =
+        Mesh::start(config, hello::encode(root, &me.cert)).map_err(|e| anyhow!("{e}"))?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(16);
+    control::serve(&opts.data_dir, ctl_tx).await?;
+    tracing::info!(peer = %mesh.peer_id(), name = %me.cert.name, "daemon started");
+    let mut d = Daemon {
+        dd,
+        engine,
+        mesh,
+        anchor: opts.anchor,
+        keys: HashMap::new(),
+        peer_ids: HashMap::new(),
+        contacts: BTreeMap::new(),
+        listening: Vec::new(),
+        pending_states: HashMap::new(),
+        last_state_flush: Instant::now(),
+        started: Instant::now(),
+        known_peers,
+        peers_dirty: false,
+        security_events: 0,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some(ev) => d.on_mesh(ev),
+                None => break,
+            },
+            Some((req, reply)) = ctl_rx.recv() => {
+                let live = Live {
+                    contacts: Some(d.contacts.clone()),
+                    addrs: d.listening.clone(),
+                };
+                let r = control::execute(&mut d.dd, req, &live);
+                d.forward_local();
+                let _ = reply.send(r);
+            }
+            _ = tick.tick() => d.on_tick(),
+            _ = &mut shutdown => break,
+        }
+        d.drain();
+    }
+    d.flush_states();
+    d.save_peers();
+    d.mesh.shutdown().await;
+    let _ = std::fs::remove_file(opts.data_dir.join(control::SOCKET_FILE));
+    Ok(())
+}
+
+impl Daemon {
+    fn on_mesh(&mut self, ev: Event) {
+        match ev {
+            Event::Listening(addr) => {
+                let full = addr.with(mesh::multiaddr_p2p(self.mesh.peer_id()));
+                println!("listening on {full}");
+                self.listening.push(full.to_string());
+                let path = self.dd.path().join(ADDRS_FILE);
+                if let Ok(text) = serde_json::to_vec_pretty(&self.listening) {
+                    let _ = std::fs::write(path, text);
+                }
+            }
+            Event::Hello { peer, addr, hello } => {
+                match hello::check(self.engine.trust(), &peer, &hello) {
+                    Ok(cert) => {
+                        tracing::info!(%peer, %addr, name = %cert.name, role = %cert.role, "peer admitted");
+                        self.mesh.admit(peer);
+                        let key = cert.key;
+                        if cert.role == Role::Anchor && !self.anchor {
+                            self.mesh.listen_via(peer);
+                        }
+                        self.contacts.insert(
+                            cert.name.clone(),
+                            Contact {
+                                connected: true,
+                                last_contact: Some(now()),
+                            },
+                        );
+                        if !mesh::is_relayed(&addr) {
+                            let full = addr.with(mesh::multiaddr_p2p(peer)).to_string();
+                            // Keep peers whose address we dialed or that
+                            // dialed us from their listening socket.
+                            if !self.known_peers.contains(&full) {
+                                self.known_peers.retain(|p| !p.ends_with(&peer.to_string()));
+                                self.known_peers.push(full);
+                                self.peers_dirty = true;
+                            }
+                        }
+                        self.keys.insert(peer, key);
+                        self.peer_ids.insert(key, peer);
+                        let saved = self.saved_states(&key);
+                        self.engine.handle(Input::Connected {
+                            peer: key,
+                            cert,
+                            saved,
+                        });
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%peer, %addr, %reason, "admission refused");
+                        self.mesh.reject(peer, reason);
+                    }
+                }
+            }
+            Event::Frame { peer, bytes } => {
+                if let Some(key) = self.keys.get(&peer).copied() {
+                    if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone())
+                        && let Some(c) = self.contacts.get_mut(&name)
+                    {
+                        c.last_contact = Some(now());
+                    }
+                    self.engine.handle(Input::Received {
+                        peer: key,
+                        frame: bytes,
+                    });
+                }
+            }
+            Event::Down { peer } => {
+                if let Some(key) = self.keys.remove(&peer) {
+                    self.peer_ids.remove(&key);
+                    if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
+                        self.contacts.insert(
+                            name,
+                            Contact {
+                                connected: false,
+                                last_contact: Some(now()),
+                            },
+                        );
+                    }
+                    self.engine.handle(Input::Disconnected { peer: key });
+                }
+            }
+            Event::Request {
+                peer,
+                addr,
+                protocol,
+                bytes,
+                reply,
+            } => {
+                if protocol == mesh::ENROLL && self.anchor {
+                    let answer = enroll::handle(&mut self.dd, &bytes, now());
+                    match &answer {
+                        enroll::EnrollResponse::Certified(c) => {
+                            tracing::info!(%peer, %addr, node = %c.name, "node enrolled")
+                        }
+                        enroll::EnrollResponse::Refused(why) => {
+                            tracing::warn!(%peer, %addr, reason = %why, "enrollment refused")
+                        }
+                    }
+                    self.forward_local();
+                    let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    fn saved_states(&self, key: &PublicKey) -> Vec<(DocId, Vec<u8>)> {
+        let peer = key.to_hex();
+        let mut out = Vec::new();
+        for doc in self.engine.docs() {
+            if let Ok(Some(s)) = self.dd.store().sync_state(&peer, doc.id()) {
+                out.push((doc.id().clone(), s));
+            }
+        }
+        out
+    }
+
+    /// Hands changes the data dir committed (CLI verbs, enrollment) to the engine.
+    fn forward_local(&mut self) {
+        for (doc, changes) in self.dd.take_outbox() {
+            self.engine.handle(Input::Local { doc, changes });
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        self.engine.handle(Input::Tick { now_ms });
+        if self.last_state_flush.elapsed() >= Duration::from_secs(5) {
+            self.flush_states();
+            if self.peers_dirty {
+                self.save_peers();
+            }
+        }
+    }
+
+    fn flush_states(&mut self) {
+        self.last_state_flush = Instant::now();
+        if self.pending_states.is_empty() {
+            return;
+        }
+        let states: Vec<(String, DocId, Vec<u8>)> = self
+            .pending_states
+            .drain()
+            .map(|((k, d), s)| (k.to_hex(), d, s))
+            .collect();
+        if let Err(e) = self.dd.store().put_sync_states(&states) {
+            tracing::warn!(error = %e, "sync states not saved");
+        }
+    }
+
+    fn save_peers(&mut self) {
+        self.peers_dirty = false;
+        if let Err(e) = enroll::write_peers(self.dd.path(), &self.known_peers) {
+            tracing::warn!(error = %e, "peers not saved");
+        }
+    }
+
+    /// Carries out what the engine asked: commits first, then the rest.
+    fn drain(&mut self) {
+        let mut outputs = Vec::new();
+        while let Some(o) = self.engine.poll_output() {
+            outputs.push(o);
+        }
+        if outputs.is_empty() {
+            return;
+        }
+        // Commit every change before any frame leaves.
+        let mut persisted: Vec<(
+            DocId,
+            Vec<(automerge::ChangeHash, crdt_state::SignedChange)>,
+        )> = Vec::new();
+        for o in &outputs {
+            if let Output::Persist { doc, changes } = o {
+                persisted.push((doc.clone(), changes.clone()));
+            }
+        }
+        if !persisted.is_empty() {
+            let items: Vec<_> = persisted
+                .iter()
+                .filter_map(|(id, c)| self.engine.doc(id).map(|d| (d, c.as_slice())))
+                .collect();
+            if let Err(e) = self.dd.store().commit_batch(&items) {
+                // Not stored: do not send on what we could not keep.
+                tracing::error!(error = %e, "could not commit synced changes; stopping sends");
+                return;
+            }
+            let mut fleet_changed = false;
+            for (id, _) in &persisted {
+                self.dd.forget(id);
+                fleet_changed |= *id == DocId::Fleet;
+            }
+            if fleet_changed && let Err(e) = self.dd.refresh_trust() {
+                tracing::warn!(error = %e, "trust not refreshed");
+            }
+        }
+        for o in outputs {
+            match o {
+                Output::Persist { .. } => {}
+                Output::Send { peer, frame } => {
+                    if let Some(pid) = self.peer_ids.get(&peer) {
+                        self.mesh.send(*pid, frame);
+                    }
+                }
+                Output::SaveSyncState { peer, doc, state } => {
+                    self.pending_states.insert((peer, doc), state);
+                }
+                Output::Dropped { doc } => {
+                    if let Err(e) = self.dd.store().drop_doc(&doc) {
+                        tracing::warn!(%doc, error = %e, "superseded document not dropped");
+                    }
+                    self.dd.forget(&doc);
+                }
+                Output::Changed { doc } => {
+                    tracing::debug!(%doc, "document changed");
+                    if doc == DocId::Fleet {
+                        self.cut_revoked();
+                    }
+                }
+                Output::Security { peer, reason } => {
+                    self.security_events += 1;
+                    tracing::warn!(peer = %peer.short(), %reason, "security event");
+                }
+                Output::Disconnect { peer, reason } => {
+                    if let Some(pid) = self.peer_ids.get(&peer) {
+                        self.mesh.disconnect(*pid, reason);
+                    }
+                }
+            }
+        }
+    }
+
+    fn cut_revoked(&mut self) {
+        let revoked: Vec<(PeerId, PublicKey)> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| self.engine.trust().is_revoked(k))
+            .map(|(p, k)| (*p, *k))
+            .collect();
+        for (pid, key) in revoked {
+            self.mesh
+                .reject(pid, format!("{} was revoked", key.short()));
+        }
+    }
+}
+
+/// Reads the data dir's addresses file (for tests and tools).
+pub fn listening(dir: &Path) -> Vec<String> {
+    enroll::read_addrs(dir)
+}

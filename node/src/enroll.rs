@@ -1,0 +1,369 @@
+//! Enrollment: how a node gets its certificate.
+//!
+//! Online: the operator makes a one-time token on the anchor's data dir
+//! (`shoal fleet token create`). The token carries a 256-bit secret, the
+//! anchor's addresses and peer id, and the fleet root; the anchor keeps
+//! only the secret's SHA-256 with the node's name, site, labels and expiry
+//! (`tokens.json`, owner-only). The node generates its key locally and
+//! sends the secret and its public key on `/shoal/enroll/1`; the anchor
+//! checks the token, marks it used, certifies the key and adds the Node to
+//! the fleet document. The node's secret key never leaves it.
+//!
+//! Offline: `shoal fleet node-bundle` makes the key, certificate and an
+//! offline bundle of the node's documents on the operator's machine; the
+//! file is carried to the air-gapped site (`shoal node enroll --bundle`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use crdt_state::identity::{generate_key, write_private};
+use crdt_state::{Certificate, DataDir, DocId, Identity, PublicKey, Role};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Where an anchor keeps its outstanding tokens.
+pub const TOKENS_FILE: &str = "tokens.json";
+/// Where a daemon writes the addresses it listens on (with its peer id).
+pub const ADDRS_FILE: &str = "addrs.json";
+/// Where a node keeps the peers it should stay connected to.
+pub const PEERS_FILE: &str = "peers.json";
+/// The anchor's own identity in its data dir.
+pub const ANCHOR_IDENTITY_FILE: &str = "anchor.json";
+
+const TOKEN_PREFIX: &str = "shoal1-";
+
+/// What a token carries (hex-encoded JSON after `shoal1-`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    /// The one-time secret (64 hex digits).
+    pub secret: String,
+    /// The anchor's addresses, each ending in `/p2p/<id>`.
+    pub anchors: Vec<String>,
+    /// The fleet root key.
+    pub fleet: PublicKey,
+}
+
+impl Token {
+    /// The token text.
+    pub fn encode(&self) -> String {
+        format!(
+            "{TOKEN_PREFIX}{}",
+            hex::encode(serde_json::to_vec(self).unwrap_or_default())
+        )
+    }
+
+    /// Parses a token text.
+    pub fn decode(text: &str) -> anyhow::Result<Token> {
+        let body = text.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+            anyhow!("not a Shoal enrollment token (it must start {TOKEN_PREFIX})")
+        })?;
+        if body.len() > 16 << 10 {
+            bail!("enrollment token is too long");
+        }
+        let bytes = hex::decode(body).map_err(|_| anyhow!("enrollment token is damaged"))?;
+        serde_json::from_slice(&bytes).map_err(|e| anyhow!("enrollment token is damaged: {e}"))
+    }
+}
+
+/// An outstanding token, as the anchor keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The node it enrolls.
+    pub node: String,
+    /// Its site.
+    pub site: String,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Expiry (Unix seconds).
+    pub expires_at: i64,
+    /// Used already (one-time).
+    #[serde(default)]
+    pub used: bool,
+}
+
+fn read_tokens(dir: &Path) -> anyhow::Result<BTreeMap<String, TokenRecord>> {
+    let path = dir.join(TOKENS_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+    }
+}
+
+fn write_tokens(dir: &Path, tokens: &BTreeMap<String, TokenRecord>) -> anyhow::Result<()> {
+    let text = serde_json::to_vec_pretty(tokens)?;
+    write_private(&dir.join(TOKENS_FILE), &text)?;
+    Ok(())
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// The addresses a daemon last listened on (empty if it never ran).
+pub fn read_addrs(dir: &Path) -> Vec<String> {
+    std::fs::read(dir.join(ADDRS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The peers a node keeps connected to.
+pub fn read_peers(dir: &Path) -> Vec<String> {
+    std::fs::read(dir.join(PEERS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Writes the peers file.
+pub fn write_peers(dir: &Path, peers: &[String]) -> anyhow::Result<()> {
+    let path = dir.join(PEERS_FILE);
+    std::fs::write(&path, serde_json::to_vec_pretty(peers)?)
+        .with_context(|| format!("{}", path.display()))
+}
+
+/// What the operator asks for in a token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The node's name.
+    pub node: String,
+    /// Its site (default: the node's name).
+    pub site: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Lifetime in seconds.
+    pub ttl_s: i64,
+}
+
+/// Creates a one-time token on an anchor's data dir. `anchors` are the
+/// anchor's addresses (from the running daemon, or [`ADDRS_FILE`]).
+pub fn create_token(
+    dd: &DataDir,
+    anchors: Vec<String>,
+    req: &TokenRequest,
+    now: i64,
+) -> anyhow::Result<String> {
+    crdt_state::model::validate_name("node", &req.node).map_err(|e| anyhow!(e))?;
+    let site = req.site.clone().unwrap_or_else(|| req.node.clone());
+    crdt_state::model::validate_name("site", &site).map_err(|e| anyhow!(e))?;
+    if anchors.is_empty() {
+        bail!(
+            "no anchor address known for {}: start `shoal anchor run` on it first",
+            dd.path().display()
+        );
+    }
+    if req.ttl_s <= 0 {
+        bail!("token lifetime must be positive");
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+    let secret = hex::encode(secret);
+    let mut tokens = read_tokens(dd.path())?;
+    tokens.retain(|_, t| !t.used && t.expires_at > now);
+    tokens.insert(
+        digest(&secret),
+        TokenRecord {
+            node: req.node.clone(),
+            site,
+            labels: req.labels.clone(),
+            expires_at: now + req.ttl_s,
+            used: false,
+        },
+    );
+    write_tokens(dd.path(), &tokens)?;
+    Ok(Token {
+        secret,
+        anchors,
+        fleet: dd.trust().root(),
+    }
+    .encode())
+}
+
+/// The enrollment request a node sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The token's secret.
+    pub secret: String,
+    /// The node's freshly generated public key.
+    pub key: PublicKey,
+}
+
+/// The anchor's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    /// Enrolled: the node's certificate.
+    Certified(Certificate),
+    /// Refused, and why.
+    Refused(String),
+}
+
+/// Handles an enrollment request on the anchor: checks the token, marks it
+/// used, certifies the key and writes the Node into the fleet document.
+pub fn handle(dd: &mut DataDir, bytes: &[u8], now: i64) -> EnrollResponse {
+    match handle_inner(dd, bytes, now) {
+        Ok(cert) => EnrollResponse::Certified(cert),
+        Err(e) => EnrollResponse::Refused(format!("{e:#}")),
+    }
+}
+
+fn handle_inner(dd: &mut DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Certificate> {
+    let req: EnrollRequest =
+        serde_json::from_slice(bytes).map_err(|e| anyhow!("malformed enrollment request: {e}"))?;
+    let mut tokens = read_tokens(dd.path())?;
+    let key = digest(&req.secret);
+    let record = tokens
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| anyhow!("unknown enrollment token"))?;
+    if record.used {
+        bail!("enrollment token was already used");
+    }
+    if record.expires_at <= now {
+        bail!("enrollment token expired");
+    }
+    if let Some(t) = tokens.get_mut(&key) {
+        t.used = true;
+    }
+    write_tokens(dd.path(), &tokens)?;
+    add_node(dd, &record.node, &record.site, &record.labels, now)?;
+    let cert = dd.certify(req.key, Role::Node, Some(&record.site), &record.node, now)?;
+    Ok(cert)
+}
+
+fn add_node(
+    dd: &mut DataDir,
+    name: &str,
+    site: &str,
+    labels: &BTreeMap<String, String>,
+    now: i64,
+) -> anyhow::Result<()> {
+    let spec = serde_json::json!({
+        "apiVersion": "shoal.dev/v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "spec": {"site": site, "labels": labels},
+    });
+    let ms = crdt_state::manifest::parse("enrollment", &spec.to_string())?;
+    dd.apply(&ms, now)?;
+    Ok(())
+}
+
+/// Sets up a node's data dir from a certificate and its key.
+fn install(dir: &Path, identity: &Identity, anchors: &[String]) -> anyhow::Result<DataDir> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let tmp = dir.join(".identity.tmp");
+    identity.write(&tmp)?;
+    let dd = DataDir::use_identity(dir, &tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let dd = dd?;
+    write_peers(dir, anchors)?;
+    Ok(dd)
+}
+
+/// Enrolls a node with a token over the network: generates the key here,
+/// asks the anchor(s) named in the token, and sets up the data dir.
+pub async fn enroll_with_token(dir: &Path, token: &str) -> anyhow::Result<Certificate> {
+    if dir.join(crdt_state::datadir::IDENTITY_FILE).exists() {
+        bail!("{} already holds an identity", dir.display());
+    }
+    let token = Token::decode(token)?;
+    let secret = generate_key()?;
+    let key = PublicKey(secret.verifying_key().to_bytes());
+    let (mesh, _events) = mesh::Mesh::start(mesh::Config::new(secret.to_bytes()), Vec::new())
+        .map_err(|e| anyhow!("{e}"))?;
+    let req = serde_json::to_vec(&EnrollRequest {
+        secret: token.secret.clone(),
+        key,
+    })?;
+    let mut errors = Vec::new();
+    for addr in &token.anchors {
+        let Ok(ma) = addr.parse::<mesh::Multiaddr>() else {
+            errors.push(format!("{addr}: not an address"));
+            continue;
+        };
+        match mesh.request(ma, mesh::ENROLL, req.clone()).await {
+            Ok(bytes) => match serde_json::from_slice::<EnrollResponse>(&bytes) {
+                Ok(EnrollResponse::Certified(cert)) => {
+                    if cert.key != key || cert.issuer != token.fleet {
+                        bail!("the anchor answered with a certificate for another key or fleet");
+                    }
+                    cert.verify(&token.fleet)?;
+                    let identity = Identity::new(cert.clone(), secret)?;
+                    install(dir, &identity, &token.anchors)?;
+                    return Ok(cert);
+                }
+                Ok(EnrollResponse::Refused(why)) => bail!("the anchor refused: {why}"),
+                Err(e) => errors.push(format!("{addr}: malformed answer: {e}")),
+            },
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    bail!("could not reach an anchor: {}", errors.join("; "))
+}
+
+/// What `shoal fleet node-bundle` writes.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeBundle {
+    certificate: Certificate,
+    secret_key: String,
+    anchors: Vec<String>,
+    bundle: String,
+}
+
+/// Makes an offline enrollment file for `node` on the operator's data dir:
+/// a key and certificate, the Node entry, and a bundle of the documents the
+/// node keeps. The file holds a secret key: it is written owner-only.
+pub fn node_bundle(
+    dd: &mut DataDir,
+    node: &str,
+    site: Option<&str>,
+    labels: &BTreeMap<String, String>,
+    out: &Path,
+    now: i64,
+) -> anyhow::Result<PathBuf> {
+    crdt_state::model::validate_name("node", node).map_err(|e| anyhow!(e))?;
+    let site = site.unwrap_or(node).to_string();
+    add_node(dd, node, &site, labels, now)?;
+    let secret = generate_key()?;
+    let key = PublicKey(secret.verifying_key().to_bytes());
+    let cert = dd.certify(key, Role::Node, Some(&site), node, now)?;
+    let site_doc = DocId::Site(site.clone());
+    let bundle =
+        dd.export_some(|id| *id == DocId::Fleet || *id == site_doc || node_doc_of(id, node))?;
+    let file = NodeBundle {
+        certificate: cert,
+        secret_key: hex::encode(secret.to_bytes()),
+        anchors: read_addrs(dd.path()),
+        bundle: hex::encode(bundle),
+    };
+    write_private(out, &serde_json::to_vec(&file)?)?;
+    Ok(out.to_path_buf())
+}
+
+fn node_doc_of(id: &DocId, node: &str) -> bool {
+    matches!(id, DocId::Node { name, .. } if name == node)
+}
+
+/// Sets up a node's data dir from an offline enrollment file.
+pub fn enroll_with_bundle(dir: &Path, file: &Path) -> anyhow::Result<Certificate> {
+    if dir.join(crdt_state::datadir::IDENTITY_FILE).exists() {
+        bail!("{} already holds an identity", dir.display());
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
+    let nb: NodeBundle = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow!("{} is not a node bundle: {e}", file.display()))?;
+    let secret = crdt_state::identity::parse_secret(&nb.secret_key)
+        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let identity = Identity::new(nb.certificate.clone(), secret)?;
+    let mut dd = install(dir, &identity, &nb.anchors)?;
+    let bundle =
+        hex::decode(&nb.bundle).map_err(|_| anyhow!("{}: damaged bundle", file.display()))?;
+    dd.import(&bundle)?;
+    Ok(nb.certificate)
+}
