@@ -64,9 +64,9 @@ enum Command {
         #[arg(long)]
         identity: Option<PathBuf>,
     },
-    /// Show apps, configs, nodes or conflicts.
+    /// Show apps, configs, nodes, sites or conflicts.
     Get {
-        /// apps, configs, nodes or conflicts.
+        /// apps, configs, nodes, sites or conflicts.
         what: String,
         #[command(flatten)]
         dir: Dir,
@@ -528,14 +528,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Identity(IdentityCmd::Revoke { dir, who, reason }) => {
-            let mut dd = DataDir::open(&dir.data_dir, None)?;
-            let key = dd.find_key(&who)?;
-            let r = dd.revoke(key, &reason, now())?;
-            println!(
-                "revoked {} ({} of its actors keep their changes so far)",
-                key.short(),
-                r.accepted.len()
-            );
+            verb(&dir.data_dir, None, Request::Revoke { who, reason })?;
         }
         Command::Identity(IdentityCmd::Show { dir }) => {
             let dd = DataDir::open(&dir.data_dir, None)?;

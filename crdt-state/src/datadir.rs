@@ -441,6 +441,19 @@ impl DataDir {
         Ok(FleetView::read(&self.doc(&DocId::Fleet)?))
     }
 
+    /// Every site document held, read.
+    pub fn sites(&self) -> Result<BTreeMap<String, model::SiteOverrideSpec>> {
+        let mut out = BTreeMap::new();
+        for id in self.store.doc_ids()? {
+            if let DocId::Site(name) = &id
+                && let Some(doc) = self.store.load(&id)?
+            {
+                out.insert(name.clone(), model::read_site(&doc));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every field with concurrent values, in every document.
     pub fn conflicts(&self) -> Result<Vec<Conflict>> {
         let mut out = Vec::new();

@@ -250,3 +250,30 @@ pub fn applied(format: Format, applied: &[Applied]) -> String {
         f => render(f, &applied, &[], vec![]),
     }
 }
+
+/// `shoal get sites`: each site's overrides.
+pub fn sites(
+    format: Format,
+    sites: &std::collections::BTreeMap<String, crate::model::SiteOverrideSpec>,
+) -> String {
+    let rows = sites
+        .iter()
+        .map(|(name, s)| {
+            vec![
+                name.clone(),
+                s.apps
+                    .iter()
+                    .map(|(a, o)| format!("{a}:{}", serde_json::to_string(o).unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                s.configs.keys().cloned().collect::<Vec<_>>().join(","),
+            ]
+        })
+        .collect();
+    render(
+        format,
+        sites,
+        &["SITE", "APP OVERRIDES", "CONFIG OVERRIDES"],
+        rows,
+    )
+}

@@ -21,7 +21,11 @@
 //!   next session. The owner restarts its sync per session.
 //! - **Redialing** is ours: every known peer (bootstrap addresses, mDNS,
 //!   peers added by the owner) is redialed with jittered exponential
-//!   backoff while it is not connected.
+//!   backoff while it is not connected. For the first two minutes after
+//!   an admitted peer is lost the backoff stays at most one second (a cut
+//!   link that returns is back in sync within ~1 s + a few RTT); after that
+//!   it grows to the configured maximum (a week-long partition costs a
+//!   dial attempt every 30 s, not every second).
 //! - **Requests** (`/shoal/enroll/1`): one frame each way, allowed before
 //!   admission; the only thing an unknown peer may ask for.
 
@@ -84,6 +88,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Redial backoff: first and largest delay.
     pub backoff: (Duration, Duration),
+    /// Right after losing an admitted peer: redial at least this often, for
+    /// this long.
+    pub fast_redial: (Duration, Duration),
     /// Protocols whose requests this peer answers ([`Event::Request`]).
     pub serve: Vec<StreamProtocol>,
     /// Bytes queued to a slow peer before it is cut off.
@@ -107,6 +114,7 @@ impl Config {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             backoff: (Duration::from_millis(250), Duration::from_secs(30)),
+            fast_redial: (Duration::from_secs(1), Duration::from_secs(120)),
             serve: Vec::new(),
             max_queued: 32 << 20,
         }
@@ -473,6 +481,8 @@ struct Known {
     addrs: Vec<Multiaddr>,
     backoff: Duration,
     next: Instant,
+    /// When an admitted session with it ended.
+    lost_at: Option<Instant>,
 }
 
 struct PendingRequest {
@@ -650,6 +660,7 @@ impl Task {
             addrs: Vec::new(),
             backoff: first,
             next: Instant::now(),
+            lost_at: None,
         });
         if !k.addrs.contains(&addr) {
             k.addrs.push(addr);
@@ -724,9 +735,13 @@ impl Task {
 
     /// Schedules the next dial of a known peer and doubles its backoff.
     fn backoff(&mut self, peer: PeerId) {
-        let max = self.config.backoff.1;
-        let Some(b) = self.known.get(&peer).map(|k| k.backoff) else {
+        let (fast, fast_for) = self.config.fast_redial;
+        let Some((b, lost_at)) = self.known.get(&peer).map(|k| (k.backoff, k.lost_at)) else {
             return;
+        };
+        let max = match lost_at {
+            Some(t) if t.elapsed() < fast_for => fast,
+            _ => self.config.backoff.1,
         };
         let wait = self.jitter(b);
         if let Some(k) = self.known.get_mut(&peer) {
@@ -953,6 +968,11 @@ impl Task {
             self.sessions.remove(&peer);
         }
         if was_admitted {
+            let first = self.config.backoff.0;
+            if let Some(k) = self.known.get_mut(&peer) {
+                k.lost_at = Some(Instant::now());
+                k.backoff = first;
+            }
             self.emit(Event::Down { peer });
         }
     }

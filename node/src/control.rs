@@ -52,6 +52,13 @@ pub enum Request {
         /// Output format.
         output: String,
     },
+    /// `shoal identity revoke`.
+    Revoke {
+        /// Name or key.
+        who: String,
+        /// Why.
+        reason: String,
+    },
     /// `shoal fleet token create`.
     TokenCreate(TokenRequest),
     /// `shoal bundle export`.
@@ -152,10 +159,20 @@ fn execute_inner(dd: &mut DataDir, req: Request, live: &Live) -> anyhow::Result<
                     render::nodes_with_contacts(output, &dd.fleet()?, live.contacts.as_ref(), now())
                 }
                 "conflicts" | "conflict" => render::conflicts(output, &dd.conflicts()?),
+                "sites" | "site" => render::sites(output, &dd.sites()?),
                 other => {
-                    bail!("cannot get {other:?}: expected apps, configs, nodes or conflicts")
+                    bail!("cannot get {other:?}: expected apps, configs, nodes, sites or conflicts")
                 }
             }
+        }
+        Request::Revoke { who, reason } => {
+            let key = dd.find_key(&who)?;
+            let r = dd.revoke(key, &reason, now())?;
+            format!(
+                "revoked {} ({} of its actors keep their changes so far)\n",
+                key.short(),
+                r.accepted.len()
+            )
         }
         Request::TokenCreate(t) => {
             let addrs = if live.addrs.is_empty() {

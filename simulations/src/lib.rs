@@ -1,10 +1,11 @@
 //! Simulations of a Shoal fleet.
 //!
-//! Today this crate holds the [`tour`]: a scripted walk through the
-//! foundation (signed documents, offline edits, bundles, conflicts) that
-//! `shoal demo` runs. The deterministic partition simulator over the sync
-//! engine, and the real-process harness in network namespaces, will live
-//! here too.
+//! - [`sim`] and [`scenario`]: the deterministic partition simulator over
+//!   the real sync engine (`shoal sim run`).
+//! - [`tour`]: a scripted walk through the foundation (signed documents,
+//!   offline edits, bundles, conflicts).
+//! - [`udp_link`]: a user-space UDP link with delay, jitter, loss and cuts,
+//!   for real processes speaking real QUIC (the kernel here has no netem).
 //!
 //! ```no_run
 //! let dir = std::env::temp_dir().join("shoal-tour");
@@ -15,3 +16,4 @@
 pub mod scenario;
 pub mod sim;
 pub mod tour;
+pub mod udp_link;

@@ -1,0 +1,360 @@
+//! The mesh with real processes over real QUIC on loopback: an anchor and
+//! nodes enrolled with tokens, changes both ways, the anchor killed and
+//! restarted, and admission of strangers and revoked nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::*;
+
+const SYNC_WITHIN: Duration = Duration::from_secs(30);
+
+fn listen_any() -> Vec<String> {
+    vec!["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()]
+}
+
+fn enroll(anchor_dir: &Path, dir: &Path, node: &str, site: &str) {
+    let token = ok(&[
+        "fleet",
+        "token",
+        "create",
+        "--data-dir",
+        s(anchor_dir),
+        "--node",
+        node,
+        "--site",
+        site,
+        "--ttl",
+        "10m",
+    ]);
+    let out = ok(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(dir),
+        "--token",
+        token.trim(),
+    ]);
+    assert!(
+        out.contains(&format!("enrolled as node {node} of site {site}")),
+        "{out}"
+    );
+}
+
+struct Fleet {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    anchor_dir: PathBuf,
+    anchor_port: u16,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let anchor_dir = root.join("anchor");
+        ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+        Fleet {
+            _tmp: tmp,
+            root,
+            anchor_dir,
+            anchor_port: free_udp_port(),
+        }
+    }
+
+    fn start_anchor(&self) -> Daemon {
+        Daemon::start(
+            "anchor",
+            &self.anchor_dir,
+            &[
+                "--listen".into(),
+                format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.anchor_port),
+            ],
+            None,
+        )
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+#[test]
+fn anchor_and_three_nodes_sync_both_ways_survive_anchor_loss() {
+    let f = Fleet::new();
+    let eng = f.dir("eng.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&f.anchor_dir),
+        "--role",
+        "site-engineer",
+        "--site",
+        "s1",
+        "--name",
+        "eng",
+        "--out",
+        s(&eng),
+    ]);
+    let mut anchor = f.start_anchor();
+    let (n1d, n2d, n3d) = (f.dir("n1"), f.dir("n2"), f.dir("n3"));
+    enroll(&f.anchor_dir, &n1d, "n1", "s1");
+    enroll(&f.anchor_dir, &n2d, "n2", "s1");
+    enroll(&f.anchor_dir, &n3d, "n3", "s2");
+    // A token works once.
+    let token = ok(&[
+        "fleet",
+        "token",
+        "create",
+        "--data-dir",
+        s(&f.anchor_dir),
+        "--node",
+        "n4",
+    ]);
+    ok(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(&f.dir("n4")),
+        "--token",
+        token.trim(),
+    ]);
+    let again = shoal(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(&f.dir("n4b")),
+        "--token",
+        token.trim(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    let n1 = Daemon::start("node", &n1d, &listen_any(), None);
+    let mut n2_args = listen_any();
+    n2_args.extend(["--peer".to_string(), n1.addr_on("127.0.0.1")]);
+    let n2 = Daemon::start("node", &n2d, &n2_args, None);
+    let n3 = Daemon::start("node", &n3d, &listen_any(), None);
+
+    // An operator change at the anchor reaches every node.
+    let app = write(&f.root, "web.yaml", &app_yaml("web", "1"));
+    ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app)]);
+    for d in [&n1d, &n2d, &n3d] {
+        assert!(
+            wait_for(SYNC_WITHIN, || app_version(d, "web").as_deref()
+                == Some("1")),
+            "web v1 did not reach {}",
+            d.display()
+        );
+    }
+    // The anchor shows the nodes as connected.
+    assert!(wait_for(SYNC_WITHIN, || {
+        let nodes = get(&f.anchor_dir, "nodes");
+        ["n1", "n2", "n3"]
+            .iter()
+            .all(|n| nodes[n]["connected"] == serde_json::json!(true))
+    }));
+    // A site engineer's change made on a node reaches the anchor.
+    let o1 = write(&f.root, "o1.yaml", &site_yaml("s1", "web", "0.9"));
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&n1d),
+        "--identity",
+        s(&eng),
+        "-f",
+        s(&o1),
+    ]);
+    assert!(
+        wait_for(SYNC_WITHIN, || site_version(&f.anchor_dir, "s1", "web")
+            .as_deref()
+            == Some("0.9")),
+        "site edit did not reach the anchor"
+    );
+    // The site-s2 node does not hold site s1's document.
+    assert_eq!(site_version(&n3d, "s1", "web"), None);
+
+    // Kill the anchor: n1 and n2 still exchange a change directly.
+    anchor.kill();
+    let o2 = write(&f.root, "o2.yaml", &site_yaml("s1", "web", "0.8"));
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&n2d),
+        "--identity",
+        s(&eng),
+        "-f",
+        s(&o2),
+    ]);
+    assert!(
+        wait_for(SYNC_WITHIN, || site_version(&n1d, "s1", "web").as_deref()
+            == Some("0.8")),
+        "n2's change did not reach n1 without the anchor"
+    );
+    assert_eq!(
+        site_version(&f.anchor_dir, "s1", "web").as_deref(),
+        Some("0.9"),
+        "the stopped anchor's store changed"
+    );
+
+    // Restart the anchor: everything converges, and the nodes reconnect.
+    let _anchor = f.start_anchor();
+    assert!(
+        wait_for(SYNC_WITHIN, || site_version(&f.anchor_dir, "s1", "web")
+            .as_deref()
+            == Some("0.8")),
+        "the restarted anchor did not get the change made while it was down"
+    );
+    let app2 = write(&f.root, "web2.yaml", &app_yaml("web", "2"));
+    ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app2)]);
+    for d in [&n1d, &n2d, &n3d] {
+        assert!(
+            wait_for(SYNC_WITHIN, || app_version(d, "web").as_deref()
+                == Some("2")),
+            "web v2 did not reach {} after the anchor restart",
+            d.display()
+        );
+    }
+    assert!(wait_for(SYNC_WITHIN, || {
+        let nodes = get(&f.anchor_dir, "nodes");
+        ["n1", "n2", "n3"]
+            .iter()
+            .all(|n| nodes[n]["connected"] == serde_json::json!(true))
+    }));
+    drop((n1, n2, n3));
+}
+
+#[test]
+fn strangers_and_revoked_nodes_never_get_documents() {
+    let f = Fleet::new();
+    // A revoked node: enrolled offline, then revoked before it ever connects.
+    let rd = f.dir("revoked");
+    let rb = f.dir("revoked.bundle");
+    ok(&[
+        "fleet",
+        "node-bundle",
+        "--data-dir",
+        s(&f.anchor_dir),
+        "--node",
+        "r1",
+        "--out",
+        s(&rb),
+    ]);
+    ok(&["node", "enroll", "--data-dir", s(&rd), "--bundle", s(&rb)]);
+    ok(&[
+        "identity",
+        "revoke",
+        "--data-dir",
+        s(&f.anchor_dir),
+        "r1",
+        "--reason",
+        "stolen",
+    ]);
+    // A stranger: a node of another fleet.
+    let other = f.dir("other");
+    ok(&["fleet", "init", "--data-dir", s(&other), "--name", "other"]);
+    let sb = f.dir("stranger.bundle");
+    ok(&[
+        "fleet",
+        "node-bundle",
+        "--data-dir",
+        s(&other),
+        "--node",
+        "x1",
+        "--out",
+        s(&sb),
+    ]);
+    let sd = f.dir("stranger");
+    ok(&["node", "enroll", "--data-dir", s(&sd), "--bundle", s(&sb)]);
+
+    let anchor = f.start_anchor();
+    let gd = f.dir("good");
+    enroll(&f.anchor_dir, &gd, "g1", "s1");
+    let app = write(&f.root, "secret.yaml", &app_yaml("secret-app", "1"));
+    ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app)]);
+
+    let peer = vec![
+        "--peer".to_string(),
+        anchor.addr_on("127.0.0.1"),
+        "--listen".into(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+    ];
+    let good = Daemon::start("node", &gd, &peer, None);
+    let revoked = Daemon::start("node", &rd, &peer, None);
+    let stranger = Daemon::start("node", &sd, &peer, None);
+    assert!(wait_for(SYNC_WITHIN, || app_version(&gd, "secret-app").is_some()));
+    // Both were refused at the hello, logged with their address.
+    assert!(
+        wait_for(SYNC_WITHIN, || {
+            let log = anchor.log_text();
+            log.matches("admission refused").count() >= 2
+                && log.contains("is revoked")
+                && log.contains("belongs to fleet")
+        }),
+        "anchor log: {}",
+        anchor.log_text()
+    );
+    assert!(anchor.log_text().contains("/ip4/127.0.0.1/udp/"));
+    // The good node got the app long ago; the refused never do.
+    assert_eq!(app_version(&rd, "secret-app"), None);
+    assert_eq!(app_version(&sd, "secret-app"), None);
+    // And the anchor lists neither as connected.
+    let nodes = get(&f.anchor_dir, "nodes");
+    assert_eq!(nodes["g1"]["connected"], serde_json::json!(true));
+    assert_ne!(nodes["r1"]["connected"], serde_json::json!(true));
+    drop((good, revoked, stranger));
+}
+
+#[test]
+fn cli_verbs_reach_a_running_daemon_and_print_the_same() {
+    let f = Fleet::new();
+    let app = write(&f.root, "a.yaml", &app_yaml("a", "1"));
+    let offline = ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app)]);
+    let offline_get = ok(&["get", "apps", "--data-dir", s(&f.anchor_dir)]);
+    let mut anchor = f.start_anchor();
+    let sock = f.anchor_dir.join("control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be owner-only");
+    let b = write(&f.root, "b.yaml", &app_yaml("b", "1"));
+    let online = ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&b)]);
+    assert_eq!(offline.replace("app/a", "app/b"), online);
+    let online_get = ok(&["get", "apps", "--data-dir", s(&f.anchor_dir)]);
+    assert!(online_get.starts_with(offline_get.lines().next().unwrap()));
+    assert!(online_get.contains("\nb "), "{online_get}");
+    // Errors come back the same way.
+    let bad = write(
+        &f.root,
+        "bad.yaml",
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {name: x}\nspec: {replicas: -1}\n",
+    );
+    let out = shoal(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&bad)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml: document 1"));
+    let out = shoal(&["delete", "app", "nope", "--data-dir", s(&f.anchor_dir)]);
+    assert!(!out.status.success());
+    // A bundle exported through the daemon imports elsewhere.
+    let bundle = f.dir("x.bundle");
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        s(&f.anchor_dir),
+        "--out",
+        s(&bundle),
+    ]);
+    assert!(std::fs::metadata(&bundle).unwrap().len() > 100);
+    // A clean stop removes the socket, and the verbs work directly again.
+    assert!(anchor.stop().success());
+    assert!(!sock.exists());
+    let direct = ok(&["get", "apps", "--data-dir", s(&f.anchor_dir)]);
+    assert_eq!(direct, online_get);
+}

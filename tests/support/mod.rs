@@ -1,0 +1,206 @@
+//! Real-process harness: `shoal` daemons as child processes, CLI calls,
+//! and waiting for conditions with deadlines.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+
+pub fn shoal(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .expect("run shoal")
+}
+
+/// Runs shoal and returns stdout; panics with stderr on failure.
+pub fn ok(args: &[&str]) -> String {
+    let out = shoal(args);
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `shoal get WHAT -o json` on a data dir, parsed; `Null` if the call fails.
+pub fn get(dir: &Path, what: &str) -> serde_json::Value {
+    let out = shoal(&["get", what, "--data-dir", s(dir), "-o", "json"]);
+    if !out.status.success() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Polls `cond` every 100 ms until it holds or `within` passes.
+pub fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A daemon child process; killed (SIGKILL) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `shoal <kind> run --data-dir DIR ARGS...` (kind: anchor|node),
+    /// optionally inside a network namespace, and waits for it to listen.
+    pub fn start(kind: &str, dir: &Path, args: &[String], netns: Option<&str>) -> Daemon {
+        let log = dir.with_extension(format!(
+            "{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let _ = std::fs::remove_file(dir.join("addrs.json"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args([kind, "run", "--data-dir", s(dir)])
+            .args(args)
+            .env("SHOAL_LOG", "info,libp2p=warn")
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+            ));
+        let child = cmd.spawn().expect("spawn daemon");
+        let d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            log,
+        };
+        assert!(
+            wait_for(Duration::from_secs(20), || !d.addrs().is_empty()
+                && dir.join("control.sock").exists()),
+            "{kind} in {} did not start: {}",
+            dir.display(),
+            d.log_text()
+        );
+        d
+    }
+
+    /// The addresses it listens on (each ending in /p2p/<id>).
+    pub fn addrs(&self) -> Vec<String> {
+        std::fs::read(self.dir.join("addrs.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Its first address on `ip` (e.g. "127.0.0.1").
+    pub fn addr_on(&self, ip: &str) -> String {
+        self.addrs()
+            .into_iter()
+            .find(|a| a.starts_with(&format!("/ip4/{ip}/")))
+            .unwrap_or_else(|| panic!("no address on {ip}: {:?}", self.addrs()))
+    }
+
+    pub fn peer_id(&self) -> String {
+        let a = self.addrs().into_iter().next().expect("an address");
+        a.rsplit('/').next().unwrap().to_string()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("daemon did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A UDP port free right now on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn app_yaml(name: &str, version: &str) -> String {
+    format!(
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  version: \"{version}\"\n  native: {{command: [/bin/sleep, \"3600\"]}}\n"
+    )
+}
+
+pub fn site_yaml(site: &str, app: &str, version: &str) -> String {
+    format!(
+        "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {{name: {site}}}\nspec:\n  apps:\n    {app}: {{version: \"{version}\"}}\n"
+    )
+}
+
+/// The version a site overrides for an app, as `get sites` shows it.
+pub fn site_version(dir: &Path, site: &str, app: &str) -> Option<String> {
+    get(dir, "sites")
+        .get(site)?
+        .get("apps")?
+        .get(app)?
+        .get("version")?
+        .as_str()
+        .map(String::from)
+}
+
+pub fn app_version(dir: &Path, app: &str) -> Option<String> {
+    get(dir, "apps")
+        .get(app)?
+        .get("version")?
+        .as_str()
+        .map(String::from)
+}
