@@ -1,0 +1,263 @@
+//! The mesh across network namespaces: an anchor and two nodes, each in
+//! its own namespace with one veth link to the root namespace, where user-
+//! space UDP links (this kernel has no netem) add delay, jitter and loss and
+//! can cut a link. Node n2 has no link to the anchor at all: it reaches the
+//! anchor only through node n1.
+//!
+//! Needs root and iproute2; fails (never skips) without them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use simulations::udp_link::{LinkConfig, UdpLink};
+use support::*;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 (`ip`) is needed for the namespace tests");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces made by this test; deleted on drop, also when the test fails.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    /// Namespace `name` with veth `10.77.<i>.2/30` inside and `10.77.<i>.1` outside.
+    fn add(&mut self, name: &str, i: u8) {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        self.0.push(name.to_string());
+        let outer = format!("{name}o");
+        let inner = format!("{name}i");
+        let _ = Command::new("ip").args(["link", "del", &outer]).output();
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        ip(&["link", "set", &inner, "netns", name]);
+        ip(&["addr", "add", &format!("10.77.{i}.1/30"), "dev", &outer]);
+        ip(&["link", "set", &outer, "up"]);
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("10.77.{i}.2/30"),
+            "dev",
+            &inner,
+        ]);
+        ip(&["-n", name, "link", "set", &inner, "up"]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+fn require_root() {
+    let out = Command::new("id").arg("-u").output().expect("id");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "the namespace tests need root (ip netns, veth)"
+    );
+}
+
+fn bundle_node(anchor_dir: &Path, root: &Path, name: &str, site: &str) -> std::path::PathBuf {
+    let b = root.join(format!("{name}.bundle"));
+    ok(&[
+        "fleet",
+        "node-bundle",
+        "--data-dir",
+        s(anchor_dir),
+        "--node",
+        name,
+        "--site",
+        site,
+        "--out",
+        s(&b),
+    ]);
+    let d = root.join(name);
+    ok(&["node", "enroll", "--data-dir", s(&d), "--bundle", s(&b)]);
+    d
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
+    require_root();
+    let tag = format!("sh{}", std::process::id() % 100_000);
+    let (ns_a, ns_1, ns_2) = (format!("{tag}a"), format!("{tag}b"), format!("{tag}c"));
+    let mut ns = Namespaces(Vec::new());
+    ns.add(&ns_a, 1);
+    ns.add(&ns_1, 2);
+    ns.add(&ns_2, 3);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let eng = root.join("eng.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--role",
+        "site-engineer",
+        "--site",
+        "s1",
+        "--name",
+        "eng",
+        "--out",
+        s(&eng),
+    ]);
+    let n1d = bundle_node(&anchor_dir, root, "n1", "s1");
+    let n2d = bundle_node(&anchor_dir, root, "n2", "s1");
+
+    // 100 ms RTT and 1 % loss between n1 and the anchor; 40 ms RTT between
+    // n2 and n1; nothing at all between n2 and the anchor.
+    let wan = LinkConfig {
+        delay: Duration::from_millis(50),
+        jitter: Duration::from_millis(5),
+        loss: 0.01,
+    };
+    let to_anchor = UdpLink::start(addr("10.77.2.1:7411"), addr("10.77.1.2:7411"), wan).unwrap();
+    let lan = LinkConfig {
+        delay: Duration::from_millis(20),
+        ..LinkConfig::default()
+    };
+    let to_n1 = UdpLink::start(addr("10.77.3.1:9001"), addr("10.77.2.2:9001"), lan).unwrap();
+
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &["--listen".into(), "/ip4/10.77.1.2/udp/7411/quic-v1".into()],
+        Some(&ns_a),
+    );
+    let n1 = Daemon::start(
+        "node",
+        &n1d,
+        &[
+            "--listen".into(),
+            "/ip4/10.77.2.2/udp/9001/quic-v1".into(),
+            "--peer".into(),
+            format!("/ip4/10.77.2.1/udp/7411/quic-v1/p2p/{}", anchor.peer_id()),
+        ],
+        Some(&ns_1),
+    );
+    let n2 = Daemon::start(
+        "node",
+        &n2d,
+        &[
+            "--listen".into(),
+            "/ip4/10.77.3.2/udp/9001/quic-v1".into(),
+            "--peer".into(),
+            format!("/ip4/10.77.3.1/udp/9001/quic-v1/p2p/{}", n1.peer_id()),
+        ],
+        Some(&ns_2),
+    );
+    let within = Duration::from_secs(40);
+
+    // The anchor's change reaches n2 through n1; n2's site edit reaches the
+    // anchor through n1.
+    let app = write(root, "web.yaml", &app_yaml("web", "1"));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
+    assert!(
+        wait_for(within, || app_version(&n2d, "web").as_deref() == Some("1")),
+        "n2 never got the app; n1 log: {}",
+        n1.log_text()
+    );
+    let o = write(root, "o.yaml", &site_yaml("s1", "web", "0.9"));
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&n2d),
+        "--identity",
+        s(&eng),
+        "-f",
+        s(&o),
+    ]);
+    assert!(
+        wait_for(within, || site_version(&anchor_dir, "s1", "web").as_deref()
+            == Some("0.9")),
+        "n2's site edit never reached the anchor"
+    );
+
+    // Cut the anchor's link for longer than the QUIC idle timeout; change
+    // the same site document on both sides.
+    to_anchor.set_cut(true);
+    let app2 = write(root, "web2.yaml", &app_yaml("web", "2"));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app2)]);
+    let op = write(
+        root,
+        "op.yaml",
+        "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {name: s1}\nspec:\n  apps:\n    db: {paused: true}\n",
+    );
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&op)]);
+    let o2 = write(root, "o2.yaml", &site_yaml("s1", "web", "0.7"));
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&n1d),
+        "--identity",
+        s(&eng),
+        "-f",
+        s(&o2),
+    ]);
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!(
+        app_version(&n1d, "web").as_deref(),
+        Some("1"),
+        "the cut link leaked"
+    );
+    // (The operator's override replaced the site's app overrides at the anchor.)
+    assert_eq!(
+        site_version(&anchor_dir, "s1", "web"),
+        None,
+        "the cut link leaked"
+    );
+
+    // Restore: everything converges and both sides' edits survive.
+    let restored = Instant::now();
+    to_anchor.set_cut(false);
+    let merged = |d: &Path| {
+        let sites = get(d, "sites");
+        app_version(d, "web").as_deref() == Some("2")
+            && sites["s1"]["apps"]["web"]["version"] == "0.7"
+            && sites["s1"]["apps"]["db"]["paused"] == true
+    };
+    assert!(
+        wait_for(within, || merged(&anchor_dir)
+            && merged(&n1d)
+            && merged(&n2d)),
+        "no convergence after the link returned: anchor {} / n1 {} / n2 {}\nn1 log: {}",
+        get(&anchor_dir, "sites"),
+        get(&n1d, "sites"),
+        get(&n2d, "sites"),
+        n1.log_text()
+    );
+    eprintln!("converged {:?} after the link returned", restored.elapsed());
+    let c = to_anchor.counters();
+    assert!(to_n1.counters().up_packets > 0, "n2 talked to n1");
+    assert!(c.up_packets > 0 && c.down_packets > 0);
+    drop((n2, n1, anchor));
+}
