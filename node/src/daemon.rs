@@ -210,7 +210,12 @@ impl Daemon {
     fn on_mesh(&mut self, ev: Event) {
         match ev {
             Event::Listening(addr) => {
-                let full = addr.with(mesh::multiaddr_p2p(self.mesh.peer_id()));
+                let me = self.mesh.peer_id();
+                let full = if mesh::peer_of(&addr) == Some(me) {
+                    addr
+                } else {
+                    addr.with(mesh::multiaddr_p2p(me))
+                };
                 println!("listening on {full}");
                 self.listening.push(full.to_string());
                 let path = self.dd.path().join(ADDRS_FILE);
