@@ -57,6 +57,8 @@ pub const HELLO: StreamProtocol = StreamProtocol::new("/shoal/hello/1");
 pub const SYNC: StreamProtocol = StreamProtocol::new("/shoal/sync/1");
 /// Enrollment: a token and a fresh key in, a certificate out.
 pub const ENROLL: StreamProtocol = StreamProtocol::new("/shoal/enroll/1");
+/// Liveness probe: one byte echoed (nothing about documents).
+pub const PROBE: StreamProtocol = StreamProtocol::new("/shoal/probe/1");
 /// Reserved for artifact transfer.
 pub const BLOB: StreamProtocol = StreamProtocol::new("/shoal/blob/1");
 
@@ -86,6 +88,14 @@ pub struct Config {
     pub keep_alive: Duration,
     /// QUIC idle timeout: a connection that hears nothing for this long is dead.
     pub idle_timeout: Duration,
+    /// A dial that has not completed its QUIC handshake by then has failed.
+    pub handshake_timeout: Duration,
+    /// This long after we sent a peer sync frames, we check that it still
+    /// answers (one byte each way on `/shoal/probe/1`)...
+    pub probe_after: Duration,
+    /// ...and a peer that does not answer within this is cut off and
+    /// redialed: the link failed while we had something to say.
+    pub probe_timeout: Duration,
     /// Redial backoff: first and largest delay.
     pub backoff: (Duration, Duration),
     /// Right after losing an admitted peer: redial at least this often, for
@@ -108,11 +118,16 @@ impl Config {
             relay_server: false,
             max_frame: 4 << 20,
             hello_timeout: Duration::from_secs(10),
-            // A keep-alive every 5 s and a 20 s idle timeout: a QUIC
-            // connection survives ~4 lost keep-alives in a row (a flaky
-            // radio link), and a peer that vanished is noticed within 20 s.
-            keep_alive: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(20),
+            // Idle links cost little: a QUIC keep-alive every 25 s (under
+            // the 30 s UDP timeout of the stingiest NATs) and a 60 s idle
+            // timeout (two lost keep-alives on a flaky radio link do not
+            // end the session). A link that fails while we have something
+            // to say is caught sooner by the probe (see `probe_after`).
+            keep_alive: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(3),
+            probe_after: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(4),
             backoff: (Duration::from_millis(250), Duration::from_secs(30)),
             fast_redial: (Duration::from_secs(1), Duration::from_secs(120)),
             serve: Vec::new(),
@@ -367,6 +382,7 @@ fn build_swarm(
     let incarnation = hex(incarnation);
     let keep_alive = config.keep_alive;
     let idle_ms = config.idle_timeout.as_millis() as u32;
+    let handshake = config.handshake_timeout;
     let mdns_on = config.mdns;
     let relay_on = config.relay_server;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -374,6 +390,7 @@ fn build_swarm(
         .with_quic_config(move |mut c| {
             c.keep_alive_interval = keep_alive;
             c.max_idle_timeout = idle_ms;
+            c.handshake_timeout = handshake;
             c
         })
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -410,7 +427,9 @@ fn build_swarm(
                         .with_agent_version(format!("shoal/{incarnation}")),
                 ),
                 ping: ping::Behaviour::new(
-                    ping::Config::new().with_interval(Duration::from_secs(15)),
+                    // Round-trip times now and then; liveness is QUIC's
+                    // keep-alive and our probe, so this costs next to nothing.
+                    ping::Config::new().with_interval(Duration::from_secs(600)),
                 ),
                 mdns: Toggle::from(mdns),
                 relay: Toggle::from(relay),
@@ -458,6 +477,7 @@ enum Internal {
     FrameIn(PeerId, Vec<u8>),
     Misbehaved(PeerId, String),
     WriterFailed(PeerId, u64, String),
+    Probed(PeerId, u64, Result<(), String>),
     RequestIn(PeerId, StreamProtocol, Vec<u8>, oneshot::Sender<Vec<u8>>),
 }
 
@@ -475,6 +495,9 @@ struct Session {
     held_bytes: usize,
     writer: Option<(mpsc::UnboundedSender<Vec<u8>>, Arc<AtomicUsize>)>,
     since: Instant,
+    /// When to check that the peer still answers (set by sending).
+    probe_at: Option<Instant>,
+    probing: bool,
 }
 
 struct Known {
@@ -575,6 +598,23 @@ impl Task {
                             Err(_) => return,
                         }
                     }
+                });
+            }
+        });
+        let mut probes = control
+            .accept(PROBE)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        tokio::spawn(async move {
+            while let Some((_, mut stream)) = probes.next().await {
+                tokio::spawn(async move {
+                    use futures::{AsyncReadExt, AsyncWriteExt};
+                    let mut b = [0u8; 1];
+                    let echo = async {
+                        stream.read_exact(&mut b).await?;
+                        stream.write_all(&b).await?;
+                        stream.close().await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(10), echo).await;
                 });
             }
         });
@@ -707,14 +747,26 @@ impl Task {
             .map(|(p, k)| (*p, k.addrs.clone()))
             .collect();
         for (peer, addrs) in due {
+            // A dial in progress may be stuck in a handshake sent while the
+            // link was down; a fresh one gets through as soon as it is up.
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .condition(PeerCondition::Disconnected)
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, error = %e, "dial not started");
             }
             self.backoff(peer);
+        }
+        // Peers we sent something: do they still answer?
+        let probes: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.admitted && !s.probing && s.probe_at.is_some_and(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in probes {
+            self.probe(peer);
         }
         // Peers that have not been admitted in time.
         let late: Vec<PeerId> = self
@@ -790,6 +842,8 @@ impl Task {
                     held_bytes: 0,
                     writer: None,
                     since: Instant::now(),
+                    probe_at: None,
+                    probing: false,
                 });
                 s.conns.insert(connection_id, addr);
                 if let Some(reqs) = self.requests.remove(&peer_id) {
@@ -961,6 +1015,8 @@ impl Task {
         s.admitted = false;
         s.asked = false;
         s.writer = None;
+        s.probe_at = None;
+        s.probing = false;
         s.held.clear();
         s.held_bytes = 0;
         s.since = Instant::now();
@@ -1177,6 +1233,41 @@ impl Task {
             return;
         }
         let _ = tx.send(bytes);
+        if s.probe_at.is_none() && !s.probing {
+            s.probe_at = Some(Instant::now() + self.config.probe_after);
+        }
+    }
+
+    fn probe(&mut self, peer: PeerId) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        s.probe_at = None;
+        s.probing = true;
+        let session_no = s.session_no;
+        let mut control = self.control.clone();
+        let internal = self.internal_tx.clone();
+        let timeout = self.config.probe_timeout;
+        tokio::spawn(async move {
+            let probe = async {
+                use futures::{AsyncReadExt, AsyncWriteExt};
+                let mut st = control
+                    .open_stream(peer, PROBE)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                st.write_all(&[1]).await.map_err(|e| e.to_string())?;
+                st.flush().await.map_err(|e| e.to_string())?;
+                let mut b = [0u8; 1];
+                st.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                let _ = st.close().await;
+                Ok::<(), String>(())
+            };
+            let result = match tokio::time::timeout(timeout, probe).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            let _ = internal.send(Internal::Probed(peer, session_no, result));
+        });
     }
 
     fn on_internal(&mut self, msg: Internal) {
@@ -1213,6 +1304,19 @@ impl Task {
                 let addr = self.addr_of(&peer);
                 tracing::warn!(%peer, %addr, %reason, "peer misbehaved; disconnecting");
                 let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Internal::Probed(peer, session_no, result) => {
+                let Some(s) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                if s.session_no != session_no || !s.admitted {
+                    return;
+                }
+                s.probing = false;
+                if let Err(reason) = result {
+                    tracing::info!(%peer, %reason, "peer stopped answering; ending the session");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
             Internal::WriterFailed(peer, session_no, reason) => {
                 if self

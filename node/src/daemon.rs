@@ -79,11 +79,18 @@ fn load_engine(dd: &DataDir, me: &Identity) -> anyhow::Result<Engine> {
             docs.push((doc, sigs));
         }
     }
+    // Sessions are reliable streams, and a failed one restarts from a
+    // digest; the periodic digest is only a backstop (cost: ~100 bytes
+    // per peer per 5 minutes).
+    let config = SyncConfig {
+        reannounce_ms: 300_000,
+        ..SyncConfig::default()
+    };
     Ok(Engine::new(
         me.cert.clone(),
         dd.trust().clone(),
         docs,
-        SyncConfig::default(),
+        config,
     ))
 }
 

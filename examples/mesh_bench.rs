@@ -1,0 +1,395 @@
+//! Mesh figures with the real `shoal` binary on loopback, links through
+//! `simulations::udp_link` (delay, jitter, loss, cuts).
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example mesh_bench -- resync  [reps] [cut_s]
+//! cargo run --release --example mesh_bench -- idle    [minutes]
+//! cargo run --release --example mesh_bench -- restart [nodes]
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use simulations::udp_link::{LinkConfig, UdpLink};
+
+fn bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/examples/mesh_bench → target/<profile>/shoal
+    exe.parent().unwrap().parent().unwrap().join("shoal")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn get(dir: &Path, what: &str) -> serde_json::Value {
+    let out = Command::new(bin())
+        .args(["get", what, "--data-dir", s(dir), "-o", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(kind: &str, dir: &Path, args: &[String]) -> Proc {
+    let _ = std::fs::remove_file(dir.join("addrs.json"));
+    let child = Command::new(bin())
+        .args([kind, "run", "--data-dir", s(dir)])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !(dir.join("addrs.json").exists() && dir.join("control.sock").exists()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{kind} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Proc(child)
+}
+
+fn addrs(dir: &Path) -> Vec<String> {
+    serde_json::from_slice(&std::fs::read(dir.join("addrs.json")).unwrap()).unwrap()
+}
+
+fn peer_id(dir: &Path) -> String {
+    addrs(dir)[0].rsplit('/').next().unwrap().to_string()
+}
+
+fn wait(within: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if f() {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn app(root: &Path, name: &str, version: &str) -> PathBuf {
+    let p = root.join(format!("{name}-{version}.yaml"));
+    std::fs::write(
+        &p,
+        format!("apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  version: \"{version}\"\n  native: {{command: [/bin/true]}}\n"),
+    )
+    .unwrap();
+    p
+}
+
+fn site(root: &Path, version: &str) -> PathBuf {
+    let p = root.join(format!("site-{version}.yaml"));
+    std::fs::write(
+        &p,
+        format!("apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {{name: s1}}\nspec:\n  apps:\n    web: {{version: \"{version}\"}}\n"),
+    )
+    .unwrap();
+    p
+}
+
+fn app_version(d: &Path, name: &str) -> Option<String> {
+    get(d, "apps")[name]["version"].as_str().map(String::from)
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An anchor, a site engineer and node n1 (site s1) behind a UDP link.
+struct Pair {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    anchor_dir: PathBuf,
+    node_dir: PathBuf,
+    eng: PathBuf,
+    link: UdpLink,
+    _anchor: Proc,
+    _node: Proc,
+}
+
+fn pair(config: LinkConfig) -> Pair {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
+    let eng = root.join("eng.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--role",
+        "site-engineer",
+        "--site",
+        "s1",
+        "--name",
+        "eng",
+        "--out",
+        s(&eng),
+    ]);
+    let b = root.join("n1.bundle");
+    ok(&[
+        "fleet",
+        "node-bundle",
+        "--data-dir",
+        s(&anchor_dir),
+        "--node",
+        "n1",
+        "--site",
+        "s1",
+        "--out",
+        s(&b),
+    ]);
+    let node_dir = root.join("n1");
+    ok(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(&node_dir),
+        "--bundle",
+        s(&b),
+    ]);
+    let port = free_port();
+    let anchor = start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+        ],
+    );
+    let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let link = UdpLink::start("127.0.0.1:0".parse().unwrap(), upstream, config).unwrap();
+    let node = start(
+        "node",
+        &node_dir,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            format!(
+                "/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{}",
+                link.addr().port(),
+                peer_id(&anchor_dir)
+            ),
+        ],
+    );
+    Pair {
+        _tmp: tmp,
+        root,
+        anchor_dir,
+        node_dir,
+        eng,
+        link,
+        _anchor: anchor,
+        _node: node,
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn resync(reps: usize, cut_s: u64) {
+    let p = pair(LinkConfig {
+        delay: Duration::from_millis(50),
+        jitter: Duration::from_millis(5),
+        loss: 0.01,
+    });
+    let a = app(&p.root, "web", "0");
+    ok(&["apply", "--data-dir", s(&p.anchor_dir), "-f", s(&a)]);
+    wait(Duration::from_secs(30), || {
+        app_version(&p.node_dir, "web").as_deref() == Some("0")
+    })
+    .expect("initial sync");
+    let mut times = Vec::new();
+    for rep in 1..=reps {
+        p.link.set_cut(true);
+        let v = rep.to_string();
+        ok(&[
+            "apply",
+            "--data-dir",
+            s(&p.anchor_dir),
+            "-f",
+            s(&app(&p.root, "web", &v)),
+        ]);
+        ok(&[
+            "apply",
+            "--data-dir",
+            s(&p.node_dir),
+            "--identity",
+            s(&p.eng),
+            "-f",
+            s(&site(&p.root, &v)),
+        ]);
+        std::thread::sleep(Duration::from_secs(cut_s));
+        p.link.set_cut(false);
+        let t = wait(Duration::from_secs(120), || {
+            app_version(&p.node_dir, "web").as_deref() == Some(v.as_str())
+                && get(&p.anchor_dir, "sites")["s1"]["apps"]["web"]["version"] == v.as_str()
+        })
+        .expect("resync");
+        println!(
+            "rep {rep}: resynced {:.0} ms after the link returned",
+            t.as_secs_f64() * 1e3
+        );
+        times.push(t.as_secs_f64() * 1e3);
+    }
+    let mut t = times.clone();
+    println!(
+        "cut {cut_s} s, 100 ms RTT, 1% loss, {reps} reps: median {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 0.95),
+        percentile(&mut t, 1.0)
+    );
+}
+
+fn idle(minutes: u64) {
+    let p = pair(LinkConfig::default());
+    let a = app(&p.root, "web", "0");
+    ok(&["apply", "--data-dir", s(&p.anchor_dir), "-f", s(&a)]);
+    wait(Duration::from_secs(30), || {
+        app_version(&p.node_dir, "web").as_deref() == Some("0")
+    })
+    .expect("initial sync");
+    std::thread::sleep(Duration::from_secs(70));
+    let c0 = p.link.counters();
+    std::thread::sleep(Duration::from_secs(60 * minutes));
+    let c1 = p.link.counters();
+    let packets = (c1.up_packets - c0.up_packets) + (c1.down_packets - c0.down_packets);
+    let bytes = (c1.up_bytes - c0.up_bytes) + (c1.down_bytes - c0.down_bytes);
+    let m = minutes as f64;
+    println!(
+        "idle over {minutes} min: {:.1} datagrams/min, {:.0} B/min UDP payload, {:.0} B/min with IPv4+UDP headers (both directions)",
+        packets as f64 / m,
+        bytes as f64 / m,
+        (bytes + 28 * packets) as f64 / m
+    );
+}
+
+fn restart(nodes: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
+    let port = free_port();
+    let listen = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+    ];
+    let mut anchor = start("anchor", &anchor_dir, &listen);
+    let mut procs = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..nodes {
+        let name = format!("n{i}");
+        let token = ok(&[
+            "fleet",
+            "token",
+            "create",
+            "--data-dir",
+            s(&anchor_dir),
+            "--node",
+            &name,
+            "--site",
+            &format!("s{}", i % 5),
+        ]);
+        let d = root.join(&name);
+        ok(&[
+            "node",
+            "enroll",
+            "--data-dir",
+            s(&d),
+            "--token",
+            token.trim(),
+        ]);
+        procs.push(start(
+            "node",
+            &d,
+            &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+        ));
+        dirs.push(d);
+    }
+    let all_connected = |anchor_dir: &Path| {
+        let v = get(anchor_dir, "nodes");
+        (0..nodes).all(|i| v[format!("n{i}")]["connected"] == true)
+    };
+    wait(Duration::from_secs(120), || all_connected(&anchor_dir)).expect("all connected");
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&anchor_dir),
+        "-f",
+        s(&app(root, "web", "1")),
+    ]);
+    wait(Duration::from_secs(120), || {
+        dirs.iter()
+            .all(|d| app_version(d, "web").as_deref() == Some("1"))
+    })
+    .expect("first sync");
+    drop(anchor);
+    anchor = start("anchor", &anchor_dir, &listen);
+    let t0 = Instant::now();
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&anchor_dir),
+        "-f",
+        s(&app(root, "web", "2")),
+    ]);
+    let connected =
+        wait(Duration::from_secs(120), || all_connected(&anchor_dir)).map(|_| t0.elapsed());
+    let synced = wait(Duration::from_secs(120), || {
+        dirs.iter()
+            .all(|d| app_version(d, "web").as_deref() == Some("2"))
+    })
+    .map(|_| t0.elapsed());
+    println!(
+        "anchor killed and restarted with {nodes} nodes: all reconnected after {:?}, all resynced after {:?}",
+        connected, synced
+    );
+    drop(anchor);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    match args.first().map(String::as_str) {
+        Some("resync") => resync(n(1, 20) as usize, n(2, 25)),
+        Some("idle") => idle(n(1, 5)),
+        Some("restart") => restart(n(1, 50) as usize),
+        _ => {
+            eprintln!("usage: mesh_bench resync [reps] [cut_s] | idle [minutes] | restart [nodes]")
+        }
+    }
+}
