@@ -358,3 +358,59 @@ fn cli_verbs_reach_a_running_daemon_and_print_the_same() {
     let direct = ok(&["get", "apps", "--data-dir", s(&f.anchor_dir)]);
     assert_eq!(direct, online_get);
 }
+
+#[test]
+fn nodes_reach_each_other_through_the_anchor_relay() {
+    let f = Fleet::new();
+    let _anchor = f.start_anchor();
+    let (n1d, n2d) = (f.dir("n1"), f.dir("n2"));
+    enroll(&f.anchor_dir, &n1d, "n1", "s1");
+    enroll(&f.anchor_dir, &n2d, "n2", "s1");
+    let n1 = Daemon::start("node", &n1d, &listen_any(), None);
+    // n1 takes a reservation on the anchor's relay once admitted there.
+    assert!(
+        wait_for(SYNC_WITHIN, || n1
+            .addrs()
+            .iter()
+            .any(|a| a.contains("/p2p-circuit/"))),
+        "n1 never listened through the relay: {:?}\n{}",
+        n1.addrs(),
+        n1.log_text()
+    );
+    let circuit = n1
+        .addrs()
+        .into_iter()
+        .find(|a| a.contains("/p2p-circuit/"))
+        .unwrap();
+    let n2 = Daemon::start(
+        "node",
+        &n2d,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            circuit,
+        ],
+        None,
+    );
+    // n2 reaches and admits n1 over the relayed connection, then DCUtR
+    // upgrades it to a direct one (trivially, on loopback).
+    assert!(
+        wait_for(SYNC_WITHIN, || n2
+            .log_text()
+            .lines()
+            .any(|l| l.contains("peer admitted")
+                && l.contains("p2p-circuit")
+                && l.contains("n1"))),
+        "n2 log: {}",
+        n2.log_text()
+    );
+    assert!(
+        wait_for(SYNC_WITHIN, || n2
+            .log_text()
+            .contains("direct connection through hole punching")),
+        "n2 log: {}",
+        n2.log_text()
+    );
+    drop((n1, n2));
+}

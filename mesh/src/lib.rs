@@ -920,7 +920,17 @@ impl Task {
             }
             BehaviourEvent::RelayClient(e) => tracing::debug!(?e, "relay client"),
             BehaviourEvent::Relay(e) => tracing::debug!(?e, "relay"),
-            BehaviourEvent::Dcutr(e) => tracing::debug!(?e, "dcutr"),
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "direct connection through hole punching")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %remote_peer_id, error = %e, "hole punching failed")
+                }
+            },
             _ => {}
         }
     }
