@@ -69,6 +69,26 @@ impl Drop for Namespaces {
     }
 }
 
+/// Removes namespaces (and their veths) left by earlier runs that were killed.
+fn remove_leftovers() {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let digits = name
+            .trim_start_matches("sh")
+            .trim_end_matches(['a', 'b', 'c', 'm', 'n']);
+        if name.starts_with("sh")
+            && !digits.is_empty()
+            && digits.chars().all(|c| c.is_ascii_digit())
+        {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
 fn require_root() {
     let out = Command::new("id").arg("-u").output().expect("id");
     assert_eq!(
@@ -104,6 +124,7 @@ fn addr(s: &str) -> SocketAddr {
 #[test]
 fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     require_root();
+    remove_leftovers();
     let tag = format!("sh{}", std::process::id() % 100_000);
     let (ns_a, ns_1, ns_2) = (format!("{tag}a"), format!("{tag}b"), format!("{tag}c"));
     let mut ns = Namespaces(Vec::new());
@@ -260,4 +281,68 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     assert!(to_n1.counters().up_packets > 0, "n2 talked to n1");
     assert!(c.up_packets > 0 && c.down_packets > 0);
     drop((n2, n1, anchor));
+}
+
+#[test]
+fn nodes_on_one_lan_find_each_other_with_mdns() {
+    require_root();
+    let tag = format!("sh{}", std::process::id() % 100_000);
+    let (m1, m2) = (format!("{tag}m"), format!("{tag}n"));
+    let mut ns = Namespaces(Vec::new());
+    for n in [&m1, &m2] {
+        let _ = Command::new("ip").args(["netns", "del", n]).output();
+        ip(&["netns", "add", n]);
+        ns.0.push(n.to_string());
+    }
+    // One LAN: a veth pair straight between the two namespaces.
+    let (e1, e2) = (format!("{tag}x"), format!("{tag}y"));
+    ip(&[
+        "link", "add", &e1, "netns", &m1, "type", "veth", "peer", "name", &e2, "netns", &m2,
+    ]);
+    for (n, e, a) in [(&m1, &e1, "10.78.0.1/24"), (&m2, &e2, "10.78.0.2/24")] {
+        ip(&["-n", n, "addr", "add", a, "dev", e]);
+        ip(&["-n", n, "link", "set", e, "up"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "route", "add", "224.0.0.0/4", "dev", e]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let n1d = bundle_node(&anchor_dir, root, "n1", "s1");
+    let n2d = bundle_node(&anchor_dir, root, "n2", "s1");
+    let n1 = Daemon::start(
+        "node",
+        &n1d,
+        &[
+            "--mdns".into(),
+            "--listen".into(),
+            "/ip4/10.78.0.1/udp/9001/quic-v1".into(),
+        ],
+        Some(&m1),
+    );
+    let n2 = Daemon::start(
+        "node",
+        &n2d,
+        &[
+            "--mdns".into(),
+            "--listen".into(),
+            "/ip4/10.78.0.2/udp/9001/quic-v1".into(),
+        ],
+        Some(&m2),
+    );
+    // Neither was told about the other.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let admitted = |log: String, name: &str| {
+                log.lines()
+                    .any(|l| l.contains("peer admitted") && l.contains(&format!("name={name}")))
+            };
+            admitted(n1.log_text(), "n2") && admitted(n2.log_text(), "n1")
+        }),
+        "n1 log: {}\nn2 log: {}",
+        n1.log_text(),
+        n2.log_text()
+    );
+    drop((n1, n2));
 }

@@ -915,7 +915,12 @@ impl Task {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    let _ = self.add_peer(addr.with(Protocol::P2p(peer)));
+                    let addr = if peer_of(&addr) == Some(peer) {
+                        addr
+                    } else {
+                        addr.with(Protocol::P2p(peer))
+                    };
+                    let _ = self.add_peer(addr);
                 }
             }
             BehaviourEvent::RelayClient(e) => tracing::debug!(?e, "relay client"),
