@@ -530,6 +530,9 @@ struct Task {
     rng: u64,
     incarnation: [u8; INCARNATION],
     closing: Option<oneshot::Sender<()>>,
+    /// Peers refused at admission, with when they may try again: their
+    /// connections are closed as soon as they are established.
+    banned: HashMap<PeerId, Instant>,
 }
 
 impl Task {
@@ -679,6 +682,7 @@ impl Task {
             rng: u64::from_le_bytes(seed),
             incarnation,
             closing: None,
+            banned: HashMap::new(),
         })
     }
 
@@ -831,6 +835,14 @@ impl Task {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 tracing::debug!(peer = %peer_id, %addr, "connected");
+                if let Some(until) = self.banned.get(&peer_id) {
+                    if *until > Instant::now() {
+                        tracing::debug!(peer = %peer_id, %addr, "refused peer reconnected; closing");
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
+                    self.banned.remove(&peer_id);
+                }
                 let s = self.sessions.entry(peer_id).or_insert_with(|| Session {
                     conns: HashMap::new(),
                     incarnation: None,
@@ -1075,6 +1087,12 @@ impl Task {
                 let addr = self.addr_of(&peer);
                 tracing::warn!(%peer, %addr, %reason, "peer refused admission; disconnecting");
                 self.known.remove(&peer);
+                // A refused peer's redials cost us a handshake each, nothing more.
+                self.banned.retain(|_, until| *until > Instant::now());
+                if self.banned.len() < 65_536 {
+                    self.banned
+                        .insert(peer, Instant::now() + Duration::from_secs(60));
+                }
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             Command::Disconnect(peer, reason) => {

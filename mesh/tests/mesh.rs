@@ -1,0 +1,230 @@
+//! The mesh alone, several in one process over real QUIC on loopback: the
+//! hello, admission, held frames, rejection, limits and restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use mesh::{Config, Event, Events, Mesh, Multiaddr, PeerId};
+
+fn secret(n: u8) -> [u8; 32] {
+    let mut s = [0u8; 32];
+    s[0] = n;
+    s[31] = 0x5a;
+    s
+}
+
+fn config(n: u8) -> Config {
+    let mut c = Config::new(secret(n));
+    c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    c.hello_timeout = Duration::from_secs(2);
+    c
+}
+
+async fn next(events: &mut Events) -> Event {
+    tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .expect("an event within 15 s")
+        .expect("mesh running")
+}
+
+/// Starts a mesh and returns its full address (with /p2p).
+async fn start(c: Config, hello: &[u8]) -> (Mesh, Events, Multiaddr) {
+    let (m, mut ev) = Mesh::start(c, hello.to_vec()).unwrap();
+    let addr = loop {
+        if let Event::Listening(a) = next(&mut ev).await {
+            break a;
+        }
+    };
+    let full = addr.with(mesh::multiaddr_p2p(m.peer_id()));
+    (m, ev, full)
+}
+
+/// Waits for the hello of `peer` and returns it; other events are ignored.
+async fn hello_from(events: &mut Events, peer: PeerId) -> Vec<u8> {
+    loop {
+        if let Event::Hello { peer: p, hello, .. } = next(events).await
+            && p == peer
+        {
+            return hello;
+        }
+    }
+}
+
+async fn frame_from(events: &mut Events, peer: PeerId) -> Vec<u8> {
+    loop {
+        match next(events).await {
+            Event::Frame { peer: p, bytes } if p == peer => return bytes,
+            _ => {}
+        }
+    }
+}
+
+async fn down(events: &mut Events, peer: PeerId) {
+    loop {
+        if let Event::Down { peer: p } = next(events).await
+            && p == peer
+        {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitted_peers_exchange_frames_in_order_and_held_frames_wait() {
+    let (a, mut ae, a_addr) = start(config(1), b"hello from a").await;
+    let (b, mut be, _) = start(config(2), b"hello from b").await;
+    b.add_peer(a_addr);
+    assert_eq!(hello_from(&mut ae, b.peer_id()).await, b"hello from b");
+    assert_eq!(hello_from(&mut be, a.peer_id()).await, b"hello from a");
+    // b admits a and sends at once; a has not admitted b yet: held.
+    b.admit(a.peer_id());
+    for i in 0..50u32 {
+        b.send(a.peer_id(), i.to_be_bytes().to_vec());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.admit(b.peer_id());
+    for i in 0..50u32 {
+        assert_eq!(frame_from(&mut ae, b.peer_id()).await, i.to_be_bytes());
+    }
+    a.send(b.peer_id(), b"back".to_vec());
+    assert_eq!(frame_from(&mut be, a.peer_id()).await, b"back");
+    let st = a.status().await.unwrap();
+    assert_eq!(st.admitted.len(), 1);
+    assert_eq!(st.admitted[0].0, b.peer_id());
+}
+
+async fn wait_connected(a: &Mesh, want: usize, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if a.status().await.unwrap().connected == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_cut_off_after_the_hello_timeout() {
+    let (a, _ae, a_addr) = start(config(3), b"a").await;
+    // A peer that says nothing (as an enrolling peer would).
+    let (silent, _se, _) = start(config(4), b"").await;
+    silent.add_peer(a_addr);
+    assert!(wait_connected(&a, 1, Duration::from_secs(10)).await);
+    assert!(
+        wait_connected(&a, 0, Duration::from_secs(5)).await,
+        "a silent peer stayed connected past the 2 s hello timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_peer_gets_nothing_and_stays_out() {
+    let (a, mut ae, a_addr) = start(config(5), b"a").await;
+    let (rogue, mut re, _) = start(config(12), b"rogue").await;
+    rogue.add_peer(a_addr);
+    assert_eq!(hello_from(&mut ae, rogue.peer_id()).await, b"rogue");
+    a.reject(rogue.peer_id(), "not of this fleet");
+    a.send(rogue.peer_id(), b"secret".to_vec());
+    assert!(wait_connected(&a, 0, Duration::from_secs(5)).await);
+    // The rogue keeps redialing; it never gets a frame, a session or a
+    // second hearing.
+    let heard = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match re.next().await {
+                Some(Event::Frame { .. }) | None => return "frame",
+                _ => {}
+            }
+        }
+    });
+    let asked_again = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            if let Some(Event::Hello { .. }) = ae.next().await {
+                return "hello";
+            }
+        }
+    });
+    let (heard, asked_again) = tokio::join!(heard, asked_again);
+    assert!(heard.is_err(), "a rejected peer received a frame");
+    assert!(asked_again.is_err(), "a rejected peer was heard again");
+    assert_eq!(a.status().await.unwrap().admitted.len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_cuts_the_sender_off() {
+    let mut c = config(6);
+    c.max_frame = 1024;
+    let (a, mut ae, a_addr) = start(c, b"a").await;
+    let (b, mut be, _) = start(config(7), b"b").await;
+    b.add_peer(a_addr);
+    hello_from(&mut ae, b.peer_id()).await;
+    hello_from(&mut be, a.peer_id()).await;
+    a.admit(b.peer_id());
+    b.admit(a.peer_id());
+    b.send(a.peer_id(), vec![0u8; 100]);
+    assert_eq!(frame_from(&mut ae, b.peer_id()).await.len(), 100);
+    b.send(a.peer_id(), vec![0u8; 4096]);
+    down(&mut ae, b.peer_id()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_starts_a_new_session_at_once() {
+    let (a, mut ae, a_addr) = start(config(8), b"a").await;
+    let (b, mut be, _) = start(config(9), b"b1").await;
+    b.add_peer(a_addr.clone());
+    hello_from(&mut ae, b.peer_id()).await;
+    a.admit(b.peer_id());
+    // b vanishes without closing anything (as if killed)...
+    drop(b);
+    drop(be);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...and comes back with the same key: a replaces the old session
+    // long before its 60 s idle timeout.
+    let started = std::time::Instant::now();
+    let (b2, mut be2, _) = start(config(9), b"b2").await;
+    b2.add_peer(a_addr);
+    loop {
+        match next(&mut ae).await {
+            Event::Down { peer } => assert_eq!(peer, b2.peer_id()),
+            Event::Hello { peer, hello, .. } if peer == b2.peer_id() => {
+                assert_eq!(hello, b"b2");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    a.admit(b2.peer_id());
+    hello_from(&mut be2, a.peer_id()).await;
+    b2.admit(a.peer_id());
+    a.send(b2.peer_id(), b"welcome back".to_vec());
+    assert_eq!(frame_from(&mut be2, a.peer_id()).await, b"welcome back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_before_admission() {
+    let mut c = config(10);
+    c.serve = vec![mesh::ENROLL];
+    let (_a, mut ae, a_addr) = start(c, b"a").await;
+    let (b, _be, _) = start(config(11), b"").await;
+    let asker =
+        tokio::spawn(async move { b.request(a_addr, mesh::ENROLL, b"token".to_vec()).await });
+    loop {
+        if let Event::Request {
+            bytes,
+            reply,
+            protocol,
+            ..
+        } = next(&mut ae).await
+        {
+            assert_eq!(protocol, mesh::ENROLL);
+            assert_eq!(bytes, b"token");
+            reply.send(b"certificate".to_vec()).unwrap();
+            break;
+        }
+    }
+    assert_eq!(asker.await.unwrap().unwrap(), b"certificate");
+}
