@@ -169,7 +169,7 @@ async fn an_oversized_frame_cuts_the_sender_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_peer_starts_a_new_session_at_once() {
     let (a, mut ae, a_addr) = start(config(8), b"a").await;
-    let (b, mut be, _) = start(config(9), b"b1").await;
+    let (b, be, _) = start(config(9), b"b1").await;
     b.add_peer(a_addr.clone());
     hello_from(&mut ae, b.peer_id()).await;
     a.admit(b.peer_id());
