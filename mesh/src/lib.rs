@@ -22,7 +22,7 @@
 //! - **Redialing** is ours: every known peer (bootstrap addresses, mDNS,
 //!   peers added by the owner) is redialed with jittered exponential
 //!   backoff while it is not connected. For the first two minutes after
-//!   an admitted peer is lost the backoff stays at most one second (a cut
+//!   an admitted peer is lost the backoff stays at most half a second (a cut
 //!   link that returns is back in sync within ~1 s + a few RTT); after that
 //!   it grows to the configured maximum (a week-long partition costs a
 //!   dial attempt every 30 s, not every second).
@@ -129,7 +129,7 @@ impl Config {
             probe_after: Duration::from_secs(2),
             probe_timeout: Duration::from_secs(4),
             backoff: (Duration::from_millis(250), Duration::from_secs(30)),
-            fast_redial: (Duration::from_secs(1), Duration::from_secs(120)),
+            fast_redial: (Duration::from_millis(500), Duration::from_secs(120)),
             serve: Vec::new(),
             max_queued: 32 << 20,
         }
@@ -487,6 +487,8 @@ struct Session {
     incarnation: Option<String>,
     /// A hello whose incarnation identify has not confirmed yet.
     early_hello: Option<([u8; INCARNATION], Vec<u8>)>,
+    /// Our hello went out for this session.
+    hello_sent: bool,
     /// The hello was handed to the owner; waiting for admit/reject.
     asked: bool,
     admitted: bool,
@@ -847,6 +849,7 @@ impl Task {
                     conns: HashMap::new(),
                     incarnation: None,
                     early_hello: None,
+                    hello_sent: false,
                     asked: false,
                     admitted: false,
                     session_no: 0,
@@ -858,6 +861,13 @@ impl Task {
                     probing: false,
                 });
                 s.conns.insert(connection_id, addr);
+                // A fresh session: say hello now rather than after identify
+                // (one round trip sooner). With older connections present,
+                // wait for identify to tell whether the peer restarted.
+                let fresh = s.conns.len() == 1 && !s.hello_sent;
+                if fresh {
+                    self.send_hello(peer_id);
+                }
                 if let Some(reqs) = self.requests.remove(&peer_id) {
                     for r in reqs {
                         self.spawn_request(peer_id, r);
@@ -978,7 +988,9 @@ impl Task {
         s.incarnation = Some(inc.clone());
         s.since = Instant::now();
         let early = s.early_hello.take();
-        self.send_hello(peer);
+        if !s.hello_sent {
+            self.send_hello(peer);
+        }
         if let Some((hinc, hello)) = early
             && hex(&hinc) == inc
         {
@@ -989,6 +1001,9 @@ impl Task {
     fn send_hello(&mut self, peer: PeerId) {
         if self.hello.is_empty() {
             return;
+        }
+        if let Some(s) = self.sessions.get_mut(&peer) {
+            s.hello_sent = true;
         }
         let mut body = Vec::with_capacity(INCARNATION + self.hello.len());
         body.extend_from_slice(&self.incarnation);
@@ -1042,6 +1057,7 @@ impl Task {
         s.admitted = false;
         s.asked = false;
         s.writer = None;
+        s.hello_sent = false;
         s.probe_at = None;
         s.probing = false;
         s.held.clear();
@@ -1309,7 +1325,12 @@ impl Task {
                 let Some(s) = self.sessions.get_mut(&peer) else {
                     return;
                 };
-                if s.incarnation.as_deref() == Some(hex(&inc).as_str()) {
+                if s.incarnation.is_none() && s.conns.len() == 1 {
+                    // The first process we meet on a single connection:
+                    // its hello names its incarnation; identify will agree.
+                    s.incarnation = Some(hex(&inc));
+                    self.ask(peer, hello);
+                } else if s.incarnation.as_deref() == Some(hex(&inc).as_str()) {
                     self.ask(peer, hello);
                 } else {
                     // Identify has not told us about this process yet.
