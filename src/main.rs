@@ -239,7 +239,15 @@ fn parse_ttl(s: &str) -> anyhow::Result<i64> {
     Ok(n * mult)
 }
 
-fn daemon(opts: node::daemon::Options) -> anyhow::Result<()> {
+fn daemon(dir: Dir, mesh: &MeshArgs, anchor: bool) -> anyhow::Result<()> {
+    let (listen, peers) = mesh.parse()?;
+    let opts = node::daemon::Options {
+        data_dir: dir.data_dir,
+        listen,
+        peers,
+        mdns: mesh.mdns,
+        anchor,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -465,26 +473,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Anchor(AnchorCmd::Run { dir, mesh }) => {
-            let (listen, peers) = mesh.parse()?;
-            daemon(node::daemon::Options {
-                data_dir: dir.data_dir,
-                listen,
-                peers,
-                mdns: mesh.mdns,
-                anchor: true,
-            })?;
-        }
-        Command::Node(NodeCmd::Run { dir, mesh }) => {
-            let (listen, peers) = mesh.parse()?;
-            daemon(node::daemon::Options {
-                data_dir: dir.data_dir,
-                listen,
-                peers,
-                mdns: mesh.mdns,
-                anchor: false,
-            })?;
-        }
+        Command::Anchor(AnchorCmd::Run { dir, mesh }) => daemon(dir, &mesh, true)?,
+        Command::Node(NodeCmd::Run { dir, mesh }) => daemon(dir, &mesh, false)?,
         Command::Node(NodeCmd::Enroll { dir, token, bundle }) => {
             let cert = match (token, bundle) {
                 (_, Some(b)) => node::enroll::enroll_with_bundle(&dir.data_dir, &b)?,

@@ -86,20 +86,7 @@ impl Fleet {
 fn anchor_and_three_nodes_sync_both_ways_survive_anchor_loss() {
     let f = Fleet::new();
     let eng = f.dir("eng.json");
-    ok(&[
-        "identity",
-        "create",
-        "--data-dir",
-        s(&f.anchor_dir),
-        "--role",
-        "site-engineer",
-        "--site",
-        "s1",
-        "--name",
-        "eng",
-        "--out",
-        s(&eng),
-    ]);
+    site_engineer(&f.anchor_dir, "s1", &eng);
     let mut anchor = f.start_anchor();
     let (n1d, n2d, n3d) = (f.dir("n1"), f.dir("n2"), f.dir("n3"));
     enroll(&f.anchor_dir, &n1d, "n1", "s1");
@@ -145,34 +132,17 @@ fn anchor_and_three_nodes_sync_both_ways_survive_anchor_loss() {
     let n3 = Daemon::start("node", &n3d, &listen_any(), None);
 
     // An operator change at the anchor reaches every node.
-    let app = write(&f.root, "web.yaml", &app_yaml("web", "1"));
-    ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app)]);
-    for d in [&n1d, &n2d, &n3d] {
-        assert!(
-            wait_for(SYNC_WITHIN, || app_version(d, "web").as_deref()
-                == Some("1")),
-            "web v1 did not reach {}",
-            d.display()
-        );
-    }
+    let nodes = [n1d.as_path(), n2d.as_path(), n3d.as_path()];
+    roll_out(&f.anchor_dir, &f.root, "1", &nodes, SYNC_WITHIN);
     // The anchor shows the nodes as connected.
-    assert!(wait_for(SYNC_WITHIN, || {
-        let nodes = get(&f.anchor_dir, "nodes");
-        ["n1", "n2", "n3"]
-            .iter()
-            .all(|n| nodes[n]["connected"] == serde_json::json!(true))
-    }));
+    assert!(all_connected(
+        &f.anchor_dir,
+        &["n1", "n2", "n3"],
+        SYNC_WITHIN
+    ));
     // A site engineer's change made on a node reaches the anchor.
     let o1 = write(&f.root, "o1.yaml", &site_yaml("s1", "web", "0.9"));
-    ok(&[
-        "apply",
-        "--data-dir",
-        s(&n1d),
-        "--identity",
-        s(&eng),
-        "-f",
-        s(&o1),
-    ]);
+    apply_as(&n1d, &eng, &o1);
     assert!(
         wait_for(SYNC_WITHIN, || site_version(&f.anchor_dir, "s1", "web")
             .as_deref()
@@ -185,15 +155,7 @@ fn anchor_and_three_nodes_sync_both_ways_survive_anchor_loss() {
     // Kill the anchor: n1 and n2 still exchange a change directly.
     anchor.kill();
     let o2 = write(&f.root, "o2.yaml", &site_yaml("s1", "web", "0.8"));
-    ok(&[
-        "apply",
-        "--data-dir",
-        s(&n2d),
-        "--identity",
-        s(&eng),
-        "-f",
-        s(&o2),
-    ]);
+    apply_as(&n2d, &eng, &o2);
     assert!(
         wait_for(SYNC_WITHIN, || site_version(&n1d, "s1", "web").as_deref()
             == Some("0.8")),
@@ -213,22 +175,12 @@ fn anchor_and_three_nodes_sync_both_ways_survive_anchor_loss() {
             == Some("0.8")),
         "the restarted anchor did not get the change made while it was down"
     );
-    let app2 = write(&f.root, "web2.yaml", &app_yaml("web", "2"));
-    ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app2)]);
-    for d in [&n1d, &n2d, &n3d] {
-        assert!(
-            wait_for(SYNC_WITHIN, || app_version(d, "web").as_deref()
-                == Some("2")),
-            "web v2 did not reach {} after the anchor restart",
-            d.display()
-        );
-    }
-    assert!(wait_for(SYNC_WITHIN, || {
-        let nodes = get(&f.anchor_dir, "nodes");
-        ["n1", "n2", "n3"]
-            .iter()
-            .all(|n| nodes[n]["connected"] == serde_json::json!(true))
-    }));
+    roll_out(&f.anchor_dir, &f.root, "2", &nodes, SYNC_WITHIN);
+    assert!(all_connected(
+        &f.anchor_dir,
+        &["n1", "n2", "n3"],
+        SYNC_WITHIN
+    ));
     drop((n1, n2, n3));
 }
 

@@ -137,20 +137,7 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
     let eng = root.join("eng.json");
-    ok(&[
-        "identity",
-        "create",
-        "--data-dir",
-        s(&anchor_dir),
-        "--role",
-        "site-engineer",
-        "--site",
-        "s1",
-        "--name",
-        "eng",
-        "--out",
-        s(&eng),
-    ]);
+    site_engineer(&anchor_dir, "s1", &eng);
     let n1d = bundle_node(&anchor_dir, root, "n1", "s1");
     let n2d = bundle_node(&anchor_dir, root, "n2", "s1");
 
@@ -208,15 +195,7 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
         n1.log_text()
     );
     let o = write(root, "o.yaml", &site_yaml("s1", "web", "0.9"));
-    ok(&[
-        "apply",
-        "--data-dir",
-        s(&n2d),
-        "--identity",
-        s(&eng),
-        "-f",
-        s(&o),
-    ]);
+    apply_as(&n2d, &eng, &o);
     assert!(
         wait_for(within, || site_version(&anchor_dir, "s1", "web").as_deref()
             == Some("0.9")),
@@ -235,15 +214,7 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     );
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&op)]);
     let o2 = write(root, "o2.yaml", &site_yaml("s1", "web", "0.7"));
-    ok(&[
-        "apply",
-        "--data-dir",
-        s(&n1d),
-        "--identity",
-        s(&eng),
-        "-f",
-        s(&o2),
-    ]);
+    apply_as(&n1d, &eng, &o2);
     std::thread::sleep(Duration::from_secs(25));
     assert_eq!(
         app_version(&n1d, "web").as_deref(),

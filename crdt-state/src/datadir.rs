@@ -497,19 +497,7 @@ impl DataDir {
         name: &str,
         now: i64,
     ) -> Result<Identity> {
-        let root_path = self.path.join(ROOT_KEY_FILE);
-        let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
-            path: self.path.clone(),
-            reason: "holds no fleet root key: create identities on the data dir made by `shoal fleet init`".into(),
-        })?;
-        let root = parse_secret(&text)
-            .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
-        if PublicKey(root.verifying_key().to_bytes()) != self.trust.root() {
-            return Err(Error::Identity(format!(
-                "{} is not the root key of this store's fleet",
-                root_path.display()
-            )));
-        }
+        let root = self.root_key()?;
         let identity = Identity::issue(&root, generate_key()?, name, role, site, now)?;
         self.publish_cert(&identity.cert, now)?;
         Ok(identity)
@@ -535,8 +523,7 @@ impl DataDir {
         let root_path = self.path.join(ROOT_KEY_FILE);
         let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
             path: self.path.clone(),
-            reason: "holds no fleet root key: certify on the data dir made by `shoal fleet init`"
-                .into(),
+            reason: "holds no fleet root key: create identities on the data dir made by `shoal fleet init`".into(),
         })?;
         let root = parse_secret(&text)
             .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;

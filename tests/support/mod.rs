@@ -204,3 +204,62 @@ pub fn app_version(dir: &Path, app: &str) -> Option<String> {
         .as_str()
         .map(String::from)
 }
+
+/// `shoal apply` of one file on `dir`, signed with the identity file `who`.
+pub fn apply_as(dir: &Path, who: &Path, file: &Path) -> String {
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(dir),
+        "--identity",
+        s(who),
+        "-f",
+        s(file),
+    ])
+}
+
+/// Issues a site engineer identity of `site` on the operator's data dir.
+pub fn site_engineer(operator_dir: &Path, site: &str, out: &Path) {
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(operator_dir),
+        "--role",
+        "site-engineer",
+        "--site",
+        site,
+        "--name",
+        "eng",
+        "--out",
+        s(out),
+    ]);
+}
+
+/// Applies an App `web` at `version` on `dir` and waits until every one of
+/// `nodes` holds it.
+pub fn roll_out(dir: &Path, scratch: &Path, version: &str, nodes: &[&Path], within: Duration) {
+    let app = write(
+        scratch,
+        &format!("web-{version}.yaml"),
+        &app_yaml("web", version),
+    );
+    ok(&["apply", "--data-dir", s(dir), "-f", s(&app)]);
+    for d in nodes {
+        assert!(
+            wait_for(within, || app_version(d, "web").as_deref() == Some(version)),
+            "web {version} did not reach {}",
+            d.display()
+        );
+    }
+}
+
+/// Waits until the anchor lists every one of `names` as connected.
+pub fn all_connected(anchor_dir: &Path, names: &[&str], within: Duration) -> bool {
+    wait_for(within, || {
+        let nodes = get(anchor_dir, "nodes");
+        names
+            .iter()
+            .all(|n| nodes[n]["connected"] == serde_json::json!(true))
+    })
+}
