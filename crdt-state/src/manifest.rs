@@ -58,7 +58,7 @@ impl fmt::Display for ManifestError {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spec {
     /// An app.
-    App(AppSpec),
+    App(Box<AppSpec>),
     /// A config.
     Config(ConfigSpec),
     /// A node registry entry.
@@ -166,7 +166,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
         };
         validate_name(kind.as_str(), &env.metadata.name).map_err(|m| err(n, "metadata.name", m))?;
         let spec = match kind {
-            Kind::App => Spec::App(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
+            Kind::App => Spec::App(Box::new(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?)),
             Kind::Config => Spec::Config(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
             Kind::Node => Spec::Node(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
             Kind::SiteOverride => {
@@ -292,6 +292,29 @@ fn validate_app(app: &AppSpec) -> Result<(), Invalid> {
                 check_relative_path(&format!("native.files.{path}"), path)?;
                 validate_name("config", &src.config)
                     .map_err(|m| (format!("native.files.{path}.config"), m))?;
+            }
+            if let Some(h) = &native.health {
+                let kinds = [h.http.is_some(), h.tcp.is_some(), !h.exec.is_empty()];
+                if kinds.iter().filter(|k| **k).count() != 1 {
+                    return Err((
+                        "native.health".into(),
+                        "needs exactly one of http, tcp or exec".into(),
+                    ));
+                }
+                if let Some(u) = &h.http
+                    && !u.starts_with("http://")
+                {
+                    return Err((
+                        "native.health.http".into(),
+                        format!("{u:?} is not an http:// URL"),
+                    ));
+                }
+                if h.period_s == 0 || h.timeout_s == 0 || h.failures == 0 {
+                    return Err((
+                        "native.health".into(),
+                        "period_s, timeout_s and failures must be positive".into(),
+                    ));
+                }
             }
             Ok(())
         }

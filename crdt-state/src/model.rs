@@ -153,6 +153,43 @@ pub struct NativeSpec {
     /// Restart policy.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Health check; a process that fails it is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+/// A health check of a native app: exactly one of `http`, `tcp`, `exec`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// GET this URL (`http://host:port/path`); healthy on a 2xx answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// Connect to `host:port`; healthy when it accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// Run this command in the app's directory; healthy on exit 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
+    /// Seconds between checks.
+    #[serde(default = "default_period")]
+    pub period_s: u64,
+    /// Seconds one check may take.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Consecutive failures that make the app unhealthy.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+}
+
+fn default_period() -> u64 {
+    5
+}
+fn default_timeout() -> u64 {
+    2
+}
+fn default_failures() -> u32 {
+    3
 }
 
 /// How to run a kube app.

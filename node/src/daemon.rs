@@ -28,6 +28,9 @@ use tokio::sync::mpsc;
 use crate::control::{self, Incoming, Live};
 use crate::enroll::{self, ADDRS_FILE, ANCHOR_IDENTITY_FILE};
 use crate::hello;
+use crate::runtime::Runtime;
+use crate::runtime::native::Native;
+use crdt_state::model::{self, FleetView, NodeReport};
 
 /// Daemon settings.
 #[derive(Clone, Debug)]
@@ -43,6 +46,9 @@ pub struct Options {
     /// Run as an anchor.
     pub anchor: bool,
 }
+
+/// How often the node reconciles even without a change (drift).
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -110,6 +116,15 @@ struct Daemon {
     known_peers: Vec<String>,
     peers_dirty: bool,
     security_events: u64,
+    /// This daemon's identity (the node's, or the anchor's own).
+    me: Identity,
+    /// The runtime (nodes only).
+    runtime: Option<Box<dyn Runtime>>,
+    /// The share changed since the last reconcile.
+    reconcile_due: bool,
+    last_reconcile: Instant,
+    /// The report last written into the node document.
+    last_report: Option<NodeReport>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -138,6 +153,13 @@ pub async fn run(
     // The anchor's certificate may be new: take what create_identity wrote.
     let _ = dd.take_outbox();
     let engine = load_engine(&dd, &me)?;
+    // A node starts its last desired state from the store before anything
+    // else: no network needed.
+    let runtime: Option<Box<dyn Runtime>> = if opts.anchor {
+        None
+    } else {
+        Some(Box::new(Native::new(opts.data_dir.join("apps"))))
+    };
     let mut config = mesh::Config::new(me.secret_bytes());
     config.listen = if opts.listen.is_empty() {
         let port = if opts.anchor { 7411 } else { 0 };
@@ -183,7 +205,13 @@ pub async fn run(
         known_peers,
         peers_dirty: false,
         security_events: 0,
+        me,
+        runtime,
+        reconcile_due: true,
+        last_reconcile: Instant::now(),
+        last_report: None,
     };
+    d.reconcile();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
@@ -205,7 +233,17 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
         d.drain();
+        if d.reconcile_due {
+            // A new desired state: act on it now, not at the next tick.
+            d.reconcile();
+            d.drain();
+        }
     }
+    if let Some(rt) = d.runtime.as_mut() {
+        rt.shutdown().await;
+    }
+    d.report();
+    d.drain();
     d.flush_states();
     d.save_peers();
     d.mesh.shutdown().await;
@@ -341,9 +379,107 @@ impl Daemon {
         }
     }
 
+    /// The node's share now: fleet state for it, its site's overrides on top.
+    fn share(&self) -> Vec<crdt_state::placement::Workload> {
+        let fleet = self
+            .engine
+            .doc(&DocId::Fleet)
+            .map(FleetView::read)
+            .unwrap_or_default();
+        let site = self
+            .me
+            .cert
+            .site
+            .as_ref()
+            .and_then(|s| self.engine.doc(&DocId::Site(s.clone())))
+            .map(model::read_site);
+        // Every registered node counts as healthy for replica placement
+        // until reports of health feed into it.
+        crdt_state::placement::share(&fleet, site.as_ref(), &self.me.cert.name, &|_| true)
+    }
+
+    fn reconcile(&mut self) {
+        if self.runtime.is_none() {
+            return;
+        }
+        let desired = self.share();
+        if let Some(rt) = self.runtime.as_mut() {
+            rt.reconcile(&desired);
+        }
+        self.reconcile_due = false;
+        self.last_reconcile = Instant::now();
+        self.report();
+    }
+
+    /// The node's current document (highest epoch held).
+    fn node_doc(&self) -> DocId {
+        let name = &self.me.cert.name;
+        let epoch = self
+            .engine
+            .docs()
+            .filter_map(|d| match d.id() {
+                DocId::Node { name: n, epoch } if n == name => Some(*epoch),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        DocId::Node {
+            name: name.clone(),
+            epoch,
+        }
+    }
+
+    /// Writes the node's report into its document when it changed.
+    fn report(&mut self) {
+        let Some(rt) = self.runtime.as_ref() else {
+            return;
+        };
+        let heads = |id: &DocId| -> Vec<String> {
+            let mut h: Vec<String> = self
+                .engine
+                .doc(id)
+                .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
+                .unwrap_or_default();
+            h.sort();
+            h
+        };
+        let mut report = NodeReport {
+            fleet_heads: heads(&DocId::Fleet),
+            site_heads: self
+                .me
+                .cert
+                .site
+                .as_ref()
+                .map(|s| heads(&DocId::Site(s.clone())))
+                .unwrap_or_default(),
+            workloads: rt.status(),
+            reconciled_at: 0,
+        };
+        if let Some(last) = &self.last_report {
+            let mut same = report.clone();
+            same.reconciled_at = last.reconciled_at;
+            if same == *last {
+                return;
+            }
+        }
+        report.reconciled_at = now();
+        let id = self.node_doc();
+        let empty = crdt_state::Document::new(id.clone());
+        let ops = report.ops(self.engine.doc(&id).unwrap_or(&empty));
+        match self.engine.edit(&id, &self.me, now(), &ops) {
+            Ok(_) => self.last_report = Some(report),
+            Err(e) => tracing::warn!(error = %e, "report not written"),
+        }
+    }
+
     fn on_tick(&mut self) {
         let now_ms = self.started.elapsed().as_millis() as u64;
         self.engine.handle(Input::Tick { now_ms });
+        if self.reconcile_due || self.last_reconcile.elapsed() >= RECONCILE_EVERY {
+            self.reconcile();
+        } else {
+            self.report();
+        }
         if self.last_state_flush.elapsed() >= Duration::from_secs(5) {
             self.flush_states();
             if self.peers_dirty {
@@ -433,6 +569,10 @@ impl Daemon {
                     tracing::debug!(%doc, "document changed");
                     if doc == DocId::Fleet {
                         self.cut_revoked();
+                    }
+                    let my_site = self.me.cert.site.as_ref().map(|s| DocId::Site(s.clone()));
+                    if doc == DocId::Fleet || Some(&doc) == my_site.as_ref() {
+                        self.reconcile_due = true;
                     }
                 }
                 Output::Security { peer, reason } => {

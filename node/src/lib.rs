@@ -14,3 +14,4 @@ pub mod control;
 pub mod daemon;
 pub mod enroll;
 pub mod hello;
+pub mod runtime;
