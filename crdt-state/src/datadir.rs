@@ -441,6 +441,29 @@ impl DataDir {
         Ok(FleetView::read(&self.doc(&DocId::Fleet)?))
     }
 
+    /// Each node's latest report (from the highest epoch of its document held).
+    pub fn reports(&self) -> Result<BTreeMap<String, model::NodeReport>> {
+        let mut latest: BTreeMap<String, DocId> = BTreeMap::new();
+        for id in self.store.doc_ids()? {
+            if let DocId::Node { name, epoch } = &id {
+                let newer = match latest.get(name) {
+                    Some(DocId::Node { epoch: e, .. }) => epoch > e,
+                    _ => true,
+                };
+                if newer {
+                    latest.insert(name.clone(), id.clone());
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (name, id) in latest {
+            if let Some(doc) = self.store.load(&id)? {
+                out.insert(name, model::NodeReport::read(&doc));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every site document held, read.
     pub fn sites(&self) -> Result<BTreeMap<String, model::SiteOverrideSpec>> {
         let mut out = BTreeMap::new();

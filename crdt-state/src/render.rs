@@ -136,7 +136,7 @@ pub fn configs(format: Format, fleet: &FleetView) -> String {
 
 /// `shoal get nodes`.
 pub fn nodes(format: Format, fleet: &FleetView) -> String {
-    nodes_with_contacts(format, fleet, None, 0)
+    nodes_with_contacts(format, fleet, None, &Default::default(), 0)
 }
 
 /// What a running daemon knows of a node's connection.
@@ -156,6 +156,8 @@ struct NodeRow<'a> {
     connected: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_contact: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report: Option<&'a crate::model::NodeReport>,
 }
 
 /// `shoal get nodes`, with connection columns when a daemon answers
@@ -164,6 +166,7 @@ pub fn nodes_with_contacts(
     format: Format,
     fleet: &FleetView,
     contacts: Option<&std::collections::BTreeMap<String, Contact>>,
+    reports: &std::collections::BTreeMap<String, crate::model::NodeReport>,
     now: i64,
 ) -> String {
     let none = Contact::default();
@@ -184,6 +187,19 @@ pub fn nodes_with_contacts(
                 c.and_then(|c| c.last_contact)
                     .map(|t| format!("{}s ago", (now - t).max(0)))
                     .unwrap_or_else(|| "-".into()),
+                reports
+                    .get(n)
+                    .map(|r| {
+                        r.workloads
+                            .iter()
+                            .map(|(a, w)| {
+                                format!("{a}:{}", format!("{:?}", w.state).to_lowercase())
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -198,6 +214,7 @@ pub fn nodes_with_contacts(
                     spec: s,
                     connected: c.map(|c| c.connected),
                     last_contact: c.and_then(|c| c.last_contact),
+                    report: reports.get(n),
                 },
             )
         })
@@ -205,7 +222,14 @@ pub fn nodes_with_contacts(
     render(
         format,
         &value,
-        &["NAME", "SITE", "LABELS", "CONNECTED", "LAST CONTACT"],
+        &[
+            "NAME",
+            "SITE",
+            "LABELS",
+            "CONNECTED",
+            "LAST CONTACT",
+            "WORKLOADS",
+        ],
         rows,
     )
 }

@@ -155,9 +155,13 @@ fn execute_inner(dd: &mut DataDir, req: Request, live: &Live) -> anyhow::Result<
             match what.as_str() {
                 "apps" | "app" => render::apps(output, &dd.fleet()?),
                 "configs" | "config" => render::configs(output, &dd.fleet()?),
-                "nodes" | "node" => {
-                    render::nodes_with_contacts(output, &dd.fleet()?, live.contacts.as_ref(), now())
-                }
+                "nodes" | "node" => render::nodes_with_contacts(
+                    output,
+                    &dd.fleet()?,
+                    live.contacts.as_ref(),
+                    &dd.reports()?,
+                    now(),
+                ),
                 "conflicts" | "conflict" => render::conflicts(output, &dd.conflicts()?),
                 "sites" | "site" => render::sites(output, &dd.sites()?),
                 other => {
