@@ -6,6 +6,9 @@
 //! cargo run --release --example mesh_bench -- resync  [reps] [cut_s]
 //! cargo run --release --example mesh_bench -- idle    [minutes]
 //! cargo run --release --example mesh_bench -- restart [nodes]
+//! cargo run --release --example mesh_bench -- offline [runs]   # node start → 10 apps running, no anchor
+//! cargo run --release --example mesh_bench -- change  [reps]   # desired change at the anchor → app restarted with it
+//! cargo run --release --example mesh_bench -- memory           # node RSS with the mesh up and 10 apps
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -381,6 +384,188 @@ fn restart(nodes: usize) {
     drop(anchor);
 }
 
+/// An anchor and node n1 on loopback with `apps` native apps running.
+struct Node {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    anchor_dir: PathBuf,
+    node_dir: PathBuf,
+    anchor: Option<Proc>,
+    node: Option<Proc>,
+}
+
+fn apps_yaml(root: &Path, n: usize, value: &str) -> PathBuf {
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "---\napiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: app{i}}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'echo V=$V; exec sleep 3600']\n    env: {{V: \"{value}\"}}\n"
+        ));
+    }
+    let p = root.join(format!("apps-{value}.yaml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn app_pid(node_dir: &Path, app: &str) -> Option<i32> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node_dir.join("apps").join(app).join("pid")).ok()?)
+            .ok()?;
+    v["pid"].as_i64().map(|p| p as i32)
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
+
+fn node_with_apps(apps: usize) -> Node {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
+    let listen = vec![
+        "--listen".to_string(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
+    ];
+    let anchor = start("anchor", &anchor_dir, &listen);
+    let token = ok(&[
+        "fleet",
+        "token",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--node",
+        "n1",
+    ]);
+    let node_dir = root.join("n1");
+    ok(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(&node_dir),
+        "--token",
+        token.trim(),
+    ]);
+    let node = start("node", &node_dir, &listen);
+    ok(&[
+        "apply",
+        "--data-dir",
+        s(&anchor_dir),
+        "-f",
+        s(&apps_yaml(&root, apps, "0")),
+    ]);
+    wait(Duration::from_secs(60), || {
+        (0..apps).all(|i| app_pid(&node_dir, &format!("app{i}")).is_some_and(alive))
+    })
+    .expect("apps running");
+    Node {
+        _tmp: tmp,
+        root,
+        anchor_dir,
+        node_dir,
+        anchor: Some(anchor),
+        node: Some(node),
+    }
+}
+
+fn sigterm(p: &mut Proc) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status();
+    let _ = p.0.wait();
+}
+
+fn offline(runs: usize) {
+    let mut n = node_with_apps(10);
+    sigterm(n.node.as_mut().unwrap());
+    n.node = None;
+    n.anchor = None;
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let before: Vec<Option<i32>> = (0..10)
+            .map(|i| app_pid(&n.node_dir, &format!("app{i}")))
+            .collect();
+        let t0 = Instant::now();
+        let mut child = Proc(
+            Command::new(bin())
+                .args(["node", "run", "--data-dir", s(&n.node_dir)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait(Duration::from_secs(30), || {
+            (0..10).all(|i| {
+                app_pid(&n.node_dir, &format!("app{i}"))
+                    .is_some_and(|p| alive(p) && Some(p) != before[i])
+            })
+        })
+        .expect("apps back");
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        sigterm(&mut child);
+    }
+    let mut t = times.clone();
+    println!(
+        "offline start, 10 native apps, {runs} runs: median {:.0} ms, max {:.0} ms (all: {:?})",
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 1.0),
+        times.iter().map(|x| x.round()).collect::<Vec<_>>()
+    );
+}
+
+fn change(reps: usize) {
+    let n = node_with_apps(1);
+    let log = n.node_dir.join("apps/app0/stdout.log");
+    let mut times = Vec::new();
+    for rep in 1..=reps {
+        let v = rep.to_string();
+        let t0 = Instant::now();
+        ok(&[
+            "apply",
+            "--data-dir",
+            s(&n.anchor_dir),
+            "-f",
+            s(&apps_yaml(&n.root, 1, &v)),
+        ]);
+        let want = format!("V={v}\n");
+        wait(Duration::from_secs(30), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&want))
+        })
+        .expect("restarted with the change");
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut t = times.clone();
+    println!(
+        "desired change at the anchor → app restarted with it (loopback), {reps} reps: median {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 0.95),
+        percentile(&mut t, 1.0)
+    );
+}
+
+fn memory() {
+    let n = node_with_apps(10);
+    std::thread::sleep(Duration::from_secs(30));
+    let pid = n.node.as_ref().unwrap().0.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or("")
+            .to_string()
+    };
+    println!(
+        "node with the mesh up (connected to the anchor) and 10 native apps, after 30 s idle: {} / {}",
+        field("VmRSS"),
+        field("VmHWM")
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let n = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
@@ -388,6 +573,9 @@ fn main() {
         Some("resync") => resync(n(1, 20) as usize, n(2, 25)),
         Some("idle") => idle(n(1, 5)),
         Some("restart") => restart(n(1, 50) as usize),
+        Some("offline") => offline(n(1, 11) as usize),
+        Some("change") => change(n(1, 20) as usize),
+        Some("memory") => memory(),
         _ => {
             eprintln!("usage: mesh_bench resync [reps] [cut_s] | idle [minutes] | restart [nodes]")
         }

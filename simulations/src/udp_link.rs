@@ -220,10 +220,10 @@ impl UdpLink {
     /// Traffic forwarded so far.
     pub fn counters(&self) -> Counters {
         Counters {
-            up_packets: self.shared.up_packets.load(Ordering::Relaxed),
-            up_bytes: self.shared.up_bytes.load(Ordering::Relaxed),
-            down_packets: self.shared.down_packets.load(Ordering::Relaxed),
-            down_bytes: self.shared.down_bytes.load(Ordering::Relaxed),
+            up_packets: self.shared.up_packets.load(Ordering::SeqCst),
+            up_bytes: self.shared.up_bytes.load(Ordering::SeqCst),
+            down_packets: self.shared.down_packets.load(Ordering::SeqCst),
+            down_bytes: self.shared.down_bytes.load(Ordering::SeqCst),
         }
     }
 }
@@ -264,6 +264,9 @@ fn new_upstream(
 }
 
 fn deliver(shared: &Shared, socket: &UdpSocket, upstream: SocketAddr, p: Pending) {
+    // Counted before the send, so a reader that saw the datagram arrive
+    // also sees it counted.
+    let n = p.bytes.len() as u64;
     if p.up {
         let up = shared
             .clients
@@ -271,19 +274,15 @@ fn deliver(shared: &Shared, socket: &UdpSocket, upstream: SocketAddr, p: Pending
             .unwrap_or_else(|e| e.into_inner())
             .get(&p.client)
             .cloned();
-        if let Some(up) = up
-            && up.send_to(&p.bytes, upstream).is_ok()
-        {
-            shared.up_packets.fetch_add(1, Ordering::Relaxed);
-            shared
-                .up_bytes
-                .fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+        if let Some(up) = up {
+            shared.up_packets.fetch_add(1, Ordering::SeqCst);
+            shared.up_bytes.fetch_add(n, Ordering::SeqCst);
+            let _ = up.send_to(&p.bytes, upstream);
         }
-    } else if socket.send_to(&p.bytes, p.client).is_ok() {
-        shared.down_packets.fetch_add(1, Ordering::Relaxed);
-        shared
-            .down_bytes
-            .fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+    } else {
+        shared.down_packets.fetch_add(1, Ordering::SeqCst);
+        shared.down_bytes.fetch_add(n, Ordering::SeqCst);
+        let _ = socket.send_to(&p.bytes, p.client);
     }
 }
 
