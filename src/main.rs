@@ -83,6 +83,9 @@ enum Command {
     /// An edge node.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// A node's local site API, for field engineers on the substation LAN.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -221,6 +224,40 @@ enum NodeCmd {
         dir: Dir,
         #[command(flatten)]
         mesh: MeshArgs,
+        /// Serve the local site API for field engineers here (e.g. 0.0.0.0:7480).
+        #[arg(long)]
+        site_api: Option<std::net::SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    /// Apply a SiteOverride through a node's site API, signed with your identity.
+    Apply {
+        /// The node's site API (http://host:port).
+        #[arg(long)]
+        node: String,
+        /// Your site engineer identity file.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Manifest files; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: Format,
+    },
+    /// Show a node's view: desired workloads, their state, peers, site overrides.
+    Get {
+        /// The node's site API (http://host:port).
+        #[arg(long)]
+        node: String,
+        /// Your site engineer identity file.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Output format: json or yaml.
+        #[arg(short = 'o', long, default_value = "yaml")]
+        output: Format,
     },
 }
 
@@ -239,7 +276,16 @@ fn parse_ttl(s: &str) -> anyhow::Result<i64> {
     Ok(n * mult)
 }
 
-fn daemon(dir: Dir, mesh: &MeshArgs, anchor: bool) -> anyhow::Result<()> {
+fn as_yaml(v: &serde_json::Value) -> String {
+    crdt_state::render::render(Format::Yaml, v, &[], Vec::new())
+}
+
+fn daemon(
+    dir: Dir,
+    mesh: &MeshArgs,
+    anchor: bool,
+    site_api: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let (listen, peers) = mesh.parse()?;
     let opts = node::daemon::Options {
         data_dir: dir.data_dir,
@@ -247,6 +293,7 @@ fn daemon(dir: Dir, mesh: &MeshArgs, anchor: bool) -> anyhow::Result<()> {
         peers,
         mdns: mesh.mdns,
         anchor,
+        site_api,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -473,8 +520,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Anchor(AnchorCmd::Run { dir, mesh }) => daemon(dir, &mesh, true)?,
-        Command::Node(NodeCmd::Run { dir, mesh }) => daemon(dir, &mesh, false)?,
+        Command::Anchor(AnchorCmd::Run { dir, mesh }) => daemon(dir, &mesh, true, None)?,
+        Command::Node(NodeCmd::Run {
+            dir,
+            mesh,
+            site_api,
+        }) => daemon(dir, &mesh, false, site_api)?,
+        Command::Site(SiteCmd::Apply {
+            node,
+            identity,
+            files,
+            output,
+        }) => {
+            let mut manifests = Vec::new();
+            for f in &files {
+                let (label, text) = read_input(f)?;
+                manifests.extend(manifest::parse(&label, &text)?);
+            }
+            let applied = node::site_api::apply(&node, &identity, &manifests)?;
+            print!("{}", crdt_state::render::applied(output, &applied));
+        }
+        Command::Site(SiteCmd::Get {
+            node,
+            identity,
+            output,
+        }) => {
+            let client = node::site_api::Client::new(&node, crdt_state::Identity::read(&identity)?);
+            let view = client.get("/api/view")?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+                _ => print!("{}", as_yaml(&view)),
+            }
+        }
         Command::Node(NodeCmd::Enroll { dir, token, bundle }) => {
             let cert = match (token, bundle) {
                 (_, Some(b)) => node::enroll::enroll_with_bundle(&dir.data_dir, &b)?,

@@ -162,3 +162,182 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     );
     drop(offline);
 }
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn raw_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn site_api_authenticates_and_offline_site_edits_merge_with_the_anchor() {
+    use simulations::udp_link::{LinkConfig, UdpLink};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let (eng, eng2) = (root.join("eng.json"), root.join("eng2.json"));
+    site_engineer(&anchor_dir, "s1", &eng);
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--role",
+        "site-engineer",
+        "--site",
+        "s2",
+        "--name",
+        "other",
+        "--out",
+        s(&eng2),
+    ]);
+    // A self-made identity of another fleet.
+    let other = root.join("other");
+    ok(&["fleet", "init", "--data-dir", s(&other), "--name", "x"]);
+    let stranger = root.join("stranger.json");
+    site_engineer(&other, "s1", &stranger);
+    // The node is enrolled offline and reaches the anchor only through a
+    // link we can cut.
+    let b = root.join("n1.bundle");
+    ok(&[
+        "fleet",
+        "node-bundle",
+        "--data-dir",
+        s(&anchor_dir),
+        "--node",
+        "n1",
+        "--site",
+        "s1",
+        "--out",
+        s(&b),
+    ]);
+    let nd = root.join("n1");
+    ok(&["node", "enroll", "--data-dir", s(&nd), "--bundle", s(&b)]);
+    let port = free_udp_port();
+    let _anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+        ],
+        None,
+    );
+    let link = UdpLink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        LinkConfig::default(),
+    )
+    .unwrap();
+    let api = format!("127.0.0.1:{}", free_tcp_port());
+    let url = format!("http://{api}");
+    let anchor_id = {
+        let a: Vec<String> =
+            serde_json::from_slice(&std::fs::read(anchor_dir.join("addrs.json")).unwrap()).unwrap();
+        a[0].rsplit('/').next().unwrap().to_string()
+    };
+    let _node = Daemon::start(
+        "node",
+        &nd,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            format!(
+                "/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{anchor_id}",
+                link.addr().port()
+            ),
+            "--site-api".into(),
+            api.clone(),
+        ],
+        None,
+    );
+    assert!(all_connected(&anchor_dir, &["n1"], Duration::from_secs(30)));
+
+    // Authentication: none → 401; another fleet's key → 401; another
+    // site's engineer → 403; this site's engineer → the view.
+    let raw = raw_get(&api, "/api/view");
+    assert!(raw.lines().next().unwrap_or("").contains(" 401 "), "{raw}");
+    let refused = |who: &Path| {
+        let out = shoal(&["site", "get", "--node", &url, "--identity", s(who)]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(refused(&stranger).contains("401"), "{}", refused(&stranger));
+    assert!(refused(&eng2).contains("403"), "{}", refused(&eng2));
+    let view = ok(&[
+        "site",
+        "get",
+        "--node",
+        &url,
+        "--identity",
+        s(&eng),
+        "-o",
+        "json",
+    ]);
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["node"], "n1");
+    assert_eq!(view["site"], "s1");
+    // Garbage changes with a valid signature: 400, nothing applied.
+    let client = node::site_api::Client::new(&url, crdt_state::Identity::read(&eng).unwrap());
+    let err = client
+        .post("/api/site/changes", b"garbage".to_vec())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("400"), "{err}");
+
+    // Cut the link; the operator and the engineer set the same field.
+    link.set_cut(true);
+    let op = write(root, "op.yaml", &site_yaml("s1", "web", "0.6"));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&op)]);
+    let mine = write(root, "mine.yaml", &site_yaml("s1", "web", "0.5"));
+    let out = ok(&[
+        "site",
+        "apply",
+        "--node",
+        &url,
+        "--identity",
+        s(&eng),
+        "-f",
+        s(&mine),
+    ]);
+    assert!(out.contains("siteoverride/s1"), "{out}");
+    assert_eq!(site_version(&nd, "s1", "web").as_deref(), Some("0.5"));
+    assert_eq!(
+        site_version(&anchor_dir, "s1", "web").as_deref(),
+        Some("0.6")
+    );
+
+    // The link returns: both sides agree, and both show the conflict.
+    link.set_cut(false);
+    let conflicted = |d: &Path| {
+        get(d, "conflicts").as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["doc"] == "site/s1" && c["values"].as_array().is_some_and(|v| v.len() == 2)
+            })
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || conflicted(&anchor_dir)
+            && conflicted(&nd)),
+        "anchor: {} node: {}",
+        get(&anchor_dir, "conflicts"),
+        get(&nd, "conflicts")
+    );
+    assert_eq!(
+        site_version(&nd, "s1", "web"),
+        site_version(&anchor_dir, "s1", "web")
+    );
+}

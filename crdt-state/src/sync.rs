@@ -274,18 +274,21 @@ impl Engine {
     }
 
     fn local(&mut self, id: DocId, changes: Vec<SignedChange>) {
-        let decoded = match crate::verify::decode(&id, &changes) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(doc = %id, error = %e, "local changes refused");
-                return;
-            }
-        };
-        match self.ingest(&id, decoded) {
-            Ok(true) => self.changed(&id, None),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(doc = %id, error = %e, "local changes refused"),
+        if let Err(e) = self.submit(id.clone(), changes) {
+            tracing::warn!(doc = %id, error = %e, "local changes refused");
         }
+    }
+
+    /// Verifies and applies signed changes made elsewhere (a local tool, a
+    /// field engineer's laptop through the site API) and sends them on.
+    /// Returns whether anything was new; a bad change refuses them all.
+    pub fn submit(&mut self, id: DocId, changes: Vec<SignedChange>) -> Result<bool> {
+        let decoded = crate::verify::decode(&id, &changes)?;
+        let new = self.ingest(&id, decoded)?;
+        if new {
+            self.changed(&id, None);
+        }
+        Ok(new)
     }
 
     /// Verifies and applies signed changes to a document, remembers their

@@ -30,6 +30,7 @@ use crate::enroll::{self, ADDRS_FILE, ANCHOR_IDENTITY_FILE};
 use crate::hello;
 use crate::runtime::Runtime;
 use crate::runtime::native::Native;
+use crate::site_api::{self, Nonces, Reply};
 use crdt_state::model::{self, FleetView, NodeReport};
 
 /// Daemon settings.
@@ -45,6 +46,8 @@ pub struct Options {
     pub mdns: bool,
     /// Run as an anchor.
     pub anchor: bool,
+    /// Serve the local site API here (nodes).
+    pub site_api: Option<std::net::SocketAddr>,
 }
 
 /// How often the node reconciles even without a change (drift).
@@ -125,6 +128,7 @@ struct Daemon {
     last_reconcile: Instant,
     /// The report last written into the node document.
     last_report: Option<NodeReport>,
+    nonces: Nonces,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -210,8 +214,14 @@ pub async fn run(
         reconcile_due: true,
         last_reconcile: Instant::now(),
         last_report: None,
+        nonces: Nonces::default(),
     };
     d.reconcile();
+    let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
+    if let Some(addr) = opts.site_api {
+        let local = site_api::serve(addr, site_tx).await?;
+        println!("site API on http://{local}");
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
@@ -227,6 +237,10 @@ pub async fn run(
                 };
                 let r = control::execute(&mut d.dd, req, &live);
                 d.forward_local();
+                let _ = reply.send(r);
+            }
+            Some((req, reply)) = site_rx.recv() => {
+                let r = d.on_site(req);
                 let _ = reply.send(r);
             }
             _ = tick.tick() => d.on_tick(),
@@ -583,6 +597,96 @@ impl Daemon {
                     if let Some(pid) = self.peer_ids.get(&peer) {
                         self.mesh.disconnect(*pid, reason);
                     }
+                }
+            }
+        }
+    }
+
+    /// One site API request (see `site_api`).
+    fn on_site(&mut self, req: site_api::Request) -> Reply {
+        let Some(site) = self.me.cert.site.clone() else {
+            return Reply::error(404, "this node belongs to no site");
+        };
+        let route = (req.method.as_str(), req.path.as_str());
+        if route == ("GET", "/api/challenge") {
+            return match self.nonces.issue() {
+                Ok(n) => Reply {
+                    status: 200,
+                    body: serde_json::json!({ "nonce": hex::encode(n) }),
+                },
+                Err(e) => Reply::error(503, e.to_string()),
+            };
+        }
+        if !matches!(
+            route,
+            ("GET", "/api/view") | ("GET", "/api/site/bundle") | ("POST", "/api/site/changes")
+        ) {
+            return Reply::error(404, format!("no {} {}", req.method, req.path));
+        }
+        let who = match site_api::authenticate(&req, &mut self.nonces, self.engine.trust(), &site) {
+            Ok(k) => k,
+            Err(reply) => {
+                tracing::warn!(path = %req.path, error = %reply.body, "site API request refused");
+                return reply;
+            }
+        };
+        let site_doc = DocId::Site(site.clone());
+        match route {
+            ("GET", "/api/view") => {
+                let peers: Vec<&String> = self
+                    .contacts
+                    .iter()
+                    .filter(|(_, c)| c.connected)
+                    .map(|(n, _)| n)
+                    .collect();
+                Reply {
+                    status: 200,
+                    body: serde_json::json!({
+                        "node": self.me.cert.name,
+                        "site": site,
+                        "desired": self.share(),
+                        "report": self.last_report,
+                        "peers": peers,
+                        "site_overrides": self.engine.doc(&site_doc).map(model::read_site),
+                    }),
+                }
+            }
+            ("GET", "/api/site/bundle") => match self.dd.export_some(|id| *id == site_doc) {
+                Ok(b) => Reply {
+                    status: 200,
+                    body: serde_json::json!({ "bundle": hex::encode(b) }),
+                },
+                Err(e) => Reply::error(500, e.to_string()),
+            },
+            _ => {
+                let bundle = match crdt_state::bundle::Bundle::decode(&req.body) {
+                    Ok(b) => b,
+                    Err(e) => return Reply::error(400, format!("body: {e}")),
+                };
+                if bundle.root != Some(self.engine.trust().root()) {
+                    return Reply::error(400, "the changes belong to another fleet");
+                }
+                let mut new = false;
+                for (doc, changes) in bundle.docs {
+                    if doc != site_doc {
+                        return Reply::error(
+                            403,
+                            format!("only {site_doc} may be edited here, not {doc}"),
+                        );
+                    }
+                    match self.engine.submit(doc, changes) {
+                        Ok(n) => new |= n,
+                        Err(crdt_state::Error::NotAllowed(m)) => return Reply::error(403, m),
+                        Err(e @ crdt_state::Error::Rejected { .. }) => {
+                            return Reply::error(403, e.to_string());
+                        }
+                        Err(e) => return Reply::error(400, e.to_string()),
+                    }
+                }
+                tracing::info!(writer = %who.short(), new, "site edit through the site API");
+                Reply {
+                    status: 200,
+                    body: serde_json::json!({ "new": new }),
                 }
             }
         }

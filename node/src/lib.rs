@@ -6,12 +6,14 @@
 //! - [`hello`]: what peers say on `/shoal/hello/1`, and admission.
 //! - [`enroll`]: tokens, `/shoal/enroll/1`, offline node bundles.
 //! - [`control`]: CLI verbs on a data dir, directly or over the socket.
+//! - [`runtime`]: where the node's share runs (the native supervisor).
+//! - [`site_api`]: the node's view and site edits for field engineers on the LAN.
 //!
-//! Reconciling the node's share to a runtime comes with the node-daemon
-//! issue; the anchor's HTTP API and UI live in `cloud-anchor`.
+//! The anchor's HTTP API and UI live in `cloud-anchor`.
 
 pub mod control;
 pub mod daemon;
 pub mod enroll;
 pub mod hello;
 pub mod runtime;
+pub mod site_api;

@@ -1,0 +1,370 @@
+//! The local site API: a node's view and its site document for the field
+//! engineers of its site, on the substation LAN (`shoal node run
+//! --site-api ADDR`).
+//!
+//! Authentication without clocks or passwords: the client fetches a
+//! one-time nonce (`GET /api/challenge`), then signs
+//! `"shoal/site-api/v1\0" method "\0" path "\0" nonce sha256(body)` with
+//! its identity key and sends `Authorization: Shoal key=<hex>,nonce=<hex>,
+//! sig=<hex>`. A missing, malformed or wrong signature, or an unknown or
+//! used nonce, is 401; a valid signature of a key that is not a site
+//! engineer of this node's site (or an operator), or is revoked, is 403.
+//!
+//! Edits are signed on the engineer's machine, never here: `shoal site
+//! apply` fetches the site document's signed changes, applies the manifest
+//! in a scratch data dir with the engineer's identity, and posts the new
+//! signed changes; the node verifies them like any others and syncs them
+//! on. The node never holds an engineer's key.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/api/challenge` | `{"nonce": hex}` (no authentication) |
+//! | GET | `/api/view` | node, site, desired workloads, report, peers, site overrides |
+//! | GET | `/api/site/bundle` | `{"bundle": hex}`: the site document's signed changes |
+//! | POST | `/api/site/changes` | body: a bundle of the site document's new changes; `{"new": bool}` |
+//!
+//! Plain HTTP: requests are authenticated, answers are not encrypted; the
+//! API is for the LAN of the substation.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use crdt_state::{Identity, PublicKey, Trust};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+const DOMAIN: &[u8] = b"shoal/site-api/v1\0";
+/// Largest request body (a bundle of new site changes).
+pub const MAX_BODY: usize = 8 << 20;
+const NONCE_LIFETIME: Duration = Duration::from_secs(120);
+const MAX_NONCES: usize = 4096;
+
+/// A request as the daemon sees it.
+#[derive(Debug)]
+pub struct Request {
+    /// GET or POST.
+    pub method: String,
+    /// The path.
+    pub path: String,
+    /// The Authorization header.
+    pub auth: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// The daemon's answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: serde_json::Value,
+}
+
+impl Reply {
+    /// An error answer.
+    pub fn error(status: u16, msg: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            body: serde_json::json!({ "error": msg.into() }),
+        }
+    }
+}
+
+/// What signs a request.
+pub fn signing_message(method: &str, path: &str, nonce: &[u8; 32], body: &[u8]) -> Vec<u8> {
+    let mut m = DOMAIN.to_vec();
+    m.extend_from_slice(method.as_bytes());
+    m.push(0);
+    m.extend_from_slice(path.as_bytes());
+    m.push(0);
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(&Sha256::digest(body));
+    m
+}
+
+/// One-time nonces handed out by the node.
+#[derive(Default)]
+pub struct Nonces(HashMap<[u8; 32], Instant>);
+
+impl Nonces {
+    /// A fresh nonce.
+    pub fn issue(&mut self) -> anyhow::Result<[u8; 32]> {
+        let now = Instant::now();
+        self.0
+            .retain(|_, t| now.duration_since(*t) < NONCE_LIFETIME);
+        if self.0.len() >= MAX_NONCES {
+            bail!("too many outstanding challenges; try again");
+        }
+        let mut n = [0u8; 32];
+        getrandom::fill(&mut n).map_err(|e| anyhow!("no randomness: {e}"))?;
+        self.0.insert(n, now);
+        Ok(n)
+    }
+
+    fn take(&mut self, n: &[u8; 32]) -> bool {
+        match self.0.remove(n) {
+            Some(t) => t.elapsed() < NONCE_LIFETIME,
+            None => false,
+        }
+    }
+}
+
+fn field<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header
+        .trim()
+        .strip_prefix("Shoal ")?
+        .split(',')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    hex::decode(s).ok()?.try_into().ok()
+}
+
+/// Authenticates a request: 401 for anything but a valid signature over a
+/// live nonce by a certified key; 403 for a key that may not write the
+/// site (or is revoked). Returns the key.
+pub fn authenticate(
+    req: &Request,
+    nonces: &mut Nonces,
+    trust: &Trust,
+    site: &str,
+) -> Result<PublicKey, Reply> {
+    let header = req
+        .auth
+        .as_deref()
+        .ok_or_else(|| Reply::error(401, "authentication required (Authorization: Shoal …)"))?;
+    let bad = || Reply::error(401, "malformed Authorization header");
+    let key = field(header, "key").and_then(hex32).ok_or_else(bad)?;
+    let nonce = field(header, "nonce").and_then(hex32).ok_or_else(bad)?;
+    let sig: [u8; 64] = field(header, "sig")
+        .and_then(|s| hex::decode(s).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    if !nonces.take(&nonce) {
+        return Err(Reply::error(401, "unknown or used challenge"));
+    }
+    let vk = VerifyingKey::from_bytes(&key).map_err(|_| bad())?;
+    let msg = signing_message(&req.method, &req.path, &nonce, &req.body);
+    vk.verify(&msg, &Signature::from_bytes(&sig))
+        .map_err(|_| Reply::error(401, "bad signature"))?;
+    let key = PublicKey(key);
+    let cert = trust
+        .cert(&key)
+        .ok_or_else(|| Reply::error(401, "no certificate of this fleet for that key"))?;
+    if trust.is_revoked(&key) {
+        return Err(Reply::error(403, format!("{} is revoked", cert.name)));
+    }
+    if !cert.may_write(&crdt_state::DocId::Site(site.to_string())) {
+        return Err(Reply::error(
+            403,
+            format!("{} ({}) may not edit site {site}", cert.name, cert.role),
+        ));
+    }
+    Ok(key)
+}
+
+/// A request with the channel for its answer.
+pub type Incoming = (Request, oneshot::Sender<Reply>);
+
+/// Serves the site API on `addr`, handing requests to the daemon.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    tx: mpsc::Sender<Incoming>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("site API on {addr}"))?;
+    let local = listener.local_addr()?;
+    let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let tx = tx.clone();
+        async move {
+            let req = Request {
+                method: method.as_str().to_string(),
+                path: uri.path().to_string(),
+                auth: headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from),
+                body: body.to_vec(),
+            };
+            let (otx, orx) = oneshot::channel();
+            let reply = if tx.send((req, otx)).await.is_ok() {
+                orx.await
+                    .unwrap_or_else(|_| Reply::error(503, "the node is stopping"))
+            } else {
+                Reply::error(503, "the node is stopping")
+            };
+            let status =
+                StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, axum::Json(reply.body))
+        }
+    };
+    let app = axum::Router::new()
+        .fallback(handler)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "site API stopped");
+        }
+    });
+    Ok(local)
+}
+
+/// A signed client of a node's site API.
+pub struct Client {
+    base: String,
+    identity: Identity,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for the node at `base` (`http://host:port`).
+    pub fn new(base: &str, identity: Identity) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            identity,
+            agent,
+        }
+    }
+
+    fn nonce(&self) -> anyhow::Result<[u8; 32]> {
+        let v = self.call("GET", "/api/challenge", None, Vec::new())?;
+        v["nonce"]
+            .as_str()
+            .and_then(hex32)
+            .ok_or_else(|| anyhow!("the node answered no challenge"))
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        nonce: Option<[u8; 32]>,
+        body: Vec<u8>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let auth = nonce.map(|n| {
+            let sig = self
+                .identity
+                .sign(&signing_message(method, path, &n, &body));
+            format!(
+                "Shoal key={},nonce={},sig={}",
+                self.identity.key().to_hex(),
+                hex::encode(n),
+                hex::encode(sig)
+            )
+        });
+        let mut resp = if method == "POST" {
+            let mut r = self.agent.post(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(&body[..])
+        } else {
+            let mut r = self.agent.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        .map_err(|e| anyhow!("{url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY as u64 * 3)
+            .read_to_string()
+            .map_err(|e| anyhow!("{url}: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|_| anyhow!("{url}: answered {status} with no JSON"))?;
+        if status >= 400 {
+            bail!(
+                "{url}: {status}: {}",
+                v["error"].as_str().unwrap_or("refused")
+            );
+        }
+        Ok(v)
+    }
+
+    /// An authenticated GET.
+    pub fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let n = self.nonce()?;
+        self.call("GET", path, Some(n), Vec::new())
+    }
+
+    /// An authenticated POST.
+    pub fn post(&self, path: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+        let n = self.nonce()?;
+        self.call("POST", path, Some(n), body)
+    }
+}
+
+/// `shoal site apply`: signs the manifests' edits of the engineer's site
+/// here and posts them to the node. Returns what was applied.
+pub fn apply(
+    node: &str,
+    identity_file: &std::path::Path,
+    manifests: &[crdt_state::manifest::Manifest],
+) -> anyhow::Result<Vec<crdt_state::datadir::Applied>> {
+    let identity = Identity::read(identity_file)?;
+    let site = identity.cert.site.clone().ok_or_else(|| {
+        anyhow!(
+            "{} has no site: it is not a site engineer's identity",
+            identity_file.display()
+        )
+    })?;
+    let client = Client::new(node, identity);
+    let v = client.get("/api/site/bundle")?;
+    let bundle = hex::decode(v["bundle"].as_str().unwrap_or_default())
+        .map_err(|_| anyhow!("the node sent a damaged bundle"))?;
+    let scratch = std::env::temp_dir().join(format!("shoal-site-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let result = (|| {
+        let mut dd = crdt_state::DataDir::use_identity(&scratch, identity_file)?;
+        dd.import(&bundle)?;
+        dd.forward_changes();
+        for m in manifests {
+            if m.kind() != crdt_state::model::Kind::SiteOverride || m.name != site {
+                bail!(
+                    "{} {}: only the SiteOverride of site {site} can be applied through a node",
+                    m.kind().as_str(),
+                    m.name
+                );
+            }
+        }
+        let applied = dd.apply(manifests, now())?;
+        let docs = dd.take_outbox();
+        if !docs.is_empty() {
+            let root = dd.trust().root();
+            let out = crdt_state::bundle::Bundle {
+                root: Some(root),
+                certs: Vec::new(),
+                docs,
+            };
+            client.post("/api/site/changes", out.encode(root))?;
+        }
+        Ok(applied)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
