@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use crdt_state::render::Format;
 use crdt_state::{DataDir, Role, manifest};
 use node::control::{self, Request};
+use node::daemon::RuntimeChoice;
 
 #[derive(Parser)]
 #[command(
@@ -227,6 +228,12 @@ enum NodeCmd {
         /// Serve the local site API for field engineers here (e.g. 0.0.0.0:7480).
         #[arg(long)]
         site_api: Option<std::net::SocketAddr>,
+        /// Where apps run: native (processes) or kube (the local K3s).
+        #[arg(long, default_value = "native")]
+        runtime: String,
+        /// Kubeconfig for --runtime kube (default: in-cluster, then KUBECONFIG).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
     },
 }
 
@@ -285,6 +292,7 @@ fn daemon(
     mesh: &MeshArgs,
     anchor: bool,
     site_api: Option<std::net::SocketAddr>,
+    runtime: RuntimeChoice,
 ) -> anyhow::Result<()> {
     let (listen, peers) = mesh.parse()?;
     let opts = node::daemon::Options {
@@ -294,6 +302,7 @@ fn daemon(
         mdns: mesh.mdns,
         anchor,
         site_api,
+        runtime,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -520,12 +529,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Anchor(AnchorCmd::Run { dir, mesh }) => daemon(dir, &mesh, true, None)?,
+        Command::Anchor(AnchorCmd::Run { dir, mesh }) => {
+            daemon(dir, &mesh, true, None, RuntimeChoice::Native)?
+        }
         Command::Node(NodeCmd::Run {
             dir,
             mesh,
             site_api,
-        }) => daemon(dir, &mesh, false, site_api)?,
+            runtime,
+            kubeconfig,
+        }) => {
+            let rt = match runtime.as_str() {
+                "native" => RuntimeChoice::Native,
+                "kube" => RuntimeChoice::Kube { kubeconfig },
+                other => anyhow::bail!("unknown runtime {other:?}: expected native or kube"),
+            };
+            daemon(dir, &mesh, false, site_api, rt)?
+        }
         Command::Site(SiteCmd::Apply {
             node,
             identity,

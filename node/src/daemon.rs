@@ -48,6 +48,21 @@ pub struct Options {
     pub anchor: bool,
     /// Serve the local site API here (nodes).
     pub site_api: Option<std::net::SocketAddr>,
+    /// Where the node's share runs.
+    pub runtime: RuntimeChoice,
+}
+
+/// The runtime a node uses.
+#[derive(Clone, Debug, Default)]
+pub enum RuntimeChoice {
+    /// Native processes (the embedded default).
+    #[default]
+    Native,
+    /// The local K3s, through the Kubernetes API.
+    Kube {
+        /// A kubeconfig file (default: in-cluster, then `KUBECONFIG`).
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// How often the node reconciles even without a change (drift).
@@ -159,10 +174,13 @@ pub async fn run(
     let engine = load_engine(&dd, &me)?;
     // A node starts its last desired state from the store before anything
     // else: no network needed.
-    let runtime: Option<Box<dyn Runtime>> = if opts.anchor {
-        None
-    } else {
-        Some(Box::new(Native::new(opts.data_dir.join("apps"))))
+    let runtime: Option<Box<dyn Runtime>> = match (&opts.runtime, opts.anchor) {
+        (_, true) => None,
+        (RuntimeChoice::Native, false) => Some(Box::new(Native::new(opts.data_dir.join("apps")))),
+        (RuntimeChoice::Kube { kubeconfig }, false) => {
+            let client = crate::runtime::kube::client(kubeconfig.as_deref()).await?;
+            Some(Box::new(crate::runtime::kube::Kube::new(client)))
+        }
     };
     let mut config = mesh::Config::new(me.secret_bytes());
     config.listen = if opts.listen.is_empty() {

@@ -5,6 +5,7 @@
 //! runtime makes what runs match and tells how each workload stands. Reports
 //! go into the node's own document only when they change.
 
+pub mod kube;
 pub mod native;
 
 use std::collections::BTreeMap;
