@@ -56,12 +56,13 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
-        None,
-    );
+    let eng = root.join("eng.json");
+    site_engineer(&anchor_dir, "s1", &eng);
+    let anchor_listen = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+    ];
+    let anchor = Daemon::start("anchor", &anchor_dir, &anchor_listen, None);
     let nd = root.join("n1");
     let token = ok(&[
         "fleet",
@@ -142,7 +143,12 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
             .success()
     );
     let started = std::time::Instant::now();
-    let offline = Daemon::start("node", &nd, &[], Some(&ns.0));
+    let mut offline = Daemon::start(
+        "node",
+        &nd,
+        &["--site-api".into(), "127.0.0.1:7480".into()],
+        Some(&ns.0),
+    );
     assert!(
         wait_for(Duration::from_secs(10), || pid(&nd, "svc")
             .is_some_and(|p| p != first && alive(p))),
@@ -160,7 +166,44 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
             .count()
             >= 2
     );
-    drop(offline);
+
+    // Still offline, a field engineer edits the site through the site API
+    // (from inside the namespace: it is the only place that reaches it).
+    let o = write(root, "o.yaml", &site_yaml("s1", "svc", "0.9"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, BIN, "site", "apply"])
+        .args([
+            "--node",
+            "http://127.0.0.1:7480",
+            "--identity",
+            s(&eng),
+            "-f",
+            s(&o),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(site_version(&nd, "s1", "svc").as_deref(), Some("0.9"));
+    assert!(offline.stop().success());
+
+    // Back on the network with the anchor: the anchor gets the edit.
+    let _anchor = Daemon::start("anchor", &anchor_dir, &anchor_listen, None);
+    assert_eq!(site_version(&anchor_dir, "s1", "svc"), None);
+    let _node = Daemon::start("node", &nd, &listen, None);
+    assert!(
+        wait_for(Duration::from_secs(30), || site_version(
+            &anchor_dir,
+            "s1",
+            "svc"
+        )
+        .as_deref()
+            == Some("0.9")),
+        "the offline site edit never reached the anchor"
+    );
 }
 
 fn free_tcp_port() -> u16 {
