@@ -156,6 +156,11 @@ pub struct NativeSpec {
     /// Health check; a process that fails it is restarted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// Keep the process running when the node daemon stops (a protection
+    /// relay that must not blink during a node upgrade); the next start of
+    /// the node adopts it if its spec is unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outlive_node: bool,
 }
 
 /// A health check of a native app: exactly one of `http`, `tcp`, `exec`.

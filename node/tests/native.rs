@@ -248,9 +248,62 @@ fn leftovers_of_a_killed_node_are_reaped_at_start() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let rec = serde_json::json!({"pid": child.id(), "cmdline": ["/bin/sleep", "61"]});
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+    let start: u64 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rec =
+        serde_json::json!({"pid": child.id(), "cmdline": ["/bin/sleep", "61"], "start": start});
     std::fs::write(app.join("pid"), rec.to_string()).unwrap();
     let _rt = Native::new(tmp.path().to_path_buf());
     let status = child.wait().unwrap();
     assert!(!status.success(), "the leftover was not killed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outlive_node_app_survives_the_node_and_is_adopted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut w = workload("relay", &["/bin/sh", "-c", "echo up; exec sleep 60"], &[]);
+    w.spec.native.as_mut().unwrap().outlive_node = true;
+    let plain = workload("plain", &["/bin/sleep", "60"], &[]);
+    let mut rt = Native::new(dir.clone());
+    rt.reconcile(&[w.clone(), plain.clone()]);
+    assert!(
+        until(Duration::from_secs(10), || pid_of(&dir, "relay")
+            .is_some_and(alive)
+            && pid_of(&dir, "plain").is_some_and(alive))
+        .await
+    );
+    let (relay, plain_pid) = (
+        pid_of(&dir, "relay").unwrap(),
+        pid_of(&dir, "plain").unwrap(),
+    );
+    rt.shutdown().await;
+    drop(rt);
+    assert!(until(Duration::from_secs(3), || !alive(plain_pid)).await);
+    assert!(
+        alive(relay),
+        "an outlive_node app was stopped with the node"
+    );
+    // The next start adopts it instead of starting a second copy.
+    let mut rt = Native::new(dir.clone());
+    rt.reconcile(&[w.clone()]);
+    assert!(
+        until(Duration::from_secs(5), || state(&rt, "relay")
+            .is_some_and(|s| s.0 == WorkloadState::Running))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pid_of(&dir, "relay"), Some(relay));
+    assert_eq!(log(&dir, "relay").matches("up").count(), 1, "started twice");
+    // Removed from the desired state: the adopted process is stopped.
+    rt.reconcile(&[]);
+    assert!(until(Duration::from_secs(8), || !alive(relay)).await);
 }

@@ -6,7 +6,10 @@
 //! size-bounded log files (`stdout.log`, `stderr.log`, one rotated `.1`
 //! each), restarts it by its restart policy with exponential backoff
 //! (1 s doubling to 30 s, back to 1 s after 30 s of running), runs its
-//! health check and restarts it when the check fails. A changed spec
+//! health check and restarts it when the check fails. An app marked
+//! `outlive_node` is left running when the daemon stops (its output goes
+//! straight to its log files, not through pipes to the daemon) and adopted
+//! by the next start if its spec is unchanged. A changed spec
 //! replaces the process; an app no longer desired is stopped (SIGTERM to
 //! its process group, SIGKILL after a grace period). The running process
 //! is recorded in `<app>/pid`; a node that starts after a crash kills what
@@ -42,6 +45,7 @@ type Shared = Arc<Mutex<WorkloadReport>>;
 
 struct App {
     key: String,
+    outlive: bool,
     status: Shared,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -54,6 +58,9 @@ pub struct Native {
     /// Reports of workloads this runtime cannot run (kube apps).
     refused: BTreeMap<String, WorkloadReport>,
     stopping: Vec<JoinHandle<()>>,
+    /// Processes of `outlive_node` apps left running by the previous run:
+    /// app → (pid, workload key).
+    adoptable: BTreeMap<String, (i32, String)>,
 }
 
 /// What `<app>/pid` records.
@@ -61,18 +68,39 @@ pub struct Native {
 struct PidFile {
     pid: i32,
     cmdline: Vec<String>,
+    /// The workload it runs (for adoption after a node restart).
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    outlive: bool,
+    /// Its start time (jiffies since boot, /proc/<pid>/stat field 22):
+    /// with the pid, it names the process even after an exec.
+    #[serde(default)]
+    start: u64,
+}
+
+/// A process's start time from `/proc/<pid>/stat`.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 impl Native {
     /// A runtime keeping app directories under `root`; kills processes a
     /// previous run left behind.
     pub fn new(root: PathBuf) -> Native {
-        reap_leftovers(&root);
+        let adoptable = reap_leftovers(&root);
         Native {
             root,
             apps: BTreeMap::new(),
             refused: BTreeMap::new(),
             stopping: Vec::new(),
+            adoptable,
         }
     }
 
@@ -116,6 +144,23 @@ impl super::Runtime for Native {
             tracing::info!(app = %name, "stopping: no longer desired here");
             self.stop(&name);
         }
+        // Left running by the previous run but no longer wanted as it is.
+        let stale: Vec<String> = self
+            .adoptable
+            .iter()
+            .filter(|(n, (_, key))| {
+                wanted
+                    .get(*n)
+                    .is_none_or(|w| serde_json::to_string(w).unwrap_or_default() != *key)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if let Some((pid, _)) = self.adoptable.remove(&name) {
+                tracing::info!(app = %name, pid, "stopping a process left running: its spec changed");
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
         for (name, w) in wanted {
             let key = serde_json::to_string(w).unwrap_or_default();
             if self.apps.get(&name).is_some_and(|a| a.key == key) {
@@ -136,6 +181,7 @@ impl super::Runtime for Native {
             // the new one after it has gone.
             let previous: Vec<JoinHandle<()>> = std::mem::take(&mut self.stopping);
             let dir = self.root.join(&name);
+            let adopt = self.adoptable.remove(&name).map(|(pid, _)| pid);
             let task = tokio::spawn(supervise(
                 name.clone(),
                 w.clone(),
@@ -143,11 +189,14 @@ impl super::Runtime for Native {
                 status.clone(),
                 stop_rx,
                 previous,
+                adopt,
             ));
+            let outlive = w.spec.native.as_ref().is_some_and(|n| n.outlive_node);
             self.apps.insert(
                 name,
                 App {
                     key,
+                    outlive,
                     status,
                     stop,
                     task,
@@ -169,6 +218,14 @@ impl super::Runtime for Native {
         Box::pin(async move {
             let names: Vec<String> = self.apps.keys().cloned().collect();
             for n in names {
+                let outlive = self.apps.get(&n).is_some_and(|a| a.outlive);
+                if outlive {
+                    // Left running; its supervisor goes with the daemon.
+                    if let Some(app) = self.apps.remove(&n) {
+                        app.task.abort();
+                    }
+                    continue;
+                }
                 self.stop(&n);
             }
             for t in std::mem::take(&mut self.stopping) {
@@ -237,6 +294,7 @@ async fn supervise(
     status: Shared,
     mut stop: watch::Receiver<bool>,
     previous: Vec<JoinHandle<()>>,
+    adopt: Option<i32>,
 ) {
     for p in previous {
         let _ = p.await;
@@ -244,6 +302,32 @@ async fn supervise(
     let Some(spec) = w.spec.native.clone() else {
         return;
     };
+    let key = serde_json::to_string(&w).unwrap_or_default();
+    if let Some(pid) = adopt {
+        tracing::info!(app = %name, pid, "adopting the process the previous run left running");
+        set(&status, WorkloadState::Running, None);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if !process_alive(pid) {
+                        set(&status, WorkloadState::Failed, Some("exited".into()));
+                        break;
+                    }
+                }
+                _ = stop.changed() => {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+                    let deadline = Instant::now() + STOP_GRACE;
+                    while process_alive(pid) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = std::fs::remove_file(dir.join("pid"));
+                    set(&status, WorkloadState::Stopped, None);
+                    return;
+                }
+            }
+        }
+    }
     if let Err(reason) = prepare(&dir, &w) {
         tracing::warn!(app = %name, %reason, "cannot prepare the app");
         set(&status, WorkloadState::Failed, Some(reason));
@@ -257,7 +341,7 @@ async fn supervise(
             break;
         }
         let started = Instant::now();
-        let outcome = run_once(&name, &spec, &dir, &status, &mut stop).await;
+        let outcome = run_once(&name, &spec, &key, &dir, &status, &mut stop).await;
         if started.elapsed() >= BACKOFF_MAX {
             backoff = BACKOFF_FIRST;
         }
@@ -323,6 +407,7 @@ enum Outcome {
 async fn run_once(
     name: &str,
     spec: &NativeSpec,
+    key: &str,
     dir: &Path,
     status: &Shared,
     stop: &mut watch::Receiver<bool>,
@@ -335,10 +420,33 @@ async fn run_once(
         .envs(&spec.env)
         .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
+        .kill_on_drop(!spec.outlive_node);
+    if spec.outlive_node {
+        // No pipes to us: the process must not die with the daemon. Its
+        // logs go straight to the files (rotated at each start instead).
+        for f in ["stdout.log", "stderr.log"] {
+            let p = dir.join(f);
+            if std::fs::metadata(&p).is_ok_and(|m| m.len() > LOG_LIMIT) {
+                let _ = std::fs::rename(&p, p.with_extension("log.1"));
+            }
+        }
+        let open = |f: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(f))
+                .map(Stdio::from)
+        };
+        match (open("stdout.log"), open("stderr.log")) {
+            (Ok(o), Ok(e)) => {
+                cmd.stdout(o).stderr(e);
+            }
+            _ => return Outcome::SpawnFailed("cannot open the app's log files".into()),
+        }
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -355,6 +463,9 @@ async fn run_once(
         let record = PidFile {
             pid,
             cmdline: spec.command.clone(),
+            key: key.to_string(),
+            outlive: spec.outlive_node,
+            start: start_time(pid).unwrap_or(0),
         };
         let _ = std::fs::write(
             dir.join("pid"),
@@ -534,9 +645,10 @@ async fn pump<R: AsyncRead + Unpin>(mut from: R, path: PathBuf) {
 /// Kills process groups a previous run of the node left behind (it was
 /// killed before it could stop them), recognised by their pid file and
 /// command line.
-fn reap_leftovers(root: &Path) {
+fn reap_leftovers(root: &Path) -> BTreeMap<String, (i32, String)> {
+    let mut adoptable = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(root) else {
-        return;
+        return adoptable;
     };
     for e in entries.flatten() {
         let pidfile = e.path().join("pid");
@@ -547,18 +659,29 @@ fn reap_leftovers(root: &Path) {
         let Ok(rec) = serde_json::from_slice::<PidFile>(&bytes) else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", rec.pid)) else {
+        // The same pid and start time: the very process we started (a
+        // recycled pid has another start time).
+        if rec.start == 0 || start_time(rec.pid) != Some(rec.start) {
             continue;
-        };
-        let running: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        if running == rec.cmdline {
-            tracing::warn!(pid = rec.pid, app = %e.file_name().to_string_lossy(),
-                "killing a process left behind by a previous run");
-            let _ = killpg(Pid::from_raw(rec.pid), Signal::SIGKILL);
         }
+        let app = e.file_name().to_string_lossy().into_owned();
+        if rec.outlive {
+            // Kept for adoption; the pid file stays until it is decided.
+            let _ = std::fs::write(&pidfile, &bytes);
+            adoptable.insert(app, (rec.pid, rec.key));
+            continue;
+        }
+        tracing::warn!(pid = rec.pid, %app, "killing a process left behind by a previous run");
+        let _ = killpg(Pid::from_raw(rec.pid), Signal::SIGKILL);
     }
+    adoptable
+}
+
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
 }
