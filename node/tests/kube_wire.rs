@@ -145,15 +145,15 @@ async fn settle(
 
 #[tokio::test]
 async fn applies_server_side_into_an_owned_namespace_and_reads_rollout() {
-    let (url, seen) = fake_api(accepting(vec![], 1)).await;
+    let (url, shared) = fake_api(accepting(vec![], 1)).await;
     let mut rt = Kube::new(client(&url));
     rt.reconcile(&[workload(MANIFESTS)]);
     let r = settle(&rt, |s| {
-        *s != WorkloadState::Failed && seen.lock().unwrap().len() >= 6
+        *s != WorkloadState::Failed && shared.lock().unwrap().len() >= 6
     })
     .await
     .unwrap();
-    let seen = seen.lock().unwrap().clone();
+    let seen = shared.lock().unwrap().clone();
     let patches: Vec<&Seen> = seen.iter().filter(|s| s.method == "PATCH").collect();
     assert_eq!(
         patches.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
@@ -189,6 +189,13 @@ async fn applies_server_side_into_an_owned_namespace_and_reads_rollout() {
     let reason = r.reason.unwrap();
     assert!(reason.contains("Deployment web 1/2 available"), "{reason}");
     assert_eq!(r.version.as_deref(), Some("v3"));
+    // The same desired state again: status is read, nothing re-applied.
+    let before = seen.len();
+    rt.reconcile(&[workload(MANIFESTS)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = shared.lock().unwrap()[before..].to_vec();
+    assert!(!again.is_empty(), "the status was not read again");
+    assert!(again.iter().all(|s| s.method == "GET"), "{again:?}");
 }
 
 #[tokio::test]

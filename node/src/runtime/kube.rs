@@ -15,7 +15,8 @@
 //! Errors map to a failed workload with a reason an operator can act on:
 //! 403 forbidden (RBAC), 409 conflict, 422 invalid object, the API server
 //! unreachable. The work runs in a background task; `reconcile` hands it
-//! the latest desired state, and it re-applies and re-reads every 10 s.
+//! the latest desired state. An app is applied when its spec changed (and
+//! every 5 minutes, to correct drift); rollout status is read every 10 s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -40,6 +41,7 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "shoal");
 /// Label naming the app an object belongs to.
 pub const APP_LABEL: &str = "shoal.dev/app";
 const RESYNC: Duration = Duration::from_secs(10);
+const REAPPLY: Duration = Duration::from_secs(300);
 
 const CLUSTER_SCOPED: &[&str] = &[
     "Namespace",
@@ -141,11 +143,19 @@ impl Obj {
     }
 }
 
+/// Per app: its namespace, the objects applied, and the spec applied.
+type Applied = BTreeMap<String, (String, BTreeSet<Obj>, String)>;
+
 async fn run(client: kube::Client, mut rx: watch::Receiver<Vec<Workload>>, status: Status) {
-    let mut applied: BTreeMap<String, (String, BTreeSet<Obj>)> = BTreeMap::new();
+    let mut applied: Applied = BTreeMap::new();
+    let mut last_full = tokio::time::Instant::now();
     loop {
         let desired = rx.borrow_and_update().clone();
-        round(&client, &desired, &mut applied, &status).await;
+        let full = last_full.elapsed() >= REAPPLY;
+        if full {
+            last_full = tokio::time::Instant::now();
+        }
+        round(&client, &desired, &mut applied, &status, full).await;
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(RESYNC) => {}
@@ -162,13 +172,15 @@ fn report(state: WorkloadState, reason: Option<String>, version: Option<String>)
     }
 }
 
-/// One pass: apply every desired app, prune, read rollout status, delete
-/// the namespaces of apps that left.
+/// One pass: apply every desired app whose spec changed (every app when
+/// `full`), prune, read rollout status, delete the namespaces of apps that
+/// left.
 async fn round(
     client: &kube::Client,
     desired: &[Workload],
-    applied: &mut BTreeMap<String, (String, BTreeSet<Obj>)>,
+    applied: &mut Applied,
     status: &Status,
+    full: bool,
 ) {
     let mut out = BTreeMap::new();
     let mut wanted = BTreeSet::new();
@@ -195,21 +207,33 @@ async fn round(
             .namespace
             .clone()
             .unwrap_or_else(|| format!("shoal-{}", w.app));
+        let key = serde_json::to_string(w).unwrap_or_default();
+        if !full
+            && let Some((ns, objs, k)) = applied.get(&w.app)
+            && *k == key
+        {
+            out.insert(w.app.clone(), rollout(client, ns, objs, version).await);
+            continue;
+        }
         let r = match apply_app(client, &w.app, &ns, &spec.manifests).await {
             Ok(objs) => {
                 let previous = applied
                     .get(&w.app)
-                    .map(|(_, o)| o.clone())
+                    .map(|(_, o, _)| o.clone())
                     .unwrap_or_default();
                 if let Err(e) = prune(client, &w.app, &ns, &previous, &objs).await {
                     report(WorkloadState::Failed, Some(e), version)
                 } else {
                     let r = rollout(client, &ns, &objs, version).await;
-                    applied.insert(w.app.clone(), (ns, objs));
+                    applied.insert(w.app.clone(), (ns, objs, key));
                     r
                 }
             }
-            Err(reason) => report(WorkloadState::Failed, Some(reason), version),
+            Err(reason) => {
+                // Applied again on the next pass.
+                applied.remove(&w.app);
+                report(WorkloadState::Failed, Some(reason), version)
+            }
         };
         out.insert(w.app.clone(), r);
     }
@@ -219,7 +243,7 @@ async fn round(
         .cloned()
         .collect();
     for app in gone {
-        if let Some((ns, _)) = applied.remove(&app)
+        if let Some((ns, _, _)) = applied.remove(&app)
             && let Err(e) = remove_namespace(client, &ns).await
         {
             tracing::warn!(%app, %ns, error = %e, "namespace not removed");
