@@ -50,7 +50,20 @@ fn s(p: &Path) -> &str {
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM, so a node stops its apps; SIGKILL after 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -360,6 +373,9 @@ fn restart(nodes: usize) {
             .all(|d| app_version(d, "web").as_deref() == Some("1"))
     })
     .expect("first sync");
+    // Killed, not stopped: SIGKILL.
+    let _ = anchor.0.kill();
+    let _ = anchor.0.wait();
     drop(anchor);
     anchor = start("anchor", &anchor_dir, &listen);
     let t0 = Instant::now();

@@ -191,8 +191,10 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
     assert!(
         wait_for(within, || app_version(&n2d, "web").as_deref() == Some("1")),
-        "n2 never got the app; n1 log: {}",
-        n1.log_text()
+        "n2 never got the app; n1 log: {}\nanchor log: {}\nn2 log: {}",
+        n1.log_text(),
+        anchor.log_text(),
+        n2.log_text()
     );
     let o = write(root, "o.yaml", &site_yaml("s1", "web", "0.9"));
     apply_as(&n2d, &eng, &o);

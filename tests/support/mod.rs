@@ -83,7 +83,10 @@ impl Daemon {
         };
         cmd.args([kind, "run", "--data-dir", s(dir)])
             .args(args)
-            .env("SHOAL_LOG", "info,libp2p=warn")
+            .env(
+                "SHOAL_LOG",
+                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+            )
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
@@ -154,7 +157,22 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM first, so a node stops the apps it runs (they live in
+    /// process groups of their own and would outlive a SIGKILL), then
+    /// SIGKILL whatever is left after 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.kill();
     }
 }
