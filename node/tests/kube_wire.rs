@@ -192,8 +192,14 @@ async fn applies_server_side_into_an_owned_namespace_and_reads_rollout() {
     // The same desired state again: status is read, nothing re-applied.
     let before = seen.len();
     rt.reconcile(&[workload(MANIFESTS)]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let again = shared.lock().unwrap()[before..].to_vec();
+    let mut again = Vec::new();
+    for _ in 0..100 {
+        again = shared.lock().unwrap()[before..].to_vec();
+        if !again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!again.is_empty(), "the status was not read again");
     assert!(again.iter().all(|s| s.method == "GET"), "{again:?}");
 }
@@ -294,13 +300,15 @@ async fn an_unreachable_api_server_and_bad_manifests_are_reported() {
         r.reason
     );
     rt.reconcile(&[workload("kind: Deployment\nmetadata: {name: x}\n")]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = settle(&rt, |s| *s == WorkloadState::Failed).await.unwrap();
-    assert!(
-        r.reason.as_deref().unwrap().contains("missing apiVersion"),
-        "{:?}",
-        r.reason
-    );
+    let mut reason = String::new();
+    for _ in 0..100 {
+        reason = rt.status()["web"].reason.clone().unwrap_or_default();
+        if reason.contains("missing apiVersion") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reason.contains("missing apiVersion"), "{reason}");
     // Nothing was applied for either.
     assert!(seen.lock().unwrap().iter().all(|s| s.method != "PATCH"));
 }
@@ -331,6 +339,15 @@ async fn real_cluster_apply_rollout_and_prune() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(running, "{:?}", rt.status());
+    // Removed: its namespace goes.
     rt.reconcile(&[]);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut gone = false;
+    for _ in 0..60 {
+        if rt.status().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(gone, "{:?}", rt.status());
 }
