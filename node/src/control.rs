@@ -260,8 +260,12 @@ pub async fn serve(dir: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> anyho
     let path = dir.join(SOCKET_FILE);
     // We hold the store's lock, so a socket file left here is stale.
     let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("control socket {}", path.display()))?;
+    // Created owner-only (umask), not chmod-ed after the fact: no window in
+    // which another user could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let bound = tokio::net::UnixListener::bind(&path);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(|| format!("control socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("control socket {}", path.display()))?;
     tokio::spawn(async move {

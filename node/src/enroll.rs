@@ -226,12 +226,15 @@ fn handle_inner(dd: &mut DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Cert
     if record.expires_at <= now {
         bail!("enrollment token expired");
     }
+    // The daemon handles one request at a time, so nobody else can use the
+    // token between this check and marking it used below; a failure before
+    // that leaves it usable.
+    add_node(dd, &record.node, &record.site, &record.labels, now)?;
+    let cert = dd.certify(req.key, Role::Node, Some(&record.site), &record.node, now)?;
     if let Some(t) = tokens.get_mut(&key) {
         t.used = true;
     }
     write_tokens(dd.path(), &tokens)?;
-    add_node(dd, &record.node, &record.site, &record.labels, now)?;
-    let cert = dd.certify(req.key, Role::Node, Some(&record.site), &record.node, now)?;
     Ok(cert)
 }
 
