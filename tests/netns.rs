@@ -89,15 +89,6 @@ fn remove_leftovers() {
     }
 }
 
-fn require_root() {
-    let out = Command::new("id").arg("-u").output().expect("id");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "0",
-        "the namespace tests need root (ip netns, veth)"
-    );
-}
-
 fn bundle_node(anchor_dir: &Path, root: &Path, name: &str, site: &str) -> std::path::PathBuf {
     let b = root.join(format!("{name}.bundle"));
     ok(&[

@@ -14,22 +14,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn pid(dir: &Path, app: &str) -> Option<i32> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("apps").join(app).join("pid")).ok()?)
-            .ok()?;
-    v["pid"].as_i64().map(|p| p as i32)
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X")
-    })
-}
-
 fn workload_state(anchor_dir: &Path, node: &str, app: &str) -> Option<String> {
     get(anchor_dir, "nodes")[node]["report"]["workloads"][app]["state"]
         .as_str()
@@ -46,12 +30,7 @@ impl Drop for Netns {
 
 #[test]
 fn node_runs_its_share_reports_it_and_restarts_it_offline() {
-    let out = Command::new("id").arg("-u").output().expect("id");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "0",
-        "this test needs root (ip netns)"
-    );
+    require_root();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
@@ -96,7 +75,7 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     );
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
     assert!(
-        wait_for(Duration::from_secs(30), || pid(&nd, "svc")
+        wait_for(Duration::from_secs(30), || app_pid(&nd, "svc")
             .is_some_and(alive)),
         "svc never started: {}",
         node.log_text()
@@ -119,7 +98,7 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     );
 
     // SIGTERM: the node stops its processes before it exits.
-    let first = pid(&nd, "svc").unwrap();
+    let first = app_pid(&nd, "svc").unwrap();
     assert!(node.stop().success());
     assert!(!alive(first), "svc outlived its node");
     drop(anchor);
@@ -150,7 +129,7 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
         Some(&ns.0),
     );
     assert!(
-        wait_for(Duration::from_secs(10), || pid(&nd, "svc")
+        wait_for(Duration::from_secs(10), || app_pid(&nd, "svc")
             .is_some_and(|p| p != first && alive(p))),
         "svc did not come back offline: {}",
         offline.log_text()

@@ -281,3 +281,31 @@ pub fn all_connected(anchor_dir: &Path, names: &[&str], within: Duration) -> boo
             .all(|n| nodes[n]["connected"] == serde_json::json!(true))
     })
 }
+
+/// Fails (never skips) unless the test runs as root: namespaces need it.
+pub fn require_root() {
+    let out = Command::new("id").arg("-u").output().expect("id");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "this test needs root (ip netns, veth)"
+    );
+}
+
+/// The pid a node recorded for one of its native apps.
+pub fn app_pid(node_dir: &Path, app: &str) -> Option<i32> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node_dir.join("apps").join(app).join("pid")).ok()?)
+            .ok()?;
+    v["pid"].as_i64().map(|p| p as i32)
+}
+
+/// A live process (not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
