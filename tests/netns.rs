@@ -69,8 +69,10 @@ impl Drop for Namespaces {
     }
 }
 
-/// Removes namespaces (and their veths) left by earlier runs that were killed.
+/// Removes namespaces (and their veths) left by earlier runs that were
+/// killed; never this process's own (the tests here run concurrently).
 fn remove_leftovers() {
+    let mine = format!("sh{}", std::process::id() % 100_000);
     let out = Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -81,10 +83,36 @@ fn remove_leftovers() {
             .trim_start_matches("sh")
             .trim_end_matches(['a', 'b', 'c', 'm', 'n']);
         if name.starts_with("sh")
+            && !name.starts_with(&mine)
             && !digits.is_empty()
             && digits.chars().all(|c| c.is_ascii_digit())
         {
+            // Processes left inside keep the namespace (and its veths) alive.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
             let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+    // Root-side ends of veths whose namespace lingered (`<tag><x>o`).
+    let out = Command::new("ip")
+        .args(["-br", "link"])
+        .output()
+        .expect("ip");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let dev = line.split(['@', ' ']).next().unwrap_or("");
+        let Some(body) = dev.strip_prefix("sh").and_then(|b| b.strip_suffix('o')) else {
+            continue;
+        };
+        let digits = body.trim_end_matches(['a', 'b', 'c']);
+        if !dev.starts_with(&mine)
+            && digits.len() + 1 == body.len()
+            && !digits.is_empty()
+            && digits.chars().all(|c| c.is_ascii_digit())
+        {
+            let _ = Command::new("ip").args(["link", "del", dev]).output();
         }
     }
 }
