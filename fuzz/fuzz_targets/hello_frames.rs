@@ -1,7 +1,7 @@
 //! Bytes from a peer before and at admission: stream framing, the hello on
-//! `/shoal/hello/1` and the enrollment request on `/shoal/enroll/1`. Any
-//! input must end in frames, a refusal or an error, never a panic, and a
-//! hello nobody signed must never be admitted.
+//! `/shoal/hello/1`, the enrollment request on `/shoal/enroll/1`, and the
+//! site API's Authorization header. Any input must end in frames, a refusal
+//! or an error, never a panic, and nothing nobody signed is ever admitted.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -21,5 +21,13 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<node::enroll::EnrollRequest>(data);
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = node::enroll::Token::decode(text);
+        let req = node::site_api::Request {
+            method: "GET".into(),
+            path: "/api/view".into(),
+            auth: Some(text.to_string()),
+            body: data.to_vec(),
+        };
+        let mut nonces = node::site_api::Nonces::default();
+        assert!(node::site_api::authenticate(&req, &mut nonces, &trust, "s1").is_err());
     }
 });
