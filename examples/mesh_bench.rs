@@ -12,89 +12,21 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use simulations::udp_link::{LinkConfig, UdpLink};
+use support::{
+    Daemon, alive, app_pid, app_version, bin, bundle_node, enroll, free_udp_port, get, ok, s,
+};
 
-fn bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/examples/mesh_bench → target/<profile>/shoal
-    exe.parent().unwrap().parent().unwrap().join("shoal")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "shoal {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn get(dir: &Path, what: &str) -> serde_json::Value {
-    let out = Command::new(bin())
-        .args(["get", what, "--data-dir", s(dir), "-o", "json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    /// SIGTERM, so a node stops its apps; SIGKILL after 5 s.
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.0.id().to_string()])
-                .status();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(kind: &str, dir: &Path, args: &[String]) -> Proc {
-    let _ = std::fs::remove_file(dir.join("addrs.json"));
-    let child = Command::new(bin())
-        .args([kind, "run", "--data-dir", s(dir)])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !(dir.join("addrs.json").exists() && dir.join("control.sock").exists()) {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{kind} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
-}
-
-fn addrs(dir: &Path) -> Vec<String> {
-    serde_json::from_slice(&std::fs::read(dir.join("addrs.json")).unwrap()).unwrap()
-}
-
-fn peer_id(dir: &Path) -> String {
-    addrs(dir)[0].rsplit('/').next().unwrap().to_string()
+fn start(kind: &str, dir: &Path, args: &[String]) -> Daemon {
+    Daemon::start(kind, dir, args, None)
 }
 
 fn wait(within: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
@@ -128,18 +60,6 @@ fn site(root: &Path, version: &str) -> PathBuf {
     p
 }
 
-fn app_version(d: &Path, name: &str) -> Option<String> {
-    get(d, "apps")[name]["version"].as_str().map(String::from)
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An anchor, a site engineer and node n1 (site s1) behind a UDP link.
 struct Pair {
     _tmp: tempfile::TempDir,
@@ -148,8 +68,8 @@ struct Pair {
     node_dir: PathBuf,
     eng: PathBuf,
     link: UdpLink,
-    _anchor: Proc,
-    _node: Proc,
+    _anchor: Daemon,
+    _node: Daemon,
 }
 
 fn pair(config: LinkConfig) -> Pair {
@@ -172,29 +92,8 @@ fn pair(config: LinkConfig) -> Pair {
         "--out",
         s(&eng),
     ]);
-    let b = root.join("n1.bundle");
-    ok(&[
-        "fleet",
-        "node-bundle",
-        "--data-dir",
-        s(&anchor_dir),
-        "--node",
-        "n1",
-        "--site",
-        "s1",
-        "--out",
-        s(&b),
-    ]);
-    let node_dir = root.join("n1");
-    ok(&[
-        "node",
-        "enroll",
-        "--data-dir",
-        s(&node_dir),
-        "--bundle",
-        s(&b),
-    ]);
-    let port = free_port();
+    let node_dir = bundle_node(&anchor_dir, &root, "n1", "s1");
+    let port = free_udp_port();
     let anchor = start(
         "anchor",
         &anchor_dir,
@@ -215,7 +114,7 @@ fn pair(config: LinkConfig) -> Pair {
             format!(
                 "/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{}",
                 link.addr().port(),
-                peer_id(&anchor_dir)
+                anchor.peer_id()
             ),
         ],
     );
@@ -319,7 +218,7 @@ fn restart(nodes: usize) {
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
-    let port = free_port();
+    let port = free_udp_port();
     let listen = vec![
         "--listen".to_string(),
         format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
@@ -329,26 +228,8 @@ fn restart(nodes: usize) {
     let mut dirs = Vec::new();
     for i in 0..nodes {
         let name = format!("n{i}");
-        let token = ok(&[
-            "fleet",
-            "token",
-            "create",
-            "--data-dir",
-            s(&anchor_dir),
-            "--node",
-            &name,
-            "--site",
-            &format!("s{}", i % 5),
-        ]);
         let d = root.join(&name);
-        ok(&[
-            "node",
-            "enroll",
-            "--data-dir",
-            s(&d),
-            "--token",
-            token.trim(),
-        ]);
+        enroll(&anchor_dir, &d, &name, &format!("s{}", i % 5));
         procs.push(start(
             "node",
             &d,
@@ -374,8 +255,7 @@ fn restart(nodes: usize) {
     })
     .expect("first sync");
     // Killed, not stopped: SIGKILL.
-    let _ = anchor.0.kill();
-    let _ = anchor.0.wait();
+    anchor.kill();
     drop(anchor);
     anchor = start("anchor", &anchor_dir, &listen);
     let t0 = Instant::now();
@@ -406,8 +286,8 @@ struct Node {
     root: PathBuf,
     anchor_dir: PathBuf,
     node_dir: PathBuf,
-    anchor: Option<Proc>,
-    node: Option<Proc>,
+    anchor: Option<Daemon>,
+    node: Option<Daemon>,
 }
 
 fn apps_yaml(root: &Path, n: usize, value: &str) -> PathBuf {
@@ -422,22 +302,6 @@ fn apps_yaml(root: &Path, n: usize, value: &str) -> PathBuf {
     p
 }
 
-fn app_pid(node_dir: &Path, app: &str) -> Option<i32> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(node_dir.join("apps").join(app).join("pid")).ok()?)
-            .ok()?;
-    v["pid"].as_i64().map(|p| p as i32)
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X")
-    })
-}
-
 fn node_with_apps(apps: usize) -> Node {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
@@ -448,24 +312,8 @@ fn node_with_apps(apps: usize) -> Node {
         "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
     ];
     let anchor = start("anchor", &anchor_dir, &listen);
-    let token = ok(&[
-        "fleet",
-        "token",
-        "create",
-        "--data-dir",
-        s(&anchor_dir),
-        "--node",
-        "n1",
-    ]);
     let node_dir = root.join("n1");
-    ok(&[
-        "node",
-        "enroll",
-        "--data-dir",
-        s(&node_dir),
-        "--token",
-        token.trim(),
-    ]);
+    enroll(&anchor_dir, &node_dir, "n1", "n1");
     let node = start("node", &node_dir, &listen);
     ok(&[
         "apply",
@@ -488,16 +336,9 @@ fn node_with_apps(apps: usize) -> Node {
     }
 }
 
-fn sigterm(p: &mut Proc) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status();
-    let _ = p.0.wait();
-}
-
 fn offline(runs: usize) {
     let mut n = node_with_apps(10);
-    sigterm(n.node.as_mut().unwrap());
+    n.node.as_mut().unwrap().stop();
     n.node = None;
     n.anchor = None;
     let mut times = Vec::new();
@@ -506,14 +347,16 @@ fn offline(runs: usize) {
             .map(|i| app_pid(&n.node_dir, &format!("app{i}")))
             .collect();
         let t0 = Instant::now();
-        let mut child = Proc(
-            Command::new(bin())
+        let mut child = Daemon {
+            child: Command::new(bin())
                 .args(["node", "run", "--data-dir", s(&n.node_dir)])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
-        );
+            dir: n.node_dir.clone(),
+            log: PathBuf::new(),
+        };
         wait(Duration::from_secs(30), || {
             (0..10).all(|i| {
                 app_pid(&n.node_dir, &format!("app{i}"))
@@ -522,7 +365,7 @@ fn offline(runs: usize) {
         })
         .expect("apps back");
         times.push(t0.elapsed().as_secs_f64() * 1e3);
-        sigterm(&mut child);
+        child.stop();
     }
     let mut t = times.clone();
     println!(
@@ -566,7 +409,7 @@ fn change(reps: usize) {
 fn memory() {
     let n = node_with_apps(10);
     std::thread::sleep(Duration::from_secs(30));
-    let pid = n.node.as_ref().unwrap().0.id();
+    let pid = n.node.as_ref().unwrap().child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |k: &str| {
         status

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use support::*;
@@ -14,34 +14,6 @@ const SYNC_WITHIN: Duration = Duration::from_secs(30);
 
 fn listen_any() -> Vec<String> {
     vec!["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()]
-}
-
-fn enroll(anchor_dir: &Path, dir: &Path, node: &str, site: &str) {
-    let token = ok(&[
-        "fleet",
-        "token",
-        "create",
-        "--data-dir",
-        s(anchor_dir),
-        "--node",
-        node,
-        "--site",
-        site,
-        "--ttl",
-        "10m",
-    ]);
-    let out = ok(&[
-        "node",
-        "enroll",
-        "--data-dir",
-        s(dir),
-        "--token",
-        token.trim(),
-    ]);
-    assert!(
-        out.contains(&format!("enrolled as node {node} of site {site}")),
-        "{out}"
-    );
 }
 
 struct Fleet {

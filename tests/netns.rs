@@ -117,25 +117,6 @@ fn remove_leftovers() {
     }
 }
 
-fn bundle_node(anchor_dir: &Path, root: &Path, name: &str, site: &str) -> std::path::PathBuf {
-    let b = root.join(format!("{name}.bundle"));
-    ok(&[
-        "fleet",
-        "node-bundle",
-        "--data-dir",
-        s(anchor_dir),
-        "--node",
-        name,
-        "--site",
-        site,
-        "--out",
-        s(&b),
-    ]);
-    let d = root.join(name);
-    ok(&["node", "enroll", "--data-dir", s(&d), "--bundle", s(&b)]);
-    d
-}
-
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }

@@ -43,25 +43,7 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     ];
     let anchor = Daemon::start("anchor", &anchor_dir, &anchor_listen, None);
     let nd = root.join("n1");
-    let token = ok(&[
-        "fleet",
-        "token",
-        "create",
-        "--data-dir",
-        s(&anchor_dir),
-        "--node",
-        "n1",
-        "--site",
-        "s1",
-    ]);
-    ok(&[
-        "node",
-        "enroll",
-        "--data-dir",
-        s(&nd),
-        "--token",
-        token.trim(),
-    ]);
+    enroll(&anchor_dir, &nd, "n1", "s1");
     let listen = vec![
         "--listen".to_string(),
         "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
@@ -150,7 +132,9 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     // (from inside the namespace: it is the only place that reaches it).
     let o = write(root, "o.yaml", &site_yaml("s1", "svc", "0.9"));
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, BIN, "site", "apply"])
+        .args(["netns", "exec", &ns.0])
+        .arg(bin())
+        .args(["site", "apply"])
         .args([
             "--node",
             "http://127.0.0.1:7480",
@@ -232,21 +216,7 @@ fn site_api_authenticates_and_offline_site_edits_merge_with_the_anchor() {
     site_engineer(&other, "s1", &stranger);
     // The node is enrolled offline and reaches the anchor only through a
     // link we can cut.
-    let b = root.join("n1.bundle");
-    ok(&[
-        "fleet",
-        "node-bundle",
-        "--data-dir",
-        s(&anchor_dir),
-        "--node",
-        "n1",
-        "--site",
-        "s1",
-        "--out",
-        s(&b),
-    ]);
-    let nd = root.join("n1");
-    ok(&["node", "enroll", "--data-dir", s(&nd), "--bundle", s(&b)]);
+    let nd = bundle_node(&anchor_dir, root, "n1", "s1");
     let port = free_udp_port();
     let _anchor = Daemon::start(
         "anchor",

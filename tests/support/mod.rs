@@ -6,10 +6,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+/// The `shoal` binary: Cargo names it for tests; an example (the bench)
+/// finds it beside itself (`target/<profile>/shoal`).
+pub fn bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_shoal") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.parent()?.join("shoal")))
+            .unwrap_or_else(|| PathBuf::from("shoal")),
+    }
+}
 
 pub fn shoal(args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .args(args)
         .env("SHOAL_LOG", "warn")
         .output()
@@ -76,10 +86,10 @@ impl Daemon {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
+                c.args(["netns", "exec", ns]).arg(bin());
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(bin()),
         };
         cmd.args([kind, "run", "--data-dir", s(dir)])
             .args(args)
@@ -308,4 +318,53 @@ pub fn alive(pid: i32) -> bool {
             .and_then(|r| r.split_whitespace().next())
             .is_some_and(|st| st != "Z" && st != "X")
     })
+}
+
+/// Enrolls node `node` of `site` into `dir` with a token from the anchor's data dir.
+pub fn enroll(anchor_dir: &Path, dir: &Path, node: &str, site: &str) {
+    let token = ok(&[
+        "fleet",
+        "token",
+        "create",
+        "--data-dir",
+        s(anchor_dir),
+        "--node",
+        node,
+        "--site",
+        site,
+        "--ttl",
+        "10m",
+    ]);
+    let out = ok(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(dir),
+        "--token",
+        token.trim(),
+    ]);
+    assert!(
+        out.contains(&format!("enrolled as node {node} of site {site}")),
+        "{out}"
+    );
+}
+
+/// Enrolls node `name` of `site` offline (a node bundle) into `root/<name>`.
+pub fn bundle_node(anchor_dir: &Path, root: &Path, name: &str, site: &str) -> PathBuf {
+    let b = root.join(format!("{name}.bundle"));
+    ok(&[
+        "fleet",
+        "node-bundle",
+        "--data-dir",
+        s(anchor_dir),
+        "--node",
+        name,
+        "--site",
+        site,
+        "--out",
+        s(&b),
+    ]);
+    let d = root.join(name);
+    ok(&["node", "enroll", "--data-dir", s(&d), "--bundle", s(&b)]);
+    d
 }
