@@ -34,6 +34,39 @@ struct Dir {
     data_dir: PathBuf,
 }
 
+/// Where a verb acts: a data dir, or an anchor's API.
+#[derive(Args, Clone)]
+struct Target {
+    /// The data directory (store, identity).
+    #[arg(long, env = "SHOAL_DATA_DIR", required_unless_present = "anchor")]
+    data_dir: Option<PathBuf>,
+    /// An anchor's API (http://host:port) instead of a data dir.
+    #[arg(
+        long,
+        env = "SHOAL_ANCHOR",
+        conflicts_with = "data_dir",
+        requires = "token"
+    )]
+    anchor: Option<String>,
+    /// Operator token for --anchor (from `shoal operator token create`).
+    #[arg(long, env = "SHOAL_TOKEN")]
+    token: Option<String>,
+}
+
+impl Target {
+    fn client(&self) -> Option<cloud_anchor::client::Client> {
+        self.anchor
+            .as_deref()
+            .map(|a| cloud_anchor::client::Client::new(a, self.token.as_deref().unwrap_or("")))
+    }
+
+    fn dir(&self) -> anyhow::Result<&Path> {
+        self.data_dir
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("pass --data-dir or --anchor"))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create and manage the fleet.
@@ -42,7 +75,7 @@ enum Command {
     /// Apply manifests (App, Config, Node, SiteOverride).
     Apply {
         #[command(flatten)]
-        dir: Dir,
+        target: Target,
         /// Manifest files; `-` reads standard input.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -56,7 +89,7 @@ enum Command {
     /// Delete an app, config, node or a site's overrides.
     Delete {
         #[command(flatten)]
-        dir: Dir,
+        target: Target,
         /// app, config, node or site.
         kind: String,
         /// Its name.
@@ -70,7 +103,7 @@ enum Command {
         /// apps, configs, nodes, sites or conflicts.
         what: String,
         #[command(flatten)]
-        dir: Dir,
+        target: Target,
         /// Output format: table, json or yaml.
         #[arg(short = 'o', long, default_value = "table")]
         output: Format,
@@ -78,6 +111,9 @@ enum Command {
     /// Writer identities.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// Operators of the anchor's HTTP API and web UI.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
     /// The always-on anchor.
     #[command(subcommand)]
     Anchor(AnchorCmd),
@@ -96,11 +132,56 @@ enum Command {
     /// The deterministic partition simulator.
     #[command(subcommand)]
     Sim(SimCmd),
-    /// A guided tour on this machine: a fleet, offline edits, a merge.
+    /// An anchor and four nodes in two sites on this machine, a sample
+    /// app, and the web UI on http://127.0.0.1:8080; Ctrl-C stops it all.
     Demo {
-        /// Where to keep the tour's data dirs (default: a fresh temporary directory).
+        /// Where to keep the demo's data dirs (default: a fresh temporary directory, removed at exit).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// The web UI's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// Run the old scripted tour of the foundation instead (no daemons).
+        #[arg(long)]
+        tour: bool,
+    },
+    /// The demo's sample app (started by `shoal demo` on its nodes).
+    #[command(hide = true)]
+    DemoApp,
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// API tokens.
+    #[command(subcommand)]
+    Token(OperatorTokenCmd),
+}
+
+#[derive(Subcommand)]
+enum OperatorTokenCmd {
+    /// Create a token for an operator (printed once; only its hash is kept).
+    Create {
+        #[command(flatten)]
+        dir: Dir,
+        /// The operator's name (recorded in the changes they make).
+        #[arg(long)]
+        name: String,
+        /// Lifetime (90s, 30m, 1h, 7d); default: until revoked.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List operators with tokens.
+    List {
+        #[command(flatten)]
+        dir: Dir,
+    },
+    /// Revoke every token of an operator.
+    Revoke {
+        #[command(flatten)]
+        dir: Dir,
+        /// The operator's name.
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -174,8 +255,9 @@ struct MeshArgs {
     /// Listen address (repeatable), e.g. /ip4/0.0.0.0/udp/7411/quic-v1.
     #[arg(long)]
     listen: Vec<String>,
-    /// Peer to keep connected to (repeatable), ending in /p2p/<peer id>.
-    #[arg(long)]
+    /// Peer to keep connected to (repeatable, or comma-separated in
+    /// SHOAL_PEERS), ending in /p2p/<peer id>.
+    #[arg(long, env = "SHOAL_PEERS", value_delimiter = ',')]
     peer: Vec<String>,
     /// Discover peers on the local network with mDNS.
     #[arg(long, default_value_t = false)]
@@ -190,7 +272,11 @@ impl MeshArgs {
         };
         Ok((
             self.listen.iter().map(p).collect::<Result<_, _>>()?,
-            self.peer.iter().map(p).collect::<Result<_, _>>()?,
+            self.peer
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(p)
+                .collect::<Result<_, _>>()?,
         ))
     }
 }
@@ -203,6 +289,27 @@ enum AnchorCmd {
         dir: Dir,
         #[command(flatten)]
         mesh: MeshArgs,
+        /// Serve the operator HTTP API and web UI here (e.g. 0.0.0.0:8080).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+    },
+    /// Make a replica's data dir from a seed directory (root.key,
+    /// identity.json, operators.json, fleet.bundle); it gets its own anchor
+    /// certificate when it first runs.
+    ReplicaInit {
+        #[command(flatten)]
+        dir: Dir,
+        /// The seed directory.
+        #[arg(long)]
+        seed: PathBuf,
+    },
+    /// Write a seed directory for anchor replicas from this anchor's data dir.
+    ReplicaSeed {
+        #[command(flatten)]
+        dir: Dir,
+        /// The seed directory to create.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -293,6 +400,7 @@ fn daemon(
     anchor: bool,
     site_api: Option<std::net::SocketAddr>,
     runtime: RuntimeChoice,
+    http: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let (listen, peers) = mesh.parse()?;
     let opts = node::daemon::Options {
@@ -303,6 +411,8 @@ fn daemon(
         anchor,
         site_api,
         runtime,
+        http,
+        demo: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -464,7 +574,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Apply {
-            dir,
+            target,
             files,
             identity,
             output,
@@ -477,33 +587,103 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (label, text) in &texts {
                 manifest::parse(label, text)?;
             }
+            if let Some(c) = target.client() {
+                if identity.is_some() {
+                    anyhow::bail!(
+                        "--identity is for data dirs: the anchor signs with its operator identity"
+                    );
+                }
+                print!("{}", c.apply(&texts, &output.to_string())?);
+                return Ok(());
+            }
             let req = Request::Apply {
                 files: texts,
                 identity: identity_text(identity.as_deref())?,
                 output: output.to_string(),
             };
-            verb(&dir.data_dir, identity.as_deref(), req)?;
+            verb(target.dir()?, identity.as_deref(), req)?;
         }
         Command::Delete {
-            dir,
+            target,
             kind,
             name,
             identity,
         } => {
+            if let Some(c) = target.client() {
+                if identity.is_some() {
+                    anyhow::bail!(
+                        "--identity is for data dirs: the anchor signs with its operator identity"
+                    );
+                }
+                print!("{}", c.delete(&kind, &name)?);
+                return Ok(());
+            }
             let req = Request::Delete {
                 kind,
                 name,
                 identity: identity_text(identity.as_deref())?,
             };
-            verb(&dir.data_dir, identity.as_deref(), req)?;
+            verb(target.dir()?, identity.as_deref(), req)?;
         }
-        Command::Get { what, dir, output } => {
+        Command::Get {
+            what,
+            target,
+            output,
+        } => {
+            if let Some(c) = target.client() {
+                print!("{}", c.get(&what, &output.to_string())?);
+                return Ok(());
+            }
             let req = Request::Get {
                 what,
                 output: output.to_string(),
             };
-            verb(&dir.data_dir, None, req)?;
+            verb(target.dir()?, None, req)?;
         }
+        Command::Operator(OperatorCmd::Token(OperatorTokenCmd::Create { dir, name, ttl })) => {
+            let ttl = ttl.as_deref().map(parse_ttl).transpose()?;
+            let token = cloud_anchor::tokens::create(&dir.data_dir, &name, ttl, now())?;
+            println!("{token}");
+            eprintln!("operator {name}: keep this token; only its hash is stored");
+        }
+        Command::Operator(OperatorCmd::Token(OperatorTokenCmd::List { dir })) => {
+            let rows = cloud_anchor::tokens::read(&dir.data_dir)?
+                .into_iter()
+                .map(|t| {
+                    vec![
+                        t.name,
+                        t.created_at.to_string(),
+                        t.expires_at
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        t.sha256[..12].to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crdt_state::render::table(&["NAME", "CREATED", "EXPIRES", "SHA256"], rows)
+            );
+        }
+        Command::Operator(OperatorCmd::Token(OperatorTokenCmd::Revoke { dir, name })) => {
+            let n = cloud_anchor::tokens::revoke(&dir.data_dir, &name)?;
+            println!("revoked {n} token(s) of {name}");
+        }
+        Command::Anchor(AnchorCmd::ReplicaInit { dir, seed }) => {
+            node::replica::init(&dir.data_dir, &seed)?;
+            println!(
+                "{} is an anchor replica's data dir; start it with `shoal anchor run`",
+                dir.data_dir.display()
+            );
+        }
+        Command::Anchor(AnchorCmd::ReplicaSeed { dir, out }) => {
+            node::replica::seed(&dir.data_dir, &out)?;
+            println!(
+                "replica seed written to {} (it holds the root key: keep it secret)",
+                out.display()
+            );
+        }
+        Command::DemoApp => node::demo_app::run()?,
         Command::Fleet(FleetCmd::Token(TokenCmd::Create { dir, node, ttl })) => {
             let req = Request::TokenCreate(node::enroll::TokenRequest {
                 node: node.node.clone(),
@@ -529,8 +709,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Anchor(AnchorCmd::Run { dir, mesh }) => {
-            daemon(dir, &mesh, true, None, RuntimeChoice::Native)?
+        Command::Anchor(AnchorCmd::Run { dir, mesh, http }) => {
+            daemon(dir, &mesh, true, None, RuntimeChoice::Native, http)?
         }
         Command::Node(NodeCmd::Run {
             dir,
@@ -544,7 +724,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "kube" => RuntimeChoice::Kube { kubeconfig },
                 other => anyhow::bail!("unknown runtime {other:?}: expected native or kube"),
             };
-            daemon(dir, &mesh, false, site_api, rt)?
+            daemon(dir, &mesh, false, site_api, rt, None)?
         }
         Command::Site(SiteCmd::Apply {
             node,
@@ -693,13 +873,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Demo { dir } => {
-            let dir = match dir {
-                Some(d) => d,
-                None => std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id())),
-            };
-            let mut out = std::io::stdout();
-            simulations::tour::run(&dir, &mut out)?;
+        Command::Demo { dir, http, tour } => {
+            if tour {
+                let dir = match dir {
+                    Some(d) => d,
+                    None => std::env::temp_dir().join(format!("shoal-tour-{}", std::process::id())),
+                };
+                let mut out = std::io::stdout();
+                simulations::tour::run(&dir, &mut out)?;
+            } else {
+                node::demo::run(dir, http)?;
+            }
         }
         Command::Bundle(BundleCmd::Import { dir, file }) => {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;

@@ -1,4 +1,16 @@
-//! The cloud anchor: an always-on peer with the same engine and store.
+//! The cloud anchor's operator surface: the HTTP API, the web UI, metrics
+//! and operator tokens.
 //!
-//! Not built yet. It will add the operator HTTP API and web UI, the relay
-//! server for nodes behind NAT, and Prometheus metrics.
+//! The anchor's mesh role (holding every document, enrollment, relay) is
+//! the daemon in `node`; it owns a [`view::View`], publishes
+//! [`view::Snapshot`]s that [`api`] serves, and carries out the
+//! [`api::Command`]s the API sends it. This crate touches no store and no
+//! network but its own HTTP listener.
+
+pub mod api;
+pub mod client;
+pub mod tokens;
+pub mod view;
+
+pub use api::{Answer, ApiError, Command, Demo, Incoming, Server};
+pub use view::{Snapshot, View};

@@ -93,6 +93,8 @@ pub struct DataDir {
     /// When set, every change this data dir commits is also queued here
     /// for a daemon to hand to its sync engine.
     outbox: Option<Vec<(DocId, Vec<SignedChange>)>>,
+    /// Recorded in every change this data dir makes while set.
+    message: Option<String>,
 }
 
 impl std::fmt::Debug for DataDir {
@@ -138,6 +140,7 @@ impl DataDir {
             trust,
             cache: HashMap::new(),
             outbox: None,
+            message: None,
         };
         let mut ops = BTreeMap::new();
         ops.insert("fleet.name".to_string(), Some(json_str(fleet_name)));
@@ -194,7 +197,14 @@ impl DataDir {
             trust,
             cache: HashMap::new(),
             outbox: None,
+            message: None,
         })
+    }
+
+    /// Records `message` in every change made until it is set again (who
+    /// asked for an edit that a service signs).
+    pub fn set_message(&mut self, message: Option<String>) {
+        self.message = message;
     }
 
     /// Queue every change committed from now on for [`DataDir::take_outbox`].
@@ -363,7 +373,11 @@ impl DataDir {
         let mut staged = Vec::new();
         let mut total = 0;
         for (id, ops) in edits {
-            if let Some((hash, change, n)) = self.cached(&id)?.edit(&writer, now, &ops)? {
+            let message = self.message.clone();
+            if let Some((hash, change, n)) =
+                self.cached(&id)?
+                    .edit_with_message(&writer, now, &ops, message.as_deref())?
+            {
                 total += n;
                 staged.push((id, vec![(hash, change)]));
             }
@@ -481,31 +495,8 @@ impl DataDir {
     pub fn conflicts(&self) -> Result<Vec<Conflict>> {
         let mut out = Vec::new();
         for id in self.store.doc_ids()? {
-            let Some(doc) = self.store.load(&id)? else {
-                continue;
-            };
-            for (field, values) in doc.conflicts() {
-                let values = values
-                    .into_iter()
-                    .map(|v| {
-                        let cert = v.writer.and_then(|k| self.trust.cert(&k));
-                        ConflictValue {
-                            value: serde_json::from_str(&v.value)
-                                .unwrap_or(serde_json::Value::String(v.value.clone())),
-                            writer: cert.map(|c| c.name.clone()).unwrap_or_else(|| {
-                                v.writer.map(|k| k.short()).unwrap_or_else(|| "?".into())
-                            }),
-                            role: cert.map(|c| c.role),
-                            key: v.writer,
-                            winner: v.winner,
-                        }
-                    })
-                    .collect();
-                out.push(Conflict {
-                    doc: id.to_string(),
-                    field,
-                    values,
-                });
+            if let Some(doc) = self.store.load(&id)? {
+                out.extend(conflicts_of(&doc, &self.trust));
             }
         }
         Ok(out)
@@ -540,6 +531,11 @@ impl DataDir {
         let cert = Certificate::issue(&root, key, name, role, site, now)?;
         self.publish_cert(&cert, now)?;
         Ok(cert)
+    }
+
+    /// Checks that the data dir holds its fleet's root key.
+    pub fn check_root_key(&self) -> Result<()> {
+        self.root_key().map(|_| ())
     }
 
     fn root_key(&self) -> Result<ed25519_dalek::SigningKey> {
@@ -782,4 +778,32 @@ fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
         }
     }
     ops
+}
+
+/// The fields of one document with concurrent values, writers named
+/// through `trust`.
+pub fn conflicts_of(doc: &Document, trust: &Trust) -> Vec<Conflict> {
+    doc.conflicts()
+        .into_iter()
+        .map(|(field, values)| Conflict {
+            doc: doc.id().to_string(),
+            field,
+            values: values
+                .into_iter()
+                .map(|v| {
+                    let cert = v.writer.and_then(|k| trust.cert(&k));
+                    ConflictValue {
+                        value: serde_json::from_str(&v.value)
+                            .unwrap_or(serde_json::Value::String(v.value.clone())),
+                        writer: cert.map(|c| c.name.clone()).unwrap_or_else(|| {
+                            v.writer.map(|k| k.short()).unwrap_or_else(|| "?".into())
+                        }),
+                        role: cert.map(|c| c.role),
+                        key: v.writer,
+                        winner: v.winner,
+                    }
+                })
+                .collect(),
+        })
+        .collect()
 }

@@ -344,7 +344,19 @@ impl Document {
         now: i64,
         ops: &BTreeMap<String, Option<String>>,
     ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
-        self.edit_with_actor(writer, now, ops, None)
+        self.edit_with(writer, now, ops, None, None)
+    }
+
+    /// [`Document::edit`] with a message recorded in the change (signed
+    /// with it): who asked for the edit when the writer is a service.
+    pub fn edit_with_message(
+        &mut self,
+        writer: &Identity,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+        message: Option<&str>,
+    ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
+        self.edit_with(writer, now, ops, None, message)
     }
 
     /// [`Document::edit`], with the actor id to use if this edit needs a
@@ -356,6 +368,17 @@ impl Document {
         now: i64,
         ops: &BTreeMap<String, Option<String>>,
         actor: Option<[u8; 16]>,
+    ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
+        self.edit_with(writer, now, ops, actor, None)
+    }
+
+    fn edit_with(
+        &mut self,
+        writer: &Identity,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+        actor: Option<[u8; 16]>,
+        message: Option<&str>,
     ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
         let ops: Vec<_> = ops
             .iter()
@@ -385,7 +408,11 @@ impl Document {
                 None => tx.delete(ROOT, k.as_str())?,
             }
         }
-        let (hash, _) = tx.commit_with(CommitOptions::default().with_time(now));
+        let mut options = CommitOptions::default().with_time(now);
+        if let Some(m) = message {
+            options = options.with_message(m.to_string());
+        }
+        let (hash, _) = tx.commit_with(options);
         let Some(hash) = hash else { return Ok(None) };
         let change = self
             .doc

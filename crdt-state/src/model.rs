@@ -339,6 +339,9 @@ pub struct NodeReport {
     /// When the last reconcile finished (seconds since the epoch, the node's clock; informational).
     #[serde(default)]
     pub reconciled_at: i64,
+    /// The peers it is connected to (names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 impl NodeReport {

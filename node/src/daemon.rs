@@ -34,7 +34,7 @@ use crate::site_api::{self, Nonces, Reply};
 use crdt_state::model::{self, FleetView, NodeReport};
 
 /// Daemon settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     /// The data dir.
     pub data_dir: PathBuf,
@@ -50,7 +50,14 @@ pub struct Options {
     pub site_api: Option<std::net::SocketAddr>,
     /// Where the node's share runs.
     pub runtime: RuntimeChoice,
+    /// Serve the operator HTTP API and UI here (anchors).
+    pub http: Option<std::net::SocketAddr>,
+    /// Demo controls for the UI (`shoal demo` only).
+    pub demo: Option<std::sync::Arc<dyn cloud_anchor::Demo>>,
 }
+
+/// The file an anchor writes its HTTP address to (for tools and tests).
+pub const HTTP_ADDR_FILE: &str = "http.addr";
 
 /// The runtime a node uses.
 #[derive(Clone, Debug, Default)]
@@ -77,7 +84,7 @@ fn now() -> i64 {
 
 /// The anchor's own identity: made (and certified with the root key) the
 /// first time the anchor runs on a data dir.
-fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
+pub fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
     let path = dd.path().join(ANCHOR_IDENTITY_FILE);
     if path.exists() {
         return Ok(Identity::read(&path)?);
@@ -144,6 +151,11 @@ struct Daemon {
     /// The report last written into the node document.
     last_report: Option<NodeReport>,
     nonces: Nonces,
+    /// The operator API's read model (anchors serving HTTP).
+    view: Option<cloud_anchor::View>,
+    snapshots: Option<tokio::sync::watch::Sender<std::sync::Arc<cloud_anchor::Snapshot>>>,
+    /// Changes made here (CLI, API), told apart from merged ones.
+    local_hashes: std::collections::HashSet<automerge::ChangeHash>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -195,8 +207,11 @@ pub async fn run(
             known_peers.push(p.to_string());
         }
     }
+    let own = mesh::peer_id_of(&me.key().0);
     for p in &known_peers {
         match p.parse::<Multiaddr>() {
+            // Replicas share one list of anchors, themselves included.
+            Ok(a) if mesh::peer_of(&a).is_some() && mesh::peer_of(&a) == own => {}
             Ok(a) if mesh::peer_of(&a).is_some() => config.peers.push(a),
             _ => anyhow::bail!("peer address {p} must be a multiaddr ending in /p2p/<peer id>"),
         }
@@ -233,7 +248,43 @@ pub async fn run(
         last_reconcile: Instant::now(),
         last_report: None,
         nonces: Nonces::default(),
+        view: None,
+        snapshots: None,
+        local_hashes: Default::default(),
     };
+    let (api_tx, mut api_rx) = mpsc::channel::<cloud_anchor::Incoming>(64);
+    if let Some(addr) = opts.http {
+        if !opts.anchor {
+            anyhow::bail!("--http is for anchors");
+        }
+        let mut view = cloud_anchor::View::new(&d.me.cert.name);
+        let first = {
+            let engine = &d.engine;
+            view.publish(
+                &|id| engine.doc(id),
+                &mut engine.docs(),
+                engine.trust(),
+                now(),
+                true,
+            )
+        }
+        .unwrap_or_default();
+        let (tx, rx) = tokio::sync::watch::channel(first);
+        let local = cloud_anchor::api::serve(
+            addr,
+            cloud_anchor::Server {
+                snapshot: rx,
+                commands: api_tx,
+                tokens: cloud_anchor::tokens::Tokens::new(&opts.data_dir),
+                demo: opts.demo.clone(),
+            },
+        )
+        .await?;
+        let _ = std::fs::write(opts.data_dir.join(HTTP_ADDR_FILE), local.to_string());
+        println!("HTTP API and UI on http://{local}");
+        d.view = Some(view);
+        d.snapshots = Some(tx);
+    }
     d.reconcile();
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
@@ -261,6 +312,10 @@ pub async fn run(
                 let r = d.on_site(req);
                 let _ = reply.send(r);
             }
+            Some((cmd, reply)) = api_rx.recv() => {
+                let r = d.on_api(cmd);
+                let _ = reply.send(r);
+            }
             _ = tick.tick() => d.on_tick(),
             _ = &mut shutdown => break,
         }
@@ -270,6 +325,7 @@ pub async fn run(
             d.reconcile();
             d.drain();
         }
+        d.publish();
     }
     if let Some(rt) = d.runtime.as_mut() {
         rt.shutdown().await;
@@ -316,6 +372,9 @@ impl Daemon {
                                 last_contact: Some(now()),
                             },
                         );
+                        if let Some(v) = self.view.as_mut() {
+                            v.contact(&cert.name, true, now());
+                        }
                         if !mesh::is_relayed(&addr) {
                             let full = addr.with(mesh::multiaddr_p2p(peer)).to_string();
                             // Keep peers whose address we dialed or that
@@ -337,6 +396,13 @@ impl Daemon {
                     }
                     Err(reason) => {
                         tracing::warn!(%peer, %addr, %reason, "admission refused");
+                        if let Some(v) = self.view.as_mut() {
+                            v.security(
+                                now(),
+                                &format!("{peer} at {addr}"),
+                                &format!("admission refused: {reason}"),
+                            );
+                        }
                         self.mesh.reject(peer, reason);
                     }
                 }
@@ -347,6 +413,11 @@ impl Daemon {
                         && let Some(c) = self.contacts.get_mut(&name)
                     {
                         c.last_contact = Some(now());
+                        if let Some(v) = self.view.as_mut() {
+                            v.heard(&name, now());
+                            v.counters.sync_bytes_in += bytes.len() as u64;
+                            v.counters.sync_messages_in += 1;
+                        }
                     }
                     self.engine.handle(Input::Received {
                         peer: key,
@@ -358,6 +429,9 @@ impl Daemon {
                 if let Some(key) = self.keys.remove(&peer) {
                     self.peer_ids.remove(&key);
                     if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
+                        if let Some(v) = self.view.as_mut() {
+                            v.contact(&name, false, now());
+                        }
                         self.contacts.insert(
                             name,
                             Contact {
@@ -380,10 +454,25 @@ impl Daemon {
                     let answer = enroll::handle(&mut self.dd, &bytes, now());
                     match &answer {
                         enroll::EnrollResponse::Certified(c) => {
-                            tracing::info!(%peer, %addr, node = %c.name, "node enrolled")
+                            tracing::info!(%peer, %addr, node = %c.name, "node enrolled");
+                            if let Some(v) = self.view.as_mut() {
+                                v.event(
+                                    now(),
+                                    "enrolled",
+                                    &c.name,
+                                    format!("{} enrolled from {addr}", c.name),
+                                );
+                            }
                         }
                         enroll::EnrollResponse::Refused(why) => {
-                            tracing::warn!(%peer, %addr, reason = %why, "enrollment refused")
+                            tracing::warn!(%peer, %addr, reason = %why, "enrollment refused");
+                            if let Some(v) = self.view.as_mut() {
+                                v.security(
+                                    now(),
+                                    &format!("{peer} at {addr}"),
+                                    &format!("enrollment refused: {why}"),
+                                );
+                            }
                         }
                     }
                     self.forward_local();
@@ -407,6 +496,13 @@ impl Daemon {
     /// Hands changes the data dir committed (CLI verbs, enrollment) to the engine.
     fn forward_local(&mut self) {
         for (doc, changes) in self.dd.take_outbox() {
+            if self.view.is_some() {
+                for c in &changes {
+                    if let Ok(ch) = crdt_state::doc::decode_change(&c.bytes) {
+                        self.local_hashes.insert(ch.hash());
+                    }
+                }
+            }
             self.engine.handle(Input::Local { doc, changes });
         }
     }
@@ -486,6 +582,12 @@ impl Daemon {
                 .unwrap_or_default(),
             workloads: rt.status(),
             reconciled_at: 0,
+            peers: self
+                .contacts
+                .iter()
+                .filter(|(_, c)| c.connected)
+                .map(|(n, _)| n.clone())
+                .collect(),
         };
         if let Some(last) = &self.last_report {
             let mut same = report.clone();
@@ -571,6 +673,9 @@ impl Daemon {
                 tracing::error!(error = %e, "could not commit synced changes; stopping sends");
                 return;
             }
+            if self.view.is_some() {
+                self.note_merges(&persisted);
+            }
             let mut fleet_changed = false;
             for (id, _) in &persisted {
                 self.dd.forget(id);
@@ -584,6 +689,10 @@ impl Daemon {
             match o {
                 Output::Persist { .. } => {}
                 Output::Send { peer, frame } => {
+                    if let Some(v) = self.view.as_mut() {
+                        v.counters.sync_bytes_out += frame.len() as u64;
+                        v.counters.sync_messages_out += 1;
+                    }
                     if let Some(pid) = self.peer_ids.get(&peer) {
                         self.mesh.send(*pid, frame);
                     }
@@ -599,6 +708,9 @@ impl Daemon {
                 }
                 Output::Changed { doc } => {
                     tracing::debug!(%doc, "document changed");
+                    if let Some(v) = self.view.as_mut() {
+                        v.doc_changed(&doc);
+                    }
                     if doc == DocId::Fleet {
                         self.cut_revoked();
                     }
@@ -609,6 +721,15 @@ impl Daemon {
                 }
                 Output::Security { peer, reason } => {
                     self.security_events += 1;
+                    if let Some(v) = self.view.as_mut() {
+                        let who = self
+                            .engine
+                            .trust()
+                            .cert(&peer)
+                            .map(|c| c.name.clone())
+                            .unwrap_or_else(|| peer.short());
+                        v.security(now(), &who, &reason);
+                    }
                     tracing::warn!(peer = %peer.short(), %reason, "security event");
                 }
                 Output::Disconnect { peer, reason } => {
@@ -708,6 +829,214 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Publishes a new snapshot to the HTTP API when something changed.
+    fn publish(&mut self) {
+        let (Some(view), Some(tx)) = (self.view.as_mut(), self.snapshots.as_ref()) else {
+            return;
+        };
+        let engine = &self.engine;
+        view.counters.documents = engine.docs().count();
+        view.counters.store_bytes = std::fs::metadata(self.dd.path().join("store.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if let Some(snap) = view.publish(
+            &|id| engine.doc(id),
+            &mut engine.docs(),
+            engine.trust(),
+            now(),
+            false,
+        ) {
+            let _ = tx.send(snap);
+        }
+    }
+
+    /// Timeline entries for changes that arrived from peers (not made here).
+    fn note_merges(
+        &mut self,
+        persisted: &[(
+            DocId,
+            Vec<(automerge::ChangeHash, crdt_state::SignedChange)>,
+        )],
+    ) {
+        for (id, changes) in persisted {
+            if matches!(id, DocId::Node { .. }) {
+                continue;
+            }
+            let mut writers = std::collections::BTreeSet::new();
+            let mut n = 0;
+            for (hash, c) in changes {
+                if self.local_hashes.remove(hash) {
+                    continue;
+                }
+                n += 1;
+                if let (Ok(ch), Some(doc)) = (
+                    crdt_state::doc::decode_change(&c.bytes),
+                    self.engine.doc(id),
+                ) && let Some(key) = doc.actor_key(ch.actor_id())
+                {
+                    let name = self
+                        .engine
+                        .trust()
+                        .cert(&key)
+                        .map(|c| c.name.clone())
+                        .unwrap_or_else(|| key.short());
+                    writers.insert(name);
+                }
+            }
+            if n > 0
+                && let Some(v) = self.view.as_mut()
+            {
+                let who: Vec<String> = writers.into_iter().collect();
+                v.event(
+                    now(),
+                    "merged",
+                    &id.to_string(),
+                    format!(
+                        "{n} change(s) to {id} merged, written by {}",
+                        who.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// One operator API command.
+    fn on_api(
+        &mut self,
+        cmd: cloud_anchor::Command,
+    ) -> Result<cloud_anchor::Answer, cloud_anchor::ApiError> {
+        use cloud_anchor::{Answer, ApiError, Command};
+        let status = |e: &crdt_state::Error| match e {
+            crdt_state::Error::NotAllowed(_) => 403,
+            crdt_state::Error::NotFound(_) => 404,
+            _ => 500,
+        };
+        let result = match cmd {
+            Command::Security { source, reason } => {
+                tracing::warn!(%source, %reason, "API request refused");
+                if let Some(v) = self.view.as_mut() {
+                    v.security(now(), &source, &reason);
+                }
+                return Ok(Answer::Json(serde_json::json!({})));
+            }
+            Command::Get { what, output } => {
+                let live = Live {
+                    contacts: Some(self.contacts.clone()),
+                    addrs: self.listening.clone(),
+                };
+                let r = control::execute(
+                    &mut self.dd,
+                    control::Request::Get {
+                        what,
+                        output: output.to_string(),
+                    },
+                    &live,
+                );
+                return match r.error {
+                    Some(e) => Err(ApiError::new(400, e)),
+                    None => Ok(Answer::Text(r.stdout)),
+                };
+            }
+            Command::Apply {
+                manifests,
+                user,
+                output,
+            } => {
+                self.dd
+                    .set_message(Some(format!("{user} through the anchor API")));
+                let r = self.dd.apply(&manifests, now());
+                self.dd.set_message(None);
+                match r {
+                    Ok(applied) => {
+                        if let Some(v) = self.view.as_mut() {
+                            for a in applied.iter().filter(|a| a.fields > 0) {
+                                v.event(
+                                    now(),
+                                    "edit",
+                                    &a.doc,
+                                    format!(
+                                        "{user} applied {}/{} ({} fields)",
+                                        a.kind.as_str().to_lowercase(),
+                                        a.name,
+                                        a.fields
+                                    ),
+                                );
+                            }
+                        }
+                        Ok(match output {
+                            Some(f) => Answer::Text(crdt_state::render::applied(f, &applied)),
+                            None => Answer::Json(
+                                serde_json::json!({ "applied": serde_json::to_value(&applied).unwrap_or_default() }),
+                            ),
+                        })
+                    }
+                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
+                }
+            }
+            Command::Delete { kind, name, user } => {
+                self.dd
+                    .set_message(Some(format!("{user} through the anchor API")));
+                let r = self.dd.delete(kind, &name, now());
+                self.dd.set_message(None);
+                match r {
+                    Ok(n) => {
+                        let what = format!("{}/{name}", kind.as_str().to_lowercase());
+                        if let Some(v) = self.view.as_mut() {
+                            v.event(now(), "edit", &what, format!("{user} deleted {what}"));
+                        }
+                        Ok(Answer::Json(
+                            serde_json::json!({ "deleted": what, "fields": n }),
+                        ))
+                    }
+                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
+                }
+            }
+            Command::Resolve {
+                doc,
+                field,
+                value,
+                user,
+            } => {
+                let id = match DocId::parse(&doc) {
+                    Ok(DocId::Node { .. }) => {
+                        return Err(ApiError::new(
+                            403,
+                            "node documents are their node's to write",
+                        ));
+                    }
+                    Ok(id) => id,
+                    Err(e) => return Err(ApiError::new(400, format!("doc: {e}"))),
+                };
+                let ops = [(field.clone(), Some(value.to_string()))]
+                    .into_iter()
+                    .collect();
+                self.dd.set_message(Some(format!(
+                    "{user} resolved a conflict through the anchor API"
+                )));
+                let r = self.dd.write(&id, &ops, now());
+                self.dd.set_message(None);
+                match r {
+                    Ok(_) => {
+                        if let Some(v) = self.view.as_mut() {
+                            v.event(
+                                now(),
+                                "edit",
+                                &doc,
+                                format!("{user} resolved {field} in {doc}: {value} kept"),
+                            );
+                        }
+                        Ok(Answer::Json(
+                            serde_json::json!({ "resolved": field, "value": value }),
+                        ))
+                    }
+                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
+                }
+            }
+        };
+        self.forward_local();
+        result
     }
 
     fn cut_revoked(&mut self) {

@@ -8,12 +8,17 @@
 //! - [`control`]: CLI verbs on a data dir, directly or over the socket.
 //! - [`runtime`]: where the node's share runs (the native supervisor).
 //! - [`site_api`]: the node's view and site edits for field engineers on the LAN.
+//! - [`replica`]: seeding anchor replicas' data dirs.
+//! - [`demo`], [`demo_app`]: `shoal demo` and its sample app.
 //!
 //! The anchor's HTTP API and UI live in `cloud-anchor`.
 
 pub mod control;
 pub mod daemon;
+pub mod demo;
+pub mod demo_app;
 pub mod enroll;
 pub mod hello;
+pub mod replica;
 pub mod runtime;
 pub mod site_api;

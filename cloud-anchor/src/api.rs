@@ -1,0 +1,1065 @@
+//! The operator HTTP API and the web UI, served by `shoal anchor run --http`.
+//!
+//! Reads are answered from the latest [`Snapshot`] (a `watch` channel the
+//! daemon publishes to), so a page of 10,000 nodes never waits for the
+//! daemon's loop. Writes become [`Command`]s that the daemon carries out
+//! with the data dir's operator identity, the requesting operator's name
+//! recorded in the change. Every endpoint but `/healthz`, `/readyz`,
+//! `/api/login` and the UI's static files needs an operator token, as
+//! `Authorization: Bearer <token>` or the session cookie `/api/login` sets
+//! (HttpOnly, SameSite=Strict). The routes are described in
+//! `/api/openapi.json` (kept in `openapi.json`; a test checks it lists
+//! every route in [`ROUTES`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use crdt_state::manifest::{self, Manifest};
+use crdt_state::model::Kind;
+use crdt_state::render::Format;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::tokens::Tokens;
+use crate::view::{NodeState, Snapshot};
+
+/// A write (or a rendering the CLI prints) for the daemon to carry out.
+#[derive(Debug)]
+pub enum Command {
+    /// Apply manifests (already parsed and validated).
+    Apply {
+        /// The manifests.
+        manifests: Vec<Manifest>,
+        /// The operator.
+        user: String,
+        /// Answer as text in this format (the CLI), else JSON.
+        output: Option<Format>,
+    },
+    /// Delete an entity or a site's overrides.
+    Delete {
+        /// Kind.
+        kind: Kind,
+        /// Name.
+        name: String,
+        /// The operator.
+        user: String,
+    },
+    /// Resolve a conflict: write `value` over the concurrent values.
+    Resolve {
+        /// The document (`fleet`, `site/<name>`).
+        doc: String,
+        /// The field.
+        field: String,
+        /// The value chosen (JSON).
+        value: Value,
+        /// The operator.
+        user: String,
+    },
+    /// `shoal get WHAT -o FORMAT` against the anchor.
+    Get {
+        /// apps, configs, nodes, sites, conflicts.
+        what: String,
+        /// Format.
+        output: Format,
+    },
+    /// A refused API request, for the security log.
+    Security {
+        /// Who.
+        source: String,
+        /// What.
+        reason: String,
+    },
+}
+
+/// What a command answers.
+#[derive(Debug)]
+pub enum Answer {
+    /// Text for the CLI.
+    Text(String),
+    /// JSON.
+    Json(Value),
+}
+
+/// A failed request: status and words naming what was wrong.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApiError {
+    /// HTTP status.
+    #[serde(skip)]
+    pub status: u16,
+    /// The whole message.
+    pub error: String,
+    /// Manifest file at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Position of the YAML document in it (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<usize>,
+    /// Dotted path of the field at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    /// An error with a status.
+    pub fn new(status: u16, error: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error: error.into(),
+            ..ApiError::default()
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self)).into_response()
+    }
+}
+
+/// A command with the channel for its answer.
+pub type Incoming = (Command, oneshot::Sender<Result<Answer, ApiError>>);
+
+/// What the demo lets the UI do (only `shoal demo` provides it).
+pub trait Demo: Send + Sync {
+    /// Sites (and whether each is cut off) and the sample app on each node.
+    fn status(&self) -> Value;
+    /// Cuts a site's link to the anchor (`true`) or restores it.
+    fn set_cut(&self, site: &str, cut: bool) -> Result<(), String>;
+    /// A field engineer's edit at a site, through a node's site API:
+    /// sets `key` of config `config` in the site's overrides.
+    fn site_edit(&self, site: &str, config: &str, key: &str, value: &str) -> Result<(), String>;
+}
+
+/// Everything the handlers need.
+pub struct Server {
+    /// Snapshots from the daemon.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Commands to the daemon.
+    pub commands: mpsc::Sender<Incoming>,
+    /// Operator tokens.
+    pub tokens: Tokens,
+    /// Demo controls.
+    pub demo: Option<Arc<dyn Demo>>,
+}
+
+type Shared = Arc<Server>;
+
+/// Every route (method, path), as in `openapi.json`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/api/login"),
+    ("POST", "/api/logout"),
+    ("GET", "/api/whoami"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/api/overview"),
+    ("GET", "/api/nodes"),
+    ("GET", "/api/nodes/{name}"),
+    ("DELETE", "/api/nodes/{name}"),
+    ("GET", "/api/sites"),
+    ("GET", "/api/sites/{name}"),
+    ("DELETE", "/api/sites/{name}"),
+    ("GET", "/api/apps"),
+    ("GET", "/api/apps/{name}"),
+    ("DELETE", "/api/apps/{name}"),
+    ("GET", "/api/configs"),
+    ("GET", "/api/configs/{name}"),
+    ("DELETE", "/api/configs/{name}"),
+    ("POST", "/api/apply"),
+    ("GET", "/api/conflicts"),
+    ("POST", "/api/conflicts/resolve"),
+    ("GET", "/api/security"),
+    ("GET", "/api/timeline"),
+    ("GET", "/api/events"),
+    ("GET", "/api/get/{what}"),
+    ("GET", "/api/demo"),
+    ("POST", "/api/demo/sites/{site}/cut"),
+    ("POST", "/api/demo/sites/{site}/restore"),
+    ("POST", "/api/demo/sites/{site}/edit"),
+];
+
+/// The OpenAPI document.
+pub const OPENAPI: &str = include_str!("openapi.json");
+const INDEX_HTML: &str = include_str!("ui/index.html");
+const APP_JS: &str = include_str!("ui/app.js");
+const STYLE_CSS: &str = include_str!("ui/style.css");
+/// The session cookie's name.
+pub const COOKIE: &str = "shoal_session";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The router (for tests that serve it themselves).
+pub fn router(server: Server) -> Router {
+    let shared: Shared = Arc::new(server);
+    let api = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/logout", post(logout))
+        .route("/api/whoami", get(whoami))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/overview", get(overview))
+        .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{name}", get(node).delete(delete_entity))
+        .route("/api/sites", get(sites))
+        .route("/api/sites/{name}", get(site).delete(delete_entity))
+        .route("/api/apps", get(apps))
+        .route("/api/apps/{name}", get(app).delete(delete_entity))
+        .route("/api/configs", get(configs))
+        .route("/api/configs/{name}", get(config).delete(delete_entity))
+        .route("/api/apply", post(apply))
+        .route("/api/conflicts", get(conflicts))
+        .route("/api/conflicts/resolve", post(resolve))
+        .route("/api/security", get(security))
+        .route("/api/timeline", get(timeline))
+        .route("/api/events", get(events))
+        .route("/api/get/{what}", get(cli_get))
+        .route("/api/demo", get(demo))
+        .route("/api/demo/sites/{site}/cut", post(demo_cut))
+        .route("/api/demo/sites/{site}/restore", post(demo_restore))
+        .route("/api/demo/sites/{site}/edit", post(demo_edit))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/api/login", post(login))
+        .route(
+            "/",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    INDEX_HTML,
+                )
+            }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    APP_JS,
+                )
+            }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+                    STYLE_CSS,
+                )
+            }),
+        )
+        .merge(api)
+        .fallback(|| async { ApiError::new(404, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(
+            manifest::MAX_MANIFEST_BYTES + (64 << 10),
+        ))
+        .with_state(shared)
+}
+
+/// Serves the API on `addr`; returns the bound address.
+pub async fn serve(addr: SocketAddr, server: Server) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("HTTP API on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let app = router(server);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+    Ok(local)
+}
+
+/// The bearer token or session cookie of a request.
+fn token_of(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// The operator a request is made by (set by [`authenticate`]).
+#[derive(Clone, Debug)]
+struct Operator(String);
+
+async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    let token = token_of(req.headers());
+    let who = token.as_deref().and_then(|t| s.tokens.check(t, now()));
+    match who {
+        Some(name) => {
+            req.extensions_mut().insert(Operator(name));
+            next.run(req).await
+        }
+        None => {
+            let reason = match token {
+                None => "no operator token".to_string(),
+                Some(_) => "unknown, revoked or expired operator token".to_string(),
+            };
+            let _ = s.commands.try_send((
+                Command::Security {
+                    source: "HTTP API".into(),
+                    reason: format!("{} {}: {reason}", req.method(), req.uri().path()),
+                },
+                oneshot::channel().0,
+            ));
+            let mut r = ApiError::new(401, reason).into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+fn user(req_ext: &axum::http::Extensions) -> String {
+    req_ext
+        .get::<Operator>()
+        .map(|o| o.0.clone())
+        .unwrap_or_default()
+}
+
+async fn call(s: &Server, cmd: Command) -> Result<Answer, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    s.commands
+        .send((cmd, tx))
+        .await
+        .map_err(|_| ApiError::new(503, "the anchor is stopping"))?;
+    rx.await
+        .map_err(|_| ApiError::new(503, "the anchor is stopping"))?
+}
+
+fn answer(a: Answer) -> Response {
+    match a {
+        Answer::Text(t) => {
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], t).into_response()
+        }
+        Answer::Json(v) => axum::Json(v).into_response(),
+    }
+}
+
+fn snap(s: &Server) -> Arc<Snapshot> {
+    s.snapshot.borrow().clone()
+}
+
+/// Parses a JSON body, naming the field at fault.
+fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let mut err = ApiError::new(400, format!("request body: {path}: {}", e.inner()));
+        if path != "." {
+            err.field = Some(path);
+        }
+        err
+    })
+}
+
+async fn ready(State(s): State<Shared>) -> Response {
+    if snap(&s).version > 0 {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    token: String,
+}
+
+async fn login(State(s): State<Shared>, bytes: Bytes) -> Response {
+    let l: Login = match body(&bytes) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    match s.tokens.check(&l.token, now()) {
+        Some(name) => {
+            let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", l.token);
+            let mut r = axum::Json(json!({ "operator": name })).into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        None => {
+            let _ = s.commands.try_send((
+                Command::Security {
+                    source: "HTTP API".into(),
+                    reason: "login with an unknown, revoked or expired operator token".into(),
+                },
+                oneshot::channel().0,
+            ));
+            ApiError::new(401, "unknown, revoked or expired operator token").into_response()
+        }
+    }
+}
+
+async fn logout() -> Response {
+    let mut r = axum::Json(json!({ "ok": true })).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("shoal_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    );
+    r
+}
+
+async fn whoami(State(s): State<Shared>, req: Request) -> Response {
+    let sn = snap(&s);
+    axum::Json(json!({
+        "operator": user(req.extensions()),
+        "fleet": sn.fleet,
+        "anchor": sn.anchor,
+        "demo": s.demo.is_some(),
+    }))
+    .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn overview(State(s): State<Shared>) -> Response {
+    let sn = snap(&s);
+    let mut totals: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in sn.nodes.iter() {
+        let k = match n.state {
+            NodeState::Ok => "ok",
+            NodeState::Behind => "behind",
+            NodeState::Failed => "failed",
+            NodeState::Offline => "offline",
+            NodeState::Unknown => "unknown",
+        };
+        *totals.entry(k).or_default() += 1;
+    }
+    axum::Json(json!({
+        "version": sn.version,
+        "fleet": sn.fleet,
+        "anchor": sn.anchor,
+        "nodes": sn.nodes.len(),
+        "connected": sn.nodes.iter().filter(|n| n.connected).count(),
+        "states": totals,
+        "sites": &*sn.sites,
+        "apps": sn.spec.apps.len(),
+        "configs": sn.spec.configs.len(),
+        "conflicts": sn.conflicts.len(),
+        "security_events": sn.security_total,
+    }))
+    .into_response()
+}
+
+/// `?page=&per_page=`: 1-based page, at most 500 per page.
+#[derive(Debug, Deserialize)]
+struct Paging {
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+fn paginate<T: Serialize>(items: Vec<T>, p: &Paging) -> Value {
+    let per_page = p.per_page.unwrap_or(50).clamp(1, 500);
+    let pages = items.len().div_ceil(per_page).max(1);
+    let page = p.page.unwrap_or(1).clamp(1, pages);
+    let total = items.len();
+    let slice: Vec<T> = items
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
+    json!({ "total": total, "page": page, "pages": pages, "per_page": per_page, "items": slice })
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeQuery {
+    q: Option<String>,
+    site: Option<String>,
+    label: Option<String>,
+    state: Option<String>,
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+async fn nodes(State(s): State<Shared>, Query(q): Query<NodeQuery>) -> Response {
+    let sn = snap(&s);
+    let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(st) => match NodeState::parse(st) {
+            Some(x) => Some(x),
+            None => {
+                let mut e = ApiError::new(
+                    400,
+                    format!("state {st:?}: expected ok, behind, failed, offline or unknown"),
+                );
+                e.field = Some("state".into());
+                return e.into_response();
+            }
+        },
+    };
+    let label = match q.label.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(l) => match l.split_once('=') {
+            Some((k, v)) => Some((k.to_string(), v.to_string())),
+            None => {
+                let mut e = ApiError::new(400, format!("label {l:?}: expected key=value"));
+                e.field = Some("label".into());
+                return e.into_response();
+            }
+        },
+    };
+    let needle = q.q.as_deref().unwrap_or("").to_lowercase();
+    let items: Vec<_> = sn
+        .nodes
+        .iter()
+        .filter(|n| needle.is_empty() || n.name.to_lowercase().contains(&needle))
+        .filter(|n| {
+            q.site
+                .as_deref()
+                .is_none_or(|s| s.is_empty() || n.site == s)
+        })
+        .filter(|n| state.is_none_or(|st| n.state == st))
+        .filter(|n| {
+            label
+                .as_ref()
+                .is_none_or(|(k, v)| n.labels.get(k) == Some(v))
+        })
+        .collect();
+    let paging = Paging {
+        page: q.page,
+        per_page: q.per_page,
+    };
+    axum::Json(paginate(items, &paging)).into_response()
+}
+
+async fn node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    let sn = snap(&s);
+    let Some(row) = sn.nodes.iter().find(|n| n.name == name) else {
+        return ApiError::new(404, format!("no node {name:?}")).into_response();
+    };
+    let overrides = sn.overrides.get(&row.site);
+    let desired = crdt_state::placement::share(&sn.spec, overrides, &name, &|_| true);
+    let timeline: Vec<_> = sn
+        .timeline
+        .iter()
+        .rev()
+        .filter(|e| e.subject == name)
+        .take(20)
+        .collect();
+    axum::Json(json!({
+        "node": row,
+        "desired": desired,
+        "devices": [],
+        "timeline": timeline,
+    }))
+    .into_response()
+}
+
+async fn sites(State(s): State<Shared>) -> Response {
+    axum::Json(json!({ "items": &*snap(&s).sites })).into_response()
+}
+
+async fn site(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    let sn = snap(&s);
+    let row = sn.sites.iter().find(|r| r.name == name);
+    let ov = sn.overrides.get(&name);
+    if row.is_none() && ov.is_none() {
+        return ApiError::new(404, format!("no site {name:?}")).into_response();
+    }
+    axum::Json(json!({ "site": row, "overrides": ov })).into_response()
+}
+
+/// A manifest of one entity, as YAML people edit.
+fn manifest_yaml<T: Serialize>(kind: &str, name: &str, spec: &T) -> String {
+    let v = json!({
+        "apiVersion": manifest::API_VERSION,
+        "kind": kind,
+        "metadata": { "name": name },
+        "spec": spec,
+    });
+    serde_yaml::to_string(&v).unwrap_or_default()
+}
+
+async fn apps(State(s): State<Shared>) -> Response {
+    let sn = snap(&s);
+    let mut counts: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
+    for n in sn.nodes.iter() {
+        for (a, w) in &n.workloads {
+            let st = serde_json::to_value(w.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *counts.entry(a.as_str()).or_default().entry(st).or_default() += 1;
+        }
+    }
+    let items: Vec<Value> = sn
+        .spec
+        .apps
+        .iter()
+        .map(|(name, spec)| json!({ "name": name, "spec": spec, "workloads": counts.get(name.as_str()) }))
+        .collect();
+    axum::Json(json!({ "items": items })).into_response()
+}
+
+async fn app(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    let sn = snap(&s);
+    match sn.spec.apps.get(&name) {
+        Some(spec) => axum::Json(json!({
+            "name": name, "spec": spec, "yaml": manifest_yaml("App", &name, spec)
+        }))
+        .into_response(),
+        None => ApiError::new(404, format!("no app {name:?}")).into_response(),
+    }
+}
+
+async fn configs(State(s): State<Shared>) -> Response {
+    let sn = snap(&s);
+    let items: Vec<Value> = sn
+        .spec
+        .configs
+        .iter()
+        .map(|(name, spec)| json!({ "name": name, "spec": spec }))
+        .collect();
+    axum::Json(json!({ "items": items })).into_response()
+}
+
+async fn config(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    let sn = snap(&s);
+    match sn.spec.configs.get(&name) {
+        Some(spec) => axum::Json(json!({
+            "name": name, "spec": spec, "yaml": manifest_yaml("Config", &name, spec)
+        }))
+        .into_response(),
+        None => ApiError::new(404, format!("no config {name:?}")).into_response(),
+    }
+}
+
+async fn delete_entity(State(s): State<Shared>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let who = user(req.extensions());
+    let mut parts = path.trim_start_matches("/api/").splitn(2, '/');
+    let (Some(kind), Some(name)) = (parts.next(), parts.next()) else {
+        return ApiError::new(404, "no such endpoint").into_response();
+    };
+    let Some(kind) = Kind::parse(kind) else {
+        return ApiError::new(404, "no such endpoint").into_response();
+    };
+    let name = percent_decode(name);
+    match call(
+        &s,
+        Command::Delete {
+            kind,
+            name,
+            user: who,
+        },
+    )
+    .await
+    {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or(""), 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyFile {
+    name: String,
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    files: Vec<ApplyFile>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputQuery {
+    output: Option<String>,
+}
+
+async fn apply(
+    State(s): State<Shared>,
+    Query(q): Query<OutputQuery>,
+    headers: HeaderMap,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let output = match q.output.as_deref().map(str::parse::<Format>) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => return ApiError::new(400, e).into_response(),
+    };
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let req: ApplyBody = if is_json {
+        match body(&bytes) {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        match std::str::from_utf8(&bytes) {
+            Ok(t) => ApplyBody {
+                files: vec![ApplyFile {
+                    name: "request".into(),
+                    text: t.to_string(),
+                }],
+                dry_run: false,
+            },
+            Err(_) => return ApiError::new(400, "request body is not UTF-8 text").into_response(),
+        }
+    };
+    if req.files.is_empty() {
+        return ApiError::new(400, "no manifests given").into_response();
+    }
+    let mut manifests = Vec::new();
+    for f in &req.files {
+        match manifest::parse(&f.name, &f.text) {
+            Ok(m) => manifests.extend(m),
+            Err(e) => {
+                return ApiError {
+                    status: 400,
+                    error: e.to_string(),
+                    file: Some(e.file.clone()),
+                    document: Some(e.document),
+                    field: Some(e.field.clone()).filter(|f| !f.is_empty()),
+                }
+                .into_response();
+            }
+        }
+    }
+    if req.dry_run {
+        let names: Vec<String> = manifests
+            .iter()
+            .map(|m| format!("{}/{}", m.kind().as_str().to_lowercase(), m.name))
+            .collect();
+        return axum::Json(json!({ "valid": names })).into_response();
+    }
+    match call(
+        &s,
+        Command::Apply {
+            manifests,
+            user: req_ext.0.0,
+            output,
+        },
+    )
+    .await
+    {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn conflicts(State(s): State<Shared>) -> Response {
+    axum::Json(json!({ "items": &*snap(&s).conflicts })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    doc: String,
+    field: String,
+    value: Value,
+}
+
+async fn resolve(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let r: ResolveBody = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let sn = snap(&s);
+    let Some(c) = sn
+        .conflicts
+        .iter()
+        .find(|c| c.doc == r.doc && c.field == r.field)
+    else {
+        return ApiError::new(
+            409,
+            format!(
+                "no conflict on {} in {} (resolved already?)",
+                r.field, r.doc
+            ),
+        )
+        .into_response();
+    };
+    if !c.values.iter().any(|v| v.value == r.value) {
+        let mut e = ApiError::new(400, "value: not one of the conflicting values");
+        e.field = Some("value".into());
+        return e.into_response();
+    }
+    match call(
+        &s,
+        Command::Resolve {
+            doc: r.doc,
+            field: r.field,
+            value: r.value,
+            user: req_ext.0.0,
+        },
+    )
+    .await
+    {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn security(State(s): State<Shared>, Query(p): Query<Paging>) -> Response {
+    let sn = snap(&s);
+    let items: Vec<_> = sn.security.iter().rev().collect();
+    let mut v = paginate(items, &p);
+    v["total_since_start"] = json!(sn.security_total);
+    axum::Json(v).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct TimelineQuery {
+    subject: Option<String>,
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+async fn timeline(State(s): State<Shared>, Query(q): Query<TimelineQuery>) -> Response {
+    let sn = snap(&s);
+    let items: Vec<_> = sn
+        .timeline
+        .iter()
+        .rev()
+        .filter(|e| {
+            q.subject
+                .as_deref()
+                .is_none_or(|x| x.is_empty() || e.subject == x)
+        })
+        .collect();
+    let p = Paging {
+        page: q.page,
+        per_page: q.per_page,
+    };
+    axum::Json(paginate(items, &p)).into_response()
+}
+
+async fn events(State(s): State<Shared>) -> Response {
+    let rx = s.snapshot.clone();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let sn = rx.borrow_and_update().clone();
+        let data = json!({ "version": sn.version, "changed": sn.changed }).to_string();
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().event("update").data(data)),
+            rx,
+        ))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response()
+}
+
+async fn cli_get(
+    State(s): State<Shared>,
+    Path(what): Path<String>,
+    Query(q): Query<OutputQuery>,
+) -> Response {
+    let output = match q.output.as_deref().unwrap_or("table").parse::<Format>() {
+        Ok(f) => f,
+        Err(e) => return ApiError::new(400, e).into_response(),
+    };
+    match call(&s, Command::Get { what, output }).await {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    let sn = snap(&s);
+    let c = &sn.counters;
+    let connected = sn.nodes.iter().filter(|n| n.connected).count();
+    let behind = sn.nodes.iter().filter(|n| n.behind > 0).count();
+    let max_lag = sn.nodes.iter().map(|n| n.behind).max().unwrap_or(0);
+    let failed = sn
+        .nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Failed)
+        .count();
+    let mut out = String::new();
+    let mut m = |name: &str, kind: &str, help: &str, lines: &[(String, u64)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in lines {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    m(
+        "shoal_nodes",
+        "gauge",
+        "Nodes known to this anchor.",
+        &one(sn.nodes.len() as u64),
+    );
+    m(
+        "shoal_connected_nodes",
+        "gauge",
+        "Nodes connected to this anchor.",
+        &one(connected as u64),
+    );
+    m(
+        "shoal_nodes_behind",
+        "gauge",
+        "Nodes that have not applied the latest desired state.",
+        &one(behind as u64),
+    );
+    m(
+        "shoal_nodes_failed",
+        "gauge",
+        "Nodes with a failed workload.",
+        &one(failed as u64),
+    );
+    m(
+        "shoal_lag_changes_max",
+        "gauge",
+        "Most fleet and site changes any node has not applied.",
+        &one(max_lag as u64),
+    );
+    m(
+        "shoal_sync_bytes_total",
+        "counter",
+        "Sync frame bytes.",
+        &[
+            ("{direction=\"in\"}".into(), c.sync_bytes_in),
+            ("{direction=\"out\"}".into(), c.sync_bytes_out),
+        ],
+    );
+    m(
+        "shoal_sync_messages_total",
+        "counter",
+        "Sync frames.",
+        &[
+            ("{direction=\"in\"}".into(), c.sync_messages_in),
+            ("{direction=\"out\"}".into(), c.sync_messages_out),
+        ],
+    );
+    m(
+        "shoal_security_events_total",
+        "counter",
+        "Refused changes, peers and requests.",
+        &one(sn.security_total),
+    );
+    m(
+        "shoal_conflicts",
+        "gauge",
+        "Fields with concurrent values.",
+        &one(sn.conflicts.len() as u64),
+    );
+    m(
+        "shoal_store_bytes",
+        "gauge",
+        "Size of the store file.",
+        &one(c.store_bytes),
+    );
+    m(
+        "shoal_documents",
+        "gauge",
+        "Documents held.",
+        &one(c.documents as u64),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn no_demo() -> Response {
+    ApiError::new(404, "demo controls exist only in `shoal demo`").into_response()
+}
+
+async fn demo(State(s): State<Shared>) -> Response {
+    let Some(d) = &s.demo else { return no_demo() };
+    axum::Json(d.status()).into_response()
+}
+
+async fn demo_set(s: &Server, site: &str, cut: bool) -> Response {
+    let Some(d) = &s.demo else { return no_demo() };
+    match d.set_cut(site, cut) {
+        Ok(()) => axum::Json(json!({ "site": site, "cut": cut })).into_response(),
+        Err(e) => ApiError::new(404, e).into_response(),
+    }
+}
+
+async fn demo_cut(State(s): State<Shared>, Path(site): Path<String>) -> Response {
+    demo_set(&s, &site, true).await
+}
+
+async fn demo_restore(State(s): State<Shared>, Path(site): Path<String>) -> Response {
+    demo_set(&s, &site, false).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteEdit {
+    config: String,
+    key: String,
+    value: String,
+}
+
+async fn demo_edit(State(s): State<Shared>, Path(site): Path<String>, bytes: Bytes) -> Response {
+    let Some(d) = s.demo.clone() else {
+        return no_demo();
+    };
+    let e: SiteEdit = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let r = tokio::task::spawn_blocking(move || d.site_edit(&site, &e.config, &e.key, &e.value))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match r {
+        Ok(()) => axum::Json(json!({ "ok": true })).into_response(),
+        Err(e) => ApiError::new(502, e).into_response(),
+    }
+}

@@ -1,0 +1,180 @@
+//! Operator tokens: bearer secrets for the HTTP API and the web UI.
+//!
+//! `shoal operator token create --name alice` prints a 256-bit secret once;
+//! the anchor keeps only its SHA-256 (in `operators.json`, owner-only), the
+//! operator's name and the creation and expiry times. The secrets are
+//! random, not chosen by people, so a plain hash is enough: nothing to
+//! brute-force. The running anchor rereads the file when it changes, so a
+//! token created or revoked with the CLI takes effect at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use anyhow::{Context, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The file in the anchor's data dir.
+pub const OPERATORS_FILE: &str = "operators.json";
+/// What every token starts with (so a leaked one is recognisable).
+pub const TOKEN_PREFIX: &str = "shoal-op-";
+
+/// One operator's token, as kept at rest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    /// The operator's name (recorded in the changes they make).
+    pub name: String,
+    /// SHA-256 of the secret, hex.
+    pub sha256: String,
+    /// Created (Unix seconds).
+    pub created_at: i64,
+    /// Expires (Unix seconds), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Reads the tokens of a data dir (none if the file is absent).
+pub fn read(dir: &Path) -> anyhow::Result<Vec<TokenEntry>> {
+    let path = dir.join(OPERATORS_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+    }
+}
+
+fn write(dir: &Path, entries: &[TokenEntry]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(OPERATORS_FILE);
+    let tmp = dir.join(format!("{OPERATORS_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("{}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec_pretty(entries)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("{}", path.display()))?;
+    Ok(())
+}
+
+/// Creates a token for `name` and returns the secret (shown once).
+pub fn create(dir: &Path, name: &str, ttl_s: Option<i64>, now: i64) -> anyhow::Result<String> {
+    crdt_state::model::validate_name("operator", name).map_err(|e| anyhow!(e))?;
+    if !dir.join(crdt_state::datadir::ROOT_KEY_FILE).exists()
+        && !dir.join(crdt_state::datadir::IDENTITY_FILE).exists()
+    {
+        bail!(
+            "{} is not an anchor's data dir (made by `shoal fleet init`)",
+            dir.display()
+        );
+    }
+    if ttl_s.is_some_and(|t| t <= 0) {
+        bail!("token lifetime must be positive");
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+    let secret = format!("{TOKEN_PREFIX}{}", hex::encode(secret));
+    let mut entries = read(dir)?;
+    entries.push(TokenEntry {
+        name: name.to_string(),
+        sha256: digest(&secret),
+        created_at: now,
+        expires_at: ttl_s.map(|t| now + t),
+    });
+    write(dir, &entries)?;
+    Ok(secret)
+}
+
+/// Revokes every token of `name`; returns how many there were.
+pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<usize> {
+    let mut entries = read(dir)?;
+    let before = entries.len();
+    entries.retain(|e| e.name != name);
+    let n = before - entries.len();
+    if n == 0 {
+        bail!("no operator token named {name:?}");
+    }
+    write(dir, &entries)?;
+    Ok(n)
+}
+
+/// The tokens a running anchor checks requests against; rereads the file
+/// when its modification time changes.
+#[derive(Debug)]
+pub struct Tokens {
+    path: PathBuf,
+    cache: Mutex<(Option<SystemTime>, BTreeMap<String, TokenEntry>)>,
+}
+
+impl Tokens {
+    /// Tokens of the data dir `dir`.
+    pub fn new(dir: &Path) -> Tokens {
+        Tokens {
+            path: dir.join(OPERATORS_FILE),
+            cache: Mutex::new((None, BTreeMap::new())),
+        }
+    }
+
+    /// The operator a secret belongs to, if it is valid at `now`.
+    pub fn check(&self, secret: &str, now: i64) -> Option<String> {
+        if !secret.starts_with(TOKEN_PREFIX) || secret.len() > 256 {
+            return None;
+        }
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut cache = self.cache.lock().ok()?;
+        if cache.0 != mtime || mtime.is_none() {
+            let entries = self
+                .path
+                .parent()
+                .map(read)
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            cache.1 = entries.into_iter().map(|e| (e.sha256.clone(), e)).collect();
+            cache.0 = mtime;
+        }
+        let e = cache.1.get(&digest(secret))?;
+        if e.expires_at.is_some_and(|x| x <= now) {
+            return None;
+        }
+        Some(e.name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_check_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+        let t = create(dir.path(), "alice", None, 100).unwrap();
+        let short = create(dir.path(), "bob", Some(10), 100).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(OPERATORS_FILE)).unwrap();
+        assert!(!text.contains(&t), "the secret itself must not be stored");
+        let tokens = Tokens::new(dir.path());
+        assert_eq!(tokens.check(&t, 200).as_deref(), Some("alice"));
+        assert_eq!(tokens.check(&short, 105).as_deref(), Some("bob"));
+        assert_eq!(tokens.check(&short, 111), None, "expired");
+        assert_eq!(tokens.check("shoal-op-00", 100), None);
+        assert_eq!(tokens.check("", 100), None);
+        assert_eq!(revoke(dir.path(), "alice").unwrap(), 1);
+        // The file changed: a fresh check sees the revocation.
+        let tokens = Tokens::new(dir.path());
+        assert_eq!(tokens.check(&t, 200), None);
+        assert!(revoke(dir.path(), "alice").is_err());
+        assert!(create(dir.path(), "no/slash", None, 1).is_err());
+    }
+}

@@ -1,0 +1,381 @@
+// Shoal operator UI: one page, no build step, served by the anchor.
+// Reads the JSON API, follows /api/events (server-sent events) to stay
+// live, and edits through /api/apply like `shoal apply`.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const main = () => $("#main");
+let me = null;          // whoami
+let events = null;      // EventSource
+let dirty = false;      // an editor holds unsaved text: do not re-render under it
+let refreshTimer = null;
+
+async function api(method, path, body) {
+  const opts = { method, headers: {}, credentials: "same-origin" };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  let data = null;
+  const text = await r.text();
+  try { data = JSON.parse(text); } catch { data = { text }; }
+  if (r.status === 401 && path !== "/api/login") { showLogin(); throw new Error("not logged in"); }
+  if (!r.ok) { const e = new Error(data.error || r.statusText); e.status = r.status; e.data = data; throw e; }
+  return data;
+}
+
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Math.round(Date.now() / 1000 - t));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.round(s / 60) + " min ago";
+  if (s < 86400) return Math.round(s / 3600) + " h ago";
+  return Math.round(s / 86400) + " d ago";
+}
+const badge = (st) => `<span class="state ${esc(st)}">${esc(st)}</span>`;
+
+function route() {
+  const h = location.hash.replace(/^#/, "") || "/overview";
+  const [path, query] = h.split("?");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return { parts, params: new URLSearchParams(query || "") };
+}
+
+function setActive() {
+  const first = route().parts[0] || "overview";
+  document.querySelectorAll("#nav a").forEach((a) => {
+    const target = a.getAttribute("href").replace("#/", "");
+    a.classList.toggle("active", target === first || (first === "node" && target === "nodes") || (first === "app" && target === "apps") || (first === "config" && target === "configs"));
+  });
+}
+
+async function render() {
+  if (!me) return;
+  setActive();
+  const { parts, params } = route();
+  const page = parts[0] || "overview";
+  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, conflicts, security, timeline, demo };
+  const f = pages[page];
+  if (!f) { main().innerHTML = `<p>No page ${esc(page)}.</p>`; return; }
+  try { await f(parts, params); } catch (e) { if (e.message !== "not logged in") main().innerHTML = `<div class="error">${esc(e.message)}</div>`; }
+}
+
+function scheduleRefresh() {
+  if (dirty) return;
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(render, 150);
+}
+
+// ---- login ----------------------------------------------------------------
+
+function showLogin(msg) {
+  me = null;
+  $("#nav").hidden = true;
+  $("#who").textContent = "";
+  if (events) { events.close(); events = null; }
+  main().innerHTML = `<div class="login">
+    <h1>Log in</h1>
+    <p class="muted">Paste an operator token (<code>shoal operator token create --name you</code>).</p>
+    <form id="login-form"><input id="token" type="password" autocomplete="off" placeholder="shoal-op-…">
+    <button class="primary" type="submit">Log in</button></form>
+    ${msg ? `<div class="error" id="login-error">${esc(msg)}</div>` : ""}</div>`;
+  $("#login-form").onsubmit = async (ev) => {
+    ev.preventDefault();
+    await login($("#token").value.trim());
+  };
+}
+
+async function login(token) {
+  try {
+    await api("POST", "/api/login", { token });
+    await start();
+  } catch (e) {
+    showLogin(e.message);
+  }
+}
+
+async function start() {
+  me = await api("GET", "/api/whoami");
+  $("#nav").hidden = false;
+  $("#nav-demo").hidden = !me.demo;
+  $("#fleet").textContent = `fleet ${me.fleet} · ${me.anchor}`;
+  $("#who").innerHTML = `${esc(me.operator)} · <a href="#" id="logout">log out</a>`;
+  $("#logout").onclick = async (ev) => { ev.preventDefault(); await api("POST", "/api/logout"); showLogin(); };
+  if (!events) {
+    events = new EventSource("/api/events");
+    events.onopen = () => $("#live").classList.add("on");
+    events.onerror = () => $("#live").classList.remove("on");
+    events.addEventListener("update", () => scheduleRefresh());
+  }
+  await render();
+}
+
+// ---- pages ----------------------------------------------------------------
+
+async function overview() {
+  const o = await api("GET", "/api/overview");
+  $("#conflict-count").textContent = o.conflicts || "";
+  const st = o.states || {};
+  const offline = await api("GET", "/api/nodes?state=offline&per_page=20");
+  main().innerHTML = `<h1>Fleet overview</h1>
+  <div class="cards">
+    <div class="card"><b id="total-nodes">${o.nodes}</b>nodes</div>
+    <div class="card"><b id="total-connected">${o.connected}</b>connected</div>
+    <div class="card"><b id="total-offline">${(st.offline || 0) + (st.unknown || 0)}</b>cut off</div>
+    <div class="card"><b>${st.failed || 0}</b>failing</div>
+    <div class="card"><b>${st.behind || 0}</b>behind</div>
+    <div class="card"><b>${o.conflicts}</b><a href="#/conflicts">conflicts</a></div>
+    <div class="card"><b>${o.security_events}</b><a href="#/security">security events</a></div>
+  </div>
+  <h2>Sites</h2>
+  <table id="sites"><thead><tr><th>Site</th><th>Nodes</th><th>Connected</th><th>Cut off</th><th>Since</th><th>Failing</th><th>Behind</th><th>Most behind</th></tr></thead><tbody>
+  ${o.sites.map((s) => `<tr data-site="${esc(s.name)}"><td><a href="#/nodes?site=${encodeURIComponent(s.name)}">${esc(s.name)}</a>${s.has_overrides ? ' <span class="muted">(overrides)</span>' : ""}</td>
+    <td>${s.nodes}</td><td>${s.connected}</td><td>${s.offline ? `<span class="state offline">${s.offline}</span>` : 0}</td>
+    <td>${s.offline_since ? ago(s.offline_since) : "-"}</td><td>${s.failed}</td><td>${s.behind}</td><td>${s.max_behind ? s.max_behind + " changes" : "-"}</td></tr>`).join("")}
+  </tbody></table>
+  <h2>Cut off</h2>
+  ${offline.total ? `<table><thead><tr><th>Node</th><th>Site</th><th>Cut off since</th><th>Behind</th></tr></thead><tbody>${offline.items.map((n) =>
+    `<tr><td><a href="#/node/${encodeURIComponent(n.name)}">${esc(n.name)}</a></td><td>${esc(n.site)}</td><td>${n.offline_since ? ago(n.offline_since) : "never seen"}</td><td>${n.behind}</td></tr>`).join("")}</tbody></table>
+    ${offline.total > offline.items.length ? `<p><a href="#/nodes?state=offline">all ${offline.total}</a></p>` : ""}` : `<p class="muted">No node is cut off.</p>`}`;
+}
+
+async function nodes(_parts, params) {
+  const q = new URLSearchParams(params);
+  if (!q.get("per_page")) q.set("per_page", "50");
+  const [list, sites] = await Promise.all([api("GET", "/api/nodes?" + q), api("GET", "/api/sites")]);
+  const sel = (name, opts) => `<select id="f-${name}"><option value="">any ${name}</option>${opts.map((o) => `<option ${params.get(name) === o ? "selected" : ""}>${esc(o)}</option>`).join("")}</select>`;
+  main().innerHTML = `<h1>Nodes <span class="muted" id="node-total">${list.total}</span></h1>
+  <form class="filters" id="filters">
+    <input id="f-q" placeholder="search name" value="${esc(params.get("q") || "")}">
+    ${sel("site", sites.items.map((s) => s.name))}
+    ${sel("state", ["ok", "behind", "failed", "offline", "unknown"])}
+    <input id="f-label" placeholder="label key=value" value="${esc(params.get("label") || "")}">
+    <button type="submit">Filter</button>
+  </form>
+  <table id="nodes"><thead><tr><th>Node</th><th>Site</th><th>State</th><th>Last contact</th><th>Behind</th><th>Workloads</th></tr></thead><tbody>
+  ${list.items.map((n) => `<tr data-node="${esc(n.name)}" data-state="${esc(n.state)}"><td><a href="#/node/${encodeURIComponent(n.name)}">${esc(n.name)}</a></td><td>${esc(n.site)}</td><td>${badge(n.state)}</td>
+    <td>${n.connected ? "connected" : (n.offline_since ? "cut off " + ago(n.offline_since) : ago(n.last_contact))}</td><td>${n.behind || "-"}</td>
+    <td>${Object.entries(n.workloads).map(([a, w]) => `${esc(a)} ${badge(w.state)}`).join(" ")}</td></tr>`).join("")}
+  </tbody></table>
+  <div class="pager"><button id="prev" ${list.page <= 1 ? "disabled" : ""}>‹ prev</button> page ${list.page} of ${list.pages} <button id="next" ${list.page >= list.pages ? "disabled" : ""}>next ›</button></div>`;
+  const go = (page) => {
+    const p = new URLSearchParams();
+    for (const k of ["q", "site", "state", "label"]) { const v = $("#f-" + k).value.trim(); if (v) p.set(k, v); }
+    if (page > 1) p.set("page", page);
+    location.hash = "#/nodes?" + p;
+  };
+  $("#filters").onsubmit = (ev) => { ev.preventDefault(); go(1); };
+  $("#f-site").onchange = $("#f-state").onchange = () => go(1);
+  $("#prev").onclick = () => go(list.page - 1);
+  $("#next").onclick = () => go(list.page + 1);
+}
+
+async function node(parts) {
+  const d = await api("GET", "/api/nodes/" + encodeURIComponent(parts[1]));
+  const n = d.node;
+  main().innerHTML = `<h1>Node ${esc(n.name)} <span id="node-state">${badge(n.state)}</span></h1>
+  <table><tbody>
+   <tr><th>Site</th><td><a href="#/nodes?site=${encodeURIComponent(n.site)}">${esc(n.site)}</a></td></tr>
+   <tr><th>Labels</th><td>${Object.entries(n.labels).map(([k, v]) => `<code>${esc(k)}=${esc(v)}</code>`).join(" ") || "-"}</td></tr>
+   <tr><th>Connection</th><td>${n.connected ? "connected" : "cut off" + (n.offline_since ? " since " + new Date(n.offline_since * 1000).toLocaleString() + " (" + ago(n.offline_since) + ")" : "")}; last contact ${ago(n.last_contact)}</td></tr>
+   <tr><th>Desired state</th><td>${n.behind ? `${n.behind} changes behind${n.behind_since ? ", the oldest from " + ago(n.behind_since) : ""}` : "applied"}</td></tr>
+   <tr><th>Last reconcile</th><td>${ago(n.reconciled_at)}</td></tr>
+   <tr><th>Peers</th><td>${n.peers.map(esc).join(", ") || "-"}</td></tr>
+   <tr><th>Devices</th><td class="muted">${d.devices.length ? d.devices.map(esc).join(", ") : "none"}</td></tr>
+  </tbody></table>
+  <h2>Workloads</h2>
+  <table id="workloads"><thead><tr><th>App</th><th>State</th><th>Version</th><th>Restarts</th><th>Reason</th></tr></thead><tbody>
+  ${Object.entries(n.workloads).map(([a, w]) => `<tr><td><a href="#/app/${encodeURIComponent(a)}">${esc(a)}</a></td><td>${badge(w.state)}</td><td>${esc(w.version || "-")}</td><td>${w.restarts}</td><td>${esc(w.reason || "")}</td></tr>`).join("") || `<tr><td colspan=5 class="muted">none reported</td></tr>`}
+  </tbody></table>
+  <h2>Desired here</h2>
+  <p>${d.desired.map((w) => `<code>${esc(w.app)}${w.spec.version ? "@" + esc(w.spec.version) : ""}</code>`).join(" ") || '<span class="muted">nothing</span>'}</p>
+  <h2>Recent events</h2>
+  ${timelineTable(d.timeline)}`;
+}
+
+async function apps() {
+  const d = await api("GET", "/api/apps");
+  main().innerHTML = `<h1>Apps <button id="new-app">New app</button></h1>
+  <table id="apps"><thead><tr><th>App</th><th>Version</th><th>Runtime</th><th>Placement</th><th>On nodes</th></tr></thead><tbody>
+  ${d.items.map((a) => `<tr data-app="${esc(a.name)}"><td><a href="#/app/${encodeURIComponent(a.name)}">${esc(a.name)}</a></td><td>${esc(a.spec.version || "-")}</td><td>${esc(a.spec.runtime || (a.spec.kube ? "kube" : "native"))}</td>
+   <td>${a.spec.replicas ? a.spec.replicas + " replicas" : "every match"} ${Object.entries(a.spec.selector || {}).map(([k, v]) => `<code>${esc(k)}=${esc(v)}</code>`).join(" ")}</td>
+   <td>${Object.entries(a.workloads || {}).map(([s, n]) => `${n} ${badge(s)}`).join(" ") || "-"}</td></tr>`).join("") || `<tr><td colspan=5 class="muted">no apps</td></tr>`}
+  </tbody></table>`;
+  $("#new-app").onclick = () => { location.hash = "#/app/new"; };
+}
+
+async function configs() {
+  const d = await api("GET", "/api/configs");
+  main().innerHTML = `<h1>Configs <button id="new-config">New config</button></h1>
+  <table id="configs"><thead><tr><th>Config</th><th>Keys</th></tr></thead><tbody>
+  ${d.items.map((c) => `<tr data-config="${esc(c.name)}"><td><a href="#/config/${encodeURIComponent(c.name)}">${esc(c.name)}</a></td><td>${Object.keys(c.spec.data || {}).map((k) => `<code>${esc(k)}</code>`).join(" ")}</td></tr>`).join("") || `<tr><td colspan=2 class="muted">no configs</td></tr>`}
+  </tbody></table>`;
+  $("#new-config").onclick = () => { location.hash = "#/config/new"; };
+}
+
+const TEMPLATES = {
+  app: `apiVersion: shoal.dev/v1\nkind: App\nmetadata:\n  name: my-app\nspec:\n  version: v1\n  selector: {}\n  native:\n    command: ["/bin/sleep", "infinity"]\n`,
+  config: `apiVersion: shoal.dev/v1\nkind: Config\nmetadata:\n  name: my-config\nspec:\n  data:\n    key: value\n`,
+};
+
+// The line of a dotted field path in YAML text (best effort: follows the keys in order).
+function lineOf(text, field) {
+  if (!field) return -1;
+  const lines = text.split("\n");
+  let from = 0, found = -1;
+  for (const seg of field.split(".")) {
+    const key = seg.replace(/\[\d+\]$/, "");
+    const re = new RegExp("^\\s*(- )?[\"']?" + key.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "[\"']?\\s*:");
+    let hit = -1;
+    for (let i = from; i < lines.length; i++) if (re.test(lines[i])) { hit = i; break; }
+    if (hit < 0) break;
+    found = hit; from = hit + 1;
+  }
+  return found;
+}
+
+async function editor(parts) {
+  const kind = parts[0];             // app | config
+  const name = parts[1];
+  const isNew = name === "new";
+  let yaml = TEMPLATES[kind];
+  if (!isNew) yaml = (await api("GET", `/api/${kind}s/${encodeURIComponent(name)}`)).yaml;
+  dirty = false;
+  main().innerHTML = `<h1>${kind === "app" ? "App" : "Config"} ${isNew ? "(new)" : esc(name)}</h1>
+  <p class="muted">Edit the manifest as with <code>shoal apply</code>; it is validated before anything is written.</p>
+  <div class="editor"><div class="gutter" id="gutter"></div><textarea id="yaml" spellcheck="false"></textarea></div>
+  <div id="result"></div>
+  <p><button class="primary" id="save">Apply</button> <button id="validate">Validate</button> ${isNew ? "" : `<button class="danger" id="delete">Delete ${esc(kind)}</button>`} <a href="#/${kind}s">back</a></p>`;
+  const ta = $("#yaml");
+  ta.value = yaml;
+  const gutter = (bad) => {
+    const n = ta.value.split("\n").length;
+    $("#gutter").innerHTML = Array.from({ length: n }, (_, i) => i === bad ? `<span class="bad" id="bad-line">${i + 1}</span>` : String(i + 1)).join("\n");
+  };
+  gutter(-1);
+  ta.oninput = () => { dirty = true; gutter(-1); };
+  const show = (e) => {
+    const line = lineOf(ta.value, e.data && e.data.field);
+    gutter(line);
+    $("#result").innerHTML = `<div class="error" id="validation-error">${e.data && e.data.field ? `<span class="field">${esc(e.data.field)}</span>${line >= 0 ? ` (line ${line + 1})` : ""}: ` : ""}${esc(e.message)}</div>`;
+  };
+  const send = async (dry) => {
+    try {
+      const r = await api("POST", "/api/apply", { files: [{ name: `${kind}/${isNew ? "new" : name}`, text: ta.value }], dry_run: dry });
+      gutter(-1);
+      if (dry) { $("#result").innerHTML = `<div class="notice">Valid: ${r.valid.map(esc).join(", ")}</div>`; return; }
+      dirty = false;
+      const changed = r.applied.map((a) => `${a.kind.toLowerCase()}/${a.name}: ${a.fields ? a.fields + " fields written" : "unchanged"}`);
+      $("#result").innerHTML = `<div class="notice" id="applied">Applied: ${changed.map(esc).join(", ")}</div>`;
+      const first = r.applied[0];
+      if (isNew && first) location.hash = `#/${first.kind.toLowerCase()}/${encodeURIComponent(first.name)}`;
+    } catch (e) { if (e.data) show(e); else throw e; }
+  };
+  $("#save").onclick = () => send(false);
+  $("#validate").onclick = () => send(true);
+  if (!isNew) $("#delete").onclick = async () => {
+    if (!confirm(`Delete ${kind} ${name} from every node?`)) return;
+    await api("DELETE", `/api/${kind}s/${encodeURIComponent(name)}`);
+    dirty = false;
+    location.hash = `#/${kind}s`;
+  };
+}
+
+async function conflicts() {
+  const d = await api("GET", "/api/conflicts");
+  $("#conflict-count").textContent = d.items.length || "";
+  main().innerHTML = `<h1>Conflicts</h1>
+  <p class="muted">Concurrent edits of one field (an operator and a field engineer while a site was cut off). Every copy shows the same winner; keep one value to settle it everywhere.</p>
+  ${d.items.length ? d.items.map((c, i) => `<div class="site-box conflict" data-doc="${esc(c.doc)}" data-field="${esc(c.field)}"><b>${esc(c.doc)}</b> · <code>${esc(c.field)}</code>
+   <table><thead><tr><th>Value</th><th>Written by</th><th></th><th></th></tr></thead><tbody>
+   ${c.values.map((v, j) => `<tr><td class="${v.winner ? "winner" : ""}"><code>${esc(JSON.stringify(v.value))}</code></td><td>${esc(v.writer)} <span class="muted">${esc(v.role || "")}</span></td>
+    <td>${v.winner ? "shown now" : ""}</td><td><button class="keep" data-i="${i}" data-j="${j}">Keep this</button></td></tr>`).join("")}
+   </tbody></table></div>`).join("") : `<p class="muted" id="no-conflicts">No conflicts.</p>`}`;
+  document.querySelectorAll("button.keep").forEach((b) => {
+    b.onclick = async () => {
+      const c = d.items[+b.dataset.i];
+      await api("POST", "/api/conflicts/resolve", { doc: c.doc, field: c.field, value: c.values[+b.dataset.j].value });
+      await render();
+    };
+  });
+}
+
+function timelineTable(items) {
+  return `<table class="timeline"><thead><tr><th>When</th><th>What</th><th>Subject</th><th></th></tr></thead><tbody>
+  ${items.map((e) => `<tr data-kind="${esc(e.kind)}"><td title="${new Date(e.at * 1000).toLocaleString()}">${ago(e.at)}</td><td>${esc(e.kind)}</td><td>${esc(e.subject)}</td><td>${esc(e.text)}</td></tr>`).join("") || `<tr><td colspan=4 class="muted">nothing yet</td></tr>`}</tbody></table>`;
+}
+
+function pager(d, base) {
+  return `<div class="pager"><a href="${base}page=${d.page - 1}" ${d.page <= 1 ? "hidden" : ""}>‹ newer</a> page ${d.page} of ${d.pages} <a href="${base}page=${d.page + 1}" ${d.page >= d.pages ? "hidden" : ""}>older ›</a></div>`;
+}
+
+async function security(_parts, params) {
+  const d = await api("GET", "/api/security?" + params);
+  main().innerHTML = `<h1>Security events <span class="muted">${d.total_since_start} since start</span></h1>
+  <table id="security"><thead><tr><th>When</th><th>Source</th><th>What was refused</th></tr></thead><tbody>
+  ${d.items.map((e) => `<tr><td>${ago(e.at)}</td><td>${esc(e.source)}</td><td>${esc(e.reason)}</td></tr>`).join("") || `<tr><td colspan=3 class="muted">none</td></tr>`}</tbody></table>
+  ${pager(d, "#/security?")}`;
+}
+
+async function timeline(_parts, params) {
+  const d = await api("GET", "/api/timeline?" + params);
+  main().innerHTML = `<h1>Timeline</h1><p class="muted">Partitions, merges, edits and conflicts, newest first.</p>${timelineTable(d.items)}${pager(d, "#/timeline?")}`;
+}
+
+async function demo() {
+  const d = await api("GET", "/api/demo");
+  if (dirty) return;
+  main().innerHTML = `<h1>Demo</h1>
+  <p class="muted">Each site reaches the anchor over its own link. Cut one: its nodes keep running what they have, and their site engineer can still edit the site through a node. Edit the same message here as operator, restore the link, and watch the merge (and the conflict) arrive. The anchor notices a silent link within about a minute (QUIC idle timeout); the nodes of a site stay connected to each other.</p>
+  ${d.sites.map((s) => `<div class="site-box ${s.cut ? "cut" : ""}" data-site="${esc(s.name)}"><b>site ${esc(s.name)}</b> — link ${s.cut ? "<b>cut</b>" : "up"}
+    <button class="${s.cut ? "primary" : "danger"} toggle" data-site="${esc(s.name)}" data-cut="${s.cut}">${s.cut ? "Restore link" : "Cut site off"}</button>
+    <form class="site-edit filters" data-site="${esc(s.name)}" style="margin-top:.5em">as ${esc(s.engineer || "site engineer")}, at the site: message = <input name="value" placeholder="Hello from ${esc(s.name)}"> <button type="submit">Edit at site</button></form></div>`).join("")}
+  <form id="operator-edit" class="filters">as operator, fleet-wide: message = <input name="value" placeholder="Hello from the operator"> <button type="submit" class="primary">Apply</button></form>
+  <div id="demo-result"></div>
+  <h2>The sample app on each node</h2>
+  <table id="demo-apps"><thead><tr><th>Node</th><th>Site</th><th>Shows</th><th>Running</th><th></th></tr></thead><tbody>
+  ${d.apps.map((a) => `<tr data-node="${esc(a.node)}"><td><a href="#/node/${encodeURIComponent(a.node)}">${esc(a.node)}</a></td><td>${esc(a.site)}</td><td class="message">${esc(a.message ?? "(not running)")}</td><td>${a.running_s ?? "-"} s</td><td>${a.url ? `<a href="${esc(a.url)}" target="_blank">open</a>` : ""}</td></tr>`).join("")}
+  </tbody></table>`;
+  document.querySelectorAll("button.toggle").forEach((b) => {
+    b.onclick = async () => { await api("POST", `/api/demo/sites/${encodeURIComponent(b.dataset.site)}/${b.dataset.cut === "true" ? "restore" : "cut"}`); await render(); };
+  });
+  const result = (html) => { $("#demo-result").innerHTML = html; };
+  document.querySelectorAll("form.site-edit").forEach((f) => {
+    f.querySelector("input").oninput = () => { dirty = true; };
+    f.onsubmit = async (ev) => {
+      ev.preventDefault();
+      dirty = false;
+      try {
+        await api("POST", `/api/demo/sites/${encodeURIComponent(f.dataset.site)}/edit`, { config: "greeting", key: "message", value: f.value.value });
+        result(`<div class="notice">Site ${esc(f.dataset.site)} edited through its node's site API.</div>`);
+      } catch (e) { result(`<div class="error">${esc(e.message)}</div>`); }
+    };
+  });
+  const op = $("#operator-edit");
+  op.querySelector("input").oninput = () => { dirty = true; };
+  op.onsubmit = async (ev) => {
+    ev.preventDefault();
+    dirty = false;
+    const text = `apiVersion: shoal.dev/v1\nkind: Config\nmetadata: { name: greeting }\nspec:\n  data: { message: ${JSON.stringify(op.value.value)} }\n`;
+    try { await api("POST", "/api/apply", { files: [{ name: "demo", text }] }); result(`<div class="notice">Applied as operator.</div>`); }
+    catch (e) { result(`<div class="error">${esc(e.message)}</div>`); }
+  };
+}
+
+// ---- boot -------------------------------------------------------------------
+
+window.addEventListener("hashchange", () => { dirty = false; render(); });
+(async () => {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    history.replaceState(null, "", location.pathname + "#/overview");
+    await login(decodeURIComponent(m[1]));
+    return;
+  }
+  try { await start(); } catch (e) { if (e.message !== "not logged in") showLogin(e.message); }
+})();
+// Relative times age even without events.
+setInterval(() => { if (me && !dirty && (route().parts[0] || "overview") !== "demo") scheduleRefresh(); }, 10000);
+setInterval(() => { if (me && !dirty && route().parts[0] === "demo") scheduleRefresh(); }, 2000);
