@@ -35,10 +35,27 @@ fn copy_private(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a seed directory from an anchor's data dir.
+/// Writes a seed directory from an anchor's data dir (running or not: the
+/// bundle comes through the daemon's control socket when one holds it).
 pub fn seed(data_dir: &Path, out: &Path) -> anyhow::Result<()> {
-    let dd = DataDir::open(data_dir, None)?;
-    dd.check_root_key()?;
+    let identity = crdt_state::Identity::read(&data_dir.join(IDENTITY_FILE))?;
+    let root_text = std::fs::read_to_string(data_dir.join(ROOT_KEY_FILE)).with_context(|| {
+        format!(
+            "{} holds no fleet root key: seed replicas from the anchor made by `shoal fleet init`",
+            data_dir.display()
+        )
+    })?;
+    let root =
+        crdt_state::identity::parse_secret(&root_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if crdt_state::PublicKey(root.verifying_key().to_bytes()) != identity.cert.issuer {
+        bail!("{}: the root key is not the fleet's", data_dir.display());
+    }
+    let reply = crate::control::run(data_dir, None, crate::control::Request::BundleExport)?;
+    if let Some(e) = reply.error {
+        bail!(e);
+    }
+    let bundle = hex::decode(reply.data.unwrap_or_default())
+        .map_err(|_| anyhow::anyhow!("bundle bytes damaged in transit"))?;
     if out.exists() {
         bail!("{} exists already", out.display());
     }
@@ -50,7 +67,7 @@ pub fn seed(data_dir: &Path, out: &Path) -> anyhow::Result<()> {
         if ops.exists() {
             copy_private(&ops, &out.join(cloud_anchor::tokens::OPERATORS_FILE))?;
         }
-        std::fs::write(out.join(SEED_BUNDLE), dd.export()?)?;
+        std::fs::write(out.join(SEED_BUNDLE), &bundle)?;
         anyhow::Ok(())
     })();
     if r.is_err() {

@@ -368,3 +368,83 @@ pub fn bundle_node(anchor_dir: &Path, root: &Path, name: &str, site: &str) -> Pa
     ok(&["node", "enroll", "--data-dir", s(&d), "--bundle", s(&b)]);
     d
 }
+
+/// One HTTP request: (status, body). `token` goes in `Authorization: Bearer`.
+pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match method {
+        "POST" => {
+            let mut r = agent.post(url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(body.unwrap_or("").as_bytes())
+        }
+        "DELETE" => {
+            let mut r = agent.delete(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        _ => {
+            let mut r = agent.get(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+    };
+    match resp {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            (status, r.body_mut().read_to_string().unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// GET with a token, parsed as JSON (`Null` unless 200).
+pub fn api_get(url: &str, token: &str) -> serde_json::Value {
+    let (status, body) = http("GET", url, Some(token), None);
+    if status != 200 {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+}
+
+/// The HTTP address an anchor started with `--http` wrote.
+pub fn http_url(anchor_dir: &Path) -> String {
+    assert!(
+        wait_for(Duration::from_secs(20), || anchor_dir
+            .join("http.addr")
+            .exists()),
+        "the anchor wrote no http.addr"
+    );
+    format!(
+        "http://{}",
+        std::fs::read_to_string(anchor_dir.join("http.addr"))
+            .unwrap()
+            .trim()
+    )
+}
+
+/// Creates an operator token on an anchor's data dir.
+pub fn operator_token(anchor_dir: &Path, name: &str) -> String {
+    ok(&[
+        "operator",
+        "token",
+        "create",
+        "--data-dir",
+        s(anchor_dir),
+        "--name",
+        name,
+    ])
+    .trim()
+    .to_string()
+}

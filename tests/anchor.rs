@@ -1,0 +1,333 @@
+//! The cloud anchor's operator API with real processes: an anchor serving
+//! HTTP, nodes over QUIC on loopback, the CLI against the API, and anchor
+//! replicas that carry on when one dies.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn start_anchor(dir: &Path, port: u16, extra: &[String]) -> Daemon {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+        "--http".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend_from_slice(extra);
+    let _ = std::fs::remove_file(dir.join("http.addr"));
+    Daemon::start("anchor", dir, &args, None)
+}
+
+fn start_node(dir: &Path, peers: &[String]) -> Daemon {
+    let mut args = vec![
+        "--listen".to_string(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+    ];
+    for p in peers {
+        args.push("--peer".into());
+        args.push(p.clone());
+    }
+    Daemon::start("node", dir, &args, None)
+}
+
+fn node_row(url: &str, token: &str, name: &str) -> Value {
+    let page = api_get(&format!("{url}/api/nodes?q={name}"), token);
+    page["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn post(url: &str, token: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http("POST", url, Some(token), Some(&body.to_string()));
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn app_file(name: &str, version: &str) -> Value {
+    json!({ "files": [{ "name": format!("{name}.yaml"), "text": app_yaml(name, version) }] })
+}
+
+#[test]
+fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let token = operator_token(&anchor_dir, "alice");
+    let text = std::fs::read_to_string(anchor_dir.join("operators.json")).unwrap();
+    assert!(
+        text.contains("alice") && !text.contains(&token),
+        "token hashed at rest"
+    );
+    let n1 = bundle_node(&anchor_dir, root, "n1", "s1");
+    let anchor = start_anchor(&anchor_dir, free_udp_port(), &[]);
+    let url = http_url(&anchor_dir);
+
+    // Health needs no token; everything else does.
+    assert_eq!(http("GET", &format!("{url}/healthz"), None, None).0, 200);
+    assert_eq!(http("GET", &format!("{url}/readyz"), None, None).0, 200);
+    assert_eq!(http("GET", &format!("{url}/api/nodes"), None, None).0, 401);
+    assert_eq!(http("GET", &format!("{url}/metrics"), None, None).0, 401);
+    let (status, body) = http(
+        "GET",
+        &format!("{url}/api/nodes"),
+        Some("shoal-op-00ff"),
+        None,
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unknown, revoked or expired"), "{body}");
+    assert!(
+        wait_for(
+            WITHIN,
+            || api_get(&format!("{url}/api/overview"), &token)["security_events"].as_u64()
+                >= Some(3)
+        ),
+        "refused requests are security events"
+    );
+    // The OpenAPI document is served and names the API's routes.
+    let spec = api_get(&format!("{url}/api/openapi.json"), &token);
+    assert_eq!(spec["openapi"], "3.1.0");
+    assert!(spec["paths"]["/api/nodes"]["get"].is_object());
+
+    let mut node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
+    assert!(
+        wait_for(WITHIN, || node_row(&url, &token, "n1")["state"] == "ok"),
+        "n1 never showed ok: {}",
+        node_row(&url, &token, "n1")
+    );
+
+    // A malformed manifest: 400 naming the field, nothing written.
+    let bad = json!({ "files": [{ "name": "web.yaml", "text": app_yaml("web", "v1").replace("version: \"v1\"", "replicas: lots") }] });
+    let (status, err) = post(&format!("{url}/api/apply"), &token, bad);
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["field"], "spec.replicas", "{err}");
+    assert_eq!(err["file"], "web.yaml");
+    let (status, err) = http(
+        "POST",
+        &format!("{url}/api/apply"),
+        Some(&token),
+        Some("{\"files\": 3}"),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("files"), "{err}");
+    assert_eq!(
+        api_get(&format!("{url}/api/apps"), &token)["items"],
+        json!([])
+    );
+
+    // Live updates: an SSE stream sees the edit.
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut sse = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sse,
+        "GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    sse.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut sse = BufReader::new(sse);
+
+    // A good one: signed by the anchor, recorded as alice's, runs on n1.
+    let (status, r) = post(&format!("{url}/api/apply"), &token, app_file("web", "v1"));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["applied"][0]["name"], "web");
+    let mut saw_update = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut line = String::new();
+    while Instant::now() < deadline {
+        line.clear();
+        if sse.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.starts_with("event: update") {
+            saw_update = true;
+            break;
+        }
+    }
+    assert!(saw_update, "no server-sent update after an edit");
+    assert!(
+        wait_for(WITHIN, || node_row(&url, &token, "n1")["workloads"]["web"]
+            ["state"]
+            == "running"),
+        "web did not run on n1: {}",
+        node_row(&url, &token, "n1")
+    );
+    let timeline = api_get(&format!("{url}/api/timeline"), &token);
+    assert!(
+        timeline["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("alice applied app/web")),
+        "{timeline}"
+    );
+    let detail = api_get(&format!("{url}/api/nodes/n1"), &token);
+    assert_eq!(detail["desired"][0]["app"], "web", "{detail}");
+    let app = api_get(&format!("{url}/api/apps/web"), &token);
+    assert!(app["yaml"].as_str().unwrap().contains("kind: App"), "{app}");
+
+    // The CLI against the anchor prints what it prints on the data dir.
+    let remote = ok(&["get", "apps", "--anchor", &url, "--token", &token]);
+    let local = ok(&["get", "apps", "--data-dir", s(&anchor_dir)]);
+    assert_eq!(remote, local);
+    assert!(remote.contains("web"), "{remote}");
+    let f = write(root, "db.yaml", &app_yaml("db", "v3"));
+    let out = ok(&["apply", "-f", s(&f), "--anchor", &url, "--token", &token]);
+    assert!(out.contains("db"), "{out}");
+    let bad_token = shoal(&["get", "apps", "--anchor", &url, "--token", "shoal-op-nope"]);
+    assert!(!bad_token.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad_token.stderr).contains("refused the token"),
+        "{}",
+        String::from_utf8_lossy(&bad_token.stderr)
+    );
+    let out = ok(&["delete", "app", "db", "--anchor", &url, "--token", &token]);
+    assert_eq!(out, "app/db deleted\n");
+    assert!(wait_for(WITHIN, || app_version(&anchor_dir, "db").is_none()));
+    assert_eq!(
+        http(
+            "DELETE",
+            &format!("{url}/api/apps/nope"),
+            Some(&token),
+            None
+        )
+        .0,
+        404
+    );
+
+    // Metrics.
+    let (status, metrics) = http("GET", &format!("{url}/metrics"), Some(&token), None);
+    assert_eq!(status, 200);
+    assert!(metrics.contains("shoal_connected_nodes 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("shoal_sync_bytes_total{direction=\"out\"}"),
+        "{metrics}"
+    );
+    let out_bytes: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("shoal_sync_bytes_total{direction=\"out\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(out_bytes > 0);
+
+    // A node that goes away shows as cut off, with since when; back, ok.
+    node.stop();
+    assert!(
+        wait_for(WITHIN, || node_row(&url, &token, "n1")["state"]
+            == "offline"),
+        "n1 not offline"
+    );
+    let overview = api_get(&format!("{url}/api/overview"), &token);
+    assert_eq!(overview["sites"][0]["offline"], 1, "{overview}");
+    assert!(overview["sites"][0]["offline_since"].is_i64(), "{overview}");
+    let page = api_get(&format!("{url}/api/nodes?state=offline"), &token);
+    assert_eq!(page["total"], 1);
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{url}/api/nodes?state=sleepy"),
+            Some(&token),
+            None
+        )
+        .0,
+        400
+    );
+    let _node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
+    assert!(
+        wait_for(WITHIN, || node_row(&url, &token, "n1")["state"] == "ok"),
+        "n1 not back"
+    );
+
+    // A revoked token stops working at once.
+    ok(&[
+        "operator",
+        "token",
+        "revoke",
+        "--data-dir",
+        s(&anchor_dir),
+        "--name",
+        "alice",
+    ]);
+    assert_eq!(
+        http("GET", &format!("{url}/api/nodes"), Some(&token), None).0,
+        401
+    );
+}
+
+#[test]
+fn a_replica_carries_on_when_an_anchor_dies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let a_dir = root.join("a");
+    let b_dir = root.join("b");
+    ok(&["fleet", "init", "--data-dir", s(&a_dir), "--name", "f"]);
+    let token = operator_token(&a_dir, "alice");
+    let n1 = bundle_node(&a_dir, root, "n1", "s1");
+    let a_port = free_udp_port();
+    let mut a = start_anchor(&a_dir, a_port, &[]);
+    let a_url = http_url(&a_dir);
+    // The seed is taken from the running anchor (through its socket).
+    let seed = root.join("seed");
+    ok(&[
+        "anchor",
+        "replica-seed",
+        "--data-dir",
+        s(&a_dir),
+        "--out",
+        s(&seed),
+    ]);
+    ok(&[
+        "anchor",
+        "replica-init",
+        "--data-dir",
+        s(&b_dir),
+        "--seed",
+        s(&seed),
+    ]);
+    let b = start_anchor(
+        &b_dir,
+        free_udp_port(),
+        &["--peer".into(), a.addr_on("127.0.0.1")],
+    );
+    let b_url = http_url(&b_dir);
+    assert_ne!(a.peer_id(), b.peer_id(), "each replica has its own key");
+    let _node = start_node(&n1, &[a.addr_on("127.0.0.1"), b.addr_on("127.0.0.1")]);
+    for url in [&a_url, &b_url] {
+        assert!(
+            wait_for(WITHIN, || node_row(url, &token, "n1")["connected"] == true),
+            "n1 not connected to {url}"
+        );
+    }
+    // Kill one; operators go on with the other (same token).
+    a.kill();
+    let (status, r) = post(&format!("{b_url}/api/apply"), &token, app_file("web", "v2"));
+    assert_eq!(status, 200, "{r}");
+    assert!(
+        wait_for(
+            WITHIN,
+            || node_row(&b_url, &token, "n1")["workloads"]["web"]["version"] == "v2"
+        ),
+        "the edit made on the replica did not run on n1: {}",
+        node_row(&b_url, &token, "n1")
+    );
+    // Back, the dead one catches up: nothing lost.
+    let _a = start_anchor(&a_dir, a_port, &[]);
+    let a_url = http_url(&a_dir);
+    assert!(
+        wait_for(WITHIN, || api_get(&format!("{a_url}/api/apps/web"), &token)
+            ["spec"]["version"]
+            == "v2"),
+        "the restarted anchor did not get the edit"
+    );
+}
