@@ -314,6 +314,10 @@ pub async fn run(
             }
             Some((cmd, reply)) = api_rx.recv() => {
                 let r = d.on_api(cmd);
+                // Read your writes: the answer leaves after a snapshot
+                // that holds the edit.
+                d.drain();
+                d.publish_with(true);
                 let _ = reply.send(r);
             }
             _ = tick.tick() => d.on_tick(),
@@ -325,7 +329,7 @@ pub async fn run(
             d.reconcile();
             d.drain();
         }
-        d.publish();
+        d.publish_with(false);
     }
     if let Some(rt) = d.runtime.as_mut() {
         rt.shutdown().await;
@@ -831,8 +835,9 @@ impl Daemon {
         }
     }
 
-    /// Publishes a new snapshot to the HTTP API when something changed.
-    fn publish(&mut self) {
+    /// Publishes a new snapshot to the HTTP API when something changed
+    /// (`force`: even if the last one is younger than the publish interval).
+    fn publish_with(&mut self, force: bool) {
         let (Some(view), Some(tx)) = (self.view.as_mut(), self.snapshots.as_ref()) else {
             return;
         };
@@ -846,7 +851,7 @@ impl Daemon {
             &mut engine.docs(),
             engine.trust(),
             now(),
-            false,
+            force,
         ) {
             let _ = tx.send(snap);
         }

@@ -63,9 +63,12 @@ async function render() {
 }
 
 function scheduleRefresh() {
-  if (dirty) return;
+  // The editors are not redrawn under the operator: what they show came
+  // from the server when opened, and their result notices stay.
+  const editing = () => dirty || ["app", "config"].includes(route().parts[0]);
+  if (editing()) return;
   clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(render, 150);
+  refreshTimer = setTimeout(() => { if (!editing()) render(); }, 150);
 }
 
 // ---- login ----------------------------------------------------------------
@@ -366,7 +369,7 @@ async function demo() {
 
 // ---- boot -------------------------------------------------------------------
 
-window.addEventListener("hashchange", () => { dirty = false; render(); });
+window.addEventListener("hashchange", () => { dirty = false; clearTimeout(refreshTimer); render(); });
 (async () => {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {

@@ -1,0 +1,280 @@
+//! The operator web UI in a real headless Chromium (Debian's `chromium`),
+//! served by a real anchor with a real node: log in, watch a node go
+//! offline and come back without a reload, edit an app (a validation error
+//! next to its field, then a good edit), resolve a conflict with one click.
+//! Without Chromium this test fails, saying to install it.
+//!
+//! `SHOAL_SCREENSHOTS=DIR` keeps screenshots of the main pages there
+//! (`docs/screenshots/` holds the ones made this way).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "support/cdp.rs"]
+mod cdp;
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const UI_WITHIN: Duration = Duration::from_secs(30);
+
+fn shot(b: &mut cdp::Browser, name: &str) {
+    if let Ok(dir) = std::env::var("SHOAL_SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).unwrap();
+        b.screenshot(&Path::new(&dir).join(format!("{name}.png")))
+            .unwrap();
+    }
+}
+
+fn wait(b: &mut cdp::Browser, cond: &str) {
+    if let Err(e) = b.wait_until(cond, UI_WITHIN) {
+        let html = b
+            .eval("document.querySelector('main').innerText")
+            .unwrap_or_default();
+        panic!("{e}\npage: {html}\nerrors: {:?}", b.errors());
+    }
+}
+
+fn go(b: &mut cdp::Browser, hash: &str) {
+    b.eval(&format!("location.hash = {}", json!(hash))).unwrap();
+}
+
+#[test]
+fn operator_ui_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&[
+        "fleet",
+        "init",
+        "--data-dir",
+        s(&anchor_dir),
+        "--name",
+        "plant",
+    ]);
+    let token = operator_token(&anchor_dir, "alice");
+    let n1 = bundle_node(&anchor_dir, root, "n1", "s1");
+    // A second operator, working offline on her own copy (for a conflict).
+    let bob = root.join("bob.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--role",
+        "operator",
+        "--name",
+        "bob",
+        "--out",
+        s(&bob),
+    ]);
+    let bob_dir = root.join("bob");
+    ok(&["identity", "use", "--data-dir", s(&bob_dir), s(&bob)]);
+    let snapshot = root.join("fleet.bundle");
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        s(&anchor_dir),
+        "--out",
+        s(&snapshot),
+    ]);
+    ok(&["bundle", "import", "--data-dir", s(&bob_dir), s(&snapshot)]);
+
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+        ],
+        None,
+    );
+    let url = http_url(&anchor_dir);
+    let node_args = vec![
+        "--listen".to_string(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+        "--peer".into(),
+        anchor.addr_on("127.0.0.1"),
+    ];
+    let mut node = Daemon::start("node", &n1, &node_args, None);
+    let web = json!({ "files": [{ "name": "web.yaml", "text": app_yaml("web", "v1") }] });
+    assert_eq!(
+        http(
+            "POST",
+            &format!("{url}/api/apply"),
+            Some(&token),
+            Some(&web.to_string())
+        )
+        .0,
+        200
+    );
+    // Concurrent edits of one field: alice through the API, bob offline.
+    let cfg = |who: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: greeting}}\nspec:\n  data: {{message: \"from {who}\"}}\n"
+        )
+    };
+    let body = json!({ "files": [{ "name": "greeting.yaml", "text": cfg("alice") }] });
+    assert_eq!(
+        http(
+            "POST",
+            &format!("{url}/api/apply"),
+            Some(&token),
+            Some(&body.to_string())
+        )
+        .0,
+        200
+    );
+    let f = write(root, "greeting.yaml", &cfg("bob"));
+    ok(&["apply", "--data-dir", s(&bob_dir), "-f", s(&f)]);
+    let bob_bundle = root.join("bob.bundle");
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        s(&bob_dir),
+        "--out",
+        s(&bob_bundle),
+    ]);
+    ok(&[
+        "bundle",
+        "import",
+        "--data-dir",
+        s(&anchor_dir),
+        s(&bob_bundle),
+    ]);
+    assert!(
+        wait_for(UI_WITHIN, || api_get(
+            &format!("{url}/api/conflicts"),
+            &token
+        )["items"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())),
+        "no conflict to resolve"
+    );
+
+    let mut b = cdp::Browser::launch(1280, 860).unwrap_or_else(|e| {
+        panic!("cannot start headless Chromium: {e} (install chromium: `apt-get install chromium`)")
+    });
+    // Log in with the token.
+    b.navigate(&format!("{url}/")).unwrap();
+    wait(&mut b, "!!document.querySelector('#token')");
+    b.fill("#token", "shoal-op-wrong").unwrap();
+    b.click("#login-form button").unwrap();
+    wait(&mut b, "!!document.querySelector('#login-error')");
+    b.fill("#token", &token).unwrap();
+    b.click("#login-form button").unwrap();
+    wait(
+        &mut b,
+        "document.querySelector('#total-nodes')?.textContent === '1'",
+    );
+    wait(
+        &mut b,
+        "document.querySelector('#total-connected')?.textContent === '1'",
+    );
+    wait(
+        &mut b,
+        "document.querySelector('#live')?.classList.contains('on')",
+    );
+    shot(&mut b, "overview");
+
+    // A node goes offline and comes back: the row changes without a reload.
+    go(&mut b, "#/nodes");
+    let row = "document.querySelector('tr[data-node=\"n1\"]')?.dataset.state";
+    wait(&mut b, &format!("{row} === 'ok'"));
+    b.eval("window.__same_page = true").unwrap();
+    node.stop();
+    wait(&mut b, &format!("{row} === 'offline'"));
+    shot(&mut b, "nodes-offline");
+    let _node = Daemon::start("node", &n1, &node_args, None);
+    wait(&mut b, &format!("{row} === 'ok'"));
+    assert_eq!(
+        b.eval("window.__same_page === true").unwrap(),
+        json!(true),
+        "the page was reloaded"
+    );
+    go(&mut b, "#/node/n1");
+    wait(
+        &mut b,
+        "document.querySelector('#workloads')?.innerText.includes('running')",
+    );
+    shot(&mut b, "node");
+
+    // Edit an app: a validation error next to its field, then a good edit.
+    go(&mut b, "#/app/web");
+    wait(
+        &mut b,
+        "(document.querySelector('#yaml')?.value || '').includes('kind: App')",
+    );
+    let text: String = b
+        .eval("document.querySelector('#yaml').value")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bad = text.replace("version: v1", "replicas: lots");
+    assert_ne!(bad, text, "the editor's YAML: {text}");
+    b.fill("#yaml", &bad).unwrap();
+    b.click("#save").unwrap();
+    wait(
+        &mut b,
+        "(document.querySelector('#validation-error')?.innerText || '').includes('spec.replicas')",
+    );
+    wait(&mut b, "!!document.querySelector('#bad-line')");
+    let line = b
+        .eval("document.querySelector('#bad-line').textContent")
+        .unwrap();
+    let expect = bad
+        .lines()
+        .position(|l| l.contains("replicas: lots"))
+        .unwrap()
+        + 1;
+    assert_eq!(
+        line,
+        json!(expect.to_string()),
+        "the error marks the field's line"
+    );
+    shot(&mut b, "app-validation-error");
+    assert_eq!(
+        api_get(&format!("{url}/api/apps/web"), &token)["spec"]["version"],
+        "v1",
+        "nothing applied"
+    );
+    b.fill("#yaml", &text.replace("version: v1", "version: v2"))
+        .unwrap();
+    b.click("#save").unwrap();
+    wait(&mut b, "!!document.querySelector('#applied')");
+    assert_eq!(
+        api_get(&format!("{url}/api/apps/web"), &token)["spec"]["version"],
+        "v2"
+    );
+
+    // Resolve the conflict with one click.
+    go(&mut b, "#/conflicts");
+    wait(&mut b, "!!document.querySelector('.conflict button.keep')");
+    let shown = b
+        .eval("document.querySelector('.conflict').innerText")
+        .unwrap();
+    assert!(shown.as_str().unwrap().contains("from bob"), "{shown}");
+    assert!(shown.as_str().unwrap().contains("from alice"), "{shown}");
+    shot(&mut b, "conflicts");
+    b.click(".conflict button.keep").unwrap();
+    wait(&mut b, "!!document.querySelector('#no-conflicts')");
+    assert_eq!(
+        api_get(&format!("{url}/api/conflicts"), &token)["items"],
+        json!([])
+    );
+
+    go(&mut b, "#/timeline");
+    wait(
+        &mut b,
+        "(document.querySelector('main')?.innerText || '').includes('resolved')",
+    );
+    shot(&mut b, "timeline");
+    assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
+}
