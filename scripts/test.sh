@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-# System packages the tests need (none yet beyond the toolchain; the mesh,
-# UI and adapter suites add nftables, chromium and the Python simulators here).
-need_apt=()
+# System packages the tests need: a real headless browser for the web UI
+# tests (Debian's chromium; the namespace tests need only iproute2).
+export DEBIAN_FRONTEND=noninteractive
+need_apt=(chromium)
 for pkg in "${need_apt[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
 done

@@ -281,7 +281,7 @@ pub async fn run(
         )
         .await?;
         let _ = std::fs::write(opts.data_dir.join(HTTP_ADDR_FILE), local.to_string());
-        println!("HTTP API and UI on http://{local}");
+        crate::say!("HTTP API and UI on http://{local}");
         d.view = Some(view);
         d.snapshots = Some(tx);
     }
@@ -289,7 +289,7 @@ pub async fn run(
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
         let local = site_api::serve(addr, site_tx).await?;
-        println!("site API on http://{local}");
+        crate::say!("site API on http://{local}");
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -353,7 +353,7 @@ impl Daemon {
                 } else {
                     addr.with(mesh::multiaddr_p2p(me))
                 };
-                println!("listening on {full}");
+                crate::say!("listening on {full}");
                 self.listening.push(full.to_string());
                 let path = self.dd.path().join(ADDRS_FILE);
                 if let Ok(text) = serde_json::to_vec_pretty(&self.listening) {

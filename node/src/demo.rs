@@ -175,6 +175,15 @@ fn prepare(root: &Path, exe: &Path) -> anyhow::Result<Prepared> {
     let labels: BTreeMap<String, String> = [("role".to_string(), "meter".to_string())].into();
     let mut nodes = Vec::new();
     let mut engineers = BTreeMap::new();
+    // Engineers first: the node bundles then carry their certificates, so
+    // a site's nodes know its engineer before they ever reach the anchor.
+    for (site, _) in SITES {
+        let name = format!("eng-{site}");
+        let id = dd.create_identity(Role::SiteEngineer, Some(site), &name, now())?;
+        let file = root.join(format!("{name}.json"));
+        id.write(&file)?;
+        engineers.insert(site.to_string(), file);
+    }
     for (site, names) in SITES {
         for n in *names {
             let bundle = root.join(format!("{n}.bundle"));
@@ -185,11 +194,6 @@ fn prepare(root: &Path, exe: &Path) -> anyhow::Result<Prepared> {
                 dir: root.join(n),
             });
         }
-        let name = format!("eng-{site}");
-        let id = dd.create_identity(Role::SiteEngineer, Some(site), &name, now())?;
-        let file = root.join(format!("{name}.json"));
-        id.write(&file)?;
-        engineers.insert(site.to_string(), file);
     }
     let me = daemon::anchor_identity(&mut dd)?;
     drop(dd);
@@ -350,18 +354,18 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         anyhow::Ok(())
     })();
     if started.is_ok() {
-        println!();
-        println!(
+        crate::say!();
+        crate::say!(
             "Shoal demo: an anchor and {} nodes in sites north and south, on this machine.",
             children.len()
         );
-        println!("  web UI:  http://{http}/#token={token}");
-        println!("  token:   {token}");
-        println!("  data:    {}", root.display());
-        println!(
+        crate::say!("  web UI:  http://{http}/#token={token}");
+        crate::say!("  token:   {token}");
+        crate::say!("  data:    {}", root.display());
+        crate::say!(
             "Open the UI, then the Demo page: cut a site off, edit on both sides, restore it."
         );
-        println!("Ctrl-C stops everything.");
+        crate::say!("Ctrl-C stops everything.");
         rt.block_on(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -369,7 +373,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
         });
-        println!("stopping the nodes and their apps…");
+        crate::say!("stopping the nodes and their apps…");
     }
     stop_children(&mut children);
     let _ = stop_tx.send(());

@@ -13,6 +13,20 @@
 //!
 //! The anchor's HTTP API and UI live in `cloud-anchor`.
 
+/// Prints a line on standard output, ignoring a closed stdout (a daemon
+/// whose reader went away must keep running, not panic).
+#[macro_export]
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod control;
 pub mod daemon;
 pub mod demo;

@@ -331,11 +331,11 @@ async function demo() {
   const d = await api("GET", "/api/demo");
   if (dirty) return;
   main().innerHTML = `<h1>Demo</h1>
-  <p class="muted">Each site reaches the anchor over its own link. Cut one: its nodes keep running what they have, and their site engineer can still edit the site through a node. Edit the same message here as operator, restore the link, and watch the merge (and the conflict) arrive. The anchor notices a silent link within about a minute (QUIC idle timeout); the nodes of a site stay connected to each other.</p>
+  <p class="muted">Each site reaches the anchor over its own link. Cut one off: its nodes keep running what they have, stay connected to each other, and their site engineer can still edit the site through a node. Meanwhile edit as operator — fleet-wide (the site's own override wins at that site) or the same site override (a real conflict). Restore the link and watch the merge on the Timeline and Conflicts pages. The anchor notices a silent link within about a minute (QUIC idle timeout).</p>
   ${d.sites.map((s) => `<div class="site-box ${s.cut ? "cut" : ""}" data-site="${esc(s.name)}"><b>site ${esc(s.name)}</b> — link ${s.cut ? "<b>cut</b>" : "up"}
     <button class="${s.cut ? "primary" : "danger"} toggle" data-site="${esc(s.name)}" data-cut="${s.cut}">${s.cut ? "Restore link" : "Cut site off"}</button>
     <form class="site-edit filters" data-site="${esc(s.name)}" style="margin-top:.5em">as ${esc(s.engineer || "site engineer")}, at the site: message = <input name="value" placeholder="Hello from ${esc(s.name)}"> <button type="submit">Edit at site</button></form></div>`).join("")}
-  <form id="operator-edit" class="filters">as operator, fleet-wide: message = <input name="value" placeholder="Hello from the operator"> <button type="submit" class="primary">Apply</button></form>
+  <form id="operator-edit" class="filters">as operator, <select name="scope"><option value="">fleet-wide</option>${d.sites.map((s) => `<option value="${esc(s.name)}">site ${esc(s.name)} override</option>`).join("")}</select>: message = <input name="value" placeholder="Hello from the operator"> <button type="submit" class="primary">Apply</button></form>
   <div id="demo-result"></div>
   <h2>The sample app on each node</h2>
   <table id="demo-apps"><thead><tr><th>Node</th><th>Site</th><th>Shows</th><th>Running</th><th></th></tr></thead><tbody>
@@ -357,11 +357,14 @@ async function demo() {
     };
   });
   const op = $("#operator-edit");
-  op.querySelector("input").oninput = () => { dirty = true; };
+  op.querySelector("input").oninput = op.scope.onchange = () => { dirty = true; };
   op.onsubmit = async (ev) => {
     ev.preventDefault();
     dirty = false;
-    const text = `apiVersion: shoal.dev/v1\nkind: Config\nmetadata: { name: greeting }\nspec:\n  data: { message: ${JSON.stringify(op.value.value)} }\n`;
+    const v = JSON.stringify(op.value.value), site = op.scope.value;
+    const text = site
+      ? `apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: { name: ${JSON.stringify(site)} }\nspec:\n  configs: { greeting: { data: { message: ${v} } } }\n`
+      : `apiVersion: shoal.dev/v1\nkind: Config\nmetadata: { name: greeting }\nspec:\n  data: { message: ${v} }\n`;
     try { await api("POST", "/api/apply", { files: [{ name: "demo", text }] }); result(`<div class="notice">Applied as operator.</div>`); }
     catch (e) { result(`<div class="error">${esc(e.message)}</div>`); }
   };
