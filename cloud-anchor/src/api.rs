@@ -311,6 +311,7 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
 struct Operator(String);
 
 async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    tracing::debug!(method = %req.method(), path = %req.uri().path(), "HTTP request");
     let token = token_of(req.headers());
     let who = token.as_deref().and_then(|t| s.tokens.check(t, now()));
     match who {
@@ -889,15 +890,35 @@ async fn timeline(State(s): State<Shared>, Query(q): Query<TimelineQuery>) -> Re
     axum::Json(paginate(items, &p)).into_response()
 }
 
+/// Live update streams open now.
+static LIVE_STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a live stream while it exists.
+struct LiveStream;
+
+impl LiveStream {
+    fn new() -> LiveStream {
+        LIVE_STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LiveStream
+    }
+}
+
+impl Drop for LiveStream {
+    fn drop(&mut self) {
+        LIVE_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn events(State(s): State<Shared>) -> Response {
-    let rx = s.snapshot.clone();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    tracing::debug!("live update stream opened");
+    let rx = (s.snapshot.clone(), LiveStream::new());
+    let stream = futures::stream::unfold(rx, |(mut rx, guard)| async move {
         rx.changed().await.ok()?;
         let sn = rx.borrow_and_update().clone();
         let data = json!({ "version": sn.version, "changed": sn.changed }).to_string();
         Some((
             Ok::<_, std::convert::Infallible>(Event::default().event("update").data(data)),
-            rx,
+            (rx, guard),
         ))
     });
     Sse::new(stream)
@@ -1061,5 +1082,65 @@ async fn demo_edit(State(s): State<Shared>, Path(site): Path<String>, bytes: Byt
     match r {
         Ok(()) => axum::Json(json!({ "ok": true })).into_response(),
         Err(e) => ApiError::new(502, e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_exactly_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut listed = Vec::new();
+        for (p, ops) in paths {
+            for m in ops.as_object().unwrap().keys() {
+                listed.push((m.to_uppercase(), p.clone()));
+            }
+        }
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        listed.sort();
+        routes.sort();
+        assert_eq!(listed, routes);
+    }
+
+    #[test]
+    fn tokens_come_from_bearer_or_cookie() {
+        let mut h = HeaderMap::new();
+        assert_eq!(token_of(&h), None);
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; shoal_session=shoal-op-1"),
+        );
+        assert_eq!(token_of(&h).as_deref(), Some("shoal-op-1"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer shoal-op-2"),
+        );
+        assert_eq!(token_of(&h).as_deref(), Some("shoal-op-2"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        assert_eq!(
+            token_of(&h),
+            None,
+            "a wrong scheme is no token, not the cookie's"
+        );
+    }
+
+    #[test]
+    fn bodies_name_the_field_at_fault() {
+        let e = body::<ResolveBody>(br#"{"doc": "fleet", "field": 3, "value": 1}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.field.as_deref(), Some("field"));
+        let e = body::<ApplyBody>(br#"{"files": [{"name": "a"}]}"#).unwrap_err();
+        assert!(e.error.contains("text"), "{}", e.error);
+        assert!(body::<Login>(b"\xff\x00").is_err());
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }

@@ -577,3 +577,91 @@ impl View {
         (nodes, sites.into_values().collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crdt_state::model::NodeReport;
+    use crdt_state::{DataDir, Role, manifest};
+    use std::collections::HashMap;
+
+    fn heads(d: &Document) -> Vec<String> {
+        d.heads().iter().map(|h| h.to_string()).collect()
+    }
+
+    #[test]
+    fn rows_carry_state_lag_and_site_totals() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dd = DataDir::init(tmp.path(), "f", 1).unwrap();
+        let nodes = "apiVersion: shoal.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec: {site: s1}\n---\napiVersion: shoal.dev/v1\nkind: Node\nmetadata: {name: n2}\nspec: {site: s1, labels: {rack: r2}}\n";
+        dd.apply(&manifest::parse("n", nodes).unwrap(), 2).unwrap();
+        let old = heads(&dd.doc(&DocId::Fleet).unwrap());
+        let cfg =
+            "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {name: c}\nspec: {data: {k: v}}\n";
+        dd.apply(&manifest::parse("c", cfg).unwrap(), 3).unwrap();
+        let current = heads(&dd.doc(&DocId::Fleet).unwrap());
+        let mut docs: HashMap<DocId, Document> = HashMap::new();
+        for (name, applied) in [("n1", current.clone()), ("n2", old.clone())] {
+            let id = dd.create_identity(Role::Node, Some("s1"), name, 4).unwrap();
+            let mut d = Document::new(DocId::Node {
+                name: name.into(),
+                epoch: 0,
+            });
+            let r = NodeReport {
+                fleet_heads: applied,
+                ..NodeReport::default()
+            };
+            let ops = r.ops(&d);
+            d.edit(&id, 5, &ops).unwrap().unwrap();
+            docs.insert(d.id().clone(), d);
+        }
+        // The fleet document now also holds the two certificates.
+        let fleet = dd.doc(&DocId::Fleet).unwrap();
+        docs.insert(DocId::Fleet, fleet);
+        let mut view = View::new("a");
+        view.contact("n1", true, 10);
+        view.contact("n2", true, 11);
+        view.contact("n2", false, 20);
+        let snap = {
+            let lookup = |id: &DocId| docs.get(id);
+            view.publish(&lookup, &mut docs.values(), dd.trust(), 30, true)
+                .unwrap()
+        };
+        let n1 = snap.nodes.iter().find(|n| n.name == "n1").unwrap();
+        let n2 = snap.nodes.iter().find(|n| n.name == "n2").unwrap();
+        // Lag counts the fleet changes a node's applied heads do not
+        // cover: for n1 the two certificates published after it applied,
+        // for n2 those and the Config.
+        assert_eq!(n1.behind, 2);
+        assert_eq!(n2.behind, 3);
+        assert!(n1.behind_since.is_some());
+        assert_eq!(n2.state, NodeState::Offline);
+        assert_eq!(n2.offline_since, Some(20));
+        assert_eq!(n1.offline_since, None);
+        assert_eq!(n2.labels.get("rack").map(String::as_str), Some("r2"));
+        let s1 = snap.sites.iter().find(|s| s.name == "s1").unwrap();
+        assert_eq!((s1.nodes, s1.connected, s1.offline), (2, 1, 1));
+        assert_eq!(s1.max_behind, n2.behind);
+        assert_eq!(s1.offline_since, Some(20));
+        assert!(
+            snap.timeline
+                .iter()
+                .any(|e| e.kind == "disconnected" && e.subject == "n2")
+        );
+        assert_eq!(snap.spec.configs.len(), 1);
+        // Nothing changed: no new snapshot.
+        let lookup = |id: &DocId| docs.get(id);
+        assert!(
+            view.publish(&lookup, &mut docs.values(), dd.trust(), 31, true)
+                .is_none()
+        );
+        // A reconnect is a change.
+        view.contact("n2", true, 40);
+        let snap = view
+            .publish(&lookup, &mut docs.values(), dd.trust(), 41, true)
+            .unwrap();
+        let n2 = snap.nodes.iter().find(|n| n.name == "n2").unwrap();
+        assert!(n2.connected);
+        assert_eq!(n2.state, NodeState::Behind);
+    }
+}

@@ -1408,3 +1408,59 @@ pub fn multiaddr_p2p(peer: PeerId) -> Protocol<'static> {
 pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
+
+/// Resolves a leading `/dns4/<host>`, `/dns6/<host>` or `/dns/<host>` to
+/// an `/ip4` or `/ip6` address with the system resolver (the transport
+/// itself has no DNS). Other addresses come back unchanged. Resolved once:
+/// a peer that moves to another address is found again only when the
+/// caller resolves again (at its next start).
+pub fn resolve_dns(addr: &Multiaddr) -> Result<Multiaddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut it = addr.iter();
+    let (host, want_v4, want_v6) = match it.next() {
+        Some(Protocol::Dns4(h)) => (h.to_string(), true, false),
+        Some(Protocol::Dns6(h)) => (h.to_string(), false, true),
+        Some(Protocol::Dns(h)) => (h.to_string(), true, true),
+        _ => return Ok(addr.clone()),
+    };
+    let ips: Vec<std::net::IpAddr> = (host.as_str(), 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr}: cannot resolve {host}: {e}"))?
+        .map(|a| a.ip())
+        .filter(|ip| (ip.is_ipv4() && want_v4) || (ip.is_ipv6() && want_v6))
+        .collect();
+    let ip = ips
+        .first()
+        .ok_or_else(|| format!("{addr}: {host} has no matching address"))?;
+    let mut out = Multiaddr::empty();
+    out.push(match ip {
+        std::net::IpAddr::V4(v4) => Protocol::Ip4(*v4),
+        std::net::IpAddr::V6(v6) => Protocol::Ip6(*v6),
+    });
+    for p in it {
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod dns_tests {
+    use super::*;
+
+    #[test]
+    fn dns_names_resolve_and_others_pass_through() {
+        let a: Multiaddr = "/dns4/localhost/udp/7411/quic-v1".parse().unwrap();
+        assert_eq!(
+            resolve_dns(&a).unwrap().to_string(),
+            "/ip4/127.0.0.1/udp/7411/quic-v1"
+        );
+        let b: Multiaddr = "/ip4/10.0.0.1/udp/1/quic-v1".parse().unwrap();
+        assert_eq!(resolve_dns(&b).unwrap(), b);
+        let c: Multiaddr = "/dns4/no-such-host.invalid/udp/1/quic-v1".parse().unwrap();
+        assert!(
+            resolve_dns(&c)
+                .unwrap_err()
+                .contains("no-such-host.invalid")
+        );
+    }
+}

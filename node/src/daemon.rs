@@ -203,6 +203,14 @@ pub async fn run(
     };
     let mut known_peers = enroll::read_peers(&opts.data_dir);
     for p in &opts.peers {
+        // DNS names (replicas on a cluster) are resolved at start.
+        let p = match mesh::resolve_dns(p) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer skipped");
+                continue;
+            }
+        };
         if !known_peers.contains(&p.to_string()) {
             known_peers.push(p.to_string());
         }

@@ -372,6 +372,10 @@ async function demo() {
 
 // ---- boot -------------------------------------------------------------------
 
+// Leaving the page (or into the back/forward cache) closes the live stream:
+// browsers allow six connections per host.
+window.addEventListener("pagehide", () => { if (events) { events.close(); events = null; } });
+window.addEventListener("pageshow", (ev) => { if (ev.persisted && me) start(); });
 window.addEventListener("hashchange", () => { dirty = false; clearTimeout(refreshTimer); render(); });
 (async () => {
   const m = location.hash.match(/token=([^&]+)/);

@@ -1,0 +1,386 @@
+//! Anchor figures with the real `shoal` binary: the operator API and the
+//! web UI with 10,000 node documents, and an operator edit through the API
+//! reaching connected nodes.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example anchor_bench -- scale [nodes] [requests]   # GET /api/nodes p99, RSS, UI render in Chromium
+//! cargo run --release --example anchor_bench -- edit  [nodes] [reps]       # API edit → app restarted with it on every node
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../tests/support/cdp.rs"]
+mod cdp;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crdt_state::bundle::Bundle;
+use crdt_state::model::{NodeReport, WorkloadReport, WorkloadState};
+use crdt_state::{DataDir, DocId, Document, Identity, PublicKey, Role, manifest};
+use serde_json::json;
+use support::{Daemon, api_get, enroll, free_udp_port, http, http_url, ok, operator_token, s};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// A fleet of `n` registered nodes, each with a signed node document
+/// holding a report (a tenth of them one fleet change behind), written
+/// into the anchor's store as one verified bundle import.
+fn populate(anchor_dir: &Path, n: usize) {
+    let t = Instant::now();
+    let mut dd = DataDir::open(anchor_dir, None).unwrap();
+    let mut yaml = String::new();
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "---\napiVersion: shoal.dev/v1\nkind: Node\nmetadata: {{name: n{i:05}}}\nspec: {{site: s{:03}, labels: {{rack: r{}}}}}\n",
+            i % 100,
+            i % 10
+        ));
+    }
+    yaml.push_str("---\napiVersion: shoal.dev/v1\nkind: App\nmetadata: {name: meter}\nspec: {version: v1, native: {command: [/bin/true]}}\n");
+    dd.apply(&manifest::parse("nodes", &yaml).unwrap(), now())
+        .unwrap();
+    let old: Vec<String> = dd
+        .doc(&DocId::Fleet)
+        .unwrap()
+        .heads()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    let cfg = "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {name: c}\nspec: {data: {k: v}}\n";
+    dd.apply(&manifest::parse("c", cfg).unwrap(), now())
+        .unwrap();
+    let heads: Vec<String> = dd
+        .doc(&DocId::Fleet)
+        .unwrap()
+        .heads()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    let root_text = std::fs::read_to_string(anchor_dir.join("root.key")).unwrap();
+    let root = crdt_state::identity::parse_secret(&root_text).unwrap();
+    let root_pub = PublicKey(root.verifying_key().to_bytes());
+    let mut certs = Vec::new();
+    let mut docs = Vec::new();
+    for i in 0..n {
+        let name = format!("n{i:05}");
+        let site = format!("s{:03}", i % 100);
+        let id = Identity::issue(
+            &root,
+            crdt_state::identity::generate_key().unwrap(),
+            &name,
+            Role::Node,
+            Some(&site),
+            now(),
+        )
+        .unwrap();
+        let report = NodeReport {
+            fleet_heads: if i % 10 == 0 {
+                old.clone()
+            } else {
+                heads.clone()
+            },
+            workloads: [(
+                "meter".to_string(),
+                WorkloadReport {
+                    state: if i % 50 == 0 {
+                        WorkloadState::Failed
+                    } else {
+                        WorkloadState::Running
+                    },
+                    reason: (i % 50 == 0).then(|| "exited with status 1".to_string()),
+                    restarts: 0,
+                    version: Some("v1".into()),
+                },
+            )]
+            .into(),
+            reconciled_at: now(),
+            ..NodeReport::default()
+        };
+        let mut doc = Document::new(DocId::Node {
+            name: name.clone(),
+            epoch: 0,
+        });
+        let ops = report.ops(&doc);
+        let (_, change, _) = doc.edit(&id, now(), &ops).unwrap().unwrap();
+        docs.push((doc.id().clone(), vec![change]));
+        certs.push(id.cert);
+    }
+    let bundle = Bundle {
+        root: Some(root_pub),
+        certs,
+        docs,
+    }
+    .encode(root_pub);
+    let r = dd.import(&bundle).unwrap();
+    assert_eq!(r.waiting, 0);
+    println!(
+        "populated {n} nodes ({} node documents, bundle {:.1} MB) in {:.1} s",
+        r.new_changes.len(),
+        bundle.len() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+}
+
+fn scale(n: usize, requests: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let anchor_dir = tmp.path().join("anchor");
+    ok(&[
+        "fleet",
+        "init",
+        "--data-dir",
+        s(&anchor_dir),
+        "--name",
+        "big",
+    ]);
+    populate(&anchor_dir, n);
+    let token = operator_token(&anchor_dir, "bench");
+    let store = std::fs::metadata(anchor_dir.join("store.redb"))
+        .unwrap()
+        .len();
+    let t = Instant::now();
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+        ],
+        None,
+    );
+    let url = http_url(&anchor_dir);
+    while http("GET", &format!("{url}/readyz"), None, None).0 != 200 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let listed = api_get(&format!("{url}/api/nodes?per_page=1"), &token)["total"].as_u64();
+    println!(
+        "anchor start with {n} nodes to ready: {:.2} s; store {:.1} MB; listed {listed:?}; RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        store as f64 / 1e6,
+        rss_mb(anchor.child.id())
+    );
+    let pages = n.div_ceil(50).max(1);
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    type Case = (&'static str, Box<dyn Fn(u64) -> String>);
+    let cases: Vec<Case> = vec![
+        (
+            "page of 50",
+            Box::new(move |r| format!("/api/nodes?page={}&per_page=50", r % pages as u64 + 1)),
+        ),
+        (
+            "filter site",
+            Box::new(|r| format!("/api/nodes?site=s{:03}&page=1", r % 100)),
+        ),
+        (
+            "filter state+label",
+            Box::new(|r| format!("/api/nodes?state=behind&label=rack=r{}&page=1", r % 10)),
+        ),
+        (
+            "search name",
+            Box::new(|r| format!("/api/nodes?q=n{:03}", r % 1000)),
+        ),
+        ("overview", Box::new(|_| "/api/overview".to_string())),
+    ];
+    for (label, path) in &cases {
+        let mut times = Vec::new();
+        for _ in 0..requests {
+            let p = path(next());
+            let t = Instant::now();
+            let (st, body) = http("GET", &format!("{url}{p}"), Some(&token), None);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(st, 200, "{p}: {body}");
+        }
+        let mut t = times.clone();
+        println!(
+            "GET {label} ({requests} requests): median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            percentile(&mut t, 0.5),
+            percentile(&mut t, 0.99),
+            percentile(&mut t, 1.0)
+        );
+    }
+    println!(
+        "anchor RSS after the requests: {:.0} MB",
+        rss_mb(anchor.child.id())
+    );
+
+    let mut b = cdp::Browser::launch(1280, 860).expect("chromium");
+    b.navigate(&format!("{url}/#token={token}")).unwrap();
+    b.wait_until(
+        "!!document.querySelector('#total-nodes')",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    for (label, hash, cond) in [
+        (
+            "overview",
+            "#/overview",
+            format!(
+                "document.querySelector('#total-nodes')?.textContent === '{n}' && document.querySelectorAll('#sites tbody tr').length === {}",
+                n.min(100)
+            ),
+        ),
+        (
+            "nodes page",
+            "#/nodes",
+            "document.querySelectorAll('#nodes tbody tr').length === 50".to_string(),
+        ),
+    ] {
+        let mut times = Vec::new();
+        for rep in 0..10 {
+            b.navigate(&format!("{url}/?r={rep}{hash}")).unwrap();
+            // The new document, not a buffered load event of the old one.
+            b.wait_until(
+                &format!("location.search === '?r={rep}' && document.readyState === 'complete'"),
+                Duration::from_secs(20),
+            )
+            .unwrap();
+            let js = format!(
+                "new Promise((resolve) => {{ const check = () => ({cond}) ? resolve(performance.now()) : (performance.now() > 15000 ? resolve(-1) : setTimeout(check, 2)); check(); }})"
+            );
+            let t = b.eval(&js).unwrap().as_f64().unwrap();
+            assert!(
+                t >= 0.0,
+                "{label} never rendered: {} {:?}",
+                b.eval("document.querySelector('main').innerText").unwrap(),
+                b.errors()
+            );
+            times.push(t);
+        }
+        let mut t = times.clone();
+        println!(
+            "{label} fully rendered in Chromium, from navigation start (10 loads): median {:.0} ms, max {:.0} ms",
+            percentile(&mut t, 0.5),
+            percentile(&mut t, 1.0)
+        );
+    }
+    println!(
+        "anchor RSS after the UI loads: {:.0} MB",
+        rss_mb(anchor.child.id())
+    );
+}
+
+fn edit(nodes: usize, reps: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
+    let token = operator_token(&anchor_dir, "bench");
+    let port = free_udp_port();
+    let _anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+        ],
+        None,
+    );
+    let url = http_url(&anchor_dir);
+    let mut procs = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..nodes {
+        let name = format!("n{i}");
+        let d = root.join(&name);
+        enroll(&anchor_dir, &d, &name, &format!("s{}", i % 5));
+        procs.push(Daemon::start(
+            "node",
+            &d,
+            &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            None,
+        ));
+        dirs.push(d);
+    }
+    let connected = || api_get(&format!("{url}/api/overview"), &token)["connected"] == nodes;
+    let t = Instant::now();
+    while !connected() {
+        assert!(t.elapsed() < Duration::from_secs(120), "not all connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let app = |v: &str| {
+        json!({ "files": [{ "name": "app.yaml", "text": format!(
+            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: app0}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'echo V=$V; exec sleep 3600']\n    env: {{V: \"{v}\"}}\n") }] })
+        .to_string()
+    };
+    let mut times = Vec::new();
+    for rep in 0..=reps {
+        let v = format!("r{rep}");
+        let want = format!("V={v}\n");
+        let t0 = Instant::now();
+        let (st, body) = http(
+            "POST",
+            &format!("{url}/api/apply"),
+            Some(&token),
+            Some(&app(&v)),
+        );
+        assert_eq!(st, 200, "{body}");
+        let mut pending: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+        while !pending.is_empty() {
+            pending.retain(|d| {
+                !std::fs::read_to_string(d.join("apps/app0/stdout.log"))
+                    .is_ok_and(|l| l.contains(&want))
+            });
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{} nodes never restarted with {v}",
+                pending.len()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if rep > 0 {
+            // rep 0 warms up (first start of the app everywhere).
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut t = times.clone();
+    println!(
+        "API edit → app restarted with it on all {nodes} nodes (loopback), {reps} reps: median {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 0.95),
+        percentile(&mut t, 1.0)
+    );
+    drop(procs);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    match args.first().map(String::as_str) {
+        Some("scale") => scale(arg(1, 10_000), arg(2, 1000)),
+        Some("edit") => edit(arg(1, 50), arg(2, 10)),
+        _ => eprintln!("usage: anchor_bench scale [nodes] [requests] | edit [nodes] [reps]"),
+    }
+}
