@@ -1144,3 +1144,31 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }
+
+/// Entry points for the fuzz targets (`fuzz/fuzz_targets/api_requests.rs`):
+/// every decoder the API runs on bytes from a client.
+#[doc(hidden)]
+pub mod fuzz {
+    use super::*;
+
+    /// Feeds `bytes` to the body, header and path decoders; never panics.
+    pub fn request_parts(bytes: &[u8]) {
+        let _ = body::<Login>(bytes);
+        let _ = body::<ApplyBody>(bytes);
+        let _ = body::<ResolveBody>(bytes);
+        let _ = body::<SiteEdit>(bytes);
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            let _ = percent_decode(text);
+            let _ = NodeState::parse(text);
+            let _ = crdt_state::manifest::parse("fuzz", text);
+            if let Ok(v) = HeaderValue::from_str(text) {
+                let mut h = HeaderMap::new();
+                h.insert(header::AUTHORIZATION, v.clone());
+                let _ = token_of(&h);
+                let mut h = HeaderMap::new();
+                h.insert(header::COOKIE, v);
+                let _ = token_of(&h);
+            }
+        }
+    }
+}
