@@ -123,8 +123,28 @@ fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
         json!([])
     );
 
-    // Live updates: an SSE stream sees the edit.
     let addr = url.trim_start_matches("http://").to_string();
+    // The session cookie does not carry a cross-site write.
+    let raw = |origin: &str| {
+        let mut st = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            st,
+            "POST /api/apply HTTP/1.1\r\nHost: {addr}\r\nCookie: shoal_session={token}\r\nOrigin: {origin}\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut st, &mut answer).unwrap();
+        answer.lines().next().unwrap_or("").to_string()
+    };
+    assert!(
+        raw("http://evil.example").contains(" 403 "),
+        "{}",
+        raw("http://evil.example")
+    );
+    let same = raw(&format!("http://{addr}"));
+    assert!(!same.contains(" 403 ") && !same.contains(" 401 "), "{same}");
+
+    // Live updates: an SSE stream sees the edit.
     let mut sse = std::net::TcpStream::connect(&addr).unwrap();
     write!(
         sse,

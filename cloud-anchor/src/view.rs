@@ -298,6 +298,11 @@ impl View {
         self.changed.insert("timeline");
     }
 
+    /// Each node's latest report, as of the last publish.
+    pub fn reports(&self) -> &BTreeMap<String, NodeReport> {
+        &self.reports
+    }
+
     /// The last published snapshot.
     pub fn current(&self) -> Arc<Snapshot> {
         self.published.clone()

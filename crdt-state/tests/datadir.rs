@@ -370,3 +370,30 @@ fn dropping_a_document_removes_all_of_it() {
     assert_eq!(store.sync_state("peer", &site).unwrap(), None);
     assert!(store.load(&DocId::Fleet).unwrap().is_some());
 }
+
+#[test]
+fn a_set_message_is_recorded_in_the_signed_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dd = DataDir::init(tmp.path(), "f", 1).unwrap();
+    dd.set_message(Some("alice through the anchor API".into()));
+    let cfg = "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {name: c}\nspec: {data: {k: v}}\n";
+    dd.apply(&crdt_state::manifest::parse("c", cfg).unwrap(), 2)
+        .unwrap();
+    dd.set_message(None);
+    let cfg2 = cfg.replace("k: v", "k: w");
+    dd.apply(&crdt_state::manifest::parse("c", &cfg2).unwrap(), 3)
+        .unwrap();
+    let doc = dd.doc(&crdt_state::DocId::Fleet).unwrap();
+    let messages: Vec<Option<String>> = doc
+        .automerge()
+        .get_changes_meta(&[])
+        .iter()
+        .map(|m| m.message.as_ref().map(|s| s.to_string()))
+        .collect();
+    let n = messages.len();
+    assert_eq!(
+        messages[n - 2].as_deref(),
+        Some("alice through the anchor API")
+    );
+    assert_eq!(messages[n - 1], None);
+}

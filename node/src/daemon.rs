@@ -934,6 +934,26 @@ impl Daemon {
                 }
                 return Ok(Answer::Json(serde_json::json!({})));
             }
+            Command::Get { what, output }
+                if matches!(what.as_str(), "nodes" | "node") && self.view.is_some() =>
+            {
+                // From memory: loading 10,000 node documents from the store
+                // would hold up the loop.
+                let fleet = self
+                    .engine
+                    .doc(&DocId::Fleet)
+                    .map(FleetView::read)
+                    .unwrap_or_default();
+                let empty = std::collections::BTreeMap::new();
+                let reports = self.view.as_ref().map(|v| v.reports()).unwrap_or(&empty);
+                return Ok(Answer::Text(crdt_state::render::nodes_with_contacts(
+                    output,
+                    &fleet,
+                    Some(&self.contacts),
+                    reports,
+                    now(),
+                )));
+            }
             Command::Get { what, output } => {
                 let live = Live {
                     contacts: Some(self.contacts.clone()),
