@@ -262,6 +262,13 @@ fn operator_ui_in_chromium() {
         .unwrap();
     assert!(shown.as_str().unwrap().contains("from bob"), "{shown}");
     assert!(shown.as_str().unwrap().contains("from alice"), "{shown}");
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .contains("alice through the anchor API"),
+        "who asked for the anchor-signed value: {shown}"
+    );
     shot(&mut b, "conflicts");
     b.click(".conflict button.keep").unwrap();
     wait(&mut b, "!!document.querySelector('#no-conflicts')");

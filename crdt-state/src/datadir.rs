@@ -58,6 +58,9 @@ pub struct ConflictValue {
     pub key: Option<PublicKey>,
     /// Whether readers currently see this value.
     pub winner: bool,
+    /// Who asked for it, when a service signed it (the change's message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A field with concurrent values.
@@ -801,6 +804,7 @@ pub fn conflicts_of(doc: &Document, trust: &Trust) -> Vec<Conflict> {
                         role: cert.map(|c| c.role),
                         key: v.writer,
                         winner: v.winner,
+                        message: v.message,
                     }
                 })
                 .collect(),

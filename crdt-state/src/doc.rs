@@ -139,6 +139,10 @@ pub struct FieldValue {
     pub writer: Option<PublicKey>,
     /// Whether this is the value readers see.
     pub winner: bool,
+    /// The message of the change that wrote it (who asked, when a service
+    /// signed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A signed Automerge document.
@@ -309,6 +313,17 @@ impl Document {
             .collect()
     }
 
+    /// The message of the change by `actor` that holds operation `counter`
+    /// (a walk over the document's change metadata: for conflicts, which
+    /// are rare, not for every read).
+    fn message_of(&self, actor: &ActorId, counter: u64) -> Option<String> {
+        self.doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .find(|m| *m.actor == *actor && m.start_op <= counter && counter <= m.max_op)
+            .and_then(|m| m.message.map(|s| s.into_owned()))
+    }
+
     /// All values of a field, the winner marked.
     pub fn values(&self, key: &str) -> Vec<FieldValue> {
         let winner = self.doc.get(ROOT, key).ok().flatten().map(|(_, id)| id);
@@ -322,14 +337,17 @@ impl Document {
                     },
                     automerge::Value::Object(t) => format!("<{t:?}>"),
                 };
-                let writer = match &id {
-                    automerge::ObjId::Id(_, actor, _) => self.actor_key(actor),
-                    automerge::ObjId::Root => None,
+                let (writer, message) = match &id {
+                    automerge::ObjId::Id(counter, actor, _) => {
+                        (self.actor_key(actor), self.message_of(actor, *counter))
+                    }
+                    automerge::ObjId::Root => (None, None),
                 };
                 FieldValue {
                     value,
                     writer,
                     winner: Some(&id) == winner.as_ref(),
+                    message,
                 }
             })
             .collect()

@@ -293,7 +293,7 @@ async function conflicts() {
   <p class="muted">Concurrent edits of one field (an operator and a field engineer while a site was cut off). Every copy shows the same winner; keep one value to settle it everywhere.</p>
   ${d.items.length ? d.items.map((c, i) => `<div class="site-box conflict" data-doc="${esc(c.doc)}" data-field="${esc(c.field)}"><b>${esc(c.doc)}</b> · <code>${esc(c.field)}</code>
    <table><thead><tr><th>Value</th><th>Written by</th><th></th><th></th></tr></thead><tbody>
-   ${c.values.map((v, j) => `<tr><td class="${v.winner ? "winner" : ""}"><code>${esc(JSON.stringify(v.value))}</code></td><td>${esc(v.writer)} <span class="muted">${esc(v.role || "")}</span></td>
+   ${c.values.map((v, j) => `<tr><td class="${v.winner ? "winner" : ""}"><code>${esc(JSON.stringify(v.value))}</code></td><td>${esc(v.writer)} <span class="muted">${esc(v.role || "")}</span>${v.message ? `<br><span class="muted">${esc(v.message)}</span>` : ""}</td>
     <td>${v.winner ? "shown now" : ""}</td><td><button class="keep" data-i="${i}" data-j="${j}">Keep this</button></td></tr>`).join("")}
    </tbody></table></div>`).join("") : `<p class="muted" id="no-conflicts">No conflicts.</p>`}`;
   document.querySelectorAll("button.keep").forEach((b) => {
