@@ -191,6 +191,13 @@ fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
                 .contains("alice applied app/web")),
         "{timeline}"
     );
+    assert!(
+        wait_for(WITHIN, || node_row(&url, &token, "n1")["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x.as_str().unwrap_or("").starts_with("anchor-")))),
+        "n1 does not report the anchor as its peer: {}",
+        node_row(&url, &token, "n1")
+    );
     let detail = api_get(&format!("{url}/api/nodes/n1"), &token);
     assert_eq!(detail["desired"][0]["app"], "web", "{detail}");
     let app = api_get(&format!("{url}/api/apps/web"), &token);
