@@ -194,7 +194,9 @@ fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
     assert!(
         wait_for(WITHIN, || node_row(&url, &token, "n1")["peers"]
             .as_array()
-            .is_some_and(|p| p.iter().any(|x| x.as_str().unwrap_or("").starts_with("anchor-")))),
+            .is_some_and(|p| p
+                .iter()
+                .any(|x| x.as_str().unwrap_or("").starts_with("anchor-")))),
         "n1 does not report the anchor as its peer: {}",
         node_row(&url, &token, "n1")
     );
