@@ -9,15 +9,25 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 # System packages the tests need: a real headless browser for the web UI
-# tests (Debian's chromium; the namespace tests need only iproute2).
+# tests (Debian's chromium), socat for the serial (pty) Modbus tests; the
+# namespace tests need only iproute2.
 export DEBIAN_FRONTEND=noninteractive
-need_apt=(chromium)
+need_apt=(chromium socat)
 for pkg in "${need_apt[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
 done
 if [ "${missing:-0}" = 1 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
+
+# The device simulators, from PyPI, pinned, in a virtualenv outside the clone.
+venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
+if ! "$venv/bin/python" -c 'import pymodbus, serial; assert pymodbus.__version__ == "3.16.1"' >/dev/null 2>&1; then
+  python3 -m venv "$venv" 2>/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
+  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5
+fi
+export SHOAL_PYTHON="$venv/bin/python"
 
 echo "== format"
 cargo fmt --all -- --check

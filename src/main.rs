@@ -123,6 +123,9 @@ enum Command {
     /// A node's local site API, for field engineers on the substation LAN.
     #[command(subcommand)]
     Site(SiteCmd),
+    /// A node's field devices, through its site API.
+    #[command(subcommand)]
+    Device(DeviceCmd),
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -148,6 +151,47 @@ enum Command {
     /// The demo's sample app (started by `shoal demo` on its nodes).
     #[command(hide = true)]
     DemoApp,
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Latest values of a device (or one resource's readings over --since).
+    Read {
+        /// The node's site API (http://host:port).
+        #[arg(long)]
+        node: String,
+        /// Your site engineer identity file.
+        #[arg(long)]
+        identity: PathBuf,
+        /// The device (all, with --json).
+        device: Option<String>,
+        /// One resource.
+        resource: Option<String>,
+        /// Stored readings over this window (90s, 30m, 1h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// The node's whole device state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a writable resource (a setpoint in the site's overrides) and wait for the device to take it.
+    Write {
+        /// The node's site API (http://host:port).
+        #[arg(long)]
+        node: String,
+        /// Your site engineer identity file.
+        #[arg(long)]
+        identity: PathBuf,
+        /// The device.
+        device: String,
+        /// The resource.
+        resource: String,
+        /// The value (JSON: 21.5, true, "text"; bare words are text).
+        value: String,
+        /// How long to wait for the node to write and read it back.
+        #[arg(long, default_value = "20s")]
+        wait: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -341,6 +385,9 @@ enum NodeCmd {
         /// Kubeconfig for --runtime kube (default: in-cluster, then KUBECONFIG).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Most device readings kept in the store; the oldest are dropped beyond it.
+        #[arg(long, default_value_t = node::daemon::DEFAULT_READINGS_CAP)]
+        readings_cap: u64,
     },
 }
 
@@ -401,6 +448,7 @@ fn daemon(
     site_api: Option<std::net::SocketAddr>,
     runtime: RuntimeChoice,
     http: Option<std::net::SocketAddr>,
+    readings_cap: u64,
 ) -> anyhow::Result<()> {
     let (listen, peers) = mesh.parse()?;
     let opts = node::daemon::Options {
@@ -413,6 +461,7 @@ fn daemon(
         runtime,
         http,
         demo: None,
+        readings_cap,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -684,6 +733,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::DemoApp => node::demo_app::run()?,
+        Command::Device(DeviceCmd::Read {
+            node,
+            identity,
+            device,
+            resource,
+            since,
+            json,
+        }) => {
+            let since = since
+                .as_deref()
+                .map(parse_ttl)
+                .transpose()?
+                .map(|s| std::time::Duration::from_secs(s as u64));
+            print!(
+                "{}",
+                node::device_cli::read(
+                    &node,
+                    &identity,
+                    device.as_deref(),
+                    resource.as_deref(),
+                    since,
+                    json
+                )?
+            );
+        }
+        Command::Device(DeviceCmd::Write {
+            node,
+            identity,
+            device,
+            resource,
+            value,
+            wait,
+        }) => {
+            let wait = std::time::Duration::from_secs(parse_ttl(&wait)? as u64);
+            print!(
+                "{}",
+                node::device_cli::write(&node, &identity, &device, &resource, &value, wait)?
+            );
+        }
         Command::Fleet(FleetCmd::Token(TokenCmd::Create { dir, node, ttl })) => {
             let req = Request::TokenCreate(node::enroll::TokenRequest {
                 node: node.node.clone(),
@@ -710,7 +798,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Anchor(AnchorCmd::Run { dir, mesh, http }) => {
-            daemon(dir, &mesh, true, None, RuntimeChoice::Native, http)?
+            daemon(dir, &mesh, true, None, RuntimeChoice::Native, http, 0)?
         }
         Command::Node(NodeCmd::Run {
             dir,
@@ -718,13 +806,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             site_api,
             runtime,
             kubeconfig,
+            readings_cap,
         }) => {
             let rt = match runtime.as_str() {
                 "native" => RuntimeChoice::Native,
                 "kube" => RuntimeChoice::Kube { kubeconfig },
                 other => anyhow::bail!("unknown runtime {other:?}: expected native or kube"),
             };
-            daemon(dir, &mesh, false, site_api, rt, None)?
+            daemon(dir, &mesh, false, site_api, rt, None, readings_cap)?
         }
         Command::Site(SiteCmd::Apply {
             node,

@@ -95,6 +95,8 @@ impl Client {
             Some(crdt_state::model::Kind::Config) => "configs",
             Some(crdt_state::model::Kind::Node) => "nodes",
             Some(crdt_state::model::Kind::SiteOverride) => "sites",
+            Some(crdt_state::model::Kind::DeviceProfile) => "profiles",
+            Some(crdt_state::model::Kind::Device) => "devices",
             None => bail!("unknown kind {kind:?}: expected app, config, node or site"),
         };
         self.call("DELETE", &format!("/api/{kinds}/{}", encode(name)), None)?;

@@ -436,6 +436,7 @@ impl DataDir {
                 let doc = self.doc(&id)?;
                 let mut keys: Vec<String> = doc.fields("apps.").into_keys().collect();
                 keys.extend(doc.fields("configs.").into_keys());
+                keys.extend(doc.fields("devices.").into_keys());
                 (id, keys)
             }
             _ => {
@@ -746,7 +747,14 @@ fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
             for (k, sub) in v.as_object().into_iter().flatten() {
                 flatten(k, sub, &mut desired);
             }
-            (vec!["apps.".to_string(), "configs.".to_string()], desired)
+            (
+                vec![
+                    "apps.".to_string(),
+                    "configs.".to_string(),
+                    "devices.".to_string(),
+                ],
+                desired,
+            )
         }
         other => {
             let kind = m.kind();
@@ -756,6 +764,8 @@ fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
                 Spec::Config(c) => serde_json::to_value(c),
                 Spec::Node(n) => serde_json::to_value(n),
                 Spec::SiteOverride(s) => serde_json::to_value(s),
+                Spec::DeviceProfile(p) => serde_json::to_value(p),
+                Spec::Device(d) => serde_json::to_value(d),
             }
             .unwrap_or_default();
             let mut desired = BTreeMap::new();

@@ -19,6 +19,7 @@
 
 pub mod bundle;
 pub mod datadir;
+pub mod device;
 pub mod doc;
 pub mod error;
 pub mod identity;
@@ -26,6 +27,7 @@ pub mod manifest;
 pub mod model;
 pub mod panics;
 pub mod placement;
+pub mod readings;
 pub mod render;
 pub mod store;
 pub mod sync;

@@ -65,6 +65,10 @@ pub enum Spec {
     Node(NodeSpec),
     /// A site's overrides.
     SiteOverride(SiteOverrideSpec),
+    /// A device profile.
+    DeviceProfile(crate::device::DeviceProfileSpec),
+    /// A device.
+    Device(Box<crate::device::DeviceSpec>),
 }
 
 /// One parsed and validated manifest.
@@ -86,6 +90,8 @@ impl Manifest {
             Spec::Config(_) => Kind::Config,
             Spec::Node(_) => Kind::Node,
             Spec::SiteOverride(_) => Kind::SiteOverride,
+            Spec::DeviceProfile(_) => Kind::DeviceProfile,
+            Spec::Device(_) => Kind::Device,
         }
     }
 }
@@ -156,11 +162,15 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             "Config" => Kind::Config,
             "Node" => Kind::Node,
             "SiteOverride" => Kind::SiteOverride,
+            "DeviceProfile" => Kind::DeviceProfile,
+            "Device" => Kind::Device,
             other => {
                 return Err(err(
                     n,
                     "kind",
-                    format!("unknown kind {other:?}: expected App, Config, Node or SiteOverride"),
+                    format!(
+                        "unknown kind {other:?}: expected App, Config, Node, SiteOverride, DeviceProfile or Device"
+                    ),
                 ));
             }
         };
@@ -171,6 +181,12 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             Kind::Node => Spec::Node(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
             Kind::SiteOverride => {
                 Spec::SiteOverride(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?)
+            }
+            Kind::DeviceProfile => {
+                Spec::DeviceProfile(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?)
+            }
+            Kind::Device => {
+                Spec::Device(Box::new(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?))
             }
         };
         validate(&spec).map_err(|(f, m)| err(n, &format!("spec.{f}"), m))?;
@@ -244,7 +260,12 @@ fn validate(spec: &Spec) -> Result<(), Invalid> {
             validate_name("site", &n.site).map_err(|m| ("site".into(), m))?;
             check_labels("labels", &n.labels)
         }
+        Spec::DeviceProfile(p) => crate::device::validate_profile(p),
+        Spec::Device(d) => crate::device::validate_device(d),
         Spec::SiteOverride(s) => {
+            for dev in s.devices.keys() {
+                validate_name("device", dev).map_err(|m| (format!("devices.{dev}"), m))?;
+            }
             for (app, o) in &s.apps {
                 validate_name("app", app).map_err(|m| (format!("apps.{app}"), m))?;
                 for k in o.env.keys() {

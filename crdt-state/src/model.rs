@@ -287,6 +287,9 @@ pub struct SiteOverrideSpec {
     /// Per config.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub configs: BTreeMap<String, ConfigOverride>,
+    /// Per device: setpoints.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, crate::device::DeviceOverride>,
 }
 
 /// Where a workload stands on its node.
@@ -342,6 +345,9 @@ pub struct NodeReport {
     /// The peers it is connected to (names).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// Its devices.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, crate::device::DeviceReport>,
 }
 
 impl NodeReport {
@@ -384,6 +390,10 @@ pub enum Kind {
     Node,
     /// The whole `site/<name>` document.
     SiteOverride,
+    /// `profiles.*` in the fleet document.
+    DeviceProfile,
+    /// `devices.*` in the fleet document.
+    Device,
 }
 
 impl Kind {
@@ -394,6 +404,8 @@ impl Kind {
             Kind::Config => "configs",
             Kind::Node => "nodes",
             Kind::SiteOverride => "",
+            Kind::DeviceProfile => "profiles",
+            Kind::Device => "devices",
         }
     }
 
@@ -404,6 +416,8 @@ impl Kind {
             Kind::Config => "Config",
             Kind::Node => "Node",
             Kind::SiteOverride => "SiteOverride",
+            Kind::DeviceProfile => "DeviceProfile",
+            Kind::Device => "Device",
         }
     }
 
@@ -414,6 +428,8 @@ impl Kind {
             "config" => Kind::Config,
             "node" => Kind::Node,
             "siteoverride" | "site" => Kind::SiteOverride,
+            "deviceprofile" | "profile" => Kind::DeviceProfile,
+            "device" => Kind::Device,
             _ => return None,
         })
     }
@@ -448,6 +464,12 @@ pub struct FleetView {
     pub configs: BTreeMap<String, ConfigSpec>,
     /// Nodes by name.
     pub nodes: BTreeMap<String, NodeSpec>,
+    /// Device profiles by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles: BTreeMap<String, crate::device::DeviceProfileSpec>,
+    /// Devices by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, crate::device::DeviceSpec>,
 }
 
 impl FleetView {
@@ -461,6 +483,8 @@ impl FleetView {
             apps: entities(doc, Kind::App),
             configs: entities(doc, Kind::Config),
             nodes: entities(doc, Kind::Node),
+            profiles: entities(doc, Kind::DeviceProfile),
+            devices: entities(doc, Kind::Device),
         }
     }
 }
@@ -469,6 +493,7 @@ impl FleetView {
 pub fn read_site(doc: &Document) -> SiteOverrideSpec {
     let mut fields = doc.fields("apps.");
     fields.extend(doc.fields("configs."));
+    fields.extend(doc.fields("devices."));
     serde_json::from_value(unflatten_root(&fields)).unwrap_or_default()
 }
 

@@ -134,6 +134,57 @@ pub fn configs(format: Format, fleet: &FleetView) -> String {
     render(format, &fleet.configs, &["NAME", "KEYS"], rows)
 }
 
+/// `shoal get profiles`.
+pub fn profiles(format: Format, fleet: &FleetView) -> String {
+    let rows = fleet
+        .profiles
+        .iter()
+        .map(|(n, p)| {
+            vec![
+                n.clone(),
+                p.resources.len().to_string(),
+                p.description.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    render(
+        format,
+        &fleet.profiles,
+        &["NAME", "RESOURCES", "DESCRIPTION"],
+        rows,
+    )
+}
+
+/// `shoal get devices`.
+pub fn devices(format: Format, fleet: &FleetView) -> String {
+    let rows = fleet
+        .devices
+        .iter()
+        .map(|(n, d)| {
+            let addr = match (&d.tcp, &d.rtu, &d.opcua) {
+                (Some(t), _, _) => format!("{}:{} unit {}", t.host, t.port, t.unit),
+                (_, Some(r), _) => format!("{} {} baud unit {}", r.path, r.baud, r.unit),
+                (_, _, Some(o)) => o.endpoint.clone(),
+                _ => "-".into(),
+            };
+            vec![
+                n.clone(),
+                d.profile.clone(),
+                d.node.clone(),
+                format!("{:?}", d.protocol).to_lowercase(),
+                addr,
+                format!("{} ms", d.poll_ms),
+            ]
+        })
+        .collect();
+    render(
+        format,
+        &fleet.devices,
+        &["NAME", "PROFILE", "NODE", "PROTOCOL", "ADDRESS", "POLL"],
+        rows,
+    )
+}
+
 /// `shoal get nodes`.
 pub fn nodes(format: Format, fleet: &FleetView) -> String {
     nodes_with_contacts(format, fleet, None, &Default::default(), 0)

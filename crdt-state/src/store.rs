@@ -10,6 +10,8 @@
 //! | `certs` | public key | certificate JSON |
 //! | `sync` | (peer, doc id) | per-peer sync state |
 //!
+//! Device readings live in tables of their own (`readings.rs`).
+//!
 //! Crash-only: a change is reported as accepted only after the transaction
 //! that holds it (and its signature) commits. Compaction writes the
 //! snapshot and deletes the chunks it replaces in one transaction.
@@ -88,6 +90,16 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl Store {
+    /// The database (for the readings table in `readings.rs`).
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Runs `f` with storage-engine panics turned into errors.
+    pub(crate) fn guard<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        guarded(&self.path, f)
+    }
+
     /// Saves several sync states in one transaction.
     pub fn put_sync_states(&self, states: &[(String, DocId, Vec<u8>)]) -> Result<()> {
         guarded(&self.path, || {

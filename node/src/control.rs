@@ -164,8 +164,12 @@ fn execute_inner(dd: &mut DataDir, req: Request, live: &Live) -> anyhow::Result<
                 ),
                 "conflicts" | "conflict" => render::conflicts(output, &dd.conflicts()?),
                 "sites" | "site" => render::sites(output, &dd.sites()?),
+                "profiles" | "profile" => render::profiles(output, &dd.fleet()?),
+                "devices" | "device" => render::devices(output, &dd.fleet()?),
                 other => {
-                    bail!("cannot get {other:?}: expected apps, configs, nodes, sites or conflicts")
+                    bail!(
+                        "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices or conflicts"
+                    )
                 }
             }
         }

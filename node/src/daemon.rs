@@ -54,6 +54,27 @@ pub struct Options {
     pub http: Option<std::net::SocketAddr>,
     /// Demo controls for the UI (`shoal demo` only).
     pub demo: Option<std::sync::Arc<dyn cloud_anchor::Demo>>,
+    /// Most device readings kept in the store (oldest dropped beyond it).
+    pub readings_cap: u64,
+}
+
+/// Device readings kept by default: about 11 days of 1 resource at 1 Hz,
+/// or 8 minutes of 20 devices × 100 resources (~100 bytes each on disk).
+pub const DEFAULT_READINGS_CAP: u64 = 1_000_000;
+
+/// Reported device values are rewritten at most this often (state
+/// changes — online, errors, setpoints — go out at once).
+const DEVICE_VALUES_EVERY: Duration = Duration::from_secs(30);
+
+/// What the node knows of one device now.
+#[derive(Debug, Default)]
+struct DeviceState {
+    online: Option<bool>,
+    error: Option<String>,
+    missed_polls: u64,
+    /// Latest value (or error) per resource, with its time.
+    latest: BTreeMap<String, (u64, Result<crdt_state::device::Value, String>)>,
+    setpoints: BTreeMap<String, crdt_state::device::SetpointReport>,
 }
 
 /// The file an anchor writes its HTTP address to (for tools and tests).
@@ -156,6 +177,13 @@ struct Daemon {
     snapshots: Option<tokio::sync::watch::Sender<std::sync::Arc<cloud_anchor::Snapshot>>>,
     /// Changes made here (CLI, API), told apart from merged ones.
     local_hashes: std::collections::HashSet<automerge::ChangeHash>,
+    /// Device polling (nodes).
+    devices: Option<crate::devices::Devices>,
+    device_state: BTreeMap<String, DeviceState>,
+    pending_readings: Vec<crdt_state::readings::Reading>,
+    readings_cap: u64,
+    readings_dropped: u64,
+    last_device_values: Instant,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -259,7 +287,17 @@ pub async fn run(
         view: None,
         snapshots: None,
         local_hashes: Default::default(),
+        devices: None,
+        device_state: BTreeMap::new(),
+        pending_readings: Vec::new(),
+        readings_cap: opts.readings_cap,
+        readings_dropped: 0,
+        last_device_values: Instant::now(),
     };
+    let (dev_tx, mut dev_rx) = mpsc::channel::<crate::devices::Update>(1024);
+    if d.runtime.is_some() {
+        d.devices = Some(crate::devices::Devices::new(dev_tx));
+    }
     let (api_tx, mut api_rx) = mpsc::channel::<cloud_anchor::Incoming>(64);
     if let Some(addr) = opts.http {
         if !opts.anchor {
@@ -320,6 +358,7 @@ pub async fn run(
                 let r = d.on_site(req);
                 let _ = reply.send(r);
             }
+            Some(u) = dev_rx.recv() => d.on_device(u),
             Some((cmd, reply)) = api_rx.recv() => {
                 let r = d.on_api(cmd);
                 // Read your writes: the answer leaves after a snapshot
@@ -342,6 +381,10 @@ pub async fn run(
     if let Some(rt) = d.runtime.as_mut() {
         rt.shutdown().await;
     }
+    if let Some(dev) = d.devices.as_mut() {
+        dev.shutdown();
+    }
+    d.flush_readings();
     d.report();
     d.drain();
     d.flush_states();
@@ -546,6 +589,25 @@ impl Daemon {
         if let Some(rt) = self.runtime.as_mut() {
             rt.reconcile(&desired);
         }
+        if self.devices.is_some() {
+            let fleet = self
+                .engine
+                .doc(&DocId::Fleet)
+                .map(FleetView::read)
+                .unwrap_or_default();
+            let site = self
+                .me
+                .cert
+                .site
+                .as_ref()
+                .and_then(|s| self.engine.doc(&DocId::Site(s.clone())))
+                .map(model::read_site);
+            let want = crate::devices::assigned(&fleet, site.as_ref(), &self.me.cert.name);
+            self.device_state.retain(|k, _| want.contains_key(k));
+            if let Some(dev) = self.devices.as_mut() {
+                dev.reconcile(want);
+            }
+        }
         self.reconcile_due = false;
         self.last_reconcile = Instant::now();
         self.report();
@@ -600,6 +662,7 @@ impl Daemon {
                 .filter(|(_, c)| c.connected)
                 .map(|(n, _)| n.clone())
                 .collect(),
+            devices: self.device_reports(),
         };
         if let Some(last) = &self.last_report {
             let mut same = report.clone();
@@ -607,7 +670,18 @@ impl Daemon {
             if same == *last {
                 return;
             }
+            // Only reported values moved: not more often than every 30 s.
+            let mut values_only = same.clone();
+            for (k, d) in values_only.devices.iter_mut() {
+                if let Some(old) = last.devices.get(k) {
+                    d.values = old.values.clone();
+                }
+            }
+            if values_only == *last && self.last_device_values.elapsed() < DEVICE_VALUES_EVERY {
+                return;
+            }
         }
+        self.last_device_values = Instant::now();
         report.reconciled_at = now();
         let id = self.node_doc();
         let empty = crdt_state::Document::new(id.clone());
@@ -618,7 +692,139 @@ impl Daemon {
         }
     }
 
+    /// The devices part of the node's report.
+    fn device_reports(&self) -> BTreeMap<String, crdt_state::device::DeviceReport> {
+        let mut out = BTreeMap::new();
+        for (name, st) in &self.device_state {
+            let marked: Vec<String> = self
+                .devices
+                .as_ref()
+                .and_then(|d| d.get(name))
+                .and_then(|a| a.profile.as_ref())
+                .map(|p| {
+                    p.resources
+                        .iter()
+                        .filter(|r| r.report)
+                        .map(|r| r.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let values = st
+                .latest
+                .iter()
+                .filter(|(r, _)| marked.contains(r))
+                .filter_map(|(r, (_, v))| {
+                    v.as_ref()
+                        .ok()
+                        .and_then(|v| serde_json::to_value(v).ok())
+                        .map(|v| (r.clone(), v))
+                })
+                .collect();
+            out.insert(
+                name.clone(),
+                crdt_state::device::DeviceReport {
+                    online: st.online,
+                    error: st.error.clone(),
+                    values,
+                    setpoints: st.setpoints.clone(),
+                },
+            );
+        }
+        out
+    }
+
+    /// One update from a device task.
+    fn on_device(&mut self, u: crate::devices::Update) {
+        use crate::devices::Update;
+        match u {
+            Update::Readings {
+                device,
+                at_ms,
+                values,
+            } => {
+                let st = self.device_state.entry(device.clone()).or_default();
+                let mut errors = Vec::new();
+                for (res, v) in values {
+                    if let Ok(val) = &v
+                        && let Ok(text) = serde_json::to_vec(val)
+                    {
+                        self.pending_readings.push(crdt_state::readings::Reading {
+                            series: format!("{device}/{res}"),
+                            at_ms,
+                            value: text,
+                        });
+                    }
+                    if let Err(e) = &v {
+                        errors.push(format!("{res}: {e}"));
+                    }
+                    st.latest.insert(res, (at_ms, v));
+                }
+                if st.online == Some(true) || st.online.is_none() {
+                    st.error = (!errors.is_empty()).then(|| errors.join("; "));
+                }
+                if self.pending_readings.len() >= 20_000 {
+                    self.flush_readings();
+                }
+            }
+            Update::Status {
+                device,
+                online,
+                error,
+                missed_polls,
+            } => {
+                let st = self.device_state.entry(device).or_default();
+                st.online = Some(online);
+                st.error = error;
+                st.missed_polls = missed_polls;
+            }
+            Update::Setpoint {
+                device,
+                resource,
+                result,
+            } => {
+                let desired = self
+                    .devices
+                    .as_ref()
+                    .and_then(|d| d.get(&device))
+                    .and_then(|a| a.setpoints.get(&resource).cloned())
+                    .unwrap_or_default();
+                let st = self.device_state.entry(device.clone()).or_default();
+                let report = match result {
+                    Ok(v) => crdt_state::device::SetpointReport {
+                        desired,
+                        applied: true,
+                        read_back: serde_json::to_value(v).ok(),
+                        error: None,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%device, %resource, error = %e, "setpoint not applied");
+                        crdt_state::device::SetpointReport {
+                            desired,
+                            applied: false,
+                            read_back: None,
+                            error: Some(e),
+                        }
+                    }
+                };
+                st.setpoints.insert(resource, report);
+            }
+        }
+    }
+
+    /// Writes buffered readings to the store (one transaction).
+    fn flush_readings(&mut self) {
+        if self.pending_readings.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending_readings);
+        match self.dd.store().append_readings(&batch, self.readings_cap) {
+            Ok(dropped) => self.readings_dropped += dropped,
+            Err(e) => tracing::warn!(error = %e, readings = batch.len(), "readings not stored"),
+        }
+    }
+
     fn on_tick(&mut self) {
+        self.flush_readings();
         let now_ms = self.started.elapsed().as_millis() as u64;
         self.engine.handle(Input::Tick { now_ms });
         if self.reconcile_due || self.last_reconcile.elapsed() >= RECONCILE_EVERY {
@@ -768,10 +974,14 @@ impl Daemon {
                 Err(e) => Reply::error(503, e.to_string()),
             };
         }
-        if !matches!(
-            route,
-            ("GET", "/api/view") | ("GET", "/api/site/bundle") | ("POST", "/api/site/changes")
-        ) {
+        let devices_route = req.method == "GET"
+            && (req.path == "/api/devices" || req.path.starts_with("/api/devices/"));
+        if !devices_route
+            && !matches!(
+                route,
+                ("GET", "/api/view") | ("GET", "/api/site/bundle") | ("POST", "/api/site/changes")
+            )
+        {
             return Reply::error(404, format!("no {} {}", req.method, req.path));
         }
         let who = match site_api::authenticate(&req, &mut self.nonces, self.engine.trust(), &site) {
@@ -782,6 +992,9 @@ impl Daemon {
             }
         };
         let site_doc = DocId::Site(site.clone());
+        if devices_route {
+            return self.device_api(&req.path);
+        }
         match route {
             ("GET", "/api/view") => {
                 let peers: Vec<&String> = self
@@ -912,6 +1125,77 @@ impl Daemon {
                     ),
                 );
             }
+        }
+    }
+
+    /// The site API's device routes: `/api/devices` (latest values and
+    /// state of every device), `/api/devices/<device>/<resource>/range/<from
+    /// ms>/<to ms>` (stored readings, oldest first, at most 100,000).
+    fn device_api(&self, path: &str) -> Reply {
+        let parts: Vec<&str> = path
+            .trim_start_matches("/api/devices")
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .collect();
+        match parts.as_slice() {
+            [] => {
+                let devices: serde_json::Map<String, serde_json::Value> = self
+                    .device_state
+                    .iter()
+                    .map(|(name, st)| {
+                        let latest: serde_json::Map<String, serde_json::Value> = st
+                            .latest
+                            .iter()
+                            .map(|(r, (at, v))| {
+                                let v = match v {
+                                    Ok(v) => serde_json::json!({ "at_ms": at, "value": v }),
+                                    Err(e) => serde_json::json!({ "at_ms": at, "error": e }),
+                                };
+                                (r.clone(), v)
+                            })
+                            .collect();
+                        (
+                            name.clone(),
+                            serde_json::json!({
+                                "online": st.online,
+                                "error": st.error,
+                                "missed_polls": st.missed_polls,
+                                "latest": latest,
+                                "setpoints": st.setpoints,
+                            }),
+                        )
+                    })
+                    .collect();
+                let stats = self.dd.store().reading_stats().unwrap_or_default();
+                Reply {
+                    status: 200,
+                    body: serde_json::json!({ "devices": devices, "readings": stats }),
+                }
+            }
+            [dev, res, "range", from, to] => {
+                let (Ok(from), Ok(to)) = (from.parse::<u64>(), to.parse::<u64>()) else {
+                    return Reply::error(400, "range bounds are Unix milliseconds");
+                };
+                let series = format!("{dev}/{res}");
+                match self.dd.store().readings_between(&series, from, to, 100_000) {
+                    Ok(rows) => {
+                        let rows: Vec<serde_json::Value> = rows
+                            .into_iter()
+                            .map(|(at, v)| {
+                                let v: serde_json::Value =
+                                    serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null);
+                                serde_json::json!([at, v])
+                            })
+                            .collect();
+                        Reply {
+                            status: 200,
+                            body: serde_json::json!({ "series": series, "readings": rows }),
+                        }
+                    }
+                    Err(e) => Reply::error(500, e.to_string()),
+                }
+            }
+            _ => Reply::error(404, format!("no GET {path}")),
         }
     }
 

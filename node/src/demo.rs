@@ -312,6 +312,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         runtime: daemon::RuntimeChoice::Native,
         http: Some(http),
         demo: Some(controls.clone()),
+        readings_cap: daemon::DEFAULT_READINGS_CAP,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -31,6 +31,8 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod demo_app;
+pub mod device_cli;
+pub mod devices;
 pub mod enroll;
 pub mod hello;
 pub mod replica;

@@ -1,0 +1,447 @@
+//! Field devices with real simulators: a node polls Modbus TCP devices
+//! (pymodbus, pinned in scripts/test.sh) and a Modbus RTU device over a
+//! pseudo-terminal pair made with socat; faults (an exception, a register
+//! slower than the timeout, a simulator killed and restarted) are reported
+//! per device while the others keep polling; setpoints are written, read
+//! back, or refused with the reason; bad profiles are refused at apply.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn python() -> String {
+    std::env::var("SHOAL_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let venv = format!("{home}/.cache/shoal/venv/bin/python");
+        assert!(
+            Path::new(&venv).exists(),
+            "no Python with pymodbus: run ./scripts/test.sh (it makes {venv}) or set SHOAL_PYTHON"
+        );
+        venv
+    })
+}
+
+fn sim_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sim/modbus_sim.py")
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tcp_sim(port: u16, log: &Path) -> Proc {
+    let child = Command::new(python())
+        .arg(sim_script())
+        .args(["tcp", "127.0.0.1", &port.to_string()])
+        .stdout(Stdio::from(std::fs::File::create(log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(log.with_extension("err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    assert!(
+        wait_for(WITHIN, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()),
+        "the Modbus simulator did not listen: {}",
+        std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+    );
+    p
+}
+
+const PROFILE: &str = r#"apiVersion: shoal.dev/v1
+kind: DeviceProfile
+metadata: {name: meter}
+spec:
+  description: a meter with a setpoint
+  resources:
+  - {name: temp, table: holding-registers, offset: 0, valueType: float32, units: degC, report: true}
+  - {name: temp-ws, table: holding-registers, offset: 2, valueType: float32, wordSwap: true}
+  - {name: setpoint, table: holding-registers, offset: 10, valueType: int16, access: read-write, minimum: 0, maximum: 100}
+  - {name: locked, table: holding-registers, offset: 20, valueType: uint16, access: read-write}
+  - {name: busy, table: holding-registers, offset: 60, valueType: uint16}
+  - {name: flow, table: input-registers, offset: 1, valueType: int16, scale: 0.5}
+  - {name: pump, table: coils, offset: 0, valueType: bool}
+---
+apiVersion: shoal.dev/v1
+kind: DeviceProfile
+metadata: {name: slowpoke}
+spec:
+  resources:
+  - {name: slow, table: holding-registers, offset: 50, valueType: uint16}
+"#;
+
+fn device(name: &str, profile: &str, addr: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: shoal.dev/v1\nkind: Device\nmetadata: {{name: {name}}}\nspec:\n  profile: {profile}\n  node: n1\n  {addr}\n  pollMs: 200\n  timeoutMs: 1000\n{extra}"
+    )
+}
+
+struct Site {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    node_dir: PathBuf,
+    eng: PathBuf,
+    api: String,
+}
+
+/// A fleet with `manifests` applied, node n1 enrolled offline (its bundle
+/// carries them), an engineer of its site; the node is not started.
+fn site(manifests: &str) -> Site {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let op = root.join("op");
+    ok(&["fleet", "init", "--data-dir", s(&op)]);
+    let eng = root.join("eng.json");
+    site_engineer(&op, "s1", &eng);
+    let f = write(&root, "devices.yaml", manifests);
+    ok(&["apply", "--data-dir", s(&op), "-f", s(&f)]);
+    let node_dir = bundle_node(&op, &root, "n1", "s1");
+    let api = format!("127.0.0.1:{}", free_tcp_port());
+    Site {
+        _tmp: tmp,
+        root,
+        node_dir,
+        eng,
+        api,
+    }
+}
+
+fn start_node(site: &Site) -> Daemon {
+    Daemon::start(
+        "node",
+        &site.node_dir,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--site-api".into(),
+            site.api.clone(),
+        ],
+        None,
+    )
+}
+
+/// GET /api/devices through a signed site API client (the CLI's library).
+fn raw_devices(site: &Site) -> Value {
+    let out = Command::new(bin())
+        .args([
+            "device",
+            "read",
+            "--node",
+            &format!("http://{}", site.api),
+            "--identity",
+            s(&site.eng),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn latest(site: &Site, dev: &str, res: &str) -> Value {
+    raw_devices(site)["devices"][dev]["latest"][res].clone()
+}
+
+fn device_cmd(site: &Site, args: &[&str]) -> std::process::Output {
+    let api = format!("http://{}", site.api);
+    let mut full = vec![
+        "device",
+        args[0],
+        "--node",
+        &api,
+        "--identity",
+        s(&site.eng),
+    ];
+    full.extend_from_slice(&args[1..]);
+    shoal(&full)
+}
+
+#[test]
+fn modbus_tcp_polls_reports_faults_and_takes_setpoints() {
+    let (pa, pb, pslow) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let mut manifests = PROFILE.to_string();
+    manifests.push_str(&device(
+        "dev-a",
+        "meter",
+        &format!("protocol: modbus-tcp\n  tcp: {{host: 127.0.0.1, port: {pa}}}"),
+        "",
+    ));
+    manifests.push_str(&device(
+        "dev-b",
+        "meter",
+        &format!("protocol: modbus-tcp\n  tcp: {{host: 127.0.0.1, port: {pb}}}"),
+        "",
+    ));
+    manifests.push_str(&device(
+        "dev-slow",
+        "slowpoke",
+        &format!("protocol: modbus-tcp\n  tcp: {{host: 127.0.0.1, port: {pslow}}}"),
+        "",
+    ));
+    let site = site(&manifests);
+    let _a = tcp_sim(pa, &site.root.join("sim-a.log"));
+    let b = tcp_sim(pb, &site.root.join("sim-b.log"));
+    let _slow = tcp_sim(pslow, &site.root.join("sim-slow.log"));
+    let node = start_node(&site);
+
+    // Values, decoded with the profile: byte order, word swap, scale, bits.
+    assert!(
+        wait_for(WITHIN, || latest(&site, "dev-a", "temp")["value"] == 21.5),
+        "no temperature: {}",
+        raw_devices(&site)
+    );
+    assert_eq!(latest(&site, "dev-a", "temp-ws")["value"], 21.5);
+    assert_eq!(latest(&site, "dev-a", "flow")["value"], 11, "22 × 0.5");
+    assert_eq!(latest(&site, "dev-a", "pump")["value"], true);
+    assert_eq!(latest(&site, "dev-a", "setpoint")["value"], 7);
+    // An exception, reported on its resource with its code; the others fine.
+    let busy = latest(&site, "dev-a", "busy")["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(busy.contains("0x06") && busy.contains("busy"), "{busy}");
+    // A register slower than the timeout: that device is offline, named why.
+    assert!(
+        wait_for(WITHIN, || {
+            let d = &raw_devices(&site)["devices"]["dev-slow"];
+            d["online"] == false
+                && d["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("no answer within 1000 ms")
+        }),
+        "dev-slow: {}",
+        raw_devices(&site)["devices"]["dev-slow"]
+    );
+    // …while the others keep polling.
+    let t0 = latest(&site, "dev-a", "temp")["at_ms"].as_u64().unwrap();
+    assert!(wait_for(WITHIN, || latest(&site, "dev-a", "temp")["at_ms"]
+        .as_u64()
+        > Some(t0 + 500)));
+
+    // A simulator killed mid-poll: its device goes offline, comes back.
+    drop(b);
+    assert!(
+        wait_for(WITHIN, || raw_devices(&site)["devices"]["dev-b"]["online"]
+            == false),
+        "dev-b not offline: {}",
+        raw_devices(&site)["devices"]["dev-b"]
+    );
+    let t1 = latest(&site, "dev-a", "temp")["at_ms"].as_u64().unwrap();
+    assert!(
+        wait_for(WITHIN, || latest(&site, "dev-a", "temp")["at_ms"].as_u64()
+            > Some(t1 + 500)),
+        "dev-a stalled"
+    );
+    let _b = tcp_sim(pb, &site.root.join("sim-b2.log"));
+    assert!(
+        wait_for(
+            Duration::from_secs(45),
+            || raw_devices(&site)["devices"]["dev-b"]["online"] == true
+        ),
+        "dev-b not back: {}",
+        raw_devices(&site)["devices"]["dev-b"]
+    );
+
+    // Setpoints: written and read back; refused with the reason.
+    let out = device_cmd(&site, &["write", "dev-a", "setpoint", "42"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("read back"));
+    assert!(wait_for(
+        WITHIN,
+        || latest(&site, "dev-a", "setpoint")["value"] == 42
+    ));
+    let out = device_cmd(&site, &["write", "dev-a", "setpoint", "500"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outside"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = device_cmd(&site, &["write", "dev-a", "temp", "30"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("read-only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = device_cmd(&site, &["write", "dev-a", "locked", "9"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("0x02") || err.contains("0x04"),
+        "the device's refusal: {err}"
+    );
+
+    // The table and the CLI.
+    let out = device_cmd(&site, &["read", "dev-a"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("online") && text.contains("temp"),
+        "{text}"
+    );
+    let out = device_cmd(&site, &["read", "dev-a", "temp", "--since", "5m"]);
+    let rows = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(rows >= 5, "stored readings: {rows}");
+    // The node's report carries the device summary for the operator.
+    let report = get(&site.node_dir, "nodes");
+    assert!(report.to_string().contains("dev-a"), "{report}");
+    assert!(alive(node.child.id() as i32), "the node kept running");
+}
+
+#[test]
+fn modbus_rtu_over_a_pseudo_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dev_end, sim_end) = (tmp.path().join("ttyS1"), tmp.path().join("ttyS0"));
+    let socat = Command::new("socat")
+        .args([
+            "-d",
+            "-d",
+            &format!("pty,raw,echo=0,link={}", sim_end.display()),
+            &format!("pty,raw,echo=0,link={}", dev_end.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("socat (scripts/test.sh installs it)");
+    let _socat = Proc(socat);
+    assert!(
+        wait_for(WITHIN, || dev_end.exists() && sim_end.exists()),
+        "socat made no pty pair"
+    );
+    let log = tmp.path().join("sim.log");
+    let sim = Command::new(python())
+        .arg(sim_script())
+        .args(["rtu", s(&sim_end)])
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(log.with_extension("err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let _sim = Proc(sim);
+    assert!(wait_for(WITHIN, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("ready")));
+    let mut manifests = PROFILE.to_string();
+    manifests.push_str(&device(
+        "dev-rtu",
+        "meter",
+        &format!(
+            "protocol: modbus-rtu\n  rtu: {{path: {}, baud: 19200, unit: 1}}",
+            dev_end.display()
+        ),
+        "",
+    ));
+    let site = site(&manifests);
+    let _node = start_node(&site);
+    assert!(
+        wait_for(WITHIN, || latest(&site, "dev-rtu", "temp")["value"] == 21.5
+            && latest(&site, "dev-rtu", "pump")["value"] == true),
+        "RTU: {}",
+        raw_devices(&site)
+    );
+    let out = device_cmd(&site, &["write", "dev-rtu", "setpoint", "55"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_for(
+        WITHIN,
+        || latest(&site, "dev-rtu", "setpoint")["value"] == 55
+    ));
+}
+
+#[test]
+fn bad_profiles_are_refused_at_apply_and_nothing_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = tmp.path().join("op");
+    ok(&["fleet", "init", "--data-dir", s(&op)]);
+    let cases = [
+        (
+            "resources: [ {name: x, table: holding-registers",
+            "not valid YAML",
+        ),
+        (
+            "resources:\n- {name: x, table: eeprom, offset: 0, valueType: uint16}",
+            "spec.resources[0].table",
+        ),
+        (
+            "resources:\n- {name: x, table: holding-registers, offset: 65534, valueType: float64}",
+            "65,536",
+        ),
+        (
+            "resources:\n- {name: x, table: input-registers, offset: 0, valueType: uint16, access: read-write}",
+            "read-only in Modbus",
+        ),
+        (
+            "resources:\n- {name: x, table: coils, offset: 0, valueType: float32}",
+            "bool",
+        ),
+        (
+            "resources:\n- {name: x, table: holding-registers, offset: 0, valueType: int16, minimum: 5, maximum: 1}",
+            "above maximum",
+        ),
+    ];
+    for (spec, want) in cases {
+        let text = format!(
+            "apiVersion: shoal.dev/v1\nkind: DeviceProfile\nmetadata: {{name: p}}\nspec:\n{}\n",
+            indent(spec)
+        );
+        let f = write(tmp.path(), "p.yaml", &text);
+        let out = shoal(&["apply", "--data-dir", s(&op), "-f", s(&f)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {text}");
+        assert!(err.contains(want), "{want:?} not in: {err}");
+        assert_eq!(
+            get(&op, "profiles"),
+            serde_json::json!({}),
+            "nothing stored"
+        );
+    }
+    // A device whose address does not match its protocol.
+    let f = write(
+        tmp.path(),
+        "d.yaml",
+        "apiVersion: shoal.dev/v1\nkind: Device\nmetadata: {name: d}\nspec: {profile: p, node: n1, protocol: modbus-rtu, tcp: {host: h}}\n",
+    );
+    let out = shoal(&["apply", "--data-dir", s(&op), "-f", s(&f)]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.rtu"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(get(&op, "devices"), serde_json::json!({}));
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
