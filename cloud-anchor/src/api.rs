@@ -595,7 +595,7 @@ async fn node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
     axum::Json(json!({
         "node": row,
         "desired": desired,
-        "devices": [],
+        "devices": row.devices,
         "timeline": timeline,
     }))
     .into_response()

@@ -88,6 +88,8 @@ pub struct NodeRow {
     pub workloads: BTreeMap<String, WorkloadReport>,
     /// The peers it reported.
     pub peers: Vec<String>,
+    /// Its devices, as it reported them.
+    pub devices: BTreeMap<String, crdt_state::device::DeviceReport>,
     /// Summary state.
     pub state: NodeState,
 }
@@ -560,6 +562,7 @@ impl View {
                     .as_ref()
                     .map(|r| r.workloads.clone())
                     .unwrap_or_default(),
+                devices: report.as_ref().map(|r| r.devices.clone()).unwrap_or_default(),
                 peers: report.map(|r| r.peers).unwrap_or_default(),
                 state,
             });

@@ -186,7 +186,13 @@ async function node(parts) {
    <tr><th>Desired state</th><td>${n.behind ? `${n.behind} changes behind${n.behind_since ? ", the oldest from " + ago(n.behind_since) : ""}` : "applied"}</td></tr>
    <tr><th>Last reconcile</th><td>${ago(n.reconciled_at)}</td></tr>
    <tr><th>Peers</th><td>${n.peers.map(esc).join(", ") || "-"}</td></tr>
-   <tr><th>Devices</th><td class="muted">${d.devices.length ? d.devices.map(esc).join(", ") : "none"}</td></tr>
+  </tbody></table>
+  <h2>Devices</h2>
+  <table id="devices"><thead><tr><th>Device</th><th>State</th><th>Reported values</th><th>Setpoints</th><th>Error</th></tr></thead><tbody>
+  ${Object.entries(d.devices).map(([name, v]) => `<tr data-device="${esc(name)}"><td>${esc(name)}</td><td>${badge(v.online === true ? "online" : v.online === false ? "offline" : "unknown")}</td>
+    <td>${Object.entries(v.values || {}).map(([r, x]) => `<code>${esc(r)}=${esc(JSON.stringify(x))}</code>`).join(" ") || "-"}</td>
+    <td>${Object.entries(v.setpoints || {}).map(([r, sp]) => `<code>${esc(r)}=${esc(JSON.stringify(sp.desired))}</code> ${sp.applied ? "applied" : `<span class="state failed">${esc(sp.error || "pending")}</span>`}`).join("<br>") || "-"}</td>
+    <td>${esc(v.error || "")}</td></tr>`).join("") || `<tr><td colspan=5 class="muted">none</td></tr>`}
   </tbody></table>
   <h2>Workloads</h2>
   <table id="workloads"><thead><tr><th>App</th><th>State</th><th>Version</th><th>Restarts</th><th>Reason</th></tr></thead><tbody>
