@@ -562,7 +562,10 @@ impl View {
                     .as_ref()
                     .map(|r| r.workloads.clone())
                     .unwrap_or_default(),
-                devices: report.as_ref().map(|r| r.devices.clone()).unwrap_or_default(),
+                devices: report
+                    .as_ref()
+                    .map(|r| r.devices.clone())
+                    .unwrap_or_default(),
                 peers: report.map(|r| r.peers).unwrap_or_default(),
                 state,
             });
