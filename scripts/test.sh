@@ -22,10 +22,10 @@ fi
 
 # The device simulators, from PyPI, pinned, in a virtualenv outside the clone.
 venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
-if ! "$venv/bin/python" -c 'import pymodbus, serial; assert pymodbus.__version__ == "3.16.1"' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import pymodbus, serial, asyncua; assert pymodbus.__version__ == "3.16.1"' >/dev/null 2>&1; then
   python3 -m venv "$venv" 2>/dev/null ||
     { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5
+  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5 asyncua==2.1.0
 fi
 export SHOAL_PYTHON="$venv/bin/python"
 

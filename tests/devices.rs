@@ -445,3 +445,75 @@ fn bad_profiles_are_refused_at_apply_and_nothing_is_stored() {
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
+
+#[test]
+fn opcua_device_polled_written_and_refused() {
+    let port = free_tcp_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sim/opcua_sim.py");
+    let srv = Command::new(python())
+        .arg(script)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(tmp.path().join("ua.err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let _srv = Proc(srv);
+    assert!(
+        wait_for(WITHIN, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()),
+        "the OPC UA server did not listen"
+    );
+    let manifests = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: DeviceProfile
+metadata: {{name: pump}}
+spec:
+  resources:
+  - {{name: setpoint, nodeId: "ns=2;s=Setpoint", valueType: float64, access: read-write, maximum: 100}}
+  - {{name: counter, nodeId: "ns=2;s=Counter", valueType: int32, report: true}}
+  - {{name: label, nodeId: "ns=2;s=Label", valueType: string}}
+  - {{name: as-int, nodeId: "ns=2;s=Setpoint", valueType: int32, access: read-write}}
+---
+apiVersion: shoal.dev/v1
+kind: Device
+metadata: {{name: dev-ua}}
+spec: {{profile: pump, node: n1, protocol: opcua, opcua: {{endpoint: "opc.tcp://127.0.0.1:{port}/shoal/"}}, pollMs: 300, timeoutMs: 2000}}
+"#
+    );
+    let site = site(&manifests);
+    let _node = start_node(&site);
+    assert!(
+        wait_for(WITHIN, || latest(&site, "dev-ua", "label")["value"]
+            == "pump-1"
+            && latest(&site, "dev-ua", "setpoint")["value"] == 1.5),
+        "OPC UA: {}",
+        raw_devices(&site)
+    );
+    let c0 = latest(&site, "dev-ua", "counter")["value"]
+        .as_i64()
+        .unwrap();
+    assert!(wait_for(
+        WITHIN,
+        || latest(&site, "dev-ua", "counter")["value"].as_i64() > Some(c0)
+    ));
+    let out = device_cmd(&site, &["write", "dev-ua", "setpoint", "42.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_for(
+        WITHIN,
+        || latest(&site, "dev-ua", "setpoint")["value"] == 42.5
+    ));
+    let out = device_cmd(&site, &["write", "dev-ua", "as-int", "5"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("BadTypeMismatch"), "{err}");
+    let out = device_cmd(&site, &["write", "dev-ua", "counter", "3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"));
+    assert_eq!(raw_devices(&site)["devices"]["dev-ua"]["online"], true);
+}

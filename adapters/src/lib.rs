@@ -2,7 +2,8 @@
 //!
 //! One [`FieldAdapter`] trait — read a range of one table, write a range —
 //! and its Modbus implementation over TCP and RTU (serial, through
-//! `tokio-serial`; no libudev). Adapters move raw words and bits; what they
+//! `tokio-serial`; no libudev); and [`opcua::OpcUa`], which reads and
+//! writes variables by node id (OPC UA has no tables). Adapters move raw words and bits; what they
 //! mean (types, swaps, scale) is the device profile's business, decoded by
 //! the node with `crdt_state::device`. This crate depends on neither
 //! `crdt-state` nor `mesh`.
@@ -14,6 +15,7 @@
 //! device failure) are answers, not failures: the connection stays.
 
 pub mod modbus;
+pub mod opcua;
 
 use std::future::Future;
 use std::time::Duration;
@@ -68,12 +70,18 @@ pub enum DeviceError {
     /// A request the protocol cannot carry.
     #[error("{0}")]
     Invalid(String),
+    /// The device refused the request (an OPC UA bad status).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl DeviceError {
     /// Whether the device itself answered (it is online).
     pub fn device_answered(&self) -> bool {
-        matches!(self, DeviceError::Exception { .. })
+        matches!(
+            self,
+            DeviceError::Exception { .. } | DeviceError::Refused(_)
+        )
     }
 }
 

@@ -576,7 +576,9 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
     a
 }
 
-fn scaled(r: &Resource, raw: Value) -> Value {
+/// Applies a resource's scale and offset (and its value type) to a raw
+/// value read from the device.
+pub fn scaled(r: &Resource, raw: Value) -> Value {
     if r.scale.is_none() && r.value_offset.is_none() {
         return match (r.value_type, raw) {
             (ValueType::Float32 | ValueType::Float64, Value::Int(i)) => Value::Float(i as f64),

@@ -296,7 +296,10 @@ pub async fn run(
     };
     let (dev_tx, mut dev_rx) = mpsc::channel::<crate::devices::Update>(1024);
     if d.runtime.is_some() {
-        d.devices = Some(crate::devices::Devices::new(dev_tx));
+        d.devices = Some(crate::devices::Devices::new(
+            dev_tx,
+            opts.data_dir.join("opcua-pki"),
+        ));
     }
     let (api_tx, mut api_rx) = mpsc::channel::<cloud_anchor::Incoming>(64);
     if let Some(addr) = opts.http {

@@ -98,6 +98,227 @@ pub enum Update {
     },
 }
 
+/// The raw value a setpoint asks the device for (scale and offset undone).
+fn unscaled(r: &Resource, v: &serde_json::Value) -> Result<adapters::opcua::Scalar, String> {
+    use adapters::opcua::Scalar;
+    match v {
+        serde_json::Value::Bool(b) => Ok(Scalar::Bool(*b)),
+        serde_json::Value::String(s) => Ok(Scalar::Text(s.clone())),
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().ok_or("not a number")?;
+            let raw = (x - r.value_offset.unwrap_or(0.0)) / r.scale.unwrap_or(1.0);
+            Ok(match r.raw() {
+                device::ValueType::Float32 | device::ValueType::Float64 => Scalar::Float(raw),
+                _ => Scalar::Int(raw.round() as i64),
+            })
+        }
+        other => Err(format!("{other} is not a scalar")),
+    }
+}
+
+fn opcua_kind(t: device::ValueType) -> adapters::opcua::Kind {
+    use adapters::opcua::Kind;
+    match t {
+        device::ValueType::Bool => Kind::Boolean,
+        device::ValueType::Int16 => Kind::Int16,
+        device::ValueType::Uint16 => Kind::UInt16,
+        device::ValueType::Int32 => Kind::Int32,
+        device::ValueType::Uint32 => Kind::UInt32,
+        device::ValueType::Int64 => Kind::Int64,
+        device::ValueType::Uint64 => Kind::UInt64,
+        device::ValueType::Float32 => Kind::Float,
+        device::ValueType::Float64 => Kind::Double,
+        device::ValueType::String => Kind::String,
+    }
+}
+
+fn from_scalar(r: &Resource, v: adapters::opcua::Scalar) -> Result<Value, String> {
+    use adapters::opcua::Scalar;
+    let raw = match v {
+        Scalar::Bool(b) => Value::Bool(b),
+        Scalar::Int(i) => Value::Int(i),
+        Scalar::Float(f) => Value::Float(f),
+        Scalar::Text(t) => Value::Text(t),
+    };
+    let text_wanted = r.value_type == device::ValueType::String;
+    if text_wanted != matches!(raw, Value::Text(_)) {
+        return Err(format!(
+            "{}: type mismatch: the profile says {:?}, the server holds {raw:?}",
+            r.name, r.value_type
+        ));
+    }
+    Ok(device::scaled(r, raw))
+}
+
+/// An OPC UA device's task: variables polled by node id per interval.
+async fn run_opcua(
+    a: Assignment,
+    profile: DeviceProfileSpec,
+    mut setpoints: watch::Receiver<BTreeMap<String, serde_json::Value>>,
+    tx: mpsc::Sender<Update>,
+    pki: std::path::PathBuf,
+) {
+    use adapters::opcua::{OpcUa, node_id};
+    let endpoint = a
+        .spec
+        .opcua
+        .as_ref()
+        .map(|o| o.endpoint.clone())
+        .unwrap_or_default();
+    let mut dev = OpcUa::new(&endpoint, Duration::from_millis(a.spec.timeout_ms), pki);
+    // Interval → resources (by index) with their node ids.
+    let mut groups: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, r) in profile.resources.iter().enumerate() {
+        if r.node_id.is_some() {
+            let every = a.spec.poll.get(&r.name).copied().unwrap_or(a.spec.poll_ms);
+            groups.entry(every).or_default().push(i);
+        }
+    }
+    let groups: Vec<(Duration, Vec<usize>)> = groups
+        .into_iter()
+        .map(|(ms, v)| (Duration::from_millis(ms), v))
+        .collect();
+    let mut due: Vec<Instant> = groups.iter().map(|_| Instant::now()).collect();
+    let mut online: Option<bool> = None;
+    let mut backoff = Duration::from_secs(1);
+    let mut retry_at: Option<Instant> = None;
+    let mut applied: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut desired = setpoints.borrow_and_update().clone();
+    let mut missed = 0u64;
+    loop {
+        let mut error: Option<String> = None;
+        let mut transport_failed = false;
+        if retry_at.is_none_or(|t| Instant::now() >= t) {
+            retry_at = None;
+            for (res, v) in desired.clone() {
+                if applied.get(&res) == Some(&v) {
+                    continue;
+                }
+                let result: Result<Value, String> = async {
+                    let r = profile
+                        .resources
+                        .iter()
+                        .find(|r| r.name == res)
+                        .ok_or_else(|| format!("the profile has no resource {res}"))?;
+                    if r.access != device::Access::ReadWrite {
+                        return Err(format!("{res} is read-only"));
+                    }
+                    if let Some(n) = v.as_f64()
+                        && (r.minimum.is_some_and(|lo| n < lo)
+                            || r.maximum.is_some_and(|hi| n > hi))
+                    {
+                        return Err(format!("{n} is outside the resource's limits"));
+                    }
+                    let id =
+                        node_id(r.node_id.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
+                    let raw = unscaled(r, &v)?;
+                    dev.write(&id, &raw, opcua_kind(r.raw()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let back = dev.read(&[id]).await.map_err(|e| e.to_string())?;
+                    let value = back.into_iter().next().ok_or("no value read back")??;
+                    from_scalar(r, value)
+                }
+                .await;
+                applied.insert(res.clone(), v.clone());
+                let _ = tx
+                    .send(Update::Setpoint {
+                        device: a.name.clone(),
+                        resource: res,
+                        result,
+                    })
+                    .await;
+            }
+            let now = Instant::now();
+            for (gi, (every, members)) in groups.iter().enumerate() {
+                if now < due[gi] {
+                    continue;
+                }
+                if now.duration_since(due[gi]) >= *every {
+                    missed += 1;
+                }
+                while due[gi] <= now {
+                    due[gi] += *every;
+                }
+                let mut ids = Vec::new();
+                let mut values = Vec::new();
+                let mut polled = Vec::new();
+                for i in members {
+                    let r = &profile.resources[*i];
+                    match node_id(r.node_id.as_deref().unwrap_or("")) {
+                        Ok(id) => {
+                            ids.push(id);
+                            polled.push(*i);
+                        }
+                        Err(e) => values.push((r.name.clone(), Err(e.to_string()))),
+                    }
+                }
+                let at_ms = now_ms();
+                match dev.read(&ids).await {
+                    Ok(results) => {
+                        for (i, v) in polled.iter().zip(results) {
+                            let r = &profile.resources[*i];
+                            values.push((r.name.clone(), v.and_then(|v| from_scalar(r, v))));
+                        }
+                    }
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        transport_failed = !e.device_answered();
+                        for i in &polled {
+                            values.push((profile.resources[*i].name.clone(), Err(e.to_string())));
+                        }
+                    }
+                }
+                let _ = tx
+                    .send(Update::Readings {
+                        device: a.name.clone(),
+                        at_ms,
+                        values,
+                    })
+                    .await;
+                if transport_failed {
+                    break;
+                }
+            }
+            let now_online = !transport_failed;
+            if now_online {
+                backoff = Duration::from_secs(1);
+            } else {
+                retry_at = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                applied.clear();
+            }
+            if online != Some(now_online) {
+                online = Some(now_online);
+                let _ = tx
+                    .send(Update::Status {
+                        device: a.name.clone(),
+                        online: now_online,
+                        error,
+                        missed_polls: missed,
+                    })
+                    .await;
+            }
+        }
+        let next = due
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let next = retry_at.map_or(next, |r| r.max(next));
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            changed = setpoints.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                desired = setpoints.borrow_and_update().clone();
+                applied.retain(|k, v| desired.get(k) == Some(v));
+            }
+        }
+    }
+}
+
 struct Running {
     assignment: Assignment,
     setpoints: watch::Sender<BTreeMap<String, serde_json::Value>>,
@@ -108,14 +329,17 @@ struct Running {
 pub struct Devices {
     running: BTreeMap<String, Running>,
     tx: mpsc::Sender<Update>,
+    pki: std::path::PathBuf,
 }
 
 impl Devices {
-    /// No devices yet; updates go to `tx`.
-    pub fn new(tx: mpsc::Sender<Update>) -> Devices {
+    /// No devices yet; updates go to `tx`; OPC UA clients keep their
+    /// certificate store under `pki`.
+    pub fn new(tx: mpsc::Sender<Update>, pki: std::path::PathBuf) -> Devices {
         Devices {
             running: BTreeMap::new(),
             tx,
+            pki,
         }
     }
 
@@ -152,7 +376,7 @@ impl Devices {
                 }
             }
             let (stx, srx) = watch::channel(a.setpoints.clone());
-            let task = tokio::spawn(run(a.clone(), srx, self.tx.clone()));
+            let task = tokio::spawn(run(a.clone(), srx, self.tx.clone(), self.pki.clone()));
             tracing::info!(device = %name, protocol = ?a.spec.protocol, "polling started");
             self.running.insert(
                 name,
@@ -327,7 +551,7 @@ fn adapter(spec: &DeviceSpec) -> Result<Modbus, String> {
                 limit,
             ))
         }
-        Protocol::Opcua => Err("OPC UA devices are not supported by this node yet".into()),
+        Protocol::Opcua => Err("not a Modbus device".into()),
     }
 }
 
@@ -336,6 +560,7 @@ async fn run(
     a: Assignment,
     mut setpoints: watch::Receiver<BTreeMap<String, serde_json::Value>>,
     tx: mpsc::Sender<Update>,
+    pki: std::path::PathBuf,
 ) {
     let status = |online: bool, error: Option<String>, missed: u64| Update::Status {
         device: a.name.clone(),
@@ -353,6 +578,9 @@ async fn run(
             .await;
         return;
     };
+    if a.spec.protocol == Protocol::Opcua {
+        return run_opcua(a, profile, setpoints, tx, pki).await;
+    }
     let mut dev = match adapter(&a.spec) {
         Ok(d) => d,
         Err(e) => {
