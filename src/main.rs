@@ -173,6 +173,9 @@ enum DeviceCmd {
         /// The node's whole device state as JSON.
         #[arg(long)]
         json: bool,
+        /// Follow live readings (one JSON line per poll) until interrupted.
+        #[arg(long, conflicts_with_all = ["since", "json"])]
+        follow: bool,
     },
     /// Set a writable resource (a setpoint in the site's overrides) and wait for the device to take it.
     Write {
@@ -740,7 +743,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resource,
             since,
             json,
+            follow,
         }) => {
+            if follow {
+                return node::device_cli::follow(&node, &identity, device.as_deref());
+            }
             let since = since
                 .as_deref()
                 .map(parse_ttl)

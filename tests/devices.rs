@@ -309,6 +309,76 @@ fn modbus_tcp_polls_reports_faults_and_takes_setpoints() {
     let out = device_cmd(&site, &["read", "dev-a", "temp", "--since", "5m"]);
     let rows = String::from_utf8_lossy(&out.stdout).lines().count();
     assert!(rows >= 5, "stored readings: {rows}");
+    // The live stream: one JSON line per poll, authenticated like the rest.
+    let mut follow = Command::new(bin())
+        .args([
+            "device",
+            "read",
+            "--follow",
+            "--node",
+            &format!("http://{}", site.api),
+            "--identity",
+            s(&site.eng),
+            "dev-a",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (ltx, lrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if ltx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = lrx.recv_timeout(WITHIN).expect("no live reading");
+    let v: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v["device"], "dev-a", "{first}");
+    assert_eq!(v["values"]["temp"], 21.5, "{first}");
+    let second = lrx.recv_timeout(WITHIN).expect("the stream stopped");
+    let v2: Value = serde_json::from_str(&second).unwrap();
+    assert!(v2["at_ms"].as_u64() > v["at_ms"].as_u64(), "{second}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    // A key the node does not know (issued after its bundle) gets no stream.
+    let other = site.root.join("other.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&site.root.join("op")),
+        "--role",
+        "site-engineer",
+        "--site",
+        "s2",
+        "--name",
+        "eng2",
+        "--out",
+        s(&other),
+    ]);
+    let out = shoal(&[
+        "device",
+        "read",
+        "--follow",
+        "--node",
+        &format!("http://{}", site.api),
+        "--identity",
+        s(&other),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The node's report carries the device summary for the operator.
     let report = get(&site.node_dir, "nodes");
     assert!(report.to_string().contains("dev-a"), "{report}");

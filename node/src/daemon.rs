@@ -179,6 +179,8 @@ struct Daemon {
     local_hashes: std::collections::HashSet<automerge::ChangeHash>,
     /// Device polling (nodes).
     devices: Option<crate::devices::Devices>,
+    /// Device readings for the site API's live stream.
+    live: tokio::sync::broadcast::Sender<String>,
     device_state: BTreeMap<String, DeviceState>,
     pending_readings: Vec<crdt_state::readings::Reading>,
     readings_cap: u64,
@@ -288,6 +290,7 @@ pub async fn run(
         snapshots: None,
         local_hashes: Default::default(),
         devices: None,
+        live: tokio::sync::broadcast::channel(1024).0,
         device_state: BTreeMap::new(),
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
@@ -337,7 +340,7 @@ pub async fn run(
     d.reconcile();
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
-        let local = site_api::serve(addr, site_tx).await?;
+        let local = site_api::serve(addr, site_tx, d.live.clone()).await?;
         crate::say!("site API on http://{local}");
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -745,6 +748,21 @@ impl Daemon {
                 at_ms,
                 values,
             } => {
+                if self.live.receiver_count() > 0 {
+                    let vals: serde_json::Map<String, serde_json::Value> = values
+                        .iter()
+                        .map(|(r, v)| {
+                            let v = match v {
+                                Ok(v) => serde_json::to_value(v).unwrap_or_default(),
+                                Err(e) => serde_json::json!({ "error": e }),
+                            };
+                            (r.clone(), v)
+                        })
+                        .collect();
+                    let line =
+                        serde_json::json!({ "device": device, "at_ms": at_ms, "values": vals });
+                    let _ = self.live.send(line.to_string());
+                }
                 let st = self.device_state.entry(device.clone()).or_default();
                 let mut errors = Vec::new();
                 for (res, v) in values {
@@ -1141,6 +1159,11 @@ impl Daemon {
             .filter(|p| !p.is_empty())
             .collect();
         match parts.as_slice() {
+            // Authenticated: the site API's server streams from here on.
+            ["stream"] => Reply {
+                status: 200,
+                body: serde_json::json!({ "stream": true }),
+            },
             [] => {
                 let devices: serde_json::Map<String, serde_json::Value> = self
                     .device_state

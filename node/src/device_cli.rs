@@ -112,6 +112,25 @@ pub fn read(
     Ok(out)
 }
 
+/// Prints the live readings of one device (or all) until interrupted.
+pub fn follow(node: &str, identity: &Path, device: Option<&str>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let client = Client::new(node, crdt_state::Identity::read(identity)?);
+    let mut out = std::io::stdout();
+    client.follow(crate::site_api::LIVE_PATH, |line| {
+        let keep = match device {
+            Some(d) => serde_json::from_str::<Value>(line)
+                .is_ok_and(|v| v["device"] == d || v.get("lagged").is_some()),
+            None => true,
+        };
+        if keep {
+            // A closed stdout (the reader went away) ends the stream.
+            return writeln!(out, "{line}").and_then(|_| out.flush()).is_ok();
+        }
+        true
+    })
+}
+
 /// Sets a setpoint through the site's overrides and waits for the node to
 /// write and read it back (or refuse it).
 pub fn write(

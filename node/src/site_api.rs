@@ -172,20 +172,30 @@ pub fn authenticate(
 /// A request with the channel for its answer.
 pub type Incoming = (Request, oneshot::Sender<Reply>);
 
-/// Serves the site API on `addr`, handing requests to the daemon.
+/// The path of the live stream of device readings: one JSON line per poll
+/// of a device (`{"device", "at_ms", "values"}`), for as long as the
+/// client reads. Authenticated like every other request.
+pub const LIVE_PATH: &str = "/api/devices/stream";
+
+/// Serves the site API on `addr`, handing requests to the daemon; `live`
+/// carries the device readings the stream route passes on.
 pub async fn serve(
     addr: std::net::SocketAddr,
     tx: mpsc::Sender<Incoming>,
+    live: tokio::sync::broadcast::Sender<String>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use axum::response::IntoResponse;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("site API on {addr}"))?;
     let local = listener.local_addr()?;
     let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
         let tx = tx.clone();
+        let live = live.clone();
         async move {
+            let streaming = method == Method::GET && uri.path() == LIVE_PATH;
             let req = Request {
                 method: method.as_str().to_string(),
                 path: uri.path().to_string(),
@@ -204,7 +214,27 @@ pub async fn serve(
             };
             let status =
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (status, axum::Json(reply.body))
+            if streaming && reply.status == 200 {
+                // Authenticated: follow the readings until the client goes.
+                let rx = live.subscribe();
+                let lines = futures::stream::unfold(rx, |mut rx| async move {
+                    let line = match rx.recv().await {
+                        Ok(l) => l,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            format!("{{\"lagged\":{n}}}")
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    };
+                    Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), rx))
+                });
+                return (
+                    status,
+                    [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                    axum::body::Body::from_stream(lines),
+                )
+                    .into_response();
+            }
+            (status, axum::Json(reply.body)).into_response()
         }
     };
     let app = axum::Router::new()
@@ -297,6 +327,42 @@ impl Client {
             );
         }
         Ok(v)
+    }
+
+    /// Follows a streaming route: calls `f` with every line until it
+    /// returns false or the node ends the stream.
+    pub fn follow(&self, path: &str, mut f: impl FnMut(&str) -> bool) -> anyhow::Result<()> {
+        use std::io::BufRead;
+        let n = self.nonce()?;
+        let url = format!("{}{path}", self.base);
+        let sig = self.identity.sign(&signing_message("GET", path, &n, &[]));
+        let auth = format!(
+            "Shoal key={},nonce={},sig={}",
+            self.identity.key().to_hex(),
+            hex::encode(n),
+            hex::encode(sig)
+        );
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let resp = agent
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .map_err(|e| anyhow!("{url}: {e}"))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            bail!("{url}: {status}");
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| anyhow!("{url}: {e}"))?;
+            if !f(&line) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// An authenticated GET.
