@@ -570,6 +570,14 @@ impl Daemon {
 
     /// The node's share now: fleet state for it, its site's overrides on top.
     fn share(&self) -> Vec<crdt_state::placement::Workload> {
+        let (fleet, site) = self.desired();
+        // Every registered node counts as healthy for replica placement
+        // until reports of health feed into it.
+        crdt_state::placement::share(&fleet, site.as_ref(), &self.me.cert.name, &|_| true)
+    }
+
+    /// The fleet document and this node's site document, read.
+    fn desired(&self) -> (FleetView, Option<model::SiteOverrideSpec>) {
         let fleet = self
             .engine
             .doc(&DocId::Fleet)
@@ -582,9 +590,7 @@ impl Daemon {
             .as_ref()
             .and_then(|s| self.engine.doc(&DocId::Site(s.clone())))
             .map(model::read_site);
-        // Every registered node counts as healthy for replica placement
-        // until reports of health feed into it.
-        crdt_state::placement::share(&fleet, site.as_ref(), &self.me.cert.name, &|_| true)
+        (fleet, site)
     }
 
     fn reconcile(&mut self) {
@@ -596,18 +602,7 @@ impl Daemon {
             rt.reconcile(&desired);
         }
         if self.devices.is_some() {
-            let fleet = self
-                .engine
-                .doc(&DocId::Fleet)
-                .map(FleetView::read)
-                .unwrap_or_default();
-            let site = self
-                .me
-                .cert
-                .site
-                .as_ref()
-                .and_then(|s| self.engine.doc(&DocId::Site(s.clone())))
-                .map(model::read_site);
+            let (fleet, site) = self.desired();
             let want = crate::devices::assigned(&fleet, site.as_ref(), &self.me.cert.name);
             self.device_state.retain(|k, _| want.contains_key(k));
             if let Some(dev) = self.devices.as_mut() {

@@ -150,6 +150,80 @@ fn from_scalar(r: &Resource, v: adapters::opcua::Scalar) -> Result<Value, String
     Ok(device::scaled(r, raw))
 }
 
+/// A device's reachability: backoff (1 s doubling to 30 s) while it does
+/// not answer.
+struct Reach {
+    online: Option<bool>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl Reach {
+    fn new() -> Reach {
+        Reach {
+            online: None,
+            backoff: Duration::from_secs(1),
+            retry_at: None,
+        }
+    }
+
+    /// Whether a round of calls may run now.
+    fn may_try(&self) -> bool {
+        self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Records a round's outcome; true when reachability changed.
+    fn settle(&mut self, device: &str, answered: bool) -> bool {
+        if answered {
+            self.backoff = Duration::from_secs(1);
+            self.retry_at = None;
+        } else {
+            self.retry_at = Some(Instant::now() + self.backoff);
+            tracing::debug!(device, backoff = ?self.backoff, "device not answering; backing off");
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        }
+        let changed = self.online != Some(answered);
+        if changed {
+            tracing::info!(device, online = answered, "device reachability changed");
+        }
+        self.online = Some(answered);
+        changed
+    }
+
+    /// When to wake: the next poll due, but not before a retry.
+    fn next_wake(&self, due: &[Instant]) -> Instant {
+        let next = due
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        self.retry_at.map_or(next, |r| r.max(next))
+    }
+}
+
+type Setpoints = BTreeMap<String, serde_json::Value>;
+
+/// Sleeps until `wake`, taking changed setpoints on the way (those already
+/// applied with the same value are kept). False: the device was dropped.
+async fn wait(
+    wake: Instant,
+    setpoints: &mut watch::Receiver<Setpoints>,
+    desired: &mut Setpoints,
+    applied: &mut Setpoints,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(wake.into()) => true,
+        changed = setpoints.changed() => {
+            if changed.is_err() {
+                return false;
+            }
+            *desired = setpoints.borrow_and_update().clone();
+            applied.retain(|k, v| desired.get(k) == Some(v));
+            true
+        }
+    }
+}
+
 /// An OPC UA device's task: variables polled by node id per interval.
 async fn run_opcua(
     a: Assignment,
@@ -179,17 +253,14 @@ async fn run_opcua(
         .map(|(ms, v)| (Duration::from_millis(ms), v))
         .collect();
     let mut due: Vec<Instant> = groups.iter().map(|_| Instant::now()).collect();
-    let mut online: Option<bool> = None;
-    let mut backoff = Duration::from_secs(1);
-    let mut retry_at: Option<Instant> = None;
-    let mut applied: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut reach = Reach::new();
+    let mut applied: Setpoints = BTreeMap::new();
     let mut desired = setpoints.borrow_and_update().clone();
     let mut missed = 0u64;
     loop {
         let mut error: Option<String> = None;
         let mut transport_failed = false;
-        if retry_at.is_none_or(|t| Instant::now() >= t) {
-            retry_at = None;
+        if reach.may_try() {
             for (res, v) in desired.clone() {
                 if applied.get(&res) == Some(&v) {
                     continue;
@@ -281,15 +352,10 @@ async fn run_opcua(
                 }
             }
             let now_online = !transport_failed;
-            if now_online {
-                backoff = Duration::from_secs(1);
-            } else {
-                retry_at = Some(Instant::now() + backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+            if !now_online {
                 applied.clear();
             }
-            if online != Some(now_online) {
-                online = Some(now_online);
+            if reach.settle(&a.name, now_online) {
                 let _ = tx
                     .send(Update::Status {
                         device: a.name.clone(),
@@ -300,21 +366,15 @@ async fn run_opcua(
                     .await;
             }
         }
-        let next = due
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        let next = retry_at.map_or(next, |r| r.max(next));
-        tokio::select! {
-            _ = tokio::time::sleep_until(next.into()) => {}
-            changed = setpoints.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                desired = setpoints.borrow_and_update().clone();
-                applied.retain(|k, v| desired.get(k) == Some(v));
-            }
+        if !wait(
+            reach.next_wake(&due),
+            &mut setpoints,
+            &mut desired,
+            &mut applied,
+        )
+        .await
+        {
+            return;
         }
     }
 }
@@ -591,17 +651,15 @@ async fn run(
     let groups = plan(&profile, &a.spec);
     let start = Instant::now();
     let mut due: Vec<Instant> = groups.iter().map(|_| start).collect();
-    let mut online: Option<bool> = None;
+    let mut reach = Reach::new();
     let mut last_error: Option<String> = None;
     let mut missed = 0u64;
-    let mut backoff = Duration::from_secs(1);
-    let mut retry_at: Option<Instant> = None;
     // Setpoints still to write (resource → desired), and what was applied.
-    let mut applied: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut applied: Setpoints = BTreeMap::new();
     let mut desired = setpoints.borrow_and_update().clone();
     loop {
         // Setpoints first: they are what an operator waits for.
-        if retry_at.is_none_or(|t| Instant::now() >= t) {
+        if reach.may_try() {
             for (res, v) in desired.clone() {
                 if applied.get(&res) == Some(&v) {
                     continue;
@@ -628,8 +686,7 @@ async fn run(
         let now = Instant::now();
         let mut polled_any = false;
         let mut failed_transport = false;
-        if retry_at.is_none_or(|t| now >= t) {
-            retry_at = None;
+        if reach.may_try() {
             for (gi, g) in groups.iter().enumerate() {
                 if now < due[gi] {
                     continue;
@@ -696,20 +753,12 @@ async fn run(
         }
         if polled_any {
             let now_online = !failed_transport;
-            if now_online {
-                backoff = Duration::from_secs(1);
-            } else {
-                retry_at = Some(Instant::now() + backoff);
-                tracing::debug!(device = %a.name, ?backoff, "device not answering; backing off");
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+            if !now_online {
                 // Setpoints are written again once it answers.
                 applied.clear();
             }
-            if online != Some(now_online) || (!now_online && last_error.is_some()) {
-                if online != Some(now_online) {
-                    tracing::info!(device = %a.name, online = now_online, error = ?last_error, "device reachability changed");
-                }
-                online = Some(now_online);
+            // While it does not answer, every round's error is news.
+            if reach.settle(&a.name, now_online) || !now_online {
                 let _ = tx
                     .send(status(
                         now_online,
@@ -719,21 +768,15 @@ async fn run(
                     .await;
             }
         }
-        let next = due
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        let next = retry_at.map_or(next, |r| r.max(next));
-        tokio::select! {
-            _ = tokio::time::sleep_until(next.into()) => {}
-            changed = setpoints.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                desired = setpoints.borrow_and_update().clone();
-                applied.retain(|k, v| desired.get(k) == Some(v));
-            }
+        if !wait(
+            reach.next_wake(&due),
+            &mut setpoints,
+            &mut desired,
+            &mut applied,
+        )
+        .await
+        {
+            return;
         }
     }
 }
