@@ -21,30 +21,16 @@ use crdt_state::bundle::Bundle;
 use crdt_state::model::{NodeReport, WorkloadReport, WorkloadState};
 use crdt_state::{DataDir, DocId, Document, Identity, PublicKey, Role, manifest};
 use serde_json::json;
-use support::{Daemon, api_get, enroll, free_udp_port, http, http_url, ok, operator_token, s};
+use support::{
+    Daemon, api_get, enroll, free_udp_port, http, http_url, ok, operator_token, percentile, rss_mb,
+    s,
+};
 
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
 }
 
 /// A fleet of `n` registered nodes, each with a signed node document

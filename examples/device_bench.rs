@@ -16,13 +16,7 @@ use std::time::{Duration, Instant};
 
 use crdt_state::readings::Reading;
 use crdt_state::{Store, StoreConfig};
-use support::{Daemon, bundle_node, ok, s, wait_for, write};
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
+use support::{Daemon, bundle_node, ok, percentile, rss_mb, s, wait_for, write};
 
 fn store(n: usize) {
     let tmp = tempfile::tempdir().unwrap();
@@ -220,15 +214,10 @@ fn poll(devices: usize, seconds: u64) {
         .sum();
     let cpu = ticks as f64 / 100.0 / wall * 100.0;
     println!(
-        "{devices} devices × 100 registers at 1 Hz for {wall:.0} s: node CPU {cpu:.1}% of one core; readings stored {} (expected ~{}); missed polls {missed}; RSS {} ",
+        "{devices} devices × 100 registers at 1 Hz for {wall:.0} s: node CPU {cpu:.1}% of one core; readings stored {} (expected ~{}); missed polls {missed}; RSS {:.1} MB",
         after - before,
         devices as u64 * 100 * seconds,
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("VmRSS"))
-            .unwrap_or("")
-            .trim()
+        rss_mb(pid)
     );
 }
 

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use simulations::udp_link::{LinkConfig, UdpLink};
 use support::{
-    Daemon, alive, app_pid, app_version, bin, bundle_node, enroll, free_udp_port, get, ok, s,
+    Daemon, alive, app_pid, app_version, bin, bundle_node, enroll, free_udp_port, get, ok,
+    percentile, s,
 };
 
 fn start(kind: &str, dir: &Path, args: &[String]) -> Daemon {
@@ -128,12 +129,6 @@ fn pair(config: LinkConfig) -> Pair {
         _anchor: anchor,
         _node: node,
     }
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
 }
 
 fn resync(reps: usize, cut_s: u64) {
