@@ -200,6 +200,29 @@ fn modbus_tcp_polls_reports_faults_and_takes_setpoints() {
         &format!("protocol: modbus-tcp\n  tcp: {{host: 127.0.0.1, port: {pslow}}}"),
         "",
     ));
+    // An edge app on the node reading its devices with the node's app token.
+    let script = r#"
+import os, json, time, urllib.request
+url = os.environ['SHOAL_SITE_API'] + '/api/devices'
+tok = os.environ['SHOAL_APP_TOKEN']
+while True:
+    try:
+        r = urllib.request.Request(url, headers={'Authorization': 'Bearer ' + tok})
+        print('temp', json.load(urllib.request.urlopen(r))['devices']['dev-a']['latest']['temp']['value'], flush=True)
+        break
+    except Exception as e:
+        print('waiting', e, flush=True)
+        time.sleep(0.3)
+try:
+    urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': 'Bearer nope'}))
+except Exception as e:
+    print('wrong token:', e, flush=True)
+time.sleep(3600)
+"#;
+    let command = serde_json::to_string(&[python().as_str(), "-c", script]).unwrap();
+    manifests.push_str(&format!(
+        "---\napiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: reader}}\nspec: {{native: {{command: {command}}}}}\n"
+    ));
     let site = site(&manifests);
     let _a = tcp_sim(pa, &site.root.join("sim-a.log"));
     let b = tcp_sim(pb, &site.root.join("sim-b.log"));
@@ -377,6 +400,19 @@ fn modbus_tcp_polls_reports_faults_and_takes_setpoints() {
         String::from_utf8_lossy(&out.stderr).contains("401"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The edge app read its device through the site API with its token;
+    // a wrong token is refused.
+    let log = site.node_dir.join("apps/reader/stdout.log");
+    assert!(
+        wait_for(WITHIN, || std::fs::read_to_string(&log).is_ok_and(|l| l
+            .contains("temp 21.5")
+            && l.contains("wrong token: HTTP Error 401"))),
+        "the app's log: {} / {} / node: {}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(log.with_file_name("stderr.log")).unwrap_or_default(),
+        get(&site.node_dir, "nodes")["n1"]["report"]["workloads"]
     );
 
     // The node's report carries the device summary for the operator.

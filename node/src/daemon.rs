@@ -172,6 +172,10 @@ struct Daemon {
     /// The report last written into the node document.
     last_report: Option<NodeReport>,
     nonces: Nonces,
+    /// The site API's address as this node's apps reach it.
+    site_api_url: Option<String>,
+    /// The token this node's apps read their devices with (`SHOAL_APP_TOKEN`).
+    app_token: Option<String>,
     /// The operator API's read model (anchors serving HTTP).
     view: Option<cloud_anchor::View>,
     snapshots: Option<tokio::sync::watch::Sender<std::sync::Arc<cloud_anchor::Snapshot>>>,
@@ -286,6 +290,8 @@ pub async fn run(
         last_reconcile: Instant::now(),
         last_report: None,
         nonces: Nonces::default(),
+        site_api_url: None,
+        app_token: None,
         view: None,
         snapshots: None,
         local_hashes: Default::default(),
@@ -337,12 +343,21 @@ pub async fn run(
         d.view = Some(view);
         d.snapshots = Some(tx);
     }
-    d.reconcile();
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
         let local = site_api::serve(addr, site_tx, d.live.clone()).await?;
         crate::say!("site API on http://{local}");
+        // What the node's own apps dial (a wildcard bind is reached on loopback).
+        let mut reach = local;
+        if reach.ip().is_unspecified() {
+            reach.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        d.site_api_url = Some(format!("http://{reach}"));
     }
+    if d.runtime.is_some() {
+        d.app_token = Some(app_token(&opts.data_dir)?);
+    }
+    d.reconcile();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
@@ -597,7 +612,18 @@ impl Daemon {
         if self.runtime.is_none() {
             return;
         }
-        let desired = self.share();
+        let mut desired = self.share();
+        // The node's apps read their devices through the site API.
+        for w in &mut desired {
+            if let Some(n) = w.spec.native.as_mut() {
+                if let Some(t) = &self.app_token {
+                    n.env.insert("SHOAL_APP_TOKEN".into(), t.clone());
+                }
+                if let Some(u) = &self.site_api_url {
+                    n.env.insert("SHOAL_SITE_API".into(), u.clone());
+                }
+            }
+        }
         if let Some(rt) = self.runtime.as_mut() {
             rt.reconcile(&desired);
         }
@@ -1000,6 +1026,17 @@ impl Daemon {
         {
             return Reply::error(404, format!("no {} {}", req.method, req.path));
         }
+        // The node's own apps: read-only access to the device routes.
+        if devices_route
+            && let (Some(t), Some(h)) = (&self.app_token, req.auth.as_deref())
+            && let Some(given) = h.strip_prefix("Bearer ")
+        {
+            use sha2::Digest;
+            if sha2::Sha256::digest(given.trim().as_bytes()) == sha2::Sha256::digest(t.as_bytes()) {
+                return self.device_api(&req.path);
+            }
+            return Reply::error(401, "unknown app token");
+        }
         let who = match site_api::authenticate(&req, &mut self.nonces, self.engine.trust(), &site) {
             Ok(k) => k,
             Err(reply) => {
@@ -1394,4 +1431,30 @@ impl Daemon {
 /// Reads the data dir's addresses file (for tests and tools).
 pub fn listening(dir: &Path) -> Vec<String> {
     enroll::read_addrs(dir)
+}
+
+/// The token this node's apps use on the site API's device routes: made
+/// once (256 random bits, owner-only file), kept across restarts so an
+/// app's spec, and so the app, do not change when the node restarts.
+fn app_token(dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("app-token");
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && t.trim().len() == 64
+    {
+        return Ok(t.trim().to_string());
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+    let token = hex::encode(secret);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("{}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
 }
