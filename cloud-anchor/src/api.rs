@@ -647,15 +647,19 @@ async fn apps(State(s): State<Shared>) -> Response {
     axum::Json(json!({ "items": items })).into_response()
 }
 
-async fn app(State(s): State<Shared>, Path(name): Path<String>) -> Response {
-    let sn = snap(&s);
-    match sn.spec.apps.get(&name) {
+/// One entity: its spec and its manifest as YAML, or a 404.
+fn entity<T: Serialize>(kind: &str, name: &str, spec: Option<&T>) -> Response {
+    match spec {
         Some(spec) => axum::Json(json!({
-            "name": name, "spec": spec, "yaml": manifest_yaml("App", &name, spec)
+            "name": name, "spec": spec, "yaml": manifest_yaml(kind, name, spec)
         }))
         .into_response(),
-        None => ApiError::new(404, format!("no app {name:?}")).into_response(),
+        None => ApiError::new(404, format!("no {} {name:?}", kind.to_lowercase())).into_response(),
     }
+}
+
+async fn app(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    entity("App", &name, snap(&s).spec.apps.get(&name))
 }
 
 async fn configs(State(s): State<Shared>) -> Response {
@@ -670,14 +674,7 @@ async fn configs(State(s): State<Shared>) -> Response {
 }
 
 async fn config(State(s): State<Shared>, Path(name): Path<String>) -> Response {
-    let sn = snap(&s);
-    match sn.spec.configs.get(&name) {
-        Some(spec) => axum::Json(json!({
-            "name": name, "spec": spec, "yaml": manifest_yaml("Config", &name, spec)
-        }))
-        .into_response(),
-        None => ApiError::new(404, format!("no config {name:?}")).into_response(),
-    }
+    entity("Config", &name, snap(&s).spec.configs.get(&name))
 }
 
 async fn delete_entity(State(s): State<Shared>, req: Request) -> Response {

@@ -462,6 +462,13 @@ pub fn validate_device(d: &DeviceSpec) -> Result<(), Invalid> {
 /// Checks a setpoint against its resource: it must exist, be writable, fit
 /// its type and its limits. Returns the raw registers (or bit) to write.
 pub fn check_setpoint(r: &Resource, v: &serde_json::Value) -> Result<Vec<u16>, String> {
+    setpoint_allowed(r, v)?;
+    encode(r, v)
+}
+
+/// Whether `v` may be written to `r` at all: writable, within its limits
+/// (any protocol; Modbus also encodes it with [`check_setpoint`]).
+pub fn setpoint_allowed(r: &Resource, v: &serde_json::Value) -> Result<(), String> {
     if r.access != Access::ReadWrite {
         return Err(format!("{} is read-only", r.name));
     }
@@ -474,7 +481,7 @@ pub fn check_setpoint(r: &Resource, v: &serde_json::Value) -> Result<Vec<u16>, S
             r.maximum.map(|x| x.to_string()).unwrap_or_default()
         ));
     }
-    encode(r, v)
+    Ok(())
 }
 
 /// A resource's value.

@@ -271,15 +271,7 @@ async fn run_opcua(
                         .iter()
                         .find(|r| r.name == res)
                         .ok_or_else(|| format!("the profile has no resource {res}"))?;
-                    if r.access != device::Access::ReadWrite {
-                        return Err(format!("{res} is read-only"));
-                    }
-                    if let Some(n) = v.as_f64()
-                        && (r.minimum.is_some_and(|lo| n < lo)
-                            || r.maximum.is_some_and(|hi| n > hi))
-                    {
-                        return Err(format!("{n} is outside the resource's limits"));
-                    }
+                    device::setpoint_allowed(r, &v)?;
                     let id =
                         node_id(r.node_id.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
                     let raw = unscaled(r, &v)?;
