@@ -189,7 +189,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
                 Spec::Device(Box::new(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?))
             }
         };
-        validate(&spec).map_err(|(f, m)| err(n, &format!("spec.{f}"), m))?;
+        validate(&env.metadata.name, &spec).map_err(|(f, m)| err(n, &format!("spec.{f}"), m))?;
         if out
             .iter()
             .any(|m: &Manifest| m.kind() == kind && m.name == env.metadata.name)
@@ -247,9 +247,9 @@ fn inner_message(e: &serde_yaml::Error) -> String {
 
 type Invalid = (String, String);
 
-fn validate(spec: &Spec) -> Result<(), Invalid> {
+fn validate(name: &str, spec: &Spec) -> Result<(), Invalid> {
     match spec {
-        Spec::App(app) => validate_app(app),
+        Spec::App(app) => validate_app(name, app),
         Spec::Config(c) => {
             for k in c.data.keys() {
                 check_key("data", k)?;
@@ -283,7 +283,7 @@ fn validate(spec: &Spec) -> Result<(), Invalid> {
     }
 }
 
-fn validate_app(app: &AppSpec) -> Result<(), Invalid> {
+fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
     check_labels("selector", &app.selector)?;
     if let Some(r) = app.replicas
         && r > 100_000
@@ -377,6 +377,24 @@ fn validate_app(app: &AppSpec) -> Result<(), Invalid> {
                     return Err((
                         format!("kube.manifests[{i}].metadata.name"),
                         "missing: every Kubernetes object needs a name".into(),
+                    ));
+                }
+                let ns = kube
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| format!("shoal-{name}"));
+                if let Some(other) = v
+                    .get("metadata")
+                    .and_then(|m| m.get("namespace"))
+                    .and_then(|n| n.as_str())
+                    && other != ns
+                {
+                    return Err((
+                        format!("kube.manifests[{i}].metadata.namespace"),
+                        format!(
+                            "{other:?}: the app's objects live in its namespace {ns:?}; \
+                             remove metadata.namespace or set spec.kube.namespace"
+                        ),
                     ));
                 }
                 count += 1;
@@ -550,6 +568,22 @@ spec: { apps: { inspect: { paused: true } } }
         let e = error_of("a: [unclosed");
         assert_eq!(e.document, 1);
         assert!(e.message.contains("not valid YAML"));
+    }
+
+    #[test]
+    fn kube_objects_stay_in_the_apps_namespace() {
+        let yaml = r#"apiVersion: shoal.dev/v1
+kind: App
+metadata: {name: web}
+spec:
+  runtime: kube
+  kube: { manifests: "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: kube-system}\n" }
+"#;
+        let e = error_of(yaml);
+        assert_eq!(e.field, "spec.kube.manifests[0].metadata.namespace");
+        assert!(e.message.contains("shoal-web"), "{}", e.message);
+        let ok = yaml.replace("kube-system", "shoal-web");
+        assert!(parse("a.yaml", &ok).is_ok());
     }
 
     #[test]

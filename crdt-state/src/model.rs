@@ -207,6 +207,11 @@ pub struct KubeSpec {
     /// Kubernetes manifests, several separated by `---`.
     #[serde(default)]
     pub manifests: String,
+    /// May the app's manifests hold cluster-scoped objects (a CRD's
+    /// cluster-scoped kind, an IngressClass)? Off by default: an app lives
+    /// in its namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cluster_scoped: bool,
 }
 
 /// An app: what runs where.
@@ -305,6 +310,10 @@ pub enum WorkloadState {
     Failed,
     /// Stopped on purpose (paused at the site, or removed).
     Stopped,
+    /// The runtime cannot tell now (its API server is unreachable); the
+    /// workload probably still runs. `reason` says since when and what was
+    /// last known.
+    Unknown,
 }
 
 /// One workload as its node reports it.

@@ -225,7 +225,10 @@ pub async fn run(
         (RuntimeChoice::Native, false) => Some(Box::new(Native::new(opts.data_dir.join("apps")))),
         (RuntimeChoice::Kube { kubeconfig }, false) => {
             let client = crate::runtime::kube::client(kubeconfig.as_deref()).await?;
-            Some(Box::new(crate::runtime::kube::Kube::new(client)))
+            Some(Box::new(crate::runtime::kube::Kube::new(
+                client,
+                &opts.data_dir.join("kube"),
+            )?))
         }
     };
     let mut config = mesh::Config::new(me.secret_bytes());

@@ -1,71 +1,26 @@
 //! The kube runtime at the wire. No Kubernetes API server can be installed
-//! on these machines, so these tests run it against a canned HTTP server
-//! (a stand-in, named as such) and check the exact requests it makes and
-//! how it maps the answers: server-side apply with the `shoal` field
-//! manager into a namespace Shoal owns, pruning by label, rollout status,
-//! and 403/409/422/unreachable as failed workloads with their reason.
-//!
-//! `real_cluster_*` run against a real cluster named by
-//! `SHOAL_IT_KUBECONFIG` (`cargo test -- --ignored`); they fail without it.
+//! on these machines, so these tests run it against a stateful stand-in
+//! (`support/apiserver.rs`, named as such: discovery, server-side apply,
+//! managed fields, label-selected lists and watches, deletion with UID
+//! preconditions) and check the exact requests the runtime makes and what
+//! it reports. The same behaviours are checked against a real cluster in
+//! `kube_real.rs` (`#[ignore]`, `SHOAL_IT_KUBECONFIG`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+#[path = "support/apiserver.rs"]
+mod apiserver;
+#[path = "support/kubetest.rs"]
+mod kubetest;
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use crdt_state::model::{AppSpec, KubeSpec, RuntimeKind, WorkloadState};
-use crdt_state::placement::Workload;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use apiserver::{ApiServer, Seen};
+use crdt_state::model::{RuntimeKind, WorkloadReport, WorkloadState};
+use kubetest::{CFG, CFG2, DEPLOY, HPA_V1, HPA_V2, app, manifests, until};
 use node::runtime::Runtime;
 use node::runtime::kube::Kube;
-use serde_json::{Value, json};
-
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
-
-type Answer = Arc<dyn Fn(&str, &str, &Value) -> (u16, Value) + Send + Sync>;
-
-/// A stand-in API server: records every request, answers with `answer`.
-async fn fake_api(answer: Answer) -> (String, Arc<Mutex<Vec<Seen>>>) {
-    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let log = seen.clone();
-    let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-        let log = log.clone();
-        let answer = answer.clone();
-        async move {
-            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let s = Seen {
-                method: method.to_string(),
-                path: uri.path().to_string(),
-                query: uri.query().unwrap_or("").to_string(),
-                content_type: headers
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string(),
-                body: body.clone(),
-            };
-            let (code, v) = answer(&s.method, &s.path, &body);
-            log.lock().unwrap().push(s);
-            (
-                StatusCode::from_u16(code).unwrap(),
-                [("content-type", "application/json")],
-                v.to_string(),
-            )
-        }
-    };
-    let app = axum::Router::new().fallback(handler);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), seen)
-}
+use serde_json::json;
 
 fn client(url: &str) -> kube::Client {
     node::runtime::kube::install_crypto();
@@ -73,281 +28,631 @@ fn client(url: &str) -> kube::Client {
     kube::Client::try_from(config).unwrap()
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
+async fn until_state(rt: &Kube, app: &str, state: WorkloadState) -> WorkloadReport {
+    kubetest::until_state(rt, app, state, Duration::from_secs(10)).await
 }
 
-const MANIFESTS: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx}]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, labels: {tier: edge}}\ndata: {k: v}\n";
-
-fn workload(manifests: &str) -> Workload {
-    Workload {
-        app: "web".into(),
-        spec: AppSpec {
-            runtime: RuntimeKind::Kube,
-            version: Some("v3".into()),
-            kube: Some(KubeSpec {
-                namespace: None,
-                manifests: manifests.into(),
-            }),
-            ..AppSpec::default()
-        },
-        files: Default::default(),
-    }
+fn runtime(server: &ApiServer, dir: &Path) -> Kube {
+    Kube::new(client(&server.url()), dir).unwrap()
 }
 
-/// Answers like an API server that accepts everything: an apply echoes
-/// the object, lists hold `listed`, the Deployment has `available` of 2.
-fn accepting(listed: Vec<Value>, available: i64) -> Answer {
-    Arc::new(move |method, path, body| match method {
-        "PATCH" => (200, body.clone()),
-        "GET" if path.ends_with("/configmaps") || path.ends_with("/deployments") => {
-            let items: Vec<Value> = listed
-                .iter()
-                .filter(|i| {
-                    path.ends_with(&format!("{}s", i["kind"].as_str().unwrap().to_lowercase()))
-                })
-                .cloned()
-                .collect();
-            (
-                200,
-                json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
-            )
-        }
-        "GET" if path.ends_with("/deployments/web") => (
-            200,
-            json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                   "metadata": {"name": "web", "namespace": "shoal-web"},
-                   "spec": {"replicas": 2},
-                   "status": {"availableReplicas": available,
-                              "conditions": [{"type": "Available", "status": if available < 2 {"False"} else {"True"},
-                                              "message": "Deployment does not have minimum availability."}]}}),
-        ),
-        "DELETE" => (200, status(200, "", "deleted")),
-        _ => (404, status(404, "NotFound", "no such path in the stand-in")),
-    })
+/// Marks the Deployment's rollout complete, as its controller would.
+fn complete(server: &ApiServer, ns: &str, name: &str) {
+    let d = server.get("apps/v1", "Deployment", Some(ns), name).unwrap();
+    let generation = d["metadata"]["generation"].as_i64().unwrap_or(1);
+    server.set_status(
+        "apps/v1",
+        "Deployment",
+        Some(ns),
+        name,
+        json!({"observedGeneration": generation, "replicas": 2, "updatedReplicas": 2,
+               "readyReplicas": 2, "availableReplicas": 2}),
+    );
 }
 
-async fn settle(
-    rt: &Kube,
-    f: impl Fn(&WorkloadState) -> bool,
-) -> Option<crdt_state::model::WorkloadReport> {
-    for _ in 0..100 {
-        if let Some(r) = rt.status().get("web")
-            && f(&r.state)
-        {
-            return Some(r.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    rt.status().get("web").cloned()
+fn patches(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.method == "PATCH")
+        .map(|s| s.path.clone())
+        .collect()
+}
+
+/// Has the runtime started a watch?
+fn watching(server: &ApiServer) -> bool {
+    server
+        .requests()
+        .iter()
+        .any(|s| s.method == "GET" && s.query.contains("watch=true"))
+}
+
+fn deletes(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.path.clone())
+        .collect()
 }
 
 #[tokio::test]
-async fn applies_server_side_into_an_owned_namespace_and_reads_rollout() {
-    let (url, shared) = fake_api(accepting(vec![], 1)).await;
-    let mut rt = Kube::new(client(&url));
-    rt.reconcile(&[workload(MANIFESTS)]);
-    let r = settle(&rt, |s| {
-        *s != WorkloadState::Failed && shared.lock().unwrap().len() >= 6
-    })
-    .await
-    .unwrap();
-    let seen = shared.lock().unwrap().clone();
-    let patches: Vec<&Seen> = seen.iter().filter(|s| s.method == "PATCH").collect();
+async fn applies_into_a_namespace_it_creates_and_reports_rollout_as_kubectl() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v3", None, manifests(&[DEPLOY, CFG]))]);
+    let r = until_state(&rt, "web", WorkloadState::Pending).await;
+    // The controller has not looked at the Deployment yet.
+    assert!(
+        r.reason.as_deref().unwrap().contains("rolling out v3"),
+        "{r:?}"
+    );
+    assert_eq!(r.version, None, "nothing has completed a rollout yet");
+    let seen = server.requests();
+    // The namespace did not exist: created (POST), marked as Shoal's, never patched.
+    let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
+    assert_eq!(posts.len(), 1, "{seen:?}");
+    assert_eq!(posts[0].path, "/api/v1/namespaces");
     assert_eq!(
-        patches.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
+        posts[0].body["metadata"]["annotations"]["shoal.dev/created-by"],
+        "shoal"
+    );
+    assert_eq!(
+        patches(&seen),
         vec![
-            "/api/v1/namespaces/shoal-web",
             "/apis/apps/v1/namespaces/shoal-web/deployments/web",
             "/api/v1/namespaces/shoal-web/configmaps/cfg",
         ]
     );
-    for p in &patches {
+    for p in seen.iter().filter(|s| s.method == "PATCH") {
         assert_eq!(p.content_type, "application/apply-patch+yaml");
         assert!(p.query.contains("fieldManager=shoal"), "{}", p.query);
         assert!(p.query.contains("force=true"), "{}", p.query);
+        assert!(p.query.contains("fieldValidation=Strict"), "{}", p.query);
         assert_eq!(
             p.body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
             "shoal"
         );
         assert_eq!(p.body["metadata"]["labels"]["shoal.dev/app"], "web");
+        assert_eq!(p.body["metadata"]["namespace"], "shoal-web");
     }
-    assert_eq!(patches[1].body["metadata"]["namespace"], "shoal-web");
     // The app's own labels are kept beside Shoal's.
-    assert_eq!(patches[2].body["metadata"]["labels"]["tier"], "edge");
-    // Lists by label for pruning, then the Deployment's status.
-    let lists: Vec<&Seen> = seen
-        .iter()
-        .filter(|s| s.method == "GET" && s.query.contains("labelSelector"))
-        .collect();
-    assert_eq!(lists.len(), 2);
-    assert!(lists.iter().all(
-        |l| l.query.contains("shoal.dev%2Fapp%3Dweb") || l.query.contains("shoal.dev/app=web")
-    ));
-    assert_eq!(r.state, WorkloadState::Pending);
-    let reason = r.reason.unwrap();
-    assert!(reason.contains("Deployment web 1/2 available"), "{reason}");
-    assert_eq!(r.version.as_deref(), Some("v3"));
-    // The same desired state again: status is read, nothing re-applied.
-    let before = seen.len();
-    rt.reconcile(&[workload(MANIFESTS)]);
-    let mut again = Vec::new();
-    for _ in 0..100 {
-        again = shared.lock().unwrap()[before..].to_vec();
-        if !again.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(!again.is_empty(), "the status was not read again");
-    assert!(again.iter().all(|s| s.method == "GET"), "{again:?}");
-}
+    let cfg = server
+        .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+        .unwrap();
+    assert_eq!(cfg["metadata"]["labels"]["tier"], "edge");
 
-#[tokio::test]
-async fn prunes_objects_that_left_the_manifests_and_reports_running() {
-    // The cluster still holds a ConfigMap "old" of this app.
-    let old = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": "old", "namespace": "shoal-web"}});
-    let cfg = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": "cfg", "namespace": "shoal-web"}});
-    let (url, seen) = fake_api(accepting(vec![old, cfg], 2)).await;
-    let mut rt = Kube::new(client(&url));
-    rt.reconcile(&[workload(MANIFESTS)]);
-    let r = settle(&rt, |s| *s == WorkloadState::Running).await.unwrap();
-    assert_eq!(r.state, WorkloadState::Running);
-    let deletes: Vec<String> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.method == "DELETE")
-        .map(|s| s.path.clone())
-        .collect();
-    assert_eq!(deletes, vec!["/api/v1/namespaces/shoal-web/configmaps/old"]);
-}
-
-async fn failed_with(answer: Answer) -> String {
-    let (url, _) = fake_api(answer).await;
-    let mut rt = Kube::new(client(&url));
-    rt.reconcile(&[workload(MANIFESTS)]);
-    let r = settle(&rt, |s| *s == WorkloadState::Failed).await.unwrap();
-    assert_eq!(r.state, WorkloadState::Failed);
-    r.reason.unwrap()
-}
-
-fn refusing(code: u16, reason: &'static str, message: &'static str) -> Answer {
-    Arc::new(move |method, path, body| {
-        if method == "PATCH" && path.contains("/deployments/") {
-            (code, status(code, reason, message))
-        } else if method == "PATCH" {
-            (200, body.clone())
-        } else {
-            (404, status(404, "NotFound", "no"))
-        }
+    // Mid-rollout, as kubectl says it.
+    server.set_status(
+        "apps/v1",
+        "Deployment",
+        Some("shoal-web"),
+        "web",
+        json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1}),
+    );
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s["web"]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("1 out of 2 new replicas"))
     })
+    .await;
+    assert_eq!(s["web"].state, WorkloadState::Pending, "{s:?}");
+    complete(&server, "shoal-web", "web");
+    let r = until_state(&rt, "web", WorkloadState::Running).await;
+    assert_eq!(r.version.as_deref(), Some("v3"));
+
+    // The same desired state again: no write at all.
+    server.clear_requests();
+    rt.reconcile(&[app("web", "v3", None, manifests(&[DEPLOY, CFG]))]);
+    // A change of another app is a round that must come after this one.
+    rt.reconcile(&[
+        app("web", "v3", None, manifests(&[DEPLOY, CFG])),
+        app("other", "v1", None, manifests(&[CFG2])),
+    ]);
+    until_state(&rt, "other", WorkloadState::Running).await;
+    let seen = server.requests();
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.method != "GET" && s.path.contains("shoal-web")),
+        "{seen:?}"
+    );
+    rt.shutdown().await;
 }
 
 #[tokio::test]
-async fn maps_api_errors_to_failed_workloads() {
-    let r = failed_with(refusing(
-        403,
-        "Forbidden",
-        "deployments.apps is forbidden: User \"edge\" cannot patch",
-    ))
+async fn a_new_version_is_reported_only_once_rolled_out_and_a_deadline_fails_it() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v3", None, manifests(&[DEPLOY]))]);
+    until_state(&rt, "web", WorkloadState::Pending).await;
+    complete(&server, "shoal-web", "web");
+    until_state(&rt, "web", WorkloadState::Running).await;
+
+    // v4 changes the image: one PATCH, of the Deployment only.
+    server.clear_requests();
+    let v4 = DEPLOY.replace("IMAGE", "1.28");
+    rt.reconcile(&[app("web", "v4", None, v4.clone())]);
+    let r = until_state(&rt, "web", WorkloadState::Pending).await;
+    assert_eq!(
+        patches(&server.requests()),
+        vec!["/apis/apps/v1/namespaces/shoal-web/deployments/web"]
+    );
+    assert_eq!(r.version.as_deref(), Some("v3"), "v3 still runs: {r:?}");
+    assert!(r.reason.as_deref().unwrap().contains("rolling out v4"), "{r:?}");
+    server.set_status(
+        "apps/v1",
+        "Deployment",
+        Some("shoal-web"),
+        "web",
+        json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1,
+               "conditions": [{"type": "Progressing", "status": "False",
+                               "reason": "ProgressDeadlineExceeded",
+                               "message": "ReplicaSet \"web-2\" has timed out progressing."}]}),
+    );
+    let r = until_state(&rt, "web", WorkloadState::Failed).await;
+    assert!(
+        r.reason.as_deref().unwrap().contains("exceeded its progress deadline"),
+        "{r:?}"
+    );
+    assert_eq!(r.version.as_deref(), Some("v3"));
+    complete(&server, "shoal-web", "web");
+    let r = until_state(&rt, "web", WorkloadState::Running).await;
+    assert_eq!(r.version.as_deref(), Some("v4"));
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_namespace_it_found_and_other_apps_objects_survive_a_deletion() {
+    let server = ApiServer::start().await;
+    // Someone else's namespace, with their objects in it.
+    server.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plant-floor"}}));
+    server.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "theirs", "namespace": "plant-floor"}, "data": {"a": "b"}}));
+    server.put(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                      "metadata": {"name": "their-app", "namespace": "plant-floor"}, "spec": {"replicas": 1}}));
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let a = app("a", "v1", Some("plant-floor"), manifests(&[CFG]));
+    let b = app("b", "v1", Some("plant-floor"), manifests(&[CFG2]));
+    rt.reconcile(&[a.clone(), b.clone()]);
+    until_state(&rt, "a", WorkloadState::Running).await;
+    until_state(&rt, "b", WorkloadState::Running).await;
+    let seen = server.requests();
+    // The namespace was read, never written.
+    assert!(
+        !seen.iter().any(|s| s.method != "GET"
+            && (s.path == "/api/v1/namespaces" || s.path.ends_with("/namespaces/plant-floor"))),
+        "{seen:?}"
+    );
+    // Deleting app a deletes a's object, nothing else.
+    rt.reconcile(&[b.clone()]);
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("plant-floor"), "cfg")
+            .is_none())
+        .await
+    );
+    until(&rt, Duration::from_secs(10), |s| !s.contains_key("a")).await;
+    assert_eq!(
+        deletes(&server.requests()),
+        vec!["/api/v1/namespaces/plant-floor/configmaps/cfg"]
+    );
+    // And b, the last app there: the namespace stays, with its owners' objects.
+    rt.reconcile(&[]);
+    until(&rt, Duration::from_secs(10), |s| s.is_empty()).await;
+    assert!(rt.status().is_empty(), "{:?}", rt.status());
+    assert!(server.get("v1", "Namespace", None, "plant-floor").is_some());
+    assert!(server.get("v1", "ConfigMap", Some("plant-floor"), "theirs").is_some());
+    assert!(server.get("apps/v1", "Deployment", Some("plant-floor"), "their-app").is_some());
+    assert!(server.get("v1", "ConfigMap", Some("plant-floor"), "cfg2").is_none());
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_namespace_it_created_goes_with_the_last_app_using_it() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let a = app("a", "v1", Some("shared"), manifests(&[CFG]));
+    let b = app("b", "v1", Some("shared"), manifests(&[CFG2]));
+    rt.reconcile(&[a.clone(), b.clone()]);
+    until_state(&rt, "b", WorkloadState::Running).await;
+    rt.reconcile(&[b.clone()]);
+    until(&rt, Duration::from_secs(10), |s| !s.contains_key("a")).await;
+    assert!(server.get("v1", "ConfigMap", Some("shared"), "cfg").is_none());
+    assert!(server.get("v1", "Namespace", None, "shared").is_some(), "b still uses it");
+    rt.reconcile(&[]);
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "Namespace", None, "shared")
+            .is_none())
+        .await
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn changes_made_while_the_api_server_is_down_converge_after_it_returns_and_a_restart() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let web = app("web", "v1", None, manifests(&[DEPLOY, CFG]));
+    let gone = app("gone", "v1", None, manifests(&[CFG2]));
+    rt.reconcile(&[web.clone(), gone.clone()]);
+    until_state(&rt, "gone", WorkloadState::Running).await;
+    complete(&server, "shoal-web", "web");
+    until_state(&rt, "web", WorkloadState::Running).await;
+
+    server.stop().await;
+    // The API server is down: cfg leaves web's manifests, gone leaves the node.
+    let web2 = app("web", "v1", None, manifests(&[DEPLOY]));
+    rt.reconcile(&[web2.clone()]);
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s.get("web").is_some_and(|r| r.state == WorkloadState::Unknown)
+            && s.get("gone").is_some_and(|r| r.state == WorkloadState::Stopped)
+    })
+    .await;
+    let w = &s["web"];
+    assert_eq!(w.state, WorkloadState::Unknown, "{s:?}");
+    let why = w.reason.as_deref().unwrap();
+    assert!(why.contains("unreachable") && why.contains("since 20"), "{why}");
+    assert!(why.contains("last known: running v1"), "{why}");
+    assert_eq!(w.version.as_deref(), Some("v1"));
+    assert!(
+        s["gone"].reason.as_deref().unwrap().contains("pending removal: ConfigMap cfg2"),
+        "{s:?}"
+    );
+    // The node restarts before the API server is back.
+    rt.shutdown().await;
+    drop(rt);
+    server.resume().await;
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[web2.clone()]);
+    assert!(
+        kubetest::eventually(Duration::from_secs(15), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_none()
+            && server.get("v1", "Namespace", None, "shoal-gone").is_none())
+        .await,
+        "{:?}",
+        server.requests()
+    );
+    assert!(server.get("v1", "ConfigMap", Some("shoal-gone"), "cfg2").is_none());
+    assert!(server.get("apps/v1", "Deployment", Some("shoal-web"), "web").is_some());
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s.len() == 1 && s["web"].state == WorkloadState::Running
+    })
+    .await;
+    assert_eq!(s["web"].state, WorkloadState::Running, "{s:?}");
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_apply_forgets_nothing_and_deleting_the_app_removes_what_was_made() {
+    let server = ApiServer::start().await;
+    server.refuse(
+        "PATCH",
+        "/deployments/web",
+        422,
+        "Invalid",
+        "Deployment.apps \"web\" is invalid: spec.replicas: Invalid value: -1",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG, DEPLOY]))]);
+    let r = until_state(&rt, "web", WorkloadState::Failed).await;
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .starts_with("Deployment web: invalid: Deployment.apps \"web\" is invalid"),
+        "{r:?}"
+    );
+    assert!(server.get("v1", "ConfigMap", Some("shoal-web"), "cfg").is_some());
+    rt.reconcile(&[]);
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_none()
+            && server.get("v1", "Namespace", None, "shoal-web").is_none())
+        .await
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_api_version_change_keeps_the_object() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, HPA_V1.into())]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    let uid = server
+        .get("autoscaling/v1", "HorizontalPodAutoscaler", Some("shoal-web"), "web")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    server.clear_requests();
+    rt.reconcile(&[app("web", "v2", None, HPA_V2.into())]);
+    let r = until(&rt, Duration::from_secs(10), |s| {
+        s["web"].version.as_deref() == Some("v2")
+    })
+    .await;
+    assert_eq!(r["web"].state, WorkloadState::Running, "{r:?}");
+    let seen = server.requests();
+    assert_eq!(
+        patches(&seen),
+        vec!["/apis/autoscaling/v2/namespaces/shoal-web/horizontalpodautoscalers/web"]
+    );
+    assert!(deletes(&seen).is_empty(), "{seen:?}");
+    let hpa = server
+        .get("autoscaling/v2", "HorizontalPodAutoscaler", Some("shoal-web"), "web")
+        .unwrap();
+    assert_eq!(hpa["metadata"]["uid"], uid);
+    assert_eq!(hpa["spec"]["maxReplicas"], 4);
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn kinds_are_discovered_crds_too_and_cluster_scoped_ones_need_permission() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let cactus = "apiVersion: botany.example.com/v1\nkind: Cactus\nmetadata: {name: saguaro}\nspec: {spines: 1000}\n";
+    rt.reconcile(&[app("garden", "v1", None, cactus.into())]);
+    let r = until_state(&rt, "garden", WorkloadState::Failed).await;
+    assert_eq!(
+        r.reason.as_deref().unwrap(),
+        "manifest 1: Cactus saguaro: no matches for kind \"Cactus\" in version \"botany.example.com/v1\": \
+         the cluster does not serve it; install its CRD first"
+    );
+    // The CRD is installed; an irregular plural is found, not guessed.
+    server.add_crd("botany.example.com", "v1", "Cactus", "cacti", true);
+    // Retried with backoff (1 s doubling to 10 s): within 20 s.
+    kubetest::until_state(&rt, "garden", WorkloadState::Running, Duration::from_secs(20)).await;
+    assert!(
+        patches(&server.requests())
+            .contains(&"/apis/botany.example.com/v1/namespaces/shoal-garden/cacti/saguaro".to_string())
+    );
+
+    // A cluster-scoped kind the old list did not know: refused by default.
+    let class = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: edge}\nspec: {controller: example.com/edge}\n";
+    let mut w = app("ingress", "v1", None, class.into());
+    rt.reconcile(&[w.clone()]);
+    let r = until_state(&rt, "ingress", WorkloadState::Failed).await;
+    assert!(
+        r.reason.as_deref().unwrap().contains("IngressClass edge is cluster-scoped")
+            && r.reason.as_deref().unwrap().contains("allow_cluster_scoped"),
+        "{r:?}"
+    );
+    assert!(server.get("networking.k8s.io/v1", "IngressClass", None, "edge").is_none());
+    // Allowed: applied without a namespace, owned and deleted like the rest.
+    w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
+    rt.reconcile(&[w.clone()]);
+    until_state(&rt, "ingress", WorkloadState::Running).await;
+    assert!(
+        patches(&server.requests())
+            .contains(&"/apis/networking.k8s.io/v1/ingressclasses/edge".to_string())
+    );
+    rt.reconcile(&[]);
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("networking.k8s.io/v1", "IngressClass", None, "edge")
+            .is_none())
+        .await
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_name_the_field_and_namespace_scoped_credentials_suffice() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    // A misspelt field: the API server's strict validation names it.
+    let typo = DEPLOY.replace("image: nginx:IMAGE", "image: nginx, imagePulPolicy: Always");
+    rt.reconcile(&[app("web", "v1", None, typo)]);
+    let r = until_state(&rt, "web", WorkloadState::Failed).await;
+    let why = r.reason.unwrap();
+    assert!(
+        why.starts_with("Deployment web: invalid: ") && why.contains("imagePulPolicy"),
+        "{why}"
+    );
+
+    // An object that names another namespace is refused, not moved.
+    rt.reconcile(&[app(
+        "web",
+        "v1",
+        None,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: kube-system}\n".into(),
+    )]);
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s["web"].reason.as_deref().is_some_and(|r| r.contains("kube-system"))
+    })
     .await;
     assert!(
-        r.starts_with("Deployment web: forbidden: deployments.apps is forbidden"),
-        "{r}"
+        s["web"].reason.as_deref().unwrap().contains(
+            "ConfigMap c names namespace kube-system, but the app's objects live in shoal-web"
+        ),
+        "{s:?}"
     );
-    let r = failed_with(refusing(409, "Conflict", "Apply failed with 1 conflict")).await;
-    assert!(
-        r.starts_with("Deployment web: conflict: Apply failed"),
-        "{r}"
+    assert!(server.get("v1", "ConfigMap", Some("kube-system"), "c").is_none());
+    rt.shutdown().await;
+
+    // Credentials bound to one namespace (a RoleBinding to `edit`): the
+    // namespace cannot be read or made, yet the app applies.
+    let server = ApiServer::start().await;
+    server.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "granted"}}));
+    for method in ["GET", "POST", "PATCH", "DELETE"] {
+        server.refuse(
+            method,
+            "/api/v1/namespaces/granted",
+            403,
+            "Forbidden",
+            "namespaces \"granted\" is forbidden: User \"edge\" cannot get resource \"namespaces\" at the cluster scope",
+        );
+    }
+    server.refuse(
+        "POST",
+        "/api/v1/namespaces",
+        403,
+        "Forbidden",
+        "namespaces is forbidden: User \"edge\" cannot create resource \"namespaces\"",
     );
-    let r = failed_with(refusing(422, "Invalid", "spec.replicas: Invalid value: -1")).await;
-    assert!(
-        r.starts_with("Deployment web: invalid: spec.replicas"),
-        "{r}"
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", Some("granted"), manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    assert!(server.get("v1", "ConfigMap", Some("granted"), "cfg").is_some());
+    rt.shutdown().await;
 }
 
 #[tokio::test]
-async fn an_unreachable_api_server_and_bad_manifests_are_reported() {
-    // Nothing listens on this port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut rt = Kube::new(client(&format!("http://127.0.0.1:{port}")));
-    rt.reconcile(&[workload(MANIFESTS)]);
-    let r = settle(&rt, |s| *s == WorkloadState::Failed).await.unwrap();
+async fn drift_is_repaired_from_the_watch_and_only_what_drifted_is_patched() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG, CFG2]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    // Wait for the watch to be running before touching anything.
+    assert!(kubetest::eventually(Duration::from_secs(10), || watching(&server)).await);
+    server.clear_requests();
+
+    // Deleted by hand: back within seconds, by one PATCH.
+    let t = Instant::now();
+    server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg");
     assert!(
-        r.reason.as_deref().unwrap().contains("unreachable"),
-        "{:?}",
-        r.reason
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some())
+        .await
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        patches(&server.requests()),
+        vec!["/api/v1/namespaces/shoal-web/configmaps/cfg"]
     );
 
-    let (url, seen) = fake_api(accepting(vec![], 2)).await;
-    let mut rt = Kube::new(client(&url));
-    rt.reconcile(&[workload(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: god}\n",
-    )]);
-    let r = settle(&rt, |s| *s == WorkloadState::Failed).await.unwrap();
+    // A field Shoal set, changed by hand: set back.
+    server.clear_requests();
+    server.edit_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg2", |o| {
+        o["data"]["k"] = json!("tampered");
+    });
     assert!(
-        r.reason.as_deref().unwrap().contains("cluster-scoped"),
-        "{:?}",
-        r.reason
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg2")
+            .is_some_and(|o| o["data"]["k"] == "v"))
+        .await
     );
-    rt.reconcile(&[workload("kind: Deployment\nmetadata: {name: x}\n")]);
-    let mut reason = String::new();
-    for _ in 0..100 {
-        reason = rt.status()["web"].reason.clone().unwrap_or_default();
-        if reason.contains("missing apiVersion") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reason.contains("missing apiVersion"), "{reason}");
-    // Nothing was applied for either.
-    assert!(seen.lock().unwrap().iter().all(|s| s.method != "PATCH"));
-}
+    assert_eq!(
+        patches(&server.requests()),
+        vec!["/api/v1/namespaces/shoal-web/configmaps/cfg2"]
+    );
 
-fn real_client_config() -> std::path::PathBuf {
-    std::env::var_os("SHOAL_IT_KUBECONFIG")
-        .map(std::path::PathBuf::from)
-        .expect("SHOAL_IT_KUBECONFIG must name the kubeconfig of a real cluster for this test")
+    // A field Shoal never set (an annotation) is not Shoal's business. The
+    // watch delivers events of one kind in order, so once the deletion that
+    // follows it is repaired, the annotation's event was handled too.
+    server.clear_requests();
+    server.edit_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg2", |o| {
+        o["metadata"]["annotations"] = json!({"note": "checked by hand"});
+    });
+    server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg");
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some())
+        .await
+    );
+    assert_eq!(
+        patches(&server.requests()),
+        vec!["/api/v1/namespaces/shoal-web/configmaps/cfg"]
+    );
+    let cfg2 = server.get("v1", "ConfigMap", Some("shoal-web"), "cfg2").unwrap();
+    assert_eq!(cfg2["metadata"]["annotations"]["note"], "checked by hand");
+    rt.shutdown().await;
 }
 
 #[tokio::test]
-#[ignore = "needs a real cluster: SHOAL_IT_KUBECONFIG=path cargo test -- --ignored"]
-async fn real_cluster_apply_rollout_and_prune() {
-    let path = real_client_config();
-    let client = node::runtime::kube::client(Some(&path)).await.unwrap();
-    let mut rt = Kube::new(client);
-    rt.reconcile(&[workload(MANIFESTS)]);
-    let mut running = false;
-    for _ in 0..120 {
-        if rt
-            .status()
-            .get("web")
-            .is_some_and(|r| r.state == WorkloadState::Running)
-        {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    assert!(running, "{:?}", rt.status());
-    // Removed: its namespace goes.
+async fn a_restarted_node_patches_nothing_that_did_not_change() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let w = app("web", "v1", None, manifests(&[CFG, CFG2]));
+    rt.reconcile(&[w.clone()]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    rt.shutdown().await;
+    drop(rt);
+    server.clear_requests();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[w.clone()]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    // The watch's first list is compared with what was recorded. The
+    // ConfigMaps' watch delivers in order, so once a deletion made after
+    // it is repaired, the list was handled: only that one object was sent.
+    assert!(kubetest::eventually(Duration::from_secs(10), || watching(&server)).await);
+    server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg2");
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg2")
+            .is_some())
+        .await
+    );
+    assert_eq!(
+        patches(&server.requests()),
+        vec!["/api/v1/namespaces/shoal-web/configmaps/cfg2"]
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn objects_labelled_by_an_earlier_shoal_are_adopted_and_pruned() {
+    let server = ApiServer::start().await;
+    server.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shoal-web"}}));
+    server.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "old", "namespace": "shoal-web",
+                     "labels": {"app.kubernetes.io/managed-by": "shoal", "shoal.dev/app": "web"}}}));
+    server.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "someone-elses", "namespace": "shoal-web"}}));
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "old")
+            .is_none())
+        .await
+    );
+    assert!(server.get("v1", "ConfigMap", Some("shoal-web"), "someone-elses").is_some());
+    // The namespace was there before: never deleted, though an earlier Shoal may have labelled it.
     rt.reconcile(&[]);
-    let mut gone = false;
-    for _ in 0..60 {
-        if rt.status().is_empty() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    assert!(gone, "{:?}", rt.status());
+    until(&rt, Duration::from_secs(10), |s| s.is_empty()).await;
+    assert!(server.get("v1", "ConfigMap", Some("shoal-web"), "cfg").is_none());
+    assert!(server.get("v1", "Namespace", None, "shoal-web").is_some());
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_inventory_is_refused_by_name() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.json"), b"not json").unwrap();
+    let e = Kube::new(client(&server.url()), dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("inventory.json is corrupt"), "{e}");
+}
+
+#[tokio::test]
+async fn non_kube_apps_are_refused() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let mut w = app("web", "v1", None, manifests(&[CFG]));
+    w.spec.runtime = RuntimeKind::Native;
+    rt.reconcile(&[w]);
+    let r = until_state(&rt, "web", WorkloadState::Failed).await;
+    assert!(r.reason.unwrap().contains("runs natively"));
+    assert!(patches(&server.requests()).is_empty());
+    rt.shutdown().await;
 }

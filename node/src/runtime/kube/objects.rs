@@ -1,0 +1,193 @@
+//! An app's manifests as the objects Shoal applies: parsed, checked, and
+//! labelled. Pure: what the cluster says about each kind (its scope) is
+//! passed in later.
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// Label on everything Shoal applies.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "shoal");
+/// Label naming the app an object belongs to.
+pub const APP_LABEL: &str = "shoal.dev/app";
+
+/// One object of an app's manifests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    /// 1-based position among the app's manifests.
+    pub index: usize,
+    /// `apiVersion`.
+    pub api_version: String,
+    /// `kind`.
+    pub kind: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The object as written.
+    pub body: Value,
+}
+
+impl Manifest {
+    /// The API group (`""` for core).
+    pub fn group(&self) -> &str {
+        group_of(&self.api_version)
+    }
+
+    /// The body Shoal applies: Shoal's labels added beside the app's own,
+    /// and the namespace set (`Some`) or removed (cluster-scoped, `None`).
+    pub fn prepared(&self, app: &str, namespace: Option<&str>) -> Value {
+        let mut v = self.body.clone();
+        if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            match namespace {
+                Some(ns) => {
+                    meta.insert("namespace".into(), json!(ns));
+                }
+                None => {
+                    meta.remove("namespace");
+                }
+            }
+            let mut l = meta
+                .get("labels")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            l.insert(MANAGED_BY.0.into(), json!(MANAGED_BY.1));
+            l.insert(APP_LABEL.into(), json!(app));
+            meta.insert("labels".into(), Value::Object(l));
+        }
+        v
+    }
+}
+
+/// The group of an apiVersion (`apps/v1` → `apps`, `v1` → ``).
+pub fn group_of(api_version: &str) -> &str {
+    api_version.split_once('/').map(|(g, _)| g).unwrap_or("")
+}
+
+/// The label selector of everything Shoal applies, or of one app's objects.
+pub fn selector(app: Option<&str>) -> String {
+    match app {
+        Some(a) => format!("{}={},{APP_LABEL}={a}", MANAGED_BY.0, MANAGED_BY.1),
+        None => format!("{}={}", MANAGED_BY.0, MANAGED_BY.1),
+    }
+}
+
+/// A stable hash of a JSON value.
+pub fn hash(v: &Value) -> String {
+    hex::encode(&Sha256::digest(v.to_string().as_bytes())[..16])
+}
+
+/// Parses an app's manifests. Refuses an object without apiVersion, kind
+/// or name, and one whose `metadata.namespace` is not the app's namespace
+/// `ns` (Shoal never moves an object silently).
+pub fn parse(ns: &str, manifests: &str) -> Result<Vec<Manifest>, String> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(manifests).enumerate() {
+        let index = i + 1;
+        let v: Value = serde::Deserialize::deserialize(doc)
+            .map_err(|e| format!("manifest {index}: not YAML: {e}"))?;
+        if v.is_null() {
+            continue;
+        }
+        let field = |p: &str, what: &str| {
+            v.pointer(p)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .ok_or_else(|| format!("manifest {index}: missing {what}"))
+        };
+        let api_version = field("/apiVersion", "apiVersion")?;
+        let kind = field("/kind", "kind")?;
+        let name = field("/metadata/name", "metadata.name")?;
+        if let Some(other) = v.pointer("/metadata/namespace").and_then(Value::as_str)
+            && other != ns
+        {
+            return Err(format!(
+                "manifest {index}: {kind} {name} names namespace {other}, but the app's objects \
+                 live in {ns}: remove metadata.namespace or set spec.kube.namespace"
+            ));
+        }
+        if out
+            .iter()
+            .any(|m: &Manifest| m.kind == kind && m.name == name && m.group() == group_of(&api_version))
+        {
+            return Err(format!("manifest {index}: {kind} {name} appears twice"));
+        }
+        out.push(Manifest {
+            index,
+            api_version,
+            kind,
+            name,
+            body: v,
+        });
+    }
+    Ok(out)
+}
+
+/// A hash of what Shoal's field manager owns in `obj` (its `Apply` entry
+/// in `metadata.managedFields`), or `None` when it owns nothing there.
+/// Another writer changing a field Shoal set takes that field's ownership
+/// away, which changes this hash; a controller writing status, or someone
+/// adding a field Shoal never set, does not.
+pub fn owned_fields(obj: &Value, manager: &str) -> Option<String> {
+    obj.pointer("/metadata/managedFields")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|e| {
+            e.get("manager").and_then(Value::as_str) == Some(manager)
+                && e.get("operation").and_then(Value::as_str) == Some("Apply")
+                && e.get("subresource").is_none_or(|s| s.as_str() == Some(""))
+        })
+        .and_then(|e| e.get("fieldsV1"))
+        .map(hash)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_checks_and_labels() {
+        let m = parse(
+            "shoal-web",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, labels: {tier: edge}}\n---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: shoal-web}\n",
+        )
+        .unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[1].index, m[1].group()), (3, "apps"));
+        let p = m[0].prepared("web", Some("shoal-web"));
+        assert_eq!(p["metadata"]["namespace"], "shoal-web");
+        assert_eq!(p["metadata"]["labels"]["tier"], "edge");
+        assert_eq!(p["metadata"]["labels"][APP_LABEL], "web");
+        let cluster = m[1].prepared("web", None);
+        assert!(cluster["metadata"].get("namespace").is_none());
+
+        let e = parse("shoal-web", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: kube-system}\n")
+            .unwrap_err();
+        assert!(e.contains("names namespace kube-system") && e.contains("shoal-web"), "{e}");
+        let e = parse("n", "kind: ConfigMap\nmetadata: {name: a}\n").unwrap_err();
+        assert_eq!(e, "manifest 1: missing apiVersion");
+        let e = parse("n", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n").unwrap_err();
+        assert_eq!(e, "manifest 1: missing metadata.name");
+        let twice = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
+        let e = parse("n", &format!("{twice}---\n{twice}")).unwrap_err();
+        assert!(e.contains("appears twice"), "{e}");
+        assert!(parse("n", "a: [").unwrap_err().starts_with("manifest 1: not YAML"));
+    }
+
+    #[test]
+    fn owned_fields_change_only_with_shoals_entry() {
+        let obj = |fields: Value, other: Value| {
+            json!({"metadata": {"managedFields": [
+                {"manager": "shoal", "operation": "Apply", "fieldsV1": fields},
+                {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status", "fieldsV1": other},
+            ]}})
+        };
+        let a = owned_fields(&obj(json!({"f:data": {"f:k": {}}}), json!({"f:status": {}})), "shoal");
+        let b = owned_fields(&obj(json!({"f:data": {"f:k": {}}}), json!({"f:status": {"f:x": {}}})), "shoal");
+        let c = owned_fields(&obj(json!({"f:data": {}}), json!({"f:status": {}})), "shoal");
+        assert!(a.is_some());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(owned_fields(&json!({"metadata": {}}), "shoal"), None);
+    }
+}
