@@ -556,6 +556,17 @@ async fn real_cluster_rollout_status_without_a_kubelet() {
     assert_eq!(r.state, WorkloadState::Pending, "{s:?}");
     assert_eq!(r.version.as_deref(), Some("v1"), "{s:?}");
     assert!(r.reason.as_deref().unwrap().contains("rolling out v2"), "{s:?}");
+    // A StatefulSet whose pod cannot be scheduled waits, as kubectl says;
+    // a DaemonSet with no node to run on has nothing to wait for.
+    let sts = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  replicas: 1\n  serviceName: db\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {nodeSelector: {shoal.dev/nowhere: \"true\"}, containers: [{name: db, image: busybox}]}\n";
+    let ds = sts.replace("StatefulSet", "DaemonSet").replace("  replicas: 1\n  serviceName: db\n", "").replace("name: db", "name: agent").replace("app: db", "app: agent");
+    rt.reconcile(&[app("db", "v1", Some(&ns), format!("{sts}---\n{ds}"))]);
+    let s = until(&rt, WITHIN, |s| {
+        s.get("db").and_then(|r| r.reason.as_deref()).is_some_and(|r| r.contains("waiting for 1 pods to be ready"))
+    })
+    .await;
+    assert_eq!(s["db"].state, WorkloadState::Pending, "{s:?}");
+    assert!(!s["db"].reason.as_deref().unwrap().contains("DaemonSet"), "{s:?}");
     rt.reconcile(&[]);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;

@@ -485,7 +485,7 @@ async fn refusals_name_the_field_and_namespace_scoped_credentials_suffice() {
     for method in ["GET", "POST", "PATCH", "DELETE"] {
         server.refuse(
             method,
-            "/api/v1/namespaces/granted",
+            "/api/v1/namespaces/granted$",
             403,
             "Forbidden",
             "namespaces \"granted\" is forbidden: User \"edge\" cannot get resource \"namespaces\" at the cluster scope",
@@ -493,7 +493,7 @@ async fn refusals_name_the_field_and_namespace_scoped_credentials_suffice() {
     }
     server.refuse(
         "POST",
-        "/api/v1/namespaces",
+        "/api/v1/namespaces$",
         403,
         "Forbidden",
         "namespaces is forbidden: User \"edge\" cannot create resource \"namespaces\"",
