@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/apiserver.rs"]
-#[allow(dead_code, unused_imports)]
 mod apiserver;
 
 use std::time::{Duration, Instant};
@@ -82,7 +81,9 @@ async fn main() {
     rt.reconcile(&[app("v1", 0)]);
     wait("first apply", || running(&rt, "v1")).await;
     let (p, r) = counts(&server);
-    println!("first apply of 20 objects: {p} PATCH, {r} GET (discovery, namespace, adoption lists)");
+    println!(
+        "first apply of 20 objects: {p} PATCH, {r} GET (discovery, namespace, adoption lists)"
+    );
 
     // Unchanged: the same spec under a new version label, so a round is
     // certain to have run when the report shows it.
@@ -114,7 +115,9 @@ async fn main() {
         let t = Instant::now();
         server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), &name);
         wait("repair of a deletion", || {
-            server.get("v1", "ConfigMap", Some("shoal-web"), &name).is_some()
+            server
+                .get("v1", "ConfigMap", Some("shoal-web"), &name)
+                .is_some()
         })
         .await;
         deleted.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -80,7 +80,13 @@ fn api(c: &kube::Client, api_version: &str, kind: &str, ns: Option<&str>) -> Api
     }
 }
 
-async fn get(c: &kube::Client, api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> Option<Value> {
+async fn get(
+    c: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> Option<Value> {
     api(c, api_version, kind, ns)
         .get_opt(name)
         .await
@@ -95,12 +101,22 @@ async fn put(c: &kube::Client, obj: Value) {
     let ns = obj["metadata"]["namespace"].as_str().map(String::from);
     let name = obj["metadata"]["name"].as_str().unwrap().to_string();
     api(c, &api_version, &kind, ns.as_deref())
-        .patch(&name, &PatchParams::apply("someone-else").force(), &Patch::Apply(&obj))
+        .patch(
+            &name,
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(&obj),
+        )
         .await
         .unwrap();
 }
 
-async fn gone(c: &kube::Client, api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> bool {
+async fn gone(
+    c: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> bool {
     let deadline = Instant::now() + WITHIN;
     while Instant::now() < deadline {
         match api(c, api_version, kind, ns).get_opt(name).await.unwrap() {
@@ -195,7 +211,9 @@ async fn through(proxy: &Proxy) -> kube::Client {
     let host = c.cluster_url.host().unwrap().to_string();
     let scheme = c.cluster_url.scheme_str().unwrap_or("https").to_string();
     c.tls_server_name = Some(host);
-    c.cluster_url = format!("{scheme}://127.0.0.1:{}", proxy.port).parse().unwrap();
+    c.cluster_url = format!("{scheme}://127.0.0.1:{}", proxy.port)
+        .parse()
+        .unwrap();
     kube::Client::try_from(c).unwrap()
 }
 
@@ -205,7 +223,11 @@ async fn upstream() -> String {
     let port = c
         .cluster_url
         .port_u16()
-        .unwrap_or(if c.cluster_url.scheme_str() == Some("http") { 80 } else { 443 });
+        .unwrap_or(if c.cluster_url.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
     format!("{host}:{port}")
 }
 
@@ -218,9 +240,17 @@ fn node_runtime(client: kube::Client, dir: &std::path::Path) -> Kube {
 async fn real_cluster_a_namespace_it_found_survives_with_its_objects() {
     let c = admin().await;
     let ns = format!("plant-floor-{}", suffix());
-    put(&c, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await;
-    put(&c, json!({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": "theirs", "namespace": ns}, "data": {"a": "b"}})).await;
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "theirs", "namespace": ns}, "data": {"a": "b"}}),
+    )
+    .await;
     put(&c, json!({"apiVersion": "apps/v1", "kind": "Deployment",
                    "metadata": {"name": "their-app", "namespace": ns},
                    "spec": {"replicas": 0, "selector": {"matchLabels": {"x": "y"}},
@@ -251,8 +281,16 @@ async fn real_cluster_a_namespace_it_found_survives_with_its_objects() {
     // Nothing of theirs went, and the namespace is not terminating.
     let nsobj = get(&c, "v1", "Namespace", None, &ns).await.unwrap();
     assert!(nsobj["metadata"]["deletionTimestamp"].is_null(), "{nsobj}");
-    assert!(get(&c, "v1", "ConfigMap", Some(&ns), "theirs").await.is_some());
-    assert!(get(&c, "apps/v1", "Deployment", Some(&ns), "their-app").await.is_some());
+    assert!(
+        get(&c, "v1", "ConfigMap", Some(&ns), "theirs")
+            .await
+            .is_some()
+    );
+    assert!(
+        get(&c, "apps/v1", "Deployment", Some(&ns), "their-app")
+            .await
+            .is_some()
+    );
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
 }
@@ -267,7 +305,10 @@ async fn real_cluster_a_namespace_it_created_goes_with_its_last_app() {
     rt.reconcile(&[app("a", "v1", Some(&ns), manifests(&[CFG]))]);
     kubetest::until_state(&rt, "a", WorkloadState::Running, WITHIN).await;
     let nsobj = get(&c, "v1", "Namespace", None, &ns).await.unwrap();
-    assert_eq!(nsobj["metadata"]["annotations"]["shoal.dev/created-by"], "shoal");
+    assert_eq!(
+        nsobj["metadata"]["annotations"]["shoal.dev/created-by"],
+        "shoal"
+    );
     rt.reconcile(&[]);
     assert!(gone(&c, "v1", "Namespace", None, &ns).await);
     rt.shutdown().await;
@@ -283,16 +324,28 @@ async fn real_cluster_an_api_version_change_keeps_the_object() {
     let mut rt = node_runtime(c.clone(), dir.path());
     rt.reconcile(&[app("web", "v1", Some(&ns), HPA_V1.into())]);
     kubetest::until_state(&rt, "web", WorkloadState::Running, WITHIN).await;
-    let before = get(&c, "autoscaling/v2", "HorizontalPodAutoscaler", Some(&ns), "web")
-        .await
-        .unwrap();
+    let before = get(
+        &c,
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+        Some(&ns),
+        "web",
+    )
+    .await
+    .unwrap();
     rt.reconcile(&[app("web", "v2", Some(&ns), HPA_V2.into())]);
     until(&rt, WITHIN, |s| s["web"].version.as_deref() == Some("v2")).await;
     // Past a few 10 s rounds, in which an exact-apiVersion prune would have struck.
     tokio::time::sleep(Duration::from_secs(25)).await;
-    let after = get(&c, "autoscaling/v2", "HorizontalPodAutoscaler", Some(&ns), "web")
-        .await
-        .expect("the HPA was deleted");
+    let after = get(
+        &c,
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+        Some(&ns),
+        "web",
+    )
+    .await
+    .expect("the HPA was deleted");
     assert_eq!(after["metadata"]["uid"], before["metadata"]["uid"]);
     assert_eq!(after["spec"]["maxReplicas"], 4);
     rt.shutdown().await;
@@ -303,7 +356,10 @@ async fn real_cluster_an_api_version_change_keeps_the_object() {
 #[ignore = "needs a real cluster: SHOAL_IT_KUBECONFIG=path cargo test -- --ignored"]
 async fn real_cluster_changes_made_while_the_api_server_is_down_converge() {
     let c = admin().await;
-    let (ns, ns_gone) = (format!("shoal-web-{}", suffix()), format!("shoal-gone-{}", suffix()));
+    let (ns, ns_gone) = (
+        format!("shoal-web-{}", suffix()),
+        format!("shoal-gone-{}", suffix()),
+    );
     let proxy = Proxy::start(upstream().await).await;
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(through(&proxy).await, dir.path());
@@ -315,13 +371,21 @@ async fn real_cluster_changes_made_while_the_api_server_is_down_converge() {
 
     proxy.cut();
     let web2 = app("web", "v1", Some(&ns), manifests(&[CFG]));
-    rt.reconcile(&[web2.clone()]);
+    rt.reconcile(std::slice::from_ref(&web2));
     let s = until(&rt, WITHIN, |s| {
-        s.get("web").is_some_and(|r| r.state == WorkloadState::Unknown)
+        s.get("web")
+            .is_some_and(|r| r.state == WorkloadState::Unknown)
     })
     .await;
     assert_eq!(s["web"].state, WorkloadState::Unknown, "{s:?}");
-    assert!(s["web"].reason.as_deref().unwrap().contains("last known: running v1"), "{s:?}");
+    assert!(
+        s["web"]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("last known: running v1"),
+        "{s:?}"
+    );
     // The node restarts while cut off.
     rt.shutdown().await;
     drop(rt);
@@ -346,7 +410,13 @@ async fn real_cluster_a_failed_apply_forgets_nothing() {
     let bad = DEPLOY.replace("replicas: 2", "replicas: -1");
     rt.reconcile(&[app("web", "v1", Some(&ns), format!("{CFG}---\n{bad}"))]);
     let r = kubetest::until_state(&rt, "web", WorkloadState::Failed, WITHIN).await;
-    assert!(r.reason.as_deref().unwrap().starts_with("Deployment web: invalid:"), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .starts_with("Deployment web: invalid:"),
+        "{r:?}"
+    );
     assert!(get(&c, "v1", "ConfigMap", Some(&ns), "cfg").await.is_some());
     rt.reconcile(&[]);
     assert!(gone(&c, "v1", "ConfigMap", Some(&ns), "cfg").await);
@@ -370,8 +440,14 @@ async fn real_cluster_crds_are_discovered_with_irregular_plurals() {
     rt.reconcile(&[app("garden", "v1", Some(&ns), cactus.clone())]);
     let r = kubetest::until_state(&rt, "garden", WorkloadState::Failed, WITHIN).await;
     assert!(
-        r.reason.as_deref().unwrap().contains("no matches for kind \"Cactus\"")
-            && r.reason.as_deref().unwrap().contains("install its CRD first"),
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("no matches for kind \"Cactus\"")
+            && r.reason
+                .as_deref()
+                .unwrap()
+                .contains("install its CRD first"),
         "{r:?}"
     );
     let crd = json!({
@@ -388,9 +464,14 @@ async fn real_cluster_crds_are_discovered_with_irregular_plurals() {
     rt.reconcile(&[]);
     assert!(gone(&c, "v1", "Namespace", None, &ns).await);
     rt.shutdown().await;
-    let _ = api(&c, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None)
-        .delete(&format!("cacti.{group}"), &DeleteParams::default())
-        .await;
+    let _ = api(
+        &c,
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        None,
+    )
+    .delete(&format!("cacti.{group}"), &DeleteParams::default())
+    .await;
     cleanup(&c, &[&ns]).await;
 }
 
@@ -402,13 +483,20 @@ async fn real_cluster_cluster_scoped_kinds_need_permission() {
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(c.clone(), dir.path());
     let mut w = app("ingress", "v1", None, CLASS.replace("NAME", &name));
-    rt.reconcile(&[w.clone()]);
+    rt.reconcile(std::slice::from_ref(&w));
     let r = kubetest::until_state(&rt, "ingress", WorkloadState::Failed, WITHIN).await;
-    assert!(r.reason.as_deref().unwrap().contains("is cluster-scoped"), "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("is cluster-scoped"),
+        "{r:?}"
+    );
     w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
     rt.reconcile(&[w]);
     kubetest::until_state(&rt, "ingress", WorkloadState::Running, WITHIN).await;
-    assert!(get(&c, "networking.k8s.io/v1", "IngressClass", None, &name).await.is_some());
+    assert!(
+        get(&c, "networking.k8s.io/v1", "IngressClass", None, &name)
+            .await
+            .is_some()
+    );
     rt.reconcile(&[]);
     assert!(gone(&c, "networking.k8s.io/v1", "IngressClass", None, &name).await);
     rt.shutdown().await;
@@ -421,11 +509,15 @@ async fn real_cluster_strict_validation_names_the_field() {
     let ns = format!("shoal-typo-{}", suffix());
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(c.clone(), dir.path());
-    let typo = manifests(&[DEPLOY]).replace("image: nginx:1.27", "image: nginx, imagePulPolicy: Always");
+    let typo =
+        manifests(&[DEPLOY]).replace("image: nginx:1.27", "image: nginx, imagePulPolicy: Always");
     rt.reconcile(&[app("web", "v1", Some(&ns), typo)]);
     let r = kubetest::until_state(&rt, "web", WorkloadState::Failed, WITHIN).await;
     let why = r.reason.unwrap();
-    assert!(why.contains("imagePulPolicy") && why.contains("invalid"), "{why}");
+    assert!(
+        why.contains("imagePulPolicy") && why.contains("invalid"),
+        "{why}"
+    );
     rt.reconcile(&[]);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
@@ -436,9 +528,17 @@ async fn real_cluster_strict_validation_names_the_field() {
 async fn real_cluster_namespace_scoped_credentials_suffice() {
     let c = admin().await;
     let ns = format!("granted-{}", suffix());
-    put(&c, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await;
-    put(&c, json!({"apiVersion": "v1", "kind": "ServiceAccount",
-                   "metadata": {"name": "edge", "namespace": ns}})).await;
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": "edge", "namespace": ns}}),
+    )
+    .await;
     put(&c, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                    "metadata": {"name": "edge", "namespace": ns},
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
@@ -448,7 +548,7 @@ async fn real_cluster_namespace_scoped_credentials_suffice() {
     let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                      "spec": {"expirationSeconds": 3600}});
     let token: Value = sa
-        .create_subresource("token", "edge", &PostParams::default(), serde_json::to_vec(&req).unwrap())
+        .create_subresource("token", "edge", &PostParams::default(), &req)
         .await
         .unwrap();
     let token = token["status"]["token"].as_str().unwrap().to_string();
@@ -463,9 +563,10 @@ async fn real_cluster_namespace_scoped_credentials_suffice() {
         "current-context": "edge",
     }))
     .unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(edge_kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
+    let cfg =
+        kube::Config::from_custom_kubeconfig(edge_kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(kube::Client::try_from(cfg).unwrap(), dir.path());
     rt.reconcile(&[app("web", "v1", Some(&ns), manifests(&[CFG]))]);
@@ -503,7 +604,10 @@ async fn real_cluster_drift_is_repaired_within_10_s() {
     let t = Instant::now();
     cms.patch(
         "cfg2",
-        &PatchParams { field_manager: Some("kubectl-edit".into()), ..PatchParams::default() },
+        &PatchParams {
+            field_manager: Some("kubectl-edit".into()),
+            ..PatchParams::default()
+        },
         &Patch::Merge(json!({"data": {"k": "tampered"}})),
     )
     .await
@@ -555,18 +659,30 @@ async fn real_cluster_rollout_status_without_a_kubelet() {
     let r = &s["web"];
     assert_eq!(r.state, WorkloadState::Pending, "{s:?}");
     assert_eq!(r.version.as_deref(), Some("v1"), "{s:?}");
-    assert!(r.reason.as_deref().unwrap().contains("rolling out v2"), "{s:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("rolling out v2"),
+        "{s:?}"
+    );
     // A StatefulSet whose pod cannot be scheduled waits, as kubectl says;
     // a DaemonSet with no node to run on has nothing to wait for.
     let sts = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  replicas: 1\n  serviceName: db\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {nodeSelector: {shoal.dev/nowhere: \"true\"}, containers: [{name: db, image: busybox}]}\n";
-    let ds = sts.replace("StatefulSet", "DaemonSet").replace("  replicas: 1\n  serviceName: db\n", "").replace("name: db", "name: agent").replace("app: db", "app: agent");
+    let ds = sts
+        .replace("StatefulSet", "DaemonSet")
+        .replace("  replicas: 1\n  serviceName: db\n", "")
+        .replace("name: db", "name: agent")
+        .replace("app: db", "app: agent");
     rt.reconcile(&[app("db", "v1", Some(&ns), format!("{sts}---\n{ds}"))]);
     let s = until(&rt, WITHIN, |s| {
-        s.get("db").and_then(|r| r.reason.as_deref()).is_some_and(|r| r.contains("waiting for 1 pods to be ready"))
+        s.get("db")
+            .and_then(|r| r.reason.as_deref())
+            .is_some_and(|r| r.contains("waiting for 1 pods to be ready"))
     })
     .await;
     assert_eq!(s["db"].state, WorkloadState::Pending, "{s:?}");
-    assert!(!s["db"].reason.as_deref().unwrap().contains("DaemonSet"), "{s:?}");
+    assert!(
+        !s["db"].reason.as_deref().unwrap().contains("DaemonSet"),
+        "{s:?}"
+    );
     rt.reconcile(&[]);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
@@ -577,25 +693,33 @@ async fn real_cluster_rollout_status_without_a_kubelet() {
 async fn real_cluster_pods_become_ready() {
     // Needs a schedulable node that can pull nginx: skips with a message otherwise.
     let c = admin().await;
-    let nodes = api(&c, "v1", "Node", None).list(&Default::default()).await.unwrap();
+    let nodes = api(&c, "v1", "Node", None)
+        .list(&Default::default())
+        .await
+        .unwrap();
     let schedulable = nodes.items.iter().any(|n| {
         n.data["spec"]["unschedulable"] != json!(true)
-            && n.data["status"]["conditions"]
-                .as_array()
-                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            && n.data["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
     });
     if !schedulable {
-        eprintln!("SKIPPED real_cluster_pods_become_ready: the cluster has no schedulable Ready node");
+        eprintln!(
+            "SKIPPED real_cluster_pods_become_ready: the cluster has no schedulable Ready node"
+        );
         return;
     }
     let ns = format!("shoal-ready-{}", suffix());
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(c.clone(), dir.path());
     rt.reconcile(&[app("web", "v1", Some(&ns), manifests(&[DEPLOY]))]);
-    let r = kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
+    let r =
+        kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
     assert_eq!(r.version.as_deref(), Some("v1"));
     rt.reconcile(&[app("web", "v2", Some(&ns), DEPLOY.replace("IMAGE", "1.28"))]);
-    let r = kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
+    let r =
+        kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
     assert_eq!(r.version.as_deref(), Some("v2"));
     rt.reconcile(&[]);
     rt.shutdown().await;

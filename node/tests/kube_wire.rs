@@ -178,7 +178,10 @@ async fn a_new_version_is_reported_only_once_rolled_out_and_a_deadline_fails_it(
         vec!["/apis/apps/v1/namespaces/shoal-web/deployments/web"]
     );
     assert_eq!(r.version.as_deref(), Some("v3"), "v3 still runs: {r:?}");
-    assert!(r.reason.as_deref().unwrap().contains("rolling out v4"), "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("rolling out v4"),
+        "{r:?}"
+    );
     server.set_status(
         "apps/v1",
         "Deployment",
@@ -191,7 +194,10 @@ async fn a_new_version_is_reported_only_once_rolled_out_and_a_deadline_fails_it(
     );
     let r = until_state(&rt, "web", WorkloadState::Failed).await;
     assert!(
-        r.reason.as_deref().unwrap().contains("exceeded its progress deadline"),
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("exceeded its progress deadline"),
         "{r:?}"
     );
     assert_eq!(r.version.as_deref(), Some("v3"));
@@ -205,7 +211,8 @@ async fn a_new_version_is_reported_only_once_rolled_out_and_a_deadline_fails_it(
 async fn a_namespace_it_found_and_other_apps_objects_survive_a_deletion() {
     let server = ApiServer::start().await;
     // Someone else's namespace, with their objects in it.
-    server.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plant-floor"}}));
+    server
+        .put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plant-floor"}}));
     server.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": {"name": "theirs", "namespace": "plant-floor"}, "data": {"a": "b"}}));
     server.put(json!({"apiVersion": "apps/v1", "kind": "Deployment",
@@ -225,7 +232,7 @@ async fn a_namespace_it_found_and_other_apps_objects_survive_a_deletion() {
         "{seen:?}"
     );
     // Deleting app a deletes a's object, nothing else.
-    rt.reconcile(&[b.clone()]);
+    rt.reconcile(std::slice::from_ref(&b));
     assert!(
         kubetest::eventually(Duration::from_secs(10), || server
             .get("v1", "ConfigMap", Some("plant-floor"), "cfg")
@@ -242,9 +249,21 @@ async fn a_namespace_it_found_and_other_apps_objects_survive_a_deletion() {
     until(&rt, Duration::from_secs(10), |s| s.is_empty()).await;
     assert!(rt.status().is_empty(), "{:?}", rt.status());
     assert!(server.get("v1", "Namespace", None, "plant-floor").is_some());
-    assert!(server.get("v1", "ConfigMap", Some("plant-floor"), "theirs").is_some());
-    assert!(server.get("apps/v1", "Deployment", Some("plant-floor"), "their-app").is_some());
-    assert!(server.get("v1", "ConfigMap", Some("plant-floor"), "cfg2").is_none());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("plant-floor"), "theirs")
+            .is_some()
+    );
+    assert!(
+        server
+            .get("apps/v1", "Deployment", Some("plant-floor"), "their-app")
+            .is_some()
+    );
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("plant-floor"), "cfg2")
+            .is_none()
+    );
     rt.shutdown().await;
 }
 
@@ -257,10 +276,17 @@ async fn a_namespace_it_created_goes_with_the_last_app_using_it() {
     let b = app("b", "v1", Some("shared"), manifests(&[CFG2]));
     rt.reconcile(&[a.clone(), b.clone()]);
     until_state(&rt, "b", WorkloadState::Running).await;
-    rt.reconcile(&[b.clone()]);
+    rt.reconcile(std::slice::from_ref(&b));
     until(&rt, Duration::from_secs(10), |s| !s.contains_key("a")).await;
-    assert!(server.get("v1", "ConfigMap", Some("shared"), "cfg").is_none());
-    assert!(server.get("v1", "Namespace", None, "shared").is_some(), "b still uses it");
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shared"), "cfg")
+            .is_none()
+    );
+    assert!(
+        server.get("v1", "Namespace", None, "shared").is_some(),
+        "b still uses it"
+    );
     rt.reconcile(&[]);
     assert!(
         kubetest::eventually(Duration::from_secs(10), || server
@@ -286,20 +312,29 @@ async fn changes_made_while_the_api_server_is_down_converge_after_it_returns_and
     server.stop().await;
     // The API server is down: cfg leaves web's manifests, gone leaves the node.
     let web2 = app("web", "v1", None, manifests(&[DEPLOY]));
-    rt.reconcile(&[web2.clone()]);
+    rt.reconcile(std::slice::from_ref(&web2));
     let s = until(&rt, Duration::from_secs(10), |s| {
-        s.get("web").is_some_and(|r| r.state == WorkloadState::Unknown)
-            && s.get("gone").is_some_and(|r| r.state == WorkloadState::Stopped)
+        s.get("web")
+            .is_some_and(|r| r.state == WorkloadState::Unknown)
+            && s.get("gone")
+                .is_some_and(|r| r.state == WorkloadState::Stopped)
     })
     .await;
     let w = &s["web"];
     assert_eq!(w.state, WorkloadState::Unknown, "{s:?}");
     let why = w.reason.as_deref().unwrap();
-    assert!(why.contains("unreachable") && why.contains("since 20"), "{why}");
+    assert!(
+        why.contains("unreachable") && why.contains("since 20"),
+        "{why}"
+    );
     assert!(why.contains("last known: running v1"), "{why}");
     assert_eq!(w.version.as_deref(), Some("v1"));
     assert!(
-        s["gone"].reason.as_deref().unwrap().contains("pending removal: ConfigMap cfg2"),
+        s["gone"]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("pending removal: ConfigMap cfg2"),
         "{s:?}"
     );
     // The node restarts before the API server is back.
@@ -307,7 +342,7 @@ async fn changes_made_while_the_api_server_is_down_converge_after_it_returns_and
     drop(rt);
     server.resume().await;
     let mut rt = runtime(&server, dir.path());
-    rt.reconcile(&[web2.clone()]);
+    rt.reconcile(std::slice::from_ref(&web2));
     assert!(
         kubetest::eventually(Duration::from_secs(15), || server
             .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
@@ -317,8 +352,16 @@ async fn changes_made_while_the_api_server_is_down_converge_after_it_returns_and
         "{:?}",
         server.requests()
     );
-    assert!(server.get("v1", "ConfigMap", Some("shoal-gone"), "cfg2").is_none());
-    assert!(server.get("apps/v1", "Deployment", Some("shoal-web"), "web").is_some());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shoal-gone"), "cfg2")
+            .is_none()
+    );
+    assert!(
+        server
+            .get("apps/v1", "Deployment", Some("shoal-web"), "web")
+            .is_some()
+    );
     let s = until(&rt, Duration::from_secs(10), |s| {
         s.len() == 1 && s["web"].state == WorkloadState::Running
     })
@@ -348,7 +391,11 @@ async fn a_failed_apply_forgets_nothing_and_deleting_the_app_removes_what_was_ma
             .starts_with("Deployment web: invalid: Deployment.apps \"web\" is invalid"),
         "{r:?}"
     );
-    assert!(server.get("v1", "ConfigMap", Some("shoal-web"), "cfg").is_some());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some()
+    );
     rt.reconcile(&[]);
     assert!(
         kubetest::eventually(Duration::from_secs(10), || server
@@ -368,7 +415,12 @@ async fn an_api_version_change_keeps_the_object() {
     rt.reconcile(&[app("web", "v1", None, HPA_V1.into())]);
     until_state(&rt, "web", WorkloadState::Running).await;
     let uid = server
-        .get("autoscaling/v1", "HorizontalPodAutoscaler", Some("shoal-web"), "web")
+        .get(
+            "autoscaling/v1",
+            "HorizontalPodAutoscaler",
+            Some("shoal-web"),
+            "web",
+        )
         .unwrap()["metadata"]["uid"]
         .clone();
     server.clear_requests();
@@ -385,7 +437,12 @@ async fn an_api_version_change_keeps_the_object() {
     );
     assert!(deletes(&seen).is_empty(), "{seen:?}");
     let hpa = server
-        .get("autoscaling/v2", "HorizontalPodAutoscaler", Some("shoal-web"), "web")
+        .get(
+            "autoscaling/v2",
+            "HorizontalPodAutoscaler",
+            Some("shoal-web"),
+            "web",
+        )
         .unwrap();
     assert_eq!(hpa["metadata"]["uid"], uid);
     assert_eq!(hpa["spec"]["maxReplicas"], 4);
@@ -408,26 +465,41 @@ async fn kinds_are_discovered_crds_too_and_cluster_scoped_ones_need_permission()
     // The CRD is installed; an irregular plural is found, not guessed.
     server.add_crd("botany.example.com", "v1", "Cactus", "cacti", true);
     // Retried with backoff (1 s doubling to 10 s): within 20 s.
-    kubetest::until_state(&rt, "garden", WorkloadState::Running, Duration::from_secs(20)).await;
-    assert!(
-        patches(&server.requests())
-            .contains(&"/apis/botany.example.com/v1/namespaces/shoal-garden/cacti/saguaro".to_string())
-    );
+    kubetest::until_state(
+        &rt,
+        "garden",
+        WorkloadState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(patches(&server.requests()).contains(
+        &"/apis/botany.example.com/v1/namespaces/shoal-garden/cacti/saguaro".to_string()
+    ));
 
     // A cluster-scoped kind the old list did not know: refused by default.
     let class = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: edge}\nspec: {controller: example.com/edge}\n";
     let mut w = app("ingress", "v1", None, class.into());
-    rt.reconcile(&[w.clone()]);
+    rt.reconcile(std::slice::from_ref(&w));
     let r = until_state(&rt, "ingress", WorkloadState::Failed).await;
     assert!(
-        r.reason.as_deref().unwrap().contains("IngressClass edge is cluster-scoped")
-            && r.reason.as_deref().unwrap().contains("allow_cluster_scoped"),
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("IngressClass edge is cluster-scoped")
+            && r.reason
+                .as_deref()
+                .unwrap()
+                .contains("allow_cluster_scoped"),
         "{r:?}"
     );
-    assert!(server.get("networking.k8s.io/v1", "IngressClass", None, "edge").is_none());
+    assert!(
+        server
+            .get("networking.k8s.io/v1", "IngressClass", None, "edge")
+            .is_none()
+    );
     // Allowed: applied without a namespace, owned and deleted like the rest.
     w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
-    rt.reconcile(&[w.clone()]);
+    rt.reconcile(std::slice::from_ref(&w));
     until_state(&rt, "ingress", WorkloadState::Running).await;
     assert!(
         patches(&server.requests())
@@ -466,7 +538,10 @@ async fn refusals_name_the_field_and_namespace_scoped_credentials_suffice() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: kube-system}\n".into(),
     )]);
     let s = until(&rt, Duration::from_secs(10), |s| {
-        s["web"].reason.as_deref().is_some_and(|r| r.contains("kube-system"))
+        s["web"]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("kube-system"))
     })
     .await;
     assert!(
@@ -475,7 +550,11 @@ async fn refusals_name_the_field_and_namespace_scoped_credentials_suffice() {
         ),
         "{s:?}"
     );
-    assert!(server.get("v1", "ConfigMap", Some("kube-system"), "c").is_none());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("kube-system"), "c")
+            .is_none()
+    );
     rt.shutdown().await;
 
     // Credentials bound to one namespace (a RoleBinding to `edit`): the
@@ -502,7 +581,11 @@ async fn refusals_name_the_field_and_namespace_scoped_credentials_suffice() {
     let mut rt = runtime(&server, dir.path());
     rt.reconcile(&[app("web", "v1", Some("granted"), manifests(&[CFG]))]);
     until_state(&rt, "web", WorkloadState::Running).await;
-    assert!(server.get("v1", "ConfigMap", Some("granted"), "cfg").is_some());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("granted"), "cfg")
+            .is_some()
+    );
     rt.shutdown().await;
 }
 
@@ -566,7 +649,9 @@ async fn drift_is_repaired_from_the_watch_and_only_what_drifted_is_patched() {
         patches(&server.requests()),
         vec!["/api/v1/namespaces/shoal-web/configmaps/cfg"]
     );
-    let cfg2 = server.get("v1", "ConfigMap", Some("shoal-web"), "cfg2").unwrap();
+    let cfg2 = server
+        .get("v1", "ConfigMap", Some("shoal-web"), "cfg2")
+        .unwrap();
     assert_eq!(cfg2["metadata"]["annotations"]["note"], "checked by hand");
     rt.shutdown().await;
 }
@@ -577,13 +662,13 @@ async fn a_restarted_node_patches_nothing_that_did_not_change() {
     let dir = tempfile::tempdir().unwrap();
     let mut rt = runtime(&server, dir.path());
     let w = app("web", "v1", None, manifests(&[CFG, CFG2]));
-    rt.reconcile(&[w.clone()]);
+    rt.reconcile(std::slice::from_ref(&w));
     until_state(&rt, "web", WorkloadState::Running).await;
     rt.shutdown().await;
     drop(rt);
     server.clear_requests();
     let mut rt = runtime(&server, dir.path());
-    rt.reconcile(&[w.clone()]);
+    rt.reconcile(std::slice::from_ref(&w));
     until_state(&rt, "web", WorkloadState::Running).await;
     // The watch's first list is compared with what was recorded. The
     // ConfigMaps' watch delivers in order, so once a deletion made after
@@ -622,11 +707,19 @@ async fn objects_labelled_by_an_earlier_shoal_are_adopted_and_pruned() {
             .is_none())
         .await
     );
-    assert!(server.get("v1", "ConfigMap", Some("shoal-web"), "someone-elses").is_some());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shoal-web"), "someone-elses")
+            .is_some()
+    );
     // The namespace was there before: never deleted, though an earlier Shoal may have labelled it.
     rt.reconcile(&[]);
     until(&rt, Duration::from_secs(10), |s| s.is_empty()).await;
-    assert!(server.get("v1", "ConfigMap", Some("shoal-web"), "cfg").is_none());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_none()
+    );
     assert!(server.get("v1", "Namespace", None, "shoal-web").is_some());
     rt.shutdown().await;
 }

@@ -1481,6 +1481,7 @@ fn now() -> String {
 }
 
 /// The stand-in checked against kube-rs itself.
+#[cfg(test)]
 mod tests {
     use super::*;
     use futures::{StreamExt, TryStreamExt};

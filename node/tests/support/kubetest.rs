@@ -12,7 +12,8 @@ use node::runtime::Runtime;
 use node::runtime::kube::Kube;
 
 pub const DEPLOY: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:IMAGE}]}\n";
-pub const CFG: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, labels: {tier: edge}}\ndata: {k: v}\n";
+pub const CFG: &str =
+    "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, labels: {tier: edge}}\ndata: {k: v}\n";
 pub const CFG2: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg2}\ndata: {k: v}\n";
 pub const HPA_V1: &str = "apiVersion: autoscaling/v1\nkind: HorizontalPodAutoscaler\nmetadata: {name: web}\nspec: {scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}, minReplicas: 1, maxReplicas: 3}\n";
 pub const HPA_V2: &str = "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: web}\nspec: {scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}, minReplicas: 1, maxReplicas: 4}\n";

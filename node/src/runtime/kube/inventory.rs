@@ -210,10 +210,7 @@ impl Stored {
     /// Is `ns` still used by any app (as its namespace or by an object)?
     pub fn namespace_in_use(&self, ns: &str) -> bool {
         self.inv.apps.values().any(|a| {
-            a.namespace == ns
-                || a.objects
-                    .keys()
-                    .any(|k| k.namespace.as_deref() == Some(ns))
+            a.namespace == ns || a.objects.keys().any(|k| k.namespace.as_deref() == Some(ns))
         })
     }
 }
@@ -245,7 +242,10 @@ mod tests {
         s.save().unwrap();
         let again = Stored::open(dir.path()).unwrap();
         assert_eq!(again.inv, s.inv);
-        assert_eq!(again.inv.apps["web"].objects[&key].uid.as_deref(), Some("u1"));
+        assert_eq!(
+            again.inv.apps["web"].objects[&key].uid.as_deref(),
+            Some("u1")
+        );
         assert!(again.namespace_in_use("shoal-web"));
         assert!(!again.namespace_in_use("other"));
 

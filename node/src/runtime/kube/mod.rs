@@ -266,7 +266,10 @@ fn key_of(wk: &WatchKey, obj: &Value) -> Option<ObjKey> {
             .pointer("/metadata/namespace")
             .and_then(Value::as_str)
             .map(String::from),
-        name: obj.pointer("/metadata/name").and_then(Value::as_str)?.into(),
+        name: obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)?
+            .into(),
     })
 }
 
@@ -311,11 +314,7 @@ fn report(state: WorkloadState, reason: Option<String>, version: Option<String>)
 }
 
 impl Reconciler {
-    async fn run(
-        mut self,
-        mut rx: watch::Receiver<Vec<Workload>>,
-        mut seen: mpsc::Receiver<Seen>,
-    ) {
+    async fn run(mut self, mut rx: watch::Receiver<Vec<Workload>>, mut seen: mpsc::Receiver<Seen>) {
         let mut last_full = tokio::time::Instant::now();
         let mut retry = RETRY;
         loop {
@@ -435,14 +434,16 @@ impl Reconciler {
         let Some(rec) = self.owned(&key) else { return };
         let newer = match (
             meta(&obj, "resourceVersion").and_then(|v| v.parse::<u64>().ok()),
-            rec.resource_version.as_deref().and_then(|v| v.parse::<u64>().ok()),
+            rec.resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok()),
         ) {
             (Some(seen), Some(ours)) => seen > ours,
             _ => true,
         };
         let recreated = rec.uid.is_some() && rec.uid.as_deref() != meta(&obj, "uid");
-        let changed = rec.fields.is_some()
-            && objects::owned_fields(&obj, FIELD_MANAGER) != rec.fields;
+        let changed =
+            rec.fields.is_some() && objects::owned_fields(&obj, FIELD_MANAGER) != rec.fields;
         if recreated || (newer && changed) {
             tracing::info!(object = %key, recreated, "changed by someone else: re-applying");
             self.drifted.insert(key.clone());
@@ -565,10 +566,12 @@ impl Reconciler {
     /// The report of an app while the API server cannot be reached: stable
     /// words (no ages), so the node's document does not change every round.
     fn unknown(&self, app: &str) -> WorkloadReport {
-        let (since, why) = self
-            .down
-            .clone()
-            .unwrap_or_else(|| (SystemTime::now(), "Kubernetes API server unreachable".into()));
+        let (since, why) = self.down.clone().unwrap_or_else(|| {
+            (
+                SystemTime::now(),
+                "Kubernetes API server unreachable".into(),
+            )
+        });
         let last = self.last.get(app);
         let known = match last {
             Some(r) => format!(
@@ -586,10 +589,7 @@ impl Reconciler {
         };
         report(
             WorkloadState::Unknown,
-            Some(format!(
-                "{why} (since {}); last known: {known}",
-                utc(since)
-            )),
+            Some(format!("{why} (since {}); last known: {known}", utc(since))),
             last.and_then(|r| r.version.clone()),
         )
     }
@@ -753,12 +753,10 @@ impl Reconciler {
                 rec.namespace = ns.clone();
                 for &i in &need {
                     let (key, _, m, _, _) = &prepared[i];
-                    rec.objects
-                        .entry(key.clone())
-                        .or_insert_with(|| ObjRecord {
-                            api_version: m.api_version.clone(),
-                            ..ObjRecord::default()
-                        });
+                    rec.objects.entry(key.clone()).or_insert_with(|| ObjRecord {
+                        api_version: m.api_version.clone(),
+                        ..ObjRecord::default()
+                    });
                 }
             }
             self.save();
@@ -815,8 +813,7 @@ impl Reconciler {
                         if code(&e) == Some(404) {
                             // The kind went away (a CRD removed), or the
                             // namespace did: look both up again.
-                            self.disco
-                                .remove(&(m.api_version.clone(), m.kind.clone()));
+                            self.disco.remove(&(m.api_version.clone(), m.kind.clone()));
                             self.known_ns.remove(&ns);
                         }
                         errors.push(format!("{} {}: {}", m.kind, m.name, explain(&e)));
@@ -1198,7 +1195,9 @@ async fn watch_task(api: Api<DynamicObject>, wk: WatchKey, tx: mpsc::Sender<Seen
         backoff = Duration::from_secs(1);
         let mut rv = list.metadata.resource_version.clone().unwrap_or_default();
         let items = list.items.iter().map(to_value).collect();
-        if tx.send(Seen::Up).await.is_err() || tx.send(Seen::Listed(wk.clone(), items)).await.is_err() {
+        if tx.send(Seen::Up).await.is_err()
+            || tx.send(Seen::Listed(wk.clone(), items)).await.is_err()
+        {
             return;
         }
         let started = tokio::time::Instant::now();

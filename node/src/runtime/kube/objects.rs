@@ -105,10 +105,9 @@ pub fn parse(ns: &str, manifests: &str) -> Result<Vec<Manifest>, String> {
                  live in {ns}: remove metadata.namespace or set spec.kube.namespace"
             ));
         }
-        if out
-            .iter()
-            .any(|m: &Manifest| m.kind == kind && m.name == name && m.group() == group_of(&api_version))
-        {
+        if out.iter().any(|m: &Manifest| {
+            m.kind == kind && m.name == name && m.group() == group_of(&api_version)
+        }) {
             return Err(format!("manifest {index}: {kind} {name} appears twice"));
         }
         out.push(Manifest {
@@ -161,9 +160,15 @@ mod tests {
         let cluster = m[1].prepared("web", None);
         assert!(cluster["metadata"].get("namespace").is_none());
 
-        let e = parse("shoal-web", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: kube-system}\n")
-            .unwrap_err();
-        assert!(e.contains("names namespace kube-system") && e.contains("shoal-web"), "{e}");
+        let e = parse(
+            "shoal-web",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: kube-system}\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("names namespace kube-system") && e.contains("shoal-web"),
+            "{e}"
+        );
         let e = parse("n", "kind: ConfigMap\nmetadata: {name: a}\n").unwrap_err();
         assert_eq!(e, "manifest 1: missing apiVersion");
         let e = parse("n", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n").unwrap_err();
@@ -171,7 +176,11 @@ mod tests {
         let twice = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
         let e = parse("n", &format!("{twice}---\n{twice}")).unwrap_err();
         assert!(e.contains("appears twice"), "{e}");
-        assert!(parse("n", "a: [").unwrap_err().starts_with("manifest 1: not YAML"));
+        assert!(
+            parse("n", "a: [")
+                .unwrap_err()
+                .starts_with("manifest 1: not YAML")
+        );
     }
 
     #[test]
@@ -182,9 +191,21 @@ mod tests {
                 {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status", "fieldsV1": other},
             ]}})
         };
-        let a = owned_fields(&obj(json!({"f:data": {"f:k": {}}}), json!({"f:status": {}})), "shoal");
-        let b = owned_fields(&obj(json!({"f:data": {"f:k": {}}}), json!({"f:status": {"f:x": {}}})), "shoal");
-        let c = owned_fields(&obj(json!({"f:data": {}}), json!({"f:status": {}})), "shoal");
+        let a = owned_fields(
+            &obj(json!({"f:data": {"f:k": {}}}), json!({"f:status": {}})),
+            "shoal",
+        );
+        let b = owned_fields(
+            &obj(
+                json!({"f:data": {"f:k": {}}}),
+                json!({"f:status": {"f:x": {}}}),
+            ),
+            "shoal",
+        );
+        let c = owned_fields(
+            &obj(json!({"f:data": {}}), json!({"f:status": {}})),
+            "shoal",
+        );
         assert!(a.is_some());
         assert_eq!(a, b);
         assert_ne!(a, c);

@@ -185,50 +185,69 @@ mod tests {
     #[test]
     fn deployment_follows_kubectl() {
         // Not yet observed by the controller.
-        let d = deploy(2, json!({"observedGeneration": 1, "updatedReplicas": 3,
-                                 "replicas": 3, "availableReplicas": 3}));
+        let d = deploy(
+            2,
+            json!({"observedGeneration": 1, "updatedReplicas": 3,
+                                 "replicas": 3, "availableReplicas": 3}),
+        );
         assert!(matches!(status("Deployment", &d), Rollout::Waiting(m) if m.contains("observed")));
         // Mid-rollout: all available, but only one updated.
-        let d = deploy(2, json!({"observedGeneration": 2, "updatedReplicas": 1,
-                                 "replicas": 4, "availableReplicas": 3}));
+        let d = deploy(
+            2,
+            json!({"observedGeneration": 2, "updatedReplicas": 1,
+                                 "replicas": 4, "availableReplicas": 3}),
+        );
         assert_eq!(
             status("Deployment", &d),
             Rollout::Waiting("Deployment web: 1 out of 3 new replicas have been updated".into())
         );
-        let d = deploy(2, json!({"observedGeneration": 2, "updatedReplicas": 3,
-                                 "replicas": 4, "availableReplicas": 3}));
+        let d = deploy(
+            2,
+            json!({"observedGeneration": 2, "updatedReplicas": 3,
+                                 "replicas": 4, "availableReplicas": 3}),
+        );
         assert_eq!(
             status("Deployment", &d),
             Rollout::Waiting("Deployment web: 1 old replicas are pending termination".into())
         );
-        let d = deploy(2, json!({"observedGeneration": 2, "updatedReplicas": 3,
-                                 "replicas": 3, "availableReplicas": 2}));
+        let d = deploy(
+            2,
+            json!({"observedGeneration": 2, "updatedReplicas": 3,
+                                 "replicas": 3, "availableReplicas": 2}),
+        );
         assert_eq!(
             status("Deployment", &d),
             Rollout::Waiting("Deployment web: 2 of 3 updated replicas are available".into())
         );
-        let d = deploy(2, json!({"observedGeneration": 2, "updatedReplicas": 3,
-                                 "replicas": 3, "availableReplicas": 3}));
+        let d = deploy(
+            2,
+            json!({"observedGeneration": 2, "updatedReplicas": 3,
+                                 "replicas": 3, "availableReplicas": 3}),
+        );
         assert_eq!(status("Deployment", &d), Rollout::Done);
-        let d = deploy(2, json!({"observedGeneration": 2, "updatedReplicas": 1,
+        let d = deploy(
+            2,
+            json!({"observedGeneration": 2, "updatedReplicas": 1,
             "conditions": [{"type": "Progressing", "status": "False",
                             "reason": "ProgressDeadlineExceeded",
-                            "message": "ReplicaSet \"web-5d\" has timed out progressing."}]}));
+                            "message": "ReplicaSet \"web-5d\" has timed out progressing."}]}),
+        );
         assert!(
             matches!(status("Deployment", &d), Rollout::Failed(m) if m.contains("progress deadline") && m.contains("timed out"))
         );
         // No status at all: a fresh object nobody has looked at.
         assert!(matches!(
-            status("Deployment", &json!({"metadata": {"name": "web", "generation": 1}})),
+            status(
+                "Deployment",
+                &json!({"metadata": {"name": "web", "generation": 1}})
+            ),
             Rollout::Waiting(_)
         ));
     }
 
     #[test]
     fn stateful_set_follows_kubectl() {
-        let s = |spec: Value, st: Value| {
-            json!({"metadata": {"name": "db", "generation": 1}, "spec": spec, "status": st})
-        };
+        let s = |spec: Value, st: Value| json!({"metadata": {"name": "db", "generation": 1}, "spec": spec, "status": st});
         let base = json!({"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 1,
                           "currentRevision": "db-1", "updateRevision": "db-2"});
         assert_eq!(
@@ -249,7 +268,10 @@ mod tests {
         ));
         let mut done = base.clone();
         done["currentRevision"] = json!("db-2");
-        assert_eq!(status("StatefulSet", &s(json!({"replicas": 2}), done)), Rollout::Done);
+        assert_eq!(
+            status("StatefulSet", &s(json!({"replicas": 2}), done)),
+            Rollout::Done
+        );
         let on_delete = json!({"replicas": 2, "updateStrategy": {"type": "OnDelete"}});
         assert_eq!(status("StatefulSet", &s(on_delete, base)), Rollout::Done);
     }
@@ -262,23 +284,35 @@ mod tests {
             Rollout::Waiting(m) if m.contains("observed")
         ));
         assert_eq!(
-            status("DaemonSet", &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 4,
-                                          "updatedNumberScheduled": 2, "numberAvailable": 4}))),
+            status(
+                "DaemonSet",
+                &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 4,
+                                          "updatedNumberScheduled": 2, "numberAvailable": 4}))
+            ),
             Rollout::Waiting("DaemonSet agent: 2 out of 4 new pods have been updated".into())
         );
         assert_eq!(
-            status("DaemonSet", &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 4,
-                                          "updatedNumberScheduled": 4, "numberAvailable": 3}))),
+            status(
+                "DaemonSet",
+                &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 4,
+                                          "updatedNumberScheduled": 4, "numberAvailable": 3}))
+            ),
             Rollout::Waiting("DaemonSet agent: 3 of 4 updated pods are available".into())
         );
         assert_eq!(
-            status("DaemonSet", &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 4,
-                                          "updatedNumberScheduled": 4, "numberAvailable": 4}))),
+            status(
+                "DaemonSet",
+                &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 4,
+                                          "updatedNumberScheduled": 4, "numberAvailable": 4}))
+            ),
             Rollout::Done
         );
         // No nodes to schedule on: nothing to wait for.
         assert_eq!(
-            status("DaemonSet", &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 0}))),
+            status(
+                "DaemonSet",
+                &d(json!({"observedGeneration": 3, "desiredNumberScheduled": 0}))
+            ),
             Rollout::Done
         );
         assert_eq!(status("ConfigMap", &json!({})), Rollout::Done);
