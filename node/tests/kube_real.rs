@@ -518,6 +518,27 @@ async fn real_cluster_strict_validation_names_the_field() {
         why.contains("imagePulPolicy") && why.contains("invalid"),
         "{why}"
     );
+    // An object naming another namespace is refused, not moved.
+    rt.reconcile(&[app(
+        "web",
+        "v1",
+        Some(&ns),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shoal-test-c, namespace: kube-system}\n"
+            .into(),
+    )]);
+    let s = until(&rt, WITHIN, |s| {
+        s["web"]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("names namespace kube-system"))
+    })
+    .await;
+    assert_eq!(s["web"].state, WorkloadState::Failed, "{s:?}");
+    assert!(
+        get(&c, "v1", "ConfigMap", Some("kube-system"), "shoal-test-c")
+            .await
+            .is_none()
+    );
     rt.reconcile(&[]);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
@@ -722,6 +743,44 @@ async fn real_cluster_pods_become_ready() {
         kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
     assert_eq!(r.version.as_deref(), Some("v2"));
     rt.reconcile(&[]);
+    rt.shutdown().await;
+    cleanup(&c, &[&ns]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real cluster: SHOAL_IT_KUBECONFIG=path cargo test -- --ignored"]
+async fn real_cluster_objects_an_earlier_shoal_labelled_are_adopted_and_pruned() {
+    let c = admin().await;
+    let ns = format!("shoal-old-{}", suffix());
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
+    put(&c, json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "old", "namespace": ns,
+                                "labels": {"app.kubernetes.io/managed-by": "shoal", "shoal.dev/app": "web"}}})).await;
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "someone-elses", "namespace": ns}}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = node_runtime(c.clone(), dir.path());
+    rt.reconcile(&[app("web", "v1", Some(&ns), manifests(&[CFG]))]);
+    kubetest::until_state(&rt, "web", WorkloadState::Running, WITHIN).await;
+    assert!(gone(&c, "v1", "ConfigMap", Some(&ns), "old").await);
+    assert!(
+        get(&c, "v1", "ConfigMap", Some(&ns), "someone-elses")
+            .await
+            .is_some()
+    );
+    rt.reconcile(&[]);
+    assert!(gone(&c, "v1", "ConfigMap", Some(&ns), "cfg").await);
+    // Found, not made: the namespace stays.
+    let nsobj = get(&c, "v1", "Namespace", None, &ns).await.unwrap();
+    assert!(nsobj["metadata"]["deletionTimestamp"].is_null(), "{nsobj}");
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
 }

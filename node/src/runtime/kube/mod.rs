@@ -80,6 +80,11 @@ const RESYNC: Duration = Duration::from_secs(10);
 const RETRY: Duration = Duration::from_secs(1);
 /// How often everything is re-applied, whatever the watches said.
 const REAPPLY: Duration = Duration::from_secs(300);
+/// How long one request may take before the API server counts as
+/// unreachable (the client itself has no read timeout).
+const CALL: Duration = Duration::from_secs(30);
+/// A watch silent for longer than its server-side timeout (290 s) is dead.
+const WATCH_SILENCE: Duration = Duration::from_secs(300);
 /// Watch events arriving within this window are handled in one round.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
@@ -190,6 +195,16 @@ pub fn explain(e: &kube::Error) -> String {
         },
         e if unreachable(e) => format!("Kubernetes API server unreachable: {e}"),
         other => format!("Kubernetes API: {other}"),
+    }
+}
+
+/// One request, bounded by [`CALL`]: no answer counts as unreachable.
+async fn call<T>(request: impl Future<Output = Result<T, kube::Error>>) -> Result<T, kube::Error> {
+    match tokio::time::timeout(CALL, request).await {
+        Ok(r) => r,
+        Err(_) => Err(kube::Error::Service(
+            format!("no answer within {} s", CALL.as_secs()).into(),
+        )),
     }
 }
 
@@ -469,7 +484,7 @@ impl Reconciler {
                  serve it; install its CRD first"
             ))
         };
-        match kube::discovery::pinned_kind(&self.client, &gvk).await {
+        match call(kube::discovery::pinned_kind(&self.client, &gvk)).await {
             Ok((ar, caps)) => {
                 self.reached();
                 let found = Kind {
@@ -683,8 +698,7 @@ impl Reconciler {
                 .collect();
             for (wk, kind) in listed {
                 let api = self.api(&kind, wk.namespace.as_deref());
-                match api
-                    .list(&ListParams::default().labels(&objects::selector(Some(app))))
+                match call(api.list(&ListParams::default().labels(&objects::selector(Some(app)))))
                     .await
                 {
                     Ok(list) => {
@@ -779,7 +793,7 @@ impl Reconciler {
             for &i in &need {
                 let (key, kind, m, body, h) = &prepared[i];
                 let api = self.api(kind, key.namespace.as_deref());
-                match api.patch(&m.name, &pp, &Patch::Apply(body)).await {
+                match call(api.patch(&m.name, &pp, &Patch::Apply(body))).await {
                     Ok(obj) => {
                         self.reached();
                         let v = serde_json::to_value(&obj).unwrap_or(Value::Null);
@@ -889,7 +903,7 @@ impl Reconciler {
                 continue;
             }
             if !self.live.contains_key(key) {
-                match self.api(kind, key.namespace.as_deref()).get(&m.name).await {
+                match call(self.api(kind, key.namespace.as_deref()).get(&m.name)).await {
                     Ok(obj) => {
                         self.reached();
                         self.live.insert(
@@ -958,7 +972,7 @@ impl Reconciler {
             namespaced: false,
         };
         let api = self.api(&kind, None);
-        match api.get_opt(ns).await {
+        match call(api.get_opt(ns)).await {
             Ok(Some(_)) => {
                 self.known_ns.insert(ns.to_string());
                 return Ok(());
@@ -988,7 +1002,7 @@ impl Reconciler {
             },
         }))
         .map_err(|e| Fail::No(format!("namespace {ns}: {e}")))?;
-        match api.create(&PostParams::default(), &obj).await {
+        match call(api.create(&PostParams::default(), &obj)).await {
             Ok(_) => {
                 tracing::info!(%app, %ns, "created the app's namespace");
                 self.known_ns.insert(ns.to_string());
@@ -1028,7 +1042,7 @@ impl Reconciler {
             }),
             ..DeleteParams::default()
         };
-        match api.delete(&key.name, &dp).await {
+        match call(api.delete(&key.name, &dp)).await {
             Ok(_) => {
                 self.reached();
                 Ok(())
@@ -1096,7 +1110,7 @@ impl Reconciler {
         };
         let api = self.api(&kind, None);
         for ns in unused {
-            let done = match api.get_opt(&ns).await {
+            let done = match call(api.get_opt(&ns)).await {
                 Ok(None) => true,
                 Ok(Some(obj)) => {
                     let ours = obj
@@ -1115,7 +1129,7 @@ impl Reconciler {
                             }),
                             ..DeleteParams::default()
                         };
-                        match api.delete(&ns, &dp).await {
+                        match call(api.delete(&ns, &dp)).await {
                             Ok(_) => {
                                 tracing::info!(%ns, "deleted the namespace Shoal created");
                                 true
@@ -1174,7 +1188,7 @@ async fn watch_task(api: Api<DynamicObject>, wk: WatchKey, tx: mpsc::Sender<Seen
     let mut backoff = Duration::from_secs(1);
     let to_value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or(Value::Null);
     loop {
-        let list = match api.list(&ListParams::default().labels(&selector)).await {
+        let list = match call(api.list(&ListParams::default().labels(&selector))).await {
             Ok(l) => l,
             Err(e) => {
                 let msg = if unreachable(&e) {
@@ -1202,10 +1216,12 @@ async fn watch_task(api: Api<DynamicObject>, wk: WatchKey, tx: mpsc::Sender<Seen
         }
         let started = tokio::time::Instant::now();
         let wp = WatchParams::default().labels(&selector).timeout(290);
-        match api.watch(&wp, &rv).await {
+        match call(api.watch(&wp, &rv)).await {
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
-                while let Some(ev) = stream.next().await {
+                // The server ends a watch after `timeout`; a connection that
+                // went silent longer than that is dead.
+                while let Ok(Some(ev)) = tokio::time::timeout(WATCH_SILENCE, stream.next()).await {
                     let msg = match ev {
                         Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => {
                             rv = o.metadata.resource_version.clone().unwrap_or(rv);
