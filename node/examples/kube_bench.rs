@@ -84,6 +84,14 @@ async fn main() {
     println!(
         "first apply of 20 objects: {p} PATCH, {r} GET (discovery, namespace, adoption lists)"
     );
+    // The watch starts after the first round.
+    wait("the watch", || {
+        server
+            .requests()
+            .iter()
+            .any(|s| s.method == "GET" && s.query.contains("watch=true"))
+    })
+    .await;
 
     // Unchanged: the same spec under a new version label, so a round is
     // certain to have run when the report shows it.
@@ -99,15 +107,7 @@ async fn main() {
     let (p, r) = counts(&server);
     println!("apply with 3 of 20 objects changed: {p} PATCH, {r} GET");
 
-    // Drift: wait for the watch, then delete or edit one object by hand and
-    // time until it is back.
-    wait("the watch", || {
-        server
-            .requests()
-            .iter()
-            .any(|s| s.method == "GET" && s.query.contains("watch=true"))
-    })
-    .await;
+    // Drift: delete or edit one object by hand and time until it is back.
     let mut deleted = Vec::new();
     let mut edited = Vec::new();
     for i in 0..20 {

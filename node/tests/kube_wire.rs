@@ -19,7 +19,7 @@ use apiserver::{ApiServer, Seen};
 use crdt_state::model::{RuntimeKind, WorkloadReport, WorkloadState};
 use kubetest::{CFG, CFG2, DEPLOY, HPA_V1, HPA_V2, app, manifests, until};
 use node::runtime::Runtime;
-use node::runtime::kube::Kube;
+use node::runtime::kube::{Kube, Timing};
 use serde_json::json;
 
 fn client(url: &str) -> kube::Client {
@@ -55,6 +55,34 @@ fn patches(seen: &[Seen]) -> Vec<String> {
         .filter(|s| s.method == "PATCH")
         .map(|s| s.path.clone())
         .collect()
+}
+
+/// Waits up to 10 s for an object to be gone from the server.
+async fn vanishes(
+    server: &ApiServer,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> bool {
+    kubetest::eventually(Duration::from_secs(10), || {
+        server.get(api_version, kind, ns, name).is_none()
+    })
+    .await
+}
+
+/// Waits up to 10 s for an object to be on the server.
+async fn appears(
+    server: &ApiServer,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> bool {
+    kubetest::eventually(Duration::from_secs(10), || {
+        server.get(api_version, kind, ns, name).is_some()
+    })
+    .await
 }
 
 /// Has the runtime started a watch?
@@ -288,12 +316,7 @@ async fn a_namespace_it_created_goes_with_the_last_app_using_it() {
         "b still uses it"
     );
     rt.reconcile(&[]);
-    assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("v1", "Namespace", None, "shared")
-            .is_none())
-        .await
-    );
+    assert!(vanishes(&server, "v1", "Namespace", None, "shared").await);
     rt.shutdown().await;
 }
 
@@ -507,9 +530,13 @@ async fn kinds_are_discovered_crds_too_and_cluster_scoped_ones_need_permission()
     );
     rt.reconcile(&[]);
     assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("networking.k8s.io/v1", "IngressClass", None, "edge")
-            .is_none())
+        vanishes(
+            &server,
+            "networking.k8s.io/v1",
+            "IngressClass",
+            None,
+            "edge"
+        )
         .await
     );
     rt.shutdown().await;
@@ -747,5 +774,64 @@ async fn non_kube_apps_are_refused() {
     let r = until_state(&rt, "web", WorkloadState::Failed).await;
     assert!(r.reason.unwrap().contains("runs natively"));
     assert!(patches(&server.requests()).is_empty());
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn drift_no_watch_reports_is_repaired_by_the_periodic_reapply() {
+    let server = ApiServer::start().await;
+    // No list or watch of ConfigMaps allowed: drift can only be found by
+    // re-applying.
+    server.refuse(
+        "GET",
+        "/api/v1/namespaces/shoal-web/configmaps$",
+        403,
+        "Forbidden",
+        "configmaps is forbidden: User \"edge\" cannot list resource \"configmaps\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let timing = Timing {
+        reapply: Duration::from_secs(1),
+        ..Timing::default()
+    };
+    let mut rt = Kube::with_timing(client(&server.url()), dir.path(), timing).unwrap();
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg");
+    // Rounds come every `resync` (10 s) at the latest; the first one past
+    // `reapply` re-applies everything.
+    assert!(
+        kubetest::eventually(Duration::from_secs(15), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some())
+        .await
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_api_server_that_never_answers_makes_workloads_unknown() {
+    // Accepts connections and never answers (a blackholed link).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            held.push(c);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let timing = Timing {
+        call: Duration::from_millis(500),
+        ..Timing::default()
+    };
+    let mut rt = Kube::with_timing(client(&url), dir.path(), timing).unwrap();
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    let r = until_state(&rt, "web", WorkloadState::Unknown).await;
+    let why = r.reason.unwrap();
+    assert!(
+        why.contains("no answer within 500ms") && why.contains("last known: nothing yet"),
+        "{why}"
+    );
     rt.shutdown().await;
 }

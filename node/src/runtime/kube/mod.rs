@@ -74,15 +74,31 @@ use rollout::Rollout;
 
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "shoal";
-/// How often status is re-read and pending work retried.
-const RESYNC: Duration = Duration::from_secs(10);
+
+/// How often the kube runtime does what.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Status re-read and pending work retried (default 10 s).
+    pub resync: Duration,
+    /// Everything re-applied, whatever the watches said: the backstop for
+    /// drift no watch reported (default 5 minutes).
+    pub reapply: Duration,
+    /// How long one request may take before the API server counts as
+    /// unreachable; the client itself has no read timeout (default 30 s).
+    pub call: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            resync: Duration::from_secs(10),
+            reapply: Duration::from_secs(300),
+            call: Duration::from_secs(30),
+        }
+    }
+}
 /// The first retry after a round that left something failed or pending.
 const RETRY: Duration = Duration::from_secs(1);
-/// How often everything is re-applied, whatever the watches said.
-const REAPPLY: Duration = Duration::from_secs(300);
-/// How long one request may take before the API server counts as
-/// unreachable (the client itself has no read timeout).
-const CALL: Duration = Duration::from_secs(30);
 /// A watch silent for longer than its server-side timeout (290 s) is dead.
 const WATCH_SILENCE: Duration = Duration::from_secs(300);
 /// Watch events arriving within this window are handled in one round.
@@ -127,6 +143,15 @@ impl Kube {
     /// owns in `dir` (the node's `<data-dir>/kube`). Fails on a corrupt
     /// inventory, naming the file, rather than forget what it created.
     pub fn new(client: kube::Client, dir: &Path) -> Result<Kube, InventoryError> {
+        Kube::with_timing(client, dir, Timing::default())
+    }
+
+    /// [`Kube::new`] with other intervals (tests use short ones).
+    pub fn with_timing(
+        client: kube::Client,
+        dir: &Path,
+        timing: Timing,
+    ) -> Result<Kube, InventoryError> {
         install_crypto();
         let store = Stored::open(dir)?;
         let (desired, rx) = watch::channel(Vec::new());
@@ -134,6 +159,7 @@ impl Kube {
         let (seen_tx, seen_rx) = mpsc::channel(1024);
         let rec = Reconciler {
             client,
+            timing,
             store,
             disco: HashMap::new(),
             live: BTreeMap::new(),
@@ -198,12 +224,15 @@ pub fn explain(e: &kube::Error) -> String {
     }
 }
 
-/// One request, bounded by [`CALL`]: no answer counts as unreachable.
-async fn call<T>(request: impl Future<Output = Result<T, kube::Error>>) -> Result<T, kube::Error> {
-    match tokio::time::timeout(CALL, request).await {
+/// One request, bounded by `limit`: no answer counts as unreachable.
+async fn call<T>(
+    limit: Duration,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(limit, request).await {
         Ok(r) => r,
         Err(_) => Err(kube::Error::Service(
-            format!("no answer within {} s", CALL.as_secs()).into(),
+            format!("no answer within {:?}", limit).into(),
         )),
     }
 }
@@ -294,6 +323,7 @@ fn meta<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
 
 struct Reconciler {
     client: kube::Client,
+    timing: Timing,
     store: Stored,
     disco: HashMap<(String, String), Kind>,
     /// The latest copy of every workload object (Deployment, StatefulSet,
@@ -334,20 +364,20 @@ impl Reconciler {
         let mut retry = RETRY;
         loop {
             let desired = rx.borrow_and_update().clone();
-            let full = last_full.elapsed() >= REAPPLY;
+            let full = last_full.elapsed() >= self.timing.reapply;
             if full {
                 last_full = tokio::time::Instant::now();
             }
             let unsettled = self.round(&desired, full).await;
             // What failed (a CRD not installed yet, a refusal, the API
-            // server away) is tried again soon, then every RESYNC.
+            // server away) is tried again soon, then every `resync`.
             let wait = if unsettled {
                 let w = retry;
-                retry = (retry * 2).min(RESYNC);
+                retry = (retry * 2).min(self.timing.resync);
                 w
             } else {
                 retry = RETRY;
-                RESYNC
+                self.timing.resync
             };
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { break },
@@ -484,7 +514,12 @@ impl Reconciler {
                  serve it; install its CRD first"
             ))
         };
-        match call(kube::discovery::pinned_kind(&self.client, &gvk)).await {
+        match call(
+            self.timing.call,
+            kube::discovery::pinned_kind(&self.client, &gvk),
+        )
+        .await
+        {
             Ok((ar, caps)) => {
                 self.reached();
                 let found = Kind {
@@ -698,8 +733,11 @@ impl Reconciler {
                 .collect();
             for (wk, kind) in listed {
                 let api = self.api(&kind, wk.namespace.as_deref());
-                match call(api.list(&ListParams::default().labels(&objects::selector(Some(app)))))
-                    .await
+                match call(
+                    self.timing.call,
+                    api.list(&ListParams::default().labels(&objects::selector(Some(app)))),
+                )
+                .await
                 {
                     Ok(list) => {
                         for item in list.items {
@@ -793,7 +831,12 @@ impl Reconciler {
             for &i in &need {
                 let (key, kind, m, body, h) = &prepared[i];
                 let api = self.api(kind, key.namespace.as_deref());
-                match call(api.patch(&m.name, &pp, &Patch::Apply(body))).await {
+                match call(
+                    self.timing.call,
+                    api.patch(&m.name, &pp, &Patch::Apply(body)),
+                )
+                .await
+                {
                     Ok(obj) => {
                         self.reached();
                         let v = serde_json::to_value(&obj).unwrap_or(Value::Null);
@@ -843,7 +886,7 @@ impl Reconciler {
         }
         // Prune what left the manifests.
         let keep: BTreeSet<&ObjKey> = prepared.iter().map(|p| &p.0).collect();
-        let keep_uids: BTreeSet<String> = self
+        let (kept, stale): (Vec<(ObjKey, ObjRecord)>, Vec<(ObjKey, ObjRecord)>) = self
             .store
             .inv
             .apps
@@ -851,24 +894,11 @@ impl Reconciler {
             .map(|r| {
                 r.objects
                     .iter()
-                    .filter(|(k, _)| keep.contains(k))
-                    .filter_map(|(_, o)| o.uid.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let stale: Vec<(ObjKey, ObjRecord)> = self
-            .store
-            .inv
-            .apps
-            .get(app)
-            .map(|r| {
-                r.objects
-                    .iter()
-                    .filter(|(k, _)| !keep.contains(k))
                     .map(|(k, o)| (k.clone(), o.clone()))
-                    .collect()
+                    .partition(|(k, _)| keep.contains(k))
             })
             .unwrap_or_default();
+        let keep_uids: BTreeSet<String> = kept.into_iter().filter_map(|(_, o)| o.uid).collect();
         let mut pending = Vec::new();
         for (key, rec) in stale {
             let same_object = rec.uid.as_ref().is_some_and(|u| keep_uids.contains(u));
@@ -903,7 +933,12 @@ impl Reconciler {
                 continue;
             }
             if !self.live.contains_key(key) {
-                match call(self.api(kind, key.namespace.as_deref()).get(&m.name)).await {
+                match call(
+                    self.timing.call,
+                    self.api(kind, key.namespace.as_deref()).get(&m.name),
+                )
+                .await
+                {
                     Ok(obj) => {
                         self.reached();
                         self.live.insert(
@@ -972,7 +1007,7 @@ impl Reconciler {
             namespaced: false,
         };
         let api = self.api(&kind, None);
-        match call(api.get_opt(ns)).await {
+        match call(self.timing.call, api.get_opt(ns)).await {
             Ok(Some(_)) => {
                 self.known_ns.insert(ns.to_string());
                 return Ok(());
@@ -1002,7 +1037,7 @@ impl Reconciler {
             },
         }))
         .map_err(|e| Fail::No(format!("namespace {ns}: {e}")))?;
-        match call(api.create(&PostParams::default(), &obj)).await {
+        match call(self.timing.call, api.create(&PostParams::default(), &obj)).await {
             Ok(_) => {
                 tracing::info!(%app, %ns, "created the app's namespace");
                 self.known_ns.insert(ns.to_string());
@@ -1042,7 +1077,7 @@ impl Reconciler {
             }),
             ..DeleteParams::default()
         };
-        match call(api.delete(&key.name, &dp)).await {
+        match call(self.timing.call, api.delete(&key.name, &dp)).await {
             Ok(_) => {
                 self.reached();
                 Ok(())
@@ -1110,7 +1145,7 @@ impl Reconciler {
         };
         let api = self.api(&kind, None);
         for ns in unused {
-            let done = match call(api.get_opt(&ns)).await {
+            let done = match call(self.timing.call, api.get_opt(&ns)).await {
                 Ok(None) => true,
                 Ok(Some(obj)) => {
                     let ours = obj
@@ -1129,7 +1164,7 @@ impl Reconciler {
                             }),
                             ..DeleteParams::default()
                         };
-                        match call(api.delete(&ns, &dp)).await {
+                        match call(self.timing.call, api.delete(&ns, &dp)).await {
                             Ok(_) => {
                                 tracing::info!(%ns, "deleted the namespace Shoal created");
                                 true
@@ -1175,7 +1210,12 @@ impl Reconciler {
                 continue;
             }
             let api = self.api(&kind, wk.namespace.as_deref());
-            let task = tokio::spawn(watch_task(api, wk.clone(), self.seen_tx.clone()));
+            let task = tokio::spawn(watch_task(
+                api,
+                wk.clone(),
+                self.seen_tx.clone(),
+                self.timing.call,
+            ));
             self.watches.insert(wk, task);
         }
     }
@@ -1183,12 +1223,17 @@ impl Reconciler {
 
 /// Lists then watches Shoal's objects of one kind in one namespace, and
 /// tells the reconciler what it sees; lists again after any break.
-async fn watch_task(api: Api<DynamicObject>, wk: WatchKey, tx: mpsc::Sender<Seen>) {
+async fn watch_task(
+    api: Api<DynamicObject>,
+    wk: WatchKey,
+    tx: mpsc::Sender<Seen>,
+    limit: Duration,
+) {
     let selector = objects::selector(None);
     let mut backoff = Duration::from_secs(1);
     let to_value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or(Value::Null);
     loop {
-        let list = match call(api.list(&ListParams::default().labels(&selector))).await {
+        let list = match call(limit, api.list(&ListParams::default().labels(&selector))).await {
             Ok(l) => l,
             Err(e) => {
                 let msg = if unreachable(&e) {
@@ -1216,7 +1261,7 @@ async fn watch_task(api: Api<DynamicObject>, wk: WatchKey, tx: mpsc::Sender<Seen
         }
         let started = tokio::time::Instant::now();
         let wp = WatchParams::default().labels(&selector).timeout(290);
-        match call(api.watch(&wp, &rv)).await {
+        match call(limit, api.watch(&wp, &rv)).await {
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
                 // The server ends a watch after `timeout`; a connection that
@@ -1251,8 +1296,8 @@ async fn watch_task(api: Api<DynamicObject>, wk: WatchKey, tx: mpsc::Sender<Seen
     }
 }
 
-/// `2026-11-27T18:12:01Z`.
-fn utc(t: SystemTime) -> String {
+/// A time as `2026-11-27T18:12:01Z` (UTC), with no calendar crate.
+pub fn utc(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
