@@ -105,6 +105,8 @@ const WATCH_SILENCE: Duration = Duration::from_secs(300);
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
 type Status = Arc<Mutex<BTreeMap<String, WorkloadReport>>>;
+/// Objects with what is recorded of them.
+type Records = Vec<(ObjKey, ObjRecord)>;
 
 /// The kube runtime.
 pub struct Kube {
@@ -886,7 +888,7 @@ impl Reconciler {
         }
         // Prune what left the manifests.
         let keep: BTreeSet<&ObjKey> = prepared.iter().map(|p| &p.0).collect();
-        let (kept, stale): (Vec<(ObjKey, ObjRecord)>, Vec<(ObjKey, ObjRecord)>) = self
+        let (kept, stale): (Records, Records) = self
             .store
             .inv
             .apps
