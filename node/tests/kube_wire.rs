@@ -261,12 +261,7 @@ async fn a_namespace_it_found_and_other_apps_objects_survive_a_deletion() {
     );
     // Deleting app a deletes a's object, nothing else.
     rt.reconcile(std::slice::from_ref(&b));
-    assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("v1", "ConfigMap", Some("plant-floor"), "cfg")
-            .is_none())
-        .await
-    );
+    assert!(vanishes(&server, "v1", "ConfigMap", Some("plant-floor"), "cfg").await);
     until(&rt, Duration::from_secs(10), |s| !s.contains_key("a")).await;
     assert_eq!(
         deletes(&server.requests()),
@@ -630,12 +625,7 @@ async fn drift_is_repaired_from_the_watch_and_only_what_drifted_is_patched() {
     // Deleted by hand: back within seconds, by one PATCH.
     let t = Instant::now();
     server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg");
-    assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
-            .is_some())
-        .await
-    );
+    assert!(appears(&server, "v1", "ConfigMap", Some("shoal-web"), "cfg").await);
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(
         patches(&server.requests()),
@@ -666,12 +656,7 @@ async fn drift_is_repaired_from_the_watch_and_only_what_drifted_is_patched() {
         o["metadata"]["annotations"] = json!({"note": "checked by hand"});
     });
     server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg");
-    assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
-            .is_some())
-        .await
-    );
+    assert!(appears(&server, "v1", "ConfigMap", Some("shoal-web"), "cfg").await);
     assert_eq!(
         patches(&server.requests()),
         vec!["/api/v1/namespaces/shoal-web/configmaps/cfg"]
@@ -702,12 +687,7 @@ async fn a_restarted_node_patches_nothing_that_did_not_change() {
     // it is repaired, the list was handled: only that one object was sent.
     assert!(kubetest::eventually(Duration::from_secs(10), || watching(&server)).await);
     server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg2");
-    assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("v1", "ConfigMap", Some("shoal-web"), "cfg2")
-            .is_some())
-        .await
-    );
+    assert!(appears(&server, "v1", "ConfigMap", Some("shoal-web"), "cfg2").await);
     assert_eq!(
         patches(&server.requests()),
         vec!["/api/v1/namespaces/shoal-web/configmaps/cfg2"]
@@ -728,12 +708,7 @@ async fn objects_labelled_by_an_earlier_shoal_are_adopted_and_pruned() {
     let mut rt = runtime(&server, dir.path());
     rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
     until_state(&rt, "web", WorkloadState::Running).await;
-    assert!(
-        kubetest::eventually(Duration::from_secs(10), || server
-            .get("v1", "ConfigMap", Some("shoal-web"), "old")
-            .is_none())
-        .await
-    );
+    assert!(vanishes(&server, "v1", "ConfigMap", Some("shoal-web"), "old").await);
     assert!(
         server
             .get("v1", "ConfigMap", Some("shoal-web"), "someone-elses")
