@@ -708,7 +708,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         t.expires_at
                             .map(|e| e.to_string())
                             .unwrap_or_else(|| "-".into()),
-                        t.sha256[..12].to_string(),
+                        // A hand-edited file may hold anything: never slice blindly.
+                        t.sha256.get(..12).unwrap_or(&t.sha256).to_string(),
                     ]
                 })
                 .collect();

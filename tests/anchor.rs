@@ -223,6 +223,25 @@ fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
     let out = ok(&["delete", "app", "db", "--anchor", &url, "--token", &token]);
     assert_eq!(out, "app/db deleted\n");
     assert!(wait_for(WITHIN, || app_version(&anchor_dir, "db").is_none()));
+    // Devices and profiles are deleted through the anchor too.
+    let f = write(
+        root,
+        "meter.yaml",
+        "apiVersion: shoal.dev/v1\nkind: DeviceProfile\nmetadata: { name: meter }\nspec:\n  resources:\n  - { name: temp, table: holding-registers, offset: 0, valueType: float32 }\n---\napiVersion: shoal.dev/v1\nkind: Device\nmetadata: { name: boiler-1 }\nspec: { profile: meter, node: n1, protocol: modbus-tcp, tcp: { host: 127.0.0.1, unit: 1 } }\n",
+    );
+    ok(&["apply", "-f", s(&f), "--anchor", &url, "--token", &token]);
+    let listed = |what: &str| ok(&["get", what, "--anchor", &url, "--token", &token]);
+    assert!(listed("devices").contains("boiler-1"));
+    let out = ok(&[
+        "delete", "device", "boiler-1", "--anchor", &url, "--token", &token,
+    ]);
+    assert_eq!(out, "device/boiler-1 deleted\n");
+    assert!(!listed("devices").contains("boiler-1"));
+    let out = ok(&[
+        "delete", "profile", "meter", "--anchor", &url, "--token", &token,
+    ]);
+    assert_eq!(out, "profile/meter deleted\n");
+    assert!(!listed("profiles").contains("meter"));
     assert_eq!(
         http(
             "DELETE",

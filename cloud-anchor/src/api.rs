@@ -177,6 +177,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/configs"),
     ("GET", "/api/configs/{name}"),
     ("DELETE", "/api/configs/{name}"),
+    ("DELETE", "/api/devices/{name}"),
+    ("DELETE", "/api/profiles/{name}"),
     ("POST", "/api/apply"),
     ("GET", "/api/conflicts"),
     ("POST", "/api/conflicts/resolve"),
@@ -222,6 +224,8 @@ pub fn router(server: Server) -> Router {
         .route("/api/apps/{name}", get(app).delete(delete_entity))
         .route("/api/configs", get(configs))
         .route("/api/configs/{name}", get(config).delete(delete_entity))
+        .route("/api/devices/{name}", axum::routing::delete(delete_entity))
+        .route("/api/profiles/{name}", axum::routing::delete(delete_entity))
         .route("/api/apply", post(apply))
         .route("/api/conflicts", get(conflicts))
         .route("/api/conflicts/resolve", post(resolve))

@@ -92,12 +92,13 @@ impl Bundle {
         }
         let ndocs = r.count(2 + 4, "document count")?;
         let mut docs = Vec::with_capacity(ndocs);
+        let mut seen = std::collections::HashSet::with_capacity(ndocs);
         for _ in 0..ndocs {
             let id_len = u16::from_be_bytes([r.byte("id")?, r.byte("id")?]) as usize;
             let id = std::str::from_utf8(r.take(id_len, "document id")?)
                 .map_err(|_| Error::Bundle("document id is not UTF-8".into()))?;
             let id = DocId::parse(id).map_err(|e| Error::Bundle(e.to_string()))?;
-            if docs.iter().any(|(d, _)| *d == id) {
+            if !seen.insert(id.clone()) {
                 return Err(Error::Bundle(format!("document {id} appears twice")));
             }
             let n = r.count(4 + 64, "change count")?;
@@ -213,6 +214,36 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(Bundle::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn many_documents_decode_in_linear_time_and_a_duplicate_is_named() {
+        // 200,000 documents: a scan per document for duplicates (what the
+        // decoder did) makes 2·10¹⁰ comparisons, minutes even in release;
+        // a set makes this a fraction of a second. The 60 s bound is far
+        // from both, so a slow machine does not fail it.
+        let docs: Vec<(DocId, Vec<SignedChange>)> = (0..200_000)
+            .map(|i| (DocId::Site(format!("s{i}")), vec![]))
+            .collect();
+        let mut b = Bundle {
+            root: None,
+            certs: vec![],
+            docs,
+        };
+        let t = std::time::Instant::now();
+        let decoded = Bundle::decode(&b.encode(PublicKey([9; 32]))).unwrap();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(decoded.docs.len(), 200_000);
+        b.docs.push((DocId::Site("s7".into()), vec![]));
+        let e = Bundle::decode(&b.encode(PublicKey([9; 32]))).unwrap_err();
+        assert!(
+            e.to_string().contains("document site/s7 appears twice"),
+            "{e}"
+        );
     }
 
     proptest! {

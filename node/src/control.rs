@@ -272,11 +272,13 @@ pub async fn serve(dir: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> anyho
     let listener = bound.with_context(|| format!("control socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("control socket {}", path.display()))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+    let listener = std::sync::Arc::new(listener);
+    tokio::spawn(accept_loop(
+        move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        move |stream| {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
@@ -305,9 +307,59 @@ pub async fn serve(dir: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> anyho
                 out.push(b'\n');
                 let _ = w.write_all(&out).await;
             });
-        }
-    });
+        },
+    ));
     Ok(())
+}
+
+/// Accepts connections for ever, handing each to `handle`. A failed accept
+/// (out of file descriptors, say) is logged and waited out, 10 ms doubling
+/// to 1 s, instead of being retried in a hot loop.
+async fn accept_loop<S, F, Fut>(mut accept: F, mut handle: impl FnMut(S))
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    let mut backoff = std::time::Duration::from_millis(10);
+    loop {
+        match accept().await {
+            Ok(s) => {
+                backoff = std::time::Duration::from_millis(10);
+                handle(s);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: accept failed; waiting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_failing_accept_is_waited_out_not_spun() {
+        let tries = Arc::new(AtomicUsize::new(0));
+        let t = tries.clone();
+        let task = tokio::spawn(accept_loop(
+            move || {
+                t.fetch_add(1, Ordering::Relaxed);
+                async { Err::<(), _>(std::io::Error::other("EMFILE")) }
+            },
+            |_| {},
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        task.abort();
+        // With 10, 20, 40, ... ms waits, 500 ms hold 6 attempts; a hot loop
+        // makes hundreds of thousands.
+        let n = tries.load(Ordering::Relaxed);
+        assert!((2..=10).contains(&n), "{n} accept attempts in 500 ms");
+    }
 }
 
 use tokio::io::AsyncReadExt as _;

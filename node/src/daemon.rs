@@ -1440,8 +1440,6 @@ pub fn listening(dir: &Path) -> Vec<String> {
 /// once (256 random bits, owner-only file), kept across restarts so an
 /// app's spec, and so the app, do not change when the node restarts.
 fn app_token(dir: &Path) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("app-token");
     if let Ok(t) = std::fs::read_to_string(&path)
         && t.trim().len() == 64
@@ -1451,13 +1449,31 @@ fn app_token(dir: &Path) -> anyhow::Result<String> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
     let token = hex::encode(secret);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("{}", path.display()))?;
-    f.write_all(token.as_bytes())?;
+    // A new owner-only file, synced, then renamed over whatever was there:
+    // never a torn token, never a file another user could already read.
+    crdt_state::identity::write_private(&path, token.as_bytes())?;
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_app_token_is_replaced_owner_only_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app-token");
+        // A torn token left world-readable (by a crash, or another tool).
+        std::fs::write(&path, "abc").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let t = app_token(dir.path()).unwrap();
+        assert_eq!(t.len(), 64);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), t);
+        assert!(!dir.path().join("app-token.tmp").exists());
+        // Kept across restarts.
+        assert_eq!(app_token(dir.path()).unwrap(), t);
+    }
 }

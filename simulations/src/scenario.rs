@@ -140,14 +140,41 @@ pub struct Edit {
     pub set: BTreeMap<String, toml::Value>,
 }
 
-/// Clock skew of one node.
+/// Clock skew of one node: `by = "3d"` (ahead) or `by = "-2h"` (behind),
+/// like every other time in a scenario; `seconds = N` is still read.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Skew {
     /// Node reference.
     pub node: String,
-    /// Seconds added to its clock (negative: behind).
-    pub seconds: i64,
+    /// How far its clock is off, a duration with an optional `-`.
+    #[serde(default)]
+    pub by: Option<String>,
+    /// The same in seconds (the older form).
+    #[serde(default)]
+    pub seconds: Option<i64>,
+}
+
+impl Skew {
+    /// The skew in whole seconds (negative: behind).
+    pub fn secs(&self) -> Result<i64, ScenarioError> {
+        match (&self.by, self.seconds) {
+            (Some(by), None) => {
+                let (sign, d) = match by.trim().strip_prefix('-') {
+                    Some(rest) => (-1, rest),
+                    None => (1, by.trim()),
+                };
+                let d = parse_duration(d)
+                    .map_err(|e| ScenarioError(format!("skew of {}: {e}", self.node)))?;
+                Ok(sign * d.as_secs() as i64)
+            }
+            (None, Some(s)) => Ok(s),
+            _ => Err(ScenarioError(format!(
+                "skew of {}: give exactly one of `by` (a duration such as \"-3d\") or `seconds`",
+                self.node
+            ))),
+        }
+    }
 }
 
 /// A timed event; exactly one of the optional fields.
@@ -242,6 +269,25 @@ impl Scenario {
                     "group {}: count {} out of range",
                     g.name, g.count
                 )));
+            }
+        }
+        let known = |r: &str| {
+            let group = r.split('[').next().unwrap_or(r);
+            s.groups.iter().any(|g| g.name == group)
+        };
+        for e in &s.events {
+            for side in e.partition.iter().flatten() {
+                for r in side {
+                    if !known(r) {
+                        return Err(ScenarioError(format!(
+                            "partition at {:?} names {r:?}, which is no group and no node",
+                            e.at.0
+                        )));
+                    }
+                }
+            }
+            if let Some(k) = &e.skew {
+                k.secs()?;
             }
         }
         for l in &s.links {

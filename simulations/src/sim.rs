@@ -509,8 +509,40 @@ impl Sim {
             .ok_or_else(|| format!("no node {r:?}"))
     }
 
-    fn group_side(sides: &[Vec<String>], g: &str) -> Option<usize> {
-        sides.iter().position(|s| s.iter().any(|x| x == g))
+    /// Which side of a partition each node is on: a side lists groups (all
+    /// their nodes) and node references (`c[0]`); a name that matches
+    /// neither, or a node on two sides, is an error that stops the run.
+    fn sides(&self, sides: &[Vec<String>]) -> Result<Vec<Option<usize>>, String> {
+        let mut side_of = vec![None; self.nodes.len()];
+        for (k, side) in sides.iter().enumerate() {
+            for r in side {
+                let members: Vec<usize> = if r.contains('[') {
+                    vec![self.node_ref(r)?]
+                } else {
+                    let m: Vec<usize> = (0..self.nodes.len())
+                        .filter(|&i| self.nodes[i].group == *r)
+                        .collect();
+                    if m.is_empty() {
+                        return Err(format!(
+                            "partition names {r:?}, which is no group and no node"
+                        ));
+                    }
+                    m
+                };
+                for i in members {
+                    match side_of[i] {
+                        Some(other) if other != k => {
+                            return Err(format!(
+                                "partition puts {} on two sides",
+                                self.nodes[i].name
+                            ));
+                        }
+                        _ => side_of[i] = Some(k),
+                    }
+                }
+            }
+        }
+        Ok(side_of)
     }
 
     fn scenario_event(&mut self, idx: usize) -> Result<(), String> {
@@ -518,13 +550,9 @@ impl Sim {
         let t = self.now as f64 / 1e6;
         if let Some(sides) = &ev.partition {
             self.events.push(format!("{t}s partition {sides:?}"));
+            let side_of = self.sides(sides)?;
             for l in 0..self.links.len() {
-                let (ga, gb) = (
-                    &self.nodes[self.links[l].a].group,
-                    &self.nodes[self.links[l].b].group,
-                );
-                if let (Some(x), Some(y)) =
-                    (Self::group_side(sides, ga), Self::group_side(sides, gb))
+                if let (Some(x), Some(y)) = (side_of[self.links[l].a], side_of[self.links[l].b])
                     && x != y
                     && self.links[l].up
                 {
@@ -576,11 +604,10 @@ impl Sim {
         }
         if let Some(s) = &ev.skew {
             let i = self.node_ref(&s.node)?;
-            self.events.push(format!(
-                "{t}s skew {} by {}s",
-                self.nodes[i].name, s.seconds
-            ));
-            self.nodes[i].skew = s.seconds;
+            let secs = s.secs().map_err(|e| e.to_string())?;
+            self.events
+                .push(format!("{t}s skew {} by {secs}s", self.nodes[i].name));
+            self.nodes[i].skew = secs;
         }
         if let Some(r) = &ev.rogue {
             let i = self.node_ref(r)?;

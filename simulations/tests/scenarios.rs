@@ -114,3 +114,71 @@ fn invariants_hold_under_other_seeds() {
         }
     }
 }
+
+/// A partition may name single nodes: the node cut off edits on its own,
+/// so its edit and the operator's are concurrent (one conflict). Were the
+/// partition to cut nothing, the later edit would see the earlier one and
+/// nothing would conflict.
+const NODE_PARTITION: &str = r#"
+name = "one-node-cut-off"
+seed = 5
+duration = "1d"
+group = [
+  { name = "anchor", count = 1, role = "anchor" },
+  { name = "a", count = 3, site = "a" },
+]
+link = [
+  { between = ["anchor", "a"], latency = "60ms" },
+  { within = "a", latency = "2ms" },
+]
+event = [
+  { at = "1h", partition = [["anchor", "a[0]", "a[1]"], ["a[2]"]] },
+  { at = "2h", edit = { by = "site-engineer:a", on = "a[2]", doc = "site/a", set = { "configs.c.data.k" = "field" } } },
+  { at = "3h", edit = { by = "operator", on = "anchor", doc = "site/a", set = { "configs.c.data.k" = "office" } } },
+  { at = "20h", heal = true },
+]
+expect = { converged_within = "5s", conflicts = 1 }
+"#;
+
+#[test]
+fn a_partition_naming_nodes_cuts_them_off() {
+    let r = run_scenario(NODE_PARTITION, None, |_| {}).unwrap();
+    assert!(r.passed(), "{:?}", r.invariants);
+    assert_eq!(r.conflicts, 1, "the partition cut nothing: {:?}", r.events);
+}
+
+#[test]
+fn a_partition_naming_nothing_known_stops_the_run() {
+    let bad = NODE_PARTITION.replace(r#"["a[2]"]"#, r#"["b"]"#);
+    let e = run_scenario(&bad, None, |_| {}).unwrap_err();
+    assert!(
+        e.contains(r#"names "b", which is no group and no node"#),
+        "{e}"
+    );
+    let bad = NODE_PARTITION.replace(r#"["a[2]"]"#, r#"["a[7]"]"#);
+    let e = run_scenario(&bad, None, |_| {}).unwrap_err();
+    assert!(e.contains("a[7]"), "{e}");
+    let bad = NODE_PARTITION.replace(r#"["a[2]"]"#, r#"["a[1]"]"#);
+    let e = run_scenario(&bad, None, |_| {}).unwrap_err();
+    assert!(e.contains("on two sides"), "{e}");
+}
+
+#[test]
+fn skew_takes_a_duration() {
+    let text = scenario("clock-skew");
+    assert!(text.contains(r#"by = "-3d""#));
+    let r = check("clock-skew");
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.contains("skew a-1 by -259200s") || e.contains("by -259200s")),
+        "{:?}",
+        r.events
+    );
+    let bad = text.replace(r#"by = "-3d""#, r#"by = "-3 days""#);
+    assert!(
+        run_scenario(&bad, None, |_| {})
+            .unwrap_err()
+            .contains("skew of a[1]")
+    );
+}
