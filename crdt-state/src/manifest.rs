@@ -349,6 +349,14 @@ fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
             }
             if let Some(ns) = &kube.namespace {
                 validate_name("namespace", ns).map_err(|m| ("kube.namespace".into(), m))?;
+            } else if name.len() + "shoal-".len() > 63 {
+                return Err((
+                    "kube.namespace".into(),
+                    format!(
+                        "missing: the default, shoal-{name}, is longer than a Kubernetes \
+                         namespace may be (63); name one"
+                    ),
+                ));
             }
             let mut count = 0;
             for (i, de) in serde_yaml::Deserializer::from_str(&kube.manifests).enumerate() {
@@ -377,6 +385,16 @@ fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
                     return Err((
                         format!("kube.manifests[{i}].metadata.name"),
                         "missing: every Kubernetes object needs a name".into(),
+                    ));
+                }
+                if v.get("kind").and_then(|k| k.as_str()) == Some("Namespace")
+                    && v.get("apiVersion").and_then(|k| k.as_str()) == Some("v1")
+                {
+                    return Err((
+                        format!("kube.manifests[{i}].kind"),
+                        "Namespace: an app's namespace is spec.kube.namespace, which Shoal \
+                         creates when it is missing; remove this object"
+                            .into(),
                     ));
                 }
                 let ns = kube
@@ -584,6 +602,14 @@ spec:
         assert!(e.message.contains("shoal-web"), "{}", e.message);
         let ok = yaml.replace("kube-system", "shoal-web");
         assert!(parse("a.yaml", &ok).is_ok());
+        let e = error_of(&yaml.replace(
+            "kind: ConfigMap\\nmetadata: {name: c, namespace: kube-system}",
+            "kind: Namespace\\nmetadata: {name: c}",
+        ));
+        assert_eq!(e.field, "spec.kube.manifests[0].kind");
+        let long = "a".repeat(60);
+        let e = error_of(&ok.replace("{name: web}", &format!("{{name: {long}}}")));
+        assert_eq!(e.field, "spec.kube.namespace");
     }
 
     #[test]

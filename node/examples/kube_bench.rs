@@ -78,7 +78,9 @@ async fn main() {
     node::runtime::kube::install_crypto();
     let server = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    node::runtime::kube::prepare(&mut config);
+    let client = kube::Client::try_from(config).unwrap();
     let mut rt = Kube::new(client, dir.path()).unwrap();
     let running = |rt: &Kube, v: &str| {
         rt.status()

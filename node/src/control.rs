@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use tokio::io::AsyncReadExt as _;
 
 use anyhow::{Context, anyhow, bail};
 use crdt_state::model::Kind;
@@ -361,5 +362,3 @@ mod tests {
         assert!((2..=10).contains(&n), "{n} accept attempts in 500 ms");
     }
 }
-
-use tokio::io::AsyncReadExt as _;

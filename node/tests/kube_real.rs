@@ -40,9 +40,12 @@ fn kubeconfig() -> std::path::PathBuf {
 async fn config() -> kube::Config {
     node::runtime::kube::install_crypto();
     let kc = kube::config::Kubeconfig::read_from(kubeconfig()).unwrap();
-    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap()
+    let mut c =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+    node::runtime::kube::prepare(&mut c);
+    c
 }
 
 async fn admin() -> kube::Client {
@@ -418,8 +421,30 @@ async fn real_cluster_a_failed_apply_forgets_nothing() {
         "{r:?}"
     );
     assert!(get(&c, "v1", "ConfigMap", Some(&ns), "cfg").await.is_some());
+    // Someone else's object under a name the app uses next: never taken.
+    put(
+        &c,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "cfg2", "namespace": ns}, "data": {"k": "theirs"}}),
+    )
+    .await;
+    // The node restarts: what it made is still known.
+    rt.shutdown().await;
+    drop(rt);
+    let mut rt = node_runtime(c.clone(), dir.path());
+    rt.reconcile(&[app("web", "v1", Some(&ns), manifests(&[CFG, CFG2]))]);
+    let s = until(&rt, WITHIN, |s| {
+        s["web"]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("ConfigMap cfg2 exists and is not Shoal's"))
+    })
+    .await;
+    assert_eq!(s["web"].state, WorkloadState::Failed, "{s:?}");
     rt.reconcile(&[]);
     assert!(gone(&c, "v1", "ConfigMap", Some(&ns), "cfg").await);
+    // Shoal created the namespace, so it goes — with cfg2 in it, which is
+    // why the guide says to keep your own objects out of Shoal's namespaces.
     assert!(gone(&c, "v1", "Namespace", None, &ns).await);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
@@ -575,7 +600,17 @@ async fn real_cluster_namespace_scoped_credentials_suffice() {
     let token = token["status"]["token"].as_str().unwrap().to_string();
     // The admin kubeconfig's cluster, with the service account's token.
     let kc = kube::config::Kubeconfig::read_from(kubeconfig()).unwrap();
-    let cluster = serde_json::to_value(&kc.clusters[0]).unwrap();
+    // The cluster of the kubeconfig's current context.
+    let current = kc.current_context.clone().unwrap_or_default();
+    let cluster_name = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == current)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone())
+        .unwrap_or_else(|| kc.clusters[0].name.clone());
+    let cluster = kc.clusters.iter().find(|c| c.name == cluster_name).unwrap();
+    let cluster = serde_json::to_value(cluster).unwrap();
     let edge_kc: kube::config::Kubeconfig = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Config",
         "clusters": [cluster],
@@ -584,10 +619,11 @@ async fn real_cluster_namespace_scoped_credentials_suffice() {
         "current-context": "edge",
     }))
     .unwrap();
-    let cfg =
+    let mut cfg =
         kube::Config::from_custom_kubeconfig(edge_kc, &kube::config::KubeConfigOptions::default())
             .await
             .unwrap();
+    node::runtime::kube::prepare(&mut cfg);
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(kube::Client::try_from(cfg).unwrap(), dir.path());
     rt.reconcile(&[app("web", "v1", Some(&ns), manifests(&[CFG]))]);
@@ -696,7 +732,9 @@ async fn real_cluster_rollout_status_without_a_kubelet() {
     let s = until(&rt, WITHIN, |s| {
         s.get("db")
             .and_then(|r| r.reason.as_deref())
-            .is_some_and(|r| r.contains("waiting for 1 pods to be ready"))
+            .is_some_and(|r| {
+                r.contains("waiting for 1 pods to be ready") && !r.contains("DaemonSet")
+            })
     })
     .await;
     assert_eq!(s["db"].state, WorkloadState::Pending, "{s:?}");
@@ -739,9 +777,12 @@ async fn real_cluster_pods_become_ready() {
         kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
     assert_eq!(r.version.as_deref(), Some("v1"));
     rt.reconcile(&[app("web", "v2", Some(&ns), DEPLOY.replace("IMAGE", "1.28"))]);
-    let r =
-        kubetest::until_state(&rt, "web", WorkloadState::Running, Duration::from_secs(300)).await;
-    assert_eq!(r.version.as_deref(), Some("v2"));
+    let s = until(&rt, Duration::from_secs(300), |s| {
+        s["web"].state == WorkloadState::Running && s["web"].version.as_deref() == Some("v2")
+    })
+    .await;
+    assert_eq!(s["web"].version.as_deref(), Some("v2"), "{s:?}");
+    assert_eq!(s["web"].state, WorkloadState::Running, "{s:?}");
     rt.reconcile(&[]);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;

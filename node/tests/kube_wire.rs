@@ -24,7 +24,8 @@ use serde_json::json;
 
 fn client(url: &str) -> kube::Client {
     node::runtime::kube::install_crypto();
-    let config = kube::Config::new(url.parse().unwrap());
+    let mut config = kube::Config::new(url.parse().unwrap());
+    node::runtime::kube::prepare(&mut config);
     kube::Client::try_from(config).unwrap()
 }
 
@@ -767,6 +768,7 @@ async fn drift_no_watch_reports_is_repaired_by_the_periodic_reapply() {
     let dir = tempfile::tempdir().unwrap();
     let timing = Timing {
         reapply: Duration::from_secs(1),
+        resync: Duration::from_secs(2),
         ..Timing::default()
     };
     let mut rt = Kube::with_timing(client(&server.url()), dir.path(), timing).unwrap();
@@ -808,5 +810,203 @@ async fn an_api_server_that_never_answers_makes_workloads_unknown() {
         why.contains("no answer within 500ms") && why.contains("last known: nothing yet"),
         "{why}"
     );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_object_someone_else_made_is_neither_taken_over_nor_deleted() {
+    let server = ApiServer::start().await;
+    server
+        .put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plant-floor"}}));
+    server.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "cfg", "namespace": "plant-floor"}, "data": {"k": "theirs"}}));
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app(
+        "web",
+        "v1",
+        Some("plant-floor"),
+        manifests(&[CFG, CFG2]),
+    )]);
+    let r = until_state(&rt, "web", WorkloadState::Failed).await;
+    assert_eq!(
+        r.reason.as_deref().unwrap(),
+        "ConfigMap cfg exists and is not Shoal's: Shoal does not take over what it did not \
+         create; delete or rename it"
+    );
+    let theirs = server
+        .get("v1", "ConfigMap", Some("plant-floor"), "cfg")
+        .unwrap();
+    assert_eq!(theirs["data"]["k"], "theirs");
+    assert!(
+        !patches(&server.requests())
+            .contains(&"/api/v1/namespaces/plant-floor/configmaps/cfg".to_string())
+    );
+    // The app leaves: what it made goes, theirs stays.
+    rt.reconcile(&[]);
+    assert!(vanishes(&server, "v1", "ConfigMap", Some("plant-floor"), "cfg2").await);
+    until(&rt, Duration::from_secs(10), |s| s.is_empty()).await;
+    assert_eq!(
+        server
+            .get("v1", "ConfigMap", Some("plant-floor"), "cfg")
+            .unwrap()["data"]["k"],
+        "theirs"
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_object_in_two_apps_fails_the_second() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let a = app("a", "v1", Some("shared"), manifests(&[CFG]));
+    rt.reconcile(std::slice::from_ref(&a));
+    until_state(&rt, "a", WorkloadState::Running).await;
+    rt.reconcile(&[
+        a.clone(),
+        app("b", "v1", Some("shared"), manifests(&[CFG, CFG2])),
+    ]);
+    let r = until_state(&rt, "b", WorkloadState::Failed).await;
+    assert_eq!(
+        r.reason.as_deref().unwrap(),
+        "manifest 1: ConfigMap cfg already belongs to app a"
+    );
+    assert_eq!(rt.status()["a"].state, WorkloadState::Running);
+    // b leaving takes nothing of a's.
+    rt.reconcile(std::slice::from_ref(&a));
+    until(&rt, Duration::from_secs(10), |s| !s.contains_key("b")).await;
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shared"), "cfg")
+            .is_some()
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_writer_that_keeps_changing_an_object_is_not_fought_in_a_tight_loop() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    assert!(kubetest::eventually(Duration::from_secs(10), || watching(&server)).await);
+    let tampered = |server: &ApiServer| {
+        server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some_and(|o| o["data"]["k"] == "tampered")
+    };
+    // Three repairs at once...
+    for _ in 0..3 {
+        server.edit_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg", |o| {
+            o["data"]["k"] = json!("tampered");
+        });
+        assert!(kubetest::eventually(Duration::from_secs(10), || !tampered(&server)).await);
+    }
+    // ... then they are spaced out, and the report says who keeps changing it.
+    server.edit_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg", |o| {
+        o["data"]["k"] = json!("tampered");
+    });
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s["web"]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("ConfigMap cfg keeps being changed by kubectl-edit"))
+    })
+    .await;
+    assert!(
+        s["web"]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("repairs are spaced out"),
+        "{s:?}"
+    );
+    assert!(kubetest::eventually(Duration::from_secs(10), || !tampered(&server)).await);
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crd_shipped_with_its_resources_is_applied_first() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: cacti.botany.example.com}\nspec: {group: botany.example.com, scope: Namespaced, names: {plural: cacti, singular: cactus, kind: Cactus}, versions: [{name: v1, served: true, storage: true}]}\n";
+    let cactus = "apiVersion: botany.example.com/v1\nkind: Cactus\nmetadata: {name: saguaro}\nspec: {spines: 1000}\n";
+    let mut w = app("garden", "v1", None, format!("{cactus}---\n{crd}"));
+    w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
+    rt.reconcile(&[w]);
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s.get("garden")
+            .and_then(|r| r.reason.as_deref())
+            .is_some_and(|r| r.contains("waiting for the cluster to serve Cactus"))
+    })
+    .await;
+    assert_eq!(s["garden"].state, WorkloadState::Pending, "{s:?}");
+    assert!(
+        server
+            .get(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                None,
+                "cacti.botany.example.com"
+            )
+            .is_some()
+    );
+    // The API server establishes the CRD (the stand-in needs telling).
+    server.add_crd("botany.example.com", "v1", "Cactus", "cacti", true);
+    kubetest::until_state(
+        &rt,
+        "garden",
+        WorkloadState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        server
+            .get(
+                "botany.example.com/v1",
+                "Cactus",
+                Some("shoal-garden"),
+                "saguaro"
+            )
+            .is_some()
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_api_server_makes_workloads_unknown_with_stable_words() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let timing = Timing {
+        resync: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    let mut rt = Kube::with_timing(client(&server.url()), dir.path(), timing).unwrap();
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    for method in ["GET", "PATCH", "POST", "DELETE"] {
+        server.refuse(method, "/", 503, "ServiceUnavailable", "etcd is restarting");
+    }
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG2]))]);
+    let r = until_state(&rt, "web", WorkloadState::Unknown).await;
+    let why = r.reason.clone().unwrap();
+    assert!(
+        why.contains("503") && why.contains("last known: running v1"),
+        "{why}"
+    );
+    // Rounds come at least every 300 ms: over 2 s several pass, and the
+    // words (which go into the node's document) stay the same.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        assert_eq!(rt.status()["web"].reason.as_deref(), Some(why.as_str()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.allow_all();
+    let r = until_state(&rt, "web", WorkloadState::Running).await;
+    assert_eq!(r.reason, None);
+    assert!(vanishes(&server, "v1", "ConfigMap", Some("shoal-web"), "cfg").await);
     rt.shutdown().await;
 }

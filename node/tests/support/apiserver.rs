@@ -161,6 +161,7 @@ const BUILTIN: &[&str] = &[
     "networking.k8s.io         v1    IngressClass            ingressclasses           cluster    -",
     "rbac.authorization.k8s.io v1    ClusterRole             clusterroles             cluster    -",
     "rbac.authorization.k8s.io v1    Role                    roles                    namespaced -",
+    "apiextensions.k8s.io      v1    CustomResourceDefinition customresourcedefinitions cluster   status",
 ];
 
 fn builtin_kinds() -> Vec<Kind> {

@@ -6,8 +6,8 @@
 //! version change keeps the object), its UID, a hash of the body last
 //! applied and of the fields Shoal's field manager owns afterwards (drift
 //! shows as a change of those), and the version whose rollout last
-//! completed. Across apps: the namespaces Shoal created (and marked with
-//! [`CREATED_BY`]); only those are ever deleted.
+//! completed. Across apps: the namespaces Shoal created (marked with
+//! [`CREATED_BY`], and their UID); only those are ever deleted.
 //!
 //! An object is recorded before it is applied and forgotten only after its
 //! deletion was accepted (or it was found gone), so a crash, an API-server
@@ -15,7 +15,7 @@
 //! The file is replaced atomically (write, fsync, rename, fsync the
 //! directory).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -118,8 +118,9 @@ pub struct Inventory {
     pub format: u32,
     /// Per app.
     pub apps: BTreeMap<String, AppRecord>,
-    /// Namespaces Shoal created (or is about to create).
-    pub namespaces: BTreeSet<String>,
+    /// Namespaces Shoal created (or is about to create), with their UID
+    /// once the API server gave it.
+    pub namespaces: BTreeMap<String, Option<String>>,
 }
 
 /// The inventory could not be read.
@@ -238,7 +239,9 @@ mod tests {
                 ..ObjRecord::default()
             },
         );
-        s.inv.namespaces.insert("shoal-web".into());
+        s.inv
+            .namespaces
+            .insert("shoal-web".into(), Some("n1".into()));
         s.save().unwrap();
         let again = Stored::open(dir.path()).unwrap();
         assert_eq!(again.inv, s.inv);

@@ -97,6 +97,12 @@ pub fn parse(ns: &str, manifests: &str) -> Result<Vec<Manifest>, String> {
         let api_version = field("/apiVersion", "apiVersion")?;
         let kind = field("/kind", "kind")?;
         let name = field("/metadata/name", "metadata.name")?;
+        if kind == "Namespace" && group_of(&api_version).is_empty() {
+            return Err(format!(
+                "manifest {index}: Namespace {name}: an app's namespace is spec.kube.namespace \
+                 ({ns}), which Shoal creates when it is missing; remove this object"
+            ));
+        }
         if let Some(other) = v.pointer("/metadata/namespace").and_then(Value::as_str)
             && other != ns
         {
@@ -173,6 +179,15 @@ mod tests {
         assert_eq!(e, "manifest 1: missing apiVersion");
         let e = parse("n", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n").unwrap_err();
         assert_eq!(e, "manifest 1: missing metadata.name");
+        let e = parse(
+            "n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("Namespace n: an app's namespace is spec.kube.namespace"),
+            "{e}"
+        );
         let twice = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
         let e = parse("n", &format!("{twice}---\n{twice}")).unwrap_err();
         assert!(e.contains("appears twice"), "{e}");

@@ -25,9 +25,11 @@ pub enum Rollout {
     Failed(String),
 }
 
-/// Does `kind` carry rollout status?
-pub fn has_rollout(kind: &str) -> bool {
-    matches!(kind, "Deployment" | "StatefulSet" | "DaemonSet")
+/// Does a `kind` of API `group` carry rollout status? (Only the `apps`
+/// group's: a custom resource that happens to be called `Deployment` does
+/// not.)
+pub fn has_rollout(group: &str, kind: &str) -> bool {
+    group == "apps" && matches!(kind, "Deployment" | "StatefulSet" | "DaemonSet")
 }
 
 fn int(v: &Value, pointer: &str) -> Option<i64> {
