@@ -81,7 +81,20 @@ async fn admitted_peers_exchange_frames_in_order_and_held_frames_wait() {
     for i in 0..50u32 {
         b.send(a.peer_id(), i.to_be_bytes().to_vec());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing of b's may reach a's owner before a admits b. On loopback the
+    // 50 frames arrive within milliseconds, so 300 ms is ample time for a
+    // leak to show.
+    let leaked = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            match ae.next().await {
+                Some(Event::Frame { peer, .. }) if peer == b.peer_id() => return true,
+                None => return false,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(leaked.is_err(), "a frame reached a's owner before a admitted b");
     a.admit(b.peer_id());
     for i in 0..50u32 {
         assert_eq!(frame_from(&mut ae, b.peer_id()).await, i.to_be_bytes());
