@@ -274,7 +274,35 @@ pub fn router(server: Server) -> Router {
         .layer(DefaultBodyLimit::max(
             manifest::MAX_MANIFEST_BYTES + (64 << 10),
         ))
+        .layer(middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// Every error answer in the one shape the OpenAPI document gives
+/// (`application/json`, `{"error": …}`): axum's own refusals (a malformed
+/// query string or JSON body, a wrong content type, a body too large) come
+/// as plain text, and are rewritten here.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (_, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status.as_u16(), text).into_response()
 }
 
 /// Serves the API on `addr`; returns the bound address.

@@ -94,7 +94,10 @@ async fn admitted_peers_exchange_frames_in_order_and_held_frames_wait() {
         }
     })
     .await;
-    assert!(leaked.is_err(), "a frame reached a's owner before a admitted b");
+    assert!(
+        leaked.is_err(),
+        "a frame reached a's owner before a admitted b"
+    );
     a.admit(b.peer_id());
     for i in 0..50u32 {
         assert_eq!(frame_from(&mut ae, b.peer_id()).await, i.to_be_bytes());
