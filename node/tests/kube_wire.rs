@@ -1010,3 +1010,167 @@ async fn a_failing_api_server_makes_workloads_unknown_with_stable_words() {
     assert!(vanishes(&server, "v1", "ConfigMap", Some("shoal-web"), "cfg").await);
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn nothing_is_removed_before_the_first_desired_state_arrives() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let w = app("web", "v1", None, manifests(&[CFG]));
+    rt.reconcile(std::slice::from_ref(&w));
+    until_state(&rt, "web", WorkloadState::Running).await;
+    rt.shutdown().await;
+    drop(rt);
+    server.clear_requests();
+    // A restarted node whose daemon takes its time before saying what is
+    // desired. A round on an empty desired state would start the moment
+    // the runtime's task runs: 300 ms is ample for its DELETEs to show.
+    let mut rt = runtime(&server, dir.path());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        deletes(&server.requests()).is_empty(),
+        "{:?}",
+        server.requests()
+    );
+    rt.reconcile(std::slice::from_ref(&w));
+    until_state(&rt, "web", WorkloadState::Running).await;
+    assert!(deletes(&server.requests()).is_empty());
+    assert!(
+        server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some()
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_object_replaced_while_the_node_was_down_is_not_taken_over() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    rt.shutdown().await;
+    drop(rt);
+    // While the node is down, someone replaces cfg with their own.
+    server.delete_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg");
+    server.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "cfg", "namespace": "shoal-web"}, "data": {"k": "theirs"}}));
+    // The node comes back with a changed spec for cfg.
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app(
+        "web",
+        "v2",
+        None,
+        manifests(&[CFG]).replace("k: v", "k: v2"),
+    )]);
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s.get("web")
+            .and_then(|r| r.reason.as_deref())
+            .is_some_and(|r| r.contains("ConfigMap cfg exists and is not Shoal's"))
+    })
+    .await;
+    assert_eq!(s["web"].state, WorkloadState::Failed, "{s:?}");
+    let theirs = server
+        .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+        .unwrap();
+    assert_eq!(theirs["data"]["k"], "theirs");
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_object_whose_labels_were_taken_off_is_still_shoals() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[app("web", "v1", None, manifests(&[CFG]))]);
+    until_state(&rt, "web", WorkloadState::Running).await;
+    assert!(kubetest::eventually(Duration::from_secs(10), || watching(&server)).await);
+    let uid = server
+        .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    server.edit_by_hand("v1", "ConfigMap", Some("shoal-web"), "cfg", |o| {
+        o["metadata"]["labels"] = json!({"tier": "edge"});
+    });
+    // Same object (its UID): Shoal's labels are put back, nothing fails.
+    assert!(
+        kubetest::eventually(Duration::from_secs(10), || server
+            .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+            .is_some_and(|o| o["metadata"]["labels"]["shoal.dev/app"] == "web"))
+        .await
+    );
+    let cfg = server
+        .get("v1", "ConfigMap", Some("shoal-web"), "cfg")
+        .unwrap();
+    assert_eq!(cfg["metadata"]["uid"], uid);
+    assert_eq!(rt.status()["web"].state, WorkloadState::Running);
+    // And it is still deleted with the app.
+    rt.reconcile(&[]);
+    assert!(vanishes(&server, "v1", "ConfigMap", Some("shoal-web"), "cfg").await);
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crd_with_objects_of_others_is_not_deleted() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: cacti.botany.example.com}\nspec: {group: botany.example.com, scope: Namespaced, names: {plural: cacti, singular: cactus, kind: Cactus}, versions: [{name: v1, served: true, storage: true}]}\n";
+    let mut w = app("garden", "v1", None, crd.into());
+    w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
+    rt.reconcile(&[w]);
+    until_state(&rt, "garden", WorkloadState::Running).await;
+    server.add_crd("botany.example.com", "v1", "Cactus", "cacti", true);
+    // Someone else's cactus.
+    server.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "theirs"}}));
+    server.put(json!({"apiVersion": "botany.example.com/v1", "kind": "Cactus",
+                      "metadata": {"name": "prickly", "namespace": "theirs"}, "spec": {"spines": 3}}));
+    rt.reconcile(&[]);
+    let s = until(&rt, Duration::from_secs(10), |s| {
+        s.get("garden")
+            .and_then(|r| r.reason.as_deref())
+            .is_some_and(|r| r.contains("1 Cactus objects that are not this app's still exist"))
+    })
+    .await;
+    assert_eq!(s["garden"].state, WorkloadState::Stopped, "{s:?}");
+    assert!(
+        server
+            .get(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                None,
+                "cacti.botany.example.com"
+            )
+            .is_some()
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_webhook_fails_the_app_not_the_server() {
+    let server = ApiServer::start().await;
+    server.refuse(
+        "PATCH",
+        "/configmaps/cfg2",
+        500,
+        "InternalError",
+        "Internal error occurred: failed calling webhook \"validate.example.com\": connection refused",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    rt.reconcile(&[
+        app("a", "v1", Some("a"), manifests(&[CFG2])),
+        app("b", "v1", Some("b"), manifests(&[CFG])),
+    ]);
+    let r = until_state(&rt, "a", WorkloadState::Failed).await;
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("failed calling webhook"),
+        "{r:?}"
+    );
+    until_state(&rt, "b", WorkloadState::Running).await;
+    rt.shutdown().await;
+}

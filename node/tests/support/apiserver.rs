@@ -902,11 +902,29 @@ impl State {
         }
         let key = kind.key(t.ns.as_deref(), name);
         let old = self.objects.get(&key);
+        // A UID in the applied object is a precondition on an existing one
+        // (a create ignores it and makes a new UID), as on real servers.
+        if let (Some(want), Some(old)) = (body["metadata"]["uid"].as_str(), old)
+            && Some(want) != old.obj["metadata"]["uid"].as_str()
+        {
+            let msg = format!(
+                "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in \
+                 precondition: {want}, UID in object meta: {}",
+                kind.plural,
+                old.obj["metadata"]["uid"].as_str().unwrap_or("")
+            );
+            let mut st = status(409, "Conflict", &msg);
+            st["details"] = details(kind, name);
+            return (409, st);
+        }
         let (mut obj, mut owned) = old
             .map(|s| (s.obj.clone(), s.owned.clone()))
             .unwrap_or_default();
         let created = old.is_none();
         let mut applied = body.clone();
+        if let Some(m) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("uid");
+        }
         strip_server_fields(&mut applied, false);
         merge(&mut obj, &applied, owned.get(manager));
         let mine = owned_part(&applied);

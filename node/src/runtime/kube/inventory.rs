@@ -62,6 +62,10 @@ pub struct ObjRecord {
     /// resourceVersion of Shoal's last write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    /// The object with `uid` went away or lost Shoal's labels: whatever
+    /// holds the name is looked at before Shoal writes or deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
 }
 
 #[derive(Serialize, Deserialize)]

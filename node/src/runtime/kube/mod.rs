@@ -46,7 +46,7 @@
 //! 409, 400/422 with the offending field, "no matches for kind … install
 //! its CRD first"), retried with backoff (1 s doubling to 10 s). An API
 //! server that cannot be reached, does not answer within the request limit
-//! or answers 5xx/429 makes every workload `unknown`, with the time it went
+//! or answers 503/429 makes every workload `unknown`, with the time it went
 //! away and the last known state (the workloads probably still run); the
 //! words stay the same until it is back, so the node's document is not
 //! rewritten every round.
@@ -223,13 +223,12 @@ fn unreachable(e: &kube::Error) -> bool {
     )
 }
 
-/// Did the request fail for a reason that passes by itself: the API server
-/// away, overloaded (429) or failing (5xx, but not a schema refusal)?
+/// Did the request fail because the API server is away, overloaded (429)
+/// or unavailable (503)? Other 5xx answers (a failing admission or
+/// conversion webhook) are the app's failure, not the server's absence.
 fn transient(e: &kube::Error) -> bool {
     match e {
-        kube::Error::Api(s) => {
-            s.code == 429 || (s.code >= 500 && !s.message.contains("field not declared in schema"))
-        }
+        kube::Error::Api(s) => s.code == 429 || s.code == 503,
         e => unreachable(e),
     }
 }

@@ -25,7 +25,9 @@ use super::inventory::{AppRecord, CREATED_BY, ObjKey, ObjRecord, Stored};
 use super::objects::{self, APP_LABEL, MANAGED_BY, Manifest};
 use super::rollout::{self, Rollout};
 use super::watcher::{self, Seen, WatchKey};
-use super::{FIELD_MANAGER, Fail, Kind, Status, Timing, call, code, explain, transient, utc};
+use super::{
+    FIELD_MANAGER, Fail, Kind, Status, Timing, call, code, explain, transient, unreachable, utc,
+};
 
 /// The first retry after a round that left something failed or pending.
 const RETRY: Duration = Duration::from_secs(1);
@@ -33,6 +35,8 @@ const RETRY: Duration = Duration::from_secs(1);
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Drift repaired this many times in a row is a fight with another writer.
 const FIGHT: u32 = 3;
+/// A kind no version of its group serves for this long is taken as gone.
+const ABSENT: Duration = Duration::from_secs(60);
 /// After which repairs are spaced out, doubling up to this.
 const FIGHT_MAX: Duration = Duration::from_secs(300);
 /// A repair this long after the last one starts the count over.
@@ -80,6 +84,13 @@ pub(super) struct Reconciler {
     drifted: BTreeSet<ObjKey>,
     fights: BTreeMap<ObjKey, Fight>,
     backoff: BTreeMap<String, Backoff>,
+    /// Deletions refused: when to ask again, and why it was refused.
+    delete_retry: BTreeMap<ObjKey, (Instant, String)>,
+    delete_wait: BTreeMap<ObjKey, Duration>,
+    /// Since when an object's kind has not been served at all.
+    absent: BTreeMap<ObjKey, Instant>,
+    /// A watch could not list: the next round probes the server first.
+    probe: bool,
     watches: BTreeMap<WatchKey, JoinHandle<()>>,
     seen_tx: mpsc::Sender<Seen>,
     /// Namespaces known to exist (or not visible with these credentials).
@@ -186,6 +197,10 @@ impl Reconciler {
             drifted: BTreeSet::new(),
             fights: BTreeMap::new(),
             backoff: BTreeMap::new(),
+            delete_retry: BTreeMap::new(),
+            delete_wait: BTreeMap::new(),
+            absent: BTreeMap::new(),
+            probe: false,
             watches: BTreeMap::new(),
             seen_tx,
             known_ns: BTreeSet::new(),
@@ -202,6 +217,11 @@ impl Reconciler {
         mut rx: watch::Receiver<Vec<Workload>>,
         mut seen: mpsc::Receiver<Seen>,
     ) {
+        // No round before the daemon says what is desired: a round on the
+        // channel's empty start would remove every app the inventory holds.
+        if rx.changed().await.is_err() {
+            return;
+        }
         let mut last_full = Instant::now();
         let mut retry = RETRY;
         loop {
@@ -227,7 +247,7 @@ impl Reconciler {
             if let Some(due) = self
                 .fights
                 .iter()
-                .filter(|(k, _)| self.drifted.contains(*k))
+                .filter(|(k, f)| self.drifted.contains(*k) && f.next > now)
                 .map(|(_, f)| f.next)
                 .min()
             {
@@ -297,12 +317,21 @@ impl Reconciler {
             next: now,
             by: None,
         });
+        if self.drifted.contains(&key) {
+            // Already due for repair: more events of the same change.
+            if f.by.is_none() {
+                f.by = by;
+            }
+            return;
+        }
         if now.duration_since(f.last) > FIGHT_FORGOTTEN {
             f.repairs = 0;
+            f.by = None;
         }
         f.repairs += 1;
         f.last = now;
-        f.by = by.or(f.by.take());
+        // The first writer named in a fight stays named: stable words.
+        f.by = f.by.take().or(by);
         f.next = if f.repairs > FIGHT {
             let wait = Duration::from_secs(1 << (f.repairs - FIGHT).min(9)).min(FIGHT_MAX);
             now + wait
@@ -315,10 +344,10 @@ impl Reconciler {
     fn on_seen(&mut self, s: Seen) {
         match s {
             Seen::Down(why) => {
-                if self.down.is_none() {
-                    tracing::warn!(error = %why, "Kubernetes API server unreachable (watch)");
-                    self.down = Some((SystemTime::now(), why));
-                }
+                // The round's probe decides; one kind's list timing out is
+                // not the whole server being away.
+                tracing::debug!(error = %why, "a watch could not list");
+                self.probe = true;
             }
             Seen::Put(wk, obj) => self.observe(&wk, obj),
             Seen::Gone(wk, obj) => {
@@ -332,10 +361,10 @@ impl Reconciler {
                     return;
                 }
                 tracing::info!(object = %key, "deleted by someone else: re-applying");
-                // That object is gone: whatever holds the name next must be
-                // looked at before Shoal writes it.
+                // That object is gone (or lost Shoal's labels): whatever holds
+                // the name next is looked at before Shoal writes it.
                 if let Some(r) = self.owned_mut(&key) {
-                    r.uid = None;
+                    r.unverified = true;
                 }
                 self.live.remove(&key);
                 self.drift(key, None);
@@ -370,8 +399,9 @@ impl Reconciler {
                 for k in missing {
                     tracing::info!(object = %k, "missing from the cluster: re-applying");
                     if let Some(r) = self.owned_mut(&k) {
-                        r.uid = None;
+                        r.unverified = true;
                     }
+                    self.live.remove(&k);
                     self.drift(k, None);
                 }
             }
@@ -397,7 +427,7 @@ impl Reconciler {
             // the watch would not show it): looked at before any write.
             tracing::info!(object = %key, "re-created by someone else");
             if let Some(r) = self.owned_mut(&key) {
-                r.uid = None;
+                r.unverified = true;
             }
             self.drift(key.clone(), other_writer(&obj));
         } else if changed {
@@ -500,7 +530,13 @@ impl Reconciler {
 
     /// Who holds `key` now: free, this app's (by its labels), or someone
     /// else's.
-    async fn claim(&mut self, app: &str, key: &ObjKey, kind: &Kind) -> Result<Claim, Fail> {
+    async fn claim(
+        &mut self,
+        app: &str,
+        key: &ObjKey,
+        kind: &Kind,
+        recorded: Option<&str>,
+    ) -> Result<Claim, Fail> {
         if self.round_down {
             return Err(Fail::Down(String::new()));
         }
@@ -509,7 +545,11 @@ impl Reconciler {
             Ok(None) => Ok(Claim::Free),
             Ok(Some(obj)) => {
                 let v = serde_json::to_value(&obj).unwrap_or(Value::Null);
-                if labelled_for(&v, app) {
+                // The object Shoal made (its UID), whatever became of its
+                // labels, or one that carries this app's labels.
+                if labelled_for(&v, app)
+                    || (recorded.is_some() && obj.metadata.uid.as_deref() == recorded)
+                {
                     Ok(Claim::Ours(obj.metadata.uid.clone()))
                 } else {
                     let whose = match v
@@ -530,12 +570,20 @@ impl Reconciler {
     /// unknown, waiting or pending removal.
     async fn round(&mut self, desired: &[Workload], full: bool) -> bool {
         self.round_down = false;
-        // While the server was away, one cheap probe decides whether this
-        // round talks to it at all.
-        if self.down.is_some() {
-            match call(self.timing.call, self.client.apiserver_version()).await {
-                Err(e) if transient(&e) => self.unreachable_now(explain(&e)),
-                _ => {}
+        // While the server was away (or a watch could not list), one cheap
+        // probe of its readiness decides whether this round talks to it.
+        if self.down.is_some() || std::mem::take(&mut self.probe) {
+            let req = axum::http::Request::get("/readyz").body(Vec::new());
+            match req {
+                Ok(req) => match call(self.timing.call, self.client.request_text(req)).await {
+                    Err(e) if unreachable(&e) => self.unreachable_now(explain(&e)),
+                    Err(kube::Error::Api(st)) if st.code >= 500 => self.unreachable_now(format!(
+                        "Kubernetes API server not ready: {}",
+                        st.message
+                    )),
+                    _ => {}
+                },
+                Err(e) => tracing::debug!(error = %e, "readiness probe"),
             }
         }
         let mut out = BTreeMap::new();
@@ -559,17 +607,10 @@ impl Reconciler {
         let mut watch_keys = BTreeMap::new();
         for w in desired.iter().filter(|w| wanted.contains(&w.app)) {
             let spec = serde_json::to_string(w).unwrap_or_default();
-            let drifting = self
-                .store
-                .inv
-                .apps
-                .get(&w.app)
-                .is_some_and(|r| r.objects.keys().any(|k| self.drifted.contains(k)));
             if let Some(b) = self.backoff.get(&w.app)
                 && b.spec == spec
                 && Instant::now() < b.next
                 && !full
-                && !drifting
                 && !self.round_down
             {
                 // Failed a moment ago and nothing changed: not yet again.
@@ -643,8 +684,11 @@ impl Reconciler {
         self.last
             .retain(|a, _| wanted.contains(a) || inv.apps.contains_key(a));
         self.backoff.retain(|a, _| wanted.contains(a));
-        self.fights
-            .retain(|k, _| inv.apps.values().any(|r| r.objects.contains_key(k)));
+        let recorded = |k: &ObjKey| inv.apps.values().any(|r| r.objects.contains_key(k));
+        self.fights.retain(|k, _| recorded(k));
+        self.delete_retry.retain(|k, _| recorded(k));
+        self.delete_wait.retain(|k, _| recorded(k));
+        self.absent.retain(|k, _| recorded(k));
         if self.round_down {
             // Every kube app: the server is away, whatever this round read.
             for app in &wanted {
@@ -712,6 +756,9 @@ impl Reconciler {
         full: bool,
         watch_keys: &mut BTreeMap<WatchKey, Kind>,
     ) -> Option<WorkloadReport> {
+        if self.round_down {
+            return None;
+        }
         let spec = w.spec.kube.as_ref()?;
         let version = w.spec.version.clone();
         let app = w.app.as_str();
@@ -732,16 +779,23 @@ impl Reconciler {
         };
         // Resolve every kind. A kind not served yet is waited for when its
         // CRD is in this very app (applied first); otherwise the app fails.
-        let ships_crds = manifests
+        let shipped: BTreeSet<(String, String)> = manifests
             .iter()
-            .any(|m| m.kind == "CustomResourceDefinition" && m.group() == "apiextensions.k8s.io");
+            .filter(|m| m.kind == "CustomResourceDefinition" && m.group() == "apiextensions.k8s.io")
+            .filter_map(|m| {
+                Some((
+                    m.body.pointer("/spec/group")?.as_str()?.to_string(),
+                    m.body.pointer("/spec/names/kind")?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
         let mut want: Vec<(ObjKey, Kind, &Manifest)> = Vec::new();
         let mut waiting = Vec::new();
         for m in &manifests {
             let kind = match self.resolve(&m.api_version, &m.kind).await {
                 Ok(k) => k,
                 Err(Fail::Down(_)) => return None,
-                Err(Fail::No(_)) if ships_crds => {
+                Err(Fail::No(_)) if shipped.contains(&(m.group().to_string(), m.kind.clone())) => {
                     waiting.push(m.kind.clone());
                     continue;
                 }
@@ -840,48 +894,25 @@ impl Reconciler {
         };
         let mut errors = Vec::new();
         if !need.is_empty() {
-            // Record first: whatever happens next, Shoal knows it may have
-            // made these. Nothing is sent if that record cannot be kept.
-            if let Some(rec) = self.store.inv.apps.get_mut(app) {
-                rec.namespace = ns.clone();
-                for &i in &need {
-                    let (key, _, m, _, _) = &prepared[i];
-                    rec.objects.entry(key.clone()).or_insert_with(|| ObjRecord {
-                        api_version: m.api_version.clone(),
-                        ..ObjRecord::default()
-                    });
-                }
-            }
-            if !self.save() {
-                return Some(failed(
-                    "the kube inventory cannot be written (see the node's log); nothing is \
-                     applied until it can"
-                        .into(),
-                ));
-            }
-            if need.iter().any(|&i| prepared[i].0.namespace.is_some()) {
-                match self.ensure_namespace(app, &ns).await {
-                    Ok(()) => {}
-                    Err(Fail::Down(_)) => return None,
-                    Err(Fail::No(why)) => return Some(failed(why)),
-                }
-            }
-            let pp = PatchParams {
-                field_validation: Some(ValidationDirective::Strict),
-                ..PatchParams::apply(FIELD_MANAGER).force()
-            };
+            // A name Shoal holds no confirmed UID for may be someone else's:
+            // look first (a read), and neither record nor write what is not
+            // this app's.
+            let mut send = Vec::new();
             for &i in &need {
-                let (key, kind, m, body, h) = &prepared[i];
-                // An object Shoal has no UID for may be someone else's.
-                let uid_known = self
+                let (key, kind, m, _, _) = &prepared[i];
+                let recorded = self
                     .store
                     .inv
                     .apps
                     .get(app)
                     .and_then(|r| r.objects.get(key))
-                    .is_some_and(|o| o.uid.is_some());
-                if !uid_known {
-                    match self.claim(app, key, kind).await {
+                    .cloned();
+                let confirmed = recorded
+                    .as_ref()
+                    .is_some_and(|o| o.uid.is_some() && !o.unverified);
+                if !confirmed {
+                    let uid = recorded.as_ref().and_then(|o| o.uid.clone());
+                    match self.claim(app, key, kind, uid.as_deref()).await {
                         Ok(Claim::Free) | Ok(Claim::Ours(_)) => {}
                         Ok(Claim::Foreign(whose)) => {
                             if let Some(r) = self.store.inv.apps.get_mut(app) {
@@ -905,10 +936,62 @@ impl Reconciler {
                         }
                     }
                 }
+                send.push(i);
+            }
+            // Record first: whatever happens next, Shoal knows it may have
+            // made these. Nothing is sent if that record cannot be kept.
+            if let Some(rec) = self.store.inv.apps.get_mut(app) {
+                rec.namespace = ns.clone();
+                for &i in &send {
+                    let (key, _, m, _, _) = &prepared[i];
+                    rec.objects.entry(key.clone()).or_insert_with(|| ObjRecord {
+                        api_version: m.api_version.clone(),
+                        ..ObjRecord::default()
+                    });
+                }
+            }
+            if !send.is_empty() && !self.save() {
+                return Some(failed(
+                    "the kube inventory cannot be written (see the node's log); nothing is \
+                     applied until it can"
+                        .into(),
+                ));
+            }
+            if send.iter().any(|&i| prepared[i].0.namespace.is_some()) {
+                match self.ensure_namespace(app, &ns).await {
+                    Ok(()) => {}
+                    Err(Fail::Down(_)) => return None,
+                    Err(Fail::No(why)) => return Some(failed(why)),
+                }
+            }
+            let pp = PatchParams {
+                field_validation: Some(ValidationDirective::Strict),
+                ..PatchParams::apply(FIELD_MANAGER).force()
+            };
+            for &i in &send {
+                let (key, kind, m, body, h) = &prepared[i];
+                // A confirmed UID goes with the apply as a precondition: an
+                // object replaced by someone else meanwhile is refused, not
+                // taken over.
+                let recorded = self
+                    .store
+                    .inv
+                    .apps
+                    .get(app)
+                    .and_then(|r| r.objects.get(key))
+                    .filter(|o| !o.unverified)
+                    .and_then(|o| o.uid.clone());
+                let mut body = body.clone();
+                if let (Some(uid), Some(meta)) = (
+                    recorded,
+                    body.get_mut("metadata").and_then(Value::as_object_mut),
+                ) {
+                    meta.insert("uid".into(), json!(uid));
+                }
                 let api = self.api(kind, key.namespace.as_deref());
                 match call(
                     self.timing.call,
-                    api.patch(&m.name, &pp, &Patch::Apply(body)),
+                    api.patch(&m.name, &pp, &Patch::Apply(&body)),
                 )
                 .await
                 {
@@ -927,6 +1010,7 @@ impl Reconciler {
                                 applied: Some(h.clone()),
                                 fields: objects::owned_fields(&v, FIELD_MANAGER),
                                 resource_version: obj.metadata.resource_version.clone(),
+                                unverified: false,
                             };
                         }
                         self.drifted.remove(key);
@@ -938,6 +1022,35 @@ impl Reconciler {
                         self.failed(&e);
                         self.save();
                         return None;
+                    }
+                    Err(kube::Error::Api(st))
+                        if st.code == 409 && st.message.contains("Precondition failed: UID") =>
+                    {
+                        // Replaced by another object: looked at next round.
+                        if let Some(o) = self
+                            .store
+                            .inv
+                            .apps
+                            .get_mut(app)
+                            .and_then(|r| r.objects.get_mut(key))
+                        {
+                            o.unverified = true;
+                        }
+                        self.drifted.insert(key.clone());
+                        errors.push(format!(
+                            "{} {} was replaced by another object; looking at it before any \
+                             write",
+                            m.kind, m.name
+                        ));
+                    }
+                    Err(kube::Error::Api(st))
+                        if st.code == 403 && st.message.contains("being terminated") =>
+                    {
+                        self.known_ns.remove(&ns);
+                        errors.push(format!(
+                            "namespace {ns} is being deleted; waiting until it is gone"
+                        ));
+                        break;
                     }
                     Err(e) => {
                         if code(&e) == Some(404) {
@@ -1049,7 +1162,9 @@ impl Reconciler {
         let fights: Vec<String> = prepared
             .iter()
             .filter_map(|(key, ..)| {
-                let f = self.fights.get(key).filter(|f| f.repairs > FIGHT)?;
+                let f = self.fights.get(key).filter(|f| {
+                    f.repairs > FIGHT && now.duration_since(f.last) < FIGHT_FORGOTTEN
+                })?;
                 Some(format!(
                     "{key} keeps being changed{}; repairs are spaced out",
                     f.by.as_ref()
@@ -1232,19 +1347,73 @@ impl Reconciler {
         if self.round_down {
             return Err(Fail::Down(String::new()));
         }
+        // A deletion refused a moment ago is not asked again at once.
+        let now = Instant::now();
+        if let Some((next, _)) = self.delete_retry.get(key)
+            && *next > now
+        {
+            return Err(Fail::No(
+                self.delete_retry
+                    .get(key)
+                    .map(|(_, why)| why.clone())
+                    .unwrap_or_default(),
+            ));
+        }
+        let r = self.delete_now(app, key, rec).await;
+        match &r {
+            Err(Fail::No(why)) => {
+                let wait = self
+                    .delete_wait
+                    .get(key)
+                    .map(|w| (*w * 2).min(self.timing.resync))
+                    .unwrap_or(RETRY);
+                self.delete_wait.insert(key.clone(), wait);
+                self.delete_retry
+                    .insert(key.clone(), (now + wait, why.clone()));
+            }
+            Ok(()) => {
+                self.delete_wait.remove(key);
+                self.delete_retry.remove(key);
+                self.absent.remove(key);
+            }
+            Err(Fail::Down(_)) => {}
+        }
+        r
+    }
+
+    async fn delete_now(&mut self, app: &str, key: &ObjKey, rec: &ObjRecord) -> Result<(), Fail> {
         let kind = match self.resolve_any(&rec.api_version, &key.kind).await? {
-            Some(k) => k,
-            // No version of its group serves the kind: nothing of it is left.
-            None => return Ok(()),
+            Some(k) => {
+                self.absent.remove(key);
+                k
+            }
+            // No version of its group serves the kind. Right after a reboot
+            // a CRD's group can be missing for a moment: only an absence
+            // that lasts a minute means nothing of it is left.
+            None => {
+                let since = *self.absent.entry(key.clone()).or_insert_with(Instant::now);
+                if since.elapsed() >= ABSENT {
+                    return Ok(());
+                }
+                return Err(Fail::No(format!(
+                    "the cluster does not serve {} now; taken as gone if that lasts {} s",
+                    key.kind,
+                    ABSENT.as_secs()
+                )));
+            }
         };
         let uid = match &rec.uid {
-            Some(u) => u.clone(),
-            // Never confirmed: delete only what carries this app's labels.
-            None => match self.claim(app, key, &kind).await? {
+            Some(u) if !rec.unverified => u.clone(),
+            // Not confirmed: delete only the object Shoal made (its UID) or
+            // one that carries this app's labels.
+            _ => match self.claim(app, key, &kind, rec.uid.as_deref()).await? {
                 Claim::Ours(Some(u)) => u,
                 Claim::Free | Claim::Foreign(_) | Claim::Ours(None) => return Ok(()),
             },
         };
+        if key.group == "apiextensions.k8s.io" && key.kind == "CustomResourceDefinition" {
+            self.crd_unused(app, key, &kind).await?;
+        }
         let api = self.api(&kind, key.namespace.as_deref());
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -1320,6 +1489,67 @@ impl Reconciler {
             )),
             rec.running_version,
         ))
+    }
+
+    /// A CustomResourceDefinition Shoal made is deleted only when no object
+    /// of its kind but this app's is left: deleting it would delete them all.
+    async fn crd_unused(&mut self, app: &str, key: &ObjKey, kind: &Kind) -> Result<(), Fail> {
+        let api = self.api(kind, None);
+        let crd = match call(self.timing.call, api.get_opt(&key.name)).await {
+            Ok(Some(c)) => serde_json::to_value(&c).unwrap_or(Value::Null),
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(self.failed(&e)),
+        };
+        let group = crd
+            .pointer("/spec/group")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let plural = crd
+            .pointer("/spec/names/plural")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let crd_kind = crd
+            .pointer("/spec/names/kind")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let Some(version) = crd
+            .pointer("/spec/versions")
+            .and_then(Value::as_array)
+            .and_then(|vs| {
+                vs.iter()
+                    .find(|v| v.get("served").and_then(Value::as_bool) == Some(true))
+            })
+            .and_then(|v| v.get("name")?.as_str())
+        else {
+            return Ok(());
+        };
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, crd_kind),
+            plural,
+        );
+        let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        match call(self.timing.call, all.list(&ListParams::default())).await {
+            Ok(list) => {
+                let others = list
+                    .items
+                    .iter()
+                    .filter(|o| {
+                        let v = serde_json::to_value(o).unwrap_or(Value::Null);
+                        !labelled_for(&v, app)
+                    })
+                    .count();
+                if others == 0 {
+                    Ok(())
+                } else {
+                    Err(Fail::No(format!(
+                        "{others} {crd_kind} objects that are not this app's still exist; \
+                         deleting the CustomResourceDefinition would delete them too"
+                    )))
+                }
+            }
+            Err(e) if code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.failed(&e)),
+        }
     }
 
     /// Deletes the namespaces Shoal created that no app uses any more, if

@@ -54,6 +54,7 @@ pub(super) async fn run(
         *backoff = (*backoff * 2).min(Duration::from_secs(30));
         tokio::time::sleep(wait)
     };
+    let mut warned = false;
     loop {
         let list = match call(limit, api.list(&ListParams::default().labels(&selector))).await {
             Ok(l) => l,
@@ -62,7 +63,8 @@ pub(super) async fn run(
                     if tx.send(Seen::Down(explain(&e))).await.is_err() {
                         return;
                     }
-                } else {
+                } else if !warned {
+                    warned = true;
                     tracing::warn!(kind = %wk.kind, ns = ?wk.namespace, error = %explain(&e),
                         "cannot list Shoal's objects: drift is repaired only by the periodic re-apply");
                 }
@@ -70,6 +72,7 @@ pub(super) async fn run(
                 continue;
             }
         };
+        warned = false;
         let mut rv = list.metadata.resource_version.clone().unwrap_or_default();
         let items = list.items.iter().map(to_value).collect();
         if tx
@@ -126,11 +129,12 @@ pub(super) async fn run(
             }
             if opened.elapsed() >= HEALTHY {
                 backoff = Duration::from_secs(1);
-            } else {
-                pause(&mut backoff).await;
             }
             if broken {
                 break;
+            }
+            if opened.elapsed() < HEALTHY {
+                pause(&mut backoff).await;
             }
         }
         pause(&mut backoff).await;
