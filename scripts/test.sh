@@ -20,12 +20,14 @@ if [ "${missing:-0}" = 1 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
 
-# The device simulators, from PyPI, pinned, in a virtualenv outside the clone.
+# The device simulators and the API fuzzer, from PyPI, pinned, in a
+# virtualenv outside the clone.
 venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
-if ! "$venv/bin/python" -c 'import pymodbus, serial, asyncua; assert pymodbus.__version__ == "3.16.1"' >/dev/null 2>&1; then
+# schemathesis checks the anchor's API against its OpenAPI document.
+if ! "$venv/bin/python" -c 'import pymodbus, serial, asyncua, schemathesis; assert pymodbus.__version__ == "3.16.1"; assert schemathesis.__version__ == "4.32.5"' >/dev/null 2>&1; then
   python3 -m venv "$venv" 2>/dev/null ||
     { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5 asyncua==2.1.0
+  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5 asyncua==2.1.0 schemathesis==4.32.5
 fi
 export SHOAL_PYTHON="$venv/bin/python"
 

@@ -536,6 +536,27 @@ struct Paging {
     per_page: Option<usize>,
 }
 
+impl Paging {
+    /// Refuses what the OpenAPI document does not allow (a page below 1, a
+    /// page size outside 1–500), naming the parameter.
+    fn check(&self) -> Result<(), ApiError> {
+        let bad = |field: &str, msg: String| {
+            let mut e = ApiError::new(400, msg);
+            e.field = Some(field.into());
+            Err(e)
+        };
+        if self.page.is_some_and(|p| !(1..=1_000_000_000).contains(&p)) {
+            return bad("page", "page: pages count from 1 (to 10⁹)".into());
+        }
+        if let Some(n) = self.per_page
+            && !(1..=500).contains(&n)
+        {
+            return bad("per_page", format!("per_page {n}: between 1 and 500"));
+        }
+        Ok(())
+    }
+}
+
 fn paginate<T: Serialize>(items: Vec<T>, p: &Paging) -> Value {
     let per_page = p.per_page.unwrap_or(50).clamp(1, 500);
     let pages = items.len().div_ceil(per_page).max(1);
@@ -560,6 +581,14 @@ struct NodeQuery {
 }
 
 async fn nodes(State(s): State<Shared>, Query(q): Query<NodeQuery>) -> Response {
+    if let Err(e) = (Paging {
+        page: q.page,
+        per_page: q.per_page,
+    })
+    .check()
+    {
+        return e.into_response();
+    }
     let sn = snap(&s);
     let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
@@ -827,6 +856,9 @@ async fn apply(
             }
         }
     }
+    if manifests.is_empty() {
+        return ApiError::new(400, "the request holds no manifest").into_response();
+    }
     if req.dry_run {
         let names: Vec<String> = manifests
             .iter()
@@ -907,6 +939,9 @@ async fn resolve(
 }
 
 async fn security(State(s): State<Shared>, Query(p): Query<Paging>) -> Response {
+    if let Err(e) = p.check() {
+        return e.into_response();
+    }
     let sn = snap(&s);
     let items: Vec<_> = sn.security.iter().rev().collect();
     let mut v = paginate(items, &p);
@@ -937,6 +972,9 @@ async fn timeline(State(s): State<Shared>, Query(q): Query<TimelineQuery>) -> Re
         page: q.page,
         per_page: q.per_page,
     };
+    if let Err(e) = p.check() {
+        return e.into_response();
+    }
     axum::Json(paginate(items, &p)).into_response()
 }
 
