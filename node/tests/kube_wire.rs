@@ -86,6 +86,9 @@ async fn appears(
     .await
 }
 
+/// A CustomResourceDefinition of `Cactus` (plural `cacti`).
+const CRD: &str = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: cacti.botany.example.com}\nspec: {group: botany.example.com, scope: Namespaced, names: {plural: cacti, singular: cactus, kind: Cactus}, versions: [{name: v1, served: true, storage: true}]}\n";
+
 /// Has the runtime started a watch?
 fn watching(server: &ApiServer) -> bool {
     server
@@ -932,9 +935,8 @@ async fn a_crd_shipped_with_its_resources_is_applied_first() {
     let server = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut rt = runtime(&server, dir.path());
-    let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: cacti.botany.example.com}\nspec: {group: botany.example.com, scope: Namespaced, names: {plural: cacti, singular: cactus, kind: Cactus}, versions: [{name: v1, served: true, storage: true}]}\n";
     let cactus = "apiVersion: botany.example.com/v1\nkind: Cactus\nmetadata: {name: saguaro}\nspec: {spines: 1000}\n";
-    let mut w = app("garden", "v1", None, format!("{cactus}---\n{crd}"));
+    let mut w = app("garden", "v1", None, format!("{cactus}---\n{CRD}"));
     w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
     rt.reconcile(&[w]);
     let s = until(&rt, Duration::from_secs(10), |s| {
@@ -1116,8 +1118,7 @@ async fn a_crd_with_objects_of_others_is_not_deleted() {
     let server = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut rt = runtime(&server, dir.path());
-    let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: cacti.botany.example.com}\nspec: {group: botany.example.com, scope: Namespaced, names: {plural: cacti, singular: cactus, kind: Cactus}, versions: [{name: v1, served: true, storage: true}]}\n";
-    let mut w = app("garden", "v1", None, crd.into());
+    let mut w = app("garden", "v1", None, CRD.into());
     w.spec.kube.as_mut().unwrap().allow_cluster_scoped = true;
     rt.reconcile(&[w]);
     until_state(&rt, "garden", WorkloadState::Running).await;

@@ -287,6 +287,15 @@ impl Reconciler {
         }
     }
 
+    /// What is recorded of `key` for `app`.
+    fn record(&self, app: &str, key: &ObjKey) -> Option<&ObjRecord> {
+        self.store.inv.apps.get(app)?.objects.get(key)
+    }
+
+    fn record_mut(&mut self, app: &str, key: &ObjKey) -> Option<&mut ObjRecord> {
+        self.store.inv.apps.get_mut(app)?.objects.get_mut(key)
+    }
+
     /// An object Shoal owns for an app it still runs.
     fn owned(&self, key: &ObjKey) -> Option<&ObjRecord> {
         self.store
@@ -900,13 +909,7 @@ impl Reconciler {
             let mut send = Vec::new();
             for &i in &need {
                 let (key, kind, m, _, _) = &prepared[i];
-                let recorded = self
-                    .store
-                    .inv
-                    .apps
-                    .get(app)
-                    .and_then(|r| r.objects.get(key))
-                    .cloned();
+                let recorded = self.record(app, key).cloned();
                 let confirmed = recorded
                     .as_ref()
                     .is_some_and(|o| o.uid.is_some() && !o.unverified);
@@ -974,11 +977,7 @@ impl Reconciler {
                 // object replaced by someone else meanwhile is refused, not
                 // taken over.
                 let recorded = self
-                    .store
-                    .inv
-                    .apps
-                    .get(app)
-                    .and_then(|r| r.objects.get(key))
+                    .record(app, key)
                     .filter(|o| !o.unverified)
                     .and_then(|o| o.uid.clone());
                 let mut body = body.clone();
@@ -997,13 +996,7 @@ impl Reconciler {
                 {
                     Ok(obj) => {
                         let v = serde_json::to_value(&obj).unwrap_or(Value::Null);
-                        if let Some(o) = self
-                            .store
-                            .inv
-                            .apps
-                            .get_mut(app)
-                            .and_then(|r| r.objects.get_mut(key))
-                        {
+                        if let Some(o) = self.record_mut(app, key) {
                             *o = ObjRecord {
                                 api_version: m.api_version.clone(),
                                 uid: obj.metadata.uid.clone(),
@@ -1027,13 +1020,7 @@ impl Reconciler {
                         if st.code == 409 && st.message.contains("Precondition failed: UID") =>
                     {
                         // Replaced by another object: looked at next round.
-                        if let Some(o) = self
-                            .store
-                            .inv
-                            .apps
-                            .get_mut(app)
-                            .and_then(|r| r.objects.get_mut(key))
-                        {
+                        if let Some(o) = self.record_mut(app, key) {
                             o.unverified = true;
                         }
                         self.drifted.insert(key.clone());
