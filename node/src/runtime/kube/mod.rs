@@ -45,8 +45,8 @@
 //! Refusals map to a failed workload with the API server's words (403,
 //! 409, 400/422 with the offending field, "no matches for kind … install
 //! its CRD first"), retried with backoff (1 s doubling to 10 s). An API
-//! server that cannot be reached, does not answer within the request limit
-//! or answers 503/429 makes every workload `unknown`, with the time it went
+//! server that cannot be reached, does not answer within the request limit,
+//! or whose `/readyz` fails makes every workload `unknown`, with the time it went
 //! away and the last known state (the workloads probably still run); the
 //! words stay the same until it is back, so the node's document is not
 //! rewritten every round.
@@ -223,14 +223,13 @@ fn unreachable(e: &kube::Error) -> bool {
     )
 }
 
-/// Did the request fail because the API server is away, overloaded (429)
-/// or unavailable (503)? Other 5xx answers (a failing admission or
-/// conversion webhook) are the app's failure, not the server's absence.
+/// Did the request fail because the API server could not be reached (or
+/// did not answer in time)? Any answer — a 503 from one aggregated API, a
+/// failing webhook's 500 — is the failure of the request that met it; a
+/// 503 or 429 also has the next round probe `/readyz`, which decides
+/// whether the whole server is away.
 fn transient(e: &kube::Error) -> bool {
-    match e {
-        kube::Error::Api(s) => s.code == 429 || s.code == 503,
-        e => unreachable(e),
-    }
+    unreachable(e)
 }
 
 fn code(e: &kube::Error) -> Option<u16> {

@@ -88,7 +88,7 @@ pub(super) struct Reconciler {
     delete_retry: BTreeMap<ObjKey, (Instant, String)>,
     delete_wait: BTreeMap<ObjKey, Duration>,
     /// Since when an object's kind has not been served at all.
-    absent: BTreeMap<ObjKey, Instant>,
+    absent: BTreeMap<ObjKey, (Instant, Instant)>,
     /// A watch could not list: the next round probes the server first.
     probe: bool,
     watches: BTreeMap<WatchKey, JoinHandle<()>>,
@@ -523,6 +523,11 @@ impl Reconciler {
     /// A failed request as a [`Fail`]; a transient one marks the API
     /// server down for the rest of the round.
     fn failed(&mut self, e: &kube::Error) -> Fail {
+        // Overloaded or unavailable: this request's failure; the next
+        // round's readiness probe says whether the whole server is away.
+        if matches!(code(e), Some(429) | Some(503)) {
+            self.probe = true;
+        }
         let f = Fail::of(e);
         if let Fail::Down(why) = &f {
             self.unreachable_now(why.clone());
@@ -649,7 +654,9 @@ impl Reconciler {
             } else {
                 self.backoff.remove(&w.app);
             }
-            if r.state != WorkloadState::Unknown {
+            // A failure that may be the server's own (a 503 or 429, which
+            // the next round's probe judges) is not what "last known" means.
+            if r.state != WorkloadState::Unknown && !self.probe {
                 self.last.insert(w.app.clone(), r.clone());
             }
             out.insert(w.app.clone(), r);
@@ -1025,8 +1032,8 @@ impl Reconciler {
                         }
                         self.drifted.insert(key.clone());
                         errors.push(format!(
-                            "{} {} was replaced by another object; looking at it before any \
-                             write",
+                            "{} {} was deleted or replaced by another object; looking at it \
+                             before any write",
                             m.kind, m.name
                         ));
                     }
@@ -1040,6 +1047,7 @@ impl Reconciler {
                         break;
                     }
                     Err(e) => {
+                        self.failed(&e);
                         if code(&e) == Some(404) {
                             // The kind went away (a CRD removed), or the
                             // namespace did: look both up again.
@@ -1363,7 +1371,9 @@ impl Reconciler {
                 self.delete_retry.remove(key);
                 self.absent.remove(key);
             }
-            Err(Fail::Down(_)) => {}
+            Err(Fail::Down(_)) => {
+                self.absent.remove(key);
+            }
         }
         r
     }
@@ -1378,7 +1388,15 @@ impl Reconciler {
             // a CRD's group can be missing for a moment: only an absence
             // that lasts a minute means nothing of it is left.
             None => {
-                let since = *self.absent.entry(key.clone()).or_insert_with(Instant::now);
+                // (first seen absent, last seen absent): an absence not seen
+                // for a while (an outage, the app back meanwhile) starts over.
+                let now = Instant::now();
+                let e = self.absent.entry(key.clone()).or_insert((now, now));
+                if now.duration_since(e.1) > 2 * self.timing.resync {
+                    *e = (now, now);
+                }
+                e.1 = now;
+                let since = e.0;
                 if since.elapsed() >= ABSENT {
                     return Ok(());
                 }
@@ -1515,27 +1533,39 @@ impl Reconciler {
             plural,
         );
         let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-        match call(self.timing.call, all.list(&ListParams::default())).await {
-            Ok(list) => {
-                let others = list
-                    .items
-                    .iter()
-                    .filter(|o| {
-                        let v = serde_json::to_value(o).unwrap_or(Value::Null);
-                        !labelled_for(&v, app)
-                    })
-                    .count();
-                if others == 0 {
-                    Ok(())
-                } else {
-                    Err(Fail::No(format!(
-                        "{others} {crd_kind} objects that are not this app's still exist; \
-                         deleting the CustomResourceDefinition would delete them too"
-                    )))
-                }
+        // Page by page, stopping at the first object that is not this app's.
+        let mut token: Option<String> = None;
+        loop {
+            let mut lp = ListParams::default().limit(500);
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
             }
-            Err(e) if code(&e) == Some(404) => Ok(()),
-            Err(e) => Err(self.failed(&e)),
+            let list = match call(self.timing.call, all.list(&lp)).await {
+                Ok(l) => l,
+                Err(e) if code(&e) == Some(404) => return Ok(()),
+                Err(e) if transient(&e) => return Err(self.failed(&e)),
+                Err(e) => {
+                    return Err(Fail::No(format!(
+                        "cannot list {crd_kind} objects to see whether others use the \
+                         CustomResourceDefinition: {}",
+                        explain(&e)
+                    )));
+                }
+            };
+            let foreign = list.items.iter().any(|o| {
+                let v = serde_json::to_value(o).unwrap_or(Value::Null);
+                !labelled_for(&v, app)
+            });
+            if foreign {
+                return Err(Fail::No(format!(
+                    "{crd_kind} objects that are not this app's still exist; deleting the \
+                     CustomResourceDefinition would delete them too"
+                )));
+            }
+            token = list.metadata.continue_.filter(|t| !t.is_empty());
+            if token.is_none() {
+                return Ok(());
+            }
         }
     }
 
