@@ -1080,6 +1080,11 @@ impl Reconciler {
         }
         // Prune what left the manifests.
         let keep: BTreeSet<&ObjKey> = prepared.iter().map(|p| &p.0).collect();
+        // Wanted again: a deletion's backoff from before does not carry over.
+        for k in &keep {
+            self.delete_retry.remove(*k);
+            self.delete_wait.remove(*k);
+        }
         let (kept, stale): (Records, Records) = self
             .store
             .inv
