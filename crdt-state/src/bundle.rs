@@ -217,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn many_documents_decode_in_linear_time_and_a_duplicate_is_named() {
+    fn many_documents_decode_in_linear_time_and_a_duplicate_is_named() -> anyhow::Result<()> {
         // 200,000 documents: a scan per document for duplicates (what the
         // decoder did) makes 2·10¹⁰ comparisons, minutes even in release;
         // a set makes this a fraction of a second. The 60 s bound is far
@@ -231,7 +231,7 @@ mod tests {
             docs,
         };
         let t = std::time::Instant::now();
-        let decoded = Bundle::decode(&b.encode(PublicKey([9; 32]))).unwrap();
+        let decoded = Bundle::decode(&b.encode(PublicKey([9; 32])))?;
         assert!(
             t.elapsed() < std::time::Duration::from_secs(60),
             "{:?}",
@@ -244,6 +244,7 @@ mod tests {
             e.to_string().contains("document site/s7 appears twice"),
             "{e}"
         );
+        Ok(())
     }
 
     proptest! {

@@ -387,33 +387,24 @@ fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
                         "missing: every Kubernetes object needs a name".into(),
                     ));
                 }
-                if v.get("kind").and_then(|k| k.as_str()) == Some("Namespace")
-                    && v.get("apiVersion").and_then(|k| k.as_str()) == Some("v1")
-                {
-                    return Err((
-                        format!("kube.manifests[{i}].kind"),
-                        "Namespace: an app's namespace is spec.kube.namespace, which Shoal \
-                         creates when it is missing; remove this object"
-                            .into(),
-                    ));
-                }
                 let ns = kube
                     .namespace
                     .clone()
                     .unwrap_or_else(|| format!("shoal-{name}"));
-                if let Some(other) = v
-                    .get("metadata")
-                    .and_then(|m| m.get("namespace"))
-                    .and_then(|n| n.as_str())
-                    && other != ns
-                {
-                    return Err((
-                        format!("kube.manifests[{i}].metadata.namespace"),
-                        format!(
-                            "{other:?}: the app's objects live in its namespace {ns:?}; \
-                             remove metadata.namespace or set spec.kube.namespace"
-                        ),
-                    ));
+                let text = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+                let meta = |k: &str| {
+                    v.get("metadata")
+                        .and_then(|m| m.get(k))
+                        .and_then(|x| x.as_str())
+                };
+                if let Some((field, msg)) = kube_object_problem(
+                    &ns,
+                    text("apiVersion"),
+                    text("kind"),
+                    meta("name").unwrap_or(""),
+                    meta("namespace"),
+                ) {
+                    return Err((format!("kube.manifests[{i}].{field}"), msg));
                 }
                 count += 1;
             }
@@ -422,6 +413,40 @@ fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
             }
             Ok(())
         }
+    }
+}
+
+/// What is wrong, if anything, with a Kubernetes object of a kube app whose
+/// namespace is `ns`: a `Namespace` object (the app's namespace is its own
+/// setting, created by Shoal when missing), or a `metadata.namespace`
+/// naming another namespace (Shoal never moves an object silently). The
+/// field at fault and the words. Checked at `shoal apply` and again by the
+/// node before it applies anything.
+pub fn kube_object_problem(
+    ns: &str,
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+) -> Option<(&'static str, String)> {
+    if kind == "Namespace" && api_version == "v1" {
+        return Some((
+            "kind",
+            format!(
+                "Namespace {name}: an app's namespace is spec.kube.namespace ({ns}), which Shoal \
+                 creates when it is missing; remove this object"
+            ),
+        ));
+    }
+    match namespace {
+        Some(other) if other != ns => Some((
+            "metadata.namespace",
+            format!(
+                "{kind} {name} names namespace {other}, but the app's objects live in {ns}: \
+                 remove metadata.namespace or set spec.kube.namespace"
+            ),
+        )),
+        _ => None,
     }
 }
 

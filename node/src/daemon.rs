@@ -1461,19 +1461,20 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn the_app_token_is_replaced_owner_only_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
+    fn the_app_token_is_replaced_owner_only_and_kept() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("app-token");
         // A torn token left world-readable (by a crash, or another tool).
-        std::fs::write(&path, "abc").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let t = app_token(dir.path()).unwrap();
+        std::fs::write(&path, "abc")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        let t = app_token(dir.path())?;
         assert_eq!(t.len(), 64);
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), t);
+        assert_eq!(std::fs::read_to_string(&path)?, t);
         assert!(!dir.path().join("app-token.tmp").exists());
         // Kept across restarts.
-        assert_eq!(app_token(dir.path()).unwrap(), t);
+        assert_eq!(app_token(dir.path())?, t);
+        Ok(())
     }
 }

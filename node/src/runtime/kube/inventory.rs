@@ -226,9 +226,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn survives_a_reopen_and_refuses_garbage() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Stored::open(dir.path()).unwrap();
+    fn survives_a_reopen_and_refuses_garbage() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut s = Stored::open(dir.path())?;
         let key = ObjKey {
             group: "apps".into(),
             kind: "Deployment".into(),
@@ -246,8 +246,8 @@ mod tests {
         s.inv
             .namespaces
             .insert("shoal-web".into(), Some("n1".into()));
-        s.save().unwrap();
-        let again = Stored::open(dir.path()).unwrap();
+        s.save()?;
+        let again = Stored::open(dir.path())?;
         assert_eq!(again.inv, s.inv);
         assert_eq!(
             again.inv.apps["web"].objects[&key].uid.as_deref(),
@@ -256,13 +256,17 @@ mod tests {
         assert!(again.namespace_in_use("shoal-web"));
         assert!(!again.namespace_in_use("other"));
 
-        std::fs::write(dir.path().join("inventory.json"), b"{\"apps\": 3").unwrap();
-        let e = Stored::open(dir.path()).err().unwrap().to_string();
+        std::fs::write(dir.path().join("inventory.json"), b"{\"apps\": 3")?;
+        let Err(e) = Stored::open(dir.path()) else {
+            panic!("a corrupt inventory was read");
+        };
+        let e = e.to_string();
         assert!(e.contains("inventory.json is corrupt"), "{e}");
         // The corrupt file is left as it was.
         assert_eq!(
-            std::fs::read(dir.path().join("inventory.json")).unwrap(),
+            std::fs::read(dir.path().join("inventory.json"))?,
             b"{\"apps\": 3"
         );
+        Ok(())
     }
 }

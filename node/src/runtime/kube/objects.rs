@@ -97,19 +97,14 @@ pub fn parse(ns: &str, manifests: &str) -> Result<Vec<Manifest>, String> {
         let api_version = field("/apiVersion", "apiVersion")?;
         let kind = field("/kind", "kind")?;
         let name = field("/metadata/name", "metadata.name")?;
-        if kind == "Namespace" && group_of(&api_version).is_empty() {
-            return Err(format!(
-                "manifest {index}: Namespace {name}: an app's namespace is spec.kube.namespace \
-                 ({ns}), which Shoal creates when it is missing; remove this object"
-            ));
-        }
-        if let Some(other) = v.pointer("/metadata/namespace").and_then(Value::as_str)
-            && other != ns
-        {
-            return Err(format!(
-                "manifest {index}: {kind} {name} names namespace {other}, but the app's objects \
-                 live in {ns}: remove metadata.namespace or set spec.kube.namespace"
-            ));
+        if let Some((_, msg)) = crdt_state::manifest::kube_object_problem(
+            ns,
+            &api_version,
+            &kind,
+            &name,
+            v.pointer("/metadata/namespace").and_then(Value::as_str),
+        ) {
+            return Err(format!("manifest {index}: {msg}"));
         }
         if out.iter().any(|m: &Manifest| {
             m.kind == kind && m.name == name && m.group() == group_of(&api_version)
@@ -151,12 +146,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_checks_and_labels() {
+    fn parses_checks_and_labels() -> anyhow::Result<()> {
         let m = parse(
             "shoal-web",
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, labels: {tier: edge}}\n---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: shoal-web}\n",
         )
-        .unwrap();
+        .map_err(anyhow::Error::msg)?;
         assert_eq!(m.len(), 2);
         assert_eq!((m[1].index, m[1].group()), (3, "apps"));
         let p = m[0].prepared("web", Some("shoal-web"));
@@ -196,6 +191,7 @@ mod tests {
                 .unwrap_err()
                 .starts_with("manifest 1: not YAML")
         );
+        Ok(())
     }
 
     #[test]

@@ -620,9 +620,10 @@ impl Reconciler {
         let mut unsettled = false;
         let mut watch_keys = BTreeMap::new();
         for w in desired.iter().filter(|w| wanted.contains(&w.app)) {
-            let spec = serde_json::to_string(w).unwrap_or_default();
+            // Only an app that failed a moment ago needs its spec compared.
+            let spec = || serde_json::to_string(w).unwrap_or_default();
             if let Some(b) = self.backoff.get(&w.app)
-                && b.spec == spec
+                && b.spec == spec()
                 && Instant::now() < b.next
                 && !full
                 && !self.round_down
@@ -637,6 +638,7 @@ impl Reconciler {
                 None => self.unknown(&w.app),
             };
             if r.state == WorkloadState::Failed {
+                let spec = spec();
                 let b = self.backoff.entry(w.app.clone()).or_insert(Backoff {
                     spec: spec.clone(),
                     report: r.clone(),
