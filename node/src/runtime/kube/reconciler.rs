@@ -6,6 +6,7 @@
 //! timer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crdt_state::model::{RuntimeKind, WorkloadReport, WorkloadState};
@@ -44,6 +45,8 @@ const FIGHT_FORGOTTEN: Duration = Duration::from_secs(600);
 
 /// Objects with what is recorded of them.
 type Records = Vec<(ObjKey, ObjRecord)>;
+/// An app's manifests parsed, or why they could not be.
+type Parsed = Arc<Result<Vec<Manifest>, String>>;
 
 /// An app whose last attempt failed: not tried again before `next` unless
 /// its spec changed.
@@ -84,6 +87,10 @@ pub(super) struct Reconciler {
     drifted: BTreeSet<ObjKey>,
     fights: BTreeMap<ObjKey, Fight>,
     backoff: BTreeMap<String, Backoff>,
+    /// Per app: its namespace and manifests as last parsed, and the result.
+    /// Rounds come with every batch of watch events; the YAML is parsed
+    /// only when it changed.
+    parsed: HashMap<String, (String, String, Parsed)>,
     /// Deletions refused: when to ask again, and why it was refused.
     delete_retry: BTreeMap<ObjKey, (Instant, String)>,
     delete_wait: BTreeMap<ObjKey, Duration>,
@@ -197,6 +204,7 @@ impl Reconciler {
             drifted: BTreeSet::new(),
             fights: BTreeMap::new(),
             backoff: BTreeMap::new(),
+            parsed: HashMap::new(),
             delete_retry: BTreeMap::new(),
             delete_wait: BTreeMap::new(),
             absent: BTreeMap::new(),
@@ -285,6 +293,22 @@ impl Reconciler {
             tracing::warn!(error = %why, "Kubernetes API server unreachable");
             self.down = Some((SystemTime::now(), why));
         }
+    }
+
+    /// `app`'s manifests parsed, from the cache while they are unchanged.
+    fn parse(&mut self, app: &str, ns: &str, manifests: &str) -> Parsed {
+        if let Some((n, m, p)) = self.parsed.get(app)
+            && n == ns
+            && m == manifests
+        {
+            return p.clone();
+        }
+        let p: Parsed = Arc::new(objects::parse(ns, manifests));
+        self.parsed.insert(
+            app.to_string(),
+            (ns.to_string(), manifests.to_string(), p.clone()),
+        );
+        p
     }
 
     /// What is recorded of `key` for `app`.
@@ -702,6 +726,7 @@ impl Reconciler {
         self.last
             .retain(|a, _| wanted.contains(a) || inv.apps.contains_key(a));
         self.backoff.retain(|a, _| wanted.contains(a));
+        self.parsed.retain(|a, _| wanted.contains(a));
         let recorded = |k: &ObjKey| inv.apps.values().any(|r| r.objects.contains_key(k));
         self.fights.retain(|k, _| recorded(k));
         self.delete_retry.retain(|k, _| recorded(k));
@@ -791,9 +816,10 @@ impl Reconciler {
             .get(app)
             .and_then(|r| r.running_version.clone());
         let failed = |reason: String| report(WorkloadState::Failed, Some(reason), running.clone());
-        let manifests = match objects::parse(&ns, &spec.manifests) {
+        let parsed = self.parse(app, &ns, &spec.manifests);
+        let manifests = match &*parsed {
             Ok(m) => m,
-            Err(e) => return Some(failed(e)),
+            Err(e) => return Some(failed(e.clone())),
         };
         // Resolve every kind. A kind not served yet is waited for when its
         // CRD is in this very app (applied first); otherwise the app fails.
@@ -809,7 +835,7 @@ impl Reconciler {
             .collect();
         let mut want: Vec<(ObjKey, Kind, &Manifest)> = Vec::new();
         let mut waiting = Vec::new();
-        for m in &manifests {
+        for m in manifests {
             let kind = match self.resolve(&m.api_version, &m.kind).await {
                 Ok(k) => k,
                 Err(Fail::Down(_)) => return None,
