@@ -14,14 +14,14 @@
 //! circuit relay, and it signs operator edits with the data dir's operator
 //! identity while its mesh identity is its own anchor certificate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use crdt_state::render::Contact;
-use crdt_state::sync::{Engine, Input, Output, SyncConfig};
-use crdt_state::{DataDir, DocId, Identity, PublicKey, Role};
+use crdt_state::sync::{Engine, SyncConfig};
+use crdt_state::{DataDir, DocId, Identity, Role};
+use daemon::{Action, Core, Now, Settings};
 use mesh::{Event, Mesh, Multiaddr, PeerId};
 use tokio::sync::mpsc;
 
@@ -31,7 +31,7 @@ use crate::hello;
 use crate::runtime::Runtime;
 use crate::runtime::native::Native;
 use crate::site_api::{self, Nonces, Reply};
-use crdt_state::model::{self, FleetView, NodeReport};
+use crdt_state::model::{self, FleetView};
 
 /// Daemon settings.
 #[derive(Clone)]
@@ -62,10 +62,6 @@ pub struct Options {
 /// or 8 minutes of 20 devices × 100 resources (~100 bytes each on disk).
 pub const DEFAULT_READINGS_CAP: u64 = 1_000_000;
 
-/// Reported device values are rewritten at most this often (state
-/// changes — online, errors, setpoints — go out at once).
-const DEVICE_VALUES_EVERY: Duration = Duration::from_secs(30);
-
 /// What the node knows of one device now.
 #[derive(Debug, Default)]
 struct DeviceState {
@@ -92,9 +88,6 @@ pub enum RuntimeChoice {
         kubeconfig: Option<PathBuf>,
     },
 }
-
-/// How often the node reconciles even without a change (drift).
-const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -148,29 +141,14 @@ fn load_engine(dd: &DataDir, me: &Identity) -> anyhow::Result<Engine> {
 
 struct Daemon {
     dd: DataDir,
-    engine: Engine,
+    /// Every decision: sessions, commits, reconcile and report timing.
+    core: Core<PeerId>,
     mesh: Mesh,
     anchor: bool,
-    /// Admitted peers: peer id → key, and back.
-    keys: HashMap<PeerId, PublicKey>,
-    peer_ids: HashMap<PublicKey, PeerId>,
-    contacts: BTreeMap<String, Contact>,
     listening: Vec<String>,
-    pending_states: HashMap<(PublicKey, DocId), Vec<u8>>,
-    last_state_flush: Instant,
     started: Instant,
-    known_peers: Vec<String>,
-    peers_dirty: bool,
-    security_events: u64,
-    /// This daemon's identity (the node's, or the anchor's own).
-    me: Identity,
     /// The runtime (nodes only).
     runtime: Option<Box<dyn Runtime>>,
-    /// The share changed since the last reconcile.
-    reconcile_due: bool,
-    last_reconcile: Instant,
-    /// The report last written into the node document.
-    last_report: Option<NodeReport>,
     nonces: Nonces,
     /// The site API's address as this node's apps reach it.
     site_api_url: Option<String>,
@@ -179,8 +157,6 @@ struct Daemon {
     /// The operator API's read model (anchors serving HTTP).
     view: Option<cloud_anchor::View>,
     snapshots: Option<tokio::sync::watch::Sender<std::sync::Arc<cloud_anchor::Snapshot>>>,
-    /// Changes made here (CLI, API), told apart from merged ones.
-    local_hashes: std::collections::HashSet<automerge::ChangeHash>,
     /// Device polling (nodes).
     devices: Option<crate::devices::Devices>,
     /// Device readings for the site API's live stream.
@@ -189,7 +165,6 @@ struct Daemon {
     pending_readings: Vec<crdt_state::readings::Reading>,
     readings_cap: u64,
     readings_dropped: u64,
-    last_device_values: Instant,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -272,39 +247,32 @@ pub async fn run(
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(16);
     control::serve(&opts.data_dir, ctl_tx).await?;
     tracing::info!(peer = %mesh.peer_id(), name = %me.cert.name, "daemon started");
+    let name = me.cert.name.clone();
+    let settings = Settings {
+        workloads: runtime.is_some(),
+        timeline: opts.http.is_some(),
+        known_peers,
+        ..Settings::default()
+    };
     let mut d = Daemon {
         dd,
-        engine,
+        core: Core::new(engine, me, settings),
         mesh,
         anchor: opts.anchor,
-        keys: HashMap::new(),
-        peer_ids: HashMap::new(),
-        contacts: BTreeMap::new(),
         listening: Vec::new(),
-        pending_states: HashMap::new(),
-        last_state_flush: Instant::now(),
         started: Instant::now(),
-        known_peers,
-        peers_dirty: false,
-        security_events: 0,
-        me,
         runtime,
-        reconcile_due: true,
-        last_reconcile: Instant::now(),
-        last_report: None,
         nonces: Nonces::default(),
         site_api_url: None,
         app_token: None,
         view: None,
         snapshots: None,
-        local_hashes: Default::default(),
         devices: None,
         live: tokio::sync::broadcast::channel(1024).0,
         device_state: BTreeMap::new(),
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
         readings_dropped: 0,
-        last_device_values: Instant::now(),
     };
     let (dev_tx, mut dev_rx) = mpsc::channel::<crate::devices::Update>(1024);
     if d.runtime.is_some() {
@@ -318,9 +286,9 @@ pub async fn run(
         if !opts.anchor {
             anyhow::bail!("--http is for anchors");
         }
-        let mut view = cloud_anchor::View::new(&d.me.cert.name);
+        let mut view = cloud_anchor::View::new(&name);
         let first = {
-            let engine = &d.engine;
+            let engine = d.core.engine();
             view.publish(
                 &|id| engine.doc(id),
                 &mut engine.docs(),
@@ -360,7 +328,9 @@ pub async fn run(
     if d.runtime.is_some() {
         d.app_token = Some(app_token(&opts.data_dir)?);
     }
-    d.reconcile();
+    let now = d.now();
+    d.core.start(now);
+    d.act();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
@@ -371,7 +341,7 @@ pub async fn run(
             },
             Some((req, reply)) = ctl_rx.recv() => {
                 let live = Live {
-                    contacts: Some(d.contacts.clone()),
+                    contacts: Some(d.core.contacts().clone()),
                     addrs: d.listening.clone(),
                 };
                 let r = control::execute(&mut d.dd, req, &live);
@@ -380,6 +350,8 @@ pub async fn run(
             }
             Some((req, reply)) = site_rx.recv() => {
                 let r = d.on_site(req);
+                // Answered once what it accepted is committed.
+                d.act();
                 let _ = reply.send(r);
             }
             Some(u) = dev_rx.recv() => d.on_device(u),
@@ -387,19 +359,14 @@ pub async fn run(
                 let r = d.on_api(cmd);
                 // Read your writes: the answer leaves after a snapshot
                 // that holds the edit.
-                d.drain();
+                d.act();
                 d.publish_with(true);
                 let _ = reply.send(r);
             }
             _ = tick.tick() => d.on_tick(),
             _ = &mut shutdown => break,
         }
-        d.drain();
-        if d.reconcile_due {
-            // A new desired state: act on it now, not at the next tick.
-            d.reconcile();
-            d.drain();
-        }
+        d.act();
         d.publish_with(false);
     }
     if let Some(rt) = d.runtime.as_mut() {
@@ -410,16 +377,24 @@ pub async fn run(
     }
     d.flush_readings();
     d.report();
-    d.drain();
-    d.flush_states();
-    d.save_peers();
+    let now = d.now();
+    d.core.flush(now);
+    d.act();
     d.mesh.shutdown().await;
     let _ = std::fs::remove_file(opts.data_dir.join(control::SOCKET_FILE));
     Ok(())
 }
 
 impl Daemon {
+    fn now(&self) -> Now {
+        Now {
+            mono_ms: self.started.elapsed().as_millis() as u64,
+            unix_s: now(),
+        }
+    }
+
     fn on_mesh(&mut self, ev: Event) {
+        let t = self.now();
         match ev {
             Event::Listening(addr) => {
                 let me = self.mesh.peer_id();
@@ -436,92 +411,25 @@ impl Daemon {
                 }
             }
             Event::Hello { peer, addr, hello } => {
-                match hello::check(self.engine.trust(), &peer, &hello) {
-                    Ok(cert) => {
-                        tracing::info!(%peer, %addr, name = %cert.name, role = %cert.role, "peer admitted");
-                        self.mesh.admit(peer);
-                        let key = cert.key;
-                        if cert.role == Role::Anchor && !self.anchor {
-                            self.mesh.listen_via(peer);
-                        }
-                        self.contacts.insert(
-                            cert.name.clone(),
-                            Contact {
-                                connected: true,
-                                last_contact: Some(now()),
-                            },
-                        );
-                        if let Some(v) = self.view.as_mut() {
-                            v.contact(&cert.name, true, now());
-                        }
-                        if !mesh::is_relayed(&addr) {
-                            let full = addr.with(mesh::multiaddr_p2p(peer)).to_string();
-                            // Keep peers whose address we dialed or that
-                            // dialed us from their listening socket.
-                            if !self.known_peers.contains(&full) {
-                                self.known_peers.retain(|p| !p.ends_with(&peer.to_string()));
-                                self.known_peers.push(full);
-                                self.peers_dirty = true;
-                            }
-                        }
-                        self.keys.insert(peer, key);
-                        self.peer_ids.insert(key, peer);
-                        let saved = self.saved_states(&key);
-                        self.engine.handle(Input::Connected {
-                            peer: key,
-                            cert,
-                            saved,
-                        });
-                    }
-                    Err(reason) => {
-                        tracing::warn!(%peer, %addr, %reason, "admission refused");
-                        if let Some(v) = self.view.as_mut() {
-                            v.security(
-                                now(),
-                                &format!("{peer} at {addr}"),
-                                &format!("admission refused: {reason}"),
-                            );
-                        }
-                        self.mesh.reject(peer, reason);
-                    }
-                }
+                // Keep peers whose address we dialed or that dialed us from
+                // their listening socket.
+                let dialable = (!mesh::is_relayed(&addr))
+                    .then(|| addr.clone().with(mesh::multiaddr_p2p(peer)).to_string());
+                let store = self.dd.store();
+                let from = format!("{peer} at {addr}");
+                let arrival = daemon::Arrival {
+                    conn: peer,
+                    bytes: &hello,
+                    proves: &|k| mesh::peer_id_of(&k.0) == Some(peer),
+                    from: &from,
+                    dialable,
+                };
+                self.core.hello(t, arrival, &mut |key, doc| {
+                    store.sync_state(&key.to_hex(), doc).ok().flatten()
+                });
             }
-            Event::Frame { peer, bytes } => {
-                if let Some(key) = self.keys.get(&peer).copied() {
-                    if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone())
-                        && let Some(c) = self.contacts.get_mut(&name)
-                    {
-                        c.last_contact = Some(now());
-                        if let Some(v) = self.view.as_mut() {
-                            v.heard(&name, now());
-                            v.counters.sync_bytes_in += bytes.len() as u64;
-                            v.counters.sync_messages_in += 1;
-                        }
-                    }
-                    self.engine.handle(Input::Received {
-                        peer: key,
-                        frame: bytes,
-                    });
-                }
-            }
-            Event::Down { peer } => {
-                if let Some(key) = self.keys.remove(&peer) {
-                    self.peer_ids.remove(&key);
-                    if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
-                        if let Some(v) = self.view.as_mut() {
-                            v.contact(&name, false, now());
-                        }
-                        self.contacts.insert(
-                            name,
-                            Contact {
-                                connected: false,
-                                last_contact: Some(now()),
-                            },
-                        );
-                    }
-                    self.engine.handle(Input::Disconnected { peer: key });
-                }
-            }
+            Event::Frame { peer, bytes } => self.core.frame(t, peer, bytes),
+            Event::Down { peer } => self.core.down(t, peer),
             Event::Request {
                 peer,
                 addr,
@@ -561,61 +469,20 @@ impl Daemon {
         }
     }
 
-    fn saved_states(&self, key: &PublicKey) -> Vec<(DocId, Vec<u8>)> {
-        let peer = key.to_hex();
-        let mut out = Vec::new();
-        for doc in self.engine.docs() {
-            if let Ok(Some(s)) = self.dd.store().sync_state(&peer, doc.id()) {
-                out.push((doc.id().clone(), s));
-            }
-        }
-        out
-    }
-
     /// Hands changes the data dir committed (CLI verbs, enrollment) to the engine.
     fn forward_local(&mut self) {
+        let t = self.now();
         for (doc, changes) in self.dd.take_outbox() {
-            if self.view.is_some() {
-                for c in &changes {
-                    if let Ok(ch) = crdt_state::doc::decode_change(&c.bytes) {
-                        self.local_hashes.insert(ch.hash());
-                    }
-                }
-            }
-            self.engine.handle(Input::Local { doc, changes });
+            self.core.local(t, doc, changes);
         }
     }
 
-    /// The node's share now: fleet state for it, its site's overrides on top.
-    fn share(&self) -> Vec<crdt_state::placement::Workload> {
-        let (fleet, site) = self.desired();
-        // Every registered node counts as healthy for replica placement
-        // until reports of health feed into it.
-        crdt_state::placement::share(&fleet, site.as_ref(), &self.me.cert.name, &|_| true)
-    }
-
-    /// The fleet document and this node's site document, read.
-    fn desired(&self) -> (FleetView, Option<model::SiteOverrideSpec>) {
-        let fleet = self
-            .engine
-            .doc(&DocId::Fleet)
-            .map(FleetView::read)
-            .unwrap_or_default();
-        let site = self
-            .me
-            .cert
-            .site
-            .as_ref()
-            .and_then(|s| self.engine.doc(&DocId::Site(s.clone())))
-            .map(model::read_site);
-        (fleet, site)
-    }
-
+    /// Applies the node's share to the runtime and its devices, then reports.
     fn reconcile(&mut self) {
         if self.runtime.is_none() {
             return;
         }
-        let mut desired = self.share();
+        let mut desired = self.core.share();
         // The node's apps read their devices through the site API.
         for w in &mut desired {
             if let Some(n) = w.spec.native.as_mut() {
@@ -631,95 +498,27 @@ impl Daemon {
             rt.reconcile(&desired);
         }
         if self.devices.is_some() {
-            let (fleet, site) = self.desired();
-            let want = crate::devices::assigned(&fleet, site.as_ref(), &self.me.cert.name);
+            let (fleet, site) = self.core.desired();
+            let name = self.core.me().cert.name.clone();
+            let want = crate::devices::assigned(&fleet, site.as_ref(), &name);
             self.device_state.retain(|k, _| want.contains_key(k));
             if let Some(dev) = self.devices.as_mut() {
                 dev.reconcile(want);
             }
         }
-        self.reconcile_due = false;
-        self.last_reconcile = Instant::now();
         self.report();
     }
 
-    /// The node's current document (highest epoch held).
-    fn node_doc(&self) -> DocId {
-        let name = &self.me.cert.name;
-        let epoch = self
-            .engine
-            .docs()
-            .filter_map(|d| match d.id() {
-                DocId::Node { name: n, epoch } if n == name => Some(*epoch),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
-        DocId::Node {
-            name: name.clone(),
-            epoch,
-        }
-    }
-
-    /// Writes the node's report into its document when it changed.
+    /// Hands the runtime's and devices' status to the core, which writes
+    /// it into the node's document when it changed.
     fn report(&mut self) {
         let Some(rt) = self.runtime.as_ref() else {
             return;
         };
-        let heads = |id: &DocId| -> Vec<String> {
-            let mut h: Vec<String> = self
-                .engine
-                .doc(id)
-                .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
-                .unwrap_or_default();
-            h.sort();
-            h
-        };
-        let mut report = NodeReport {
-            fleet_heads: heads(&DocId::Fleet),
-            site_heads: self
-                .me
-                .cert
-                .site
-                .as_ref()
-                .map(|s| heads(&DocId::Site(s.clone())))
-                .unwrap_or_default(),
-            workloads: rt.status(),
-            reconciled_at: 0,
-            peers: self
-                .contacts
-                .iter()
-                .filter(|(_, c)| c.connected)
-                .map(|(n, _)| n.clone())
-                .collect(),
-            devices: self.device_reports(),
-        };
-        if let Some(last) = &self.last_report {
-            let mut same = report.clone();
-            same.reconciled_at = last.reconciled_at;
-            if same == *last {
-                return;
-            }
-            // Only reported values moved: not more often than every 30 s.
-            let mut values_only = same.clone();
-            for (k, d) in values_only.devices.iter_mut() {
-                if let Some(old) = last.devices.get(k) {
-                    d.values = old.values.clone();
-                }
-            }
-            if values_only == *last && self.last_device_values.elapsed() < DEVICE_VALUES_EVERY {
-                return;
-            }
-        }
-        self.last_device_values = Instant::now();
-        report.reconciled_at = now();
-        let id = self.node_doc();
-        let empty = crdt_state::Document::new(id.clone());
-        let ops = report.ops(self.engine.doc(&id).unwrap_or(&empty));
-        match self.engine.edit(&id, &self.me, now(), &ops) {
-            Ok(_) => self.last_report = Some(report),
-            Err(e) => tracing::warn!(error = %e, "report not written"),
-        }
+        let workloads = rt.status();
+        let devices = self.device_reports();
+        let t = self.now();
+        self.core.report(t, workloads, devices);
     }
 
     /// The devices part of the node's report.
@@ -870,134 +669,118 @@ impl Daemon {
 
     fn on_tick(&mut self) {
         self.flush_readings();
-        let now_ms = self.started.elapsed().as_millis() as u64;
-        self.engine.handle(Input::Tick { now_ms });
-        if self.reconcile_due || self.last_reconcile.elapsed() >= RECONCILE_EVERY {
-            self.reconcile();
-        } else {
-            self.report();
-        }
-        if self.last_state_flush.elapsed() >= Duration::from_secs(5) {
-            self.flush_states();
-            if self.peers_dirty {
-                self.save_peers();
-            }
-        }
+        let t = self.now();
+        self.core.tick(t);
     }
 
-    fn flush_states(&mut self) {
-        self.last_state_flush = Instant::now();
-        if self.pending_states.is_empty() {
-            return;
-        }
-        let states: Vec<(String, DocId, Vec<u8>)> = self
-            .pending_states
-            .drain()
-            .map(|((k, d), s)| (k.to_hex(), d, s))
-            .collect();
-        if let Err(e) = self.dd.store().put_sync_states(&states) {
-            tracing::warn!(error = %e, "sync states not saved");
-        }
-    }
-
-    fn save_peers(&mut self) {
-        self.peers_dirty = false;
-        if let Err(e) = enroll::write_peers(self.dd.path(), &self.known_peers) {
-            tracing::warn!(error = %e, "peers not saved");
-        }
-    }
-
-    /// Carries out what the engine asked: commits first, then the rest.
-    fn drain(&mut self) {
-        let mut outputs = Vec::new();
-        while let Some(o) = self.engine.poll_output() {
-            outputs.push(o);
-        }
-        if outputs.is_empty() {
-            return;
-        }
-        // Commit every change before any frame leaves.
-        let mut persisted: Vec<(
-            DocId,
-            Vec<(automerge::ChangeHash, crdt_state::SignedChange)>,
-        )> = Vec::new();
-        for o in &outputs {
-            if let Output::Persist { doc, changes } = o {
-                persisted.push((doc.clone(), changes.clone()));
-            }
-        }
-        if !persisted.is_empty() {
-            let items: Vec<_> = persisted
-                .iter()
-                .filter_map(|(id, c)| self.engine.doc(id).map(|d| (d, c.as_slice())))
-                .collect();
-            if let Err(e) = self.dd.store().commit_batch(&items) {
-                // Not stored: do not send on what we could not keep.
-                tracing::error!(error = %e, "could not commit synced changes; stopping sends");
-                return;
-            }
-            if self.view.is_some() {
-                self.note_merges(&persisted);
-            }
-            let mut fleet_changed = false;
-            for (id, _) in &persisted {
-                self.dd.forget(id);
-                fleet_changed |= *id == DocId::Fleet;
-            }
-            if fleet_changed && let Err(e) = self.dd.refresh_trust() {
-                tracing::warn!(error = %e, "trust not refreshed");
-            }
-        }
-        for o in outputs {
-            match o {
-                Output::Persist { .. } => {}
-                Output::Send { peer, frame } => {
+    /// Carries out what the core asked, in order.
+    fn act(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Admit {
+                    conn,
+                    name,
+                    from,
+                    relay,
+                } => {
+                    tracing::info!(peer = %conn, %from, %name, "peer admitted");
+                    self.mesh.admit(conn);
+                    if relay {
+                        self.mesh.listen_via(conn);
+                    }
+                }
+                Action::Reject { conn, reason } => {
+                    tracing::warn!(peer = %conn, %reason, "peer refused");
+                    self.mesh.reject(conn, reason);
+                }
+                Action::Send { conn, frame } => {
                     if let Some(v) = self.view.as_mut() {
                         v.counters.sync_bytes_out += frame.len() as u64;
                         v.counters.sync_messages_out += 1;
                     }
-                    if let Some(pid) = self.peer_ids.get(&peer) {
-                        self.mesh.send(*pid, frame);
+                    self.mesh.send(conn, frame);
+                }
+                Action::Disconnect { conn, reason } => self.mesh.disconnect(conn, reason),
+                Action::Commit { batch, changes } => {
+                    let items: Vec<_> = changes
+                        .iter()
+                        .filter_map(|(id, c)| self.core.doc(id).map(|d| (d, c.as_slice())))
+                        .collect();
+                    let result = self.dd.store().commit_batch(&items);
+                    let result = match result {
+                        Ok(()) => {
+                            let mut fleet_changed = false;
+                            for (id, _) in &changes {
+                                self.dd.forget(id);
+                                fleet_changed |= *id == DocId::Fleet;
+                            }
+                            if fleet_changed && let Err(e) = self.dd.refresh_trust() {
+                                tracing::warn!(error = %e, "trust not refreshed");
+                            }
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // Not stored: the core holds what follows.
+                            tracing::error!(error = %e, "could not commit synced changes; holding sends");
+                            Err(e.to_string())
+                        }
+                    };
+                    let t = self.now();
+                    self.core.committed(t, batch, result);
+                }
+                Action::SaveSyncStates(states) => {
+                    let states: Vec<(String, DocId, Vec<u8>)> = states
+                        .into_iter()
+                        .map(|(k, d, s)| (k.to_hex(), d, s))
+                        .collect();
+                    if let Err(e) = self.dd.store().put_sync_states(&states) {
+                        tracing::warn!(error = %e, "sync states not saved");
                     }
                 }
-                Output::SaveSyncState { peer, doc, state } => {
-                    self.pending_states.insert((peer, doc), state);
-                }
-                Output::Dropped { doc } => {
+                Action::DropDoc(doc) => {
                     if let Err(e) = self.dd.store().drop_doc(&doc) {
                         tracing::warn!(%doc, error = %e, "superseded document not dropped");
                     }
                     self.dd.forget(&doc);
                 }
-                Output::Changed { doc } => {
+                Action::SavePeers(peers) => {
+                    if let Err(e) = enroll::write_peers(self.dd.path(), &peers) {
+                        tracing::warn!(error = %e, "peers not saved");
+                    }
+                }
+                Action::Reconcile => self.reconcile(),
+                Action::Report => self.report(),
+                Action::Changed(doc) => {
                     tracing::debug!(%doc, "document changed");
                     if let Some(v) = self.view.as_mut() {
                         v.doc_changed(&doc);
                     }
-                    if doc == DocId::Fleet {
-                        self.cut_revoked();
-                    }
-                    let my_site = self.me.cert.site.as_ref().map(|s| DocId::Site(s.clone()));
-                    if doc == DocId::Fleet || Some(&doc) == my_site.as_ref() {
-                        self.reconcile_due = true;
-                    }
                 }
-                Output::Security { peer, reason } => {
-                    self.security_events += 1;
+                Action::Contact { name, connected } => {
                     if let Some(v) = self.view.as_mut() {
-                        let who = self
-                            .engine
-                            .trust()
-                            .cert(&peer)
-                            .map(|c| c.name.clone())
-                            .unwrap_or_else(|| peer.short());
-                        v.security(now(), &who, &reason);
+                        v.contact(&name, connected, now());
                     }
-                    tracing::warn!(peer = %peer.short(), %reason, "security event");
                 }
-                Output::Disconnect { peer, reason } => {
-                    if let Some(pid) = self.peer_ids.get(&peer) {
-                        self.mesh.disconnect(*pid, reason);
+                Action::Heard { name, bytes } => {
+                    if let Some(v) = self.view.as_mut() {
+                        v.heard(&name, now());
+                        v.counters.sync_bytes_in += bytes as u64;
+                        v.counters.sync_messages_in += 1;
+                    }
+                }
+                Action::Timeline {
+                    kind,
+                    subject,
+                    text,
+                } => {
+                    if let Some(v) = self.view.as_mut() {
+                        v.event(now(), kind, &subject, text);
+                    }
+                }
+                Action::Security { who, reason } => {
+                    tracing::warn!(%who, %reason, "security event");
+                    if let Some(v) = self.view.as_mut() {
+                        v.security(now(), &who, &reason);
                     }
                 }
             }
@@ -1006,7 +789,7 @@ impl Daemon {
 
     /// One site API request (see `site_api`).
     fn on_site(&mut self, req: site_api::Request) -> Reply {
-        let Some(site) = self.me.cert.site.clone() else {
+        let Some(site) = self.core.me().cert.site.clone() else {
             return Reply::error(404, "this node belongs to no site");
         };
         let route = (req.method.as_str(), req.path.as_str());
@@ -1040,7 +823,7 @@ impl Daemon {
             }
             return Reply::error(401, "unknown app token");
         }
-        let who = match site_api::authenticate(&req, &mut self.nonces, self.engine.trust(), &site) {
+        let who = match site_api::authenticate(&req, &mut self.nonces, self.core.trust(), &site) {
             Ok(k) => k,
             Err(reply) => {
                 tracing::warn!(path = %req.path, error = %reply.body, "site API request refused");
@@ -1054,7 +837,8 @@ impl Daemon {
         match route {
             ("GET", "/api/view") => {
                 let peers: Vec<&String> = self
-                    .contacts
+                    .core
+                    .contacts()
                     .iter()
                     .filter(|(_, c)| c.connected)
                     .map(|(n, _)| n)
@@ -1062,12 +846,12 @@ impl Daemon {
                 Reply {
                     status: 200,
                     body: serde_json::json!({
-                        "node": self.me.cert.name,
+                        "node": self.core.me().cert.name,
                         "site": site,
-                        "desired": self.share(),
-                        "report": self.last_report,
+                        "desired": self.core.share(),
+                        "report": self.core.last_report(),
                         "peers": peers,
-                        "site_overrides": self.engine.doc(&site_doc).map(model::read_site),
+                        "site_overrides": self.core.doc(&site_doc).map(model::read_site),
                     }),
                 }
             }
@@ -1083,7 +867,7 @@ impl Daemon {
                     Ok(b) => b,
                     Err(e) => return Reply::error(400, format!("body: {e}")),
                 };
-                if bundle.root != Some(self.engine.trust().root()) {
+                if bundle.root != Some(self.core.trust().root()) {
                     return Reply::error(400, "the changes belong to another fleet");
                 }
                 let mut new = false;
@@ -1094,7 +878,8 @@ impl Daemon {
                             format!("only {site_doc} may be edited here, not {doc}"),
                         );
                     }
-                    match self.engine.submit(doc, changes) {
+                    let t = self.now();
+                    match self.core.submit(t, doc, changes) {
                         Ok(n) => new |= n,
                         Err(crdt_state::Error::NotAllowed(m)) => return Reply::error(403, m),
                         Err(e @ crdt_state::Error::Rejected { .. }) => {
@@ -1118,7 +903,7 @@ impl Daemon {
         let (Some(view), Some(tx)) = (self.view.as_mut(), self.snapshots.as_ref()) else {
             return;
         };
-        let engine = &self.engine;
+        let engine = self.core.engine();
         view.counters.documents = engine.docs().count();
         view.counters.store_bytes = std::fs::metadata(self.dd.path().join("store.redb"))
             .map(|m| m.len())
@@ -1131,56 +916,6 @@ impl Daemon {
             force,
         ) {
             let _ = tx.send(snap);
-        }
-    }
-
-    /// Timeline entries for changes that arrived from peers (not made here).
-    fn note_merges(
-        &mut self,
-        persisted: &[(
-            DocId,
-            Vec<(automerge::ChangeHash, crdt_state::SignedChange)>,
-        )],
-    ) {
-        for (id, changes) in persisted {
-            if matches!(id, DocId::Node { .. }) {
-                continue;
-            }
-            let mut writers = std::collections::BTreeSet::new();
-            let mut n = 0;
-            for (hash, c) in changes {
-                if self.local_hashes.remove(hash) {
-                    continue;
-                }
-                n += 1;
-                if let (Ok(ch), Some(doc)) = (
-                    crdt_state::doc::decode_change(&c.bytes),
-                    self.engine.doc(id),
-                ) && let Some(key) = doc.actor_key(ch.actor_id())
-                {
-                    let name = self
-                        .engine
-                        .trust()
-                        .cert(&key)
-                        .map(|c| c.name.clone())
-                        .unwrap_or_else(|| key.short());
-                    writers.insert(name);
-                }
-            }
-            if n > 0
-                && let Some(v) = self.view.as_mut()
-            {
-                let who: Vec<String> = writers.into_iter().collect();
-                v.event(
-                    now(),
-                    "merged",
-                    &id.to_string(),
-                    format!(
-                        "{n} change(s) to {id} merged, written by {}",
-                        who.join(", ")
-                    ),
-                );
-            }
         }
     }
 
@@ -1285,7 +1020,7 @@ impl Daemon {
                 // From memory: loading 10,000 node documents from the store
                 // would hold up the loop.
                 let fleet = self
-                    .engine
+                    .core
                     .doc(&DocId::Fleet)
                     .map(FleetView::read)
                     .unwrap_or_default();
@@ -1294,14 +1029,14 @@ impl Daemon {
                 return Ok(Answer::Text(crdt_state::render::nodes_with_contacts(
                     output,
                     &fleet,
-                    Some(&self.contacts),
+                    Some(self.core.contacts()),
                     reports,
                     now(),
                 )));
             }
             Command::Get { what, output } => {
                 let live = Live {
-                    contacts: Some(self.contacts.clone()),
+                    contacts: Some(self.core.contacts().clone()),
                     addrs: self.listening.clone(),
                 };
                 let r = control::execute(
@@ -1415,19 +1150,6 @@ impl Daemon {
         };
         self.forward_local();
         result
-    }
-
-    fn cut_revoked(&mut self) {
-        let revoked: Vec<(PeerId, PublicKey)> = self
-            .keys
-            .iter()
-            .filter(|(_, k)| self.engine.trust().is_revoked(k))
-            .map(|(p, k)| (*p, *k))
-            .collect();
-        for (pid, key) in revoked {
-            self.mesh
-                .reject(pid, format!("{} was revoked", key.short()));
-        }
     }
 }
 

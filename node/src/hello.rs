@@ -1,61 +1,11 @@
-//! What a peer says on `/shoal/hello/1`: its fleet and its certificate.
-//! Admission checks that the certificate is the fleet root's, unrevoked,
-//! and for the very key the peer proved in the QUIC handshake (its peer id).
+//! The hello on the mesh: [`daemon::hello`] with the key a connection
+//! proved being the one its libp2p peer id embeds.
 
-use crdt_state::{Certificate, PublicKey, Trust};
-use serde::{Deserialize, Serialize};
+use crdt_state::{Certificate, Trust};
 
-/// The hello message (JSON).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hello {
-    /// Format version (1).
-    pub v: u32,
-    /// The fleet root key.
-    pub fleet: PublicKey,
-    /// The peer's certificate.
-    pub cert: Certificate,
-}
+pub use daemon::hello::{Hello, encode};
 
-/// Encodes our hello.
-pub fn encode(fleet: PublicKey, cert: &Certificate) -> Vec<u8> {
-    serde_json::to_vec(&Hello {
-        v: 1,
-        fleet,
-        cert: cert.clone(),
-    })
-    .unwrap_or_default()
-}
-
-/// Decides on a peer's hello: its certificate if it may join.
+/// Decides on a peer's hello on the mesh: its certificate if it may join.
 pub fn check(trust: &Trust, peer: &mesh::PeerId, bytes: &[u8]) -> Result<Certificate, String> {
-    if bytes.len() > mesh::MAX_SMALL_FRAME {
-        return Err(format!("hello of {} bytes is too large", bytes.len()));
-    }
-    let hello: Hello =
-        serde_json::from_slice(bytes).map_err(|e| format!("malformed hello: {e}"))?;
-    if hello.v != 1 {
-        return Err(format!("hello version {} is not supported", hello.v));
-    }
-    if hello.fleet != trust.root() {
-        return Err(format!(
-            "belongs to fleet {}, not {}",
-            hello.fleet.short(),
-            trust.root().short()
-        ));
-    }
-    hello
-        .cert
-        .verify(&trust.root())
-        .map_err(|e| format!("certificate of {:?}: {e}", hello.cert.name))?;
-    if mesh::peer_id_of(&hello.cert.key.0) != Some(*peer) {
-        return Err(format!(
-            "certificate of {:?} is for another key than the connection's",
-            hello.cert.name
-        ));
-    }
-    if trust.is_revoked(&hello.cert.key) {
-        return Err(format!("certificate of {:?} is revoked", hello.cert.name));
-    }
-    Ok(hello.cert)
+    daemon::hello::check(trust, &|k| mesh::peer_id_of(&k.0) == Some(*peer), bytes)
 }

@@ -241,6 +241,11 @@ pub struct Scenario {
     /// Expectations.
     #[serde(default)]
     pub expect: Expect,
+    /// How long a store's commit takes (default: at once). A node that
+    /// crashes within it loses the changes of that commit, and nothing
+    /// that followed them was sent.
+    #[serde(default)]
+    pub commit_latency: Dur,
 }
 
 fn seed1() -> u64 {

@@ -1,5 +1,9 @@
-//! The deterministic simulator: real sync engines over a simulated network
-//! in virtual time, single-threaded and seeded.
+//! The deterministic simulator: the shipped daemon cores (`daemon::Core`,
+//! with the real sync engine inside) over a simulated network in virtual
+//! time, single-threaded and seeded. The simulator is their driver: it
+//! carries out their actions as the node's and anchor's drivers do, with a
+//! store that commits after `commit_latency` and loses what a crash
+//! interrupts.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -7,10 +11,11 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use automerge::ChangeHash;
 use automerge::sync::{ChunkList, Message, MessageVersion};
 use crdt_state::doc::signing_message;
-use crdt_state::sync::{Engine, Input, Output, SyncConfig, wants};
+use crdt_state::sync::{Engine, SyncConfig, wants};
 use crdt_state::verify::verify_and_apply;
 use crdt_state::wire::Frame;
 use crdt_state::{DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
+use daemon::{Action, Arrival, Core, Now, Settings};
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
 
@@ -60,7 +65,8 @@ struct SimNode {
     name: String,
     group: String,
     identity: Identity,
-    engine: Option<Engine>,
+    /// The daemon core, as shipped (None: crashed).
+    core: Option<Core<usize>>,
     /// What the node's store committed: changes per document.
     store: BTreeMap<DocId, Vec<(ChangeHash, SignedChange)>>,
     /// Saved sync states per (peer, document).
@@ -72,6 +78,12 @@ struct SimNode {
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Scenario(usize),
+    /// A node's store finished a commit (lost if the node crashed since).
+    Committed {
+        node: usize,
+        starts: u64,
+        batch: u64,
+    },
     Deliver {
         link: usize,
         epoch: u64,
@@ -104,10 +116,15 @@ pub struct HealReport {
 pub struct Invariants {
     /// Every live node holds the same heads for every document it keeps.
     pub converged: bool,
-    /// Every change any node ever committed is held by every live node that keeps its document.
+    /// Every change any node's store committed (so acknowledged) is held by
+    /// every live node that keeps its document. What a node applied but had
+    /// not committed when it crashed may be lost; nothing was sent of it.
     pub nothing_lost: bool,
     /// No forged change was applied anywhere.
     pub no_forged_applied: bool,
+    /// No change lost by a crash before its writer committed it reached
+    /// any other node (commit before send).
+    pub nothing_sent_before_commit: bool,
     /// Expectations of the scenario that failed, in words.
     pub failed: Vec<String>,
 }
@@ -135,6 +152,9 @@ pub struct Report {
     pub conflicts: usize,
     /// Security events raised.
     pub security_events: usize,
+    /// Edits lost because their node crashed before its store committed
+    /// them (never acknowledged, so allowed to be lost).
+    pub uncommitted_lost: usize,
     /// Invariants.
     pub invariants: Invariants,
     /// Replicas agreeing with the latest fleet heads, sampled over time (seconds, count).
@@ -147,6 +167,7 @@ impl Report {
         self.invariants.converged
             && self.invariants.nothing_lost
             && self.invariants.no_forged_applied
+            && self.invariants.nothing_sent_before_commit
             && self.invariants.failed.is_empty()
     }
 }
@@ -159,7 +180,6 @@ pub struct Sim {
     nodes: Vec<SimNode>,
     links: Vec<LinkState>,
     by_pair: HashMap<(usize, usize), usize>,
-    index: HashMap<PublicKey, usize>,
     operator: Identity,
     engineers: HashMap<String, Identity>,
     root: SigningKey,
@@ -175,6 +195,12 @@ pub struct Sim {
     security: usize,
     forged: HashSet<ChangeHash>,
     committed: HashMap<DocId, HashSet<ChangeHash>>,
+    /// Edits made by the scenario, and on which node.
+    written: HashMap<ChangeHash, usize>,
+    /// Edits whose writer crashed before committing them.
+    lost: HashSet<ChangeHash>,
+    /// Commits under way: (node, its start count, batch) → changes.
+    writing: HashMap<(usize, u64, u64), daemon::core::Batch>,
     agreement: Vec<(f64, usize)>,
 }
 
@@ -218,7 +244,7 @@ impl Sim {
                     name,
                     group: g.name.clone(),
                     identity,
-                    engine: None,
+                    core: None,
                     store: BTreeMap::new(),
                     sync_states: HashMap::new(),
                     skew: 0,
@@ -304,11 +330,6 @@ impl Sim {
                 });
             }
         }
-        let index = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.identity.key(), i))
-            .collect();
         let mut sim = Sim {
             scenario,
             rng,
@@ -316,7 +337,6 @@ impl Sim {
             nodes,
             links,
             by_pair,
-            index,
             operator,
             engineers,
             root,
@@ -331,6 +351,9 @@ impl Sim {
             security: 0,
             forged: HashSet::new(),
             committed: HashMap::new(),
+            writing: HashMap::new(),
+            written: HashMap::new(),
+            lost: HashSet::new(),
             agreement: Vec::new(),
         };
         let _ = &sim.root;
@@ -372,86 +395,141 @@ impl Sim {
         );
         node.starts += 1;
         engine.set_actor_seed(self.scenario.seed ^ ((i as u64) << 20) ^ node.starts);
-        node.engine = Some(engine);
+        let settings = Settings {
+            // Every sync state is saved as it comes (the simulator keeps
+            // them in memory; a crash loses none).
+            state_flush_ms: 0,
+            ..Settings::default()
+        };
+        node.core = Some(Core::new(engine, node.identity.clone(), settings));
+    }
+
+    /// The time as node `i`'s clock tells it.
+    fn clock(&self, i: usize) -> Now {
+        Now {
+            mono_ms: self.now / 1000,
+            unix_s: (self.now / 1_000_000) as i64 + self.nodes[i].skew,
+        }
     }
 
     fn connect(&mut self, l: usize) {
         let (a, b) = (self.links[l].a, self.links[l].b);
-        if !self.links[l].up || self.nodes[a].engine.is_none() || self.nodes[b].engine.is_none() {
+        if !self.links[l].up || self.nodes[a].core.is_none() || self.nodes[b].core.is_none() {
             return;
         }
+        let root = self.trust.root();
         for (x, y) in [(a, b), (b, a)] {
-            let peer = self.nodes[y].identity.key();
-            let cert = self.nodes[y].identity.cert.clone();
-            let saved: Vec<(DocId, Vec<u8>)> = self.nodes[x]
-                .sync_states
-                .iter()
-                .filter(|((p, _), _)| *p == peer)
-                .map(|((_, d), s)| (d.clone(), s.clone()))
-                .collect();
-            if let Some(e) = self.nodes[x].engine.as_mut() {
-                e.handle(Input::Connected { peer, cert, saved });
+            let key = self.nodes[y].identity.key();
+            let hello = daemon::hello::encode(root, &self.nodes[y].identity.cert);
+            let now = self.clock(x);
+            let from = self.nodes[y].name.clone();
+            let node = &mut self.nodes[x];
+            let states = &node.sync_states;
+            let arrival = Arrival {
+                conn: y,
+                bytes: &hello,
+                proves: &|k| *k == key,
+                from: &from,
+                dialable: None,
+            };
+            if let Some(core) = node.core.as_mut() {
+                core.hello(now, arrival, &mut |peer, doc| {
+                    states.get(&(*peer, doc.clone())).cloned()
+                });
             }
         }
-        self.drain(a);
-        self.drain(b);
+        self.act(a);
+        self.act(b);
     }
 
     fn disconnect(&mut self, l: usize) {
         let (a, b) = (self.links[l].a, self.links[l].b);
         self.links[l].epoch += 1;
         for (x, y) in [(a, b), (b, a)] {
-            let peer = self.nodes[y].identity.key();
-            if let Some(e) = self.nodes[x].engine.as_mut() {
-                e.handle(Input::Disconnected { peer });
+            let now = self.clock(x);
+            if let Some(core) = self.nodes[x].core.as_mut() {
+                core.down(now, y);
             }
         }
     }
 
-    /// Carries out a node's outputs.
-    fn drain(&mut self, i: usize) {
+    /// Carries out node `i`'s actions, as a daemon's driver would.
+    fn act(&mut self, i: usize) {
         loop {
-            let Some(out) = self.nodes[i].engine.as_mut().and_then(Engine::poll_output) else {
+            let Some(action) = self.nodes[i].core.as_mut().and_then(Core::poll_action) else {
                 return;
             };
-            match out {
-                Output::Send { peer, frame } => {
-                    let Some(&j) = self.index.get(&peer) else {
-                        continue;
-                    };
+            match action {
+                Action::Send { conn: j, frame } => {
                     let Some(&l) = self.by_pair.get(&(i, j)) else {
                         continue;
                     };
                     self.transmit(l, i, j, frame);
                 }
-                Output::Persist { doc, changes } => {
-                    let set = self.committed.entry(doc.clone()).or_default();
-                    for (h, _) in &changes {
-                        set.insert(*h);
-                    }
-                    self.nodes[i].store.entry(doc).or_default().extend(changes);
-                    if self.persist_times.last() != Some(&self.now) {
-                        self.persist_times.push(self.now);
+                Action::Commit { batch, changes } => {
+                    let latency = us(self.scenario.commit_latency.0);
+                    let starts = self.nodes[i].starts;
+                    if latency == 0 {
+                        self.store(i, batch, changes);
+                    } else {
+                        self.writing.insert((i, starts, batch), changes);
+                        let ev = Ev::Committed {
+                            node: i,
+                            starts,
+                            batch,
+                        };
+                        self.push(self.now + latency, ev);
                     }
                 }
-                Output::SaveSyncState { peer, doc, state } => {
-                    self.nodes[i].sync_states.insert((peer, doc), state);
+                Action::SaveSyncStates(states) => {
+                    for (peer, doc, state) in states {
+                        self.nodes[i].sync_states.insert((peer, doc), state);
+                    }
                 }
-                Output::Security { .. } => self.security += 1,
-                Output::Disconnect { peer, .. } => {
-                    if let Some(&j) = self.index.get(&peer)
-                        && let Some(&l) = self.by_pair.get(&(i, j))
-                    {
+                Action::Security { .. } => self.security += 1,
+                Action::Disconnect { conn: j, .. } | Action::Reject { conn: j, .. } => {
+                    if let Some(&l) = self.by_pair.get(&(i, j)) {
                         self.disconnect(l);
                     }
                 }
-                Output::Dropped { doc } => {
+                Action::DropDoc(doc) => {
                     self.nodes[i].store.remove(&doc);
                     self.nodes[i].sync_states.retain(|(_, d), _| *d != doc);
                 }
-                Output::Changed { .. } => {}
+                Action::Admit { .. }
+                | Action::SavePeers(_)
+                | Action::Reconcile
+                | Action::Report
+                | Action::Changed(_)
+                | Action::Contact { .. }
+                | Action::Heard { .. }
+                | Action::Timeline { .. } => {}
             }
         }
+    }
+
+    /// Node `i`'s store committed a batch: from now on it survives a crash.
+    fn store(
+        &mut self,
+        i: usize,
+        batch: u64,
+        changes: Vec<(DocId, Vec<(ChangeHash, SignedChange)>)>,
+    ) {
+        for (doc, changes) in changes {
+            let set = self.committed.entry(doc.clone()).or_default();
+            for (h, _) in &changes {
+                set.insert(*h);
+            }
+            self.nodes[i].store.entry(doc).or_default().extend(changes);
+        }
+        if self.persist_times.last() != Some(&self.now) {
+            self.persist_times.push(self.now);
+        }
+        let now = self.clock(i);
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.committed(now, batch, Ok(()));
+        }
+        self.act(i);
     }
 
     fn transmit(&mut self, l: usize, from: usize, to: usize, frame: Vec<u8>) {
@@ -587,13 +665,13 @@ impl Sim {
                     self.disconnect(l);
                 }
             }
-            self.nodes[i].engine = None;
+            self.nodes[i].core = None;
         }
         if let Some(r) = &ev.restart {
             let i = self.node_ref(r)?;
             self.events
                 .push(format!("{t}s restart {}", self.nodes[i].name));
-            if self.nodes[i].engine.is_none() {
+            if self.nodes[i].core.is_none() {
                 self.start(i);
                 for l in 0..self.links.len() {
                     if self.links[l].a == i || self.links[l].b == i {
@@ -641,14 +719,17 @@ impl Sim {
             let json = serde_json::to_value(v).map_err(|x| x.to_string())?;
             ops.insert(k.clone(), Some(json.to_string()));
         }
-        let now = (self.now / 1_000_000) as i64 + self.nodes[i].skew;
-        let Some(engine) = self.nodes[i].engine.as_mut() else {
+        let now = self.clock(i);
+        let Some(core) = self.nodes[i].core.as_mut() else {
             return Ok(()); // a crashed node makes no edits
         };
-        engine
-            .edit(&doc, &writer, now, &ops)
+        let hash = core
+            .write(now, &doc, &writer, &ops)
             .map_err(|x| x.to_string())?;
-        self.drain(i);
+        if let Some(h) = hash {
+            self.written.insert(h, i);
+        }
+        self.act(i);
         Ok(())
     }
 
@@ -697,14 +778,11 @@ impl Sim {
             .nodes
             .iter()
             .map(|n| {
-                n.engine
-                    .as_ref()
-                    .and_then(|e| e.doc(&DocId::Fleet))
-                    .map(|d| {
-                        let mut h = d.heads();
-                        h.sort();
-                        h
-                    })
+                n.core.as_ref().and_then(|c| c.doc(&DocId::Fleet)).map(|d| {
+                    let mut h = d.heads();
+                    h.sort();
+                    h
+                })
             })
             .collect();
         let mut counts: HashMap<&Vec<ChangeHash>, usize> = HashMap::new();
@@ -732,6 +810,28 @@ impl Sim {
             self.now = at;
             match ev {
                 Ev::Scenario(i) => self.scenario_event(i)?,
+                Ev::Committed {
+                    node,
+                    starts,
+                    batch,
+                } => {
+                    let changes = self.writing.remove(&(node, starts, batch));
+                    // A crash since the commit began lost it (and nothing
+                    // that followed it was sent).
+                    if let Some(changes) = changes {
+                        if self.nodes[node].core.is_some() && self.nodes[node].starts == starts {
+                            self.store(node, batch, changes);
+                        } else {
+                            for (_, c) in &changes {
+                                for (h, _) in c {
+                                    if self.written.get(h) == Some(&node) {
+                                        self.lost.insert(*h);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
                 Ev::Deliver {
                     link,
                     epoch,
@@ -740,7 +840,7 @@ impl Sim {
                     frame,
                 } => {
                     let l = &self.links[link];
-                    if !l.up || l.epoch != epoch || self.nodes[to].engine.is_none() {
+                    if !l.up || l.epoch != epoch || self.nodes[to].core.is_none() {
                         continue;
                     }
                     let t = self.traffic.entry(l.kind.clone()).or_default();
@@ -750,11 +850,11 @@ impl Sim {
                     let t = self.per_link.entry(name).or_default();
                     t.messages += 1;
                     t.bytes += frame.len() as u64;
-                    let peer = self.nodes[from].identity.key();
-                    if let Some(e) = self.nodes[to].engine.as_mut() {
-                        e.handle(Input::Received { peer, frame });
+                    let now = self.clock(to);
+                    if let Some(core) = self.nodes[to].core.as_mut() {
+                        core.frame(now, from, frame);
                     }
-                    self.drain(to);
+                    self.act(to);
                 }
             }
         }
@@ -767,7 +867,7 @@ impl Sim {
         let mut converged = true;
         let mut nothing_lost = true;
         let mut no_forged = true;
-        let live: Vec<&SimNode> = self.nodes.iter().filter(|n| n.engine.is_some()).collect();
+        let live: Vec<&SimNode> = self.nodes.iter().filter(|n| n.core.is_some()).collect();
         let all_docs: HashSet<DocId> = self.committed.keys().cloned().collect();
         let superseded = |id: &DocId| match id {
             DocId::Node { name, epoch } => all_docs
@@ -784,8 +884,7 @@ impl Sim {
                 if !wants(&self.trust, &n.identity.cert, id) {
                     continue;
                 }
-                let engine = n.engine.as_ref();
-                let doc = engine.and_then(|e| e.doc(id));
+                let doc = n.core.as_ref().and_then(|c| c.doc(id));
                 let mut heads = doc.map(|d| d.heads()).unwrap_or_default();
                 heads.sort();
                 match &seen {
@@ -807,10 +906,24 @@ impl Sim {
                 }
             }
         }
+        // A lost edit committed by nobody: it never left its writer.
+        let lost: Vec<&ChangeHash> = self
+            .lost
+            .iter()
+            .filter(|h| !self.committed.values().any(|s| s.contains(*h)))
+            .collect();
+        let sent_before_commit = self.lost.len() != lost.len()
+            || live.iter().any(|n| {
+                n.core.as_ref().is_some_and(|c| {
+                    c.engine()
+                        .docs()
+                        .any(|d| lost.iter().any(|h| d.has_change(h)))
+                })
+            });
         let conflicts = live
             .first()
-            .and_then(|n| n.engine.as_ref())
-            .map(|e| e.docs().map(|d| d.conflicts().len()).sum())
+            .and_then(|n| n.core.as_ref())
+            .map(|c| c.engine().docs().map(|d| d.conflicts().len()).sum())
             .unwrap_or(0);
         // Convergence after a heal: the last change committed anywhere
         // before the next scripted event (later edits are not the merge).
@@ -869,10 +982,12 @@ impl Sim {
             per_link: self.per_link,
             conflicts,
             security_events: self.security,
+            uncommitted_lost: self.lost.len(),
             invariants: Invariants {
                 converged,
                 nothing_lost,
                 no_forged_applied: no_forged,
+                nothing_sent_before_commit: !sent_before_commit,
                 failed,
             },
             agreement: self.agreement,

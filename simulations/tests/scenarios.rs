@@ -182,3 +182,17 @@ fn skew_takes_a_duration() {
             .contains("skew of a[1]")
     );
 }
+
+#[test]
+fn a_crash_before_the_commit_loses_only_what_was_never_acknowledged() {
+    let r = check("crash-mid-commit");
+    // The edit cut short by the crash is gone, and nobody else has it.
+    assert_eq!(r.uncommitted_lost, 1, "{:?}", r.events);
+    assert!(r.invariants.nothing_sent_before_commit);
+    assert!(r.invariants.nothing_lost && r.invariants.converged);
+    // With the commit made at once, the same crash loses nothing.
+    let text = scenario("crash-mid-commit").replace("commit_latency = \"20ms\"", "");
+    let r = run_scenario(&text, None, |_| {}).unwrap();
+    assert!(r.passed(), "{:?}", r.invariants);
+    assert_eq!(r.uncommitted_lost, 0);
+}

@@ -1,0 +1,852 @@
+//! The daemon core: events and the time in, actions out.
+//!
+//! One [`Core`] per daemon owns the sync engine and every decision around
+//! it. Its driver calls a method per event — a peer's hello, a frame, a
+//! connection gone, a tick, a commit that finished, a local write — and
+//! then takes [`Action`]s with [`Core::poll_action`] and carries them out
+//! in order. Time comes in as a [`Now`]; nothing here reads a clock, a file
+//! or a socket, so a simulator can run ten thousand cores in one thread.
+//!
+//! **Commit before send.** Every change the engine applied is handed out in
+//! an [`Action::Commit`]; every frame, saved sync state, dropped document
+//! and change notice that the engine produced after it waits until the
+//! driver reports with [`Core::committed`] that the commit succeeded. A
+//! failed commit keeps everything held (nothing is sent on what could not be
+//! kept, and nothing is dropped) and is tried again at the next tick.
+//!
+//! `C` is the driver's handle for a connection (a libp2p peer id on the
+//! mesh, an index in the simulator).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
+
+use automerge::ChangeHash;
+use crdt_state::device::DeviceReport;
+use crdt_state::model::{self, FleetView, NodeReport, WorkloadReport};
+use crdt_state::placement::{self, Workload};
+use crdt_state::render::Contact;
+use crdt_state::sync::{Engine, Input, Output};
+use crdt_state::{DocId, Document, Identity, PublicKey, SignedChange, Trust};
+
+use crate::hello;
+
+/// The time, as the driver's clock tells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Now {
+    /// A monotonic clock (milliseconds since the daemon started): timers.
+    pub mono_ms: u64,
+    /// Wall-clock Unix seconds: what is written into documents.
+    pub unix_s: i64,
+}
+
+/// How a core behaves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The daemon runs a share of the fleet (an edge node): it reconciles
+    /// and writes reports, and it listens through anchors' relays.
+    pub workloads: bool,
+    /// Write timeline entries for changes merged from peers (an anchor
+    /// that serves a view).
+    pub timeline: bool,
+    /// Sync states are saved at most this often (0: at once).
+    pub state_flush_ms: u64,
+    /// A node reconciles at least this often, changed or not (drift).
+    pub reconcile_every_ms: u64,
+    /// Reported device values are rewritten at most this often (state
+    /// changes — online, errors, setpoints — are written at once).
+    pub values_every_ms: u64,
+    /// Peers to remember (multiaddrs ending in `/p2p/<peer id>`).
+    pub known_peers: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            workloads: false,
+            timeline: false,
+            state_flush_ms: 5_000,
+            reconcile_every_ms: 30_000,
+            values_every_ms: 30_000,
+            known_peers: Vec::new(),
+        }
+    }
+}
+
+/// Changes to commit, per document, in an order that applies.
+pub type Batch = Vec<(DocId, Vec<(ChangeHash, SignedChange)>)>;
+
+/// What the core asks its driver to do, in order.
+#[derive(Debug)]
+pub enum Action<C> {
+    /// Let the connection's frames through (it passed admission).
+    Admit {
+        /// The connection.
+        conn: C,
+        /// Its certificate's name.
+        name: String,
+        /// Where it came from, as the hello said.
+        from: String,
+        /// Listen for inbound connections through this peer's relay (a node
+        /// admitting an anchor).
+        relay: bool,
+    },
+    /// Refuse and close the connection.
+    Reject {
+        /// The connection.
+        conn: C,
+        /// Why (sent to the peer and logged).
+        reason: String,
+    },
+    /// Send a frame.
+    Send {
+        /// The connection.
+        conn: C,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+    /// Close the connection (the peer misbehaved).
+    Disconnect {
+        /// The connection.
+        conn: C,
+        /// Why.
+        reason: String,
+    },
+    /// Commit these changes in one transaction, then call
+    /// [`Core::committed`] with `batch` and the outcome.
+    Commit {
+        /// Names this commit in [`Core::committed`].
+        batch: u64,
+        /// The changes (the documents are [`Core::doc`]).
+        changes: Batch,
+    },
+    /// Save these sync states (peer, document, state).
+    SaveSyncStates(Vec<(PublicKey, DocId, Vec<u8>)>),
+    /// Delete a superseded document (an old node epoch) from the store.
+    DropDoc(DocId),
+    /// Save the list of peers worth dialling again.
+    SavePeers(Vec<String>),
+    /// Apply the node's share ([`Core::share`]) to the runtime now, then
+    /// call [`Core::report`].
+    Reconcile,
+    /// Call [`Core::report`] with the runtime's status (written only when
+    /// it changed).
+    Report,
+    /// A document changed (views re-read it).
+    Changed(DocId),
+    /// A peer connected or went away.
+    Contact {
+        /// Its name.
+        name: String,
+        /// Connected now.
+        connected: bool,
+    },
+    /// A frame arrived from a named peer.
+    Heard {
+        /// Its name.
+        name: String,
+        /// The frame's size.
+        bytes: usize,
+    },
+    /// A timeline entry.
+    Timeline {
+        /// `merged`.
+        kind: &'static str,
+        /// What it is about (a document).
+        subject: String,
+        /// In words.
+        text: String,
+    },
+    /// A security event: something refused.
+    Security {
+        /// Who (a peer's name, or its key's short form, or an address).
+        who: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A connection's hello, as it arrived.
+pub struct Arrival<'a, C> {
+    /// The connection.
+    pub conn: C,
+    /// The hello's bytes.
+    pub bytes: &'a [u8],
+    /// Whether the transport's handshake proved a key (on the mesh: the
+    /// key the peer id embeds).
+    pub proves: &'a dyn Fn(&PublicKey) -> bool,
+    /// Where it came from, in words (for the security log).
+    pub from: &'a str,
+    /// The peer's address worth dialling again (None: it came through a
+    /// relay).
+    pub dialable: Option<String>,
+}
+
+/// One engine output held until the commit before it is done.
+struct Held {
+    output: Output,
+    /// A `Persist` that is part of the commit in flight.
+    in_batch: bool,
+}
+
+/// The daemon core of one node or anchor.
+pub struct Core<C> {
+    engine: Engine,
+    me: Identity,
+    settings: Settings,
+    /// Admitted connections and their keys, both ways.
+    conns: HashMap<C, PublicKey>,
+    keys: HashMap<PublicKey, C>,
+    contacts: BTreeMap<String, Contact>,
+    known_peers: Vec<String>,
+    peers_dirty: bool,
+    pending_states: HashMap<(PublicKey, DocId), Vec<u8>>,
+    last_state_flush: u64,
+    /// Engine outputs not yet released, oldest first.
+    held: VecDeque<Held>,
+    /// The commit in flight (handed out, no answer yet).
+    in_flight: Option<u64>,
+    /// The last commit failed: try again at the next tick.
+    retry: bool,
+    next_batch: u64,
+    commit_failures: u64,
+    reconcile_due: bool,
+    last_reconcile: u64,
+    last_report: Option<NodeReport>,
+    last_values: u64,
+    /// Changes written here, told apart from merged ones on the timeline.
+    local_hashes: HashSet<ChangeHash>,
+    security_events: u64,
+    actions: VecDeque<Action<C>>,
+}
+
+impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
+    /// A core over an engine loaded from the store, for the identity `me`.
+    pub fn new(engine: Engine, me: Identity, settings: Settings) -> Self {
+        Core {
+            engine,
+            me,
+            known_peers: settings.known_peers.clone(),
+            // A node acts on its stored desired state before any network.
+            reconcile_due: settings.workloads,
+            settings,
+            conns: HashMap::new(),
+            keys: HashMap::new(),
+            contacts: BTreeMap::new(),
+            peers_dirty: false,
+            pending_states: HashMap::new(),
+            last_state_flush: 0,
+            held: VecDeque::new(),
+            in_flight: None,
+            retry: false,
+            next_batch: 0,
+            commit_failures: 0,
+            last_reconcile: 0,
+            last_report: None,
+            last_values: 0,
+            local_hashes: HashSet::new(),
+            security_events: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do, oldest first.
+    pub fn poll_action(&mut self) -> Option<Action<C>> {
+        self.actions.pop_front()
+    }
+
+    // ----- events -------------------------------------------------------
+
+    /// The daemon started: a node acts on its stored desired state at once,
+    /// before any network.
+    pub fn start(&mut self, now: Now) {
+        self.last_state_flush = now.mono_ms;
+        self.last_values = now.mono_ms;
+        self.release(now);
+    }
+
+    /// A connection's hello arrived; `saved` reads the sync state stored
+    /// for (peer, document).
+    pub fn hello(
+        &mut self,
+        now: Now,
+        arrival: Arrival<'_, C>,
+        saved: &mut dyn FnMut(&PublicKey, &DocId) -> Option<Vec<u8>>,
+    ) {
+        let Arrival {
+            conn,
+            bytes,
+            proves,
+            from,
+            dialable,
+        } = arrival;
+        let cert = match hello::check(self.engine.trust(), proves, bytes) {
+            Ok(cert) => cert,
+            Err(reason) => {
+                self.security_events += 1;
+                self.actions.push_back(Action::Security {
+                    who: from.to_string(),
+                    reason: format!("admission refused: {reason}"),
+                });
+                self.actions.push_back(Action::Reject { conn, reason });
+                return;
+            }
+        };
+        let key = cert.key;
+        // A key already connected under another handle: the newer wins.
+        if let Some(old) = self.keys.insert(key, conn)
+            && old != conn
+        {
+            self.conns.remove(&old);
+            self.engine.handle(Input::Disconnected { peer: key });
+        }
+        self.conns.insert(conn, key);
+        self.actions.push_back(Action::Admit {
+            conn,
+            name: cert.name.clone(),
+            from: from.to_string(),
+            relay: cert.role == crdt_state::Role::Anchor && self.settings.workloads,
+        });
+        self.contacts.insert(
+            cert.name.clone(),
+            Contact {
+                connected: true,
+                last_contact: Some(now.unix_s),
+            },
+        );
+        self.actions.push_back(Action::Contact {
+            name: cert.name.clone(),
+            connected: true,
+        });
+        if let Some(full) = dialable {
+            // Keep peers whose address we dialled or that dialled us from
+            // their listening socket (one address per peer id).
+            if !self.known_peers.contains(&full) {
+                let id = full.rsplit("/p2p/").next().unwrap_or_default().to_string();
+                self.known_peers
+                    .retain(|p| p.rsplit("/p2p/").next() != Some(id.as_str()));
+                self.known_peers.push(full);
+                self.peers_dirty = true;
+            }
+        }
+        let saved: Vec<(DocId, Vec<u8>)> = self
+            .engine
+            .docs()
+            .map(|d| d.id().clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|id| saved(&key, &id).map(|s| (id, s)))
+            .collect();
+        self.engine.handle(Input::Connected {
+            peer: key,
+            cert,
+            saved,
+        });
+        self.pump(now);
+    }
+
+    /// A frame arrived on a connection (ignored unless it was admitted).
+    pub fn frame(&mut self, now: Now, conn: C, bytes: Vec<u8>) {
+        let Some(key) = self.conns.get(&conn).copied() else {
+            return;
+        };
+        if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
+            if let Some(c) = self.contacts.get_mut(&name) {
+                c.last_contact = Some(now.unix_s);
+            }
+            self.actions.push_back(Action::Heard {
+                name,
+                bytes: bytes.len(),
+            });
+        }
+        self.engine.handle(Input::Received {
+            peer: key,
+            frame: bytes,
+        });
+        self.pump(now);
+    }
+
+    /// A connection ended.
+    pub fn down(&mut self, now: Now, conn: C) {
+        let Some(key) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.keys.remove(&key);
+        if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
+            self.contacts.insert(
+                name.clone(),
+                Contact {
+                    connected: false,
+                    last_contact: Some(now.unix_s),
+                },
+            );
+            self.actions.push_back(Action::Contact {
+                name,
+                connected: false,
+            });
+        }
+        self.engine.handle(Input::Disconnected { peer: key });
+        self.pump(now);
+    }
+
+    /// A tick (about once a second): anti-entropy, a failed commit tried
+    /// again, reconcile or report, sync states and peers saved.
+    pub fn tick(&mut self, now: Now) {
+        self.engine.handle(Input::Tick {
+            now_ms: now.mono_ms,
+        });
+        if self.retry {
+            self.retry = false;
+            self.start_commit();
+        }
+        self.pump(now);
+        if self.settings.workloads {
+            if self.reconcile_due
+                || now.mono_ms.saturating_sub(self.last_reconcile)
+                    >= self.settings.reconcile_every_ms
+            {
+                self.reconcile(now);
+            } else {
+                self.actions.push_back(Action::Report);
+            }
+        }
+        if now.mono_ms.saturating_sub(self.last_state_flush) >= self.settings.state_flush_ms {
+            self.flush(now);
+        }
+    }
+
+    /// The driver finished the commit `batch` (`Err`: nothing of it was
+    /// stored).
+    pub fn committed(&mut self, now: Now, batch: u64, result: Result<(), String>) {
+        if self.in_flight != Some(batch) {
+            return;
+        }
+        self.in_flight = None;
+        if result.is_err() {
+            // Not stored: hold everything (nothing is sent on what could
+            // not be kept) and try again at the next tick.
+            self.commit_failures += 1;
+            self.retry = true;
+            for h in &mut self.held {
+                h.in_batch = false;
+            }
+            return;
+        }
+        let mut merged: Vec<(DocId, Vec<(ChangeHash, SignedChange)>)> = Vec::new();
+        while let Some(front) = self.held.front() {
+            if matches!(front.output, Output::Persist { .. }) && !front.in_batch {
+                break; // a newer change: it needs its own commit first
+            }
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            match h.output {
+                Output::Persist { doc, changes } => merged.push((doc, changes)),
+                other => self.carry(other, now),
+            }
+        }
+        if self.settings.timeline {
+            self.note_merges(&merged);
+        }
+        self.release(now);
+    }
+
+    /// Changes committed outside the engine (the data dir's verbs,
+    /// enrollment): the engine takes them and syncs them on.
+    pub fn local(&mut self, now: Now, doc: DocId, changes: Vec<SignedChange>) {
+        if self.settings.timeline {
+            for c in &changes {
+                if let Ok(ch) = crdt_state::doc::decode_change(&c.bytes) {
+                    self.local_hashes.insert(ch.hash());
+                }
+            }
+        }
+        self.engine.handle(Input::Local { doc, changes });
+        self.pump(now);
+    }
+
+    /// Writes `ops` to `doc` as `writer`: signed, applied, committed before
+    /// anything that follows is sent, synced.
+    pub fn write(
+        &mut self,
+        now: Now,
+        doc: &DocId,
+        writer: &Identity,
+        ops: &BTreeMap<String, Option<String>>,
+    ) -> crdt_state::Result<Option<ChangeHash>> {
+        let r = self.engine.edit(doc, writer, now.unix_s, ops);
+        if let Ok(Some(h)) = &r
+            && self.settings.timeline
+        {
+            self.local_hashes.insert(*h);
+        }
+        self.pump(now);
+        r
+    }
+
+    /// Signed changes made elsewhere (a field engineer's laptop through the
+    /// site API): verified like synced ones, applied, committed, synced.
+    /// True when any was new.
+    pub fn submit(
+        &mut self,
+        now: Now,
+        doc: DocId,
+        changes: Vec<SignedChange>,
+    ) -> crdt_state::Result<bool> {
+        let r = self.engine.submit(doc, changes);
+        self.pump(now);
+        r
+    }
+
+    /// The node's runtime status: written into the node's document when it
+    /// differs from the last report (device values alone at most every
+    /// `values_every_ms`).
+    pub fn report(
+        &mut self,
+        now: Now,
+        workloads: BTreeMap<String, WorkloadReport>,
+        devices: BTreeMap<String, DeviceReport>,
+    ) {
+        let heads = |id: &DocId| -> Vec<String> {
+            let mut h: Vec<String> = self
+                .engine
+                .doc(id)
+                .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
+                .unwrap_or_default();
+            h.sort();
+            h
+        };
+        let mut report = NodeReport {
+            fleet_heads: heads(&DocId::Fleet),
+            site_heads: self
+                .me
+                .cert
+                .site
+                .as_ref()
+                .map(|s| heads(&DocId::Site(s.clone())))
+                .unwrap_or_default(),
+            workloads,
+            reconciled_at: 0,
+            peers: self
+                .contacts
+                .iter()
+                .filter(|(_, c)| c.connected)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            devices,
+        };
+        if let Some(last) = &self.last_report {
+            let mut same = report.clone();
+            same.reconciled_at = last.reconciled_at;
+            if same == *last {
+                return;
+            }
+            // Only reported values moved: not more often than the setting.
+            let mut values_only = same.clone();
+            for (k, d) in values_only.devices.iter_mut() {
+                if let Some(old) = last.devices.get(k) {
+                    d.values = old.values.clone();
+                }
+            }
+            if values_only == *last
+                && now.mono_ms.saturating_sub(self.last_values) < self.settings.values_every_ms
+            {
+                return;
+            }
+        }
+        self.last_values = now.mono_ms;
+        report.reconciled_at = now.unix_s;
+        let id = self.node_doc();
+        let empty = Document::new(id.clone());
+        let ops = report.ops(self.engine.doc(&id).unwrap_or(&empty));
+        let me = self.me.clone();
+        match self.engine.edit(&id, &me, now.unix_s, &ops) {
+            Ok(_) => self.last_report = Some(report),
+            Err(e) => self.actions.push_back(Action::Security {
+                who: me.cert.name.clone(),
+                reason: format!("own report not written: {e}"),
+            }),
+        }
+        self.pump(now);
+    }
+
+    /// Saves what is pending (sync states, the peer list): at shutdown.
+    pub fn flush(&mut self, now: Now) {
+        self.last_state_flush = now.mono_ms;
+        if !self.pending_states.is_empty() {
+            let states = self
+                .pending_states
+                .drain()
+                .map(|((k, d), s)| (k, d, s))
+                .collect();
+            self.actions.push_back(Action::SaveSyncStates(states));
+        }
+        if self.peers_dirty {
+            self.peers_dirty = false;
+            self.actions
+                .push_back(Action::SavePeers(self.known_peers.clone()));
+        }
+    }
+
+    // ----- reads --------------------------------------------------------
+
+    /// The sync engine (its documents and trust).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// A document held.
+    pub fn doc(&self, id: &DocId) -> Option<&Document> {
+        self.engine.doc(id)
+    }
+
+    /// The trust the engine verifies with.
+    pub fn trust(&self) -> &Trust {
+        self.engine.trust()
+    }
+
+    /// This daemon's identity.
+    pub fn me(&self) -> &Identity {
+        &self.me
+    }
+
+    /// Peers by name: connected now, last heard.
+    pub fn contacts(&self) -> &BTreeMap<String, Contact> {
+        &self.contacts
+    }
+
+    /// The name of an admitted connection's peer.
+    pub fn name_of(&self, conn: &C) -> Option<String> {
+        let key = self.conns.get(conn)?;
+        self.engine.trust().cert(key).map(|c| c.name.clone())
+    }
+
+    /// The last report written into the node's document.
+    pub fn last_report(&self) -> Option<&NodeReport> {
+        self.last_report.as_ref()
+    }
+
+    /// Security events raised so far.
+    pub fn security_events(&self) -> u64 {
+        self.security_events
+    }
+
+    /// Commits that failed so far.
+    pub fn commit_failures(&self) -> u64 {
+        self.commit_failures
+    }
+
+    /// Engine outputs held behind a commit (frames not yet sent).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The fleet document and this node's site document, read.
+    pub fn desired(&self) -> (FleetView, Option<model::SiteOverrideSpec>) {
+        let fleet = self
+            .engine
+            .doc(&DocId::Fleet)
+            .map(FleetView::read)
+            .unwrap_or_default();
+        let site = self
+            .me
+            .cert
+            .site
+            .as_ref()
+            .and_then(|s| self.engine.doc(&DocId::Site(s.clone())))
+            .map(model::read_site);
+        (fleet, site)
+    }
+
+    /// The node's share now: fleet state for it, its site's overrides on top.
+    pub fn share(&self) -> Vec<Workload> {
+        let (fleet, site) = self.desired();
+        // Every registered node counts as healthy for replica placement
+        // until reports of health feed into it.
+        placement::share(&fleet, site.as_ref(), &self.me.cert.name, &|_| true)
+    }
+
+    /// The node's current document (highest epoch held).
+    pub fn node_doc(&self) -> DocId {
+        let name = &self.me.cert.name;
+        let epoch = self
+            .engine
+            .docs()
+            .filter_map(|d| match d.id() {
+                DocId::Node { name: n, epoch } if n == name => Some(*epoch),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        DocId::Node {
+            name: name.clone(),
+            epoch,
+        }
+    }
+
+    // ----- inside -------------------------------------------------------
+
+    fn reconcile(&mut self, now: Now) {
+        self.reconcile_due = false;
+        self.last_reconcile = now.mono_ms;
+        self.actions.push_back(Action::Reconcile);
+    }
+
+    /// Takes the engine's outputs and releases what may go.
+    fn pump(&mut self, now: Now) {
+        while let Some(output) = self.engine.poll_output() {
+            self.held.push_back(Held {
+                output,
+                in_batch: false,
+            });
+        }
+        self.release(now);
+    }
+
+    /// Releases held outputs up to the first change not yet committed, and
+    /// starts its commit.
+    fn release(&mut self, now: Now) {
+        if self.in_flight.is_some() || self.retry {
+            return;
+        }
+        while let Some(front) = self.held.front() {
+            if matches!(front.output, Output::Persist { .. }) {
+                self.start_commit();
+                return;
+            }
+            if let Some(h) = self.held.pop_front() {
+                self.carry(h.output, now);
+            }
+        }
+        if self.reconcile_due && self.settings.workloads {
+            // A new desired state: act on it now, not at the next tick.
+            self.reconcile(now);
+        }
+        if self.settings.state_flush_ms == 0 {
+            self.flush(now);
+        }
+    }
+
+    /// Hands out every held change in one commit.
+    fn start_commit(&mut self) {
+        let mut changes: Batch = Vec::new();
+        for h in &mut self.held {
+            if let Output::Persist { doc, changes: c } = &h.output {
+                h.in_batch = true;
+                changes.push((doc.clone(), c.clone()));
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        self.next_batch += 1;
+        self.in_flight = Some(self.next_batch);
+        self.actions.push_back(Action::Commit {
+            batch: self.next_batch,
+            changes,
+        });
+    }
+
+    /// One released engine output.
+    fn carry(&mut self, output: Output, _now: Now) {
+        match output {
+            Output::Persist { .. } => {}
+            Output::Send { peer, frame } => {
+                if let Some(conn) = self.keys.get(&peer) {
+                    self.actions.push_back(Action::Send { conn: *conn, frame });
+                }
+            }
+            Output::SaveSyncState { peer, doc, state } => {
+                self.pending_states.insert((peer, doc), state);
+            }
+            Output::Dropped { doc } => {
+                self.pending_states.retain(|(_, d), _| *d != doc);
+                self.actions.push_back(Action::DropDoc(doc));
+            }
+            Output::Changed { doc } => {
+                if doc == DocId::Fleet {
+                    self.cut_revoked();
+                }
+                let my_site = self.me.cert.site.as_ref().map(|s| DocId::Site(s.clone()));
+                if doc == DocId::Fleet || Some(&doc) == my_site.as_ref() {
+                    self.reconcile_due = true;
+                }
+                self.actions.push_back(Action::Changed(doc));
+            }
+            Output::Security { peer, reason } => {
+                self.security_events += 1;
+                let who = self
+                    .engine
+                    .trust()
+                    .cert(&peer)
+                    .map(|c| c.name.clone())
+                    .unwrap_or_else(|| peer.short());
+                self.actions.push_back(Action::Security { who, reason });
+            }
+            Output::Disconnect { peer, reason } => {
+                if let Some(conn) = self.keys.get(&peer) {
+                    self.actions.push_back(Action::Disconnect {
+                        conn: *conn,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Cuts off connected peers whose certificate was revoked.
+    fn cut_revoked(&mut self) {
+        let revoked: Vec<(C, PublicKey)> = self
+            .conns
+            .iter()
+            .filter(|(_, k)| self.engine.trust().is_revoked(k))
+            .map(|(c, k)| (*c, *k))
+            .collect();
+        for (conn, key) in revoked {
+            self.actions.push_back(Action::Reject {
+                conn,
+                reason: format!("{} was revoked", key.short()),
+            });
+        }
+    }
+
+    /// Timeline entries for changes that arrived from peers (not made here).
+    fn note_merges(&mut self, persisted: &[(DocId, Vec<(ChangeHash, SignedChange)>)]) {
+        for (id, changes) in persisted {
+            if matches!(id, DocId::Node { .. }) {
+                continue;
+            }
+            let mut writers = BTreeSet::new();
+            let mut n = 0;
+            for (hash, c) in changes {
+                if self.local_hashes.remove(hash) {
+                    continue;
+                }
+                n += 1;
+                if let (Ok(ch), Some(doc)) = (
+                    crdt_state::doc::decode_change(&c.bytes),
+                    self.engine.doc(id),
+                ) && let Some(key) = doc.actor_key(ch.actor_id())
+                {
+                    let name = self
+                        .engine
+                        .trust()
+                        .cert(&key)
+                        .map(|c| c.name.clone())
+                        .unwrap_or_else(|| key.short());
+                    writers.insert(name);
+                }
+            }
+            if n > 0 {
+                let who: Vec<String> = writers.into_iter().collect();
+                self.actions.push_back(Action::Timeline {
+                    kind: "merged",
+                    subject: id.to_string(),
+                    text: format!(
+                        "{n} change(s) to {id} merged, written by {}",
+                        who.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+}
