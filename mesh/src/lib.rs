@@ -176,6 +176,18 @@ pub fn peer_id_of(public_key: &[u8; 32]) -> Option<PeerId> {
     Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
 }
 
+/// The Ed25519 public key a peer id embeds; `None` for a peer id that is
+/// a hash of its key (keys longer than 42 bytes) or not an Ed25519 key.
+pub fn key_of(peer: &PeerId) -> Option<[u8; 32]> {
+    // An identity multihash (code 0) holds the protobuf-encoded key itself.
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
 /// The peer id at the end of an address (`…/p2p/<id>`).
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().last().and_then(|p| match p {
@@ -1286,6 +1298,40 @@ pub fn resolve_dns(addr: &Multiaddr) -> Result<Multiaddr, String> {
         out.push(p);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn key_of_gives_back_the_key_a_peer_id_embeds() -> Result<(), String> {
+        let kp =
+            libp2p::identity::Keypair::ed25519_from_bytes([7u8; 32]).map_err(|e| e.to_string())?;
+        let k = kp
+            .public()
+            .try_into_ed25519()
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let id = peer_id_of(&k).ok_or("no peer id")?;
+        assert_eq!(key_of(&id), Some(k));
+        let other = peer_id_of(
+            &libp2p::identity::Keypair::ed25519_from_bytes([8u8; 32])
+                .map_err(|e| e.to_string())?
+                .public()
+                .try_into_ed25519()
+                .map_err(|e| e.to_string())?
+                .to_bytes(),
+        )
+        .ok_or("no peer id")?;
+        assert_ne!(key_of(&other), Some(k));
+        // A sha256 peer id (multihash code 0x12, 32 bytes) embeds no key.
+        let mut bytes = vec![0x12, 0x20];
+        bytes.extend_from_slice(&[0xab; 32]);
+        let hashed = PeerId::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        assert_eq!(key_of(&hashed), None);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
