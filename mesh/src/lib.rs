@@ -28,12 +28,36 @@
 //!   dial attempt every 30 s, not every second).
 //! - **Requests** (`/shoal/enroll/1`): one frame each way, allowed before
 //!   admission; the only thing an unknown peer may ask for.
+//! - **Backpressure.** Incoming: each sync stream has a reader task that
+//!   reads one frame, then waits for room in a channel of 8 messages to
+//!   the mesh task, which takes from it only while the owner's event
+//!   channel (8 events) has room. An owner that stops calling
+//!   [`Events::next`] therefore stops the reading of sync streams, and
+//!   QUIC flow control slows the senders. What the mesh then holds for the
+//!   owner is at most 8 + 8 + 1 frames plus one per sync stream being
+//!   read (normally one per admitted peer), each at most `max_frame`
+//!   (4 MiB): 68 MiB plus 4 MiB per peer, however fast the peers send.
+//!   Frames held before admission add at most `2 × max_frame` per peer
+//!   waiting for admission, as before. Outgoing: [`Mesh::send`]
+//!   never waits; what is queued to one peer and not yet written to its
+//!   stream is bounded by `max_queued` bytes (32 MiB). A send that would
+//!   go over the bound makes the peer a slow consumer: its session ends
+//!   there ([`Event::Down`]), it is disconnected with that reason, and
+//!   nothing more is written in that session. A frame is never dropped
+//!   from a session that goes on: the peer receives a prefix of what was
+//!   sent in a session, and the next session starts from a digest, so
+//!   nothing is lost.
+//! - **Decisions** (sessions, admission, held frames, redial backoff)
+//!   live in a sans-IO state machine (`session.rs`), fed with `now` and
+//!   unit-tested without QUIC; the mesh task owns the swarm and carries
+//!   out what it decides.
 
 #![warn(missing_docs)]
 
 pub mod frame;
+mod session;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -44,10 +68,12 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise};
 use libp2p::{ping, relay, yamux};
 use tokio::sync::{mpsc, oneshot};
+
+use session::{INCARNATION, Output, Sessions, Settings};
 
 pub use libp2p::{Multiaddr, PeerId};
 
@@ -64,8 +90,14 @@ pub const BLOB: StreamProtocol = StreamProtocol::new("/shoal/blob/1");
 
 /// Largest hello or request frame.
 pub const MAX_SMALL_FRAME: usize = 64 << 10;
-/// Bytes of the incarnation id that starts every hello frame.
-const INCARNATION: usize = 16;
+
+/// Events the owner has not taken yet, at most. With sync frames of up to
+/// `max_frame` (4 MiB by default) this holds at most 32 MiB; see the
+/// module docs for the whole bound.
+const EVENT_QUEUE: usize = 8;
+/// Frames and requests read from streams and not yet handed on, at most
+/// (again at most 32 MiB with 4 MiB frames).
+const INBOUND_QUEUE: usize = 8;
 
 /// Mesh settings.
 #[derive(Clone, Debug)]
@@ -103,7 +135,9 @@ pub struct Config {
     pub fast_redial: (Duration, Duration),
     /// Protocols whose requests this peer answers ([`Event::Request`]).
     pub serve: Vec<StreamProtocol>,
-    /// Bytes queued to a slow peer before it is cut off.
+    /// Bytes queued to a peer and not yet written to its stream, at most:
+    /// a send that would go over ends the peer's session and cuts it off
+    /// (a slow consumer).
     pub max_queued: usize,
 }
 
@@ -140,6 +174,18 @@ impl Config {
 pub fn peer_id_of(public_key: &[u8; 32]) -> Option<PeerId> {
     let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(public_key).ok()?;
     Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
+}
+
+/// The Ed25519 public key a peer id embeds; `None` for a peer id that is
+/// a hash of its key (keys longer than 42 bytes) or not an Ed25519 key.
+pub fn key_of(peer: &PeerId) -> Option<[u8; 32]> {
+    // An identity multihash (code 0) holds the protobuf-encoded key itself.
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
 }
 
 /// The peer id at the end of an address (`…/p2p/<id>`).
@@ -211,8 +257,9 @@ pub enum Event {
     },
 }
 
-/// The owner's receiving end.
-pub struct Events(mpsc::UnboundedReceiver<Event>);
+/// The owner's receiving end. Bounded: an owner that stops calling
+/// [`Events::next`] stops the reading of sync streams (see the module docs).
+pub struct Events(mpsc::Receiver<Event>);
 
 impl Events {
     /// The next event; `None` once the mesh stopped.
@@ -273,11 +320,17 @@ impl Mesh {
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
         }
+        // Commands stay unbounded: `Mesh`'s methods are synchronous and
+        // must never wait, each command is small or is a frame the owner
+        // chose to send, and the mesh task takes them every time it runs
+        // and never waits for anything while handling one. The bound on
+        // what may pile up for a slow peer is `max_queued` (see `send`).
         let (tx, rx) = mpsc::unbounded_channel();
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
         let mut task = Task::new(swarm, config, hello, ev_tx, incarnation)?;
+        let now = Instant::now();
         for addr in task.config.peers.clone() {
-            task.add_peer(addr)?;
+            task.sessions.add_peer(addr, now).map_err(Error::Config)?;
         }
         tokio::spawn(task.run(rx));
         Ok((Mesh { tx, peer_id }, Events(ev_rx)))
@@ -292,7 +345,11 @@ impl Mesh {
         let _ = self.tx.send(c);
     }
 
-    /// Sends a sync frame to an admitted peer (dropped otherwise).
+    /// Sends a sync frame to an admitted peer (dropped otherwise). Never
+    /// waits: the frame is queued to the peer's stream. A peer whose queue
+    /// would go over `max_queued` bytes is a slow consumer: its session
+    /// ends there ([`Event::Down`]) and it is disconnected, so it never
+    /// sees a session with a frame missing.
     pub fn send(&self, peer: PeerId, bytes: Vec<u8>) {
         self.cmd(Command::Send(peer, bytes));
     }
@@ -471,43 +528,31 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// What stream tasks tell the mesh task.
+/// What stream tasks tell the mesh task. Small and rare (one per stream
+/// or per probe), and the mesh task never waits for anything while it
+/// drains them, so this channel is unbounded; the bulk traffic (sync
+/// frames, requests) goes through [`Inbound`], which is bounded.
 enum Internal {
     HelloIn(PeerId, [u8; INCARNATION], Vec<u8>),
-    FrameIn(PeerId, Vec<u8>),
+    SyncStream(PeerId, libp2p::Stream),
     Misbehaved(PeerId, String),
     WriterFailed(PeerId, u64, String),
     Probed(PeerId, u64, Result<(), String>),
-    RequestIn(PeerId, StreamProtocol, Vec<u8>, oneshot::Sender<Vec<u8>>),
 }
 
-struct Session {
-    conns: HashMap<ConnectionId, Multiaddr>,
-    /// The remote process, from identify.
-    incarnation: Option<String>,
-    /// A hello whose incarnation identify has not confirmed yet.
-    early_hello: Option<([u8; INCARNATION], Vec<u8>)>,
-    /// Our hello went out for this session.
-    hello_sent: bool,
-    /// The hello was handed to the owner; waiting for admit/reject.
-    asked: bool,
-    admitted: bool,
-    session_no: u64,
-    held: Vec<Vec<u8>>,
-    held_bytes: usize,
-    writer: Option<(mpsc::UnboundedSender<Vec<u8>>, Arc<AtomicUsize>)>,
-    since: Instant,
-    /// When to check that the peer still answers (set by sending).
-    probe_at: Option<Instant>,
-    probing: bool,
+/// What stream reader tasks hand on towards the owner, through a channel
+/// of [`INBOUND_QUEUE`] messages: a reader waits for room before reading
+/// its next frame.
+enum Inbound {
+    Frame(PeerId, u64, Vec<u8>),
+    Request(PeerId, StreamProtocol, Vec<u8>, oneshot::Sender<Vec<u8>>),
 }
 
-struct Known {
-    addrs: Vec<Multiaddr>,
-    backoff: Duration,
-    next: Instant,
-    /// When an admitted session with it ended.
-    lost_at: Option<Instant>,
+/// A peer's sync stream writer: frames queued for it, and their bytes.
+struct Writer {
+    session: u64,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
 }
 
 struct PendingRequest {
@@ -521,20 +566,22 @@ struct Task {
     control: libp2p_stream::Control,
     config: Config,
     hello: Vec<u8>,
-    events: mpsc::UnboundedSender<Event>,
+    sessions: Sessions,
+    writers: HashMap<PeerId, Writer>,
+    events: mpsc::Sender<Event>,
+    /// Events the owner has no room for yet, oldest first. While any wait
+    /// here, nothing is taken from `inbound_rx`, so what waits here is
+    /// the few events the mesh makes itself (listening, hello, down), the
+    /// held frames released by admissions, and at most one more frame.
+    backlog: VecDeque<Event>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
-    sessions: HashMap<PeerId, Session>,
-    known: HashMap<PeerId, Known>,
+    inbound_tx: mpsc::Sender<Inbound>,
+    inbound_rx: mpsc::Receiver<Inbound>,
     requests: HashMap<PeerId, Vec<PendingRequest>>,
     listening: Vec<Multiaddr>,
-    next_session_no: u64,
-    rng: u64,
     incarnation: [u8; INCARNATION],
     closing: Option<oneshot::Sender<()>>,
-    /// Peers refused at admission, with when they may try again: their
-    /// connections are closed as soon as they are established.
-    banned: HashMap<PeerId, Instant>,
 }
 
 impl Task {
@@ -542,11 +589,12 @@ impl Task {
         swarm: Swarm<Behaviour>,
         config: Config,
         hello: Vec<u8>,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::Sender<Event>,
         incarnation: [u8; INCARNATION],
     ) -> Result<Task, Error> {
         let mut control = swarm.behaviour().stream.new_control();
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         // Inbound streams: hello, sync and served request protocols.
         let mut hello_in = control
             .accept(HELLO)
@@ -579,31 +627,17 @@ impl Task {
                 });
             }
         });
+        // Sync streams go to the mesh task, which tags each with the
+        // session it belongs to and starts its reader.
         let mut sync_in = control
             .accept(SYNC)
             .map_err(|e| Error::Config(e.to_string()))?;
         let tx = internal_tx.clone();
-        let max = config.max_frame;
         tokio::spawn(async move {
-            while let Some((peer, mut stream)) = sync_in.next().await {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    loop {
-                        match frame::read(&mut stream, max).await {
-                            Ok(Some(body)) => {
-                                if tx.send(Internal::FrameIn(peer, body)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(e @ frame::FrameError::TooLarge { .. }) => {
-                                let _ = tx.send(Internal::Misbehaved(peer, format!("sync: {e}")));
-                                return;
-                            }
-                            Err(_) => return,
-                        }
-                    }
-                });
+            while let Some((peer, stream)) = sync_in.next().await {
+                if tx.send(Internal::SyncStream(peer, stream)).is_err() {
+                    return;
+                }
             }
         });
         let mut probes = control
@@ -628,9 +662,11 @@ impl Task {
                 .accept(protocol.clone())
                 .map_err(|e| Error::Config(e.to_string()))?;
             let tx = internal_tx.clone();
+            let inbound = inbound_tx.clone();
             tokio::spawn(async move {
                 while let Some((peer, mut stream)) = incoming.next().await {
                     let tx = tx.clone();
+                    let inbound = inbound.clone();
                     let protocol = protocol.clone();
                     tokio::spawn(async move {
                         let read = tokio::time::timeout(
@@ -650,8 +686,11 @@ impl Task {
                             _ => return,
                         };
                         let (reply, answer) = oneshot::channel();
-                        if tx
-                            .send(Internal::RequestIn(peer, protocol, body, reply))
+                        // Waits while the owner is behind (the asker's
+                        // own timeout bounds how long).
+                        if inbound
+                            .send(Inbound::Request(peer, protocol, body, reply))
+                            .await
                             .is_err()
                         {
                             return;
@@ -668,59 +707,34 @@ impl Task {
         }
         let mut seed = [0u8; 8];
         fill_random(&mut seed);
+        let me = *swarm.local_peer_id();
+        let mut sessions = Sessions::new(Settings::of(&config), me, u64::from_le_bytes(seed));
+        sessions.set_quiet(hello.is_empty());
         Ok(Task {
             swarm,
             control,
             config,
             hello,
+            sessions,
+            writers: HashMap::new(),
             events,
+            backlog: VecDeque::new(),
             internal_tx,
             internal_rx,
-            sessions: HashMap::new(),
-            known: HashMap::new(),
+            inbound_tx,
+            inbound_rx,
             requests: HashMap::new(),
             listening: Vec::new(),
-            next_session_no: 1,
-            rng: u64::from_le_bytes(seed),
             incarnation,
             closing: None,
-            banned: HashMap::new(),
         })
-    }
-
-    fn jitter(&mut self, d: Duration) -> Duration {
-        self.rng = splitmix(self.rng);
-        // ±25 %.
-        let f = 0.75 + (self.rng % 1000) as f64 / 2000.0;
-        d.mul_f64(f)
-    }
-
-    fn add_peer(&mut self, addr: Multiaddr) -> Result<(), Error> {
-        let peer = peer_of(&addr)
-            .ok_or_else(|| Error::Config(format!("peer address {addr} must end in /p2p/<id>")))?;
-        if peer == *self.swarm.local_peer_id() {
-            return Ok(());
-        }
-        let first = self.config.backoff.0;
-        let k = self.known.entry(peer).or_insert_with(|| Known {
-            addrs: Vec::new(),
-            backoff: first,
-            next: Instant::now(),
-            lost_at: None,
-        });
-        if !k.addrs.contains(&addr) {
-            k.addrs.push(addr);
-            if k.addrs.len() > 8 {
-                k.addrs.remove(0);
-            }
-        }
-        Ok(())
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let room = self.events.clone();
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
                 cmd = commands.recv() => match cmd {
@@ -728,7 +742,26 @@ impl Task {
                     None => return,
                 },
                 Some(msg) = self.internal_rx.recv() => self.on_internal(msg),
-                _ = tick.tick() => self.on_tick(),
+                // Frames and requests only while the owner keeps up: else
+                // they wait in the bounded channel, their readers wait for
+                // room, and QUIC flow control slows the senders.
+                Some(msg) = self.inbound_rx.recv(), if self.backlog.is_empty() => {
+                    self.on_inbound(msg)
+                }
+                room = room.reserve_owned(), if !self.backlog.is_empty() => match room {
+                    Ok(permit) => {
+                        if let Some(e) = self.backlog.pop_front() {
+                            permit.send(e);
+                        }
+                        self.flush();
+                    }
+                    // The owner dropped its `Events`: nobody is behind.
+                    Err(_) => self.backlog.clear(),
+                },
+                _ = tick.tick() => {
+                    self.sessions.tick(Instant::now());
+                    self.drive();
+                }
             }
             if self.closing.is_some() && self.swarm.connected_peers().next().is_none() {
                 if let Some(tx) = self.closing.take() {
@@ -739,84 +772,83 @@ impl Task {
         }
     }
 
-    fn emit(&self, e: Event) {
-        let _ = self.events.send(e);
-    }
-
-    fn on_tick(&mut self) {
-        let now = Instant::now();
-        // Redial known peers that are not connected.
-        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .known
-            .iter()
-            .filter(|(p, k)| k.next <= now && !self.swarm.is_connected(p))
-            .map(|(p, k)| (*p, k.addrs.clone()))
-            .collect();
-        for (peer, addrs) in due {
-            // A dial in progress may be stuck in a handshake sent while the
-            // link was down; a fresh one gets through as soon as it is up.
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::Disconnected)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(%peer, error = %e, "dial not started");
-            }
-            self.backoff(peer);
-        }
-        // Peers we sent something: do they still answer?
-        let probes: Vec<PeerId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.admitted && !s.probing && s.probe_at.is_some_and(|t| t <= now))
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in probes {
-            self.probe(peer);
-        }
-        // Peers that have not been admitted in time.
-        let late: Vec<PeerId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| !s.admitted && now.duration_since(s.since) > self.config.hello_timeout)
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in late {
-            let addr = self.addr_of(&peer);
-            tracing::warn!(%peer, %addr, "peer did not complete hello in time; disconnecting");
-            let _ = self.swarm.disconnect_peer_id(peer);
-            if let Some(s) = self.sessions.get_mut(&peer) {
-                s.since = now;
-            }
-        }
-    }
-
-    /// Schedules the next dial of a known peer and doubles its backoff.
-    fn backoff(&mut self, peer: PeerId) {
-        let (fast, fast_for) = self.config.fast_redial;
-        let Some((b, lost_at)) = self.known.get(&peer).map(|k| (k.backoff, k.lost_at)) else {
+    /// Hands an event to the owner, or queues it behind the ones waiting.
+    fn emit(&mut self, e: Event) {
+        if self.events.is_closed() {
             return;
-        };
-        let max = match lost_at {
-            Some(t) if t.elapsed() < fast_for => fast,
-            _ => self.config.backoff.1,
-        };
-        let wait = self.jitter(b);
-        if let Some(k) = self.known.get_mut(&peer) {
-            k.next = Instant::now() + wait;
-            k.backoff = (b * 2).min(max);
+        }
+        if self.backlog.is_empty() {
+            if let Err(mpsc::error::TrySendError::Full(e)) = self.events.try_send(e) {
+                self.backlog.push_back(e);
+            }
+        } else {
+            self.backlog.push_back(e);
         }
     }
 
-    fn addr_of(&self, peer: &PeerId) -> String {
-        self.sessions
-            .get(peer)
-            .and_then(|s| s.conns.values().next())
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "?".into())
+    /// Moves waiting events to the owner while it has room.
+    fn flush(&mut self) {
+        while let Some(e) = self.backlog.pop_front() {
+            match self.events.try_send(e) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    self.backlog.push_front(e);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carries out what the session state machine decided.
+    fn drive(&mut self) {
+        while let Some(out) = self.sessions.poll_output() {
+            match out {
+                Output::SendHello(peer) => self.send_hello(peer),
+                Output::Hello { peer, addr, hello } => {
+                    self.emit(Event::Hello { peer, addr, hello })
+                }
+                Output::Frame { peer, bytes } => self.emit(Event::Frame { peer, bytes }),
+                Output::Down { peer } => {
+                    // Dropping the sender ends the writer once it has
+                    // written what was queued before (a prefix of the
+                    // session's frames; the connection goes anyway).
+                    self.writers.remove(&peer);
+                    self.emit(Event::Down { peer });
+                }
+                Output::Write {
+                    peer,
+                    session,
+                    bytes,
+                } => self.write(peer, session, bytes),
+                Output::Probe { peer, session } => self.probe(peer, session),
+                Output::Dial { peer, addrs } => {
+                    // A dial in progress may be stuck in a handshake sent
+                    // while the link was down; a fresh one gets through as
+                    // soon as it is up.
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::Disconnected)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "dial not started");
+                    }
+                }
+                Output::Disconnect(peer) => {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+                Output::Close(conn) => {
+                    self.swarm.close_connection(conn);
+                }
+            }
+        }
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        let now = Instant::now();
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
@@ -836,39 +868,8 @@ impl Task {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
-                tracing::debug!(peer = %peer_id, %addr, "connected");
-                if let Some(until) = self.banned.get(&peer_id) {
-                    if *until > Instant::now() {
-                        tracing::debug!(peer = %peer_id, %addr, "refused peer reconnected; closing");
-                        self.swarm.close_connection(connection_id);
-                        return;
-                    }
-                    self.banned.remove(&peer_id);
-                }
-                let s = self.sessions.entry(peer_id).or_insert_with(|| Session {
-                    conns: HashMap::new(),
-                    incarnation: None,
-                    early_hello: None,
-                    hello_sent: false,
-                    asked: false,
-                    admitted: false,
-                    session_no: 0,
-                    held: Vec::new(),
-                    held_bytes: 0,
-                    writer: None,
-                    since: Instant::now(),
-                    probe_at: None,
-                    probing: false,
-                });
-                s.conns.insert(connection_id, addr);
-                // A fresh session: say hello now rather than after identify
-                // (one round trip sooner). With older connections present,
-                // wait for identify to tell whether the peer restarted.
-                let fresh = s.conns.len() == 1 && !s.hello_sent;
-                if fresh {
-                    self.send_hello(peer_id);
-                }
-                if let Some(reqs) = self.requests.remove(&peer_id) {
+                let accepted = self.sessions.connected(peer_id, connection_id, addr, now);
+                if accepted && let Some(reqs) = self.requests.remove(&peer_id) {
                     for r in reqs {
                         self.spawn_request(peer_id, r);
                     }
@@ -882,15 +883,8 @@ impl Task {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
-                if let Some(s) = self.sessions.get_mut(&peer_id) {
-                    s.conns.remove(&connection_id);
-                }
-                if num_established == 0 {
-                    self.end_session(peer_id, true);
-                    if self.known.contains_key(&peer_id) {
-                        self.backoff(peer_id);
-                    }
-                }
+                self.sessions
+                    .closed(peer_id, connection_id, num_established, now);
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -914,26 +908,21 @@ impl Task {
             } => {
                 tracing::debug!(addr = %send_back_addr, %error, "incoming connection failed");
             }
-            SwarmEvent::Behaviour(b) => self.on_behaviour(b),
+            SwarmEvent::Behaviour(b) => self.on_behaviour(b, now),
             _ => {}
         }
+        self.drive();
     }
 
-    fn on_behaviour(&mut self, ev: BehaviourEvent) {
+    fn on_behaviour(&mut self, ev: BehaviourEvent, now: Instant) {
         match ev {
             BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 connection_id,
                 info,
             }) => {
-                let Some(inc) = info.agent_version.strip_prefix("shoal/").map(String::from) else {
-                    let addr = self.addr_of(&peer_id);
-                    tracing::warn!(peer = %peer_id, %addr, agent = %info.agent_version,
-                        "not a Shoal peer; disconnecting");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
-                    return;
-                };
-                self.on_incarnation(peer_id, connection_id, inc);
+                self.sessions
+                    .identified(peer_id, connection_id, &info.agent_version, now);
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
@@ -942,7 +931,7 @@ impl Task {
                     } else {
                         addr.with(Protocol::P2p(peer))
                     };
-                    let _ = self.add_peer(addr);
+                    let _ = self.sessions.add_peer(addr, now);
                 }
             }
             BehaviourEvent::RelayClient(e) => tracing::debug!(?e, "relay client"),
@@ -962,48 +951,9 @@ impl Task {
         }
     }
 
-    /// Identify told us which process is at the other end of a connection.
-    fn on_incarnation(&mut self, peer: PeerId, conn: ConnectionId, inc: String) {
-        let Some(s) = self.sessions.get_mut(&peer) else {
-            return;
-        };
-        match &s.incarnation {
-            Some(old) if *old == inc => return,
-            Some(_) => {
-                // A restarted process: our other connections lead to the old
-                // one. Close them and start a new session.
-                tracing::info!(%peer, "peer restarted; replacing its old connections");
-                let stale: Vec<ConnectionId> =
-                    s.conns.keys().filter(|c| **c != conn).copied().collect();
-                for c in stale {
-                    self.swarm.close_connection(c);
-                }
-                self.end_session(peer, false);
-            }
-            None => {}
-        }
-        let Some(s) = self.sessions.get_mut(&peer) else {
-            return;
-        };
-        s.incarnation = Some(inc.clone());
-        s.since = Instant::now();
-        let early = s.early_hello.take();
-        if !s.hello_sent {
-            self.send_hello(peer);
-        }
-        if let Some((hinc, hello)) = early
-            && hex(&hinc) == inc
-        {
-            self.ask(peer, hello);
-        }
-    }
-
     fn send_hello(&mut self, peer: PeerId) {
         if self.hello.is_empty() {
             return;
-        }
-        if let Some(s) = self.sessions.get_mut(&peer) {
-            s.hello_sent = true;
         }
         let mut body = Vec::with_capacity(INCARNATION + self.hello.len());
         body.extend_from_slice(&self.incarnation);
@@ -1033,100 +983,34 @@ impl Task {
         });
     }
 
-    fn ask(&mut self, peer: PeerId, hello: Vec<u8>) {
-        let addr = self.addr_of(&peer);
-        let Some(s) = self.sessions.get_mut(&peer) else {
-            return;
-        };
-        if s.asked || s.admitted {
-            return;
-        }
-        s.asked = true;
-        let Ok(addr) = addr.parse::<Multiaddr>() else {
-            return;
-        };
-        self.emit(Event::Hello { peer, addr, hello });
-    }
-
-    /// Ends a peer's session: the owner hears `Down` if it was admitted.
-    fn end_session(&mut self, peer: PeerId, remove: bool) {
-        let Some(s) = self.sessions.get_mut(&peer) else {
-            return;
-        };
-        let was_admitted = s.admitted;
-        s.admitted = false;
-        s.asked = false;
-        s.writer = None;
-        s.hello_sent = false;
-        s.probe_at = None;
-        s.probing = false;
-        s.held.clear();
-        s.held_bytes = 0;
-        s.since = Instant::now();
-        if remove {
-            self.sessions.remove(&peer);
-        }
-        if was_admitted {
-            let first = self.config.backoff.0;
-            if let Some(k) = self.known.get_mut(&peer) {
-                k.lost_at = Some(Instant::now());
-                k.backoff = first;
-            }
-            self.emit(Event::Down { peer });
-        }
-    }
-
     fn on_command(&mut self, c: Command) {
+        let now = Instant::now();
         match c {
-            Command::Send(peer, bytes) => self.send(peer, bytes),
-            Command::Admit(peer) => {
-                let backoff = self.config.backoff.0;
-                if let Some(k) = self.known.get_mut(&peer) {
-                    k.backoff = backoff;
-                }
-                let Some(s) = self.sessions.get_mut(&peer) else {
-                    return;
-                };
-                if !s.asked || s.admitted {
-                    return;
-                }
-                s.admitted = true;
-                s.session_no = self.next_session_no;
-                self.next_session_no += 1;
-                let held = std::mem::take(&mut s.held);
-                s.held_bytes = 0;
-                for bytes in held {
-                    self.emit(Event::Frame { peer, bytes });
-                }
+            Command::Send(peer, bytes) => {
+                let queued = self
+                    .writers
+                    .get(&peer)
+                    .map_or(0, |w| w.queued.load(Ordering::Relaxed));
+                self.sessions.send(peer, bytes, queued, now);
             }
-            Command::Reject(peer, reason) => {
-                let addr = self.addr_of(&peer);
-                tracing::warn!(%peer, %addr, %reason, "peer refused admission; disconnecting");
-                self.known.remove(&peer);
-                // A refused peer's redials cost us a handshake each, nothing more.
-                self.banned.retain(|_, until| *until > Instant::now());
-                if self.banned.len() < 65_536 {
-                    self.banned
-                        .insert(peer, Instant::now() + Duration::from_secs(60));
-                }
-                let _ = self.swarm.disconnect_peer_id(peer);
-            }
-            Command::Disconnect(peer, reason) => {
-                let addr = self.addr_of(&peer);
-                tracing::warn!(%peer, %addr, %reason, "disconnecting peer");
-                let _ = self.swarm.disconnect_peer_id(peer);
-            }
+            Command::Admit(peer) => self.sessions.admit(peer),
+            Command::Reject(peer, reason) => self.sessions.reject(peer, &reason, now),
+            Command::Disconnect(peer, reason) => self.sessions.disconnect(peer, &reason),
             Command::AddPeer(addr) => {
-                if let Err(e) = self.add_peer(addr) {
+                if let Err(e) = self.sessions.add_peer(addr, now) {
                     tracing::warn!(error = %e, "peer not added");
                 }
             }
-            Command::SetHello(h) => self.hello = h,
+            Command::SetHello(h) => {
+                self.sessions.set_quiet(h.is_empty());
+                self.hello = h;
+            }
             Command::ListenVia(relay) => {
                 let Some(addr) = self
                     .sessions
-                    .get(&relay)
-                    .and_then(|s| s.conns.values().find(|a| !is_relayed(a)).cloned())
+                    .addrs(&relay)
+                    .into_iter()
+                    .find(|a| !is_relayed(a))
                 else {
                     return;
                 };
@@ -1174,7 +1058,7 @@ impl Task {
                 self.requests.entry(peer).or_default().push(r);
             }
             Command::Shutdown(tx) => {
-                self.known.clear();
+                self.sessions.forget_all();
                 let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                 for p in peers {
                     let _ = self.swarm.disconnect_peer_id(p);
@@ -1182,19 +1066,14 @@ impl Task {
                 self.closing = Some(tx);
             }
             Command::Status(tx) => {
-                let admitted = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, s)| s.admitted)
-                    .filter_map(|(p, s)| s.conns.values().next().map(|a| (*p, a.clone())))
-                    .collect();
                 let _ = tx.send(Status {
                     listening: self.listening.clone(),
-                    admitted,
-                    connected: self.sessions.len(),
+                    admitted: self.sessions.admitted(),
+                    connected: self.sessions.connected_count(),
                 });
             }
         }
+        self.drive();
     }
 
     fn spawn_request(&mut self, peer: PeerId, r: PendingRequest) {
@@ -1224,76 +1103,65 @@ impl Task {
         });
     }
 
-    fn send(&mut self, peer: PeerId, bytes: Vec<u8>) {
-        let max_queued = self.config.max_queued;
-        let Some(s) = self.sessions.get_mut(&peer) else {
+    /// Queues a frame on the peer's sync stream, opening it first if this
+    /// session has none. The state machine has checked the bound.
+    fn write(&mut self, peer: PeerId, session: u64, bytes: Vec<u8>) {
+        if self.writers.get(&peer).is_none_or(|w| w.session != session) {
+            let w = self.spawn_writer(peer, session);
+            self.writers.insert(peer, w);
+        }
+        let Some(w) = self.writers.get(&peer) else {
             return;
         };
-        if !s.admitted {
-            tracing::debug!(%peer, "not admitted; frame dropped");
-            return;
-        }
-        if s.writer.is_none() {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-            let queued = Arc::new(AtomicUsize::new(0));
-            let q = queued.clone();
-            let mut control = self.control.clone();
-            let internal = self.internal_tx.clone();
-            let session_no = s.session_no;
-            tokio::spawn(async move {
-                let opened =
-                    tokio::time::timeout(Duration::from_secs(10), control.open_stream(peer, SYNC))
-                        .await;
-                let mut stream = match opened {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        let _ =
-                            internal.send(Internal::WriterFailed(peer, session_no, e.to_string()));
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = internal.send(Internal::WriterFailed(
-                            peer,
-                            session_no,
-                            "opening the sync stream timed out".into(),
-                        ));
-                        return;
-                    }
-                };
-                while let Some(bytes) = rx.recv().await {
-                    q.fetch_sub(bytes.len(), Ordering::Relaxed);
-                    if let Err(e) = frame::write(&mut stream, &bytes).await {
-                        let _ =
-                            internal.send(Internal::WriterFailed(peer, session_no, e.to_string()));
-                        return;
-                    }
+        w.queued.fetch_add(bytes.len(), Ordering::Relaxed);
+        let _ = w.tx.send(bytes);
+    }
+
+    fn spawn_writer(&self, peer: PeerId, session: u64) -> Writer {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
+        let mut control = self.control.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let opened =
+                tokio::time::timeout(Duration::from_secs(10), control.open_stream(peer, SYNC))
+                    .await;
+            let mut stream = match opened {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let _ = internal.send(Internal::WriterFailed(peer, session, e.to_string()));
+                    return;
                 }
-                let _ = futures::AsyncWriteExt::close(&mut stream).await;
-            });
-            s.writer = Some((tx, queued));
-        }
-        let Some((tx, queued)) = &s.writer else {
-            return;
-        };
-        let total = queued.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
-        if total > max_queued {
-            tracing::warn!(%peer, total, "peer too slow: send queue full; disconnecting");
-            let _ = self.swarm.disconnect_peer_id(peer);
-            return;
-        }
-        let _ = tx.send(bytes);
-        if s.probe_at.is_none() && !s.probing {
-            s.probe_at = Some(Instant::now() + self.config.probe_after);
+                Err(_) => {
+                    let _ = internal.send(Internal::WriterFailed(
+                        peer,
+                        session,
+                        "opening the sync stream timed out".into(),
+                    ));
+                    return;
+                }
+            };
+            // `frame::write` waits while QUIC flow control holds the
+            // stream: a slow reader makes `queued` grow until the state
+            // machine cuts it off.
+            while let Some(bytes) = rx.recv().await {
+                q.fetch_sub(bytes.len(), Ordering::Relaxed);
+                if let Err(e) = frame::write(&mut stream, &bytes).await {
+                    let _ = internal.send(Internal::WriterFailed(peer, session, e.to_string()));
+                    return;
+                }
+            }
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+        });
+        Writer {
+            session,
+            tx,
+            queued,
         }
     }
 
-    fn probe(&mut self, peer: PeerId) {
-        let Some(s) = self.sessions.get_mut(&peer) else {
-            return;
-        };
-        s.probe_at = None;
-        s.probing = true;
-        let session_no = s.session_no;
+    fn probe(&mut self, peer: PeerId, session: u64) {
         let mut control = self.control.clone();
         let internal = self.internal_tx.clone();
         let timeout = self.config.probe_timeout;
@@ -1315,78 +1183,66 @@ impl Task {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {timeout:?}")),
             };
-            let _ = internal.send(Internal::Probed(peer, session_no, result));
+            let _ = internal.send(Internal::Probed(peer, session, result));
+        });
+    }
+
+    /// Reads a sync stream of `session` frame by frame, each read only
+    /// once the previous frame found room towards the owner.
+    fn spawn_reader(&self, peer: PeerId, session: u64, mut stream: libp2p::Stream) {
+        let inbound = self.inbound_tx.clone();
+        let internal = self.internal_tx.clone();
+        let max = self.config.max_frame;
+        tokio::spawn(async move {
+            loop {
+                match frame::read(&mut stream, max).await {
+                    Ok(Some(body)) => {
+                        if inbound
+                            .send(Inbound::Frame(peer, session, body))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e @ frame::FrameError::TooLarge { .. }) => {
+                        let _ = internal.send(Internal::Misbehaved(peer, format!("sync: {e}")));
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
         });
     }
 
     fn on_internal(&mut self, msg: Internal) {
         match msg {
-            Internal::HelloIn(peer, inc, hello) => {
-                let Some(s) = self.sessions.get_mut(&peer) else {
-                    return;
-                };
-                if s.incarnation.is_none() && s.conns.len() == 1 {
-                    // The first process we meet on a single connection:
-                    // its hello names its incarnation; identify will agree.
-                    s.incarnation = Some(hex(&inc));
-                    self.ask(peer, hello);
-                } else if s.incarnation.as_deref() == Some(hex(&inc).as_str()) {
-                    self.ask(peer, hello);
-                } else {
-                    // Identify has not told us about this process yet.
-                    s.early_hello = Some((inc, hello));
-                }
-            }
-            Internal::FrameIn(peer, bytes) => {
-                let Some(s) = self.sessions.get_mut(&peer) else {
-                    return;
-                };
-                if s.admitted {
-                    self.emit(Event::Frame { peer, bytes });
-                    return;
-                }
-                s.held_bytes += bytes.len();
-                if s.held_bytes > self.config.max_frame * 2 {
-                    let addr = self.addr_of(&peer);
-                    tracing::warn!(%peer, %addr, "peer sent too much before admission; disconnecting");
-                    let _ = self.swarm.disconnect_peer_id(peer);
-                    return;
-                }
-                s.held.push(bytes);
-            }
+            Internal::HelloIn(peer, inc, hello) => self.sessions.hello_in(peer, inc, hello),
+            Internal::SyncStream(peer, stream) => match self.sessions.session_of(&peer) {
+                Some(session) => self.spawn_reader(peer, session, stream),
+                None => tracing::debug!(%peer, "sync stream from a peer without a session; closed"),
+            },
             Internal::Misbehaved(peer, reason) => {
-                let addr = self.addr_of(&peer);
-                tracing::warn!(%peer, %addr, %reason, "peer misbehaved; disconnecting");
-                let _ = self.swarm.disconnect_peer_id(peer);
+                self.sessions
+                    .disconnect(peer, &format!("peer misbehaved: {reason}"));
             }
-            Internal::Probed(peer, session_no, result) => {
-                let Some(s) = self.sessions.get_mut(&peer) else {
-                    return;
-                };
-                if s.session_no != session_no || !s.admitted {
-                    return;
-                }
-                s.probing = false;
-                if let Err(reason) = result {
-                    tracing::info!(%peer, %reason, "peer stopped answering; ending the session");
-                    let _ = self.swarm.disconnect_peer_id(peer);
-                }
+            Internal::Probed(peer, session, result) => self.sessions.probed(peer, session, result),
+            Internal::WriterFailed(peer, session, reason) => {
+                self.sessions.writer_failed(peer, session, &reason)
             }
-            Internal::WriterFailed(peer, session_no, reason) => {
-                if self
-                    .sessions
-                    .get(&peer)
-                    .is_some_and(|s| s.session_no == session_no && s.admitted)
-                {
-                    tracing::info!(%peer, %reason, "sync stream failed; restarting the session");
-                    let _ = self.swarm.disconnect_peer_id(peer);
-                }
-            }
-            Internal::RequestIn(peer, protocol, bytes, reply) => {
+        }
+        self.drive();
+    }
+
+    fn on_inbound(&mut self, msg: Inbound) {
+        match msg {
+            Inbound::Frame(peer, session, bytes) => self.sessions.frame_in(peer, session, bytes),
+            Inbound::Request(peer, protocol, bytes, reply) => {
                 let addr = self
-                    .addr_of(&peer)
-                    .parse::<Multiaddr>()
-                    .unwrap_or_else(|_| Multiaddr::empty());
+                    .sessions
+                    .first_addr(&peer)
+                    .unwrap_or_else(Multiaddr::empty);
                 self.emit(Event::Request {
                     peer,
                     addr,
@@ -1396,6 +1252,7 @@ impl Task {
                 });
             }
         }
+        self.drive();
     }
 }
 
@@ -1441,6 +1298,40 @@ pub fn resolve_dns(addr: &Multiaddr) -> Result<Multiaddr, String> {
         out.push(p);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn key_of_gives_back_the_key_a_peer_id_embeds() -> Result<(), String> {
+        let kp =
+            libp2p::identity::Keypair::ed25519_from_bytes([7u8; 32]).map_err(|e| e.to_string())?;
+        let k = kp
+            .public()
+            .try_into_ed25519()
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let id = peer_id_of(&k).ok_or("no peer id")?;
+        assert_eq!(key_of(&id), Some(k));
+        let other = peer_id_of(
+            &libp2p::identity::Keypair::ed25519_from_bytes([8u8; 32])
+                .map_err(|e| e.to_string())?
+                .public()
+                .try_into_ed25519()
+                .map_err(|e| e.to_string())?
+                .to_bytes(),
+        )
+        .ok_or("no peer id")?;
+        assert_ne!(key_of(&other), Some(k));
+        // A sha256 peer id (multihash code 0x12, 32 bytes) embeds no key.
+        let mut bytes = vec![0x12, 0x20];
+        bytes.extend_from_slice(&[0xab; 32]);
+        let hashed = PeerId::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        assert_eq!(key_of(&hashed), None);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

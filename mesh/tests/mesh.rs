@@ -244,3 +244,83 @@ async fn requests_are_answered_before_admission() {
     }
     assert_eq!(asker.await.unwrap().unwrap(), b"certificate");
 }
+
+/// A numbered 256 KiB frame.
+fn big_frame(i: u32) -> Vec<u8> {
+    let mut v = vec![0u8; 256 << 10];
+    v[..4].copy_from_slice(&i.to_be_bytes());
+    v
+}
+
+fn number(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// Sends numbered frames `from..to` from `a` to `b`, one every 10 ms,
+/// watching `a`'s events meanwhile; returns the number of the first frame
+/// not sent if `a` lost `b` (its session with `b` ended).
+async fn send_paced(a: &Mesh, ae: &mut Events, b: PeerId, from: u32, to: u32) -> Option<u32> {
+    for i in from..to {
+        a.send(b, big_frame(i));
+        if let Ok(Some(Event::Down { peer })) =
+            tokio::time::timeout(Duration::from_millis(10), ae.next()).await
+            && peer == b
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_consumer_slows_the_sender_which_cuts_it_off_without_a_gap() {
+    let mut ca = config(13);
+    ca.max_queued = 2 << 20;
+    let (a, mut ae, a_addr) = start(ca, b"a").await;
+    let (b, mut be, _) = start(config(14), b"b").await;
+    b.add_peer(a_addr);
+    hello_from(&mut ae, b.peer_id()).await;
+    hello_from(&mut be, a.peer_id()).await;
+    a.admit(b.peer_id());
+    b.admit(a.peer_id());
+    let (ap, bp) = (a.peer_id(), b.peer_id());
+
+    // While b's owner reads, 10 MiB at 25 MiB/s go through whole.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            got.push(number(&frame_from(&mut be, ap).await));
+        }
+        (be, got)
+    });
+    assert_eq!(send_paced(&a, &mut ae, bp, 0, 40).await, None);
+    let (mut be, got) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("b read 40 frames")
+        .unwrap();
+    assert_eq!(got, (0..40).collect::<Vec<u32>>());
+
+    // b's owner stops reading. Without backpressure b's mesh would read
+    // all 100 MiB into memory and a would never fall behind. With it, b
+    // stops reading the stream, QUIC stops a's writer, a's queue reaches
+    // its 2 MiB and a ends the session.
+    let cut = send_paced(&a, &mut ae, bp, 40, 440).await;
+    let Some(sent) = cut else {
+        panic!("a sent 100 MiB to a stalled consumer without falling behind");
+    };
+
+    // What b's owner finds when it reads again: frames in order with no
+    // gap, then the end of the session, and fewer frames than were sent.
+    let mut next_no = 40;
+    loop {
+        match next(&mut be).await {
+            Event::Frame { peer, bytes } if peer == ap => {
+                assert_eq!(number(&bytes), next_no, "a frame is missing");
+                next_no += 1;
+            }
+            Event::Down { peer } if peer == ap => break,
+            _ => {}
+        }
+    }
+    assert!(next_no < sent, "b got {next_no} frames of {sent}");
+}
