@@ -4,13 +4,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod demo;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 
 use crdt_state::render::Format;
 use crdt_state::{DataDir, Role, manifest};
-use node::control::{self, Request};
+use daemon::control::{self, Request};
 use node::daemon::RuntimeChoice;
 
 #[derive(Parser)]
@@ -444,27 +446,25 @@ fn as_yaml(v: &serde_json::Value) -> String {
     crdt_state::render::render(Format::Yaml, v, &[], Vec::new())
 }
 
-fn daemon(
-    dir: Dir,
-    mesh: &MeshArgs,
-    anchor: bool,
-    site_api: Option<std::net::SocketAddr>,
-    runtime: RuntimeChoice,
-    http: Option<std::net::SocketAddr>,
-    readings_cap: u64,
-) -> anyhow::Result<()> {
+/// What a daemon runs: an edge node or an anchor.
+enum Daemon {
+    Node {
+        site_api: Option<std::net::SocketAddr>,
+        runtime: RuntimeChoice,
+        readings_cap: u64,
+    },
+    Anchor {
+        http: Option<std::net::SocketAddr>,
+    },
+}
+
+fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
     let (listen, peers) = mesh.parse()?;
-    let opts = node::daemon::Options {
+    let mesh = daemon::driver::MeshOptions {
         data_dir: dir.data_dir,
         listen,
         peers,
         mdns: mesh.mdns,
-        anchor,
-        site_api,
-        runtime,
-        http,
-        demo: None,
-        readings_cap,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -482,7 +482,29 @@ fn daemon(
                 _ = term.recv() => {}
             }
         };
-        node::daemon::run(opts, shutdown).await
+        match which {
+            Daemon::Node {
+                site_api,
+                runtime,
+                readings_cap,
+            } => {
+                let opts = node::daemon::Options {
+                    mesh,
+                    site_api,
+                    runtime,
+                    readings_cap,
+                };
+                node::daemon::run(opts, shutdown).await
+            }
+            Daemon::Anchor { http } => {
+                let opts = cloud_anchor::daemon::Options {
+                    mesh,
+                    http,
+                    demo: None,
+                };
+                cloud_anchor::daemon::run(opts, shutdown).await
+            }
+        }
     })
 }
 
@@ -723,14 +745,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("revoked {n} token(s) of {name}");
         }
         Command::Anchor(AnchorCmd::ReplicaInit { dir, seed }) => {
-            node::replica::init(&dir.data_dir, &seed)?;
+            cloud_anchor::replica::init(&dir.data_dir, &seed)?;
             println!(
                 "{} is an anchor replica's data dir; start it with `shoal anchor run`",
                 dir.data_dir.display()
             );
         }
         Command::Anchor(AnchorCmd::ReplicaSeed { dir, out }) => {
-            node::replica::seed(&dir.data_dir, &out)?;
+            cloud_anchor::replica::seed(&dir.data_dir, &out)?;
             println!(
                 "replica seed written to {} (it holds the root key: keep it secret)",
                 out.display()
@@ -781,7 +803,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Fleet(FleetCmd::Token(TokenCmd::Create { dir, node, ttl })) => {
-            let req = Request::TokenCreate(node::enroll::TokenRequest {
+            let req = Request::TokenCreate(daemon::enroll::TokenRequest {
                 node: node.node.clone(),
                 site: node.site.clone(),
                 labels: node.labels()?,
@@ -791,7 +813,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fleet(FleetCmd::NodeBundle { dir, node, out }) => {
             let mut dd = DataDir::open(&dir.data_dir, None)?;
-            node::enroll::node_bundle(
+            daemon::enroll::node_bundle(
                 &mut dd,
                 &node.node,
                 node.site.as_deref(),
@@ -806,7 +828,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Anchor(AnchorCmd::Run { dir, mesh, http }) => {
-            daemon(dir, &mesh, true, None, RuntimeChoice::Native, http, 0)?
+            run_daemon(dir, &mesh, Daemon::Anchor { http })?
         }
         Command::Node(NodeCmd::Run {
             dir,
@@ -821,7 +843,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "kube" => RuntimeChoice::Kube { kubeconfig },
                 other => anyhow::bail!("unknown runtime {other:?}: expected native or kube"),
             };
-            daemon(dir, &mesh, false, site_api, rt, None, readings_cap)?
+            run_daemon(
+                dir,
+                &mesh,
+                Daemon::Node {
+                    site_api,
+                    runtime: rt,
+                    readings_cap,
+                },
+            )?
         }
         Command::Site(SiteCmd::Apply {
             node,
@@ -851,13 +881,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Node(NodeCmd::Enroll { dir, token, bundle }) => {
             let cert = match (token, bundle) {
-                (_, Some(b)) => node::enroll::enroll_with_bundle(&dir.data_dir, &b)?,
+                (_, Some(b)) => daemon::enroll::enroll_with_bundle(&dir.data_dir, &b)?,
                 (Some(t), None) => {
                     let rt = tokio::runtime::Builder::new_multi_thread()
                         .worker_threads(2)
                         .enable_all()
                         .build()?;
-                    rt.block_on(node::enroll::enroll_with_token(&dir.data_dir, &t))?
+                    rt.block_on(daemon::enroll::enroll_with_token(&dir.data_dir, &t))?
                 }
                 (None, None) => anyhow::bail!("pass --token or --bundle"),
             };
@@ -979,7 +1009,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut out = std::io::stdout();
                 simulations::tour::run(&dir, &mut out)?;
             } else {
-                node::demo::run(dir, http)?;
+                demo::run(dir, http)?;
             }
         }
         Command::Bundle(BundleCmd::Import { dir, file }) => {

@@ -1,14 +1,22 @@
-//! The cloud anchor's operator surface: the HTTP API, the web UI, metrics
-//! and operator tokens.
+//! The cloud anchor: what runs in the cloud and steers the fleet.
 //!
-//! The anchor's mesh role (holding every document, enrollment, relay) is
-//! the daemon in `node`; it owns a [`view::View`], publishes
-//! [`view::Snapshot`]s that [`api`] serves, and carries out the
-//! [`api::Command`]s the API sends it. This crate touches no store and no
-//! network but its own HTTP listener.
+//! - [`daemon`]: `shoal anchor run`, the anchor's composition over the
+//!   shared driver and core in the `daemon` crate: it holds every document,
+//!   answers enrollment, serves circuit relay, owns a [`view::View`] and
+//!   publishes [`view::Snapshot`]s that [`api`] serves, and carries out the
+//!   [`api::Command`]s the API sends it.
+//! - [`api`]: the operator HTTP API, the web UI and metrics.
+//! - [`view`]: the read model the API answers from.
+//! - [`tokens`]: operator tokens.
+//! - [`client`]: the CLI's side of the API (`--anchor URL`).
+//! - [`replica`]: seeding anchor replicas' data dirs.
+//!
+//! The edge node is a sibling (`node`); neither depends on the other.
 
 pub mod api;
 pub mod client;
+pub mod daemon;
+pub mod replica;
 pub mod tokens;
 pub mod view;
 

@@ -68,3 +68,14 @@ pub fn check(
     }
     Ok(hello.cert)
 }
+
+/// Decides on a hello on the mesh: the key a connection proved is the one
+/// its libp2p peer id embeds.
+#[cfg(feature = "driver")]
+pub fn check_on_mesh(
+    trust: &Trust,
+    peer: &mesh::PeerId,
+    bytes: &[u8],
+) -> Result<Certificate, String> {
+    check(trust, &|k| mesh::peer_id_of(&k.0) == Some(*peer), bytes)
+}

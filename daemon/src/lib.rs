@@ -12,8 +12,36 @@
 //!
 //! - [`core`]: the core, its events and actions.
 //! - [`hello`]: what peers say on `/shoal/hello/1`, and the admission check.
+//!
+//! With the `driver` feature (the node and the anchor; not the simulator):
+//!
+//! - [`driver`]: the mesh, the store and the control socket around a core.
+//! - [`control`]: CLI verbs on a data dir, directly or over the socket.
+//! - [`enroll`]: tokens, `/shoal/enroll/1` (both ends), offline node
+//!   bundles, the peer and address files.
+
+/// Prints a line on standard output, ignoring a closed stdout (a daemon
+/// whose reader went away must keep running, not panic).
+#[macro_export]
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 pub mod core;
 pub mod hello;
+
+#[cfg(feature = "driver")]
+pub mod control;
+#[cfg(feature = "driver")]
+pub mod driver;
+#[cfg(feature = "driver")]
+pub mod enroll;
 
 pub use crate::core::{Action, Arrival, Core, Now, Settings};

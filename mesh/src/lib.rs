@@ -63,13 +63,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+pub use libp2p::StreamProtocol;
 use libp2p::core::ConnectedPoint;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise};
+use libp2p::{Swarm, autonat, connection_limits, dcutr, identify, mdns, noise};
 use libp2p::{ping, relay, yamux};
 use tokio::sync::{mpsc, oneshot};
 

@@ -1,40 +1,20 @@
-//! The edge node daemon (and, for now, the anchor's): the store, the sync
-//! engine and the mesh in one loop, enrollment, and the control socket
-//! through which the CLI reaches a running daemon.
+//! The edge node: what runs on a substation or a factory line.
 //!
-//! - [`daemon`]: `shoal node run` / `shoal anchor run`.
-//! - [`hello`]: what peers say on `/shoal/hello/1`, and admission.
-//! - [`enroll`]: tokens, `/shoal/enroll/1`, offline node bundles.
-//! - [`control`]: CLI verbs on a data dir, directly or over the socket.
-//! - [`runtime`]: where the node's share runs (the native supervisor).
-//! - [`site_api`]: the node's view and site edits for field engineers on the LAN.
-//! - [`replica`]: seeding anchor replicas' data dirs.
-//! - [`demo`], [`demo_app`]: `shoal demo` and its sample app.
+//! - [`daemon`]: `shoal node run`, the node's composition over the shared
+//!   driver and core in the `daemon` crate.
+//! - [`runtime`]: where the node's share runs (native processes, K3s).
+//! - [`devices`]: polling field devices and writing their setpoints.
+//! - [`site_api`]: the node's view, site edits and device routes on the LAN.
+//! - [`device_cli`]: `shoal device …` against a node's site API.
+//! - [`demo_app`]: the sample app `shoal demo` runs.
 //!
-//! The anchor's HTTP API and UI live in `cloud-anchor`.
+//! The anchor is a sibling (`cloud-anchor`); neither depends on the other.
 
-/// Prints a line on standard output, ignoring a closed stdout (a daemon
-/// whose reader went away must keep running, not panic).
-#[macro_export]
-macro_rules! say {
-    () => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout());
-    }};
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
+pub use ::daemon::say;
 
-pub mod control;
 pub mod daemon;
-pub mod demo;
 pub mod demo_app;
 pub mod device_cli;
 pub mod devices;
-pub mod enroll;
-pub mod hello;
-pub mod replica;
 pub mod runtime;
 pub mod site_api;

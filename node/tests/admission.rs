@@ -21,7 +21,7 @@ fn setup() -> Setup {
     let cert = Certificate::issue(&root, pk, "n1", Role::Node, Some("s1"), 0).unwrap();
     let trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
     let peer = mesh::peer_id_of(&pk.0).unwrap();
-    let hello = node::hello::encode(trust.root(), &cert);
+    let hello = daemon::hello::encode(trust.root(), &cert);
     Setup {
         trust,
         cert,
@@ -34,18 +34,18 @@ fn setup() -> Setup {
 fn a_valid_hello_is_admitted_and_each_defect_is_named() {
     let s = setup();
     assert_eq!(
-        node::hello::check(&s.trust, &s.peer, &s.hello).unwrap(),
+        daemon::hello::check_on_mesh(&s.trust, &s.peer, &s.hello).unwrap(),
         s.cert
     );
     // Another connection's key.
     let other = mesh::peer_id_of(&generate_key().unwrap().verifying_key().to_bytes()).unwrap();
-    let e = node::hello::check(&s.trust, &other, &s.hello).unwrap_err();
+    let e = daemon::hello::check_on_mesh(&s.trust, &other, &s.hello).unwrap_err();
     assert!(e.contains("another key"), "{e}");
     // Another fleet.
     let foreign = Trust::new(PublicKey(
         generate_key().unwrap().verifying_key().to_bytes(),
     ));
-    let e = node::hello::check(&foreign, &s.peer, &s.hello).unwrap_err();
+    let e = daemon::hello::check_on_mesh(&foreign, &s.peer, &s.hello).unwrap_err();
     assert!(e.contains("belongs to fleet"), "{e}");
     // Revoked.
     let mut revoked = s.trust.clone();
@@ -56,18 +56,18 @@ fn a_valid_hello_is_admitted_and_each_defect_is_named() {
             accepted: Default::default(),
         },
     );
-    let e = node::hello::check(&revoked, &s.peer, &s.hello).unwrap_err();
+    let e = daemon::hello::check_on_mesh(&revoked, &s.peer, &s.hello).unwrap_err();
     assert!(e.contains("revoked"), "{e}");
     // A self-made certificate for the right key, claiming this fleet.
     let fake_root = generate_key().unwrap();
     let mut fake = Certificate::issue(&fake_root, s.cert.key, "n1", Role::Anchor, None, 0).unwrap();
     fake.issuer = s.trust.root();
-    let hello = node::hello::encode(s.trust.root(), &fake);
-    assert!(node::hello::check(&s.trust, &s.peer, &hello).is_err());
+    let hello = daemon::hello::encode(s.trust.root(), &fake);
+    assert!(daemon::hello::check_on_mesh(&s.trust, &s.peer, &hello).is_err());
     // Garbage and oversized input.
-    assert!(node::hello::check(&s.trust, &s.peer, b"\xff\x00garbage").is_err());
+    assert!(daemon::hello::check_on_mesh(&s.trust, &s.peer, b"\xff\x00garbage").is_err());
     let big = vec![b' '; mesh::MAX_SMALL_FRAME + 1];
-    let e = node::hello::check(&s.trust, &s.peer, &big).unwrap_err();
+    let e = daemon::hello::check_on_mesh(&s.trust, &s.peer, &big).unwrap_err();
     assert!(e.contains("too large"), "{e}");
 }
 
@@ -80,19 +80,19 @@ proptest! {
         let mut h = s.hello.clone();
         let i = pos % h.len();
         h[i] = byte;
-        if let Ok(mut c) = node::hello::check(&s.trust, &s.peer, &h) {
+        if let Ok(mut c) = daemon::hello::check_on_mesh(&s.trust, &s.peer, &h) {
             // Hex digits may change case; the certificate is the same.
             c.signature = c.signature.to_lowercase();
             prop_assert_eq!(c, s.cert.clone());
         }
         let t = &s.hello[..cut % s.hello.len()];
-        prop_assert!(node::hello::check(&s.trust, &s.peer, t).is_err());
+        prop_assert!(daemon::hello::check_on_mesh(&s.trust, &s.peer, t).is_err());
     }
 
     #[test]
     fn random_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let s = setup();
-        prop_assert!(node::hello::check(&s.trust, &s.peer, &bytes).is_err());
+        prop_assert!(daemon::hello::check_on_mesh(&s.trust, &s.peer, &bytes).is_err());
         if let Ok((frames, used)) = mesh::frame::decode(&bytes, 64) {
             prop_assert!(used <= bytes.len());
             prop_assert!(frames.iter().all(|f| f.len() <= 64));

@@ -26,7 +26,7 @@ use crdt_state::{DataDir, Identity, Role, manifest};
 use serde_json::{Value, json};
 use simulations::udp_link::{LinkConfig, UdpLink};
 
-use crate::daemon;
+use cloud_anchor::daemon as anchor;
 
 /// The demo's sites and nodes.
 pub const SITES: &[(&str, &[&str])] = &[
@@ -154,7 +154,7 @@ impl cloud_anchor::Demo for Controls {
         }))
         .map_err(|e| e.to_string())?;
         let m = manifest::parse("site edit", &text).map_err(|e| e.to_string())?;
-        crate::site_api::apply(url, eng, &m).map_err(|e| format!("{e:#}"))?;
+        node::site_api::apply(url, eng, &m).map_err(|e| format!("{e:#}"))?;
         Ok(())
     }
 }
@@ -187,7 +187,7 @@ fn prepare(root: &Path, exe: &Path) -> anyhow::Result<Prepared> {
     for (site, names) in SITES {
         for n in *names {
             let bundle = root.join(format!("{n}.bundle"));
-            crate::enroll::node_bundle(&mut dd, n, Some(site), &labels, &bundle, now())?;
+            daemon::enroll::node_bundle(&mut dd, n, Some(site), &labels, &bundle, now())?;
             nodes.push(DemoNode {
                 name: n.to_string(),
                 site: site.to_string(),
@@ -195,10 +195,10 @@ fn prepare(root: &Path, exe: &Path) -> anyhow::Result<Prepared> {
             });
         }
     }
-    let me = daemon::anchor_identity(&mut dd)?;
+    let me = anchor::anchor_identity(&mut dd)?;
     drop(dd);
     for n in &nodes {
-        crate::enroll::enroll_with_bundle(&n.dir, &root.join(format!("{}.bundle", n.name)))?;
+        daemon::enroll::enroll_with_bundle(&n.dir, &root.join(format!("{}.bundle", n.name)))?;
         let _ = std::fs::remove_file(root.join(format!("{}.bundle", n.name)));
     }
     let token = cloud_anchor::tokens::create(&anchor_dir, "demo", None, now())?;
@@ -302,28 +302,26 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         site_api,
         engineers,
     });
-    let opts = daemon::Options {
-        data_dir: root.join("anchor"),
-        listen: vec![format!("/ip4/127.0.0.1/udp/{anchor_port}/quic-v1").parse()?],
-        peers: Vec::new(),
-        mdns: false,
-        anchor: true,
-        site_api: None,
-        runtime: daemon::RuntimeChoice::Native,
+    let opts = anchor::Options {
+        mesh: daemon::driver::MeshOptions {
+            data_dir: root.join("anchor"),
+            listen: vec![format!("/ip4/127.0.0.1/udp/{anchor_port}/quic-v1").parse()?],
+            peers: Vec::new(),
+            mdns: false,
+        },
         http: Some(http),
         demo: Some(controls.clone()),
-        readings_cap: daemon::DEFAULT_READINGS_CAP,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let anchor = rt.spawn(daemon::run(opts, async move {
+    let anchor = rt.spawn(anchor::run(opts, async move {
         let _ = stop_rx.await;
     }));
     // Wait for the anchor's UI before starting nodes.
-    let http_file = root.join("anchor").join(daemon::HTTP_ADDR_FILE);
+    let http_file = root.join("anchor").join(anchor::HTTP_ADDR_FILE);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !http_file.exists() {
         if anchor.is_finished() || Instant::now() > deadline {
@@ -355,18 +353,18 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         anyhow::Ok(())
     })();
     if started.is_ok() {
-        crate::say!();
-        crate::say!(
+        daemon::say!();
+        daemon::say!(
             "Shoal demo: an anchor and {} nodes in sites north and south, on this machine.",
             children.len()
         );
-        crate::say!("  web UI:  http://{http}/#token={token}");
-        crate::say!("  token:   {token}");
-        crate::say!("  data:    {}", root.display());
-        crate::say!(
+        daemon::say!("  web UI:  http://{http}/#token={token}");
+        daemon::say!("  token:   {token}");
+        daemon::say!("  data:    {}", root.display());
+        daemon::say!(
             "Open the UI, then the Demo page: cut a site off, edit on both sides, restore it."
         );
-        crate::say!("Ctrl-C stops everything.");
+        daemon::say!("Ctrl-C stops everything.");
         rt.block_on(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -374,7 +372,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
         });
-        crate::say!("stopping the nodes and their apps…");
+        daemon::say!("stopping the nodes and their apps…");
     }
     stop_children(&mut children);
     let _ = stop_tx.send(());

@@ -50,7 +50,7 @@ pub fn seed(data_dir: &Path, out: &Path) -> anyhow::Result<()> {
     if crdt_state::PublicKey(root.verifying_key().to_bytes()) != identity.cert.issuer {
         bail!("{}: the root key is not the fleet's", data_dir.display());
     }
-    let reply = crate::control::run(data_dir, None, crate::control::Request::BundleExport)?;
+    let reply = daemon::control::run(data_dir, None, daemon::control::Request::BundleExport)?;
     if let Some(e) = reply.error {
         bail!(e);
     }
@@ -63,9 +63,9 @@ pub fn seed(data_dir: &Path, out: &Path) -> anyhow::Result<()> {
     let r = (|| {
         copy_private(&data_dir.join(ROOT_KEY_FILE), &out.join(ROOT_KEY_FILE))?;
         copy_private(&data_dir.join(IDENTITY_FILE), &out.join(IDENTITY_FILE))?;
-        let ops = data_dir.join(cloud_anchor::tokens::OPERATORS_FILE);
+        let ops = data_dir.join(crate::tokens::OPERATORS_FILE);
         if ops.exists() {
-            copy_private(&ops, &out.join(cloud_anchor::tokens::OPERATORS_FILE))?;
+            copy_private(&ops, &out.join(crate::tokens::OPERATORS_FILE))?;
         }
         std::fs::write(out.join(SEED_BUNDLE), &bundle)?;
         anyhow::Ok(())
@@ -101,14 +101,14 @@ pub fn init(data_dir: &Path, seed: &Path) -> anyhow::Result<()> {
             );
         }
         drop(dd);
-        let ops = seed.join(cloud_anchor::tokens::OPERATORS_FILE);
+        let ops = seed.join(crate::tokens::OPERATORS_FILE);
         if ops.exists() {
-            copy_private(&ops, &tmp.join(cloud_anchor::tokens::OPERATORS_FILE))?;
+            copy_private(&ops, &tmp.join(crate::tokens::OPERATORS_FILE))?;
         }
         for f in [
             ROOT_KEY_FILE,
             IDENTITY_FILE,
-            cloud_anchor::tokens::OPERATORS_FILE,
+            crate::tokens::OPERATORS_FILE,
             STORE_FILE,
         ] {
             if tmp.join(f).exists() {

@@ -1,0 +1,395 @@
+//! The anchor's daemon (`shoal anchor run`): the shared driver
+//! ([`daemon::driver::Base`]: mesh, store, control socket, and the core that
+//! decides) plus what only an anchor has — the operator API and UI over a
+//! [`View`], the enrollment server, circuit relay for nodes behind NAT.
+//!
+//! An anchor holds every document (its certificate's role says so), signs
+//! operator edits made through the API with the data dir's operator
+//! identity (ADR 0006) while its mesh identity is its own anchor
+//! certificate, and listens on UDP 7411 by default.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use crdt_state::model::FleetView;
+use crdt_state::{DataDir, DocId, Identity, Role};
+use daemon::driver::{Base, Input, MeshOptions, Request, unix_now as now};
+use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
+use daemon::{Action, Settings};
+use tokio::sync::{mpsc, watch};
+
+use crate::{Snapshot, View};
+
+/// The file an anchor writes its HTTP address to (for tools and tests).
+pub const HTTP_ADDR_FILE: &str = "http.addr";
+
+/// Anchor daemon settings.
+#[derive(Clone)]
+pub struct Options {
+    /// The data dir, listen addresses, peers, mDNS.
+    pub mesh: MeshOptions,
+    /// Serve the operator HTTP API and UI here.
+    pub http: Option<std::net::SocketAddr>,
+    /// Demo controls for the UI (`shoal demo` only).
+    pub demo: Option<Arc<dyn crate::Demo>>,
+}
+
+/// The anchor's own identity: made (and certified with the root key) the
+/// first time the anchor runs on a data dir.
+pub fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
+    let path = dd.path().join(ANCHOR_IDENTITY_FILE);
+    if path.exists() {
+        return Ok(Identity::read(&path)?);
+    }
+    let mut suffix = [0u8; 4];
+    getrandom::fill(&mut suffix).map_err(|e| anyhow!("{e}"))?;
+    let name = format!("anchor-{}", hex::encode(suffix));
+    let id = dd
+        .create_identity(Role::Anchor, None, &name, now())
+        .context(
+            "an anchor runs on the data dir made by `shoal fleet init` (it needs the root key)",
+        )?;
+    id.write(&path)?;
+    Ok(id)
+}
+
+struct Anchor {
+    base: Base,
+    /// The operator API's read model (when serving HTTP).
+    view: Option<View>,
+    snapshots: Option<watch::Sender<Arc<Snapshot>>>,
+}
+
+/// Runs the anchor until `shutdown` resolves.
+pub async fn run(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let data_dir = opts.mesh.data_dir.clone();
+    let mut dd = DataDir::open(&data_dir, None)?;
+    dd.forward_changes();
+    let me = anchor_identity(&mut dd)?;
+    let settings = Settings {
+        timeline: opts.http.is_some(),
+        ..Settings::default()
+    };
+    let role = daemon::driver::Role {
+        default_port: 7411,
+        relay_server: true,
+        serve: vec![mesh::ENROLL],
+    };
+    let base = Base::open(dd, me, settings, &opts.mesh, role).await?;
+    let mut a = Anchor {
+        base,
+        view: None,
+        snapshots: None,
+    };
+    let (api_tx, mut api_rx) = mpsc::channel::<crate::Incoming>(64);
+    if let Some(addr) = opts.http {
+        let mut view = View::new(&a.base.core.me().cert.name);
+        let first = {
+            let engine = a.base.core.engine();
+            view.publish(
+                &|id| engine.doc(id),
+                &mut engine.docs(),
+                engine.trust(),
+                now(),
+                true,
+            )
+        }
+        .unwrap_or_default();
+        let (tx, rx) = watch::channel(first);
+        let local = crate::api::serve(
+            addr,
+            crate::Server {
+                snapshot: rx,
+                commands: api_tx,
+                tokens: crate::tokens::Tokens::new(&data_dir),
+                demo: opts.demo.clone(),
+            },
+        )
+        .await?;
+        let _ = std::fs::write(data_dir.join(HTTP_ADDR_FILE), local.to_string());
+        daemon::say!("HTTP API and UI on http://{local}");
+        a.view = Some(view);
+        a.snapshots = Some(tx);
+    }
+    let t = a.base.now();
+    a.base.core.start(t);
+    a.act();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            input = a.base.recv() => {
+                if matches!(input, Input::Closed) {
+                    break;
+                }
+                if let Some(req) = a.base.handle(input) {
+                    a.on_request(req);
+                }
+            }
+            Some((cmd, reply)) = api_rx.recv() => {
+                let r = a.on_api(cmd);
+                // Read your writes: the answer leaves after a snapshot
+                // that holds the edit.
+                a.act();
+                a.publish_with(true);
+                let _ = reply.send(r);
+            }
+            _ = tick.tick() => a.base.tick(),
+            _ = &mut shutdown => break,
+        }
+        a.act();
+        a.publish_with(false);
+    }
+    a.base.close().await;
+    Ok(())
+}
+
+impl Anchor {
+    /// Does what the core asked of the anchor (the base did the rest).
+    fn act(&mut self) {
+        while let Some(action) = self.base.next_action() {
+            let Some(v) = self.view.as_mut() else {
+                continue;
+            };
+            match action {
+                Action::Changed(doc) => v.doc_changed(&doc),
+                Action::Contact { name, connected } => v.contact(&name, connected, now()),
+                Action::Heard { name, bytes } => {
+                    v.heard(&name, now());
+                    v.counters.sync_bytes_in += bytes as u64;
+                    v.counters.sync_messages_in += 1;
+                }
+                Action::Timeline {
+                    kind,
+                    subject,
+                    text,
+                } => v.event(now(), kind, &subject, text),
+                Action::Security { who, reason } => v.security(now(), &who, &reason),
+                _ => {}
+            }
+        }
+    }
+
+    /// A request on `/shoal/enroll/1`: a node with a token asks for its
+    /// certificate.
+    fn on_request(&mut self, req: Request) {
+        let Request {
+            peer,
+            addr,
+            protocol,
+            bytes,
+            reply,
+        } = req;
+        if protocol != mesh::ENROLL {
+            return;
+        }
+        let answer = enroll::handle(&mut self.base.dd, &bytes, now());
+        match &answer {
+            enroll::EnrollResponse::Certified(c) => {
+                tracing::info!(%peer, %addr, node = %c.name, "node enrolled");
+                if let Some(v) = self.view.as_mut() {
+                    v.event(
+                        now(),
+                        "enrolled",
+                        &c.name,
+                        format!("{} enrolled from {addr}", c.name),
+                    );
+                }
+            }
+            enroll::EnrollResponse::Refused(why) => {
+                tracing::warn!(%peer, %addr, reason = %why, "enrollment refused");
+                if let Some(v) = self.view.as_mut() {
+                    v.security(
+                        now(),
+                        &format!("{peer} at {addr}"),
+                        &format!("enrollment refused: {why}"),
+                    );
+                }
+            }
+        }
+        self.base.forward_local();
+        let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
+    }
+
+    /// Publishes a new snapshot to the HTTP API when something changed
+    /// (`force`: even if the last one is younger than the publish interval).
+    fn publish_with(&mut self, force: bool) {
+        let (Some(view), Some(tx)) = (self.view.as_mut(), self.snapshots.as_ref()) else {
+            return;
+        };
+        view.counters.sync_bytes_out = self.base.sent.bytes;
+        view.counters.sync_messages_out = self.base.sent.messages;
+        let engine = self.base.core.engine();
+        view.counters.documents = engine.docs().count();
+        view.counters.store_bytes = std::fs::metadata(self.base.dd.path().join("store.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if let Some(snap) = view.publish(
+            &|id| engine.doc(id),
+            &mut engine.docs(),
+            engine.trust(),
+            now(),
+            force,
+        ) {
+            let _ = tx.send(snap);
+        }
+    }
+
+    /// One operator API command.
+    fn on_api(&mut self, cmd: crate::Command) -> Result<crate::Answer, crate::ApiError> {
+        use crate::{Answer, ApiError, Command};
+        let status = |e: &crdt_state::Error| match e {
+            crdt_state::Error::NotAllowed(_) => 403,
+            crdt_state::Error::NotFound(_) => 404,
+            _ => 500,
+        };
+        let result = match cmd {
+            Command::Security { source, reason } => {
+                tracing::warn!(%source, %reason, "API request refused");
+                if let Some(v) = self.view.as_mut() {
+                    v.security(now(), &source, &reason);
+                }
+                return Ok(Answer::Json(serde_json::json!({})));
+            }
+            Command::Get { what, output }
+                if matches!(what.as_str(), "nodes" | "node") && self.view.is_some() =>
+            {
+                // From memory: loading 10,000 node documents from the store
+                // would hold up the loop.
+                let fleet = self
+                    .base
+                    .core
+                    .doc(&DocId::Fleet)
+                    .map(FleetView::read)
+                    .unwrap_or_default();
+                let empty = std::collections::BTreeMap::new();
+                let reports = self.view.as_ref().map(|v| v.reports()).unwrap_or(&empty);
+                return Ok(Answer::Text(crdt_state::render::nodes_with_contacts(
+                    output,
+                    &fleet,
+                    Some(self.base.core.contacts()),
+                    reports,
+                    now(),
+                )));
+            }
+            Command::Get { what, output } => {
+                let live = self.base.live();
+                let r = daemon::control::execute(
+                    &mut self.base.dd,
+                    daemon::control::Request::Get {
+                        what,
+                        output: output.to_string(),
+                    },
+                    &live,
+                );
+                return match r.error {
+                    Some(e) => Err(ApiError::new(400, e)),
+                    None => Ok(Answer::Text(r.stdout)),
+                };
+            }
+            Command::Apply {
+                manifests,
+                user,
+                output,
+            } => {
+                self.base
+                    .dd
+                    .set_message(Some(format!("{user} through the anchor API")));
+                let r = self.base.dd.apply(&manifests, now());
+                self.base.dd.set_message(None);
+                match r {
+                    Ok(applied) => {
+                        if let Some(v) = self.view.as_mut() {
+                            for a in applied.iter().filter(|a| a.fields > 0) {
+                                v.event(
+                                    now(),
+                                    "edit",
+                                    &a.doc,
+                                    format!(
+                                        "{user} applied {}/{} ({} fields)",
+                                        a.kind.as_str().to_lowercase(),
+                                        a.name,
+                                        a.fields
+                                    ),
+                                );
+                            }
+                        }
+                        Ok(match output {
+                            Some(f) => Answer::Text(crdt_state::render::applied(f, &applied)),
+                            None => Answer::Json(
+                                serde_json::json!({ "applied": serde_json::to_value(&applied).unwrap_or_default() }),
+                            ),
+                        })
+                    }
+                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
+                }
+            }
+            Command::Delete { kind, name, user } => {
+                self.base
+                    .dd
+                    .set_message(Some(format!("{user} through the anchor API")));
+                let r = self.base.dd.delete(kind, &name, now());
+                self.base.dd.set_message(None);
+                match r {
+                    Ok(n) => {
+                        let what = format!("{}/{name}", kind.as_str().to_lowercase());
+                        if let Some(v) = self.view.as_mut() {
+                            v.event(now(), "edit", &what, format!("{user} deleted {what}"));
+                        }
+                        Ok(Answer::Json(
+                            serde_json::json!({ "deleted": what, "fields": n }),
+                        ))
+                    }
+                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
+                }
+            }
+            Command::Resolve {
+                doc,
+                field,
+                value,
+                user,
+            } => {
+                let id = match DocId::parse(&doc) {
+                    Ok(DocId::Node { .. }) => {
+                        return Err(ApiError::new(
+                            403,
+                            "node documents are their node's to write",
+                        ));
+                    }
+                    Ok(id) => id,
+                    Err(e) => return Err(ApiError::new(400, format!("doc: {e}"))),
+                };
+                let ops = [(field.clone(), Some(value.to_string()))]
+                    .into_iter()
+                    .collect();
+                self.base.dd.set_message(Some(format!(
+                    "{user} resolved a conflict through the anchor API"
+                )));
+                let r = self.base.dd.write(&id, &ops, now());
+                self.base.dd.set_message(None);
+                match r {
+                    Ok(_) => {
+                        if let Some(v) = self.view.as_mut() {
+                            v.event(
+                                now(),
+                                "edit",
+                                &doc,
+                                format!("{user} resolved {field} in {doc}: {value} kept"),
+                            );
+                        }
+                        Ok(Answer::Json(
+                            serde_json::json!({ "resolved": field, "value": value }),
+                        ))
+                    }
+                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
+                }
+            }
+        };
+        self.base.forward_local();
+        result
+    }
+}

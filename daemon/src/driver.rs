@@ -1,0 +1,408 @@
+//! The driver both daemons share: the data dir (store), the mesh and the
+//! control socket around one [`Core`], and the clock it is given.
+//!
+//! A composition (the edge node in `node`, the anchor in `cloud-anchor`)
+//! opens a [`Base`], runs its own `select!` over [`Base::recv`] and its own
+//! sources (HTTP servers, devices, a tick), hands each input to the base or
+//! to the core, and then takes [`Base::next_action`] until it returns
+//! `None`: the base carries out what touches the mesh and the store itself
+//! (admission, frames, commits, saved states, the peer list) and returns the
+//! rest (reconcile, report, view updates) for the composition to do.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::anyhow;
+use crdt_state::sync::{Engine, SyncConfig};
+use crdt_state::{DataDir, DocId, Identity};
+use mesh::{Event, Mesh, Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{self, Live};
+use crate::core::{Action, Arrival, Core, Now, Settings};
+use crate::enroll::{self, ADDRS_FILE};
+
+/// Where the daemon listens and whom it dials.
+#[derive(Clone, Debug, Default)]
+pub struct MeshOptions {
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Addresses to listen on (empty: every interface, `default_port`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to keep connected to (besides those in `peers.json`).
+    pub peers: Vec<Multiaddr>,
+    /// mDNS discovery on the local network.
+    pub mdns: bool,
+}
+
+/// What a composition asks of the mesh.
+#[derive(Clone, Debug, Default)]
+pub struct Role {
+    /// UDP port when no listen address is given (0: any).
+    pub default_port: u16,
+    /// Serve circuit relay (anchors).
+    pub relay_server: bool,
+    /// Request protocols answered here (the anchor's enrollment).
+    pub serve: Vec<mesh::StreamProtocol>,
+}
+
+/// One input from the shared sources.
+pub enum Input {
+    /// A mesh event.
+    Mesh(Event),
+    /// A CLI verb over the control socket.
+    Control(control::Request, oneshot::Sender<control::Reply>),
+    /// The mesh stopped.
+    Closed,
+}
+
+/// A request on a served protocol, for the composition to answer.
+pub struct Request {
+    /// The peer.
+    pub peer: PeerId,
+    /// Its address.
+    pub addr: Multiaddr,
+    /// The protocol.
+    pub protocol: mesh::StreamProtocol,
+    /// The request.
+    pub bytes: Vec<u8>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// Frames and bytes sent (for an anchor's metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sent {
+    /// Frames.
+    pub messages: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// The shared part of a running daemon.
+pub struct Base {
+    /// The data dir: the store, and the verbs of the control socket.
+    pub dd: DataDir,
+    /// Every decision.
+    pub core: Core<PeerId>,
+    /// The mesh.
+    pub mesh: Mesh,
+    /// Frames sent so far.
+    pub sent: Sent,
+    events: mesh::Events,
+    control: mpsc::Receiver<control::Incoming>,
+    listening: Vec<String>,
+    started: Instant,
+}
+
+/// Loads every stored document into a sync engine for `me`.
+pub fn load_engine(dd: &DataDir, me: &Identity) -> anyhow::Result<Engine> {
+    let store = dd.store();
+    let mut docs = Vec::new();
+    for id in store.doc_ids()? {
+        if let Some(doc) = store.load(&id)? {
+            let sigs = store.signatures(&id)?;
+            docs.push((doc, sigs));
+        }
+    }
+    // Sessions are reliable streams, and a failed one restarts from a
+    // digest; the periodic digest is only a backstop (cost: ~100 bytes
+    // per peer per 5 minutes).
+    let config = SyncConfig {
+        reannounce_ms: 300_000,
+        ..SyncConfig::default()
+    };
+    Ok(Engine::new(
+        me.cert.clone(),
+        dd.trust().clone(),
+        docs,
+        config,
+    ))
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Base {
+    /// Loads the store into a core for `me`, starts the mesh and the
+    /// control socket.
+    pub async fn open(
+        mut dd: DataDir,
+        me: Identity,
+        mut settings: Settings,
+        opts: &MeshOptions,
+        role: Role,
+    ) -> anyhow::Result<Base> {
+        // A certificate just made (an anchor's first start) is stored.
+        let _ = dd.take_outbox();
+        let engine = load_engine(&dd, &me)?;
+        let mut config = mesh::Config::new(me.secret_bytes());
+        config.listen = if opts.listen.is_empty() {
+            vec![format!("/ip4/0.0.0.0/udp/{}/quic-v1", role.default_port).parse()?]
+        } else {
+            opts.listen.clone()
+        };
+        let mut known_peers = enroll::read_peers(&opts.data_dir);
+        for p in &opts.peers {
+            // DNS names (replicas on a cluster) are resolved at start.
+            let p = match mesh::resolve_dns(p) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer skipped");
+                    continue;
+                }
+            };
+            if !known_peers.contains(&p.to_string()) {
+                known_peers.push(p.to_string());
+            }
+        }
+        let own = mesh::peer_id_of(&me.key().0);
+        for p in &known_peers {
+            match p.parse::<Multiaddr>() {
+                // Replicas share one list of anchors, themselves included.
+                Ok(a) if mesh::peer_of(&a).is_some() && mesh::peer_of(&a) == own => {}
+                Ok(a) if mesh::peer_of(&a).is_some() => config.peers.push(a),
+                _ => anyhow::bail!("peer address {p} must be a multiaddr ending in /p2p/<peer id>"),
+            }
+        }
+        config.mdns = opts.mdns;
+        config.relay_server = role.relay_server;
+        config.serve = role.serve;
+        let root = dd.trust().root();
+        let (mesh, events) = Mesh::start(config, crate::hello::encode(root, &me.cert))
+            .map_err(|e| anyhow!("{e}"))?;
+        let (tx, control) = mpsc::channel::<control::Incoming>(16);
+        control::serve(&opts.data_dir, tx).await?;
+        tracing::info!(peer = %mesh.peer_id(), name = %me.cert.name, "daemon started");
+        settings.known_peers = known_peers;
+        Ok(Base {
+            dd,
+            core: Core::new(engine, me, settings),
+            mesh,
+            sent: Sent::default(),
+            events,
+            control,
+            listening: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The time for the core.
+    pub fn now(&self) -> Now {
+        Now {
+            mono_ms: self.started.elapsed().as_millis() as u64,
+            unix_s: unix_now(),
+        }
+    }
+
+    /// The next input from the mesh or the control socket (cancel-safe).
+    pub async fn recv(&mut self) -> Input {
+        tokio::select! {
+            ev = self.events.next() => match ev {
+                Some(ev) => Input::Mesh(ev),
+                None => Input::Closed,
+            },
+            Some((req, reply)) = self.control.recv() => Input::Control(req, reply),
+        }
+    }
+
+    /// What is live now, for the control socket's verbs.
+    pub fn live(&self) -> Live {
+        Live {
+            contacts: Some(self.core.contacts().clone()),
+            addrs: self.listening.clone(),
+        }
+    }
+
+    /// Hands one input to the core; a request on a served protocol comes
+    /// back for the composition to answer.
+    pub fn handle(&mut self, input: Input) -> Option<Request> {
+        match input {
+            Input::Mesh(ev) => self.on_mesh(ev),
+            Input::Control(req, reply) => {
+                let live = self.live();
+                let r = control::execute(&mut self.dd, req, &live);
+                self.forward_local();
+                let _ = reply.send(r);
+                None
+            }
+            Input::Closed => None,
+        }
+    }
+
+    fn on_mesh(&mut self, ev: Event) -> Option<Request> {
+        let t = self.now();
+        match ev {
+            Event::Listening(addr) => {
+                let me = self.mesh.peer_id();
+                let full = if mesh::peer_of(&addr) == Some(me) {
+                    addr
+                } else {
+                    addr.with(mesh::multiaddr_p2p(me))
+                };
+                crate::say!("listening on {full}");
+                self.listening.push(full.to_string());
+                let path = self.dd.path().join(ADDRS_FILE);
+                if let Ok(text) = serde_json::to_vec_pretty(&self.listening) {
+                    let _ = std::fs::write(path, text);
+                }
+            }
+            Event::Hello { peer, addr, hello } => {
+                // Keep peers whose address we dialed or that dialed us from
+                // their listening socket.
+                let dialable = (!mesh::is_relayed(&addr))
+                    .then(|| addr.clone().with(mesh::multiaddr_p2p(peer)).to_string());
+                let from = format!("{peer} at {addr}");
+                let store = self.dd.store();
+                let arrival = Arrival {
+                    conn: peer,
+                    bytes: &hello,
+                    proves: &|k| mesh::peer_id_of(&k.0) == Some(peer),
+                    from: &from,
+                    dialable,
+                };
+                self.core.hello(t, arrival, &mut |key, doc| {
+                    store.sync_state(&key.to_hex(), doc).ok().flatten()
+                });
+            }
+            Event::Frame { peer, bytes } => self.core.frame(t, peer, bytes),
+            Event::Down { peer } => self.core.down(t, peer),
+            Event::Request {
+                peer,
+                addr,
+                protocol,
+                bytes,
+                reply,
+            } => {
+                return Some(Request {
+                    peer,
+                    addr,
+                    protocol,
+                    bytes,
+                    reply,
+                });
+            }
+        }
+        None
+    }
+
+    /// Hands changes the data dir committed (CLI verbs, enrollment, edits
+    /// through the operator API) to the core.
+    pub fn forward_local(&mut self) {
+        let t = self.now();
+        for (doc, changes) in self.dd.take_outbox() {
+            self.core.local(t, doc, changes);
+        }
+    }
+
+    /// A tick of the clock (about once a second).
+    pub fn tick(&mut self) {
+        let t = self.now();
+        self.core.tick(t);
+    }
+
+    /// Carries out the core's actions on the mesh and the store, and
+    /// returns the next one that is the composition's to do.
+    pub fn next_action(&mut self) -> Option<Action<PeerId>> {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Admit {
+                    conn,
+                    name,
+                    from,
+                    relay,
+                } => {
+                    tracing::info!(peer = %conn, %from, %name, "peer admitted");
+                    self.mesh.admit(conn);
+                    if relay {
+                        self.mesh.listen_via(conn);
+                    }
+                }
+                Action::Reject { conn, reason } => {
+                    tracing::warn!(peer = %conn, %reason, "peer refused");
+                    self.mesh.reject(conn, reason);
+                }
+                Action::Send { conn, frame } => {
+                    self.sent.messages += 1;
+                    self.sent.bytes += frame.len() as u64;
+                    self.mesh.send(conn, frame);
+                }
+                Action::Disconnect { conn, reason } => self.mesh.disconnect(conn, reason),
+                Action::Commit { batch, changes } => self.commit(batch, changes),
+                Action::SaveSyncStates(states) => {
+                    let states: Vec<(String, DocId, Vec<u8>)> = states
+                        .into_iter()
+                        .map(|(k, d, s)| (k.to_hex(), d, s))
+                        .collect();
+                    if let Err(e) = self.dd.store().put_sync_states(&states) {
+                        tracing::warn!(error = %e, "sync states not saved");
+                    }
+                }
+                Action::DropDoc(doc) => {
+                    if let Err(e) = self.dd.store().drop_doc(&doc) {
+                        tracing::warn!(%doc, error = %e, "superseded document not dropped");
+                    }
+                    self.dd.forget(&doc);
+                }
+                Action::SavePeers(peers) => {
+                    if let Err(e) = enroll::write_peers(self.dd.path(), &peers) {
+                        tracing::warn!(error = %e, "peers not saved");
+                    }
+                }
+                Action::Security { who, reason } => {
+                    tracing::warn!(%who, %reason, "security event");
+                    return Some(Action::Security { who, reason });
+                }
+                other => return Some(other),
+            }
+        }
+        None
+    }
+
+    fn commit(&mut self, batch: u64, changes: crate::core::Batch) {
+        let items: Vec<_> = changes
+            .iter()
+            .filter_map(|(id, c)| self.core.doc(id).map(|d| (d, c.as_slice())))
+            .collect();
+        let result = match self.dd.store().commit_batch(&items) {
+            Ok(()) => {
+                // The data dir's cached copies are stale now.
+                let mut fleet_changed = false;
+                for (id, _) in &changes {
+                    self.dd.forget(id);
+                    fleet_changed |= *id == DocId::Fleet;
+                }
+                if fleet_changed && let Err(e) = self.dd.refresh_trust() {
+                    tracing::warn!(error = %e, "trust not refreshed");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Not stored: the core holds what follows it.
+                tracing::error!(error = %e, "could not commit synced changes; holding sends");
+                Err(e.to_string())
+            }
+        };
+        let t = self.now();
+        self.core.committed(t, batch, result);
+    }
+
+    /// Saves what is pending, stops the mesh and removes the socket.
+    pub async fn close(mut self) {
+        let t = self.now();
+        self.core.flush(t);
+        while self.next_action().is_some() {}
+        self.mesh.shutdown().await;
+        let _ = std::fs::remove_file(self.dd.path().join(control::SOCKET_FILE));
+    }
+}
+
+/// Reads a data dir's addresses file (for tests and tools).
+pub fn listening(dir: &Path) -> Vec<String> {
+    enroll::read_addrs(dir)
+}
