@@ -4,11 +4,16 @@
 //! `BadUserAccessDenied`, …) is reported with its status name. Every call
 //! has the device's timeout; a timed-out or broken session is dropped and
 //! made again on the next call.
+//!
+//! Its [`FieldAdapter`]: the resources of a plan read in one request by
+//! node id, values scaled with the profile (`crdt_state::device::scaled`),
+//! setpoints unscaled, written as the resource's raw type and read back.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crdt_state::device::{self, DeviceProfileSpec, Resource, Value, ValueType};
 use opcua::client::{ClientBuilder, IdentityToken, Session};
 use opcua::types::{
     AttributeId, BrowseDescription, BrowseDirection, BrowseResultMask, DataValue,
@@ -17,7 +22,7 @@ use opcua::types::{
 };
 use tokio::time::timeout;
 
-use crate::DeviceError;
+use crate::{DeviceError, FieldAdapter, Polled, SetpointError};
 
 /// A value as OPC UA carries it, in the shapes a profile can name.
 #[derive(Clone, Debug, PartialEq)]
@@ -319,5 +324,202 @@ impl OpcUa {
 impl Drop for OpcUa {
     fn drop(&mut self) {
         self.drop_session();
+    }
+}
+
+/// The raw value a setpoint asks the server for (scale and offset undone).
+fn unscaled(r: &Resource, v: &serde_json::Value) -> Result<Scalar, String> {
+    match v {
+        serde_json::Value::Bool(b) => Ok(Scalar::Bool(*b)),
+        serde_json::Value::String(s) => Ok(Scalar::Text(s.clone())),
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().ok_or("not a number")?;
+            let raw = device::unscale(r, x);
+            Ok(match r.raw() {
+                ValueType::Float32 | ValueType::Float64 => Scalar::Float(raw),
+                _ => Scalar::Int(raw.round() as i64),
+            })
+        }
+        other => Err(format!("{other} is not a scalar")),
+    }
+}
+
+/// The OPC UA type a resource's raw type is written as.
+fn kind(t: ValueType) -> Kind {
+    match t {
+        ValueType::Bool => Kind::Boolean,
+        ValueType::Int16 => Kind::Int16,
+        ValueType::Uint16 => Kind::UInt16,
+        ValueType::Int32 => Kind::Int32,
+        ValueType::Uint32 => Kind::UInt32,
+        ValueType::Int64 => Kind::Int64,
+        ValueType::Uint64 => Kind::UInt64,
+        ValueType::Float32 => Kind::Float,
+        ValueType::Float64 => Kind::Double,
+        ValueType::String => Kind::String,
+    }
+}
+
+/// A value read from the server as the resource reports it.
+fn from_scalar(r: &Resource, v: Scalar) -> Result<Value, String> {
+    let raw = match v {
+        Scalar::Bool(b) => Value::Bool(b),
+        Scalar::Int(i) => Value::Int(i),
+        Scalar::Float(f) => Value::Float(f),
+        Scalar::Text(t) => Value::Text(t),
+    };
+    let text_wanted = r.value_type == ValueType::String;
+    if text_wanted != matches!(raw, Value::Text(_)) {
+        return Err(format!(
+            "{}: type mismatch: the profile says {:?}, the server holds {raw:?}",
+            r.name, r.value_type
+        ));
+    }
+    Ok(device::scaled(r, raw))
+}
+
+/// The variables a poll reads, their node ids parsed once.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Resources (indexes) read, with their node ids.
+    read: Vec<(usize, NodeId)>,
+    /// Resources whose node id does not parse, with why.
+    bad: Vec<(usize, String)>,
+}
+
+impl FieldAdapter for OpcUa {
+    type Plan = Plan;
+
+    fn protocol(&self) -> &'static str {
+        "opcua"
+    }
+
+    fn plan(&self, profile: &DeviceProfileSpec, members: &[usize]) -> Option<Plan> {
+        let mut plan = Plan {
+            read: Vec::new(),
+            bad: Vec::new(),
+        };
+        for &i in members {
+            let Some(text) = profile.resources.get(i).and_then(|r| r.node_id.as_deref()) else {
+                continue;
+            };
+            match node_id(text) {
+                Ok(id) => plan.read.push((i, id)),
+                Err(e) => plan.bad.push((i, e.to_string())),
+            }
+        }
+        (!plan.read.is_empty() || !plan.bad.is_empty()).then_some(plan)
+    }
+
+    async fn poll(&mut self, profile: &DeviceProfileSpec, plan: &Plan) -> Polled {
+        let mut out = Polled::default();
+        for (i, e) in &plan.bad {
+            out.values
+                .push((profile.resources[*i].name.clone(), Err(e.clone())));
+        }
+        let ids: Vec<NodeId> = plan.read.iter().map(|(_, id)| id.clone()).collect();
+        match self.read(&ids).await {
+            Ok(results) => {
+                for ((i, _), v) in plan.read.iter().zip(results) {
+                    let r = &profile.resources[*i];
+                    out.values
+                        .push((r.name.clone(), v.and_then(|v| from_scalar(r, v))));
+                }
+            }
+            Err(e) => {
+                for (i, _) in &plan.read {
+                    out.values
+                        .push((profile.resources[*i].name.clone(), Err(e.to_string())));
+                }
+                out.error = Some(e);
+            }
+        }
+        out
+    }
+
+    /// Checks access and limits, writes the unscaled value as the
+    /// resource's raw type, and reports the value read back (the server's
+    /// refusal, `BadTypeMismatch` say, names its status).
+    async fn write_setpoint(
+        &mut self,
+        r: &Resource,
+        v: &serde_json::Value,
+    ) -> Result<Value, SetpointError> {
+        device::setpoint_allowed(r, v).map_err(SetpointError::Refused)?;
+        let id = node_id(r.node_id.as_deref().unwrap_or(""))
+            .map_err(|e| SetpointError::Refused(e.to_string()))?;
+        let raw = unscaled(r, v).map_err(SetpointError::Refused)?;
+        self.write(&id, &raw, kind(r.raw()))
+            .await
+            .map_err(SetpointError::device)?;
+        let back = self.read(&[id]).await.map_err(SetpointError::device)?;
+        let value = back
+            .into_iter()
+            .next()
+            .ok_or_else(|| SetpointError::Refused("no value read back".into()))?
+            .map_err(SetpointError::Refused)?;
+        from_scalar(r, value).map_err(SetpointError::Refused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(json: serde_json::Value) -> Result<Resource, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    #[test]
+    fn setpoints_unscale_and_readings_scale_with_the_profile() -> Result<(), serde_json::Error> {
+        let r = resource(serde_json::json!({
+            "name": "temp", "nodeId": "ns=2;s=T", "rawType": "int16",
+            "valueType": "float64", "scale": 0.1, "valueOffset": -40.0,
+        }))?;
+        // 22.5 = raw × 0.1 − 40 → raw 625, written as an Int16.
+        assert_eq!(unscaled(&r, &serde_json::json!(22.5)), Ok(Scalar::Int(625)));
+        assert_eq!(kind(r.raw()), Kind::Int16);
+        assert_eq!(from_scalar(&r, Scalar::Int(625)), Ok(Value::Float(22.5)));
+        assert!(
+            from_scalar(&r, Scalar::Text("x".into()))
+                .is_err_and(|e| e.contains("temp: type mismatch"))
+        );
+        let plain = resource(serde_json::json!({
+            "name": "sp", "nodeId": "ns=2;s=S", "valueType": "float64",
+        }))?;
+        assert_eq!(
+            unscaled(&plain, &serde_json::json!(1.5)),
+            Ok(Scalar::Float(1.5))
+        );
+        assert!(unscaled(&plain, &serde_json::json!([1])).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_plan_keeps_node_ids_that_do_not_parse_as_errors() -> Result<(), serde_json::Error> {
+        let profile: DeviceProfileSpec = serde_json::from_value(serde_json::json!({
+            "resources": [
+                {"name": "a", "nodeId": "ns=2;s=A", "valueType": "int32"},
+                {"name": "m", "table": "coils", "valueType": "bool"},
+                {"name": "b", "nodeId": "not a node id", "valueType": "int32"},
+            ]
+        }))?;
+        let ua = OpcUa::new(
+            "opc.tcp://127.0.0.1:1/",
+            Duration::from_secs(1),
+            PathBuf::new(),
+        );
+        let plan = ua.plan(&profile, &[0, 1, 2]);
+        let (read, bad) = plan
+            .map(|p| (p.read.iter().map(|(i, _)| *i).collect::<Vec<_>>(), p.bad))
+            .unwrap_or_default();
+        assert_eq!(read, vec![0]);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, 2);
+        assert!(
+            ua.plan(&profile, &[1]).is_none(),
+            "a Modbus resource is not OPC UA's"
+        );
+        Ok(())
     }
 }

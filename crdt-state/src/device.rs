@@ -1,15 +1,17 @@
 //! Field devices: profiles (what a kind of device holds, resource by
 //! resource, in the shape of EdgeX device profiles and KubeEdge device
 //! models), devices (one instance: its profile, node, protocol, address,
-//! polling), and setpoints. Also the pure conversion between a resource's
-//! raw registers and its value, shared by the adapters and their tests.
+//! polling), and setpoints. Also the one Modbus [`Table`] and the pure
+//! register codec ([`decode`], [`encode`], [`scaled`], [`unscale`]): the
+//! conversion between a resource's raw registers and its value, which the
+//! `adapters` crate uses for every protocol.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A Modbus table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A Modbus table (the one definition: `adapters` re-exports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Table {
     /// Read/write bits.
@@ -600,6 +602,12 @@ pub fn scaled(r: &Resource, raw: Value) -> Value {
     }
 }
 
+/// The raw number that reads as `x` once scaled: the inverse of
+/// [`scaled`]'s `raw × scale + valueOffset`.
+pub fn unscale(r: &Resource, x: f64) -> f64 {
+    (x - r.value_offset.unwrap_or(0.0)) / r.scale.unwrap_or(1.0)
+}
+
 /// The registers (or, for a bit, `[0]`/`[1]`) that write `v` to `r`, the
 /// inverse of [`decode`].
 pub fn encode(r: &Resource, v: &serde_json::Value) -> Result<Vec<u16>, String> {
@@ -633,7 +641,7 @@ pub fn encode(r: &Resource, v: &serde_json::Value) -> Result<Vec<u16>, String> {
     let x = v
         .as_f64()
         .ok_or_else(|| format!("{}: {v} is not a number", r.name))?;
-    let raw = (x - r.value_offset.unwrap_or(0.0)) / r.scale.unwrap_or(1.0);
+    let raw = unscale(r, x);
     let int = |lo: f64, hi: f64| -> Result<i128, String> {
         let i = raw.round();
         if !(lo..=hi).contains(&i) {
@@ -728,6 +736,18 @@ mod tests {
         let w = encode(&r64, &serde_json::json!(u32::MAX as u64 + 7)).unwrap();
         assert_eq!(w.len(), 4);
         assert_eq!(decode(&r64, &w).unwrap(), Value::Int(u32::MAX as i64 + 7));
+    }
+
+    #[test]
+    fn unscale_inverts_scaled() {
+        let mut r = res(ValueType::Float64);
+        r.raw_type = Some(ValueType::Int16);
+        r.scale = Some(0.5);
+        r.value_offset = Some(10.0);
+        assert_eq!(unscale(&r, 22.5), 25.0);
+        assert_eq!(scaled(&r, Value::Int(25)), Value::Float(22.5));
+        let plain = res(ValueType::Int32);
+        assert_eq!(unscale(&plain, -7.0), -7.0);
     }
 
     #[test]

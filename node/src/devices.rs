@@ -1,27 +1,33 @@
 //! The node's devices: one polling task per device wired to this node,
-//! readings to the loop, setpoints written and read back.
+//! readings to the loop, setpoints written and read back. Every protocol
+//! goes through the one polling loop here, over an
+//! [`adapters::FieldAdapter`]: Modbus and OPC UA differ only in how they
+//! plan, read and write.
 //!
 //! The daemon computes which devices are this node's (the fleet's devices
 //! naming it, the profile they use, the setpoints of the device and of the
 //! site's override on top) at every reconcile and hands them to
 //! [`Devices::reconcile`], which starts, restarts (spec or profile changed)
 //! or stops tasks and passes changed setpoints to running ones. A task
-//! plans its reads (contiguous resources of one table and interval merged
-//! into requests of at most 125 registers), polls on schedule, decodes with
-//! the profile, and sends [`Update`]s to the loop; a device that does not
-//! answer is retried with backoff (1 s doubling to 30 s) without holding up
-//! any other device. A read of several resources that the device refuses
-//! with an exception is retried resource by resource, so each gets its own
-//! error code.
+//! groups the profile's resources by poll interval and has its adapter plan
+//! each group once (Modbus merges contiguous resources of one table into
+//! requests of at most 125 registers; OPC UA reads a group's node ids in
+//! one request), polls on schedule, and sends [`Update`]s to the loop; a
+//! device that does not answer is retried with backoff (1 s doubling to
+//! 30 s) without holding up any other device, and reported offline at every
+//! round until it answers. Polls started late by whole intervals are
+//! counted as missed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use adapters::modbus::{MAX_REGISTERS, Modbus, Parity, Target};
-use adapters::{DeviceError, FieldAdapter, Table, Words};
-use crdt_state::device::{self, DeviceProfileSpec, DeviceSpec, Protocol, Resource, Value};
+use adapters::FieldAdapter;
+use adapters::modbus::{Modbus, Target};
+use adapters::opcua::OpcUa;
+use crdt_state::device::{DeviceProfileSpec, DeviceSpec, Protocol, Value};
 use crdt_state::model::{FleetView, SiteOverrideSpec};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 /// A device this node polls, with everything its task needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,58 +104,6 @@ pub enum Update {
     },
 }
 
-/// The raw value a setpoint asks the device for (scale and offset undone).
-fn unscaled(r: &Resource, v: &serde_json::Value) -> Result<adapters::opcua::Scalar, String> {
-    use adapters::opcua::Scalar;
-    match v {
-        serde_json::Value::Bool(b) => Ok(Scalar::Bool(*b)),
-        serde_json::Value::String(s) => Ok(Scalar::Text(s.clone())),
-        serde_json::Value::Number(n) => {
-            let x = n.as_f64().ok_or("not a number")?;
-            let raw = (x - r.value_offset.unwrap_or(0.0)) / r.scale.unwrap_or(1.0);
-            Ok(match r.raw() {
-                device::ValueType::Float32 | device::ValueType::Float64 => Scalar::Float(raw),
-                _ => Scalar::Int(raw.round() as i64),
-            })
-        }
-        other => Err(format!("{other} is not a scalar")),
-    }
-}
-
-fn opcua_kind(t: device::ValueType) -> adapters::opcua::Kind {
-    use adapters::opcua::Kind;
-    match t {
-        device::ValueType::Bool => Kind::Boolean,
-        device::ValueType::Int16 => Kind::Int16,
-        device::ValueType::Uint16 => Kind::UInt16,
-        device::ValueType::Int32 => Kind::Int32,
-        device::ValueType::Uint32 => Kind::UInt32,
-        device::ValueType::Int64 => Kind::Int64,
-        device::ValueType::Uint64 => Kind::UInt64,
-        device::ValueType::Float32 => Kind::Float,
-        device::ValueType::Float64 => Kind::Double,
-        device::ValueType::String => Kind::String,
-    }
-}
-
-fn from_scalar(r: &Resource, v: adapters::opcua::Scalar) -> Result<Value, String> {
-    use adapters::opcua::Scalar;
-    let raw = match v {
-        Scalar::Bool(b) => Value::Bool(b),
-        Scalar::Int(i) => Value::Int(i),
-        Scalar::Float(f) => Value::Float(f),
-        Scalar::Text(t) => Value::Text(t),
-    };
-    let text_wanted = r.value_type == device::ValueType::String;
-    if text_wanted != matches!(raw, Value::Text(_)) {
-        return Err(format!(
-            "{}: type mismatch: the profile says {:?}, the server holds {raw:?}",
-            r.name, r.value_type
-        ));
-    }
-    Ok(device::scaled(r, raw))
-}
-
 /// A device's reachability: backoff (1 s doubling to 30 s) while it does
 /// not answer.
 struct Reach {
@@ -224,153 +178,6 @@ async fn wait(
     }
 }
 
-/// An OPC UA device's task: variables polled by node id per interval.
-async fn run_opcua(
-    a: Assignment,
-    profile: DeviceProfileSpec,
-    mut setpoints: watch::Receiver<BTreeMap<String, serde_json::Value>>,
-    tx: mpsc::Sender<Update>,
-    pki: std::path::PathBuf,
-) {
-    use adapters::opcua::{OpcUa, node_id};
-    let endpoint = a
-        .spec
-        .opcua
-        .as_ref()
-        .map(|o| o.endpoint.clone())
-        .unwrap_or_default();
-    let mut dev = OpcUa::new(&endpoint, Duration::from_millis(a.spec.timeout_ms), pki);
-    // Interval → resources (by index) with their node ids.
-    let mut groups: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-    for (i, r) in profile.resources.iter().enumerate() {
-        if r.node_id.is_some() {
-            let every = a.spec.poll.get(&r.name).copied().unwrap_or(a.spec.poll_ms);
-            groups.entry(every).or_default().push(i);
-        }
-    }
-    let groups: Vec<(Duration, Vec<usize>)> = groups
-        .into_iter()
-        .map(|(ms, v)| (Duration::from_millis(ms), v))
-        .collect();
-    let mut due: Vec<Instant> = groups.iter().map(|_| Instant::now()).collect();
-    let mut reach = Reach::new();
-    let mut applied: Setpoints = BTreeMap::new();
-    let mut desired = setpoints.borrow_and_update().clone();
-    let mut missed = 0u64;
-    loop {
-        let mut error: Option<String> = None;
-        let mut transport_failed = false;
-        if reach.may_try() {
-            for (res, v) in desired.clone() {
-                if applied.get(&res) == Some(&v) {
-                    continue;
-                }
-                let result: Result<Value, String> = async {
-                    let r = profile
-                        .resources
-                        .iter()
-                        .find(|r| r.name == res)
-                        .ok_or_else(|| format!("the profile has no resource {res}"))?;
-                    device::setpoint_allowed(r, &v)?;
-                    let id =
-                        node_id(r.node_id.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
-                    let raw = unscaled(r, &v)?;
-                    dev.write(&id, &raw, opcua_kind(r.raw()))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let back = dev.read(&[id]).await.map_err(|e| e.to_string())?;
-                    let value = back.into_iter().next().ok_or("no value read back")??;
-                    from_scalar(r, value)
-                }
-                .await;
-                applied.insert(res.clone(), v.clone());
-                let _ = tx
-                    .send(Update::Setpoint {
-                        device: a.name.clone(),
-                        resource: res,
-                        result,
-                    })
-                    .await;
-            }
-            let now = Instant::now();
-            for (gi, (every, members)) in groups.iter().enumerate() {
-                if now < due[gi] {
-                    continue;
-                }
-                if now.duration_since(due[gi]) >= *every {
-                    missed += 1;
-                }
-                while due[gi] <= now {
-                    due[gi] += *every;
-                }
-                let mut ids = Vec::new();
-                let mut values = Vec::new();
-                let mut polled = Vec::new();
-                for i in members {
-                    let r = &profile.resources[*i];
-                    match node_id(r.node_id.as_deref().unwrap_or("")) {
-                        Ok(id) => {
-                            ids.push(id);
-                            polled.push(*i);
-                        }
-                        Err(e) => values.push((r.name.clone(), Err(e.to_string()))),
-                    }
-                }
-                let at_ms = now_ms();
-                match dev.read(&ids).await {
-                    Ok(results) => {
-                        for (i, v) in polled.iter().zip(results) {
-                            let r = &profile.resources[*i];
-                            values.push((r.name.clone(), v.and_then(|v| from_scalar(r, v))));
-                        }
-                    }
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        transport_failed = !e.device_answered();
-                        for i in &polled {
-                            values.push((profile.resources[*i].name.clone(), Err(e.to_string())));
-                        }
-                    }
-                }
-                let _ = tx
-                    .send(Update::Readings {
-                        device: a.name.clone(),
-                        at_ms,
-                        values,
-                    })
-                    .await;
-                if transport_failed {
-                    break;
-                }
-            }
-            let now_online = !transport_failed;
-            if !now_online {
-                applied.clear();
-            }
-            if reach.settle(&a.name, now_online) {
-                let _ = tx
-                    .send(Update::Status {
-                        device: a.name.clone(),
-                        online: now_online,
-                        error,
-                        missed_polls: missed,
-                    })
-                    .await;
-            }
-        }
-        if !wait(
-            reach.next_wake(&due),
-            &mut setpoints,
-            &mut desired,
-            &mut applied,
-        )
-        .await
-        {
-            return;
-        }
-    }
-}
-
 struct Running {
     assignment: Assignment,
     setpoints: watch::Sender<BTreeMap<String, serde_json::Value>>,
@@ -428,7 +235,10 @@ impl Devices {
                 }
             }
             let (stx, srx) = watch::channel(a.setpoints.clone());
-            let task = tokio::spawn(run(a.clone(), srx, self.tx.clone(), self.pki.clone()));
+            let span = tracing::info_span!("device", device = %name);
+            let task = tokio::spawn(
+                run(a.clone(), srx, self.tx.clone(), self.pki.clone()).instrument(span),
+            );
             tracing::info!(device = %name, protocol = ?a.spec.protocol, "polling started");
             self.running.insert(
                 name,
@@ -467,180 +277,117 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn table(t: device::Table) -> Table {
-    match t {
-        device::Table::Coils => Table::Coils,
-        device::Table::DiscreteInputs => Table::DiscreteInputs,
-        device::Table::InputRegisters => Table::InputRegisters,
-        device::Table::HoldingRegisters => Table::HoldingRegisters,
-    }
+/// A device's protocol client.
+enum Client {
+    Modbus(Modbus),
+    OpcUa(OpcUa),
 }
 
-/// One request: a table range covering some resources.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Span {
-    /// Table.
-    pub table: Table,
-    /// First address.
-    pub start: u16,
-    /// Registers or bits.
-    pub count: u16,
-    /// Indexes of the profile's resources it covers.
-    pub members: Vec<usize>,
-}
-
-/// Requests at one interval.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Group {
-    /// How often.
-    pub every: Duration,
-    /// The requests.
-    pub spans: Vec<Span>,
-}
-
-/// Plans the requests: per (interval, table), resources sorted by address,
-/// merged while the request stays within the protocol's limit and the gap
-/// between them is small (reading a few unused registers is cheaper than a
-/// request more).
-pub fn plan(profile: &DeviceProfileSpec, spec: &DeviceSpec) -> Vec<Group> {
-    const GAP: u32 = 8;
-    let mut by: BTreeMap<(u64, Table), Vec<usize>> = BTreeMap::new();
-    for (i, r) in profile.resources.iter().enumerate() {
-        let Some(t) = r.table else { continue };
-        let every = spec.poll.get(&r.name).copied().unwrap_or(spec.poll_ms);
-        by.entry((every, table(t))).or_default().push(i);
-    }
-    let mut groups: BTreeMap<u64, Vec<Span>> = BTreeMap::new();
-    for ((every, t), mut idx) in by {
-        idx.sort_by_key(|i| profile.resources[*i].offset);
-        let max = if t.is_bits() {
-            2000
-        } else {
-            u32::from(MAX_REGISTERS)
-        };
-        let mut spans: Vec<Span> = Vec::new();
-        for i in idx {
-            let r = &profile.resources[i];
-            let start = u32::from(r.offset);
-            let end = start + r.span();
-            if let Some(last) = spans.last_mut() {
-                let last_end = u32::from(last.start) + u32::from(last.count);
-                if start <= last_end + GAP && end - u32::from(last.start) <= max {
-                    last.count = (end.max(last_end) - u32::from(last.start)) as u16;
-                    last.members.push(i);
-                    continue;
-                }
-            }
-            spans.push(Span {
-                table: t,
-                start: r.offset,
-                count: r.span() as u16,
-                members: vec![i],
-            });
-        }
-        groups.entry(every).or_default().extend(spans);
-    }
-    groups
-        .into_iter()
-        .map(|(every, spans)| Group {
-            every: Duration::from_millis(every),
-            spans,
-        })
-        .collect()
-}
-
-fn value_of(r: &Resource, span_start: u16, words: &Words) -> Result<Value, String> {
-    let at = usize::from(r.offset - span_start);
-    match words {
-        Words::Bits(b) => b
-            .get(at)
-            .map(|x| device::decode_bit(*x))
-            .ok_or_else(|| format!("{}: bit missing from the answer", r.name)),
-        Words::Registers(w) => {
-            let n = r.span() as usize;
-            let slice = w
-                .get(at..at + n)
-                .ok_or_else(|| format!("{}: registers missing from the answer", r.name))?;
-            device::decode(r, slice)
-        }
-    }
-}
-
-fn is_transport(e: &DeviceError) -> bool {
-    !e.device_answered()
-}
-
-/// The adapter for a device, or why there is none.
-fn adapter(spec: &DeviceSpec) -> Result<Modbus, String> {
+/// The client for a device, or why there is none.
+fn adapter(spec: &DeviceSpec, pki: std::path::PathBuf) -> Result<Client, String> {
     let limit = Duration::from_millis(spec.timeout_ms);
     match spec.protocol {
         Protocol::ModbusTcp => {
             let a = spec.tcp.as_ref().ok_or("no tcp address")?;
-            Ok(Modbus::new(
+            Ok(Client::Modbus(Modbus::new(
                 Target::Tcp {
                     host: a.host.clone(),
                     port: a.port,
                 },
                 a.unit,
                 limit,
-            ))
+            )))
         }
         Protocol::ModbusRtu => {
             let a = spec.rtu.as_ref().ok_or("no rtu address")?;
-            Ok(Modbus::new(
+            Ok(Client::Modbus(Modbus::new(
                 Target::Rtu {
                     path: a.path.clone(),
                     baud: a.baud,
-                    parity: match a.parity {
-                        device::Parity::None => Parity::None,
-                        device::Parity::Even => Parity::Even,
-                        device::Parity::Odd => Parity::Odd,
-                    },
+                    parity: a.parity,
                     data_bits: a.data_bits,
                     stop_bits: a.stop_bits,
                 },
                 a.unit,
                 limit,
-            ))
+            )))
         }
-        Protocol::Opcua => Err("not a Modbus device".into()),
+        Protocol::Opcua => {
+            let a = spec.opcua.as_ref().ok_or("no opcua address")?;
+            Ok(Client::OpcUa(OpcUa::new(&a.endpoint, limit, pki)))
+        }
     }
 }
 
-/// One device's task.
+/// One device's task: its client, then the polling loop.
 async fn run(
     a: Assignment,
-    mut setpoints: watch::Receiver<BTreeMap<String, serde_json::Value>>,
+    setpoints: watch::Receiver<Setpoints>,
     tx: mpsc::Sender<Update>,
     pki: std::path::PathBuf,
 ) {
-    let status = |online: bool, error: Option<String>, missed: u64| Update::Status {
+    let offline = |error: String| Update::Status {
         device: a.name.clone(),
-        online,
-        error,
-        missed_polls: missed,
+        online: false,
+        error: Some(error),
+        missed_polls: 0,
     };
     let Some(profile) = a.profile.clone() else {
         let _ = tx
-            .send(status(
-                false,
-                Some(format!("profile {} is not in the fleet", a.spec.profile)),
-                0,
-            ))
+            .send(offline(format!(
+                "profile {} is not in the fleet",
+                a.spec.profile
+            )))
             .await;
         return;
     };
-    if a.spec.protocol == Protocol::Opcua {
-        return run_opcua(a, profile, setpoints, tx, pki).await;
-    }
-    let mut dev = match adapter(&a.spec) {
-        Ok(d) => d,
+    match adapter(&a.spec, pki) {
+        Ok(Client::Modbus(dev)) => poll_loop(dev, &a, &profile, setpoints, &tx).await,
+        Ok(Client::OpcUa(dev)) => poll_loop(dev, &a, &profile, setpoints, &tx).await,
         Err(e) => {
-            let _ = tx.send(status(false, Some(e), 0)).await;
-            return;
+            let _ = tx.send(offline(e)).await;
         }
-    };
-    let groups = plan(&profile, &a.spec);
+    }
+}
+
+/// The adapter's plans, one per poll interval (resources without their own
+/// interval take the device's), shortest interval first; intervals whose
+/// resources the adapter does not read have none.
+pub fn plans<A: FieldAdapter>(
+    dev: &A,
+    profile: &DeviceProfileSpec,
+    spec: &DeviceSpec,
+) -> Vec<(Duration, A::Plan)> {
+    let mut by: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, r) in profile.resources.iter().enumerate() {
+        let every = spec.poll.get(&r.name).copied().unwrap_or(spec.poll_ms);
+        by.entry(every).or_default().push(i);
+    }
+    by.into_iter()
+        .filter_map(|(ms, members)| {
+            dev.plan(profile, &members)
+                .map(|p| (Duration::from_millis(ms), p))
+        })
+        .collect()
+}
+
+/// The polling loop, the same for every protocol: setpoints first (a
+/// device that cannot be reached keeps them for the next round), then each
+/// interval's plan when it is due; reachability, backoff and missed polls
+/// accounted here.
+async fn poll_loop<A: FieldAdapter>(
+    mut dev: A,
+    a: &Assignment,
+    profile: &DeviceProfileSpec,
+    mut setpoints: watch::Receiver<Setpoints>,
+    tx: &mpsc::Sender<Update>,
+) {
+    let groups = plans(&dev, profile, &a.spec);
+    tracing::debug!(
+        protocol = dev.protocol(),
+        groups = groups.len(),
+        "polls planned"
+    );
     let start = Instant::now();
     let mut due: Vec<Instant> = groups.iter().map(|_| start).collect();
     let mut reach = Reach::new();
@@ -656,14 +403,18 @@ async fn run(
                 if applied.get(&res) == Some(&v) {
                     continue;
                 }
-                let result = write_setpoint(&mut dev, &profile, &res, &v).await;
-                match &result {
-                    Err(SetpointError::Device(e)) if is_transport(e) => {
-                        // Unreachable: retried with the polls.
-                        last_error = Some(e.to_string());
-                        break;
-                    }
-                    _ => {}
+                let result = match profile.resources.iter().find(|r| r.name == res) {
+                    Some(r) => dev.write_setpoint(r, &v).await,
+                    None => Err(adapters::SetpointError::Refused(format!(
+                        "the profile has no resource {res}"
+                    ))),
+                };
+                if let Err(e) = &result
+                    && e.unreachable()
+                {
+                    // Unreachable: retried with the polls.
+                    last_error = Some(e.to_string());
+                    break;
                 }
                 applied.insert(res.clone(), v.clone());
                 let _ = tx
@@ -679,63 +430,30 @@ async fn run(
         let mut polled_any = false;
         let mut failed_transport = false;
         if reach.may_try() {
-            for (gi, g) in groups.iter().enumerate() {
+            for (gi, (every, plan)) in groups.iter().enumerate() {
                 if now < due[gi] {
                     continue;
                 }
-                if now.duration_since(due[gi]) >= g.every {
+                if now.duration_since(due[gi]) >= *every {
                     missed += now.duration_since(due[gi]).as_millis() as u64
-                        / g.every.as_millis().max(1) as u64;
+                        / every.as_millis().max(1) as u64;
                 }
                 // The next slot on the schedule, not "now + every": no drift.
                 while due[gi] <= now {
-                    due[gi] += g.every;
+                    due[gi] += *every;
                 }
                 polled_any = true;
                 let at_ms = now_ms();
-                let mut values = Vec::new();
-                for span in &g.spans {
-                    match dev.read(span.table, span.start, span.count).await {
-                        Ok(words) => {
-                            for i in &span.members {
-                                let r = &profile.resources[*i];
-                                values.push((r.name.clone(), value_of(r, span.start, &words)));
-                            }
-                        }
-                        Err(e) if e.device_answered() && span.members.len() > 1 => {
-                            // Find out which resource the device refuses.
-                            for i in &span.members {
-                                let r = &profile.resources[*i];
-                                let one = dev.read(span.table, r.offset, r.span() as u16).await;
-                                values.push((
-                                    r.name.clone(),
-                                    one.map_err(|e| e.to_string())
-                                        .and_then(|w| value_of(r, r.offset, &w)),
-                                ));
-                            }
-                        }
-                        Err(e) => {
-                            let transport = is_transport(&e);
-                            for i in &span.members {
-                                values
-                                    .push((profile.resources[*i].name.clone(), Err(e.to_string())));
-                            }
-                            last_error = Some(e.to_string());
-                            if transport {
-                                failed_transport = true;
-                                break;
-                            }
-                        }
-                    }
+                let polled = dev.poll(profile, plan).await;
+                if let Some(e) = &polled.error {
+                    last_error = Some(e.to_string());
                 }
-                if values.iter().any(|(_, v)| v.is_ok()) {
-                    failed_transport = false;
-                }
+                failed_transport = polled.unreachable();
                 let _ = tx
                     .send(Update::Readings {
                         device: a.name.clone(),
                         at_ms,
-                        values,
+                        values: polled.values,
                     })
                     .await;
                 if failed_transport {
@@ -752,11 +470,12 @@ async fn run(
             // While it does not answer, every round's error is news.
             if reach.settle(&a.name, now_online) || !now_online {
                 let _ = tx
-                    .send(status(
-                        now_online,
-                        if now_online { None } else { last_error.clone() },
-                        missed,
-                    ))
+                    .send(Update::Status {
+                        device: a.name.clone(),
+                        online: now_online,
+                        error: if now_online { None } else { last_error.clone() },
+                        missed_polls: missed,
+                    })
                     .await;
             }
         }
@@ -773,58 +492,23 @@ async fn run(
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SetpointError {
-    #[error("{0}")]
-    Refused(String),
-    #[error("{0}")]
-    Device(DeviceError),
-    #[error("read back {0:?}, not the value written")]
-    Mismatch(Value),
-}
-
-async fn write_setpoint(
-    dev: &mut Modbus,
-    profile: &DeviceProfileSpec,
-    res: &str,
-    v: &serde_json::Value,
-) -> Result<Value, SetpointError> {
-    let r = profile
-        .resources
-        .iter()
-        .find(|r| r.name == res)
-        .ok_or_else(|| SetpointError::Refused(format!("the profile has no resource {res}")))?;
-    let words = device::check_setpoint(r, v).map_err(SetpointError::Refused)?;
-    let t = table(
-        r.table
-            .ok_or_else(|| SetpointError::Refused(format!("{res} is not a Modbus resource")))?,
-    );
-    dev.write(t, r.offset, &words)
-        .await
-        .map_err(SetpointError::Device)?;
-    let back = dev
-        .read(t, r.offset, r.span() as u16)
-        .await
-        .map_err(SetpointError::Device)?;
-    let value = value_of(r, r.offset, &back).map_err(SetpointError::Refused)?;
-    let expect = device::decode(r, &words).ok();
-    let same = match (&expect, t.is_bits()) {
-        (_, true) => value.as_f64() == v.as_f64().or(v.as_bool().map(|b| f64::from(u8::from(b)))),
-        (Some(e), false) => *e == value,
-        (None, false) => false,
-    };
-    if !same {
-        return Err(SetpointError::Mismatch(value));
-    }
-    Ok(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use adapters::modbus::{MAX_REGISTERS, Span};
+    use adapters::{DeviceError, Polled, SetpointError, Table};
+    use crdt_state::device::Resource;
 
     fn profile(yaml: &str) -> DeviceProfileSpec {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn modbus() -> Modbus {
+        let target = Target::Tcp {
+            host: "h".into(),
+            port: 502,
+        };
+        Modbus::new(target, 1, Duration::from_secs(1))
     }
 
     #[test]
@@ -836,10 +520,10 @@ mod tests {
             "profile: p\nnode: n\nprotocol: modbus-tcp\ntcp: {host: h}\npoll: {e: 5000}\n",
         )
         .unwrap();
-        let g = plan(&p, &spec);
+        let g: Vec<(Duration, Vec<Span>)> = plans(&modbus(), &p, &spec);
         assert_eq!(g.len(), 2);
-        assert_eq!(g[0].every, Duration::from_millis(1000));
-        let spans = &g[0].spans;
+        assert_eq!(g[0].0, Duration::from_millis(1000));
+        let spans = &g[0].1;
         assert_eq!(spans.len(), 3, "{spans:?}");
         let h: Vec<_> = spans
             .iter()
@@ -850,8 +534,8 @@ mod tests {
             (0, 3, vec![0, 1])
         );
         assert_eq!((h[1].start, h[1].count), (200, 1));
-        assert_eq!(g[1].every, Duration::from_millis(5000));
-        assert_eq!(g[1].spans[0].table, Table::InputRegisters);
+        assert_eq!(g[1].0, Duration::from_millis(5000));
+        assert_eq!(g[1].1[0].table, Table::InputRegisters);
         // 100 adjacent registers: one request; 200: two.
         let many: String = (0..200)
             .map(|i| {
@@ -860,8 +544,167 @@ mod tests {
                 )
             })
             .collect();
-        let g = plan(&profile(&format!("resources:\n{many}")), &spec);
-        assert_eq!(g[0].spans.len(), 2);
-        assert!(g[0].spans.iter().all(|s| s.count <= MAX_REGISTERS));
+        let g = plans(&modbus(), &profile(&format!("resources:\n{many}")), &spec);
+        assert_eq!(g[0].1.len(), 2);
+        assert!(g[0].1.iter().all(|s| s.count <= MAX_REGISTERS));
+    }
+
+    /// A scripted adapter: it fails its first `fail` polls (and every
+    /// setpoint until then) as a device that cannot be reached would, then
+    /// answers each poll with the poll's number. A fake is the point here:
+    /// this tests the one polling loop that both Modbus and OPC UA go
+    /// through (schedule, missed polls, backoff, status, setpoints), not a
+    /// protocol; the protocols run against real simulators in
+    /// `tests/devices.rs` and `adapters/tests/`.
+    struct Scripted {
+        fail: u64,
+        polls: u64,
+    }
+
+    impl FieldAdapter for Scripted {
+        type Plan = Vec<usize>;
+
+        fn protocol(&self) -> &'static str {
+            "scripted"
+        }
+
+        fn plan(&self, _: &DeviceProfileSpec, members: &[usize]) -> Option<Vec<usize>> {
+            Some(members.to_vec())
+        }
+
+        async fn poll(&mut self, profile: &DeviceProfileSpec, plan: &Vec<usize>) -> Polled {
+            let n = self.polls;
+            self.polls += 1;
+            let names = plan.iter().map(|i| profile.resources[*i].name.clone());
+            if n < self.fail {
+                let e = DeviceError::Connect("127.0.0.1:1: connection refused".into());
+                return Polled {
+                    values: names.map(|r| (r, Err(e.to_string()))).collect(),
+                    error: Some(e),
+                };
+            }
+            Polled {
+                values: names.map(|r| (r, Ok(Value::Int(n as i64)))).collect(),
+                error: None,
+            }
+        }
+
+        async fn write_setpoint(
+            &mut self,
+            _: &Resource,
+            v: &serde_json::Value,
+        ) -> Result<Value, SetpointError> {
+            if self.polls < self.fail {
+                return Err(SetpointError::Device(DeviceError::Timeout(
+                    Duration::from_secs(1),
+                )));
+            }
+            v.as_i64()
+                .map(Value::Int)
+                .ok_or_else(|| SetpointError::Refused(format!("{v} is not an integer")))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_one_loop_backs_off_counts_missed_polls_and_reports() -> anyhow::Result<()> {
+        let spec: DeviceSpec = serde_yaml::from_str(
+            "profile: p\nnode: n\nprotocol: modbus-tcp\ntcp: {host: h}\npollMs: 50\n",
+        )?;
+        let p: DeviceProfileSpec = serde_yaml::from_str(
+            "resources:\n- {name: sp, table: holding-registers, offset: 0, valueType: int16, access: read-write}\n",
+        )?;
+        let a = Assignment {
+            name: "dev".into(),
+            spec,
+            profile: Some(p.clone()),
+            setpoints: BTreeMap::from([("sp".to_string(), serde_json::json!(7))]),
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let (_stx, srx) = watch::channel(a.setpoints.clone());
+        let task = tokio::spawn(async move {
+            poll_loop(Scripted { fail: 2, polls: 0 }, &a, &p, srx, &tx).await;
+        });
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(|| anyhow::anyhow!("no update within 10 s"))
+        };
+        let mut offline_at = Vec::new();
+        // Two rounds that reach nothing: the readings say why, the status
+        // is offline at each, and the setpoint waits (nothing reported).
+        for round in 0..2 {
+            match next().await? {
+                Update::Readings { device, values, .. } => {
+                    assert_eq!(device, "dev");
+                    assert_eq!(values.len(), 1);
+                    assert!(
+                        values[0]
+                            .1
+                            .as_ref()
+                            .is_err_and(|e| e.contains("connection refused")),
+                        "{values:?}"
+                    );
+                }
+                other => anyhow::bail!("round {round}: expected readings, got {other:?}"),
+            }
+            match next().await? {
+                Update::Status {
+                    online: false,
+                    error: Some(e),
+                    missed_polls,
+                    ..
+                } => {
+                    assert!(e.contains("connection refused"), "{e}");
+                    offline_at.push((Instant::now(), missed_polls));
+                }
+                other => anyhow::bail!("round {round}: expected offline, got {other:?}"),
+            }
+        }
+        // The retry waited out the backoff (1 s), so the 50 ms polls it
+        // skipped are counted as missed.
+        assert!(offline_at[1].0 - offline_at[0].0 >= Duration::from_millis(900));
+        assert!(offline_at[1].1 >= 10, "missed {}", offline_at[1].1);
+        // Answering again (after a doubled backoff): the setpoint first,
+        // then the reading, then online with no error.
+        match next().await? {
+            Update::Setpoint {
+                resource, result, ..
+            } => {
+                assert_eq!(resource, "sp");
+                assert_eq!(result, Ok(Value::Int(7)));
+            }
+            other => anyhow::bail!("expected the setpoint, got {other:?}"),
+        }
+        let back_at = Instant::now();
+        assert!(back_at - offline_at[1].0 >= Duration::from_millis(1500));
+        match next().await? {
+            Update::Readings { values, .. } => {
+                assert_eq!(values, vec![("sp".to_string(), Ok(Value::Int(2)))]);
+            }
+            other => anyhow::bail!("expected readings, got {other:?}"),
+        }
+        match next().await? {
+            Update::Status {
+                online: true,
+                error: None,
+                missed_polls,
+                ..
+            } => assert!(
+                missed_polls >= offline_at[1].1 + 30,
+                "missed {missed_polls}"
+            ),
+            other => anyhow::bail!("expected online, got {other:?}"),
+        }
+        // Online: readings every interval, no status while nothing changes.
+        for _ in 0..3 {
+            match next().await? {
+                Update::Readings { values, .. } => assert!(values[0].1.is_ok(), "{values:?}"),
+                other => anyhow::bail!("expected readings, got {other:?}"),
+            }
+        }
+        task.abort();
+        Ok(())
     }
 }
