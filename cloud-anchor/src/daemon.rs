@@ -54,8 +54,16 @@ pub fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
     Ok(id)
 }
 
+/// An operator API answer waiting for its write to be committed.
+type Waiting = (
+    u64,
+    tokio::sync::oneshot::Sender<Result<crate::Answer, crate::ApiError>>,
+    Result<crate::Answer, crate::ApiError>,
+);
+
 struct Anchor {
     base: Base,
+    answers: Vec<Waiting>,
     /// The operator API's read model (when serving HTTP).
     view: Option<View>,
     snapshots: Option<watch::Sender<Arc<Snapshot>>>,
@@ -82,6 +90,7 @@ pub async fn run(
     let base = Base::open(dd, me, settings, &opts.mesh, role).await?;
     let mut a = Anchor {
         base,
+        answers: Vec::new(),
         view: None,
         snapshots: None,
     };
@@ -132,16 +141,16 @@ pub async fn run(
             }
             Some((cmd, reply)) = api_rx.recv() => {
                 let r = a.on_api(cmd);
-                // Read your writes: the answer leaves after a snapshot
-                // that holds the edit.
-                a.act();
-                a.publish_with(true);
-                let _ = reply.send(r);
+                // Read your writes: the answer leaves once the edit is
+                // committed and a snapshot that holds it is published.
+                let mark = a.base.core.applied_mark();
+                a.answers.push((mark, reply, r));
             }
             _ = tick.tick() => a.base.tick(),
             _ = &mut shutdown => break,
         }
         a.act();
+        a.answer();
         a.publish_with(false);
     }
     a.base.close().await;
@@ -149,6 +158,23 @@ pub async fn run(
 }
 
 impl Anchor {
+    /// Sends the API answers whose writes are committed, after publishing
+    /// a snapshot that holds them.
+    fn answer(&mut self) {
+        let done = self.base.core.committed_mark();
+        if !self.answers.iter().any(|(mark, _, _)| *mark <= done) {
+            return;
+        }
+        self.publish_with(true);
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.answers)
+            .into_iter()
+            .partition(|(mark, _, _)| *mark <= done);
+        self.answers = wait;
+        for (_, reply, r) in ready {
+            let _ = reply.send(r);
+        }
+    }
+
     /// Does what the core asked of the anchor (the base did the rest).
     fn act(&mut self) {
         while let Some(action) = self.base.next_action() {

@@ -86,7 +86,7 @@ pub struct ImportReport {
 /// An open data directory.
 pub struct DataDir {
     path: PathBuf,
-    store: Store,
+    store: std::sync::Arc<Store>,
     identity: Option<Identity>,
     trust: Trust,
     /// Documents loaded for writing. The data dir holds the store's lock,
@@ -138,7 +138,7 @@ impl DataDir {
         trust.add_cert(cert.clone())?;
         let mut dd = DataDir {
             path: path.into(),
-            store,
+            store: std::sync::Arc::new(store),
             identity: Some(identity),
             trust,
             cache: HashMap::new(),
@@ -195,7 +195,7 @@ impl DataDir {
         }
         Ok(DataDir {
             path: path.into(),
-            store,
+            store: std::sync::Arc::new(store),
             identity,
             trust,
             cache: HashMap::new(),
@@ -269,6 +269,11 @@ impl DataDir {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The store, shared with a thread that writes off the caller's loop.
+    pub fn shared_store(&self) -> std::sync::Arc<Store> {
+        self.store.clone()
     }
 
     /// The trust (root, certificates, revocations).

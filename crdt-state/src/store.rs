@@ -37,6 +37,28 @@ const SYNC: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync");
 /// The format marker in `meta`.
 const FORMAT: &[u8] = b"shoal-store/1";
 
+/// Changes to commit with [`Store::commit_prepared`].
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The document.
+    pub doc: DocId,
+    /// Its new changes, in an order that applies.
+    pub changes: Vec<(ChangeHash, SignedChange)>,
+    /// The whole document, to replace its chunks (`Document::save`).
+    pub snapshot: Option<Vec<u8>>,
+}
+
+/// One document's part of a commit.
+type Item<'a> = (&'a DocId, &'a [(ChangeHash, SignedChange)], Snapshot<'a>);
+
+/// Where a commit's snapshot comes from.
+enum Snapshot<'a> {
+    /// From the document, once it has gathered enough chunks.
+    Due(&'a Document),
+    /// As given (none: no snapshot now).
+    Given(Option<&'a [u8]>),
+}
+
 /// Store settings.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -326,13 +348,49 @@ impl Store {
 
     /// [`Store::commit`] for several documents in one transaction.
     pub fn commit_batch(&self, items: &[(&Document, &[(ChangeHash, SignedChange)])]) -> Result<()> {
-        guarded(&self.path, || self.commit_batch_inner(items))
+        let items: Vec<_> = items
+            .iter()
+            .map(|(doc, changes)| (doc.id(), *changes, Snapshot::Due(doc)))
+            .collect();
+        guarded(&self.path, || self.commit_batch_inner(&items))
     }
 
-    fn commit_batch_inner(
-        &self,
-        items: &[(&Document, &[(ChangeHash, SignedChange)])],
-    ) -> Result<()> {
+    /// Commits changes in one transaction without the documents at hand
+    /// (a daemon's writer thread): each item's snapshot, when given, is the
+    /// document with every stored change and these (`Document::save`), and
+    /// replaces its chunks; without one, chunks accumulate.
+    pub fn commit_prepared(&self, items: &[Prepared]) -> Result<()> {
+        let items: Vec<_> = items
+            .iter()
+            .map(|i| {
+                (
+                    &i.doc,
+                    i.changes.as_slice(),
+                    Snapshot::Given(i.snapshot.as_deref()),
+                )
+            })
+            .collect();
+        guarded(&self.path, || self.commit_batch_inner(&items))
+    }
+
+    /// Incremental chunks stored per document since its last snapshot.
+    pub fn chunk_counts(&self) -> Result<HashMap<DocId, u64>> {
+        guarded(&self.path, || {
+            let p = &self.path;
+            let rtx = self.db.begin_read().at(p)?;
+            let t = rtx.open_table(DOCS).at(p)?;
+            let mut out = HashMap::new();
+            for entry in t.iter().at(p)? {
+                let (k, v) = entry.at(p)?;
+                if let Ok(id) = DocId::parse(k.value()) {
+                    out.insert(id, v.value().1);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn commit_batch_inner(&self, items: &[Item<'_>]) -> Result<()> {
         let p = &self.path;
         let wtx = self.db.begin_write().at(p)?;
         {
@@ -340,8 +398,8 @@ impl Store {
             let mut sigs = wtx.open_table(SIGNATURES).at(p)?;
             let mut table = wtx.open_table(CHANGES).at(p)?;
             let mut snapshots = wtx.open_table(SNAPSHOTS).at(p)?;
-            for (doc, changes) in items {
-                let key = doc.id().to_string();
+            for (id, changes, snapshot) in items {
+                let key = id.to_string();
                 let (mut next, mut chunks) = docs
                     .get(key.as_str())
                     .at(p)?
@@ -362,10 +420,13 @@ impl Store {
                     next += 1;
                     chunks += 1;
                 }
-                if chunks >= self.config.compact_after {
-                    snapshots
-                        .insert(key.as_str(), doc.save().as_slice())
-                        .at(p)?;
+                let bytes = match snapshot {
+                    Snapshot::Due(doc) if chunks >= self.config.compact_after => Some(doc.save()),
+                    Snapshot::Given(Some(b)) => Some(b.to_vec()),
+                    _ => None,
+                };
+                if let Some(bytes) = bytes {
+                    snapshots.insert(key.as_str(), bytes.as_slice()).at(p)?;
                     table
                         .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
                         .at(p)?;

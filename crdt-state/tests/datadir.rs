@@ -397,3 +397,44 @@ fn a_set_message_is_recorded_in_the_signed_change() {
     );
     assert_eq!(messages[n - 1], None);
 }
+
+#[test]
+fn prepared_commits_take_a_given_snapshot_and_keep_every_signature() {
+    use crdt_state::store::Prepared;
+    let tmp = tempfile::tempdir().unwrap();
+    let op = DataDir::init(&tmp.path().join("op"), "grid", 1).unwrap();
+    let writer = op.identity().unwrap().clone();
+    let store = Store::open(&tmp.path().join("w.redb"), StoreConfig::default()).unwrap();
+    let mut doc = crdt_state::Document::new(crdt_state::DocId::Fleet);
+    let mut all = Vec::new();
+    for round in 0..3u32 {
+        let mut changes = Vec::new();
+        for i in 0..4u32 {
+            let ops = std::collections::BTreeMap::from([(
+                format!("apps.a{i}.version"),
+                Some(format!("\"v{round}\"")),
+            )]);
+            let (h, c, _) = doc.edit(&writer, 1, &ops).unwrap().unwrap();
+            changes.push((h, c));
+        }
+        all.extend(changes.iter().map(|(h, _)| *h));
+        // The second round hands a snapshot: chunks are replaced by it.
+        let snapshot = (round == 1).then(|| doc.save());
+        store
+            .commit_prepared(&[Prepared {
+                doc: crdt_state::DocId::Fleet,
+                changes,
+                snapshot,
+            }])
+            .unwrap();
+        let chunks = store.chunk_counts().unwrap()[&crdt_state::DocId::Fleet];
+        assert_eq!(chunks, [4, 0, 4][round as usize], "round {round}");
+    }
+    let loaded = store.load(&crdt_state::DocId::Fleet).unwrap().unwrap();
+    assert_eq!(loaded.heads(), doc.heads());
+    let sigs = store.signatures(&crdt_state::DocId::Fleet).unwrap();
+    assert!(
+        all.iter().all(|h| sigs.contains_key(h)),
+        "a signature was lost"
+    );
+}

@@ -57,6 +57,11 @@ pub struct Settings {
     pub values_every_ms: u64,
     /// Peers to remember (multiaddrs ending in `/p2p/<peer id>`).
     pub known_peers: Vec<String>,
+    /// A commit carries a document's snapshot once this many of its
+    /// changes were stored since the last one (the store's chunks).
+    pub compact_after: u64,
+    /// Changes stored per document since its last snapshot, at start.
+    pub stored_chunks: HashMap<DocId, u64>,
 }
 
 impl Default for Settings {
@@ -68,6 +73,8 @@ impl Default for Settings {
             reconcile_every_ms: 30_000,
             values_every_ms: 30_000,
             known_peers: Vec::new(),
+            compact_after: crdt_state::store::StoreConfig::default().compact_after,
+            stored_chunks: HashMap::new(),
         }
     }
 }
@@ -112,12 +119,17 @@ pub enum Action<C> {
         reason: String,
     },
     /// Commit these changes in one transaction, then call
-    /// [`Core::committed`] with `batch` and the outcome.
+    /// [`Core::committed`] with `batch` and the outcome. Everything it needs
+    /// is in it: it may run on another thread while the core goes on.
     Commit {
         /// Names this commit in [`Core::committed`].
         batch: u64,
-        /// The changes (the documents are [`Core::doc`]).
+        /// The changes.
         changes: Batch,
+        /// Snapshots of documents whose stored chunks are due for
+        /// compaction: each is the document with every stored change and
+        /// those of this batch, to replace its chunks.
+        snapshots: BTreeMap<DocId, Vec<u8>>,
     },
     /// Save these sync states (peer, document, state).
     SaveSyncStates(Vec<(PublicKey, DocId, Vec<u8>)>),
@@ -186,6 +198,8 @@ struct Held {
     output: Output,
     /// A `Persist` that is part of the commit in flight.
     in_batch: bool,
+    /// A `Persist`'s place in the order changes were applied.
+    seq: u64,
 }
 
 /// The daemon core of one node or anchor.
@@ -209,6 +223,15 @@ pub struct Core<C> {
     retry: bool,
     next_batch: u64,
     commit_failures: u64,
+    /// Changes applied so far (each engine `Persist` counts one) and how
+    /// many of them are committed.
+    applied_seq: u64,
+    committed_seq: u64,
+    /// Changes stored per document since its last snapshot.
+    chunks: HashMap<DocId, u64>,
+    /// What the commit in flight adds to `chunks` (None: a snapshot
+    /// resets the document's count).
+    in_flight_chunks: Vec<(DocId, Option<u64>)>,
     reconcile_due: bool,
     last_reconcile: u64,
     last_report: Option<NodeReport>,
@@ -225,6 +248,8 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         Core {
             engine,
             me,
+            chunks: settings.stored_chunks.clone(),
+            in_flight_chunks: Vec::new(),
             known_peers: settings.known_peers.clone(),
             // A node acts on its stored desired state before any network.
             reconcile_due: settings.workloads,
@@ -240,6 +265,8 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             retry: false,
             next_batch: 0,
             commit_failures: 0,
+            applied_seq: 0,
+            committed_seq: 0,
             last_reconcile: 0,
             last_report: None,
             last_values: 0,
@@ -421,6 +448,17 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             return;
         }
         self.in_flight = None;
+        let counted = std::mem::take(&mut self.in_flight_chunks);
+        if result.is_ok() {
+            for (doc, added) in counted {
+                match added {
+                    Some(n) => *self.chunks.entry(doc).or_default() += n,
+                    None => {
+                        self.chunks.insert(doc, 0);
+                    }
+                }
+            }
+        }
         if result.is_err() {
             // Not stored: hold everything (nothing is sent on what could
             // not be kept) and try again at the next tick.
@@ -440,7 +478,10 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 break;
             };
             match h.output {
-                Output::Persist { doc, changes } => merged.push((doc, changes)),
+                Output::Persist { doc, changes } => {
+                    self.committed_seq = self.committed_seq.max(h.seq);
+                    merged.push((doc, changes));
+                }
                 other => self.carry(other, now),
             }
         }
@@ -635,6 +676,18 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         self.commit_failures
     }
 
+    /// A mark for everything applied so far: once [`Core::committed_mark`]
+    /// reaches it, all of it is stored (an answer that promises a write
+    /// is durable waits for that).
+    pub fn applied_mark(&self) -> u64 {
+        self.applied_seq
+    }
+
+    /// How far committed changes reach (see [`Core::applied_mark`]).
+    pub fn committed_mark(&self) -> u64 {
+        self.committed_seq
+    }
+
     /// Engine outputs held behind a commit (frames not yet sent).
     pub fn held(&self) -> usize {
         self.held.len()
@@ -694,9 +747,16 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     /// Takes the engine's outputs and releases what may go.
     fn pump(&mut self, now: Now) {
         while let Some(output) = self.engine.poll_output() {
+            let seq = if matches!(output, Output::Persist { .. }) {
+                self.applied_seq += 1;
+                self.applied_seq
+            } else {
+                0
+            };
             self.held.push_back(Held {
                 output,
                 in_batch: false,
+                seq,
             });
         }
         self.release(now);
@@ -738,11 +798,31 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         if changes.is_empty() {
             return;
         }
+        // The documents hold exactly what is stored plus this batch now:
+        // the moment a snapshot of them may replace their chunks.
+        let mut adds: BTreeMap<DocId, u64> = BTreeMap::new();
+        for (doc, c) in &changes {
+            *adds.entry(doc.clone()).or_default() += c.len() as u64;
+        }
+        let mut snapshots = BTreeMap::new();
+        self.in_flight_chunks.clear();
+        for (doc, n) in adds {
+            let stored = self.chunks.get(&doc).copied().unwrap_or(0);
+            if stored + n >= self.settings.compact_after
+                && let Some(d) = self.engine.doc(&doc)
+            {
+                snapshots.insert(doc.clone(), d.save());
+                self.in_flight_chunks.push((doc, None));
+            } else {
+                self.in_flight_chunks.push((doc, Some(n)));
+            }
+        }
         self.next_batch += 1;
         self.in_flight = Some(self.next_batch);
         self.actions.push_back(Action::Commit {
             batch: self.next_batch,
             changes,
+            snapshots,
         });
     }
 
@@ -760,6 +840,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             }
             Output::Dropped { doc } => {
                 self.pending_states.retain(|(_, d), _| *d != doc);
+                self.chunks.remove(&doc);
                 self.actions.push_back(Action::DropDoc(doc));
             }
             Output::Changed { doc } => {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::anyhow;
+use crdt_state::store::Prepared;
 use crdt_state::sync::{Engine, SyncConfig};
 use crdt_state::{DataDir, DocId, Identity};
 use mesh::{Event, Mesh, Multiaddr, PeerId};
@@ -52,6 +53,8 @@ pub enum Input {
     Mesh(Event),
     /// A CLI verb over the control socket.
     Control(control::Request, oneshot::Sender<control::Reply>),
+    /// The writer thread finished a commit.
+    Committed(u64, Result<(), String>),
     /// The mesh stopped.
     Closed,
 }
@@ -93,6 +96,13 @@ pub struct Base {
     control: mpsc::Receiver<control::Incoming>,
     listening: Vec<String>,
     started: Instant,
+    /// Commits run on a blocking thread; their outcomes come back here.
+    done_tx: mpsc::UnboundedSender<(u64, Result<(), String>)>,
+    done_rx: mpsc::UnboundedReceiver<(u64, Result<(), String>)>,
+    /// The documents of the commit in flight.
+    committing: Vec<DocId>,
+    /// Commit on the loop (at shutdown).
+    inline: bool,
 }
 
 /// Loads every stored document into a sync engine for `me`.
@@ -180,6 +190,8 @@ impl Base {
         control::serve(&opts.data_dir, tx).await?;
         tracing::info!(peer = %mesh.peer_id(), name = %me.cert.name, "daemon started");
         settings.known_peers = known_peers;
+        settings.stored_chunks = dd.store().chunk_counts()?;
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Base {
             dd,
             core: Core::new(engine, me, settings),
@@ -189,6 +201,10 @@ impl Base {
             control,
             listening: Vec::new(),
             started: Instant::now(),
+            done_tx,
+            done_rx,
+            committing: Vec::new(),
+            inline: false,
         })
     }
 
@@ -208,6 +224,7 @@ impl Base {
                 None => Input::Closed,
             },
             Some((req, reply)) = self.control.recv() => Input::Control(req, reply),
+            Some((batch, result)) = self.done_rx.recv() => Input::Committed(batch, result),
         }
     }
 
@@ -229,6 +246,10 @@ impl Base {
                 let r = control::execute(&mut self.dd, req, &live);
                 self.forward_local();
                 let _ = reply.send(r);
+                None
+            }
+            Input::Committed(batch, result) => {
+                self.finish_commit(batch, result);
                 None
             }
             Input::Closed => None,
@@ -333,7 +354,11 @@ impl Base {
                     self.mesh.send(conn, frame);
                 }
                 Action::Disconnect { conn, reason } => self.mesh.disconnect(conn, reason),
-                Action::Commit { batch, changes } => self.commit(batch, changes),
+                Action::Commit {
+                    batch,
+                    changes,
+                    snapshots,
+                } => self.commit(batch, changes, snapshots),
                 Action::SaveSyncStates(states) => {
                     let states: Vec<(String, DocId, Vec<u8>)> = states
                         .into_iter()
@@ -364,36 +389,70 @@ impl Base {
         None
     }
 
-    fn commit(&mut self, batch: u64, changes: crate::core::Batch) {
-        let items: Vec<_> = changes
-            .iter()
-            .filter_map(|(id, c)| self.core.doc(id).map(|d| (d, c.as_slice())))
+    /// Hands a commit to a blocking thread (the loop goes on with sync,
+    /// the APIs and the devices meanwhile; what follows the commit waits
+    /// in the core).
+    fn commit(
+        &mut self,
+        batch: u64,
+        changes: crate::core::Batch,
+        mut snapshots: std::collections::BTreeMap<DocId, Vec<u8>>,
+    ) {
+        self.committing = changes.iter().map(|(id, _)| id.clone()).collect();
+        let items: Vec<Prepared> = changes
+            .into_iter()
+            .map(|(doc, changes)| Prepared {
+                snapshot: snapshots.remove(&doc),
+                doc,
+                changes,
+            })
             .collect();
-        let result = match self.dd.store().commit_batch(&items) {
+        let store = self.dd.shared_store();
+        if self.inline {
+            let result = store.commit_prepared(&items).map_err(|e| e.to_string());
+            self.finish_commit(batch, result);
+            return;
+        }
+        let done = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = store.commit_prepared(&items).map_err(|e| e.to_string());
+            let _ = done.send((batch, result));
+        });
+    }
+
+    fn finish_commit(&mut self, batch: u64, result: Result<(), String>) {
+        let docs = std::mem::take(&mut self.committing);
+        match &result {
             Ok(()) => {
                 // The data dir's cached copies are stale now.
                 let mut fleet_changed = false;
-                for (id, _) in &changes {
-                    self.dd.forget(id);
-                    fleet_changed |= *id == DocId::Fleet;
+                for id in docs {
+                    fleet_changed |= id == DocId::Fleet;
+                    self.dd.forget(&id);
                 }
                 if fleet_changed && let Err(e) = self.dd.refresh_trust() {
                     tracing::warn!(error = %e, "trust not refreshed");
                 }
-                Ok(())
             }
             Err(e) => {
                 // Not stored: the core holds what follows it.
                 tracing::error!(error = %e, "could not commit synced changes; holding sends");
-                Err(e.to_string())
             }
-        };
+        }
         let t = self.now();
         self.core.committed(t, batch, result);
     }
 
     /// Saves what is pending, stops the mesh and removes the socket.
     pub async fn close(mut self) {
+        // A commit still on its thread finishes first; what it held back
+        // and anything after it commits on the loop.
+        if !self.committing.is_empty()
+            && let Some((batch, result)) = self.done_rx.recv().await
+        {
+            self.finish_commit(batch, result);
+        }
+        self.inline = true;
         let t = self.now();
         self.core.flush(t);
         while self.next_action().is_some() {}

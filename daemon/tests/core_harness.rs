@@ -106,14 +106,23 @@ impl Net {
     fn act(&mut self, i: usize) {
         while let Some(a) = self.cores[i].poll_action() {
             let line = match &a {
-                Action::Commit { batch, .. } => format!("commit {batch}"),
+                Action::Commit {
+                    batch, snapshots, ..
+                } => {
+                    let snaps: Vec<String> = snapshots.keys().map(|d| d.to_string()).collect();
+                    if snaps.is_empty() {
+                        format!("commit {batch}")
+                    } else {
+                        format!("commit {batch} snapshot {}", snaps.join(","))
+                    }
+                }
                 Action::Send { conn, .. } => format!("send {conn}"),
                 other => format!("{other:?}").chars().take(60).collect(),
             };
             self.log[i].push(line);
             match a {
                 Action::Send { conn, frame } => self.wire.push_back((i, conn, frame)),
-                Action::Commit { batch, changes } => {
+                Action::Commit { batch, changes, .. } => {
                     let now = self.now;
                     if self.failing[i] {
                         self.cores[i].committed(now, batch, Err("disk full".into()));
@@ -193,7 +202,7 @@ fn a_change_is_committed_before_any_frame_that_follows_it_leaves() {
     let h = net.edit(0, "apps.web.image", "nginx:1");
     // Nothing left yet: the first thing asked is the commit.
     let first = net.cores[0].poll_action().unwrap();
-    let Action::Commit { batch, changes } = first else {
+    let Action::Commit { batch, changes, .. } = first else {
         panic!("expected a commit first, got {first:?}");
     };
     assert!(changes.iter().any(|(_, c)| c.iter().any(|(x, _)| *x == h)));
@@ -496,4 +505,52 @@ fn many_cores_in_a_chain_converge_and_every_store_holds_every_change() {
             assert!(net.stored[i].contains(h), "core {i} did not commit {h}");
         }
     }
+}
+
+#[test]
+fn a_commit_carries_a_snapshot_once_enough_changes_are_stored() {
+    let mut net = Net::new(0, |_| Settings {
+        compact_after: 3,
+        ..Settings::default()
+    });
+    for k in 0..5 {
+        net.edit(0, &format!("apps.a{k}.image"), "x");
+        net.act(0);
+    }
+    let commits: Vec<&String> = net.log[0]
+        .iter()
+        .filter(|l| l.starts_with("commit"))
+        .collect();
+    assert_eq!(
+        commits,
+        vec![
+            "commit 1",
+            "commit 2",
+            "commit 3 snapshot fleet",
+            "commit 4",
+            "commit 5",
+        ],
+        "{:?}",
+        net.log[0]
+    );
+}
+
+#[test]
+fn the_committed_mark_reaches_a_write_only_after_its_commit() {
+    let mut net = Net::new(1, anchor_and_nodes);
+    net.connect(0, 1);
+    net.settle();
+    net.edit(0, "apps.web.image", "nginx:1");
+    let mark = net.cores[0].applied_mark();
+    assert!(net.cores[0].committed_mark() < mark);
+    let Some(Action::Commit { batch, .. }) = net.cores[0].poll_action() else {
+        panic!("a commit first");
+    };
+    assert!(
+        net.cores[0].committed_mark() < mark,
+        "not before the answer"
+    );
+    let now = net.now;
+    net.cores[0].committed(now, batch, Ok(()));
+    assert!(net.cores[0].committed_mark() >= mark);
 }

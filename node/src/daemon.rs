@@ -83,6 +83,8 @@ struct Node {
     pending_readings: Vec<crdt_state::readings::Reading>,
     readings_cap: u64,
     readings_dropped: u64,
+    /// Site API answers waiting for their writes to be committed.
+    answers: Vec<(u64, tokio::sync::oneshot::Sender<Reply>, Reply)>,
 }
 
 /// Runs the node until `shutdown` resolves.
@@ -136,6 +138,7 @@ pub async fn run(
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
         readings_dropped: 0,
+        answers: Vec::new(),
     };
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
@@ -166,8 +169,8 @@ pub async fn run(
             Some((req, reply)) = site_rx.recv() => {
                 let r = n.on_site(req);
                 // Answered once what it accepted is committed.
-                n.act();
-                let _ = reply.send(r);
+                let mark = n.base.core.applied_mark();
+                n.answers.push((mark, reply, r));
             }
             Some(u) = dev_rx.recv() => n.on_device(u),
             _ = tick.tick() => {
@@ -177,6 +180,7 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
         n.act();
+        n.answer();
     }
     n.runtime.shutdown().await;
     if let Some(dev) = n.devices.as_mut() {
@@ -190,6 +194,18 @@ pub async fn run(
 }
 
 impl Node {
+    /// Sends the site API answers whose writes are committed now.
+    fn answer(&mut self) {
+        let done = self.base.core.committed_mark();
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.answers)
+            .into_iter()
+            .partition(|(mark, _, _)| *mark <= done);
+        self.answers = wait;
+        for (_, reply, r) in ready {
+            let _ = reply.send(r);
+        }
+    }
+
     /// Does what the core asked of the node (the base did the rest).
     fn act(&mut self) {
         while let Some(action) = self.base.next_action() {

@@ -466,7 +466,7 @@ impl Sim {
                     };
                     self.transmit(l, i, j, frame);
                 }
-                Action::Commit { batch, changes } => {
+                Action::Commit { batch, changes, .. } => {
                     let latency = us(self.scenario.commit_latency.0);
                     let starts = self.nodes[i].starts;
                     if latency == 0 {
