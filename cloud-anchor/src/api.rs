@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -312,11 +313,14 @@ pub async fn serve(addr: SocketAddr, server: Server) -> anyhow::Result<SocketAdd
         .map_err(|e| anyhow::anyhow!("HTTP API on {addr}: {e}"))?;
     let local = listener.local_addr()?;
     let app = router(server);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP API stopped");
+    tokio::spawn(
+        async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
         }
-    });
+        .instrument(tracing::info_span!("operator_api", %local)),
+    );
     Ok(local)
 }
 

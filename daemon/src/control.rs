@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use tokio::io::AsyncReadExt as _;
+use tracing::Instrument;
 
 use anyhow::{Context, anyhow, bail};
 use crdt_state::model::Kind;
@@ -274,42 +275,48 @@ pub async fn serve(dir: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> anyho
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("control socket {}", path.display()))?;
     let listener = std::sync::Arc::new(listener);
-    tokio::spawn(accept_loop(
-        move || {
-            let l = listener.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
-        },
-        move |stream| {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
-                let mut line = String::new();
-                if reader.read_line(&mut line).await.is_err() {
-                    return;
-                }
-                let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => {
-                        let (otx, orx) = tokio::sync::oneshot::channel();
-                        if tx.send((req, otx)).await.is_err() {
+    tokio::spawn(
+        accept_loop(
+            move || {
+                let l = listener.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
+            },
+            move |stream| {
+                let tx = tx.clone();
+                tokio::spawn(
+                    async move {
+                        let (r, mut w) = stream.into_split();
+                        let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).await.is_err() {
                             return;
                         }
-                        orx.await.unwrap_or_else(|_| Reply {
-                            error: Some("the daemon stopped".into()),
-                            ..Reply::default()
-                        })
+                        let reply = match serde_json::from_str::<Request>(&line) {
+                            Ok(req) => {
+                                let (otx, orx) = tokio::sync::oneshot::channel();
+                                if tx.send((req, otx)).await.is_err() {
+                                    return;
+                                }
+                                orx.await.unwrap_or_else(|_| Reply {
+                                    error: Some("the daemon stopped".into()),
+                                    ..Reply::default()
+                                })
+                            }
+                            Err(e) => Reply {
+                                error: Some(format!("malformed control request: {e}")),
+                                ..Reply::default()
+                            },
+                        };
+                        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+                        out.push(b'\n');
+                        let _ = w.write_all(&out).await;
                     }
-                    Err(e) => Reply {
-                        error: Some(format!("malformed control request: {e}")),
-                        ..Reply::default()
-                    },
-                };
-                let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-                out.push(b'\n');
-                let _ = w.write_all(&out).await;
-            });
-        },
-    ));
+                    .in_current_span(),
+                );
+            },
+        )
+        .instrument(tracing::info_span!("control_socket")),
+    );
     Ok(())
 }
 

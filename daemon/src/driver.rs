@@ -414,7 +414,9 @@ impl Base {
             return;
         }
         let done = self.done_tx.clone();
+        let span = tracing::debug_span!("commit", batch, docs = items.len());
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let result = store.commit_prepared(&items).map_err(|e| e.to_string());
             let _ = done.send((batch, result));
         });

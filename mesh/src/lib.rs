@@ -73,6 +73,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Swarm, autonat, connection_limits, dcutr, identify, mdns, noise};
 use libp2p::{ping, relay, yamux};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use session::{INCARNATION, Output, Sessions, Settings};
 
@@ -333,7 +334,10 @@ impl Mesh {
         for addr in task.config.peers.clone() {
             task.sessions.add_peer(addr, now).map_err(Error::Config)?;
         }
-        tokio::spawn(task.run(rx));
+        tokio::spawn(
+            task.run(rx)
+                .instrument(tracing::info_span!("mesh", me = %peer_id)),
+        );
         Ok((Mesh { tx, peer_id }, Events(ev_rx)))
     }
 
@@ -604,28 +608,34 @@ impl Task {
         tokio::spawn(async move {
             while let Some((peer, mut stream)) = hello_in.next().await {
                 let tx = tx.clone();
-                tokio::spawn(async move {
-                    let read = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        frame::read(&mut stream, MAX_SMALL_FRAME),
-                    )
-                    .await;
-                    match read {
-                        Ok(Ok(Some(body))) if body.len() >= INCARNATION => {
-                            let mut inc = [0u8; INCARNATION];
-                            inc.copy_from_slice(&body[..INCARNATION]);
-                            let _ =
-                                tx.send(Internal::HelloIn(peer, inc, body[INCARNATION..].to_vec()));
+                tokio::spawn(
+                    async move {
+                        let read = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            frame::read(&mut stream, MAX_SMALL_FRAME),
+                        )
+                        .await;
+                        match read {
+                            Ok(Ok(Some(body))) if body.len() >= INCARNATION => {
+                                let mut inc = [0u8; INCARNATION];
+                                inc.copy_from_slice(&body[..INCARNATION]);
+                                let _ = tx.send(Internal::HelloIn(
+                                    peer,
+                                    inc,
+                                    body[INCARNATION..].to_vec(),
+                                ));
+                            }
+                            Ok(Ok(_)) => {
+                                let _ = tx.send(Internal::Misbehaved(peer, "empty hello".into()));
+                            }
+                            Ok(Err(e)) => {
+                                let _ = tx.send(Internal::Misbehaved(peer, format!("hello: {e}")));
+                            }
+                            Err(_) => {}
                         }
-                        Ok(Ok(_)) => {
-                            let _ = tx.send(Internal::Misbehaved(peer, "empty hello".into()));
-                        }
-                        Ok(Err(e)) => {
-                            let _ = tx.send(Internal::Misbehaved(peer, format!("hello: {e}")));
-                        }
-                        Err(_) => {}
                     }
-                });
+                    .instrument(tracing::debug_span!("hello_in", %peer)),
+                );
             }
         });
         // Sync streams go to the mesh task, which tags each with the
@@ -646,16 +656,19 @@ impl Task {
             .map_err(|e| Error::Config(e.to_string()))?;
         tokio::spawn(async move {
             while let Some((_, mut stream)) = probes.next().await {
-                tokio::spawn(async move {
-                    use futures::{AsyncReadExt, AsyncWriteExt};
-                    let mut b = [0u8; 1];
-                    let echo = async {
-                        stream.read_exact(&mut b).await?;
-                        stream.write_all(&b).await?;
-                        stream.close().await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(10), echo).await;
-                });
+                tokio::spawn(
+                    async move {
+                        use futures::{AsyncReadExt, AsyncWriteExt};
+                        let mut b = [0u8; 1];
+                        let echo = async {
+                            stream.read_exact(&mut b).await?;
+                            stream.write_all(&b).await?;
+                            stream.close().await
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(10), echo).await;
+                    }
+                    .instrument(tracing::debug_span!("probe_in")),
+                );
             }
         });
         for protocol in config.serve.clone() {
@@ -669,40 +682,43 @@ impl Task {
                     let tx = tx.clone();
                     let inbound = inbound.clone();
                     let protocol = protocol.clone();
-                    tokio::spawn(async move {
-                        let read = tokio::time::timeout(
-                            Duration::from_secs(10),
-                            frame::read(&mut stream, MAX_SMALL_FRAME),
-                        )
-                        .await;
-                        let body = match read {
-                            Ok(Ok(Some(b))) => b,
-                            Ok(Err(e)) => {
-                                let _ = tx.send(Internal::Misbehaved(
-                                    peer,
-                                    format!("{protocol} request: {e}"),
-                                ));
+                    tokio::spawn(
+                        async move {
+                            let read = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                frame::read(&mut stream, MAX_SMALL_FRAME),
+                            )
+                            .await;
+                            let body = match read {
+                                Ok(Ok(Some(b))) => b,
+                                Ok(Err(e)) => {
+                                    let _ = tx.send(Internal::Misbehaved(
+                                        peer,
+                                        format!("{protocol} request: {e}"),
+                                    ));
+                                    return;
+                                }
+                                _ => return,
+                            };
+                            let (reply, answer) = oneshot::channel();
+                            // Waits while the owner is behind (the asker's
+                            // own timeout bounds how long).
+                            if inbound
+                                .send(Inbound::Request(peer, protocol, body, reply))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
-                            _ => return,
-                        };
-                        let (reply, answer) = oneshot::channel();
-                        // Waits while the owner is behind (the asker's
-                        // own timeout bounds how long).
-                        if inbound
-                            .send(Inbound::Request(peer, protocol, body, reply))
-                            .await
-                            .is_err()
-                        {
-                            return;
+                            if let Ok(Ok(bytes)) =
+                                tokio::time::timeout(Duration::from_secs(30), answer).await
+                            {
+                                let _ = frame::write(&mut stream, &bytes).await;
+                                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+                            }
                         }
-                        if let Ok(Ok(bytes)) =
-                            tokio::time::timeout(Duration::from_secs(30), answer).await
-                        {
-                            let _ = frame::write(&mut stream, &bytes).await;
-                            let _ = futures::AsyncWriteExt::close(&mut stream).await;
-                        }
-                    });
+                        .instrument(tracing::debug_span!("request_in", %peer)),
+                    );
                 }
             });
         }
@@ -960,28 +976,31 @@ impl Task {
         body.extend_from_slice(&self.incarnation);
         body.extend_from_slice(&self.hello);
         let mut control = self.control.clone();
-        tokio::spawn(async move {
-            for attempt in 0..3u32 {
-                let sent = async {
-                    let mut s = control
-                        .open_stream(peer, HELLO)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    frame::write(&mut s, &body)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    futures::AsyncWriteExt::close(&mut s)
-                        .await
-                        .map_err(|e| e.to_string())
-                };
-                match tokio::time::timeout(Duration::from_secs(5), sent).await {
-                    Ok(Ok(())) => return,
-                    Ok(Err(e)) => tracing::debug!(%peer, attempt, error = %e, "hello not sent"),
-                    Err(_) => tracing::debug!(%peer, attempt, "hello timed out"),
+        tokio::spawn(
+            async move {
+                for attempt in 0..3u32 {
+                    let sent = async {
+                        let mut s = control
+                            .open_stream(peer, HELLO)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        frame::write(&mut s, &body)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        futures::AsyncWriteExt::close(&mut s)
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), sent).await {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => tracing::debug!(%peer, attempt, error = %e, "hello not sent"),
+                        Err(_) => tracing::debug!(%peer, attempt, "hello timed out"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        });
+            .instrument(tracing::debug_span!("hello_out", %peer)),
+        );
     }
 
     fn on_command(&mut self, c: Command) {
@@ -1079,29 +1098,32 @@ impl Task {
 
     fn spawn_request(&mut self, peer: PeerId, r: PendingRequest) {
         let mut control = self.control.clone();
-        tokio::spawn(async move {
-            let result = async {
-                let mut s = control
-                    .open_stream(peer, r.protocol.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                frame::write(&mut s, &r.bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match frame::read(&mut s, MAX_SMALL_FRAME).await {
-                    Ok(Some(b)) => Ok(b),
-                    Ok(None) => Err("the peer closed the stream without an answer".to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-            };
-            let result = match tokio::time::timeout(Duration::from_secs(30), result).await {
-                Ok(r) => r,
-                Err(_) => Err("no answer within 30 s".into()),
-            };
-            let _ = r
-                .reply
-                .send(result.map_err(|reason| Error::Request { peer, reason }));
-        });
+        tokio::spawn(
+            async move {
+                let result = async {
+                    let mut s = control
+                        .open_stream(peer, r.protocol.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    frame::write(&mut s, &r.bytes)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match frame::read(&mut s, MAX_SMALL_FRAME).await {
+                        Ok(Some(b)) => Ok(b),
+                        Ok(None) => Err("the peer closed the stream without an answer".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                let result = match tokio::time::timeout(Duration::from_secs(30), result).await {
+                    Ok(r) => r,
+                    Err(_) => Err("no answer within 30 s".into()),
+                };
+                let _ = r
+                    .reply
+                    .send(result.map_err(|reason| Error::Request { peer, reason }));
+            }
+            .instrument(tracing::debug_span!("request", %peer)),
+        );
     }
 
     /// Queues a frame on the peer's sync stream, opening it first if this
@@ -1124,37 +1146,40 @@ impl Task {
         let q = queued.clone();
         let mut control = self.control.clone();
         let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let opened =
-                tokio::time::timeout(Duration::from_secs(10), control.open_stream(peer, SYNC))
-                    .await;
-            let mut stream = match opened {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let _ = internal.send(Internal::WriterFailed(peer, session, e.to_string()));
-                    return;
+        tokio::spawn(
+            async move {
+                let opened =
+                    tokio::time::timeout(Duration::from_secs(10), control.open_stream(peer, SYNC))
+                        .await;
+                let mut stream = match opened {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let _ = internal.send(Internal::WriterFailed(peer, session, e.to_string()));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = internal.send(Internal::WriterFailed(
+                            peer,
+                            session,
+                            "opening the sync stream timed out".into(),
+                        ));
+                        return;
+                    }
+                };
+                // `frame::write` waits while QUIC flow control holds the
+                // stream: a slow reader makes `queued` grow until the state
+                // machine cuts it off.
+                while let Some(bytes) = rx.recv().await {
+                    q.fetch_sub(bytes.len(), Ordering::Relaxed);
+                    if let Err(e) = frame::write(&mut stream, &bytes).await {
+                        let _ = internal.send(Internal::WriterFailed(peer, session, e.to_string()));
+                        return;
+                    }
                 }
-                Err(_) => {
-                    let _ = internal.send(Internal::WriterFailed(
-                        peer,
-                        session,
-                        "opening the sync stream timed out".into(),
-                    ));
-                    return;
-                }
-            };
-            // `frame::write` waits while QUIC flow control holds the
-            // stream: a slow reader makes `queued` grow until the state
-            // machine cuts it off.
-            while let Some(bytes) = rx.recv().await {
-                q.fetch_sub(bytes.len(), Ordering::Relaxed);
-                if let Err(e) = frame::write(&mut stream, &bytes).await {
-                    let _ = internal.send(Internal::WriterFailed(peer, session, e.to_string()));
-                    return;
-                }
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
             }
-            let _ = futures::AsyncWriteExt::close(&mut stream).await;
-        });
+            .instrument(tracing::debug_span!("sync_out", %peer, session)),
+        );
         Writer {
             session,
             tx,
@@ -1166,26 +1191,29 @@ impl Task {
         let mut control = self.control.clone();
         let internal = self.internal_tx.clone();
         let timeout = self.config.probe_timeout;
-        tokio::spawn(async move {
-            let probe = async {
-                use futures::{AsyncReadExt, AsyncWriteExt};
-                let mut st = control
-                    .open_stream(peer, PROBE)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                st.write_all(&[1]).await.map_err(|e| e.to_string())?;
-                st.flush().await.map_err(|e| e.to_string())?;
-                let mut b = [0u8; 1];
-                st.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-                let _ = st.close().await;
-                Ok::<(), String>(())
-            };
-            let result = match tokio::time::timeout(timeout, probe).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-            };
-            let _ = internal.send(Internal::Probed(peer, session, result));
-        });
+        tokio::spawn(
+            async move {
+                let probe = async {
+                    use futures::{AsyncReadExt, AsyncWriteExt};
+                    let mut st = control
+                        .open_stream(peer, PROBE)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    st.write_all(&[1]).await.map_err(|e| e.to_string())?;
+                    st.flush().await.map_err(|e| e.to_string())?;
+                    let mut b = [0u8; 1];
+                    st.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                    let _ = st.close().await;
+                    Ok::<(), String>(())
+                };
+                let result = match tokio::time::timeout(timeout, probe).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                };
+                let _ = internal.send(Internal::Probed(peer, session, result));
+            }
+            .instrument(tracing::debug_span!("probe", %peer, session)),
+        );
     }
 
     /// Reads a sync stream of `session` frame by frame, each read only
@@ -1194,27 +1222,30 @@ impl Task {
         let inbound = self.inbound_tx.clone();
         let internal = self.internal_tx.clone();
         let max = self.config.max_frame;
-        tokio::spawn(async move {
-            loop {
-                match frame::read(&mut stream, max).await {
-                    Ok(Some(body)) => {
-                        if inbound
-                            .send(Inbound::Frame(peer, session, body))
-                            .await
-                            .is_err()
-                        {
+        tokio::spawn(
+            async move {
+                loop {
+                    match frame::read(&mut stream, max).await {
+                        Ok(Some(body)) => {
+                            if inbound
+                                .send(Inbound::Frame(peer, session, body))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e @ frame::FrameError::TooLarge { .. }) => {
+                            let _ = internal.send(Internal::Misbehaved(peer, format!("sync: {e}")));
                             return;
                         }
+                        Err(_) => return,
                     }
-                    Ok(None) => return,
-                    Err(e @ frame::FrameError::TooLarge { .. }) => {
-                        let _ = internal.send(Internal::Misbehaved(peer, format!("sync: {e}")));
-                        return;
-                    }
-                    Err(_) => return,
                 }
             }
-        });
+            .instrument(tracing::debug_span!("sync_in", %peer, session)),
+        );
     }
 
     fn on_internal(&mut self, msg: Internal) {

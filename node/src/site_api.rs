@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use anyhow::{Context, anyhow, bail};
 use crdt_state::{Identity, PublicKey, Trust};
@@ -240,11 +241,14 @@ pub async fn serve(
     let app = axum::Router::new()
         .fallback(handler)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "site API stopped");
+    tokio::spawn(
+        async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "site API stopped");
+            }
         }
-    });
+        .instrument(tracing::info_span!("site_api", %local)),
+    );
     Ok(local)
 }
 

@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use crdt_state::model::{
     HealthCheck, NativeSpec, RestartPolicy, RuntimeKind, WorkloadReport, WorkloadState,
@@ -182,15 +183,19 @@ impl super::Runtime for Native {
             let previous: Vec<JoinHandle<()>> = std::mem::take(&mut self.stopping);
             let dir = self.root.join(&name);
             let adopt = self.adoptable.remove(&name).map(|(pid, _)| pid);
-            let task = tokio::spawn(supervise(
-                name.clone(),
-                w.clone(),
-                dir,
-                status.clone(),
-                stop_rx,
-                previous,
-                adopt,
-            ));
+            let span = tracing::info_span!("app", app = %name);
+            let task = tokio::spawn(
+                supervise(
+                    name.clone(),
+                    w.clone(),
+                    dir,
+                    status.clone(),
+                    stop_rx,
+                    previous,
+                    adopt,
+                )
+                .instrument(span),
+            );
             let outlive = w.spec.native.as_ref().is_some_and(|n| n.outlive_node);
             self.apps.insert(
                 name,
@@ -473,10 +478,10 @@ async fn run_once(
         );
     }
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, dir.join("stdout.log")));
+        tokio::spawn(pump(out, dir.join("stdout.log")).in_current_span());
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, dir.join("stderr.log")));
+        tokio::spawn(pump(err, dir.join("stderr.log")).in_current_span());
     }
     tracing::info!(app = %name, ?pid, "started");
     let health = spec.health.clone();

@@ -63,6 +63,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tracing::Instrument;
 
 use anyhow::Context;
 use crdt_state::model::WorkloadReport;
@@ -163,7 +164,10 @@ impl Kube {
         let status: Status = Arc::default();
         let (seen_tx, seen_rx) = mpsc::channel(1024);
         let rec = reconciler::Reconciler::new(client, timing, store, seen_tx, status.clone());
-        let task = tokio::spawn(rec.run(rx, seen_rx));
+        let task = tokio::spawn(
+            rec.run(rx, seen_rx)
+                .instrument(tracing::info_span!("kube_reconciler")),
+        );
         Ok(Kube {
             desired,
             status,

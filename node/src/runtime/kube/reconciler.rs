@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tracing::Instrument;
 
 use crdt_state::model::{RuntimeKind, WorkloadReport, WorkloadState};
 use crdt_state::placement::Workload;
@@ -1684,12 +1685,13 @@ impl Reconciler {
                 continue;
             }
             let api = self.api(&kind, wk.namespace.as_deref());
-            let task = tokio::spawn(watcher::run(
-                api,
-                wk.clone(),
-                self.seen_tx.clone(),
-                self.timing.call,
-            ));
+            let task = tokio::spawn(
+                watcher::run(api, wk.clone(), self.seen_tx.clone(), self.timing.call)
+                    .in_current_span()
+                    .instrument(
+                        tracing::debug_span!("watch", kind = %kind.ar.kind, namespace = ?wk.namespace),
+                    ),
+            );
             self.watches.insert(wk, task);
         }
     }
