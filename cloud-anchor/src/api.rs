@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crdt_state::manifest::{self, Manifest};
 use crdt_state::model::Kind;
-use crdt_state::render::Format;
+use crdt_state::render::{self, Format};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -1027,6 +1027,22 @@ async fn cli_get(
         Ok(f) => f,
         Err(e) => return ApiError::new(400, e).into_response(),
     };
+    // What the snapshot holds is answered from it: a read never waits for
+    // the daemon's loop, nor loads documents from the store. Nodes (with
+    // live contacts) come from the loop's memory.
+    let sn = snap(&s);
+    let text = match what.as_str() {
+        "apps" | "app" => Some(render::apps(output, &sn.spec)),
+        "configs" | "config" => Some(render::configs(output, &sn.spec)),
+        "profiles" | "profile" => Some(render::profiles(output, &sn.spec)),
+        "devices" | "device" => Some(render::devices(output, &sn.spec)),
+        "sites" | "site" => Some(render::sites(output, &sn.overrides)),
+        "conflicts" | "conflict" => Some(render::conflicts(output, &sn.conflicts)),
+        _ => None,
+    };
+    if let Some(t) = text {
+        return answer(Answer::Text(t));
+    }
     match call(&s, Command::Get { what, output }).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
@@ -1223,6 +1239,39 @@ mod tests {
             None,
             "a wrong scheme is no token, not the cookie's"
         );
+    }
+
+    #[tokio::test]
+    async fn reads_the_snapshot_holds_never_wait_for_the_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        // A daemon that never answers a command.
+        let (commands, _held) = mpsc::channel(1);
+        let shared: Shared = Arc::new(Server {
+            snapshot: rx,
+            commands,
+            tokens: crate::tokens::Tokens::new(dir.path()),
+            demo: None,
+        });
+        for what in [
+            "conflicts",
+            "apps",
+            "configs",
+            "sites",
+            "profiles",
+            "devices",
+        ] {
+            let q = OutputQuery {
+                output: Some("json".into()),
+            };
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                cli_get(State(shared.clone()), Path(what.to_string()), Query(q)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("get {what} waited for the loop"));
+            assert_eq!(r.status(), StatusCode::OK, "{what}");
+        }
     }
 
     #[test]

@@ -322,11 +322,11 @@ impl Anchor {
                 user,
                 output,
             } => {
-                self.base
-                    .dd
-                    .set_message(Some(format!("{user} through the anchor API")));
-                let r = self.base.dd.apply(&manifests, now());
-                self.base.dd.set_message(None);
+                let message = format!("{user} through the anchor API");
+                let r = self
+                    .base
+                    .identity()
+                    .and_then(|me| self.base.apply(&manifests, &me, Some(&message)));
                 match r {
                     Ok(applied) => {
                         if let Some(v) = self.view.as_mut() {
@@ -355,11 +355,11 @@ impl Anchor {
                 }
             }
             Command::Delete { kind, name, user } => {
-                self.base
-                    .dd
-                    .set_message(Some(format!("{user} through the anchor API")));
-                let r = self.base.dd.delete(kind, &name, now());
-                self.base.dd.set_message(None);
+                let message = format!("{user} through the anchor API");
+                let r = self
+                    .base
+                    .identity()
+                    .and_then(|me| self.base.delete(kind, &name, &me, Some(&message)));
                 match r {
                     Ok(n) => {
                         let what = format!("{}/{name}", kind.as_str().to_lowercase());
@@ -392,11 +392,11 @@ impl Anchor {
                 let ops = [(field.clone(), Some(value.to_string()))]
                     .into_iter()
                     .collect();
-                self.base.dd.set_message(Some(format!(
-                    "{user} resolved a conflict through the anchor API"
-                )));
-                let r = self.base.dd.write(&id, &ops, now());
-                self.base.dd.set_message(None);
+                let message = format!("{user} resolved a conflict through the anchor API");
+                let r = self
+                    .base
+                    .identity()
+                    .and_then(|me| self.base.write(&id, &ops, &me, Some(&message)));
                 match r {
                     Ok(_) => {
                         if let Some(v) = self.view.as_mut() {

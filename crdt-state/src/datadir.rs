@@ -315,25 +315,7 @@ impl DataDir {
 
     fn check_may_write(&self, id: &DocId) -> Result<&Identity> {
         let writer = self.writer()?;
-        if !writer.cert.may_write(id) {
-            return Err(Error::NotAllowed(format!(
-                "{} ({}{}) may not write {id}",
-                writer.cert.name,
-                writer.cert.role,
-                writer
-                    .cert
-                    .site
-                    .as_deref()
-                    .map(|s| format!(" of site {s}"))
-                    .unwrap_or_default()
-            )));
-        }
-        if self.trust.is_revoked(&writer.key()) {
-            return Err(Error::NotAllowed(format!(
-                "identity {} is revoked",
-                writer.cert.name
-            )));
-        }
+        check_writer(&self.trust, writer, id)?;
         Ok(writer)
     }
 
@@ -411,23 +393,11 @@ impl DataDir {
     /// Applies manifests: one signed change per document touched, writing
     /// only the fields that differ; all documents in one transaction.
     pub fn apply(&mut self, manifests: &[Manifest], now: i64) -> Result<Vec<Applied>> {
-        let mut per_doc: BTreeMap<DocId, BTreeMap<String, Option<String>>> = BTreeMap::new();
-        let mut results = Vec::new();
         for m in manifests {
-            let id = target(m);
-            let ops = ops_for(self.cached(&id)?, m);
-            results.push(Applied {
-                kind: m.kind(),
-                name: m.name.clone(),
-                doc: id.to_string(),
-                fields: ops.len(),
-            });
-            per_doc.entry(id).or_default().extend(ops);
+            self.cached(&target(m))?;
         }
-        let edits = per_doc
-            .into_iter()
-            .filter(|(_, ops)| !ops.is_empty())
-            .collect();
+        let cache = &self.cache;
+        let (results, edits) = plan_apply(manifests, &|id| cache.get(id));
         self.write_many(edits, now)?;
         Ok(results)
     }
@@ -435,27 +405,9 @@ impl DataDir {
     /// Deletes an entity (`app`, `config`, `node`) from the fleet document,
     /// or a site's overrides.
     pub fn delete(&mut self, kind: Kind, name: &str, now: i64) -> Result<usize> {
-        let (id, keys) = match kind {
-            Kind::SiteOverride => {
-                let id = DocId::Site(name.to_string());
-                let doc = self.doc(&id)?;
-                let mut keys: Vec<String> = doc.fields("apps.").into_keys().collect();
-                keys.extend(doc.fields("configs.").into_keys());
-                keys.extend(doc.fields("devices.").into_keys());
-                (id, keys)
-            }
-            _ => {
-                let base = format!("{}.{name}", kind.prefix());
-                let doc = self.doc(&DocId::Fleet)?;
-                if doc.get(&base).is_none() {
-                    return Err(Error::NotFound(format!("{} {name}", kind.as_str())));
-                }
-                let mut keys: Vec<String> = doc.fields(&format!("{base}.")).into_keys().collect();
-                keys.push(base);
-                (DocId::Fleet, keys)
-            }
-        };
-        let ops = keys.into_iter().map(|k| (k, None)).collect();
+        let id = delete_target(kind, name);
+        let doc = self.doc(&id)?;
+        let (id, ops) = plan_delete(kind, name, &|_| Some(&doc))?;
         self.write(&id, &ops, now)
     }
 
@@ -736,6 +688,97 @@ impl DataDir {
 }
 
 /// The document a manifest writes.
+/// Whether `writer` may write `doc` now: its certificate's authority, and
+/// not revoked. The one check every local write passes (a data dir's verbs,
+/// the daemon core's writes).
+pub fn check_writer(trust: &Trust, writer: &Identity, id: &DocId) -> Result<()> {
+    if !writer.cert.may_write(id) {
+        return Err(Error::NotAllowed(format!(
+            "{} ({}{}) may not write {id}",
+            writer.cert.name,
+            writer.cert.role,
+            writer
+                .cert
+                .site
+                .as_deref()
+                .map(|s| format!(" of site {s}"))
+                .unwrap_or_default()
+        )));
+    }
+    if trust.is_revoked(&writer.key()) {
+        return Err(Error::NotAllowed(format!(
+            "identity {} is revoked",
+            writer.cert.name
+        )));
+    }
+    Ok(())
+}
+
+/// What applying `manifests` writes, against the current documents: per
+/// manifest what it touches, and per document the fields that differ.
+#[allow(clippy::type_complexity)]
+pub fn plan_apply<'d>(
+    manifests: &[Manifest],
+    docs: &dyn Fn(&DocId) -> Option<&'d Document>,
+) -> (Vec<Applied>, Vec<(DocId, BTreeMap<String, Option<String>>)>) {
+    let mut per_doc: BTreeMap<DocId, BTreeMap<String, Option<String>>> = BTreeMap::new();
+    let mut results = Vec::new();
+    for m in manifests {
+        let id = target(m);
+        let empty = Document::new(id.clone());
+        let ops = ops_for(docs(&id).unwrap_or(&empty), m);
+        results.push(Applied {
+            kind: m.kind(),
+            name: m.name.clone(),
+            doc: id.to_string(),
+            fields: ops.len(),
+        });
+        per_doc.entry(id).or_default().extend(ops);
+    }
+    let edits = per_doc
+        .into_iter()
+        .filter(|(_, ops)| !ops.is_empty())
+        .collect();
+    (results, edits)
+}
+
+/// The document a delete of `kind`/`name` writes.
+pub fn delete_target(kind: Kind, name: &str) -> DocId {
+    match kind {
+        Kind::SiteOverride => DocId::Site(name.to_string()),
+        _ => DocId::Fleet,
+    }
+}
+
+/// What deleting an entity writes, against the current documents.
+pub fn plan_delete<'d>(
+    kind: Kind,
+    name: &str,
+    docs: &dyn Fn(&DocId) -> Option<&'d Document>,
+) -> Result<(DocId, BTreeMap<String, Option<String>>)> {
+    let id = delete_target(kind, name);
+    let empty = Document::new(id.clone());
+    let doc = docs(&id).unwrap_or(&empty);
+    let keys = match kind {
+        Kind::SiteOverride => {
+            let mut keys: Vec<String> = doc.fields("apps.").into_keys().collect();
+            keys.extend(doc.fields("configs.").into_keys());
+            keys.extend(doc.fields("devices.").into_keys());
+            keys
+        }
+        _ => {
+            let base = format!("{}.{name}", kind.prefix());
+            if doc.get(&base).is_none() {
+                return Err(Error::NotFound(format!("{} {name}", kind.as_str())));
+            }
+            let mut keys: Vec<String> = doc.fields(&format!("{base}.")).into_keys().collect();
+            keys.push(base);
+            keys
+        }
+    };
+    Ok((id, keys.into_iter().map(|k| (k, None)).collect()))
+}
+
 fn target(m: &Manifest) -> DocId {
     match m.spec {
         Spec::SiteOverride(_) => DocId::Site(m.name.clone()),

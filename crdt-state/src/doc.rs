@@ -390,7 +390,7 @@ impl Document {
         self.edit_with(writer, now, ops, actor, None)
     }
 
-    fn edit_with(
+    pub(crate) fn edit_with(
         &mut self,
         writer: &Identity,
         now: i64,

@@ -359,6 +359,21 @@ impl Engine {
         now: i64,
         ops: &BTreeMap<String, Option<String>>,
     ) -> Result<Option<ChangeHash>> {
+        Ok(self
+            .edit_with_message(doc, writer, now, ops, None)?
+            .map(|(h, _)| h))
+    }
+
+    /// [`Engine::edit`] recording `message` in the change (who asked a
+    /// service to write it); also returns how many fields it wrote.
+    pub fn edit_with_message(
+        &mut self,
+        doc: &DocId,
+        writer: &Identity,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+        message: Option<&str>,
+    ) -> Result<Option<(ChangeHash, usize)>> {
         if !writer.cert.may_write(doc) {
             return Err(Error::NotAllowed(format!(
                 "{} ({}) may not write {doc}",
@@ -379,7 +394,7 @@ impl Engine {
             a.copy_from_slice(&full[..16]);
             a
         });
-        let Some((hash, change, _)) = d.edit_with_actor(writer, now, ops, actor)? else {
+        let Some((hash, change, fields)) = d.edit_with(writer, now, ops, actor, message)? else {
             return Ok(None);
         };
         self.record(doc, vec![(hash, change)]);
@@ -390,7 +405,7 @@ impl Engine {
         {
             self.roll_epoch(doc, name, *epoch, writer, now)?;
         }
-        Ok(Some(hash))
+        Ok(Some((hash, fields)))
     }
 
     /// Starts `node/<name>/<epoch+1>` with the current fields of the old

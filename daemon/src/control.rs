@@ -96,7 +96,7 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-fn parse_identity(text: &str) -> anyhow::Result<Identity> {
+pub(crate) fn parse_identity(text: &str) -> anyhow::Result<Identity> {
     Ok(Identity::from_json("--identity", text.as_bytes())?)
 }
 

@@ -506,7 +506,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     }
 
     /// Writes `ops` to `doc` as `writer`: signed, applied, committed before
-    /// anything that follows is sent, synced.
+    /// anything that follows is sent, synced. See [`Core::write_many`].
     pub fn write(
         &mut self,
         now: Now,
@@ -514,14 +514,62 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         writer: &Identity,
         ops: &BTreeMap<String, Option<String>>,
     ) -> crdt_state::Result<Option<ChangeHash>> {
-        let r = self.engine.edit(doc, writer, now.unix_s, ops);
-        if let Ok(Some(h)) = &r
-            && self.settings.timeline
-        {
-            self.local_hashes.insert(*h);
+        let (_, hashes) = self.write_ops(now, &[(doc.clone(), ops.clone())], writer, None)?;
+        Ok(hashes.first().copied())
+    }
+
+    /// The one write path of a running daemon (CLI verbs through the
+    /// socket, the operator API, the node's reports, the simulator's
+    /// edits): the writer's authority over every document and its
+    /// revocation are checked first ([`crdt_state::datadir::check_writer`],
+    /// as a data dir's own verbs do), then one signed change per document
+    /// is applied to the engine's documents — the process's only copy —
+    /// committed once, and synced. `message` records who asked a service
+    /// to write. Returns the number of fields written.
+    pub fn write_many(
+        &mut self,
+        now: Now,
+        edits: &[(DocId, BTreeMap<String, Option<String>>)],
+        writer: &Identity,
+        message: Option<&str>,
+    ) -> crdt_state::Result<usize> {
+        Ok(self.write_ops(now, edits, writer, message)?.0)
+    }
+
+    fn write_ops(
+        &mut self,
+        now: Now,
+        edits: &[(DocId, BTreeMap<String, Option<String>>)],
+        writer: &Identity,
+        message: Option<&str>,
+    ) -> crdt_state::Result<(usize, Vec<ChangeHash>)> {
+        for (id, _) in edits {
+            crdt_state::datadir::check_writer(self.engine.trust(), writer, id)?;
+        }
+        let mut fields = 0;
+        let mut hashes = Vec::new();
+        let mut result = Ok(());
+        for (id, ops) in edits {
+            match self
+                .engine
+                .edit_with_message(id, writer, now.unix_s, ops, message)
+            {
+                Ok(Some((h, n))) => {
+                    fields += n;
+                    hashes.push(h);
+                    if self.settings.timeline {
+                        self.local_hashes.insert(h);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
         self.pump(now);
-        r
+        result.map(|()| (fields, hashes))
     }
 
     /// Signed changes made elsewhere (a field engineer's laptop through the
@@ -600,14 +648,13 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         let empty = Document::new(id.clone());
         let ops = report.ops(self.engine.doc(&id).unwrap_or(&empty));
         let me = self.me.clone();
-        match self.engine.edit(&id, &me, now.unix_s, &ops) {
+        match self.write_ops(now, &[(id, ops)], &me, None) {
             Ok(_) => self.last_report = Some(report),
             Err(e) => self.actions.push_back(Action::Security {
                 who: me.cert.name.clone(),
                 reason: format!("own report not written: {e}"),
             }),
         }
-        self.pump(now);
     }
 
     /// Saves what is pending (sync states, the peer list): at shutdown.

@@ -101,6 +101,8 @@ pub struct Base {
     done_rx: mpsc::UnboundedReceiver<(u64, Result<(), String>)>,
     /// The documents of the commit in flight.
     committing: Vec<DocId>,
+    /// CLI verbs answered once what they wrote is committed.
+    answers: Vec<(u64, oneshot::Sender<control::Reply>, control::Reply)>,
     /// Commit on the loop (at shutdown).
     inline: bool,
 }
@@ -204,6 +206,7 @@ impl Base {
             done_tx,
             done_rx,
             committing: Vec::new(),
+            answers: Vec::new(),
             inline: false,
         })
     }
@@ -242,10 +245,10 @@ impl Base {
         match input {
             Input::Mesh(ev) => self.on_mesh(ev),
             Input::Control(req, reply) => {
-                let live = self.live();
-                let r = control::execute(&mut self.dd, req, &live);
-                self.forward_local();
-                let _ = reply.send(r);
+                let r = self.verb(req);
+                // Answered once what it wrote is committed.
+                let mark = self.core.applied_mark();
+                self.answers.push((mark, reply, r));
                 None
             }
             Input::Committed(batch, result) => {
@@ -312,6 +315,133 @@ impl Base {
         None
     }
 
+    /// A CLI verb in the daemon: writes go through the core's one write
+    /// path (against the engine's documents, committed once); the rest runs
+    /// on the data dir as it would without a daemon.
+    fn verb(&mut self, req: control::Request) -> control::Reply {
+        let result = match req {
+            control::Request::Apply {
+                files,
+                identity,
+                output,
+            } => self.apply_verb(&files, identity.as_deref(), &output),
+            control::Request::Delete {
+                kind,
+                name,
+                identity,
+            } => self.delete_verb(&kind, &name, identity.as_deref()),
+            other => {
+                let live = self.live();
+                let r = control::execute(&mut self.dd, other, &live);
+                self.forward_local();
+                return r;
+            }
+        };
+        match result {
+            Ok(stdout) => control::Reply {
+                stdout,
+                ..control::Reply::default()
+            },
+            Err(e) => control::Reply {
+                error: Some(format!("{e:#}").replace('\n', " ")),
+                ..control::Reply::default()
+            },
+        }
+    }
+
+    fn writer(&self, identity: Option<&str>) -> anyhow::Result<Identity> {
+        match identity {
+            Some(text) => control::parse_identity(text),
+            None => self.dd.identity().cloned().ok_or_else(|| {
+                anyhow!(
+                    "{} has no identity to sign with: run `shoal identity use` or pass --identity",
+                    self.dd.path().display()
+                )
+            }),
+        }
+    }
+
+    fn apply_verb(
+        &mut self,
+        files: &[(String, String)],
+        identity: Option<&str>,
+        output: &str,
+    ) -> anyhow::Result<String> {
+        let output: crdt_state::render::Format = output.parse().map_err(|e: String| anyhow!(e))?;
+        let mut manifests = Vec::new();
+        for (label, text) in files {
+            manifests.extend(crdt_state::manifest::parse(label, text)?);
+        }
+        let writer = self.writer(identity)?;
+        let applied = self.apply(&manifests, &writer, None)?;
+        Ok(crdt_state::render::applied(output, &applied))
+    }
+
+    fn delete_verb(
+        &mut self,
+        kind: &str,
+        name: &str,
+        identity: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let k = crdt_state::model::Kind::parse(kind)
+            .ok_or_else(|| anyhow!("unknown kind {kind:?}: expected app, config, node or site"))?;
+        let writer = self.writer(identity)?;
+        self.delete(k, name, &writer, None)?;
+        Ok(format!("{}/{name} deleted\n", k.as_str().to_lowercase()))
+    }
+
+    /// Applies manifests as `writer` through the core (the daemon's one
+    /// write path).
+    pub fn apply(
+        &mut self,
+        manifests: &[crdt_state::manifest::Manifest],
+        writer: &Identity,
+        message: Option<&str>,
+    ) -> crdt_state::Result<Vec<crdt_state::datadir::Applied>> {
+        let core = &self.core;
+        let (applied, edits) = crdt_state::datadir::plan_apply(manifests, &|id| core.doc(id));
+        let t = self.now();
+        self.core.write_many(t, &edits, writer, message)?;
+        Ok(applied)
+    }
+
+    /// Deletes an entity as `writer` through the core.
+    pub fn delete(
+        &mut self,
+        kind: crdt_state::model::Kind,
+        name: &str,
+        writer: &Identity,
+        message: Option<&str>,
+    ) -> crdt_state::Result<usize> {
+        let core = &self.core;
+        let (id, ops) = crdt_state::datadir::plan_delete(kind, name, &|id| core.doc(id))?;
+        let t = self.now();
+        self.core.write_many(t, &[(id, ops)], writer, message)
+    }
+
+    /// Writes fields of one document as `writer` through the core.
+    pub fn write(
+        &mut self,
+        id: &DocId,
+        ops: &std::collections::BTreeMap<String, Option<String>>,
+        writer: &Identity,
+        message: Option<&str>,
+    ) -> crdt_state::Result<usize> {
+        let t = self.now();
+        self.core
+            .write_many(t, &[(id.clone(), ops.clone())], writer, message)
+    }
+
+    /// The data dir's identity (an anchor's operator identity, ADR 0006).
+    pub fn identity(&self) -> crdt_state::Result<Identity> {
+        self.dd.identity().cloned().ok_or_else(|| {
+            crdt_state::Error::NotAllowed(format!(
+                "{} has no identity to sign with",
+                self.dd.path().display()
+            ))
+        })
+    }
+
     /// Hands changes the data dir committed (CLI verbs, enrollment, edits
     /// through the operator API) to the core.
     pub fn forward_local(&mut self) {
@@ -330,6 +460,7 @@ impl Base {
     /// Carries out the core's actions on the mesh and the store, and
     /// returns the next one that is the composition's to do.
     pub fn next_action(&mut self) -> Option<Action<PeerId>> {
+        self.answer();
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Admit {
@@ -386,7 +517,23 @@ impl Base {
                 other => return Some(other),
             }
         }
+        self.answer();
         None
+    }
+
+    /// Sends the CLI answers whose writes are committed now.
+    fn answer(&mut self) {
+        if self.answers.is_empty() {
+            return;
+        }
+        let done = self.core.committed_mark();
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.answers)
+            .into_iter()
+            .partition(|(mark, _, _)| *mark <= done);
+        self.answers = wait;
+        for (_, reply, r) in ready {
+            let _ = reply.send(r);
+        }
     }
 
     /// Hands a commit to a blocking thread (the loop goes on with sync,

@@ -554,3 +554,63 @@ fn the_committed_mark_reaches_a_write_only_after_its_commit() {
     net.cores[0].committed(now, batch, Ok(()));
     assert!(net.cores[0].committed_mark() >= mark);
 }
+
+#[test]
+fn the_one_write_path_checks_authority_and_revocation_before_writing_anything() {
+    let mut net = Net::new(1, anchor_and_nodes);
+    let now = net.now;
+    let op = net.operator.clone();
+    let node = net.ids[1].clone();
+    let set = |k: &str| BTreeMap::from([(k.to_string(), Some("\"x\"".to_string()))]);
+    // A node may write its own document, not the fleet: nothing of the
+    // batch is written, not even the allowed part.
+    let own = net.cores[1].node_doc();
+    let e = net.cores[1]
+        .write_many(
+            now,
+            &[
+                (own.clone(), set("report.x")),
+                (DocId::Fleet, set("apps.a.image")),
+            ],
+            &node,
+            None,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("may not write fleet"), "{e}");
+    assert!(
+        net.cores[1].doc(&own).is_none(),
+        "the allowed part was written"
+    );
+    // The operator writes two documents in one call: one commit.
+    let n = net.cores[0]
+        .write_many(
+            now,
+            &[
+                (DocId::Fleet, set("apps.a.image")),
+                (DocId::Site("a".into()), set("apps.a.paused")),
+            ],
+            &op,
+            Some("alice through the anchor API"),
+        )
+        .unwrap();
+    assert_eq!(n, 2);
+    net.act(0);
+    assert_eq!(
+        net.log[0]
+            .iter()
+            .filter(|l| l.starts_with("commit"))
+            .count(),
+        1
+    );
+    // Revoked: refused, whoever holds the key.
+    let key = op.key();
+    let ops = BTreeMap::from([(
+        format!("revoked.{key}"),
+        Some(r#"{"reason":"left","accepted":{}}"#.to_string()),
+    )]);
+    net.cores[0].write(now, &DocId::Fleet, &op, &ops).unwrap();
+    let e = net.cores[0]
+        .write_many(now, &[(DocId::Fleet, set("apps.b.image"))], &op, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+}

@@ -1,11 +1,15 @@
-//! Simulations of a Shoal fleet.
+//! Simulations of a Shoal fleet: what a tester replays before it happens in
+//! the field.
 //!
 //! - [`sim`] and [`scenario`]: the deterministic partition simulator over
-//!   the real sync engine (`shoal sim run`).
+//!   the shipped daemon core (`daemon::core::Core`, with the real sync
+//!   engine inside) — `shoal sim run`.
 //! - [`tour`]: a scripted walk through the foundation (signed documents,
 //!   offline edits, bundles, conflicts).
 //! - [`udp_link`]: a user-space UDP link with delay, jitter, loss and cuts,
-//!   for real processes speaking real QUIC (the kernel here has no netem).
+//!   for real processes speaking real QUIC (the kernel here has no netem):
+//!   test support for `shoal demo`, `tests/` and the mesh bench; the edge
+//!   node does not depend on this crate.
 //!
 //! ```no_run
 //! let dir = std::env::temp_dir().join("shoal-tour");
