@@ -32,13 +32,17 @@ pub struct Revocation {
 
 /// What a receiver trusts: the fleet root, the certificates it has
 /// verified, and the revocations of the fleet document.
+///
+/// Cloning is cheap: the maps are shared until one copy changes (a data
+/// dir and its daemon's engine, or ten thousand simulated nodes, hold one
+/// map of a fleet's certificates, not one each).
 #[derive(Clone, Debug)]
 pub struct Trust {
     root: PublicKey,
-    certs: HashMap<PublicKey, Certificate>,
-    revoked: HashMap<PublicKey, Revocation>,
+    certs: std::sync::Arc<HashMap<PublicKey, Certificate>>,
+    revoked: std::sync::Arc<HashMap<PublicKey, Revocation>>,
     /// Node name → site, from node certificates (for interest decisions).
-    node_sites: HashMap<String, String>,
+    node_sites: std::sync::Arc<HashMap<String, String>>,
 }
 
 impl Trust {
@@ -46,9 +50,9 @@ impl Trust {
     pub fn new(root: PublicKey) -> Self {
         Trust {
             root,
-            certs: HashMap::new(),
-            revoked: HashMap::new(),
-            node_sites: HashMap::new(),
+            certs: Default::default(),
+            revoked: Default::default(),
+            node_sites: Default::default(),
         }
     }
 
@@ -59,19 +63,23 @@ impl Trust {
 
     /// Adds a certificate after checking the root's signature on it.
     pub fn add_cert(&mut self, cert: Certificate) -> Result<()> {
+        if self.certs.get(&cert.key) == Some(&cert) {
+            // The very certificate, already checked when it was added.
+            return Ok(());
+        }
         cert.verify(&self.root)?;
         if cert.role == crate::identity::Role::Node
             && let Some(site) = &cert.site
         {
-            self.node_sites.insert(cert.name.clone(), site.clone());
+            std::sync::Arc::make_mut(&mut self.node_sites).insert(cert.name.clone(), site.clone());
         }
-        self.certs.insert(cert.key, cert);
+        std::sync::Arc::make_mut(&mut self.certs).insert(cert.key, cert);
         Ok(())
     }
 
     /// Records a revocation.
     pub fn revoke(&mut self, key: PublicKey, r: Revocation) {
-        self.revoked.insert(key, r);
+        std::sync::Arc::make_mut(&mut self.revoked).insert(key, r);
     }
 
     /// The certificate of a key, if known.

@@ -45,8 +45,8 @@ pub struct Settings {
     /// The daemon runs a share of the fleet (an edge node): it reconciles
     /// and writes reports, and it listens through anchors' relays.
     pub workloads: bool,
-    /// Write timeline entries for changes merged from peers (an anchor
-    /// that serves a view).
+    /// Feed a view (an anchor serving the operator API): timeline entries
+    /// for changes merged from peers, and a `Heard` per frame.
     pub timeline: bool,
     /// Sync states are saved at most this often (0: at once).
     pub state_flush_ms: u64,
@@ -60,6 +60,11 @@ pub struct Settings {
     /// A commit carries a document's snapshot once this many of its
     /// changes were stored since the last one (the store's chunks).
     pub compact_after: u64,
+    /// While commits fail, at most this many engine outputs are held:
+    /// past it every peer is cut off and none is admitted until a commit
+    /// succeeds again (what they would send could not be stored; they
+    /// resync from a digest afterwards).
+    pub max_held: usize,
     /// Changes stored per document since its last snapshot, at start.
     pub stored_chunks: HashMap<DocId, u64>,
 }
@@ -74,6 +79,7 @@ impl Default for Settings {
             values_every_ms: 30_000,
             known_peers: Vec::new(),
             compact_after: crdt_state::store::StoreConfig::default().compact_after,
+            max_held: 4096,
             stored_chunks: HashMap::new(),
         }
     }
@@ -207,8 +213,9 @@ pub struct Core<C> {
     engine: Engine,
     me: Identity,
     settings: Settings,
-    /// Admitted connections and their keys, both ways.
+    /// Admitted connections: their keys and names; and back.
     conns: HashMap<C, PublicKey>,
+    names: HashMap<C, String>,
     keys: HashMap<PublicKey, C>,
     contacts: BTreeMap<String, Contact>,
     known_peers: Vec<String>,
@@ -255,6 +262,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             reconcile_due: settings.workloads,
             settings,
             conns: HashMap::new(),
+            names: HashMap::new(),
             keys: HashMap::new(),
             contacts: BTreeMap::new(),
             peers_dirty: false,
@@ -306,6 +314,13 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             from,
             dialable,
         } = arrival;
+        if self.retry && self.held.len() > self.settings.max_held {
+            self.actions.push_back(Action::Reject {
+                conn,
+                reason: "this peer cannot store what it receives now (its commits fail)".into(),
+            });
+            return;
+        }
         let cert = match hello::check(self.engine.trust(), proves, bytes) {
             Ok(cert) => cert,
             Err(reason) => {
@@ -324,9 +339,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             && old != conn
         {
             self.conns.remove(&old);
+            self.names.remove(&old);
             self.engine.handle(Input::Disconnected { peer: key });
         }
         self.conns.insert(conn, key);
+        self.names.insert(conn, cert.name.clone());
         self.actions.push_back(Action::Admit {
             conn,
             name: cert.name.clone(),
@@ -376,14 +393,16 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         let Some(key) = self.conns.get(&conn).copied() else {
             return;
         };
-        if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
-            if let Some(c) = self.contacts.get_mut(&name) {
+        if let Some(name) = self.names.get(&conn) {
+            if let Some(c) = self.contacts.get_mut(name) {
                 c.last_contact = Some(now.unix_s);
             }
-            self.actions.push_back(Action::Heard {
-                name,
-                bytes: bytes.len(),
-            });
+            if self.settings.timeline {
+                self.actions.push_back(Action::Heard {
+                    name: name.clone(),
+                    bytes: bytes.len(),
+                });
+            }
         }
         self.engine.handle(Input::Received {
             peer: key,
@@ -394,9 +413,15 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
 
     /// A connection ended.
     pub fn down(&mut self, now: Now, conn: C) {
+        self.forget_conn(now, conn);
+        self.pump(now);
+    }
+
+    fn forget_conn(&mut self, now: Now, conn: C) {
         let Some(key) = self.conns.remove(&conn) else {
             return;
         };
+        self.names.remove(&conn);
         self.keys.remove(&key);
         if let Some(name) = self.engine.trust().cert(&key).map(|c| c.name.clone()) {
             self.contacts.insert(
@@ -412,7 +437,6 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             });
         }
         self.engine.handle(Input::Disconnected { peer: key });
-        self.pump(now);
     }
 
     /// A tick (about once a second): anti-entropy, a failed commit tried
@@ -704,8 +728,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
 
     /// The name of an admitted connection's peer.
     pub fn name_of(&self, conn: &C) -> Option<String> {
-        let key = self.conns.get(conn)?;
-        self.engine.trust().cert(key).map(|c| c.name.clone())
+        self.names.get(conn).cloned()
     }
 
     /// The last report written into the node's document.
@@ -793,6 +816,24 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
 
     /// Takes the engine's outputs and releases what may go.
     fn pump(&mut self, now: Now) {
+        self.take_outputs();
+        if self.retry && self.held.len() > self.settings.max_held && !self.conns.is_empty() {
+            // The disk refuses commits and what arrives piles up: stop the
+            // inflow until a commit succeeds.
+            let conns: Vec<C> = self.conns.keys().copied().collect();
+            for conn in conns {
+                self.actions.push_back(Action::Disconnect {
+                    conn,
+                    reason: "commits are failing here; resync later".into(),
+                });
+                self.forget_conn(now, conn);
+            }
+            self.take_outputs();
+        }
+        self.release(now);
+    }
+
+    fn take_outputs(&mut self) {
         while let Some(output) = self.engine.poll_output() {
             let seq = if matches!(output, Output::Persist { .. }) {
                 self.applied_seq += 1;
@@ -806,7 +847,6 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 seq,
             });
         }
-        self.release(now);
     }
 
     /// Releases held outputs up to the first change not yet committed, and

@@ -614,3 +614,59 @@ fn the_one_write_path_checks_authority_and_revocation_before_writing_anything() 
         .unwrap_err();
     assert!(e.to_string().contains("revoked"), "{e}");
 }
+
+#[test]
+fn a_failing_disk_stops_the_inflow_instead_of_holding_without_bound() {
+    let mut net = Net::new(2, |i| Settings {
+        max_held: 20,
+        ..anchor_and_nodes(i)
+    });
+    net.connect(1, 0);
+    net.connect(1, 2);
+    net.settle();
+    net.failing[1] = true;
+    // Changes keep arriving at node 1 while its commits fail.
+    let mut k = 0;
+    while net.cores[1].held() <= 20 && k < 200 {
+        net.edit(0, &format!("apps.a{k}.image"), "x");
+        net.act(0);
+        net.settle();
+        k += 1;
+    }
+    assert!(k < 200, "nothing was held");
+    // Past the bound: both peers cut off, nothing more comes in.
+    let cut = net.log[1]
+        .iter()
+        .filter(|l| l.starts_with("Disconnect"))
+        .count();
+    assert_eq!(cut, 2, "{:?}", net.log[1]);
+    let hello = net.hello_of(0);
+    let key = net.ids[0].key();
+    let now = net.now;
+    let arrival = Arrival {
+        conn: 0,
+        bytes: &hello,
+        proves: &|k| *k == key,
+        from: "anchor",
+        dialable: None,
+    };
+    net.cores[1].hello(now, arrival, &mut |_, _| None);
+    assert!(
+        matches!(net.cores[1].poll_action(), Some(Action::Reject { .. })),
+        "admitted while its commits fail"
+    );
+    // The disk recovers: what was held is stored, peers are admitted again
+    // and everything converges.
+    net.failing[1] = false;
+    net.tick(1000);
+    net.settle();
+    assert_eq!(net.cores[1].held(), 0);
+    net.connect(1, 0);
+    net.connect(1, 2);
+    net.settle();
+    let last = net.edit(0, "apps.last.image", "y");
+    net.act(0);
+    net.settle();
+    assert!(net.fleet_has(1, &last) && net.fleet_has(2, &last));
+    assert!(net.stored[1].contains(&last));
+}
