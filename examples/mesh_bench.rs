@@ -45,7 +45,10 @@ fn app(root: &Path, name: &str, version: &str) -> PathBuf {
     let p = root.join(format!("{name}-{version}.yaml"));
     std::fs::write(
         &p,
-        format!("apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  version: \"{version}\"\n  native: {{command: [/bin/true]}}\n"),
+        // A process that stays up: an app that exits at once would be
+        // restarted (backoff up to 30 s) and each restart is a report that
+        // syncs, which is not the idle cost of a link.
+        format!("apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  version: \"{version}\"\n  native: {{command: [/bin/sh, -c, \"exec sleep 3600\"]}}\n"),
     )
     .unwrap();
     p

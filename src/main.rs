@@ -1,4 +1,7 @@
-//! The `shoal` command line: parses and dispatches, nothing more.
+//! The `shoal` command line: parses arguments and dispatches to the crates;
+//! the CLI's own glue (printing a verb's reply, reading manifests from files
+//! or stdin, choosing between a data dir, its daemon's socket and
+//! `--anchor`) lives here, and `shoal demo` in `demo.rs`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
