@@ -495,15 +495,21 @@ impl Base {
                         .into_iter()
                         .map(|(k, d, s)| (k.to_hex(), d, s))
                         .collect();
-                    if let Err(e) = self.dd.store().put_sync_states(&states) {
-                        tracing::warn!(error = %e, "sync states not saved");
-                    }
+                    // A lost sync state costs a digest on the next
+                    // connection, nothing more: saved off the loop.
+                    self.off_loop(move |store| {
+                        if let Err(e) = store.put_sync_states(&states) {
+                            tracing::warn!(error = %e, "sync states not saved");
+                        }
+                    });
                 }
                 Action::DropDoc(doc) => {
-                    if let Err(e) = self.dd.store().drop_doc(&doc) {
-                        tracing::warn!(%doc, error = %e, "superseded document not dropped");
-                    }
                     self.dd.forget(&doc);
+                    self.off_loop(move |store| {
+                        if let Err(e) = store.drop_doc(&doc) {
+                            tracing::warn!(%doc, error = %e, "superseded document not dropped");
+                        }
+                    });
                 }
                 Action::SavePeers(peers) => {
                     if let Err(e) = enroll::write_peers(self.dd.path(), &peers) {
@@ -533,6 +539,20 @@ impl Base {
         self.answers = wait;
         for (_, reply, r) in ready {
             let _ = reply.send(r);
+        }
+    }
+
+    /// Runs a store write on a blocking thread (on the loop at shutdown).
+    fn off_loop(&self, job: impl FnOnce(&crdt_state::Store) + Send + 'static) {
+        let store = self.dd.shared_store();
+        if self.inline {
+            job(&store);
+        } else {
+            let span = tracing::debug_span!("store_write");
+            tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                job(&store);
+            });
         }
     }
 

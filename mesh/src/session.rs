@@ -28,6 +28,10 @@ pub(crate) const INCARNATION: usize = 16;
 
 /// A refused peer's connections are closed on sight for this long.
 const BAN: Duration = Duration::from_secs(60);
+/// A refused peer's connection is closed this long after the refusal, so
+/// that our own hello, already on its way, still reaches it (it then refuses
+/// us with its own reason instead of seeing a connection lost mid-hello).
+const REFUSE_GRACE: Duration = Duration::from_millis(500);
 /// At most this many refused peers are remembered.
 const MAX_BANNED: usize = 65_536;
 /// At most this many addresses are kept per known peer.
@@ -145,6 +149,8 @@ pub(crate) struct Sessions {
     known: HashMap<PeerId, Known>,
     /// Peers refused at admission, with when they may try again.
     banned: HashMap<PeerId, Instant>,
+    /// Refused peers whose connection closes at the given time.
+    closing: Vec<(PeerId, Instant)>,
     next_no: u64,
     rng: u64,
     /// Our hello is empty: we say nothing (an enrolling peer).
@@ -161,6 +167,7 @@ impl Sessions {
             sessions: HashMap::new(),
             known: HashMap::new(),
             banned: HashMap::new(),
+            closing: Vec::new(),
             next_no: 1,
             rng: seed,
             quiet: false,
@@ -271,6 +278,7 @@ impl Sessions {
             s.conns.remove(&conn);
         }
         if remaining == 0 {
+            self.closing.retain(|(p, _)| *p != peer);
             self.end_session(peer, true, now);
             if self.known.contains_key(&peer) {
                 self.backoff(peer, now);
@@ -456,7 +464,10 @@ impl Sessions {
         if self.banned.len() < MAX_BANNED {
             self.banned.insert(peer, now + BAN);
         }
-        self.out.push_back(Output::Disconnect(peer));
+        // Nothing passes in either direction from now on (the phase is
+        // Refused); the connection itself closes after a short grace.
+        self.closing.retain(|(p, _)| *p != peer);
+        self.closing.push((peer, now + REFUSE_GRACE));
     }
 
     /// Cuts a peer off (the owner's wish, or a peer that broke a rule).
@@ -532,6 +543,15 @@ impl Sessions {
     /// Time passed: redial known peers that are due, probe peers we sent
     /// to, cut off peers not admitted in time.
     pub(crate) fn tick(&mut self, now: Instant) {
+        let mut keep = Vec::new();
+        for (peer, at) in std::mem::take(&mut self.closing) {
+            if at <= now {
+                self.out.push_back(Output::Disconnect(peer));
+            } else {
+                keep.push((peer, at));
+            }
+        }
+        self.closing = keep;
         let due: Vec<(PeerId, Vec<Multiaddr>)> = self
             .known
             .iter()
@@ -804,6 +824,9 @@ mod tests {
         let no = s.session_of(&p).unwrap_or(0);
         s.frame_in(p, no, b"held".to_vec());
         s.reject(p, "not of this fleet", t0);
+        // Closed after a grace that lets our own hello reach it.
+        assert_eq!(drain(&mut s), vec![]);
+        s.tick(t0 + REFUSE_GRACE);
         assert_eq!(drain(&mut s), vec![Output::Disconnect(p)]);
         // Neither a late admit nor later frames let anything through.
         s.frame_in(p, no, b"late".to_vec());

@@ -85,7 +85,12 @@ struct Node {
     readings_dropped: u64,
     /// Site API answers waiting for their writes to be committed.
     answers: Vec<(u64, tokio::sync::oneshot::Sender<Reply>, Reply)>,
+    /// A store read that answers the current site API request.
+    deferred: Option<StoreRead>,
 }
+
+/// A read of the store, run off the loop.
+type StoreRead = Box<dyn FnOnce(&crdt_state::Store) -> Reply + Send>;
 
 /// Runs the node until `shutdown` resolves.
 pub async fn run(
@@ -139,6 +144,7 @@ pub async fn run(
         readings_cap: opts.readings_cap,
         readings_dropped: 0,
         answers: Vec::new(),
+        deferred: None,
     };
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
@@ -168,9 +174,16 @@ pub async fn run(
             }
             Some((req, reply)) = site_rx.recv() => {
                 let r = n.on_site(req);
-                // Answered once what it accepted is committed.
-                let mark = n.base.core.applied_mark();
-                n.answers.push((mark, reply, r));
+                if let Some(read) = n.deferred.take() {
+                    let store = n.base.dd.shared_store();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = reply.send(read(&store));
+                    });
+                } else {
+                    // Answered once what it accepted is committed.
+                    let mark = n.base.core.applied_mark();
+                    n.answers.push((mark, reply, r));
+                }
             }
             Some(u) = dev_rx.recv() => n.on_device(u),
             _ = tick.tick() => {
@@ -524,7 +537,7 @@ impl Node {
     /// The site API's device routes: `/api/devices` (latest values and
     /// state of every device), `/api/devices/<device>/<resource>/range/<from
     /// ms>/<to ms>` (stored readings, oldest first, at most 100,000).
-    fn device_api(&self, path: &str) -> Reply {
+    fn device_api(&mut self, path: &str) -> Reply {
         let parts: Vec<&str> = path
             .trim_start_matches("/api/devices")
             .split('/')
@@ -564,42 +577,51 @@ impl Node {
                         )
                     })
                     .collect();
-                let stats = self.base.dd.store().reading_stats().unwrap_or_default();
-                Reply {
-                    status: 200,
-                    body: serde_json::json!({ "devices": devices, "readings": stats }),
-                }
+                self.read_later(move |store| {
+                    let stats = store.reading_stats().unwrap_or_default();
+                    Reply {
+                        status: 200,
+                        body: serde_json::json!({ "devices": devices, "readings": stats }),
+                    }
+                })
             }
             [dev, res, "range", from, to] => {
                 let (Ok(from), Ok(to)) = (from.parse::<u64>(), to.parse::<u64>()) else {
                     return Reply::error(400, "range bounds are Unix milliseconds");
                 };
                 let series = format!("{dev}/{res}");
-                match self
-                    .base
-                    .dd
-                    .store()
-                    .readings_between(&series, from, to, 100_000)
-                {
-                    Ok(rows) => {
-                        let rows: Vec<serde_json::Value> = rows
-                            .into_iter()
-                            .map(|(at, v)| {
-                                let v: serde_json::Value =
-                                    serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null);
-                                serde_json::json!([at, v])
-                            })
-                            .collect();
-                        Reply {
-                            status: 200,
-                            body: serde_json::json!({ "series": series, "readings": rows }),
+                self.read_later(move |store| {
+                    match store.readings_between(&series, from, to, 100_000) {
+                        Ok(rows) => {
+                            let rows: Vec<serde_json::Value> = rows
+                                .into_iter()
+                                .map(|(at, v)| {
+                                    let v: serde_json::Value = serde_json::from_slice(&v)
+                                        .unwrap_or(serde_json::Value::Null);
+                                    serde_json::json!([at, v])
+                                })
+                                .collect();
+                            Reply {
+                                status: 200,
+                                body: serde_json::json!({ "series": series, "readings": rows }),
+                            }
                         }
+                        Err(e) => Reply::error(500, e.to_string()),
                     }
-                    Err(e) => Reply::error(500, e.to_string()),
-                }
+                })
             }
             _ => Reply::error(404, format!("no GET {path}")),
         }
+    }
+
+    /// Answers the current site API request with a read of the store on a
+    /// blocking thread (up to 100,000 readings), not on the loop.
+    fn read_later(
+        &mut self,
+        read: impl FnOnce(&crdt_state::Store) -> Reply + Send + 'static,
+    ) -> Reply {
+        self.deferred = Some(Box::new(read));
+        Reply::error(500, "answered from the store")
     }
 }
 
