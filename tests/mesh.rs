@@ -227,6 +227,19 @@ fn strangers_and_revoked_nodes_never_get_documents() {
         anchor.log_text()
     );
     assert!(anchor.log_text().contains("/ip4/127.0.0.1/udp/"));
+    // The mesh's lines carry its task's span, naming this peer, so a log
+    // line says whose mesh it is about.
+    let addr = anchor.addr_on("127.0.0.1");
+    let me = addr.rsplit("/p2p/").next().unwrap();
+    let span = format!("mesh{{me={me}}}");
+    assert!(
+        anchor
+            .log_text()
+            .lines()
+            .any(|l| l.contains(&span) && l.contains("peer refused admission")),
+        "no refusal under {span}: {}",
+        anchor.log_text()
+    );
     // The good node got the app long ago; the refused never do.
     assert_eq!(app_version(&rd, "secret-app"), None);
     assert_eq!(app_version(&sd, "secret-app"), None);
