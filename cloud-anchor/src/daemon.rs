@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use crdt_state::model::FleetView;
 use crdt_state::{DataDir, DocId, Identity, Role};
-use daemon::driver::{Base, Input, MeshOptions, Request, unix_now as now};
+use daemon::driver::{AfterCommit, Base, Input, MeshOptions, Request, unix_now as now};
 use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
 use daemon::{Action, Settings};
 use tokio::sync::{mpsc, watch};
@@ -54,16 +54,10 @@ pub fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
     Ok(id)
 }
 
-/// An operator API answer waiting for its write to be committed.
-type Waiting = (
-    u64,
-    tokio::sync::oneshot::Sender<Result<crate::Answer, crate::ApiError>>,
-    Result<crate::Answer, crate::ApiError>,
-);
-
 struct Anchor {
     base: Base,
-    answers: Vec<Waiting>,
+    /// Operator API answers waiting for their writes to be committed.
+    answers: AfterCommit<Result<crate::Answer, crate::ApiError>>,
     /// The operator API's read model (when serving HTTP).
     view: Option<View>,
     snapshots: Option<watch::Sender<Arc<Snapshot>>>,
@@ -90,7 +84,7 @@ pub async fn run(
     let base = Base::open(dd, me, settings, &opts.mesh, role).await?;
     let mut a = Anchor {
         base,
-        answers: Vec::new(),
+        answers: AfterCommit::default(),
         view: None,
         snapshots: None,
     };
@@ -124,8 +118,7 @@ pub async fn run(
         a.view = Some(view);
         a.snapshots = Some(tx);
     }
-    let t = a.base.now();
-    a.base.core.start(t);
+    a.base.start();
     a.act();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -143,8 +136,7 @@ pub async fn run(
                 let r = a.on_api(cmd);
                 // Read your writes: the answer leaves once the edit is
                 // committed and a snapshot that holds it is published.
-                let mark = a.base.core.applied_mark();
-                a.answers.push((mark, reply, r));
+                a.answers.hold(&a.base.core, reply, r);
             }
             _ = tick.tick() => a.base.tick(),
             _ = &mut shutdown => break,
@@ -161,17 +153,9 @@ impl Anchor {
     /// Sends the API answers whose writes are committed, after publishing
     /// a snapshot that holds them.
     fn answer(&mut self) {
-        let done = self.base.core.committed_mark();
-        if !self.answers.iter().any(|(mark, _, _)| *mark <= done) {
-            return;
-        }
-        self.publish_with(true);
-        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.answers)
-            .into_iter()
-            .partition(|(mark, _, _)| *mark <= done);
-        self.answers = wait;
-        for (_, reply, r) in ready {
-            let _ = reply.send(r);
+        if self.answers.any_ready(&self.base.core) {
+            self.publish_with(true);
+            self.answers.release(&self.base.core);
         }
     }
 

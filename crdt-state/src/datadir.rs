@@ -286,7 +286,8 @@ impl DataDir {
         self.identity.as_ref()
     }
 
-    fn writer(&self) -> Result<&Identity> {
+    /// The identity this data dir signs with, or why there is none.
+    pub fn writer(&self) -> Result<&Identity> {
         self.identity.as_ref().ok_or_else(|| Error::DataDir {
             path: self.path.clone(),
             reason: "has no identity to sign with: run `shoal identity use` or pass --identity"

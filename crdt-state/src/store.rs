@@ -564,17 +564,28 @@ impl Store {
         Ok(out)
     }
 
-    /// Saved sync state for (peer, document).
-    pub fn sync_state(&self, peer: &str, doc: &DocId) -> Result<Option<Vec<u8>>> {
-        guarded(&self.path, || self.sync_state_inner(peer, doc))
-    }
-
-    fn sync_state_inner(&self, peer: &str, doc: &DocId) -> Result<Option<Vec<u8>>> {
-        let p = &self.path;
-        let d = doc.to_string();
-        let rtx = self.db.begin_read().at(p)?;
-        let t = rtx.open_table(SYNC).at(p)?;
-        Ok(t.get((peer, d.as_str())).at(p)?.map(|v| v.value().to_vec()))
+    /// Every sync state saved for `peer`, in one read (a range of the
+    /// table): what a daemon hands its engine when the peer connects.
+    pub fn sync_states_of(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>> {
+        guarded(&self.path, || {
+            let p = &self.path;
+            let rtx = self.db.begin_read().at(p)?;
+            let t = rtx.open_table(SYNC).at(p)?;
+            let mut out = Vec::new();
+            for entry in t.range((peer, "")..).at(p)? {
+                let (k, v) = entry.at(p)?;
+                let (who, doc) = k.value();
+                if who != peer {
+                    break;
+                }
+                // A document id this version cannot read: its state is
+                // only an optimisation, skipped.
+                if let Ok(id) = DocId::parse(doc) {
+                    out.push((id, v.value().to_vec()));
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Saves sync state for (peer, document).

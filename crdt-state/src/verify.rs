@@ -63,8 +63,7 @@ impl Trust {
 
     /// Adds a certificate after checking the root's signature on it.
     pub fn add_cert(&mut self, cert: Certificate) -> Result<()> {
-        if self.certs.get(&cert.key) == Some(&cert) {
-            // The very certificate, already checked when it was added.
+        if self.holds(&cert) {
             return Ok(());
         }
         cert.verify(&self.root)?;
@@ -80,6 +79,13 @@ impl Trust {
     /// Records a revocation.
     pub fn revoke(&mut self, key: PublicKey, r: Revocation) {
         std::sync::Arc::make_mut(&mut self.revoked).insert(key, r);
+    }
+
+    /// Whether this very certificate is trusted: it was checked against the
+    /// root when it was added, so it needs no signature check again (every
+    /// fleet change, every reconnection).
+    pub fn holds(&self, cert: &Certificate) -> bool {
+        self.certs.get(&cert.key) == Some(cert)
     }
 
     /// The certificate of a key, if known.
@@ -111,13 +117,8 @@ impl Trust {
             let parsed = serde_json::from_str::<String>(&text)
                 .map_err(|e| Error::Identity(format!("certificate entry is not text: {e}")))
                 .and_then(|s| Certificate::from_json(s.as_bytes()));
-            // Called on every fleet change: re-check only certificates not
-            // already held as they are (a signature check each).
-            if let Ok(c) = &parsed
-                && self.certs.get(&c.key) == Some(c)
-            {
-                continue;
-            }
+            // Called on every fleet change: `add_cert` checks only what it
+            // does not already hold.
             match parsed.and_then(|c| self.add_cert(c)) {
                 Ok(()) => {}
                 Err(e) => errors.push(e),

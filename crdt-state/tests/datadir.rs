@@ -367,7 +367,7 @@ fn dropping_a_document_removes_all_of_it() {
     assert!(!store.doc_ids().unwrap().contains(&site));
     assert!(store.signatures(&site).unwrap().is_empty());
     assert!(store.load(&site).unwrap().is_none());
-    assert_eq!(store.sync_state("peer", &site).unwrap(), None);
+    assert!(store.sync_states_of("peer").unwrap().is_empty());
     assert!(store.load(&DocId::Fleet).unwrap().is_some());
 }
 
@@ -437,4 +437,23 @@ fn prepared_commits_take_a_given_snapshot_and_keep_every_signature() {
         all.iter().all(|h| sigs.contains_key(h)),
         "a signature was lost"
     );
+}
+
+#[test]
+fn a_peers_sync_states_come_back_in_one_read_and_only_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = DataDir::init(&tmp.path().join("op"), "grid", 1).unwrap();
+    let store = op.store();
+    let site = DocId::Site("a".into());
+    store.put_sync_state("peer", &DocId::Fleet, b"f").unwrap();
+    store.put_sync_state("peer", &site, b"s").unwrap();
+    // Keys that sort right after and before it are another peer's.
+    store.put_sync_state("peer2", &DocId::Fleet, b"x").unwrap();
+    store.put_sync_state("pee", &DocId::Fleet, b"y").unwrap();
+    let mut got = store.sync_states_of("peer").unwrap();
+    got.sort();
+    let mut want = vec![(DocId::Fleet, b"f".to_vec()), (site, b"s".to_vec())];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(store.sync_states_of("nobody").unwrap().is_empty());
 }

@@ -100,6 +100,31 @@ pub(crate) fn parse_identity(text: &str) -> anyhow::Result<Identity> {
     Ok(Identity::from_json("--identity", text.as_bytes())?)
 }
 
+/// The manifests of `shoal apply`'s files (label, text).
+pub(crate) fn manifests(files: &[(String, String)]) -> anyhow::Result<Vec<manifest::Manifest>> {
+    let mut out = Vec::new();
+    for (label, text) in files {
+        out.extend(manifest::parse(label, text)?);
+    }
+    Ok(out)
+}
+
+/// An output format named on the command line.
+pub(crate) fn format(output: &str) -> anyhow::Result<Format> {
+    output.parse().map_err(|e: String| anyhow!(e))
+}
+
+/// The kind `shoal delete` names.
+pub(crate) fn kind_of(kind: &str) -> anyhow::Result<Kind> {
+    Kind::parse(kind)
+        .ok_or_else(|| anyhow!("unknown kind {kind:?}: expected app, config, node or site"))
+}
+
+/// What `shoal delete` prints.
+pub(crate) fn deleted(kind: Kind, name: &str) -> String {
+    format!("{}/{name} deleted\n", kind.as_str().to_lowercase())
+}
+
 /// Runs a verb against an open data dir.
 pub fn execute(dd: &mut DataDir, req: Request, live: &Live) -> Reply {
     match execute_inner(dd, req, live) {
@@ -133,11 +158,8 @@ fn execute_inner(dd: &mut DataDir, req: Request, live: &Live) -> anyhow::Result<
             identity,
             output,
         } => {
-            let output: Format = output.parse().map_err(|e: String| anyhow!(e))?;
-            let mut manifests = Vec::new();
-            for (label, text) in &files {
-                manifests.extend(manifest::parse(label, text)?);
-            }
+            let output = format(&output)?;
+            let manifests = manifests(&files)?;
             let applied = with_identity(dd, identity, |dd| Ok(dd.apply(&manifests, now())?))?;
             render::applied(output, &applied)
         }
@@ -146,14 +168,12 @@ fn execute_inner(dd: &mut DataDir, req: Request, live: &Live) -> anyhow::Result<
             name,
             identity,
         } => {
-            let k = Kind::parse(&kind).ok_or_else(|| {
-                anyhow!("unknown kind {kind:?}: expected app, config, node or site")
-            })?;
+            let k = kind_of(&kind)?;
             with_identity(dd, identity, |dd| Ok(dd.delete(k, &name, now())?))?;
-            format!("{}/{name} deleted\n", k.as_str().to_lowercase())
+            deleted(k, &name)
         }
         Request::Get { what, output } => {
-            let output: Format = output.parse().map_err(|e: String| anyhow!(e))?;
+            let output = format(&output)?;
             match what.as_str() {
                 "apps" | "app" => render::apps(output, &dd.fleet()?),
                 "configs" | "config" => render::configs(output, &dd.fleet()?),

@@ -55,7 +55,7 @@ pub struct Settings {
     /// Reported device values are rewritten at most this often (state
     /// changes — online, errors, setpoints — are written at once).
     pub values_every_ms: u64,
-    /// Peers to remember (multiaddrs ending in `/p2p/<peer id>`).
+    /// Peers to remember at start (multiaddrs ending in `/p2p/<peer id>`).
     pub known_peers: Vec<String>,
     /// A commit carries a document's snapshot once this many of its
     /// changes were stored since the last one (the store's chunks).
@@ -84,6 +84,9 @@ impl Default for Settings {
         }
     }
 }
+
+/// Sync states saved for a peer, per document.
+pub type SavedStates = Vec<(DocId, Vec<u8>)>;
 
 /// Changes to commit, per document, in an order that applies.
 pub type Batch = Vec<(DocId, Vec<(ChangeHash, SignedChange)>)>;
@@ -251,13 +254,14 @@ pub struct Core<C> {
 
 impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     /// A core over an engine loaded from the store, for the identity `me`.
-    pub fn new(engine: Engine, me: Identity, settings: Settings) -> Self {
+    pub fn new(engine: Engine, me: Identity, mut settings: Settings) -> Self {
         Core {
             engine,
             me,
-            chunks: settings.stored_chunks.clone(),
+            // Taken, not copied: the core keeps them up to date from here.
+            chunks: std::mem::take(&mut settings.stored_chunks),
             in_flight_chunks: Vec::new(),
-            known_peers: settings.known_peers.clone(),
+            known_peers: std::mem::take(&mut settings.known_peers),
             // A node acts on its stored desired state before any network.
             reconcile_due: settings.workloads,
             settings,
@@ -299,13 +303,13 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         self.release(now);
     }
 
-    /// A connection's hello arrived; `saved` reads the sync state stored
-    /// for (peer, document).
+    /// A connection's hello arrived; `saved` reads the sync states stored
+    /// for the peer (one read, whatever the number of documents).
     pub fn hello(
         &mut self,
         now: Now,
         arrival: Arrival<'_, C>,
-        saved: &mut dyn FnMut(&PublicKey, &DocId) -> Option<Vec<u8>>,
+        saved: &mut dyn FnMut(&PublicKey) -> SavedStates,
     ) {
         let Arrival {
             conn,
@@ -372,13 +376,9 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 self.peers_dirty = true;
             }
         }
-        let saved: Vec<(DocId, Vec<u8>)> = self
-            .engine
-            .docs()
-            .map(|d| d.id().clone())
-            .collect::<Vec<_>>()
+        let saved: Vec<(DocId, Vec<u8>)> = saved(&key)
             .into_iter()
-            .filter_map(|id| saved(&key, &id).map(|s| (id, s)))
+            .filter(|(id, _)| self.engine.doc(id).is_some())
             .collect();
         self.engine.handle(Input::Connected {
             peer: key,

@@ -73,6 +73,56 @@ pub struct Request {
     pub reply: oneshot::Sender<Vec<u8>>,
 }
 
+/// Answers that leave only once what their request wrote is committed
+/// (the CLI through the socket, the site API, the operator API).
+pub struct AfterCommit<R> {
+    waiting: Vec<(u64, oneshot::Sender<R>, R)>,
+}
+
+impl<R> Default for AfterCommit<R> {
+    fn default() -> Self {
+        AfterCommit {
+            waiting: Vec::new(),
+        }
+    }
+}
+
+impl<R> AfterCommit<R> {
+    /// Holds `answer` until everything the core applied so far is committed.
+    pub fn hold<C: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
+        &mut self,
+        core: &Core<C>,
+        reply: oneshot::Sender<R>,
+        answer: R,
+    ) {
+        self.waiting.push((core.applied_mark(), reply, answer));
+    }
+
+    /// Whether any held answer may leave now.
+    pub fn any_ready<C: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
+        &self,
+        core: &Core<C>,
+    ) -> bool {
+        let done = core.committed_mark();
+        self.waiting.iter().any(|(mark, _, _)| *mark <= done)
+    }
+
+    /// Sends the answers whose writes are committed now.
+    pub fn release<C: Copy + Eq + std::hash::Hash + std::fmt::Debug>(&mut self, core: &Core<C>) {
+        if !self.any_ready(core) {
+            return;
+        }
+        let done = core.committed_mark();
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(mark, _, _)| *mark <= done);
+        self.waiting = wait;
+        for (_, reply, answer) in ready {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
 /// Frames and bytes sent (for an anchor's metrics).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sent {
@@ -102,7 +152,7 @@ pub struct Base {
     /// The documents of the commit in flight.
     committing: Vec<DocId>,
     /// CLI verbs answered once what they wrote is committed.
-    answers: Vec<(u64, oneshot::Sender<control::Reply>, control::Reply)>,
+    answers: AfterCommit<control::Reply>,
     /// Commit on the loop (at shutdown).
     inline: bool,
 }
@@ -206,9 +256,16 @@ impl Base {
             done_tx,
             done_rx,
             committing: Vec::new(),
-            answers: Vec::new(),
+            answers: AfterCommit::default(),
             inline: false,
         })
+    }
+
+    /// Hands the core its start (a node reconciles from its store before it
+    /// hears any peer).
+    pub fn start(&mut self) {
+        let t = self.now();
+        self.core.start(t);
     }
 
     /// The time for the core.
@@ -247,8 +304,7 @@ impl Base {
             Input::Control(req, reply) => {
                 let r = self.verb(req);
                 // Answered once what it wrote is committed.
-                let mark = self.core.applied_mark();
-                self.answers.push((mark, reply, r));
+                self.answers.hold(&self.core, reply, r);
                 None
             }
             Input::Committed(batch, result) => {
@@ -282,16 +338,17 @@ impl Base {
                 let dialable = (!mesh::is_relayed(&addr))
                     .then(|| addr.clone().with(mesh::multiaddr_p2p(peer)).to_string());
                 let from = format!("{peer} at {addr}");
+                let proven = mesh::key_of(&peer);
                 let store = self.dd.store();
                 let arrival = Arrival {
                     conn: peer,
                     bytes: &hello,
-                    proves: &|k| mesh::peer_id_of(&k.0) == Some(peer),
+                    proves: &|k| Some(k.0) == proven,
                     from: &from,
                     dialable,
                 };
-                self.core.hello(t, arrival, &mut |key, doc| {
-                    store.sync_state(&key.to_hex(), doc).ok().flatten()
+                self.core.hello(t, arrival, &mut |key| {
+                    store.sync_states_of(&key.to_hex()).unwrap_or_default()
                 });
             }
             Event::Frame { peer, bytes } => self.core.frame(t, peer, bytes),
@@ -352,12 +409,7 @@ impl Base {
     fn writer(&self, identity: Option<&str>) -> anyhow::Result<Identity> {
         match identity {
             Some(text) => control::parse_identity(text),
-            None => self.dd.identity().cloned().ok_or_else(|| {
-                anyhow!(
-                    "{} has no identity to sign with: run `shoal identity use` or pass --identity",
-                    self.dd.path().display()
-                )
-            }),
+            None => Ok(self.identity()?),
         }
     }
 
@@ -367,11 +419,8 @@ impl Base {
         identity: Option<&str>,
         output: &str,
     ) -> anyhow::Result<String> {
-        let output: crdt_state::render::Format = output.parse().map_err(|e: String| anyhow!(e))?;
-        let mut manifests = Vec::new();
-        for (label, text) in files {
-            manifests.extend(crdt_state::manifest::parse(label, text)?);
-        }
+        let output = control::format(output)?;
+        let manifests = control::manifests(files)?;
         let writer = self.writer(identity)?;
         let applied = self.apply(&manifests, &writer, None)?;
         Ok(crdt_state::render::applied(output, &applied))
@@ -383,11 +432,10 @@ impl Base {
         name: &str,
         identity: Option<&str>,
     ) -> anyhow::Result<String> {
-        let k = crdt_state::model::Kind::parse(kind)
-            .ok_or_else(|| anyhow!("unknown kind {kind:?}: expected app, config, node or site"))?;
+        let k = control::kind_of(kind)?;
         let writer = self.writer(identity)?;
         self.delete(k, name, &writer, None)?;
-        Ok(format!("{}/{name} deleted\n", k.as_str().to_lowercase()))
+        Ok(control::deleted(k, name))
     }
 
     /// Applies manifests as `writer` through the core (the daemon's one
@@ -434,12 +482,7 @@ impl Base {
 
     /// The data dir's identity (an anchor's operator identity, ADR 0006).
     pub fn identity(&self) -> crdt_state::Result<Identity> {
-        self.dd.identity().cloned().ok_or_else(|| {
-            crdt_state::Error::NotAllowed(format!(
-                "{} has no identity to sign with",
-                self.dd.path().display()
-            ))
-        })
+        self.dd.writer().cloned()
     }
 
     /// Hands changes the data dir committed (CLI verbs, enrollment, edits
@@ -460,7 +503,7 @@ impl Base {
     /// Carries out the core's actions on the mesh and the store, and
     /// returns the next one that is the composition's to do.
     pub fn next_action(&mut self) -> Option<Action<PeerId>> {
-        self.answer();
+        self.answers.release(&self.core);
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Admit {
@@ -523,23 +566,8 @@ impl Base {
                 other => return Some(other),
             }
         }
-        self.answer();
+        self.answers.release(&self.core);
         None
-    }
-
-    /// Sends the CLI answers whose writes are committed now.
-    fn answer(&mut self) {
-        if self.answers.is_empty() {
-            return;
-        }
-        let done = self.core.committed_mark();
-        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.answers)
-            .into_iter()
-            .partition(|(mark, _, _)| *mark <= done);
-        self.answers = wait;
-        for (_, reply, r) in ready {
-            let _ = reply.send(r);
-        }
     }
 
     /// Runs a store write on a blocking thread (on the loop at shutdown).

@@ -97,7 +97,7 @@ impl Net {
                 from: &from,
                 dialable: Some(format!("/ip4/10.0.0.{y}/udp/7411/quic-v1/p2p/peer{y}")),
             };
-            self.cores[x].hello(now, arrival, &mut |_, _| None);
+            self.cores[x].hello(now, arrival, &mut |_| Vec::new());
             self.act(x);
         }
     }
@@ -272,7 +272,7 @@ fn admission_names_the_defect_and_a_revoked_peer_is_cut_off() {
         from: "10.0.0.1",
         dialable: None,
     };
-    net.cores[0].hello(now, arrival, &mut |_, _| None);
+    net.cores[0].hello(now, arrival, &mut |_| Vec::new());
     let acts: Vec<String> = std::iter::from_fn(|| net.cores[0].poll_action())
         .map(|a| format!("{a:?}"))
         .collect();
@@ -290,7 +290,7 @@ fn admission_names_the_defect_and_a_revoked_peer_is_cut_off() {
         from: "10.0.0.1",
         dialable: None,
     };
-    net.cores[0].hello(now, arrival, &mut |_, _| None);
+    net.cores[0].hello(now, arrival, &mut |_| Vec::new());
     assert!(matches!(
         net.cores[0].poll_action(),
         Some(Action::Security { .. })
@@ -449,7 +449,7 @@ fn sync_states_and_peers_are_saved_at_the_flush_interval_not_per_frame() {
         from: "n1",
         dialable: Some("/ip4/10.0.0.9/udp/7411/quic-v1/p2p/peer1".into()),
     };
-    net.cores[0].hello(now, arrival, &mut |_, _| None);
+    net.cores[0].hello(now, arrival, &mut |_| Vec::new());
     net.act(0);
     net.tick(5_000);
     assert_eq!(
@@ -650,7 +650,7 @@ fn a_failing_disk_stops_the_inflow_instead_of_holding_without_bound() {
         from: "anchor",
         dialable: None,
     };
-    net.cores[1].hello(now, arrival, &mut |_, _| None);
+    net.cores[1].hello(now, arrival, &mut |_| Vec::new());
     assert!(
         matches!(net.cores[1].poll_action(), Some(Action::Reject { .. })),
         "admitted while its commits fail"

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use crdt_state::{DataDir, DocId, Role};
-use daemon::driver::{Base, Input, MeshOptions};
+use daemon::driver::{AfterCommit, Base, Input, MeshOptions};
 use daemon::{Action, Settings};
 use tokio::sync::mpsc;
 
@@ -84,7 +84,7 @@ struct Node {
     readings_cap: u64,
     readings_dropped: u64,
     /// Site API answers waiting for their writes to be committed.
-    answers: Vec<(u64, tokio::sync::oneshot::Sender<Reply>, Reply)>,
+    answers: AfterCommit<Reply>,
     /// A store read that answers the current site API request.
     deferred: Option<StoreRead>,
 }
@@ -143,7 +143,7 @@ pub async fn run(
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
         readings_dropped: 0,
-        answers: Vec::new(),
+        answers: AfterCommit::default(),
         deferred: None,
     };
     let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
@@ -157,9 +157,8 @@ pub async fn run(
         }
         n.site_api_url = Some(format!("http://{reach}"));
     }
-    // The last desired state from the store, before any network.
-    let t = n.base.now();
-    n.base.core.start(t);
+    // The last desired state from the store, before any peer is heard.
+    n.base.start();
     n.act();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -181,8 +180,7 @@ pub async fn run(
                     });
                 } else {
                     // Answered once what it accepted is committed.
-                    let mark = n.base.core.applied_mark();
-                    n.answers.push((mark, reply, r));
+                    n.answers.hold(&n.base.core, reply, r);
                 }
             }
             Some(u) = dev_rx.recv() => n.on_device(u),
@@ -193,7 +191,7 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
         n.act();
-        n.answer();
+        n.answers.release(&n.base.core);
     }
     n.runtime.shutdown().await;
     if let Some(dev) = n.devices.as_mut() {
@@ -207,18 +205,6 @@ pub async fn run(
 }
 
 impl Node {
-    /// Sends the site API answers whose writes are committed now.
-    fn answer(&mut self) {
-        let done = self.base.core.committed_mark();
-        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.answers)
-            .into_iter()
-            .partition(|(mark, _, _)| *mark <= done);
-        self.answers = wait;
-        for (_, reply, r) in ready {
-            let _ = reply.send(r);
-        }
-    }
-
     /// Does what the core asked of the node (the base did the rest).
     fn act(&mut self) {
         while let Some(action) = self.base.next_action() {

@@ -70,7 +70,7 @@ struct SimNode {
     /// What the node's store committed: changes per document.
     store: BTreeMap<DocId, Vec<(ChangeHash, SignedChange)>>,
     /// Saved sync states per (peer, document).
-    sync_states: HashMap<(PublicKey, DocId), Vec<u8>>,
+    sync_states: HashMap<PublicKey, BTreeMap<DocId, Vec<u8>>>,
     skew: i64,
     starts: u64,
 }
@@ -433,8 +433,11 @@ impl Sim {
                 dialable: None,
             };
             if let Some(core) = node.core.as_mut() {
-                core.hello(now, arrival, &mut |peer, doc| {
-                    states.get(&(*peer, doc.clone())).cloned()
+                core.hello(now, arrival, &mut |peer| {
+                    states
+                        .get(peer)
+                        .map(|s| s.iter().map(|(d, s)| (d.clone(), s.clone())).collect())
+                        .unwrap_or_default()
                 });
             }
         }
@@ -483,7 +486,11 @@ impl Sim {
                 }
                 Action::SaveSyncStates(states) => {
                     for (peer, doc, state) in states {
-                        self.nodes[i].sync_states.insert((peer, doc), state);
+                        self.nodes[i]
+                            .sync_states
+                            .entry(peer)
+                            .or_default()
+                            .insert(doc, state);
                     }
                 }
                 Action::Security { .. } => self.security += 1,
@@ -494,7 +501,9 @@ impl Sim {
                 }
                 Action::DropDoc(doc) => {
                     self.nodes[i].store.remove(&doc);
-                    self.nodes[i].sync_states.retain(|(_, d), _| *d != doc);
+                    for states in self.nodes[i].sync_states.values_mut() {
+                        states.remove(&doc);
+                    }
                 }
                 Action::Admit { .. }
                 | Action::SavePeers(_)
