@@ -17,9 +17,9 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crdt_state::bundle::Bundle;
-use crdt_state::model::{NodeReport, WorkloadReport, WorkloadState};
-use crdt_state::{DataDir, DocId, Document, Identity, PublicKey, Role, manifest};
+use crdt_state::fleet::model::{NodeReport, WorkloadReport, WorkloadState};
+use crdt_state::signed::bundle::Bundle;
+use crdt_state::{DataDir, DocId, Document, Identity, PublicKey, Role, fleet::manifest};
 use serde_json::json;
 use support::{
     Daemon, api_get, enroll, free_udp_port, http, http_url, ok, operator_token, percentile, rss_mb,
@@ -68,7 +68,7 @@ fn populate(anchor_dir: &Path, n: usize) {
         .map(|h| h.to_string())
         .collect();
     let root_text = std::fs::read_to_string(anchor_dir.join("root.key")).unwrap();
-    let root = crdt_state::identity::parse_secret(&root_text).unwrap();
+    let root = crdt_state::signed::identity::parse_secret(&root_text).unwrap();
     let root_pub = PublicKey(root.verifying_key().to_bytes());
     let mut certs = Vec::new();
     let mut docs = Vec::new();
@@ -77,7 +77,7 @@ fn populate(anchor_dir: &Path, n: usize) {
         let site = format!("s{:03}", i % 100);
         let id = Identity::issue(
             &root,
-            crdt_state::identity::generate_key().unwrap(),
+            crdt_state::signed::identity::generate_key().unwrap(),
             &name,
             Role::Node,
             Some(&site),

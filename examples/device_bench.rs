@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crdt_state::readings::Reading;
+use crdt_state::local::readings::Reading;
 use crdt_state::{Store, StoreConfig};
 use support::{Daemon, bundle_node, ok, percentile, rss_mb, s, wait_for, write};
 

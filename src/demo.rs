@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use crdt_state::{DataDir, Identity, Role, manifest};
+use crdt_state::{DataDir, Identity, Role, fleet::manifest};
 use serde_json::{Value, json};
 use simulations::udp_link::{LinkConfig, UdpLink};
 
@@ -264,7 +264,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
     let mut first_of_site: BTreeMap<String, String> = BTreeMap::new();
     for n in &nodes {
         let port = free_udp_port()?;
-        let id = Identity::read(&n.dir.join(crdt_state::datadir::IDENTITY_FILE))?;
+        let id = Identity::read(&n.dir.join(crdt_state::local::datadir::IDENTITY_FILE))?;
         let me = format!("/ip4/127.0.0.1/udp/{port}/quic-v1/p2p/{}", peer_id(&id)?);
         let link = &links[&n.site];
         let mut args = vec![

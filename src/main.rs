@@ -13,9 +13,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 
-use crdt_state::render::Format;
-use crdt_state::{DataDir, Role, manifest};
+use crdt_state::{DataDir, Role, fleet::manifest};
 use daemon::control::{self, Request};
+use daemon::render::Format;
 use node::daemon::RuntimeChoice;
 
 #[derive(Parser)]
@@ -446,7 +446,7 @@ fn parse_ttl(s: &str) -> anyhow::Result<i64> {
 }
 
 fn as_yaml(v: &serde_json::Value) -> String {
-    crdt_state::render::render(Format::Yaml, v, &[], Vec::new())
+    daemon::render::render(Format::Yaml, v, &[], Vec::new())
 }
 
 /// What a daemon runs: an edge node or an anchor.
@@ -740,7 +740,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             print!(
                 "{}",
-                crdt_state::render::table(&["NAME", "CREATED", "EXPIRES", "SHA256"], rows)
+                daemon::render::table(&["NAME", "CREATED", "EXPIRES", "SHA256"], rows)
             );
         }
         Command::Operator(OperatorCmd::Token(OperatorTokenCmd::Revoke { dir, name })) => {
@@ -868,7 +868,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 manifests.extend(manifest::parse(&label, &text)?);
             }
             let applied = node::site_api::apply(&node, &identity, &manifests)?;
-            print!("{}", crdt_state::render::applied(output, &applied));
+            print!("{}", daemon::render::applied(output, &applied));
         }
         Command::Site(SiteCmd::Get {
             node,
@@ -947,7 +947,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Store(StoreCmd::Check { dir }) => {
-            let path = dir.data_dir.join(crdt_state::datadir::STORE_FILE);
+            let path = dir.data_dir.join(crdt_state::local::datadir::STORE_FILE);
             if crdt_state::Store::check(&path)? {
                 println!("{}: intact", path.display());
             } else {

@@ -6,7 +6,7 @@
 //! back. Two implementations: [`modbus::Modbus`], over TCP and RTU (serial,
 //! through `tokio-serial`; no libudev), which merges neighbouring registers
 //! into requests and decodes them with the register codec of
-//! `crdt_state::device`; and [`opcua::OpcUa`], which reads and writes
+//! `crdt_state::fleet::device`; and [`opcua::OpcUa`], which reads and writes
 //! variables by node id (OPC UA has no tables). The device model (profiles,
 //! resources, the Modbus [`Table`], values, the codec) is `crdt-state`'s,
 //! defined once there; this crate adds the I/O and does not depend on
@@ -16,7 +16,7 @@
 //! use adapters::FieldAdapter;
 //! use adapters::modbus::{Modbus, Target};
 //!
-//! # async fn f(profile: crdt_state::device::DeviceProfileSpec) {
+//! # async fn f(profile: crdt_state::fleet::device::DeviceProfileSpec) {
 //! let target = Target::Tcp { host: "10.0.0.7".into(), port: 502 };
 //! let mut dev = Modbus::new(target, 1, std::time::Duration::from_secs(1));
 //! let all: Vec<usize> = (0..profile.resources.len()).collect();
@@ -39,8 +39,8 @@ pub mod opcua;
 use std::future::Future;
 use std::time::Duration;
 
-pub use crdt_state::device::Table;
-use crdt_state::device::{DeviceProfileSpec, Resource, Value};
+pub use crdt_state::fleet::device::Table;
+use crdt_state::fleet::device::{DeviceProfileSpec, Resource, Value};
 
 /// What a read returns.
 #[derive(Clone, Debug, PartialEq, Eq)]

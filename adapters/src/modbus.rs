@@ -1,17 +1,17 @@
 //! Modbus TCP and RTU through tokio-modbus, with a timeout on every call;
 //! its [`FieldAdapter`]: neighbouring resources merged into requests
-//! ([`plan`]), answers decoded with `crdt_state::device`'s register codec,
+//! ([`plan`]), answers decoded with `crdt_state::fleet::device`'s register codec,
 //! setpoints encoded with it, written and read back.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crdt_state::device::{self, DeviceProfileSpec, Resource, Value};
+use crdt_state::fleet::device::{self, DeviceProfileSpec, Resource, Value};
 use tokio::time::timeout;
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::slave::Slave;
 
-pub use crdt_state::device::Parity;
+pub use crdt_state::fleet::device::Parity;
 
 use crate::{DeviceError, FieldAdapter, Polled, SetpointError, Table, Words};
 

@@ -6,14 +6,14 @@
 //! made again on the next call.
 //!
 //! Its [`FieldAdapter`]: the resources of a plan read in one request by
-//! node id, values scaled with the profile (`crdt_state::device::scaled`),
+//! node id, values scaled with the profile (`crdt_state::fleet::device::scaled`),
 //! setpoints unscaled, written as the resource's raw type and read back.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crdt_state::device::{self, DeviceProfileSpec, Resource, Value, ValueType};
+use crdt_state::fleet::device::{self, DeviceProfileSpec, Resource, Value, ValueType};
 use opcua::client::{ClientBuilder, IdentityToken, Session};
 use opcua::types::{
     AttributeId, BrowseDescription, BrowseDirection, BrowseResultMask, DataValue,

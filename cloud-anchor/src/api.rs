@@ -24,9 +24,9 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crdt_state::manifest::{self, Manifest};
-use crdt_state::model::Kind;
-use crdt_state::render::{self, Format};
+use crdt_state::fleet::manifest::{self, Manifest};
+use crdt_state::fleet::model::Kind;
+use daemon::render::{self, Format};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -649,7 +649,7 @@ async fn node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
         return ApiError::new(404, format!("no node {name:?}")).into_response();
     };
     let overrides = sn.overrides.get(&row.site);
-    let desired = crdt_state::placement::share(&sn.spec, overrides, &name, &|_| true);
+    let desired = crdt_state::fleet::placement::share(&sn.spec, overrides, &name, &|_| true);
     let timeline: Vec<_> = sn
         .timeline
         .iter()
@@ -1301,7 +1301,7 @@ pub mod fuzz {
         if let Ok(text) = std::str::from_utf8(bytes) {
             let _ = percent_decode(text);
             let _ = NodeState::parse(text);
-            let _ = crdt_state::manifest::parse("fuzz", text);
+            let _ = crdt_state::fleet::manifest::parse("fuzz", text);
             if let Ok(v) = HeaderValue::from_str(text) {
                 let mut h = HeaderMap::new();
                 h.insert(header::AUTHORIZATION, v.clone());

@@ -90,13 +90,13 @@ impl Client {
 
     /// `shoal delete KIND NAME`.
     pub fn delete(&self, kind: &str, name: &str) -> anyhow::Result<String> {
-        let kinds = match crdt_state::model::Kind::parse(kind) {
-            Some(crdt_state::model::Kind::App) => "apps",
-            Some(crdt_state::model::Kind::Config) => "configs",
-            Some(crdt_state::model::Kind::Node) => "nodes",
-            Some(crdt_state::model::Kind::SiteOverride) => "sites",
-            Some(crdt_state::model::Kind::DeviceProfile) => "profiles",
-            Some(crdt_state::model::Kind::Device) => "devices",
+        let kinds = match crdt_state::fleet::model::Kind::parse(kind) {
+            Some(crdt_state::fleet::model::Kind::App) => "apps",
+            Some(crdt_state::fleet::model::Kind::Config) => "configs",
+            Some(crdt_state::fleet::model::Kind::Node) => "nodes",
+            Some(crdt_state::fleet::model::Kind::SiteOverride) => "sites",
+            Some(crdt_state::fleet::model::Kind::DeviceProfile) => "profiles",
+            Some(crdt_state::fleet::model::Kind::Device) => "devices",
             None => bail!("unknown kind {kind:?}: expected app, config, node or site"),
         };
         self.call("DELETE", &format!("/api/{kinds}/{}", encode(name)), None)?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use crdt_state::model::FleetView;
+use crdt_state::fleet::model::FleetView;
 use crdt_state::{DataDir, DocId, Identity, Role};
 use daemon::driver::{AfterCommit, Base, Input, MeshOptions, Request, unix_now as now};
 use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
@@ -278,7 +278,7 @@ impl Anchor {
                     .unwrap_or_default();
                 let empty = std::collections::BTreeMap::new();
                 let reports = self.view.as_ref().map(|v| v.reports()).unwrap_or(&empty);
-                return Ok(Answer::Text(crdt_state::render::nodes_with_contacts(
+                return Ok(Answer::Text(daemon::render::nodes_with_contacts(
                     output,
                     &fleet,
                     Some(self.base.core.contacts()),
@@ -329,7 +329,7 @@ impl Anchor {
                             }
                         }
                         Ok(match output {
-                            Some(f) => Answer::Text(crdt_state::render::applied(f, &applied)),
+                            Some(f) => Answer::Text(daemon::render::applied(f, &applied)),
                             None => Answer::Json(
                                 serde_json::json!({ "applied": serde_json::to_value(&applied).unwrap_or_default() }),
                             ),

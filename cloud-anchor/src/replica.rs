@@ -14,7 +14,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use crdt_state::DataDir;
-use crdt_state::datadir::{IDENTITY_FILE, ROOT_KEY_FILE, STORE_FILE};
+use crdt_state::local::datadir::{IDENTITY_FILE, ROOT_KEY_FILE, STORE_FILE};
 
 /// The seed's bundle file.
 pub const SEED_BUNDLE: &str = "fleet.bundle";
@@ -45,8 +45,8 @@ pub fn seed(data_dir: &Path, out: &Path) -> anyhow::Result<()> {
             data_dir.display()
         )
     })?;
-    let root =
-        crdt_state::identity::parse_secret(&root_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = crdt_state::signed::identity::parse_secret(&root_text)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if crdt_state::PublicKey(root.verifying_key().to_bytes()) != identity.cert.issuer {
         bail!("{}: the root key is not the fleet's", data_dir.display());
     }

@@ -69,9 +69,9 @@ fn write(dir: &Path, entries: &[TokenEntry]) -> anyhow::Result<()> {
 
 /// Creates a token for `name` and returns the secret (shown once).
 pub fn create(dir: &Path, name: &str, ttl_s: Option<i64>, now: i64) -> anyhow::Result<String> {
-    crdt_state::model::validate_name("operator", name).map_err(|e| anyhow!(e))?;
-    if !dir.join(crdt_state::datadir::ROOT_KEY_FILE).exists()
-        && !dir.join(crdt_state::datadir::IDENTITY_FILE).exists()
+    crdt_state::fleet::model::validate_name("operator", name).map_err(|e| anyhow!(e))?;
+    if !dir.join(crdt_state::local::datadir::ROOT_KEY_FILE).exists()
+        && !dir.join(crdt_state::local::datadir::IDENTITY_FILE).exists()
     {
         bail!(
             "{} is not an anchor's data dir (made by `shoal fleet init`)",

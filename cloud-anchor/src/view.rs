@@ -19,8 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
-use crdt_state::datadir::{Conflict, conflicts_of};
-use crdt_state::model::{FleetView, NodeReport, SiteOverrideSpec, WorkloadReport, WorkloadState};
+use crdt_state::fleet::model::{
+    FleetView, NodeReport, SiteOverrideSpec, WorkloadReport, WorkloadState,
+};
+use crdt_state::local::datadir::{Conflict, conflicts_of};
 use crdt_state::{DocId, Document, Trust};
 use serde::Serialize;
 
@@ -89,7 +91,7 @@ pub struct NodeRow {
     /// The peers it reported.
     pub peers: Vec<String>,
     /// Its devices, as it reported them.
-    pub devices: BTreeMap<String, crdt_state::device::DeviceReport>,
+    pub devices: BTreeMap<String, crdt_state::fleet::device::DeviceReport>,
     /// Summary state.
     pub state: NodeState,
 }
@@ -361,7 +363,7 @@ impl View {
                 DocId::Site(name) => {
                     if let Some(d) = doc(id) {
                         self.overrides
-                            .insert(name.clone(), crdt_state::model::read_site(d));
+                            .insert(name.clone(), crdt_state::fleet::model::read_site(d));
                         self.set_conflicts(d, trust, now);
                     }
                     self.lag_cache.retain(|(k, _), _| k != id);
@@ -592,8 +594,8 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crdt_state::model::NodeReport;
-    use crdt_state::{DataDir, Role, manifest};
+    use crdt_state::fleet::model::NodeReport;
+    use crdt_state::{DataDir, Role, fleet::manifest};
     use std::collections::HashMap;
 
     fn heads(d: &Document) -> Vec<String> {

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crdt_state::identity::generate_key;
-use crdt_state::verify::verify_and_apply;
+use crdt_state::signed::identity::generate_key;
+use crdt_state::signed::verify::verify_and_apply;
 use crdt_state::{
     DataDir, DocId, Document, Identity, PublicKey, Role, SignedChange, Store, StoreConfig, Trust,
 };
@@ -122,7 +122,7 @@ fn bundle(c: &mut Criterion) {
         batch.push((h, c));
     }
     dd.store().commit(&doc, &batch).unwrap();
-    let identity = src.join(crdt_state::datadir::IDENTITY_FILE);
+    let identity = src.join(crdt_state::local::datadir::IDENTITY_FILE);
     let mut g = c.benchmark_group("bundle");
     g.sample_size(10).throughput(Throughput::Elements(10_000));
     let mut n = 0;

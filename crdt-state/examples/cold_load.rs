@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use crdt_state::identity::generate_key;
+use crdt_state::signed::identity::generate_key;
 use crdt_state::{DocId, Document, Identity, Role, Store, StoreConfig};
 
 fn peak_rss_kb() -> u64 {

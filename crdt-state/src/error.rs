@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub enum Error {
     /// A manifest could not be accepted.
     #[error("{0}")]
-    Manifest(#[from] crate::manifest::ManifestError),
+    Manifest(#[from] crate::fleet::manifest::ManifestError),
 
     /// A change was refused by verification; nothing of it was applied.
     #[error("rejected change {hash} for document {doc}: {reason}")]

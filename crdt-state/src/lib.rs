@@ -1,5 +1,20 @@
-//! The fleet's state: Shoal's model on Automerge, signed changes, the redb
-//! store and offline bundles.
+//! The fleet's state: signed Automerge documents, the fleet model written in
+//! them, and what a node keeps on its own disk.
+//!
+//! Three parts, each a module:
+//!
+//! - [`signed`]: the signed-CRDT core. Documents ([`signed::doc`]), identities
+//!   and certificates ([`signed::identity`]), verification of every change
+//!   against the fleet's certificates ([`signed::verify`]), the sans-IO sync
+//!   engine ([`signed::sync`]) and its wire format ([`signed::wire`]), offline
+//!   bundles ([`signed::bundle`]). It knows nothing of apps or nodes.
+//! - [`fleet`]: what the documents mean. The model of apps, configs, nodes
+//!   and sites ([`fleet::model`]), the YAML manifests operators write
+//!   ([`fleet::manifest`]), which node runs what ([`fleet::placement`]),
+//!   device profiles and the register codec ([`fleet::device`]).
+//! - [`local`]: node-local storage. The redb store of documents, sync states
+//!   and chunks ([`local::store`]), device readings ([`local::readings`]),
+//!   and the data dir that ties a store to an identity ([`local::datadir`]).
 //!
 //! Every document is an Automerge map with one key per field; every change
 //! is signed by its writer and verified against the fleet's certificates
@@ -7,7 +22,7 @@
 //! time is passed in.
 //!
 //! ```no_run
-//! use crdt_state::{DataDir, manifest};
+//! use crdt_state::{DataDir, fleet::manifest};
 //! # fn main() -> Result<(), crdt_state::Error> {
 //! let dir = std::path::Path::new("/tmp/fleet");
 //! let mut fleet = DataDir::init(dir, "demo", 0)?;
@@ -17,26 +32,39 @@
 //! # Ok(()) }
 //! ```
 
-pub mod bundle;
-pub mod datadir;
-pub mod device;
-pub mod doc;
 pub mod error;
-pub mod identity;
-pub mod manifest;
-pub mod model;
 pub mod panics;
-pub mod placement;
-pub mod readings;
-pub mod render;
-pub mod store;
-pub mod sync;
-pub mod verify;
-pub mod wire;
 
-pub use datadir::DataDir;
-pub use doc::{DocId, Document, SignedChange};
+pub mod signed {
+    //! The signed-CRDT core: documents, identities, verification, sync, the
+    //! wire format and bundles.
+    pub mod bundle;
+    pub mod doc;
+    pub mod identity;
+    pub mod sync;
+    pub mod verify;
+    pub mod wire;
+}
+
+pub mod fleet {
+    //! The fleet model written in the signed documents: entities,
+    //! manifests, placement, device profiles.
+    pub mod device;
+    pub mod manifest;
+    pub mod model;
+    pub mod placement;
+}
+
+pub mod local {
+    //! What a node keeps on its own disk: the store, readings, the data dir.
+    pub mod datadir;
+    pub mod readings;
+    pub mod store;
+}
+
 pub use error::{Error, Result};
-pub use identity::{Certificate, Identity, PublicKey, Role};
-pub use store::{Store, StoreConfig};
-pub use verify::Trust;
+pub use local::datadir::DataDir;
+pub use local::store::{Store, StoreConfig};
+pub use signed::doc::{DocId, Document, SignedChange};
+pub use signed::identity::{Certificate, Identity, PublicKey, Role};
+pub use signed::verify::Trust;

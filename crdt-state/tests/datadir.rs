@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use crdt_state::datadir::{IDENTITY_FILE, STORE_FILE};
-use crdt_state::manifest;
-use crdt_state::model::Kind;
+use crdt_state::fleet::manifest;
+use crdt_state::fleet::model::Kind;
+use crdt_state::local::datadir::{IDENTITY_FILE, STORE_FILE};
 use crdt_state::{DataDir, DocId, Error, Role, Store, StoreConfig};
 
 const APP: &str = r#"
@@ -377,11 +377,11 @@ fn a_set_message_is_recorded_in_the_signed_change() {
     let mut dd = DataDir::init(tmp.path(), "f", 1).unwrap();
     dd.set_message(Some("alice through the anchor API".into()));
     let cfg = "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {name: c}\nspec: {data: {k: v}}\n";
-    dd.apply(&crdt_state::manifest::parse("c", cfg).unwrap(), 2)
+    dd.apply(&crdt_state::fleet::manifest::parse("c", cfg).unwrap(), 2)
         .unwrap();
     dd.set_message(None);
     let cfg2 = cfg.replace("k: v", "k: w");
-    dd.apply(&crdt_state::manifest::parse("c", &cfg2).unwrap(), 3)
+    dd.apply(&crdt_state::fleet::manifest::parse("c", &cfg2).unwrap(), 3)
         .unwrap();
     let doc = dd.doc(&crdt_state::DocId::Fleet).unwrap();
     let messages: Vec<Option<String>> = doc
@@ -400,7 +400,7 @@ fn a_set_message_is_recorded_in_the_signed_change() {
 
 #[test]
 fn prepared_commits_take_a_given_snapshot_and_keep_every_signature() {
-    use crdt_state::store::Prepared;
+    use crdt_state::local::store::Prepared;
     let tmp = tempfile::tempdir().unwrap();
     let op = DataDir::init(&tmp.path().join("op"), "grid", 1).unwrap();
     let writer = op.identity().unwrap().clone();

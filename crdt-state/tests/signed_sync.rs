@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{fleet, set, site_a};
-use crdt_state::verify::{Revocation, verify_and_apply};
+use crdt_state::signed::verify::{Revocation, verify_and_apply};
 use crdt_state::{DocId, Document, Error, SignedChange};
 use proptest::prelude::*;
 
@@ -147,13 +147,13 @@ proptest! {
             3 => {
                 let c = set(&mut forger_doc, &f.eng_a, "configs.c.data.k0", "evil").unwrap();
                 let h = automerge::Change::from_bytes(c.bytes.clone()).unwrap().hash();
-                SignedChange { bytes: c.bytes, signature: f.op1.sign(&crdt_state::doc::signing_message(&site_a(), &h)) }
+                SignedChange { bytes: c.bytes, signature: f.op1.sign(&crdt_state::signed::doc::signing_message(&site_a(), &h)) }
             }
             // signed for another document
             _ => {
                 let c = set(&mut forger_doc, &f.eng_a, "configs.c.data.k0", "evil").unwrap();
                 let h = automerge::Change::from_bytes(c.bytes.clone()).unwrap().hash();
-                SignedChange { bytes: c.bytes, signature: f.eng_a.sign(&crdt_state::doc::signing_message(&DocId::Fleet, &h)) }
+                SignedChange { bytes: c.bytes, signature: f.eng_a.sign(&crdt_state::signed::doc::signing_message(&DocId::Fleet, &h)) }
             }
         };
         let forged_hash = automerge::Change::from_bytes(forged.bytes.clone()).unwrap().hash();

@@ -7,8 +7,8 @@ mod common;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use common::identity;
-use crdt_state::identity::generate_key;
-use crdt_state::sync::{Engine, Input, Output, SyncConfig};
+use crdt_state::signed::identity::generate_key;
+use crdt_state::signed::sync::{Engine, Input, Output, SyncConfig};
 use crdt_state::{DocId, Identity, PublicKey, Role, Trust};
 
 thread_local! {
@@ -480,12 +480,16 @@ fn certificates_travel_in_the_fleet_document() {
         .into_iter()
         .map(|c| crdt_state::SignedChange {
             bytes: c.raw_bytes().to_vec(),
-            signature: stranger.sign(&crdt_state::doc::signing_message(&DocId::Fleet, &c.hash())),
+            signature: stranger.sign(&crdt_state::signed::doc::signing_message(
+                &DocId::Fleet,
+                &c.hash(),
+            )),
         })
         .collect();
     let mut victim = crdt_state::Document::new(DocId::Fleet);
-    let err = crdt_state::verify::verify_and_apply(net.engines[2].trust(), &mut victim, &changes)
-        .unwrap_err();
+    let err =
+        crdt_state::signed::verify::verify_and_apply(net.engines[2].trust(), &mut victim, &changes)
+            .unwrap_err();
     assert!(
         err.to_string().contains("no certificate of this fleet"),
         "{err}"

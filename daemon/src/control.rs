@@ -12,10 +12,10 @@ use std::path::Path;
 use tokio::io::AsyncReadExt as _;
 use tracing::Instrument;
 
+use crate::render::{self, Contact, Format};
 use anyhow::{Context, anyhow, bail};
-use crdt_state::model::Kind;
-use crdt_state::render::{self, Contact, Format};
-use crdt_state::{DataDir, Identity, manifest};
+use crdt_state::fleet::model::Kind;
+use crdt_state::{DataDir, Identity, fleet::manifest};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

@@ -20,12 +20,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 
+use crate::render::Contact;
 use automerge::ChangeHash;
-use crdt_state::device::DeviceReport;
-use crdt_state::model::{self, FleetView, NodeReport, WorkloadReport};
-use crdt_state::placement::{self, Workload};
-use crdt_state::render::Contact;
-use crdt_state::sync::{Engine, Input, Output};
+use crdt_state::fleet::device::DeviceReport;
+use crdt_state::fleet::model::{self, FleetView, NodeReport, WorkloadReport};
+use crdt_state::fleet::placement::{self, Workload};
+use crdt_state::signed::sync::{Engine, Input, Output};
 use crdt_state::{DocId, Document, Identity, PublicKey, SignedChange, Trust};
 
 use crate::hello;
@@ -78,7 +78,7 @@ impl Default for Settings {
             reconcile_every_ms: 30_000,
             values_every_ms: 30_000,
             known_peers: Vec::new(),
-            compact_after: crdt_state::store::StoreConfig::default().compact_after,
+            compact_after: crdt_state::local::store::StoreConfig::default().compact_after,
             max_held: 4096,
             stored_chunks: HashMap::new(),
         }
@@ -520,7 +520,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     pub fn local(&mut self, now: Now, doc: DocId, changes: Vec<SignedChange>) {
         if self.settings.timeline {
             for c in &changes {
-                if let Ok(ch) = crdt_state::doc::decode_change(&c.bytes) {
+                if let Ok(ch) = crdt_state::signed::doc::decode_change(&c.bytes) {
                     self.local_hashes.insert(ch.hash());
                 }
             }
@@ -545,7 +545,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     /// The one write path of a running daemon (CLI verbs through the
     /// socket, the operator API, the node's reports, the simulator's
     /// edits): the writer's authority over every document and its
-    /// revocation are checked first ([`crdt_state::datadir::check_writer`],
+    /// revocation are checked first ([`crdt_state::local::datadir::check_writer`],
     /// as a data dir's own verbs do), then one signed change per document
     /// is applied to the engine's documents — the process's only copy —
     /// committed once, and synced. `message` records who asked a service
@@ -568,7 +568,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         message: Option<&str>,
     ) -> crdt_state::Result<(usize, Vec<ChangeHash>)> {
         for (id, _) in edits {
-            crdt_state::datadir::check_writer(self.engine.trust(), writer, id)?;
+            crdt_state::local::datadir::check_writer(self.engine.trust(), writer, id)?;
         }
         let mut fields = 0;
         let mut hashes = Vec::new();
@@ -991,7 +991,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 }
                 n += 1;
                 if let (Ok(ch), Some(doc)) = (
-                    crdt_state::doc::decode_change(&c.bytes),
+                    crdt_state::signed::doc::decode_change(&c.bytes),
                     self.engine.doc(id),
                 ) && let Some(key) = doc.actor_key(ch.actor_id())
                 {

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::anyhow;
-use crdt_state::store::Prepared;
-use crdt_state::sync::{Engine, SyncConfig};
+use crdt_state::local::store::Prepared;
+use crdt_state::signed::sync::{Engine, SyncConfig};
 use crdt_state::{DataDir, DocId, Identity};
 use mesh::{Event, Mesh, Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
@@ -423,7 +423,7 @@ impl Base {
         let manifests = control::manifests(files)?;
         let writer = self.writer(identity)?;
         let applied = self.apply(&manifests, &writer, None)?;
-        Ok(crdt_state::render::applied(output, &applied))
+        Ok(crate::render::applied(output, &applied))
     }
 
     fn delete_verb(
@@ -442,12 +442,13 @@ impl Base {
     /// write path).
     pub fn apply(
         &mut self,
-        manifests: &[crdt_state::manifest::Manifest],
+        manifests: &[crdt_state::fleet::manifest::Manifest],
         writer: &Identity,
         message: Option<&str>,
-    ) -> crdt_state::Result<Vec<crdt_state::datadir::Applied>> {
+    ) -> crdt_state::Result<Vec<crdt_state::local::datadir::Applied>> {
         let core = &self.core;
-        let (applied, edits) = crdt_state::datadir::plan_apply(manifests, &|id| core.doc(id));
+        let (applied, edits) =
+            crdt_state::local::datadir::plan_apply(manifests, &|id| core.doc(id));
         let t = self.now();
         self.core.write_many(t, &edits, writer, message)?;
         Ok(applied)
@@ -456,13 +457,13 @@ impl Base {
     /// Deletes an entity as `writer` through the core.
     pub fn delete(
         &mut self,
-        kind: crdt_state::model::Kind,
+        kind: crdt_state::fleet::model::Kind,
         name: &str,
         writer: &Identity,
         message: Option<&str>,
     ) -> crdt_state::Result<usize> {
         let core = &self.core;
-        let (id, ops) = crdt_state::datadir::plan_delete(kind, name, &|id| core.doc(id))?;
+        let (id, ops) = crdt_state::local::datadir::plan_delete(kind, name, &|id| core.doc(id))?;
         let t = self.now();
         self.core.write_many(t, &[(id, ops)], writer, message)
     }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use crdt_state::identity::{generate_key, write_private};
+use crdt_state::signed::identity::{generate_key, write_private};
 use crdt_state::{Certificate, DataDir, DocId, Identity, PublicKey, Role};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -147,9 +147,9 @@ pub fn create_token(
     req: &TokenRequest,
     now: i64,
 ) -> anyhow::Result<String> {
-    crdt_state::model::validate_name("node", &req.node).map_err(|e| anyhow!(e))?;
+    crdt_state::fleet::model::validate_name("node", &req.node).map_err(|e| anyhow!(e))?;
     let site = req.site.clone().unwrap_or_else(|| req.node.clone());
-    crdt_state::model::validate_name("site", &site).map_err(|e| anyhow!(e))?;
+    crdt_state::fleet::model::validate_name("site", &site).map_err(|e| anyhow!(e))?;
     if anchors.is_empty() {
         bail!(
             "no anchor address known for {}: start `shoal anchor run` on it first",
@@ -251,7 +251,7 @@ fn add_node(
         "metadata": {"name": name},
         "spec": {"site": site, "labels": labels},
     });
-    let ms = crdt_state::manifest::parse("enrollment", &spec.to_string())?;
+    let ms = crdt_state::fleet::manifest::parse("enrollment", &spec.to_string())?;
     dd.apply(&ms, now)?;
     Ok(())
 }
@@ -271,7 +271,7 @@ fn install(dir: &Path, identity: &Identity, anchors: &[String]) -> anyhow::Resul
 /// Enrolls a node with a token over the network: generates the key here,
 /// asks the anchor(s) named in the token, and sets up the data dir.
 pub async fn enroll_with_token(dir: &Path, token: &str) -> anyhow::Result<Certificate> {
-    if dir.join(crdt_state::datadir::IDENTITY_FILE).exists() {
+    if dir.join(crdt_state::local::datadir::IDENTITY_FILE).exists() {
         bail!("{} already holds an identity", dir.display());
     }
     let token = Token::decode(token)?;
@@ -330,7 +330,7 @@ pub fn node_bundle(
     out: &Path,
     now: i64,
 ) -> anyhow::Result<PathBuf> {
-    crdt_state::model::validate_name("node", node).map_err(|e| anyhow!(e))?;
+    crdt_state::fleet::model::validate_name("node", node).map_err(|e| anyhow!(e))?;
     let site = site.unwrap_or(node).to_string();
     add_node(dd, node, &site, labels, now)?;
     let secret = generate_key()?;
@@ -355,13 +355,13 @@ fn node_doc_of(id: &DocId, node: &str) -> bool {
 
 /// Sets up a node's data dir from an offline enrollment file.
 pub fn enroll_with_bundle(dir: &Path, file: &Path) -> anyhow::Result<Certificate> {
-    if dir.join(crdt_state::datadir::IDENTITY_FILE).exists() {
+    if dir.join(crdt_state::local::datadir::IDENTITY_FILE).exists() {
         bail!("{} already holds an identity", dir.display());
     }
     let bytes = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
     let nb: NodeBundle = serde_json::from_slice(&bytes)
         .map_err(|e| anyhow!("{} is not a node bundle: {e}", file.display()))?;
-    let secret = crdt_state::identity::parse_secret(&nb.secret_key)
+    let secret = crdt_state::signed::identity::parse_secret(&nb.secret_key)
         .map_err(|e| anyhow!("{}: {e}", file.display()))?;
     let identity = Identity::new(nb.certificate.clone(), secret)?;
     let mut dd = install(dir, &identity, &nb.anchors)?;

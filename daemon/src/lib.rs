@@ -12,6 +12,8 @@
 //!
 //! - [`core`]: the core, its events and actions.
 //! - [`hello`]: what peers say on `/shoal/hello/1`, and the admission check.
+//! - [`render`]: the tables and YAML/JSON the CLI prints, here or from an
+//!   anchor.
 //!
 //! With the `driver` feature (the node and the anchor; not the simulator):
 //!
@@ -36,6 +38,7 @@ macro_rules! say {
 
 pub mod core;
 pub mod hello;
+pub mod render;
 
 #[cfg(feature = "driver")]
 pub mod control;

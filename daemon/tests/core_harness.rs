@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use crdt_state::identity::generate_key;
-use crdt_state::sync::{Engine, SyncConfig};
+use crdt_state::signed::identity::generate_key;
+use crdt_state::signed::sync::{Engine, SyncConfig};
 use crdt_state::{DocId, Identity, PublicKey, Role, Trust};
 use daemon::{Action, Arrival, Core, Now, Settings};
 
@@ -24,7 +24,7 @@ struct Net {
     saved_states: Vec<usize>,
     saved_peers: Vec<Option<Vec<String>>>,
     /// What each core's devices say (reported on Reconcile and Report).
-    devices: Vec<BTreeMap<String, crdt_state::device::DeviceReport>>,
+    devices: Vec<BTreeMap<String, crdt_state::fleet::device::DeviceReport>>,
     now: Now,
     operator: Identity,
 }
@@ -373,7 +373,7 @@ fn a_node_reconciles_on_a_new_desired_state_and_every_thirty_seconds() {
 
 #[test]
 fn a_report_is_written_only_when_it_changed_and_values_at_most_every_thirty_seconds() {
-    use crdt_state::device::DeviceReport;
+    use crdt_state::fleet::device::DeviceReport;
     let mut net = Net::new(1, anchor_and_nodes);
     let node_doc = |net: &Net| net.cores[1].node_doc();
     let heads = |net: &Net| {

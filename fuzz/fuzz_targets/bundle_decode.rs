@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(b) = crdt_state::bundle::Bundle::decode(data) {
+    if let Ok(b) = crdt_state::signed::bundle::Bundle::decode(data) {
         // What decodes must encode back to the same bytes.
         if let Some(root) = b.root {
             assert_eq!(b.encode(root), data);

@@ -2,7 +2,7 @@
 //! resource (type, swaps, scale, length), and setpoint values encoded.
 #![no_main]
 
-use crdt_state::device::{Access, Resource, Table, ValueType, check_setpoint, decode};
+use crdt_state::fleet::device::{Access, Resource, Table, ValueType, check_setpoint, decode};
 use libfuzzer_sys::fuzz_target;
 
 const TYPES: [ValueType; 11] = [

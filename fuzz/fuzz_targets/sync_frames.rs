@@ -4,13 +4,13 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-use crdt_state::identity::{Certificate, Role};
-use crdt_state::sync::{Engine, Input, SyncConfig};
+use crdt_state::signed::identity::{Certificate, Role};
+use crdt_state::signed::sync::{Engine, Input, SyncConfig};
 use crdt_state::{DocId, PublicKey, Trust};
 
 fuzz_target!(|data: &[u8]| {
     crdt_state::panics::install_hook();
-    let _ = crdt_state::wire::Frame::decode(data);
+    let _ = crdt_state::signed::wire::Frame::decode(data);
     // Fixed keys: a crash found here replays from its input alone.
     let key = |b: u8| ed25519_dalek::SigningKey::from_bytes(&[b; 32]);
     let (root, me, them) = (key(1), key(2), key(3));

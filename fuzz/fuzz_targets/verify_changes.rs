@@ -17,6 +17,6 @@ fuzz_target!(|data: &[u8]| {
         .map(|chunk| SignedChange { bytes: chunk.to_vec(), signature: [0; 64] })
         .collect();
     // No certificate is known, so nothing may ever be applied.
-    let _ = crdt_state::verify::verify_and_apply(&trust, &mut doc, &changes);
+    let _ = crdt_state::signed::verify::verify_and_apply(&trust, &mut doc, &changes);
     assert!(doc.heads().is_empty());
 });

@@ -15,8 +15,8 @@ mod apiserver;
 use std::time::{Duration, Instant};
 
 use apiserver::ApiServer;
-use crdt_state::model::{AppSpec, KubeSpec, RuntimeKind, WorkloadState};
-use crdt_state::placement::Workload;
+use crdt_state::fleet::model::{AppSpec, KubeSpec, RuntimeKind, WorkloadState};
+use crdt_state::fleet::placement::Workload;
 use node::runtime::Runtime;
 use node::runtime::kube::Kube;
 use serde_json::json;

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::runtime::Runtime;
 use crate::runtime::native::Native;
 use crate::site_api::{self, Nonces, Reply};
-use crdt_state::model;
+use crdt_state::fleet::model;
 
 /// Node daemon settings.
 #[derive(Clone, Debug)]
@@ -50,8 +50,8 @@ struct DeviceState {
     error: Option<String>,
     missed_polls: u64,
     /// Latest value (or error) per resource, with its time.
-    latest: BTreeMap<String, (u64, Result<crdt_state::device::Value, String>)>,
-    setpoints: BTreeMap<String, crdt_state::device::SetpointReport>,
+    latest: BTreeMap<String, (u64, Result<crdt_state::fleet::device::Value, String>)>,
+    setpoints: BTreeMap<String, crdt_state::fleet::device::SetpointReport>,
 }
 
 /// The runtime a node uses.
@@ -80,7 +80,7 @@ struct Node {
     /// Device readings for the site API's live stream.
     live: tokio::sync::broadcast::Sender<String>,
     device_state: BTreeMap<String, DeviceState>,
-    pending_readings: Vec<crdt_state::readings::Reading>,
+    pending_readings: Vec<crdt_state::local::readings::Reading>,
     readings_cap: u64,
     readings_dropped: u64,
     /// Site API answers waiting for their writes to be committed.
@@ -254,7 +254,7 @@ impl Node {
     }
 
     /// The devices part of the node's report.
-    fn device_reports(&self) -> BTreeMap<String, crdt_state::device::DeviceReport> {
+    fn device_reports(&self) -> BTreeMap<String, crdt_state::fleet::device::DeviceReport> {
         let mut out = BTreeMap::new();
         for (name, st) in &self.device_state {
             let marked: Vec<String> = self
@@ -283,7 +283,7 @@ impl Node {
                 .collect();
             out.insert(
                 name.clone(),
-                crdt_state::device::DeviceReport {
+                crdt_state::fleet::device::DeviceReport {
                     online: st.online,
                     error: st.error.clone(),
                     values,
@@ -324,11 +324,12 @@ impl Node {
                     if let Ok(val) = &v
                         && let Ok(text) = serde_json::to_vec(val)
                     {
-                        self.pending_readings.push(crdt_state::readings::Reading {
-                            series: format!("{device}/{res}"),
-                            at_ms,
-                            value: text,
-                        });
+                        self.pending_readings
+                            .push(crdt_state::local::readings::Reading {
+                                series: format!("{device}/{res}"),
+                                at_ms,
+                                value: text,
+                            });
                     }
                     if let Err(e) = &v {
                         errors.push(format!("{res}: {e}"));
@@ -366,7 +367,7 @@ impl Node {
                     .unwrap_or_default();
                 let st = self.device_state.entry(device.clone()).or_default();
                 let report = match result {
-                    Ok(v) => crdt_state::device::SetpointReport {
+                    Ok(v) => crdt_state::fleet::device::SetpointReport {
                         desired,
                         applied: true,
                         read_back: serde_json::to_value(v).ok(),
@@ -374,7 +375,7 @@ impl Node {
                     },
                     Err(e) => {
                         tracing::warn!(%device, %resource, error = %e, "setpoint not applied");
-                        crdt_state::device::SetpointReport {
+                        crdt_state::fleet::device::SetpointReport {
                             desired,
                             applied: false,
                             read_back: None,
@@ -486,7 +487,7 @@ impl Node {
                 Err(e) => Reply::error(500, e.to_string()),
             },
             _ => {
-                let bundle = match crdt_state::bundle::Bundle::decode(&req.body) {
+                let bundle = match crdt_state::signed::bundle::Bundle::decode(&req.body) {
                     Ok(b) => b,
                     Err(e) => return Reply::error(400, format!("body: {e}")),
                 };
@@ -626,7 +627,7 @@ fn app_token(dir: &Path) -> anyhow::Result<String> {
     let token = hex::encode(secret);
     // A new owner-only file, synced, then renamed over whatever was there:
     // never a torn token, never a file another user could already read.
-    crdt_state::identity::write_private(&path, token.as_bytes())?;
+    crdt_state::signed::identity::write_private(&path, token.as_bytes())?;
     Ok(token)
 }
 

@@ -105,7 +105,7 @@ pub fn read(
             .map(|e| format!(" ({e})"))
             .unwrap_or_default()
     );
-    out.push_str(&crdt_state::render::table(
+    out.push_str(&daemon::render::table(
         &["RESOURCE", "VALUE", "READ", "ERROR"],
         rows,
     ));
@@ -155,12 +155,12 @@ pub fn write(
     }
     spec["devices"][device]["setpoints"][resource] = v.clone();
     let text = serde_json::to_string(&serde_json::json!({
-        "apiVersion": crdt_state::manifest::API_VERSION,
+        "apiVersion": crdt_state::fleet::manifest::API_VERSION,
         "kind": "SiteOverride",
         "metadata": { "name": site },
         "spec": spec,
     }))?;
-    let manifests = crdt_state::manifest::parse("device write", &text)?;
+    let manifests = crdt_state::fleet::manifest::parse("device write", &text)?;
     crate::site_api::apply(node, identity, &manifests)?;
     let deadline = Instant::now() + wait;
     loop {

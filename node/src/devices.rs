@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use adapters::FieldAdapter;
 use adapters::modbus::{Modbus, Target};
 use adapters::opcua::OpcUa;
-use crdt_state::device::{DeviceProfileSpec, DeviceSpec, Protocol, Value};
-use crdt_state::model::{FleetView, SiteOverrideSpec};
+use crdt_state::fleet::device::{DeviceProfileSpec, DeviceSpec, Protocol, Value};
+use crdt_state::fleet::model::{FleetView, SiteOverrideSpec};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -497,7 +497,7 @@ mod tests {
     use super::*;
     use adapters::modbus::{MAX_REGISTERS, Span};
     use adapters::{DeviceError, Polled, SetpointError, Table};
-    use crdt_state::device::Resource;
+    use crdt_state::fleet::device::Resource;
 
     fn profile(yaml: &str) -> DeviceProfileSpec {
         serde_yaml::from_str(yaml).unwrap()

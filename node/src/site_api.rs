@@ -387,8 +387,8 @@ impl Client {
 pub fn apply(
     node: &str,
     identity_file: &std::path::Path,
-    manifests: &[crdt_state::manifest::Manifest],
-) -> anyhow::Result<Vec<crdt_state::datadir::Applied>> {
+    manifests: &[crdt_state::fleet::manifest::Manifest],
+) -> anyhow::Result<Vec<crdt_state::local::datadir::Applied>> {
     let identity = Identity::read(identity_file)?;
     let site = identity.cert.site.clone().ok_or_else(|| {
         anyhow!(
@@ -407,7 +407,7 @@ pub fn apply(
         dd.import(&bundle)?;
         dd.forward_changes();
         for m in manifests {
-            if m.kind() != crdt_state::model::Kind::SiteOverride || m.name != site {
+            if m.kind() != crdt_state::fleet::model::Kind::SiteOverride || m.name != site {
                 bail!(
                     "{} {}: only the SiteOverride of site {site} can be applied through a node",
                     m.kind().as_str(),
@@ -419,7 +419,7 @@ pub fn apply(
         let docs = dd.take_outbox();
         if !docs.is_empty() {
             let root = dd.trust().root();
-            let out = crdt_state::bundle::Bundle {
+            let out = crdt_state::signed::bundle::Bundle {
                 root: Some(root),
                 certs: Vec::new(),
                 docs,

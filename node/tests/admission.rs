@@ -2,8 +2,8 @@
 //! the key the connection proved, gets in; no bytes make it panic.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use crdt_state::identity::{Certificate, Role, generate_key};
-use crdt_state::verify::Revocation;
+use crdt_state::signed::identity::{Certificate, Role, generate_key};
+use crdt_state::signed::verify::Revocation;
 use crdt_state::{PublicKey, Trust};
 use proptest::prelude::*;
 

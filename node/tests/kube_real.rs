@@ -21,7 +21,7 @@ mod kubetest;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crdt_state::model::WorkloadState;
+use crdt_state::fleet::model::WorkloadState;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kubetest::{CFG, CFG2, CLASS, DEPLOY, HPA_V1, HPA_V2, app, manifests, until};

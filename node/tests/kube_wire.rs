@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Seen};
-use crdt_state::model::{RuntimeKind, WorkloadReport, WorkloadState};
+use crdt_state::fleet::model::{RuntimeKind, WorkloadReport, WorkloadState};
 use kubetest::{CFG, CFG2, DEPLOY, HPA_V1, HPA_V2, app, manifests, until};
 use node::runtime::Runtime;
 use node::runtime::kube::{Kube, Timing};

@@ -7,8 +7,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use crdt_state::model::{AppSpec, HealthCheck, NativeSpec, RestartPolicy, WorkloadState};
-use crdt_state::placement::Workload;
+use crdt_state::fleet::model::{AppSpec, HealthCheck, NativeSpec, RestartPolicy, WorkloadState};
+use crdt_state::fleet::placement::Workload;
 use node::runtime::Runtime;
 use node::runtime::native::Native;
 
@@ -207,7 +207,7 @@ async fn bad_input_is_a_failed_state_not_a_crash() {
     let missing = workload("missing", &["/no/such/program"], &[]);
     let escape = workload("escape", &["/bin/true"], &[("../../etc/evil", "x")]);
     let mut kube = workload("k", &["/bin/true"], &[]);
-    kube.spec.runtime = crdt_state::model::RuntimeKind::Kube;
+    kube.spec.runtime = crdt_state::fleet::model::RuntimeKind::Kube;
     kube.spec.native = None;
     rt.reconcile(&[missing, escape, kube]);
     assert!(

@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use automerge::ChangeHash;
 use automerge::sync::{ChunkList, Message, MessageVersion};
-use crdt_state::doc::signing_message;
-use crdt_state::sync::{Engine, SyncConfig, wants};
-use crdt_state::verify::verify_and_apply;
-use crdt_state::wire::Frame;
+use crdt_state::signed::doc::signing_message;
+use crdt_state::signed::sync::{Engine, SyncConfig, wants};
+use crdt_state::signed::verify::verify_and_apply;
+use crdt_state::signed::wire::Frame;
 use crdt_state::{DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
 use daemon::{Action, Arrival, Core, Now, Settings};
 use ed25519_dalek::SigningKey;

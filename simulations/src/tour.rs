@@ -6,10 +6,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use crdt_state::model::FleetView;
-use crdt_state::placement::share;
-use crdt_state::render::{self, Format};
-use crdt_state::{DataDir, DocId, Error, Role, manifest, model};
+use crdt_state::fleet::model::FleetView;
+use crdt_state::fleet::placement::share;
+use crdt_state::{DataDir, DocId, Error, Role, fleet::manifest, fleet::model};
+use daemon::render::{self, Format};
 
 /// The fleet the tour declares.
 pub const FLEET: &str = r#"apiVersion: shoal.dev/v1

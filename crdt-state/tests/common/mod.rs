@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crdt_state::identity::generate_key;
+use crdt_state::signed::identity::generate_key;
 use crdt_state::{DocId, Document, Identity, PublicKey, Role, SignedChange, Trust};
 
 pub struct Fleet {

@@ -1,6 +1,6 @@
 //! Runtimes: where a node's share of the work runs.
 //!
-//! The daemon computes the node's share (`crdt_state::placement::share`)
+//! The daemon computes the node's share (`crdt_state::fleet::placement::share`)
 //! and hands it to a [`Runtime`] on every change and on a timer; the
 //! runtime makes what runs match and tells how each workload stands. Reports
 //! go into the node's own document only when they change.
@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
-use crdt_state::model::WorkloadReport;
-use crdt_state::placement::Workload;
+use crdt_state::fleet::model::WorkloadReport;
+use crdt_state::fleet::placement::Workload;
 
 /// A place workloads run.
 pub trait Runtime: Send {

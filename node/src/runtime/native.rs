@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-use crdt_state::model::{
+use crdt_state::fleet::model::{
     HealthCheck, NativeSpec, RestartPolicy, RuntimeKind, WorkloadReport, WorkloadState,
 };
-use crdt_state::placement::Workload;
+use crdt_state::fleet::placement::Workload;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crdt_state::model::{AppSpec, KubeSpec, RuntimeKind, WorkloadReport, WorkloadState};
-use crdt_state::placement::Workload;
+use crdt_state::fleet::model::{AppSpec, KubeSpec, RuntimeKind, WorkloadReport, WorkloadState};
+use crdt_state::fleet::placement::Workload;
 use node::runtime::Runtime;
 use node::runtime::kube::Kube;
 

@@ -66,8 +66,8 @@ use std::time::{Duration, SystemTime};
 use tracing::Instrument;
 
 use anyhow::Context;
-use crdt_state::model::WorkloadReport;
-use crdt_state::placement::Workload;
+use crdt_state::fleet::model::WorkloadReport;
+use crdt_state::fleet::placement::Workload;
 use kube::core::ApiResource;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;

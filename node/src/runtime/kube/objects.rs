@@ -97,7 +97,7 @@ pub fn parse(ns: &str, manifests: &str) -> Result<Vec<Manifest>, String> {
         let api_version = field("/apiVersion", "apiVersion")?;
         let kind = field("/kind", "kind")?;
         let name = field("/metadata/name", "metadata.name")?;
-        if let Some((_, msg)) = crdt_state::manifest::kube_object_problem(
+        if let Some((_, msg)) = crdt_state::fleet::manifest::kube_object_problem(
             ns,
             &api_version,
             &kind,

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tracing::Instrument;
 
-use crdt_state::model::{RuntimeKind, WorkloadReport, WorkloadState};
-use crdt_state::placement::Workload;
+use crdt_state::fleet::model::{RuntimeKind, WorkloadReport, WorkloadState};
+use crdt_state::fleet::placement::Workload;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
     ValidationDirective,

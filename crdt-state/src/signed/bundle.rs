@@ -13,9 +13,9 @@
 //! remain before anything is allocated, so a garbage or hostile file costs
 //! at most its own size.
 
-use crate::doc::{DocId, SignedChange};
 use crate::error::{Error, Result};
-use crate::identity::{Certificate, PublicKey};
+use crate::signed::doc::{DocId, SignedChange};
+use crate::signed::identity::{Certificate, PublicKey};
 
 const MAGIC: &[u8; 8] = b"SHOALBDL";
 const VERSION: u8 = 1;

@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 use automerge::ChangeHash;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::doc::{DocId, Document, SignedChange};
 use crate::error::{Error, Result};
-use crate::identity::{Certificate, PublicKey};
+use crate::signed::doc::{DocId, Document, SignedChange};
+use crate::signed::identity::{Certificate, PublicKey};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DOCS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("docs");
@@ -327,9 +327,11 @@ impl Store {
             .at(p)?
         {
             let (_, v) = entry.at(p)?;
-            let c = crate::doc::decode_change(v.value()).map_err(|e| Error::CorruptDocument {
-                doc: key.clone(),
-                reason: format!("stored change: {e}"),
+            let c = crate::signed::doc::decode_change(v.value()).map_err(|e| {
+                Error::CorruptDocument {
+                    doc: key.clone(),
+                    reason: format!("stored change: {e}"),
+                }
             })?;
             changes.push(c);
         }
@@ -547,7 +549,7 @@ impl Store {
     }
 
     /// Every remembered certificate (not re-verified: callers add them to a
-    /// [`crate::verify::Trust`], which does).
+    /// [`crate::signed::verify::Trust`], which does).
     pub fn certs(&self) -> Result<Vec<Certificate>> {
         guarded(&self.path, || self.certs_inner())
     }

@@ -18,7 +18,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::model::{
+use crate::fleet::model::{
     AppSpec, ConfigSpec, Kind, NodeSpec, RuntimeKind, SiteOverrideSpec, validate_name,
 };
 
@@ -66,9 +66,9 @@ pub enum Spec {
     /// A site's overrides.
     SiteOverride(SiteOverrideSpec),
     /// A device profile.
-    DeviceProfile(crate::device::DeviceProfileSpec),
+    DeviceProfile(crate::fleet::device::DeviceProfileSpec),
     /// A device.
-    Device(Box<crate::device::DeviceSpec>),
+    Device(Box<crate::fleet::device::DeviceSpec>),
 }
 
 /// One parsed and validated manifest.
@@ -260,8 +260,8 @@ fn validate(name: &str, spec: &Spec) -> Result<(), Invalid> {
             validate_name("site", &n.site).map_err(|m| ("site".into(), m))?;
             check_labels("labels", &n.labels)
         }
-        Spec::DeviceProfile(p) => crate::device::validate_profile(p),
-        Spec::Device(d) => crate::device::validate_device(d),
+        Spec::DeviceProfile(p) => crate::fleet::device::validate_profile(p),
+        Spec::Device(d) => crate::fleet::device::validate_device(d),
         Spec::SiteOverride(s) => {
             for dev in s.devices.keys() {
                 validate_name("device", dev).map_err(|m| (format!("devices.{dev}"), m))?;

@@ -12,11 +12,11 @@
 //! hashes of the changes the message carries (whether as change chunks or
 //! as a whole document): no hash is repeated, no index is sent. Decoding is
 //! bounded by the frame, which the transport bounds by
-//! [`crate::sync::SyncConfig::max_frame`].
+//! [`crate::signed::sync::SyncConfig::max_frame`].
 
 use automerge::ChangeHash;
 
-use crate::doc::DocId;
+use crate::signed::doc::DocId;
 
 /// One decoded frame.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,9 +13,9 @@ use automerge::{ActorId, Change, ChangeHash};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::doc::{DocId, Document, SignedChange, signing_message};
 use crate::error::{Error, Result};
-use crate::identity::{Certificate, PublicKey};
+use crate::signed::doc::{DocId, Document, SignedChange, signing_message};
+use crate::signed::identity::{Certificate, PublicKey};
 
 /// A revocation, as held in the fleet document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +67,7 @@ impl Trust {
             return Ok(());
         }
         cert.verify(&self.root)?;
-        if cert.role == crate::identity::Role::Node
+        if cert.role == crate::signed::identity::Role::Node
             && let Some(site) = &cert.site
         {
             std::sync::Arc::make_mut(&mut self.node_sites).insert(cert.name.clone(), site.clone());
@@ -384,7 +384,7 @@ pub fn decode(doc: &DocId, incoming: &[SignedChange]) -> Result<Vec<(Change, [u8
         .iter()
         .enumerate()
         .map(|(i, sc)| {
-            crate::doc::decode_change(&sc.bytes)
+            crate::signed::doc::decode_change(&sc.bytes)
                 .map(|c| (c, sc.signature))
                 .map_err(|e| Error::Rejected {
                     doc: doc.to_string(),

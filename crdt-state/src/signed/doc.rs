@@ -17,7 +17,7 @@ use automerge::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::identity::{Identity, PublicKey};
+use crate::signed::identity::{Identity, PublicKey};
 
 /// Domain separator for change signatures.
 const CHANGE_DOMAIN: &[u8] = b"shoal/change/v1\0";
@@ -46,11 +46,11 @@ impl DocId {
         let id = match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some("fleet"), None, None, None) => DocId::Fleet,
             (Some("site"), Some(site), None, None) => {
-                crate::model::validate_name("site", site).map_err(|e| bad(&e))?;
+                crate::fleet::model::validate_name("site", site).map_err(|e| bad(&e))?;
                 DocId::Site(site.to_string())
             }
             (Some("node"), Some(name), Some(epoch), None) => {
-                crate::model::validate_name("node", name).map_err(|e| bad(&e))?;
+                crate::fleet::model::validate_name("node", name).map_err(|e| bad(&e))?;
                 let epoch = epoch.parse().map_err(|_| bad("epoch is not a number"))?;
                 DocId::Node {
                     name: name.to_string(),
@@ -266,8 +266,8 @@ impl Document {
     }
 
     pub(crate) fn set_pending(&mut self, mut pending: Vec<(Change, [u8; 64])>) {
-        if pending.len() > crate::verify::MAX_PENDING {
-            let excess = pending.len() - crate::verify::MAX_PENDING;
+        if pending.len() > crate::signed::verify::MAX_PENDING {
+            let excess = pending.len() - crate::signed::verify::MAX_PENDING;
             tracing::warn!(doc = %self.id, dropped = excess, "too many changes wait for dependencies");
             pending.drain(..excess);
         }

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::doc::Document;
+use crate::signed::doc::Document;
 
 /// Checks a DNS-label style name: 1–63 of `a-z 0-9 -`, starting and ending
 /// with a letter or digit.
@@ -303,7 +303,7 @@ pub struct SiteOverrideSpec {
     pub configs: BTreeMap<String, ConfigOverride>,
     /// Per device: setpoints.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub devices: BTreeMap<String, crate::device::DeviceOverride>,
+    pub devices: BTreeMap<String, crate::fleet::device::DeviceOverride>,
 }
 
 /// Where a workload stands on its node.
@@ -365,7 +365,7 @@ pub struct NodeReport {
     pub peers: Vec<String>,
     /// Its devices.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub devices: BTreeMap<String, crate::device::DeviceReport>,
+    pub devices: BTreeMap<String, crate::fleet::device::DeviceReport>,
 }
 
 impl NodeReport {
@@ -484,10 +484,10 @@ pub struct FleetView {
     pub nodes: BTreeMap<String, NodeSpec>,
     /// Device profiles by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub profiles: BTreeMap<String, crate::device::DeviceProfileSpec>,
+    pub profiles: BTreeMap<String, crate::fleet::device::DeviceProfileSpec>,
     /// Devices by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub devices: BTreeMap<String, crate::device::DeviceSpec>,
+    pub devices: BTreeMap<String, crate::fleet::device::DeviceSpec>,
 }
 
 impl FleetView {
@@ -549,10 +549,10 @@ mod tests {
 
     #[test]
     fn node_reports_write_only_what_changed() -> anyhow::Result<()> {
-        use crate::identity::{Identity, Role, generate_key};
+        use crate::signed::identity::{Identity, Role, generate_key};
         let root = generate_key()?;
         let me = Identity::issue(&root, generate_key()?, "n1", Role::Node, Some("a"), 0)?;
-        let mut doc = Document::new(crate::doc::DocId::Node {
+        let mut doc = Document::new(crate::signed::doc::DocId::Node {
             name: "n1".into(),
             epoch: 0,
         });

@@ -24,11 +24,11 @@ use automerge::sync::{ChunkList, Message, MessageVersion, State, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash};
 use sha2::{Digest, Sha256};
 
-use crate::doc::{DocId, Document, SignedChange, decode_change};
 use crate::error::{Error, Result};
-use crate::identity::{Certificate, Identity, PublicKey, Role};
-use crate::verify::{Trust, verify_and_apply_decoded};
-use crate::wire::Frame;
+use crate::signed::doc::{DocId, Document, SignedChange, decode_change};
+use crate::signed::identity::{Certificate, Identity, PublicKey, Role};
+use crate::signed::verify::{Trust, verify_and_apply_decoded};
+use crate::signed::wire::Frame;
 
 /// Engine settings.
 #[derive(Clone, Debug)]
@@ -283,7 +283,7 @@ impl Engine {
     /// field engineer's laptop through the site API) and sends them on.
     /// Returns whether anything was new; a bad change refuses them all.
     pub fn submit(&mut self, id: DocId, changes: Vec<SignedChange>) -> Result<bool> {
-        let decoded = crate::verify::decode(&id, &changes)?;
+        let decoded = crate::signed::verify::decode(&id, &changes)?;
         let new = self.ingest(&id, decoded)?;
         if new {
             self.changed(&id, None);

@@ -167,9 +167,9 @@ impl Certificate {
         site: Option<&str>,
         issued_at: i64,
     ) -> Result<Self> {
-        crate::model::validate_name("name", name).map_err(Error::Identity)?;
+        crate::fleet::model::validate_name("name", name).map_err(Error::Identity)?;
         if let Some(site) = site {
-            crate::model::validate_name("site", site).map_err(Error::Identity)?;
+            crate::fleet::model::validate_name("site", site).map_err(Error::Identity)?;
         }
         if matches!(role, Role::SiteEngineer | Role::Node) && site.is_none() {
             return Err(Error::Identity(format!(
@@ -235,8 +235,8 @@ impl Certificate {
     }
 
     /// Whether this certificate lets its key write document `doc`.
-    pub fn may_write(&self, doc: &crate::doc::DocId) -> bool {
-        use crate::doc::DocId;
+    pub fn may_write(&self, doc: &crate::signed::doc::DocId) -> bool {
+        use crate::signed::doc::DocId;
         match (doc, self.role) {
             (DocId::Fleet, Role::Operator | Role::Anchor) => true,
             (DocId::Site(_), Role::Operator | Role::Anchor) => true,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{AppSpec, FleetView, NodeSpec, RuntimeKind, SiteOverrideSpec};
+use crate::fleet::model::{AppSpec, FleetView, NodeSpec, RuntimeKind, SiteOverrideSpec};
 
 /// One workload a node should run: the app with its site's overrides and
 /// its config files resolved.
@@ -123,7 +123,7 @@ pub fn share(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AppOverride, ConfigOverride, ConfigSpec, FileSource, NativeSpec};
+    use crate::fleet::model::{AppOverride, ConfigOverride, ConfigSpec, FileSource, NativeSpec};
 
     fn fleet(nodes: usize, replicas: Option<u32>) -> FleetView {
         let mut f = FleetView::default();

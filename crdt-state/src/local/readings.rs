@@ -15,7 +15,7 @@
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::local::store::Store;
 
 const READINGS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("readings");
 const ORDER: TableDefinition<u64, (&str, u64)> = TableDefinition::new("readings_order");
@@ -181,7 +181,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreConfig;
+    use crate::local::store::StoreConfig;
 
     fn r(series: &str, at: u64, v: f64) -> Reading {
         Reading {

@@ -311,7 +311,7 @@ pub fn validate_profile(p: &DeviceProfileSpec) -> Result<(), Invalid> {
     let mut seen = std::collections::BTreeSet::new();
     for (i, r) in p.resources.iter().enumerate() {
         let at = |f: &str| format!("resources[{i}].{f}");
-        crate::model::validate_name("resource", &r.name).map_err(|m| (at("name"), m))?;
+        crate::fleet::model::validate_name("resource", &r.name).map_err(|m| (at("name"), m))?;
         if !seen.insert(r.name.as_str()) {
             return Err((
                 at("name"),
@@ -408,8 +408,8 @@ fn table_name(t: Table) -> &'static str {
 
 /// Checks a device on its own (the profile is checked where both are known).
 pub fn validate_device(d: &DeviceSpec) -> Result<(), Invalid> {
-    crate::model::validate_name("profile", &d.profile).map_err(|m| ("profile".into(), m))?;
-    crate::model::validate_name("node", &d.node).map_err(|m| ("node".into(), m))?;
+    crate::fleet::model::validate_name("profile", &d.profile).map_err(|m| ("profile".into(), m))?;
+    crate::fleet::model::validate_name("node", &d.node).map_err(|m| ("node".into(), m))?;
     let (need, have) = match d.protocol {
         Protocol::ModbusTcp => ("tcp", d.tcp.is_some()),
         Protocol::ModbusRtu => ("rtu", d.rtu.is_some()),

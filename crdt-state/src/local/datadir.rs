@@ -14,16 +14,16 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::bundle::Bundle;
-use crate::doc::{DocId, Document, SignedChange};
 use crate::error::{Error, Result};
-use crate::identity::{
+use crate::fleet::manifest::{Manifest, Spec};
+use crate::fleet::model::{self, FleetView, Kind, flatten};
+use crate::local::store::{Store, StoreConfig};
+use crate::signed::bundle::Bundle;
+use crate::signed::doc::{DocId, Document, SignedChange};
+use crate::signed::identity::{
     Certificate, Identity, PublicKey, Role, generate_key, parse_secret, write_private,
 };
-use crate::manifest::{Manifest, Spec};
-use crate::model::{self, FleetView, Kind, flatten};
-use crate::store::{Store, StoreConfig};
-use crate::verify::{Revocation, Trust, verify_and_apply};
+use crate::signed::verify::{Revocation, Trust, verify_and_apply};
 
 /// Name of the store file in a data dir.
 pub const STORE_FILE: &str = "store.redb";

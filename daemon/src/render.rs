@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::datadir::{Applied, Conflict};
-use crate::model::FleetView;
+use crdt_state::fleet::model::FleetView;
+use crdt_state::local::datadir::{Applied, Conflict};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -202,13 +202,13 @@ pub struct Contact {
 #[derive(Serialize)]
 struct NodeRow<'a> {
     #[serde(flatten)]
-    spec: &'a crate::model::NodeSpec,
+    spec: &'a crdt_state::fleet::model::NodeSpec,
     #[serde(skip_serializing_if = "Option::is_none")]
     connected: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_contact: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    report: Option<&'a crate::model::NodeReport>,
+    report: Option<&'a crdt_state::fleet::model::NodeReport>,
 }
 
 /// `shoal get nodes`, with connection columns when a daemon answers
@@ -217,7 +217,7 @@ pub fn nodes_with_contacts(
     format: Format,
     fleet: &FleetView,
     contacts: Option<&std::collections::BTreeMap<String, Contact>>,
-    reports: &std::collections::BTreeMap<String, crate::model::NodeReport>,
+    reports: &std::collections::BTreeMap<String, crdt_state::fleet::model::NodeReport>,
     now: i64,
 ) -> String {
     let none = Contact::default();
@@ -329,7 +329,7 @@ pub fn applied(format: Format, applied: &[Applied]) -> String {
 /// `shoal get sites`: each site's overrides.
 pub fn sites(
     format: Format,
-    sites: &std::collections::BTreeMap<String, crate::model::SiteOverrideSpec>,
+    sites: &std::collections::BTreeMap<String, crdt_state::fleet::model::SiteOverrideSpec>,
 ) -> String {
     let rows = sites
         .iter()
