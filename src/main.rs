@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 
 use crdt_state::{DataDir, Role, fleet::manifest};
-use daemon::control::{self, Request};
+use daemon::command::Command as Verb;
+use daemon::control;
 use daemon::render::Format;
 use node::daemon::RuntimeChoice;
 
@@ -513,7 +514,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
 
 /// Runs a data-dir verb (through the daemon's socket if one holds the dir)
 /// and prints its output.
-fn verb(dir: &Path, identity: Option<&Path>, req: Request) -> anyhow::Result<control::Reply> {
+fn verb(dir: &Path, identity: Option<&Path>, req: Verb) -> anyhow::Result<control::Reply> {
     let reply = control::run(dir, identity, req)?;
     if let Some(e) = reply.error {
         anyhow::bail!(e);
@@ -673,10 +674,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", c.apply(&texts, &output.to_string())?);
                 return Ok(());
             }
-            let req = Request::Apply {
+            let req = Verb::Apply {
                 files: texts,
                 identity: identity_text(identity.as_deref())?,
-                output: output.to_string(),
+                output: Some(output.to_string()),
             };
             verb(target.dir()?, identity.as_deref(), req)?;
         }
@@ -695,10 +696,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", c.delete(&kind, &name)?);
                 return Ok(());
             }
-            let req = Request::Delete {
+            let req = Verb::Delete {
                 kind,
                 name,
                 identity: identity_text(identity.as_deref())?,
+                output: Some("table".into()),
             };
             verb(target.dir()?, identity.as_deref(), req)?;
         }
@@ -711,7 +713,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", c.get(&what, &output.to_string())?);
                 return Ok(());
             }
-            let req = Request::Get {
+            let req = Verb::Get {
                 what,
                 output: output.to_string(),
             };
@@ -806,7 +808,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Fleet(FleetCmd::Token(TokenCmd::Create { dir, node, ttl })) => {
-            let req = Request::TokenCreate(daemon::enroll::TokenRequest {
+            let req = Verb::TokenCreate(daemon::enroll::TokenRequest {
                 node: node.node.clone(),
                 site: node.site.clone(),
                 labels: node.labels()?,
@@ -925,7 +927,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Identity(IdentityCmd::Revoke { dir, who, reason }) => {
-            verb(&dir.data_dir, None, Request::Revoke { who, reason })?;
+            verb(&dir.data_dir, None, Verb::Revoke { who, reason })?;
         }
         Command::Identity(IdentityCmd::Show { dir }) => {
             let dd = DataDir::open(&dir.data_dir, None)?;
@@ -936,7 +938,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&cert)?);
         }
         Command::Bundle(BundleCmd::Export { dir, out }) => {
-            let reply = verb(&dir.data_dir, None, Request::BundleExport)?;
+            let reply = verb(&dir.data_dir, None, Verb::Export { only: None })?;
             let bytes = hex::decode(reply.data.unwrap_or_default())
                 .map_err(|_| anyhow::anyhow!("bundle bytes damaged in transit"))?;
             std::fs::write(&out, &bytes).with_context(|| format!("{}", out.display()))?;
@@ -1020,7 +1022,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             verb(
                 &dir.data_dir,
                 None,
-                Request::BundleImport(hex::encode(bytes)),
+                Verb::Import {
+                    bundle: bytes,
+                    output: Some("table".into()),
+                },
             )?;
         }
     }

@@ -24,8 +24,9 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crdt_state::fleet::manifest::{self, Manifest};
+use crdt_state::fleet::manifest;
 use crdt_state::fleet::model::Kind;
+use daemon::command::{Answer, Caller, Command, Incoming, Refusal};
 use daemon::render::{self, Format};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -33,63 +34,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::tokens::Tokens;
 use crate::view::{NodeState, Snapshot};
-
-/// A write (or a rendering the CLI prints) for the daemon to carry out.
-#[derive(Debug)]
-pub enum Command {
-    /// Apply manifests (already parsed and validated).
-    Apply {
-        /// The manifests.
-        manifests: Vec<Manifest>,
-        /// The operator.
-        user: String,
-        /// Answer as text in this format (the CLI), else JSON.
-        output: Option<Format>,
-    },
-    /// Delete an entity or a site's overrides.
-    Delete {
-        /// Kind.
-        kind: Kind,
-        /// Name.
-        name: String,
-        /// The operator.
-        user: String,
-    },
-    /// Resolve a conflict: write `value` over the concurrent values.
-    Resolve {
-        /// The document (`fleet`, `site/<name>`).
-        doc: String,
-        /// The field.
-        field: String,
-        /// The value chosen (JSON).
-        value: Value,
-        /// The operator.
-        user: String,
-    },
-    /// `shoal get WHAT -o FORMAT` against the anchor.
-    Get {
-        /// apps, configs, nodes, sites, conflicts.
-        what: String,
-        /// Format.
-        output: Format,
-    },
-    /// A refused API request, for the security log.
-    Security {
-        /// Who.
-        source: String,
-        /// What.
-        reason: String,
-    },
-}
-
-/// What a command answers.
-#[derive(Debug)]
-pub enum Answer {
-    /// Text for the CLI.
-    Text(String),
-    /// JSON.
-    Json(Value),
-}
 
 /// A failed request: status and words naming what was wrong.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -121,15 +65,24 @@ impl ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        ApiError {
+            status: r.status,
+            error: r.error,
+            file: r.file,
+            document: r.document,
+            field: r.field,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(self)).into_response()
     }
 }
-
-/// A command with the channel for its answer.
-pub type Incoming = (Command, oneshot::Sender<Result<Answer, ApiError>>);
 
 /// What the demo lets the UI do (only `shoal demo` provides it).
 pub trait Demo: Send + Sync {
@@ -146,7 +99,7 @@ pub trait Demo: Send + Sync {
 pub struct Server {
     /// Snapshots from the daemon.
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    /// Commands to the daemon.
+    /// Commands to the daemon (its one command surface).
     pub commands: mpsc::Sender<Incoming>,
     /// Operator tokens.
     pub tokens: Tokens,
@@ -382,6 +335,7 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
                 Some(_) => "unknown, revoked or expired operator token".to_string(),
             };
             let _ = s.commands.try_send((
+                Caller::Surface("HTTP API".into()),
                 Command::Security {
                     source: "HTTP API".into(),
                     reason: format!("{} {}: {reason}", req.method(), req.uri().path()),
@@ -403,14 +357,16 @@ fn user(req_ext: &axum::http::Extensions) -> String {
         .unwrap_or_default()
 }
 
-async fn call(s: &Server, cmd: Command) -> Result<Answer, ApiError> {
+/// Sends a command to the daemon's one command surface as operator `user`.
+async fn call(s: &Server, user: String, cmd: Command) -> Result<Answer, ApiError> {
     let (tx, rx) = oneshot::channel();
     s.commands
-        .send((cmd, tx))
+        .send((Caller::Operator(user), cmd, tx))
         .await
         .map_err(|_| ApiError::new(503, "the anchor is stopping"))?;
     rx.await
         .map_err(|_| ApiError::new(503, "the anchor is stopping"))?
+        .map_err(ApiError::from)
 }
 
 fn answer(a: Answer) -> Response {
@@ -419,6 +375,10 @@ fn answer(a: Answer) -> Response {
             ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], t).into_response()
         }
         Answer::Json(v) => axum::Json(v).into_response(),
+        Answer::Bytes(b) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response()
+        }
+        Answer::Read(_) => ApiError::new(500, "internal: a store read was not run").into_response(),
     }
 }
 
@@ -469,6 +429,7 @@ async fn login(State(s): State<Shared>, bytes: Bytes) -> Response {
         }
         None => {
             let _ = s.commands.try_send((
+                Caller::Surface("HTTP API".into()),
                 Command::Security {
                     source: "HTTP API".into(),
                     reason: "login with an unknown, revoked or expired operator token".into(),
@@ -755,10 +716,12 @@ async fn delete_entity(State(s): State<Shared>, req: Request) -> Response {
     let name = percent_decode(name);
     match call(
         &s,
+        who,
         Command::Delete {
-            kind,
+            kind: kind.as_str().to_string(),
             name,
-            user: who,
+            identity: None,
+            output: None,
         },
     )
     .await
@@ -870,12 +833,14 @@ async fn apply(
             .collect();
         return axum::Json(json!({ "valid": names })).into_response();
     }
+    let files = req.files.into_iter().map(|f| (f.name, f.text)).collect();
     match call(
         &s,
+        req_ext.0.0,
         Command::Apply {
-            manifests,
-            user: req_ext.0.0,
-            output,
+            files,
+            identity: None,
+            output: output.map(|f| f.to_string()),
         },
     )
     .await
@@ -928,11 +893,11 @@ async fn resolve(
     }
     match call(
         &s,
+        req_ext.0.0,
         Command::Resolve {
             doc: r.doc,
             field: r.field,
             value: r.value,
-            user: req_ext.0.0,
         },
     )
     .await
@@ -1020,6 +985,7 @@ async fn events(State(s): State<Shared>) -> Response {
 
 async fn cli_get(
     State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
     Path(what): Path<String>,
     Query(q): Query<OutputQuery>,
 ) -> Response {
@@ -1043,7 +1009,8 @@ async fn cli_get(
     if let Some(t) = text {
         return answer(Answer::Text(t));
     }
-    match call(&s, Command::Get { what, output }).await {
+    let output = output.to_string();
+    match call(&s, req_ext.0.0, Command::Get { what, output }).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
     }
@@ -1266,7 +1233,12 @@ mod tests {
             };
             let r = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                cli_get(State(shared.clone()), Path(what.to_string()), Query(q)),
+                cli_get(
+                    State(shared.clone()),
+                    axum::Extension(Operator("op".into())),
+                    Path(what.to_string()),
+                    Query(q),
+                ),
             )
             .await
             .unwrap_or_else(|_| panic!("get {what} waited for the loop"));

@@ -14,10 +14,11 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use crdt_state::fleet::model::FleetView;
 use crdt_state::{DataDir, DocId, Identity, Role};
+use daemon::command;
 use daemon::driver::{AfterCommit, Base, Input, MeshOptions, Request, unix_now as now};
 use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
 use daemon::{Action, Settings};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::{Snapshot, View};
 
@@ -56,8 +57,8 @@ pub fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
 
 struct Anchor {
     base: Base,
-    /// Operator API answers waiting for their writes to be committed.
-    answers: AfterCommit<Result<crate::Answer, crate::ApiError>>,
+    /// Enrollment answers waiting for the node's certificate to be committed.
+    enrollments: AfterCommit<Vec<u8>>,
     /// The operator API's read model (when serving HTTP).
     view: Option<View>,
     snapshots: Option<watch::Sender<Arc<Snapshot>>>,
@@ -70,7 +71,6 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let data_dir = opts.mesh.data_dir.clone();
     let mut dd = DataDir::open(&data_dir, None)?;
-    dd.forward_changes();
     let me = anchor_identity(&mut dd)?;
     let settings = Settings {
         timeline: opts.http.is_some(),
@@ -84,11 +84,10 @@ pub async fn run(
     let base = Base::open(dd, me, settings, &opts.mesh, role).await?;
     let mut a = Anchor {
         base,
-        answers: AfterCommit::default(),
+        enrollments: AfterCommit::default(),
         view: None,
         snapshots: None,
     };
-    let (api_tx, mut api_rx) = mpsc::channel::<crate::Incoming>(64);
     if let Some(addr) = opts.http {
         let mut view = View::new(&a.base.core.me().cert.name);
         let first = {
@@ -107,7 +106,7 @@ pub async fn run(
             addr,
             crate::Server {
                 snapshot: rx,
-                commands: api_tx,
+                commands: a.base.commands(),
                 tokens: crate::tokens::Tokens::new(&data_dir),
                 demo: opts.demo.clone(),
             },
@@ -124,20 +123,16 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            input = a.base.recv() => {
-                if matches!(input, Input::Closed) {
-                    break;
+            input = a.base.recv() => match input {
+                Input::Closed => break,
+                // The control socket's and the operator API's commands.
+                Input::Command(c) => command::dispatch(&mut a, c),
+                other => {
+                    if let Some(req) = a.base.handle(other) {
+                        a.on_request(req);
+                    }
                 }
-                if let Some(req) = a.base.handle(input) {
-                    a.on_request(req);
-                }
-            }
-            Some((cmd, reply)) = api_rx.recv() => {
-                let r = a.on_api(cmd);
-                // Read your writes: the answer leaves once the edit is
-                // committed and a snapshot that holds it is published.
-                a.answers.hold(&a.base.core, reply, r);
-            }
+            },
             _ = tick.tick() => a.base.tick(),
             _ = &mut shutdown => break,
         }
@@ -149,13 +144,51 @@ pub async fn run(
     Ok(())
 }
 
+impl command::Host for Anchor {
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
+    }
+
+    /// From memory: loading 10,000 node documents from the store would
+    /// take seconds.
+    fn nodes(&mut self, output: daemon::render::Format) -> Option<String> {
+        let view = self.view.as_ref()?;
+        let fleet = self
+            .base
+            .core
+            .doc(&DocId::Fleet)
+            .map(FleetView::read)
+            .unwrap_or_default();
+        Some(daemon::render::nodes_with_contacts(
+            output,
+            &fleet,
+            Some(self.base.core.contacts()),
+            view.reports(),
+            now(),
+        ))
+    }
+
+    fn event(&mut self, kind: &str, subject: &str, text: String) {
+        if let Some(v) = self.view.as_mut() {
+            v.event(now(), kind, subject, text);
+        }
+    }
+
+    fn security(&mut self, who: &str, reason: &str) {
+        if let Some(v) = self.view.as_mut() {
+            v.security(now(), who, reason);
+        }
+    }
+}
+
 impl Anchor {
-    /// Sends the API answers whose writes are committed, after publishing
-    /// a snapshot that holds them.
+    /// Sends the answers whose writes are committed, after publishing a
+    /// snapshot that holds them (read your writes).
     fn answer(&mut self) {
-        if self.answers.any_ready(&self.base.core) {
+        if self.base.answers_ready() || self.enrollments.any_ready(&self.base.core) {
             self.publish_with(true);
-            self.answers.release(&self.base.core);
+            self.base.release_answers();
+            self.enrollments.release(&self.base.core);
         }
     }
 
@@ -185,7 +218,7 @@ impl Anchor {
     }
 
     /// A request on `/shoal/enroll/1`: a node with a token asks for its
-    /// certificate.
+    /// certificate. Answered once the certificate is committed.
     fn on_request(&mut self, req: Request) {
         let Request {
             peer,
@@ -197,7 +230,7 @@ impl Anchor {
         if protocol != mesh::ENROLL {
             return;
         }
-        let answer = enroll::handle(&mut self.base.dd, &bytes, now());
+        let answer = self.base.enroll(&bytes);
         match &answer {
             enroll::EnrollResponse::Certified(c) => {
                 tracing::info!(%peer, %addr, node = %c.name, "node enrolled");
@@ -221,8 +254,8 @@ impl Anchor {
                 }
             }
         }
-        self.base.forward_local();
-        let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
+        let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+        self.enrollments.hold(&self.base.core, reply, bytes);
     }
 
     /// Publishes a new snapshot to the HTTP API when something changed
@@ -247,159 +280,5 @@ impl Anchor {
         ) {
             let _ = tx.send(snap);
         }
-    }
-
-    /// One operator API command.
-    fn on_api(&mut self, cmd: crate::Command) -> Result<crate::Answer, crate::ApiError> {
-        use crate::{Answer, ApiError, Command};
-        let status = |e: &crdt_state::Error| match e {
-            crdt_state::Error::NotAllowed(_) => 403,
-            crdt_state::Error::NotFound(_) => 404,
-            _ => 500,
-        };
-        let result = match cmd {
-            Command::Security { source, reason } => {
-                tracing::warn!(%source, %reason, "API request refused");
-                if let Some(v) = self.view.as_mut() {
-                    v.security(now(), &source, &reason);
-                }
-                return Ok(Answer::Json(serde_json::json!({})));
-            }
-            Command::Get { what, output }
-                if matches!(what.as_str(), "nodes" | "node") && self.view.is_some() =>
-            {
-                // From memory: loading 10,000 node documents from the store
-                // would hold up the loop.
-                let fleet = self
-                    .base
-                    .core
-                    .doc(&DocId::Fleet)
-                    .map(FleetView::read)
-                    .unwrap_or_default();
-                let empty = std::collections::BTreeMap::new();
-                let reports = self.view.as_ref().map(|v| v.reports()).unwrap_or(&empty);
-                return Ok(Answer::Text(daemon::render::nodes_with_contacts(
-                    output,
-                    &fleet,
-                    Some(self.base.core.contacts()),
-                    reports,
-                    now(),
-                )));
-            }
-            Command::Get { what, output } => {
-                let live = self.base.live();
-                let r = daemon::control::execute(
-                    &mut self.base.dd,
-                    daemon::control::Request::Get {
-                        what,
-                        output: output.to_string(),
-                    },
-                    &live,
-                );
-                return match r.error {
-                    Some(e) => Err(ApiError::new(400, e)),
-                    None => Ok(Answer::Text(r.stdout)),
-                };
-            }
-            Command::Apply {
-                manifests,
-                user,
-                output,
-            } => {
-                let message = format!("{user} through the anchor API");
-                let r = self
-                    .base
-                    .identity()
-                    .and_then(|me| self.base.apply(&manifests, &me, Some(&message)));
-                match r {
-                    Ok(applied) => {
-                        if let Some(v) = self.view.as_mut() {
-                            for a in applied.iter().filter(|a| a.fields > 0) {
-                                v.event(
-                                    now(),
-                                    "edit",
-                                    &a.doc,
-                                    format!(
-                                        "{user} applied {}/{} ({} fields)",
-                                        a.kind.as_str().to_lowercase(),
-                                        a.name,
-                                        a.fields
-                                    ),
-                                );
-                            }
-                        }
-                        Ok(match output {
-                            Some(f) => Answer::Text(daemon::render::applied(f, &applied)),
-                            None => Answer::Json(
-                                serde_json::json!({ "applied": serde_json::to_value(&applied).unwrap_or_default() }),
-                            ),
-                        })
-                    }
-                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
-                }
-            }
-            Command::Delete { kind, name, user } => {
-                let message = format!("{user} through the anchor API");
-                let r = self
-                    .base
-                    .identity()
-                    .and_then(|me| self.base.delete(kind, &name, &me, Some(&message)));
-                match r {
-                    Ok(n) => {
-                        let what = format!("{}/{name}", kind.as_str().to_lowercase());
-                        if let Some(v) = self.view.as_mut() {
-                            v.event(now(), "edit", &what, format!("{user} deleted {what}"));
-                        }
-                        Ok(Answer::Json(
-                            serde_json::json!({ "deleted": what, "fields": n }),
-                        ))
-                    }
-                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
-                }
-            }
-            Command::Resolve {
-                doc,
-                field,
-                value,
-                user,
-            } => {
-                let id = match DocId::parse(&doc) {
-                    Ok(DocId::Node { .. }) => {
-                        return Err(ApiError::new(
-                            403,
-                            "node documents are their node's to write",
-                        ));
-                    }
-                    Ok(id) => id,
-                    Err(e) => return Err(ApiError::new(400, format!("doc: {e}"))),
-                };
-                let ops = [(field.clone(), Some(value.to_string()))]
-                    .into_iter()
-                    .collect();
-                let message = format!("{user} resolved a conflict through the anchor API");
-                let r = self
-                    .base
-                    .identity()
-                    .and_then(|me| self.base.write(&id, &ops, &me, Some(&message)));
-                match r {
-                    Ok(_) => {
-                        if let Some(v) = self.view.as_mut() {
-                            v.event(
-                                now(),
-                                "edit",
-                                &doc,
-                                format!("{user} resolved {field} in {doc}: {value} kept"),
-                            );
-                        }
-                        Ok(Answer::Json(
-                            serde_json::json!({ "resolved": field, "value": value }),
-                        ))
-                    }
-                    Err(e) => Err(ApiError::new(status(&e), e.to_string())),
-                }
-            }
-        };
-        self.base.forward_local();
-        result
     }
 }

@@ -4,7 +4,7 @@
 //!   shared driver and core in the `daemon` crate: it holds every document,
 //!   answers enrollment, serves circuit relay, owns a [`view::View`] and
 //!   publishes [`view::Snapshot`]s that [`api`] serves, and carries out the
-//!   [`api::Command`]s the API sends it.
+//!   commands the API sends it (`daemon::command`).
 //! - [`api`]: the operator HTTP API, the web UI and metrics.
 //! - [`view`]: the read model the API answers from.
 //! - [`tokens`]: operator tokens.
@@ -20,5 +20,5 @@ pub mod replica;
 pub mod tokens;
 pub mod view;
 
-pub use api::{Answer, ApiError, Command, Demo, Incoming, Server};
+pub use api::{ApiError, Demo, Server};
 pub use view::{Snapshot, View};

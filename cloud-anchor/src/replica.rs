@@ -50,7 +50,11 @@ pub fn seed(data_dir: &Path, out: &Path) -> anyhow::Result<()> {
     if crdt_state::PublicKey(root.verifying_key().to_bytes()) != identity.cert.issuer {
         bail!("{}: the root key is not the fleet's", data_dir.display());
     }
-    let reply = daemon::control::run(data_dir, None, daemon::control::Request::BundleExport)?;
+    let reply = daemon::control::run(
+        data_dir,
+        None,
+        daemon::command::Command::Export { only: None },
+    )?;
     if let Some(e) = reply.error {
         bail!(e);
     }

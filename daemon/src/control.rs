@@ -1,75 +1,33 @@
-//! The CLI verbs that work on a data dir, and the local control socket
-//! through which they reach a daemon that holds that data dir.
+//! The CLI's way to a data dir: the local control socket through which a
+//! [`Command`] reaches the daemon that holds the data dir, and, when no
+//! daemon holds it, [`execute`] on the data dir in the CLI process.
 //!
-//! The same [`execute`] runs either in the CLI process (nothing holds the
-//! data dir) or inside the daemon (the CLI sent the request over
-//! `<data-dir>/control.sock`, owner-only), so the output is the same
-//! either way. Files named on the command line are read by the CLI and
-//! sent as content; a bundle to export comes back as bytes.
+//! Through the socket (`<data-dir>/control.sock`, owner-only) a command is
+//! one of the daemon's commands from [`Caller::Owner`], handled by
+//! [`crate::command::handle`] like those of the operator and site APIs.
+//! Without a daemon the same verbs run on the data dir's own write path,
+//! and print the same output. Files named on the command line are read by
+//! the CLI and sent as content; a bundle to export comes back as bytes.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use tokio::io::AsyncReadExt as _;
 use tracing::Instrument;
 
-use crate::render::{self, Contact, Format};
-use anyhow::{Context, anyhow, bail};
-use crdt_state::fleet::model::Kind;
-use crdt_state::{DataDir, Identity, fleet::manifest};
+use anyhow::{Context, bail};
+use crdt_state::{DataDir, DocId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::enroll::{self, TokenRequest};
+use crate::command::{self, Answer, Caller, Command, Incoming, Refusal};
+use crate::enroll;
+use crate::render;
 
 /// The socket's file name in the data dir.
 pub const SOCKET_FILE: &str = "control.sock";
 /// Largest request line (a bundle to import travels as hex).
 pub const MAX_REQUEST: usize = 256 << 20;
 
-/// A verb.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Request {
-    /// `shoal apply`: (label, text) of each file.
-    Apply {
-        /// The files.
-        files: Vec<(String, String)>,
-        /// An identity file's content to sign with.
-        identity: Option<String>,
-        /// Output format.
-        output: String,
-    },
-    /// `shoal delete`.
-    Delete {
-        /// Kind.
-        kind: String,
-        /// Name.
-        name: String,
-        /// An identity file's content to sign with.
-        identity: Option<String>,
-    },
-    /// `shoal get`.
-    Get {
-        /// apps, configs, nodes or conflicts.
-        what: String,
-        /// Output format.
-        output: String,
-    },
-    /// `shoal identity revoke`.
-    Revoke {
-        /// Name or key.
-        who: String,
-        /// Why.
-        reason: String,
-    },
-    /// `shoal fleet token create`.
-    TokenCreate(TokenRequest),
-    /// `shoal bundle export`.
-    BundleExport,
-    /// `shoal bundle import` (hex bytes).
-    BundleImport(String),
-}
-
-/// The answer.
+/// The answer, as it travels back over the socket.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Reply {
     /// Printed on standard output.
@@ -80,13 +38,31 @@ pub struct Reply {
     pub error: Option<String>,
 }
 
-/// What only a running daemon knows.
-#[derive(Clone, Debug, Default)]
-pub struct Live {
-    /// Contacts per node name.
-    pub contacts: Option<BTreeMap<String, Contact>>,
-    /// Our listen addresses (for tokens).
-    pub addrs: Vec<String>,
+impl From<Result<Answer, Refusal>> for Reply {
+    fn from(r: Result<Answer, Refusal>) -> Reply {
+        match r {
+            Ok(Answer::Text(stdout)) => Reply {
+                stdout,
+                ..Reply::default()
+            },
+            Ok(Answer::Json(v)) => Reply {
+                stdout: format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                ..Reply::default()
+            },
+            Ok(Answer::Bytes(b)) => Reply {
+                data: Some(hex::encode(b)),
+                ..Reply::default()
+            },
+            Ok(Answer::Read(_)) => Reply {
+                error: Some("internal: a store read was not run".into()),
+                ..Reply::default()
+            },
+            Err(e) => Reply {
+                error: Some(e.error.replace('\n', " ")),
+                ..Reply::default()
+            },
+        }
+    }
 }
 
 fn now() -> i64 {
@@ -96,169 +72,107 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn parse_identity(text: &str) -> anyhow::Result<Identity> {
-    Ok(Identity::from_json("--identity", text.as_bytes())?)
-}
-
-/// The manifests of `shoal apply`'s files (label, text).
-pub(crate) fn manifests(files: &[(String, String)]) -> anyhow::Result<Vec<manifest::Manifest>> {
-    let mut out = Vec::new();
-    for (label, text) in files {
-        out.extend(manifest::parse(label, text)?);
-    }
-    Ok(out)
-}
-
-/// An output format named on the command line.
-pub(crate) fn format(output: &str) -> anyhow::Result<Format> {
-    output.parse().map_err(|e: String| anyhow!(e))
-}
-
-/// The kind `shoal delete` names.
-pub(crate) fn kind_of(kind: &str) -> anyhow::Result<Kind> {
-    Kind::parse(kind)
-        .ok_or_else(|| anyhow!("unknown kind {kind:?}: expected app, config, node or site"))
-}
-
-/// What `shoal delete` prints.
-pub(crate) fn deleted(kind: Kind, name: &str) -> String {
-    format!("{}/{name} deleted\n", kind.as_str().to_lowercase())
-}
-
-/// Runs a verb against an open data dir.
-pub fn execute(dd: &mut DataDir, req: Request, live: &Live) -> Reply {
-    match execute_inner(dd, req, live) {
-        Ok(r) => r,
-        Err(e) => Reply {
-            error: Some(format!("{e:#}").replace('\n', " ")),
-            ..Reply::default()
-        },
-    }
+/// Runs a command on a data dir no daemon holds (the CLI process): the
+/// same verbs, on the data dir's own write path (one signed change per
+/// document, committed), with the same output.
+pub fn execute(dd: &mut DataDir, cmd: Command) -> Reply {
+    execute_inner(dd, cmd).into()
 }
 
 fn with_identity<T>(
     dd: &mut DataDir,
     identity: Option<String>,
-    f: impl FnOnce(&mut DataDir) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
+    f: impl FnOnce(&mut DataDir) -> crdt_state::Result<T>,
+) -> Result<T, Refusal> {
     let Some(text) = identity else {
-        return f(dd);
+        return Ok(f(dd)?);
     };
-    let id = parse_identity(&text)?;
+    let id = command::parse_identity(&text)?;
     let old = dd.swap_identity(Some(id))?;
     let r = f(dd);
     dd.swap_identity(old)?;
-    r
+    Ok(r?)
 }
 
-fn execute_inner(dd: &mut DataDir, req: Request, live: &Live) -> anyhow::Result<Reply> {
-    let stdout = match req {
-        Request::Apply {
+fn execute_inner(dd: &mut DataDir, cmd: Command) -> Result<Answer, Refusal> {
+    let text = match cmd {
+        Command::Apply {
             files,
             identity,
             output,
         } => {
-            let output = format(&output)?;
-            let manifests = manifests(&files)?;
-            let applied = with_identity(dd, identity, |dd| Ok(dd.apply(&manifests, now())?))?;
-            render::applied(output, &applied)
+            let output = output.as_deref().map(command::format).transpose()?;
+            let manifests = command::manifests(&files)?;
+            let applied = with_identity(dd, identity, |dd| dd.apply(&manifests, now()))?;
+            match output {
+                Some(f) => render::applied(f, &applied),
+                None => return Ok(Answer::Json(serde_json::json!({ "applied": applied }))),
+            }
         }
-        Request::Delete {
+        Command::Delete {
             kind,
             name,
             identity,
+            ..
         } => {
-            let k = kind_of(&kind)?;
-            with_identity(dd, identity, |dd| Ok(dd.delete(k, &name, now())?))?;
-            deleted(k, &name)
+            let k = command::kind_of(&kind)?;
+            with_identity(dd, identity, |dd| dd.delete(k, &name, now()))?;
+            command::deleted(k, &name)
         }
-        Request::Get { what, output } => {
-            let output = format(&output)?;
-            match what.as_str() {
-                "apps" | "app" => render::apps(output, &dd.fleet()?),
-                "configs" | "config" => render::configs(output, &dd.fleet()?),
-                "nodes" | "node" => render::nodes_with_contacts(
-                    output,
-                    &dd.fleet()?,
-                    live.contacts.as_ref(),
-                    &dd.reports()?,
-                    now(),
-                ),
-                "conflicts" | "conflict" => render::conflicts(output, &dd.conflicts()?),
-                "sites" | "site" => render::sites(output, &dd.sites()?),
-                "profiles" | "profile" => render::profiles(output, &dd.fleet()?),
-                "devices" | "device" => render::devices(output, &dd.fleet()?),
-                other => {
-                    bail!(
-                        "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices or conflicts"
-                    )
-                }
-            }
+        Command::Resolve { doc, field, value } => {
+            let id = DocId::parse(&doc).map_err(|e| Refusal::new(400, format!("doc: {e}")))?;
+            let ops = [(field.clone(), Some(value.to_string()))]
+                .into_iter()
+                .collect();
+            dd.write(&id, &ops, now())?;
+            format!("{field} in {doc}: {value} kept\n")
         }
-        Request::Revoke { who, reason } => {
+        Command::Get { what, output } => {
+            let output = command::format(&output)?;
+            command::get(&dd.reader(), &what, output, None, now())?
+        }
+        Command::Revoke { who, reason } => {
             let key = dd.find_key(&who)?;
             let r = dd.revoke(key, &reason, now())?;
-            format!(
-                "revoked {} ({} of its actors keep their changes so far)\n",
-                key.short(),
-                r.accepted.len()
-            )
+            command::revoked(key, &r)
         }
-        Request::TokenCreate(t) => {
-            let addrs = if live.addrs.is_empty() {
-                enroll::read_addrs(dd.path())
-            } else {
-                live.addrs.clone()
-            };
+        Command::TokenCreate(t) => {
+            let addrs = enroll::read_addrs(dd.path());
             let token = enroll::create_token(dd, addrs, &t, now())?;
             format!("{token}\n")
         }
-        Request::BundleExport => {
-            let bytes = dd.export()?;
-            return Ok(Reply {
-                data: Some(hex::encode(bytes)),
-                ..Reply::default()
-            });
+        Command::Export { only } => {
+            let only = only
+                .map(|d| DocId::parse(&d).map_err(|e| Refusal::new(400, format!("only: {e}"))))
+                .transpose()?;
+            let bytes = dd.export_some(|id| only.as_ref().is_none_or(|o| o == id))?;
+            return Ok(Answer::Bytes(bytes));
         }
-        Request::BundleImport(h) => {
-            let bytes = hex::decode(h).map_err(|_| anyhow!("bundle bytes damaged in transit"))?;
-            let report = dd.import(&bytes)?;
-            let mut out = String::new();
-            if report.new_changes.is_empty() {
-                out.push_str("nothing new\n");
-            }
-            for (doc, n) in &report.new_changes {
-                out.push_str(&format!("{doc}: {n} new changes\n"));
-            }
-            if report.waiting > 0 {
-                out.push_str(&format!(
-                    "{} changes wait for changes they depend on (import a fuller bundle)\n",
-                    report.waiting
-                ));
-            }
-            out
+        Command::Import { bundle, .. } => command::imported(&dd.import(&bundle)?),
+        other => {
+            return Err(Refusal::new(
+                400,
+                format!("{} needs a running daemon", other.verb()),
+            ));
         }
     };
-    Ok(Reply {
-        stdout,
-        ..Reply::default()
-    })
+    Ok(Answer::Text(text))
 }
 
 /// Runs a verb on a data dir: through its daemon's control socket when one
 /// answers, else directly.
-pub fn run(dir: &Path, identity_file: Option<&Path>, req: Request) -> anyhow::Result<Reply> {
+pub fn run(dir: &Path, identity_file: Option<&Path>, cmd: Command) -> anyhow::Result<Reply> {
     let sock = dir.join(SOCKET_FILE);
     if sock.exists()
         && let Ok(stream) = std::os::unix::net::UnixStream::connect(&sock)
     {
-        return call(stream, &req);
+        return call(stream, &cmd);
     }
     let mut dd = DataDir::open(dir, identity_file)?;
-    Ok(execute(&mut dd, req, &Live::default()))
+    Ok(execute(&mut dd, cmd))
 }
 
-fn call(mut stream: std::os::unix::net::UnixStream, req: &Request) -> anyhow::Result<Reply> {
+fn call(mut stream: std::os::unix::net::UnixStream, req: &Command) -> anyhow::Result<Reply> {
     use std::io::{BufRead, Write};
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -276,11 +190,9 @@ fn call(mut stream: std::os::unix::net::UnixStream, req: &Request) -> anyhow::Re
     Ok(serde_json::from_str(&answer)?)
 }
 
-/// A request from the socket with the channel for its answer.
-pub type Incoming = (Request, tokio::sync::oneshot::Sender<Reply>);
-
-/// Serves the control socket: each connection sends one request line and
-/// gets one answer line. Requests go to the daemon's loop through `tx`.
+/// Serves the control socket: each connection sends one command line and
+/// gets one answer line. Commands go to the daemon's loop through `tx`,
+/// from [`Caller::Owner`] (the socket is the data dir owner's only).
 pub async fn serve(dir: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(SOCKET_FILE);
@@ -311,16 +223,17 @@ pub async fn serve(dir: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> anyho
                         if reader.read_line(&mut line).await.is_err() {
                             return;
                         }
-                        let reply = match serde_json::from_str::<Request>(&line) {
-                            Ok(req) => {
+                        let reply = match serde_json::from_str::<Command>(&line) {
+                            Ok(cmd) => {
                                 let (otx, orx) = tokio::sync::oneshot::channel();
-                                if tx.send((req, otx)).await.is_err() {
+                                if tx.send((Caller::Owner, cmd, otx)).await.is_err() {
                                     return;
                                 }
-                                orx.await.unwrap_or_else(|_| Reply {
-                                    error: Some("the daemon stopped".into()),
-                                    ..Reply::default()
-                                })
+                                orx.await
+                                    .unwrap_or_else(|_| {
+                                        Err(Refusal::new(503, "the daemon stopped"))
+                                    })
+                                    .into()
                             }
                             Err(e) => Reply {
                                 error: Some(format!("malformed control request: {e}")),

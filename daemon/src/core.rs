@@ -596,18 +596,24 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         result.map(|()| (fields, hashes))
     }
 
-    /// Signed changes made elsewhere (a field engineer's laptop through the
-    /// site API): verified like synced ones, applied, committed, synced.
-    /// True when any was new.
+    /// Signed changes made elsewhere (a bundle, a field engineer's laptop
+    /// through the site API): verified like synced ones, applied,
+    /// committed, synced.
     pub fn submit(
         &mut self,
         now: Now,
         doc: DocId,
         changes: Vec<SignedChange>,
-    ) -> crdt_state::Result<bool> {
+    ) -> crdt_state::Result<crdt_state::signed::sync::Submitted> {
         let r = self.engine.submit(doc, changes);
         self.pump(now);
         r
+    }
+
+    /// Certificates an offline bundle carries, checked against the root;
+    /// returns those refused.
+    pub fn add_certs(&mut self, certs: Vec<crdt_state::Certificate>) -> Vec<crdt_state::Error> {
+        self.engine.add_certs(certs)
     }
 
     /// The node's runtime status: written into the node's document when it

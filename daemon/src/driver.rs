@@ -19,7 +19,8 @@ use crdt_state::{DataDir, DocId, Identity};
 use mesh::{Event, Mesh, Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::{self, Live};
+use crate::command::{Answer, Incoming, Refusal};
+use crate::control;
 use crate::core::{Action, Arrival, Core, Now, Settings};
 use crate::enroll::{self, ADDRS_FILE};
 
@@ -51,8 +52,9 @@ pub struct Role {
 pub enum Input {
     /// A mesh event.
     Mesh(Event),
-    /// A CLI verb over the control socket.
-    Control(control::Request, oneshot::Sender<control::Reply>),
+    /// A command from a surface (the control socket, the operator API, the
+    /// site API), for [`crate::command::dispatch`].
+    Command(Incoming),
     /// The writer thread finished a commit.
     Committed(u64, Result<(), String>),
     /// The mesh stopped.
@@ -143,7 +145,8 @@ pub struct Base {
     /// Frames sent so far.
     pub sent: Sent,
     events: mesh::Events,
-    control: mpsc::Receiver<control::Incoming>,
+    commands: mpsc::Receiver<Incoming>,
+    commands_tx: mpsc::Sender<Incoming>,
     listening: Vec<String>,
     started: Instant,
     /// Commits run on a blocking thread; their outcomes come back here.
@@ -151,8 +154,8 @@ pub struct Base {
     done_rx: mpsc::UnboundedReceiver<(u64, Result<(), String>)>,
     /// The documents of the commit in flight.
     committing: Vec<DocId>,
-    /// CLI verbs answered once what they wrote is committed.
-    answers: AfterCommit<control::Reply>,
+    /// Commands answered once what they wrote is committed.
+    answers: AfterCommit<Result<Answer, Refusal>>,
     /// Commit on the loop (at shutdown).
     inline: bool,
 }
@@ -194,14 +197,12 @@ impl Base {
     /// Loads the store into a core for `me`, starts the mesh and the
     /// control socket.
     pub async fn open(
-        mut dd: DataDir,
+        dd: DataDir,
         me: Identity,
         mut settings: Settings,
         opts: &MeshOptions,
         role: Role,
     ) -> anyhow::Result<Base> {
-        // A certificate just made (an anchor's first start) is stored.
-        let _ = dd.take_outbox();
         let engine = load_engine(&dd, &me)?;
         let mut config = mesh::Config::new(me.secret_bytes());
         config.listen = if opts.listen.is_empty() {
@@ -238,8 +239,10 @@ impl Base {
         let root = dd.trust().root();
         let (mesh, events) = Mesh::start(config, crate::hello::encode(root, &me.cert))
             .map_err(|e| anyhow!("{e}"))?;
-        let (tx, control) = mpsc::channel::<control::Incoming>(16);
-        control::serve(&opts.data_dir, tx).await?;
+        // One queue for every surface's commands; a full queue makes the
+        // surfaces wait (their HTTP or socket clients with them).
+        let (commands_tx, commands) = mpsc::channel::<Incoming>(64);
+        control::serve(&opts.data_dir, commands_tx.clone()).await?;
         tracing::info!(peer = %mesh.peer_id(), name = %me.cert.name, "daemon started");
         settings.known_peers = known_peers;
         settings.stored_chunks = dd.store().chunk_counts()?;
@@ -250,7 +253,8 @@ impl Base {
             mesh,
             sent: Sent::default(),
             events,
-            control,
+            commands,
+            commands_tx,
             listening: Vec::new(),
             started: Instant::now(),
             done_tx,
@@ -283,28 +287,31 @@ impl Base {
                 Some(ev) => Input::Mesh(ev),
                 None => Input::Closed,
             },
-            Some((req, reply)) = self.control.recv() => Input::Control(req, reply),
+            Some(inc) = self.commands.recv() => Input::Command(inc),
             Some((batch, result)) = self.done_rx.recv() => Input::Committed(batch, result),
         }
     }
 
-    /// What is live now, for the control socket's verbs.
-    pub fn live(&self) -> Live {
-        Live {
-            contacts: Some(self.core.contacts().clone()),
-            addrs: self.listening.clone(),
-        }
+    /// The addresses this daemon listens on (with its peer id).
+    pub fn addrs(&self) -> &[String] {
+        &self.listening
+    }
+
+    /// Where a surface sends its commands.
+    pub fn commands(&self) -> mpsc::Sender<Incoming> {
+        self.commands_tx.clone()
     }
 
     /// Hands one input to the core; a request on a served protocol comes
-    /// back for the composition to answer.
+    /// back for the composition to answer. A command is the composition's
+    /// to dispatch ([`crate::command::dispatch`]), since it may need more
+    /// than the base.
     pub fn handle(&mut self, input: Input) -> Option<Request> {
         match input {
             Input::Mesh(ev) => self.on_mesh(ev),
-            Input::Control(req, reply) => {
-                let r = self.verb(req);
-                // Answered once what it wrote is committed.
-                self.answers.hold(&self.core, reply, r);
+            Input::Command((_, cmd, reply)) => {
+                tracing::error!(verb = cmd.verb(), "a command reached Base::handle; refused");
+                let _ = reply.send(Err(Refusal::new(500, "command not dispatched")));
                 None
             }
             Input::Committed(batch, result) => {
@@ -372,70 +379,35 @@ impl Base {
         None
     }
 
-    /// A CLI verb in the daemon: writes go through the core's one write
-    /// path (against the engine's documents, committed once); the rest runs
-    /// on the data dir as it would without a daemon.
-    fn verb(&mut self, req: control::Request) -> control::Reply {
-        let result = match req {
-            control::Request::Apply {
-                files,
-                identity,
-                output,
-            } => self.apply_verb(&files, identity.as_deref(), &output),
-            control::Request::Delete {
-                kind,
-                name,
-                identity,
-            } => self.delete_verb(&kind, &name, identity.as_deref()),
-            other => {
-                let live = self.live();
-                let r = control::execute(&mut self.dd, other, &live);
-                self.forward_local();
-                return r;
+    /// Sends a command's answer: a read of the store runs on a blocking
+    /// thread and answers from there; anything else waits until what the
+    /// core applied so far is committed.
+    pub fn answer(
+        &mut self,
+        r: Result<Answer, Refusal>,
+        reply: oneshot::Sender<Result<Answer, Refusal>>,
+    ) {
+        match r {
+            Ok(Answer::Read(read)) => {
+                let store = self.dd.shared_store();
+                let span = tracing::debug_span!("store_read");
+                tokio::task::spawn_blocking(move || {
+                    let _entered = span.enter();
+                    let _ = reply.send(read(&store));
+                });
             }
-        };
-        match result {
-            Ok(stdout) => control::Reply {
-                stdout,
-                ..control::Reply::default()
-            },
-            Err(e) => control::Reply {
-                error: Some(format!("{e:#}").replace('\n', " ")),
-                ..control::Reply::default()
-            },
+            other => self.answers.hold(&self.core, reply, other),
         }
     }
 
-    fn writer(&self, identity: Option<&str>) -> anyhow::Result<Identity> {
-        match identity {
-            Some(text) => control::parse_identity(text),
-            None => Ok(self.identity()?),
-        }
+    /// Whether any held answer's writes are committed now.
+    pub fn answers_ready(&self) -> bool {
+        self.answers.any_ready(&self.core)
     }
 
-    fn apply_verb(
-        &mut self,
-        files: &[(String, String)],
-        identity: Option<&str>,
-        output: &str,
-    ) -> anyhow::Result<String> {
-        let output = control::format(output)?;
-        let manifests = control::manifests(files)?;
-        let writer = self.writer(identity)?;
-        let applied = self.apply(&manifests, &writer, None)?;
-        Ok(crate::render::applied(output, &applied))
-    }
-
-    fn delete_verb(
-        &mut self,
-        kind: &str,
-        name: &str,
-        identity: Option<&str>,
-    ) -> anyhow::Result<String> {
-        let k = control::kind_of(kind)?;
-        let writer = self.writer(identity)?;
-        self.delete(k, name, &writer, None)?;
-        Ok(control::deleted(k, name))
+    /// Sends the answers whose writes are committed.
+    pub fn release_answers(&mut self) {
+        self.answers.release(&self.core);
     }
 
     /// Applies manifests as `writer` through the core (the daemon's one
@@ -486,13 +458,99 @@ impl Base {
         self.dd.writer().cloned()
     }
 
-    /// Hands changes the data dir committed (CLI verbs, enrollment, edits
-    /// through the operator API) to the core.
-    pub fn forward_local(&mut self) {
-        let t = self.now();
-        for (doc, changes) in self.dd.take_outbox() {
-            self.core.local(t, doc, changes);
+    /// Revokes `key` as `writer`: the changes of that key the documents
+    /// hold stay valid, any other is refused wherever this reaches.
+    pub fn revoke(
+        &mut self,
+        key: crdt_state::PublicKey,
+        reason: &str,
+        writer: &Identity,
+    ) -> crdt_state::Result<crdt_state::signed::verify::Revocation> {
+        let (r, ops) =
+            crdt_state::local::datadir::plan_revoke(key, reason, self.core.engine().docs());
+        self.write(&DocId::Fleet, &ops, writer, None)?;
+        Ok(r)
+    }
+
+    /// Verifies and merges a bundle of signed changes made elsewhere, like
+    /// changes from a peer (`only`: every document in it must be this one).
+    /// A bundle that does not decode, or holds a change that is not one, is
+    /// refused whole; one whose change fails verification stops there: the
+    /// documents before it (the fleet first) were verified and are kept.
+    pub fn import(
+        &mut self,
+        bytes: &[u8],
+        only: Option<&DocId>,
+    ) -> Result<crdt_state::local::datadir::ImportReport, Refusal> {
+        let bundle = crdt_state::signed::bundle::Bundle::decode(bytes)
+            .map_err(|e| Refusal::new(400, format!("bundle: {e}")))?;
+        let root = self.core.trust().root();
+        if bundle.root != Some(root) {
+            return Err(Refusal::new(
+                400,
+                format!(
+                    "the changes belong to fleet {}, this daemon to fleet {}",
+                    bundle.root.map(|r| r.short()).unwrap_or_default(),
+                    root.short()
+                ),
+            ));
         }
+        if let Some(only) = only
+            && let Some((doc, _)) = bundle.docs.iter().find(|(d, _)| d != only)
+        {
+            return Err(Refusal::new(
+                403,
+                format!("only {only} may be edited here, not {doc}"),
+            ));
+        }
+        let mut docs = bundle.docs;
+        docs.sort_by(|a, b| a.0.rank().cmp(&b.0.rank()).then(a.0.cmp(&b.0)));
+        // Every change decodes before any is taken.
+        for (doc, changes) in &docs {
+            crdt_state::signed::verify::decode(doc, changes)?;
+        }
+        if let Some(e) = self.core.add_certs(bundle.certs).into_iter().next() {
+            return Err(Refusal::new(400, format!("bundle: a certificate: {e}")));
+        }
+        let mut report = crdt_state::local::datadir::ImportReport::default();
+        let t = self.now();
+        for (doc, changes) in docs {
+            let s = self.core.submit(t, doc.clone(), changes)?;
+            report.waiting += s.waiting;
+            if s.applied > 0 {
+                report.new_changes.insert(doc.to_string(), s.applied);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Enrolls a node (a request on `/shoal/enroll/1`): checks its token,
+    /// writes its certificate and its Node through the core, marks the
+    /// token used.
+    pub fn enroll(&mut self, bytes: &[u8]) -> enroll::EnrollResponse {
+        match self.enroll_inner(bytes) {
+            Ok(cert) => enroll::EnrollResponse::Certified(cert),
+            Err(e) => enroll::EnrollResponse::Refused(format!("{e:#}")),
+        }
+    }
+
+    fn enroll_inner(&mut self, bytes: &[u8]) -> anyhow::Result<crdt_state::Certificate> {
+        let e = enroll::check(&self.dd, bytes, unix_now())?;
+        let writer = self.identity()?;
+        let core = &self.core;
+        let (_, mut edits) =
+            crdt_state::local::datadir::plan_apply(std::slice::from_ref(&e.node), &|id| {
+                core.doc(id)
+            });
+        let certs = crdt_state::local::datadir::cert_ops(&e.cert);
+        match edits.iter_mut().find(|(id, _)| *id == DocId::Fleet) {
+            Some((_, ops)) => ops.extend(certs),
+            None => edits.push((DocId::Fleet, certs)),
+        }
+        let t = self.now();
+        self.core.write_many(t, &edits, &writer, None)?;
+        e.mark_used(self.dd.path())?;
+        Ok(e.cert)
     }
 
     /// A tick of the clock (about once a second).
@@ -504,7 +562,6 @@ impl Base {
     /// Carries out the core's actions on the mesh and the store, and
     /// returns the next one that is the composition's to do.
     pub fn next_action(&mut self) -> Option<Action<PeerId>> {
-        self.answers.release(&self.core);
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Admit {
@@ -548,7 +605,6 @@ impl Base {
                     });
                 }
                 Action::DropDoc(doc) => {
-                    self.dd.forget(&doc);
                     self.off_loop(move |store| {
                         if let Err(e) = store.drop_doc(&doc) {
                             tracing::warn!(%doc, error = %e, "superseded document not dropped");
@@ -567,11 +623,15 @@ impl Base {
                 other => return Some(other),
             }
         }
-        self.answers.release(&self.core);
         None
     }
 
-    /// Runs a store write on a blocking thread (on the loop at shutdown).
+    /// Runs a store write on a blocking thread (on the loop at shutdown):
+    /// what a composition stores besides documents (a node's readings).
+    pub fn store_write(&self, job: impl FnOnce(&crdt_state::Store) + Send + 'static) {
+        self.off_loop(job)
+    }
+
     fn off_loop(&self, job: impl FnOnce(&crdt_state::Store) + Send + 'static) {
         let store = self.dd.shared_store();
         if self.inline {
@@ -619,23 +679,10 @@ impl Base {
     }
 
     fn finish_commit(&mut self, batch: u64, result: Result<(), String>) {
-        let docs = std::mem::take(&mut self.committing);
-        match &result {
-            Ok(()) => {
-                // The data dir's cached copies are stale now.
-                let mut fleet_changed = false;
-                for id in docs {
-                    fleet_changed |= id == DocId::Fleet;
-                    self.dd.forget(&id);
-                }
-                if fleet_changed && let Err(e) = self.dd.refresh_trust() {
-                    tracing::warn!(error = %e, "trust not refreshed");
-                }
-            }
-            Err(e) => {
-                // Not stored: the core holds what follows it.
-                tracing::error!(error = %e, "could not commit synced changes; holding sends");
-            }
+        self.committing.clear();
+        if let Err(e) = &result {
+            // Not stored: the core holds what follows it.
+            tracing::error!(error = %e, "could not commit synced changes; holding sends");
         }
         let t = self.now();
         self.core.committed(t, batch, result);

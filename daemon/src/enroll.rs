@@ -202,22 +202,41 @@ pub enum EnrollResponse {
     Refused(String),
 }
 
-/// Handles an enrollment request on the anchor: checks the token, marks it
-/// used, certifies the key and writes the Node into the fleet document.
-pub fn handle(dd: &mut DataDir, bytes: &[u8], now: i64) -> EnrollResponse {
-    match handle_inner(dd, bytes, now) {
-        Ok(cert) => EnrollResponse::Certified(cert),
-        Err(e) => EnrollResponse::Refused(format!("{e:#}")),
+/// An enrollment the anchor accepted: the node's certificate and the Node
+/// entity, for the daemon to write through its one write path; the token is
+/// marked used once they are written ([`Enrollment::mark_used`]).
+#[derive(Debug)]
+pub struct Enrollment {
+    /// The node's certificate, signed with the fleet root key.
+    pub cert: Certificate,
+    /// The Node entity (name, site, labels) for the fleet document.
+    pub node: crdt_state::fleet::manifest::Manifest,
+    token: String,
+}
+
+impl Enrollment {
+    /// Marks the token used (one-time).
+    pub fn mark_used(&self, dir: &Path) -> anyhow::Result<()> {
+        let mut tokens = read_tokens(dir)?;
+        if let Some(t) = tokens.get_mut(&self.token) {
+            t.used = true;
+        }
+        write_tokens(dir, &tokens)
     }
 }
 
-fn handle_inner(dd: &mut DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Certificate> {
+/// Checks an enrollment request on the anchor against its tokens and signs
+/// the node's certificate with the data dir's root key. Writes nothing: the
+/// daemon handles one request at a time and writes the certificate and the
+/// Node before it reads the next, so nobody can use the token in between;
+/// a failure before it is marked used leaves it usable.
+pub fn check(dd: &DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Enrollment> {
     let req: EnrollRequest =
         serde_json::from_slice(bytes).map_err(|e| anyhow!("malformed enrollment request: {e}"))?;
-    let mut tokens = read_tokens(dd.path())?;
-    let key = digest(&req.secret);
+    let tokens = read_tokens(dd.path())?;
+    let token = digest(&req.secret);
     let record = tokens
-        .get(&key)
+        .get(&token)
         .cloned()
         .ok_or_else(|| anyhow!("unknown enrollment token"))?;
     if record.used {
@@ -226,34 +245,25 @@ fn handle_inner(dd: &mut DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Cert
     if record.expires_at <= now {
         bail!("enrollment token expired");
     }
-    // The daemon handles one request at a time, so nobody else can use the
-    // token between this check and marking it used below; a failure before
-    // that leaves it usable.
-    add_node(dd, &record.node, &record.site, &record.labels, now)?;
-    let cert = dd.certify(req.key, Role::Node, Some(&record.site), &record.node, now)?;
-    if let Some(t) = tokens.get_mut(&key) {
-        t.used = true;
-    }
-    write_tokens(dd.path(), &tokens)?;
-    Ok(cert)
+    let node = node_manifest(&record.node, &record.site, &record.labels)?;
+    let cert = dd.issue(req.key, Role::Node, Some(&record.site), &record.node, now)?;
+    Ok(Enrollment { cert, node, token })
 }
 
-fn add_node(
-    dd: &mut DataDir,
+fn node_manifest(
     name: &str,
     site: &str,
     labels: &BTreeMap<String, String>,
-    now: i64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<crdt_state::fleet::manifest::Manifest> {
     let spec = serde_json::json!({
         "apiVersion": "shoal.dev/v1",
         "kind": "Node",
         "metadata": {"name": name},
         "spec": {"site": site, "labels": labels},
     });
-    let ms = crdt_state::fleet::manifest::parse("enrollment", &spec.to_string())?;
-    dd.apply(&ms, now)?;
-    Ok(())
+    let mut ms = crdt_state::fleet::manifest::parse("enrollment", &spec.to_string())?;
+    ms.pop()
+        .ok_or_else(|| anyhow!("enrollment made no Node manifest"))
 }
 
 /// Sets up a node's data dir from a certificate and its key.
@@ -332,7 +342,7 @@ pub fn node_bundle(
 ) -> anyhow::Result<PathBuf> {
     crdt_state::fleet::model::validate_name("node", node).map_err(|e| anyhow!(e))?;
     let site = site.unwrap_or(node).to_string();
-    add_node(dd, node, &site, labels, now)?;
+    dd.apply(&[node_manifest(node, &site, labels)?], now)?;
     let secret = generate_key()?;
     let key = PublicKey(secret.verifying_key().to_bytes());
     let cert = dd.certify(key, Role::Node, Some(&site), node, now)?;

@@ -18,6 +18,9 @@
 //! With the `driver` feature (the node and the anchor; not the simulator):
 //!
 //! - [`driver`]: the mesh, the store and the control socket around a core.
+//! - [`command`]: the one command surface: every request from the control
+//!   socket, the operator API and the site API, who may make it, and its
+//!   one handler.
 //! - [`control`]: CLI verbs on a data dir, directly or over the socket.
 //! - [`enroll`]: tokens, `/shoal/enroll/1` (both ends), offline node
 //!   bundles, the peer and address files.
@@ -40,6 +43,8 @@ pub mod core;
 pub mod hello;
 pub mod render;
 
+#[cfg(feature = "driver")]
+pub mod command;
 #[cfg(feature = "driver")]
 pub mod control;
 #[cfg(feature = "driver")]

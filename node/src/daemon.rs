@@ -17,14 +17,15 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use crdt_state::{DataDir, DocId, Role};
-use daemon::driver::{AfterCommit, Base, Input, MeshOptions};
+use daemon::driver::{Base, Input, MeshOptions};
 use daemon::{Action, Settings};
 use tokio::sync::mpsc;
 
 use crate::runtime::Runtime;
 use crate::runtime::native::Native;
-use crate::site_api::{self, Nonces, Reply};
+use crate::site_api;
 use crdt_state::fleet::model;
+use daemon::command::{self, Answer, Caller, Command, Refusal};
 
 /// Node daemon settings.
 #[derive(Clone, Debug)]
@@ -70,7 +71,6 @@ pub enum RuntimeChoice {
 struct Node {
     base: Base,
     runtime: Box<dyn Runtime>,
-    nonces: Nonces,
     /// The site API's address as this node's apps reach it.
     site_api_url: Option<String>,
     /// The token this node's apps read their devices with (`SHOAL_APP_TOKEN`).
@@ -82,15 +82,7 @@ struct Node {
     device_state: BTreeMap<String, DeviceState>,
     pending_readings: Vec<crdt_state::local::readings::Reading>,
     readings_cap: u64,
-    readings_dropped: u64,
-    /// Site API answers waiting for their writes to be committed.
-    answers: AfterCommit<Reply>,
-    /// A store read that answers the current site API request.
-    deferred: Option<StoreRead>,
 }
-
-/// A read of the store, run off the loop.
-type StoreRead = Box<dyn FnOnce(&crdt_state::Store) -> Reply + Send>;
 
 /// Runs the node until `shutdown` resolves.
 pub async fn run(
@@ -98,8 +90,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let data_dir = opts.mesh.data_dir.clone();
-    let mut dd = DataDir::open(&data_dir, None)?;
-    dd.forward_changes();
+    let dd = DataDir::open(&data_dir, None)?;
     let me = dd
         .identity()
         .cloned()
@@ -131,7 +122,6 @@ pub async fn run(
     let mut n = Node {
         base,
         runtime,
-        nonces: Nonces::default(),
         site_api_url: None,
         app_token: Some(app_token(&data_dir)?),
         devices: Some(crate::devices::Devices::new(
@@ -142,13 +132,15 @@ pub async fn run(
         device_state: BTreeMap::new(),
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
-        readings_dropped: 0,
-        answers: AfterCommit::default(),
-        deferred: None,
     };
-    let (site_tx, mut site_rx) = mpsc::channel::<site_api::Incoming>(16);
     if let Some(addr) = opts.site_api {
-        let local = site_api::serve(addr, site_tx, n.live.clone()).await?;
+        let surface = site_api::Surface::new(
+            n.base.core.me().cert.site.clone(),
+            n.base.commands(),
+            n.live.clone(),
+            n.app_token.clone(),
+        );
+        let local = site_api::serve(addr, surface).await?;
         crate::say!("site API on http://{local}");
         // What the node's own apps dial (a wildcard bind is reached on loopback).
         let mut reach = local;
@@ -164,25 +156,15 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            input = n.base.recv() => {
-                if matches!(input, Input::Closed) {
-                    break;
-                }
+            input = n.base.recv() => match input {
+                Input::Closed => break,
+                // The control socket's and the site API's commands.
+                Input::Command(c) => command::dispatch(&mut n, c),
                 // A node serves no request protocol: nothing comes back.
-                let _ = n.base.handle(input);
-            }
-            Some((req, reply)) = site_rx.recv() => {
-                let r = n.on_site(req);
-                if let Some(read) = n.deferred.take() {
-                    let store = n.base.dd.shared_store();
-                    tokio::task::spawn_blocking(move || {
-                        let _ = reply.send(read(&store));
-                    });
-                } else {
-                    // Answered once what it accepted is committed.
-                    n.answers.hold(&n.base.core, reply, r);
+                other => {
+                    let _ = n.base.handle(other);
                 }
-            }
+            },
             Some(u) = dev_rx.recv() => n.on_device(u),
             _ = tick.tick() => {
                 n.flush_readings();
@@ -191,13 +173,17 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
         n.act();
-        n.answers.release(&n.base.core);
+        n.base.release_answers();
     }
     n.runtime.shutdown().await;
     if let Some(dev) = n.devices.as_mut() {
         dev.shutdown();
     }
-    n.flush_readings();
+    // Stored on the loop, before the process ends.
+    let batch = std::mem::take(&mut n.pending_readings);
+    if let Err(e) = n.base.dd.store().append_readings(&batch, n.readings_cap) {
+        tracing::warn!(error = %e, readings = batch.len(), "readings not stored");
+    }
     n.report();
     n.act();
     n.base.close().await;
@@ -394,137 +380,45 @@ impl Node {
             return;
         }
         let batch = std::mem::take(&mut self.pending_readings);
-        match self
-            .base
-            .dd
-            .store()
-            .append_readings(&batch, self.readings_cap)
-        {
-            Ok(dropped) => self.readings_dropped += dropped,
-            Err(e) => tracing::warn!(error = %e, readings = batch.len(), "readings not stored"),
-        }
+        let cap = self.readings_cap;
+        // A redb commit: on a blocking thread, not on the loop.
+        self.base
+            .store_write(move |store| match store.append_readings(&batch, cap) {
+                Ok(0) => {}
+                Ok(dropped) => tracing::debug!(dropped, "oldest readings dropped at the cap"),
+                Err(e) => tracing::warn!(error = %e, readings = batch.len(), "readings not stored"),
+            });
     }
 
-    /// One site API request (see `site_api`).
-    fn on_site(&mut self, req: site_api::Request) -> Reply {
-        let Some(site) = self.base.core.me().cert.site.clone() else {
-            return Reply::error(404, "this node belongs to no site");
-        };
-        let route = (req.method.as_str(), req.path.as_str());
-        if route == ("GET", "/api/challenge") {
-            return match self.nonces.issue() {
-                Ok(n) => Reply {
-                    status: 200,
-                    body: serde_json::json!({ "nonce": hex::encode(n) }),
-                },
-                Err(e) => Reply::error(503, e.to_string()),
-            };
-        }
-        let devices_route = req.method == "GET"
-            && (req.path == "/api/devices" || req.path.starts_with("/api/devices/"));
-        if !devices_route
-            && !matches!(
-                route,
-                ("GET", "/api/view") | ("GET", "/api/site/bundle") | ("POST", "/api/site/changes")
-            )
-        {
-            return Reply::error(404, format!("no {} {}", req.method, req.path));
-        }
-        // The node's own apps: read-only access to the device routes.
-        if devices_route
-            && let (Some(t), Some(h)) = (&self.app_token, req.auth.as_deref())
-            && let Some(given) = h.strip_prefix("Bearer ")
-        {
-            use sha2::Digest;
-            if sha2::Sha256::digest(given.trim().as_bytes()) == sha2::Sha256::digest(t.as_bytes()) {
-                return self.device_api(&req.path);
-            }
-            return Reply::error(401, "unknown app token");
-        }
-        let who = match site_api::authenticate(
-            &req,
-            &mut self.nonces,
-            self.base.core.trust(),
-            &site,
-        ) {
-            Ok(k) => k,
-            Err(reply) => {
-                tracing::warn!(path = %req.path, error = %reply.body, "site API request refused");
-                return reply;
-            }
-        };
-        let site_doc = DocId::Site(site.clone());
-        if devices_route {
-            return self.device_api(&req.path);
-        }
-        match route {
-            ("GET", "/api/view") => {
-                let peers: Vec<&String> = self
-                    .base
-                    .core
-                    .contacts()
-                    .iter()
-                    .filter(|(_, c)| c.connected)
-                    .map(|(n, _)| n)
-                    .collect();
-                Reply {
-                    status: 200,
-                    body: serde_json::json!({
-                        "node": self.base.core.me().cert.name,
-                        "site": site,
-                        "desired": self.base.core.share(),
-                        "report": self.base.core.last_report(),
-                        "peers": peers,
-                        "site_overrides": self.base.core.doc(&site_doc).map(model::read_site),
-                    }),
-                }
-            }
-            ("GET", "/api/site/bundle") => match self.base.dd.export_some(|id| *id == site_doc) {
-                Ok(b) => Reply {
-                    status: 200,
-                    body: serde_json::json!({ "bundle": hex::encode(b) }),
-                },
-                Err(e) => Reply::error(500, e.to_string()),
-            },
-            _ => {
-                let bundle = match crdt_state::signed::bundle::Bundle::decode(&req.body) {
-                    Ok(b) => b,
-                    Err(e) => return Reply::error(400, format!("body: {e}")),
-                };
-                if bundle.root != Some(self.base.core.trust().root()) {
-                    return Reply::error(400, "the changes belong to another fleet");
-                }
-                let mut new = false;
-                for (doc, changes) in bundle.docs {
-                    if doc != site_doc {
-                        return Reply::error(
-                            403,
-                            format!("only {site_doc} may be edited here, not {doc}"),
-                        );
-                    }
-                    let t = self.base.now();
-                    match self.base.core.submit(t, doc, changes) {
-                        Ok(n) => new |= n,
-                        Err(crdt_state::Error::NotAllowed(m)) => return Reply::error(403, m),
-                        Err(e @ crdt_state::Error::Rejected { .. }) => {
-                            return Reply::error(403, e.to_string());
-                        }
-                        Err(e) => return Reply::error(400, e.to_string()),
-                    }
-                }
-                tracing::info!(writer = %who.short(), new, "site edit through the site API");
-                Reply {
-                    status: 200,
-                    body: serde_json::json!({ "new": new }),
-                }
-            }
-        }
+    /// The site API's `GET /api/view`: the node, its site, its desired
+    /// workloads, its last report, its connected peers, its site's overrides.
+    fn view(&self) -> serde_json::Value {
+        let core = &self.base.core;
+        let site = core.me().cert.site.clone();
+        let peers: Vec<&String> = core
+            .contacts()
+            .iter()
+            .filter(|(_, c)| c.connected)
+            .map(|(n, _)| n)
+            .collect();
+        let overrides = site
+            .as_ref()
+            .and_then(|s| core.doc(&DocId::Site(s.clone())))
+            .map(model::read_site);
+        serde_json::json!({
+            "node": core.me().cert.name,
+            "site": site,
+            "desired": core.share(),
+            "report": core.last_report(),
+            "peers": peers,
+            "site_overrides": overrides,
+        })
     }
 
     /// The site API's device routes: `/api/devices` (latest values and
     /// state of every device), `/api/devices/<device>/<resource>/range/<from
     /// ms>/<to ms>` (stored readings, oldest first, at most 100,000).
-    fn device_api(&mut self, path: &str) -> Reply {
+    fn device_api(&mut self, path: &str) -> Result<Answer, Refusal> {
         let parts: Vec<&str> = path
             .trim_start_matches("/api/devices")
             .split('/')
@@ -532,10 +426,7 @@ impl Node {
             .collect();
         match parts.as_slice() {
             // Authenticated: the site API's server streams from here on.
-            ["stream"] => Reply {
-                status: 200,
-                body: serde_json::json!({ "stream": true }),
-            },
+            ["stream"] => Ok(Answer::Json(serde_json::json!({ "stream": true }))),
             [] => {
                 let devices: serde_json::Map<String, serde_json::Value> = self
                     .device_state
@@ -564,20 +455,19 @@ impl Node {
                         )
                     })
                     .collect();
-                self.read_later(move |store| {
+                Ok(Answer::Read(Box::new(move |store| {
                     let stats = store.reading_stats().unwrap_or_default();
-                    Reply {
-                        status: 200,
-                        body: serde_json::json!({ "devices": devices, "readings": stats }),
-                    }
-                })
+                    Ok(Answer::Json(
+                        serde_json::json!({ "devices": devices, "readings": stats }),
+                    ))
+                })))
             }
             [dev, res, "range", from, to] => {
                 let (Ok(from), Ok(to)) = (from.parse::<u64>(), to.parse::<u64>()) else {
-                    return Reply::error(400, "range bounds are Unix milliseconds");
+                    return Err(Refusal::new(400, "range bounds are Unix milliseconds"));
                 };
                 let series = format!("{dev}/{res}");
-                self.read_later(move |store| {
+                Ok(Answer::Read(Box::new(move |store| {
                     match store.readings_between(&series, from, to, 100_000) {
                         Ok(rows) => {
                             let rows: Vec<serde_json::Value> = rows
@@ -588,27 +478,34 @@ impl Node {
                                     serde_json::json!([at, v])
                                 })
                                 .collect();
-                            Reply {
-                                status: 200,
-                                body: serde_json::json!({ "series": series, "readings": rows }),
-                            }
+                            Ok(Answer::Json(
+                                serde_json::json!({ "series": series, "readings": rows }),
+                            ))
                         }
-                        Err(e) => Reply::error(500, e.to_string()),
+                        Err(e) => Err(Refusal::new(500, e.to_string())),
                     }
-                })
+                })))
             }
-            _ => Reply::error(404, format!("no GET {path}")),
+            _ => Err(Refusal::new(404, format!("no GET {path}"))),
         }
     }
+}
 
-    /// Answers the current site API request with a read of the store on a
-    /// blocking thread (up to 100,000 readings), not on the loop.
-    fn read_later(
-        &mut self,
-        read: impl FnOnce(&crdt_state::Store) -> Reply + Send + 'static,
-    ) -> Reply {
-        self.deferred = Some(Box::new(read));
-        Reply::error(500, "answered from the store")
+impl command::Host for Node {
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
+    }
+
+    /// The site API's view and device routes.
+    fn local(&mut self, _caller: &Caller, cmd: Command) -> Result<Answer, Refusal> {
+        match cmd {
+            Command::View => Ok(Answer::Json(self.view())),
+            Command::Devices { path } => self.device_api(&path),
+            other => Err(Refusal::new(
+                404,
+                format!("{} is not answered by a node", other.verb()),
+            )),
+        }
     }
 }
 

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use anyhow::{Context, anyhow, bail};
-use crdt_state::{Identity, PublicKey, Trust};
+use crdt_state::{DocId, Identity, PublicKey};
+use daemon::command::{Answer, Caller, Command, Incoming};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -127,15 +128,11 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
     hex::decode(s).ok()?.try_into().ok()
 }
 
-/// Authenticates a request: 401 for anything but a valid signature over a
-/// live nonce by a certified key; 403 for a key that may not write the
-/// site (or is revoked). Returns the key.
-pub fn authenticate(
-    req: &Request,
-    nonces: &mut Nonces,
-    trust: &Trust,
-    site: &str,
-) -> Result<PublicKey, Reply> {
+/// Authenticates a request's signature: 401 for anything but a valid
+/// signature over a live nonce. Returns the key that signed; what that key
+/// may do (a certified, unrevoked engineer of this node's site, or an
+/// operator) is the daemon's to decide (`daemon::command::authorize`).
+pub fn authenticate(req: &Request, nonces: &mut Nonces) -> Result<PublicKey, Reply> {
     let header = req
         .auth
         .as_deref()
@@ -154,36 +151,146 @@ pub fn authenticate(
     let msg = signing_message(&req.method, &req.path, &nonce, &req.body);
     vk.verify(&msg, &Signature::from_bytes(&sig))
         .map_err(|_| Reply::error(401, "bad signature"))?;
-    let key = PublicKey(key);
-    let cert = trust
-        .cert(&key)
-        .ok_or_else(|| Reply::error(401, "no certificate of this fleet for that key"))?;
-    if trust.is_revoked(&key) {
-        return Err(Reply::error(403, format!("{} is revoked", cert.name)));
-    }
-    if !cert.may_write(&crdt_state::DocId::Site(site.to_string())) {
-        return Err(Reply::error(
-            403,
-            format!("{} ({}) may not edit site {site}", cert.name, cert.role),
-        ));
-    }
-    Ok(key)
+    Ok(PublicKey(key))
 }
 
-/// A request with the channel for its answer.
-pub type Incoming = (Request, oneshot::Sender<Reply>);
+/// The command a request asks for (`site`: this node's site), or 404.
+pub fn command_of(req: &Request, site: &str) -> Result<Command, Reply> {
+    let devices = req.path == "/api/devices" || req.path.starts_with("/api/devices/");
+    Ok(match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/api/view") => Command::View,
+        ("GET", "/api/site/bundle") => Command::Export {
+            only: Some(DocId::Site(site.to_string()).to_string()),
+        },
+        ("POST", "/api/site/changes") => Command::Import {
+            bundle: req.body.clone(),
+            output: None,
+        },
+        ("GET", _) if devices => Command::Devices {
+            path: req.path.clone(),
+        },
+        _ => return Err(Reply::error(404, format!("no {} {}", req.method, req.path))),
+    })
+}
+
+/// What the site API's server holds: the node's site, the way to its
+/// daemon's commands, the challenges handed out, the apps' token.
+pub struct Surface {
+    /// This node's site (`None`: every request is 404).
+    pub site: Option<String>,
+    /// The daemon's one command surface.
+    pub commands: mpsc::Sender<Incoming>,
+    /// Device readings for the live stream.
+    pub live: tokio::sync::broadcast::Sender<String>,
+    /// The token the node's apps read their devices with.
+    pub app_token: Option<String>,
+    nonces: std::sync::Mutex<Nonces>,
+}
+
+impl Surface {
+    /// A surface for a node of `site`.
+    pub fn new(
+        site: Option<String>,
+        commands: mpsc::Sender<Incoming>,
+        live: tokio::sync::broadcast::Sender<String>,
+        app_token: Option<String>,
+    ) -> Surface {
+        Surface {
+            site,
+            commands,
+            live,
+            app_token,
+            nonces: std::sync::Mutex::new(Nonces::default()),
+        }
+    }
+
+    /// Answers one request: a challenge here; anything else authenticated
+    /// here and handed to the daemon as a command.
+    pub async fn answer(&self, req: Request) -> Reply {
+        let Some(site) = self.site.as_deref() else {
+            return Reply::error(404, "this node belongs to no site");
+        };
+        if (req.method.as_str(), req.path.as_str()) == ("GET", "/api/challenge") {
+            let issued = match self.nonces.lock() {
+                Ok(mut n) => n.issue(),
+                Err(_) => Err(anyhow!("challenges unavailable")),
+            };
+            return match issued {
+                Ok(n) => Reply {
+                    status: 200,
+                    body: serde_json::json!({ "nonce": hex::encode(n) }),
+                },
+                Err(e) => Reply::error(503, e.to_string()),
+            };
+        }
+        let cmd = match command_of(&req, site) {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let caller = match self.caller(&req, &cmd) {
+            Ok(c) => c,
+            Err(reply) => {
+                tracing::warn!(path = %req.path, error = %reply.body, "site API request refused");
+                return reply;
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send((caller, cmd, tx)).await.is_err() {
+            return Reply::error(503, "the node is stopping");
+        }
+        match rx.await {
+            Ok(Ok(Answer::Json(body))) => Reply { status: 200, body },
+            Ok(Ok(Answer::Bytes(b))) => Reply {
+                status: 200,
+                body: serde_json::json!({ "bundle": hex::encode(b) }),
+            },
+            Ok(Ok(Answer::Text(t))) => Reply {
+                status: 200,
+                body: serde_json::json!({ "text": t }),
+            },
+            Ok(Ok(Answer::Read(_))) => Reply::error(500, "internal: a store read was not run"),
+            Ok(Err(r)) => {
+                if matches!(r.status, 401 | 403) {
+                    tracing::warn!(path = %req.path, error = %r.error, "site API request refused");
+                }
+                Reply::error(r.status, r.error)
+            }
+            Err(_) => Reply::error(503, "the node is stopping"),
+        }
+    }
+
+    /// Who makes a request: one of the node's apps (its token, on the
+    /// device routes) or the key that signed it.
+    fn caller(&self, req: &Request, cmd: &Command) -> Result<Caller, Reply> {
+        if matches!(cmd, Command::Devices { .. })
+            && let (Some(t), Some(h)) = (&self.app_token, req.auth.as_deref())
+            && let Some(given) = h.strip_prefix("Bearer ")
+        {
+            // Compared as digests: no early exit on the first differing byte.
+            if Sha256::digest(given.trim().as_bytes()) == Sha256::digest(t.as_bytes()) {
+                return Ok(Caller::App);
+            }
+            return Err(Reply::error(401, "unknown app token"));
+        }
+        let mut nonces = self
+            .nonces
+            .lock()
+            .map_err(|_| Reply::error(503, "challenges unavailable"))?;
+        authenticate(req, &mut nonces).map(Caller::Signed)
+    }
+}
 
 /// The path of the live stream of device readings: one JSON line per poll
 /// of a device (`{"device", "at_ms", "values"}`), for as long as the
 /// client reads. Authenticated like every other request.
 pub const LIVE_PATH: &str = "/api/devices/stream";
 
-/// Serves the site API on `addr`, handing requests to the daemon; `live`
-/// carries the device readings the stream route passes on.
+/// Serves the site API on `addr`: each request is authenticated here and
+/// handed to the daemon as a command; the live stream of readings is
+/// served from `surface.live`.
 pub async fn serve(
     addr: std::net::SocketAddr,
-    tx: mpsc::Sender<Incoming>,
-    live: tokio::sync::broadcast::Sender<String>,
+    surface: Surface,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -192,9 +299,9 @@ pub async fn serve(
         .await
         .with_context(|| format!("site API on {addr}"))?;
     let local = listener.local_addr()?;
+    let surface = std::sync::Arc::new(surface);
     let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-        let tx = tx.clone();
-        let live = live.clone();
+        let surface = surface.clone();
         async move {
             let streaming = method == Method::GET && uri.path() == LIVE_PATH;
             let req = Request {
@@ -206,18 +313,12 @@ pub async fn serve(
                     .map(String::from),
                 body: body.to_vec(),
             };
-            let (otx, orx) = oneshot::channel();
-            let reply = if tx.send((req, otx)).await.is_ok() {
-                orx.await
-                    .unwrap_or_else(|_| Reply::error(503, "the node is stopping"))
-            } else {
-                Reply::error(503, "the node is stopping")
-            };
+            let reply = surface.answer(req).await;
             let status =
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             if streaming && reply.status == 200 {
                 // Authenticated: follow the readings until the client goes.
-                let rx = live.subscribe();
+                let rx = surface.live.subscribe();
                 let lines = futures::stream::unfold(rx, |mut rx| async move {
                     let line = match rx.recv().await {
                         Ok(l) => l,

@@ -412,56 +412,32 @@ impl DataDir {
         self.write(&id, &ops, now)
     }
 
+    /// Reads of the committed documents.
+    pub fn reader(&self) -> Reader<'_> {
+        Reader {
+            store: &self.store,
+            trust: &self.trust,
+        }
+    }
+
     /// The fleet document, read.
     pub fn fleet(&self) -> Result<FleetView> {
-        Ok(FleetView::read(&self.doc(&DocId::Fleet)?))
+        self.reader().fleet()
     }
 
     /// Each node's latest report (from the highest epoch of its document held).
     pub fn reports(&self) -> Result<BTreeMap<String, model::NodeReport>> {
-        let mut latest: BTreeMap<String, DocId> = BTreeMap::new();
-        for id in self.store.doc_ids()? {
-            if let DocId::Node { name, epoch } = &id {
-                let newer = match latest.get(name) {
-                    Some(DocId::Node { epoch: e, .. }) => epoch > e,
-                    _ => true,
-                };
-                if newer {
-                    latest.insert(name.clone(), id.clone());
-                }
-            }
-        }
-        let mut out = BTreeMap::new();
-        for (name, id) in latest {
-            if let Some(doc) = self.store.load(&id)? {
-                out.insert(name, model::NodeReport::read(&doc));
-            }
-        }
-        Ok(out)
+        self.reader().reports()
     }
 
     /// Every site document held, read.
     pub fn sites(&self) -> Result<BTreeMap<String, model::SiteOverrideSpec>> {
-        let mut out = BTreeMap::new();
-        for id in self.store.doc_ids()? {
-            if let DocId::Site(name) = &id
-                && let Some(doc) = self.store.load(&id)?
-            {
-                out.insert(name.clone(), model::read_site(&doc));
-            }
-        }
-        Ok(out)
+        self.reader().sites()
     }
 
     /// Every field with concurrent values, in every document.
     pub fn conflicts(&self) -> Result<Vec<Conflict>> {
-        let mut out = Vec::new();
-        for id in self.store.doc_ids()? {
-            if let Some(doc) = self.store.load(&id)? {
-                out.extend(conflicts_of(&doc, &self.trust));
-            }
-        }
-        Ok(out)
+        self.reader().conflicts()
     }
 
     /// Creates another writer's identity, signed by the root key of this
@@ -489,10 +465,24 @@ impl DataDir {
         name: &str,
         now: i64,
     ) -> Result<Certificate> {
-        let root = self.root_key()?;
-        let cert = Certificate::issue(&root, key, name, role, site, now)?;
+        let cert = self.issue(key, role, site, name, now)?;
         self.publish_cert(&cert, now)?;
         Ok(cert)
+    }
+
+    /// Signs a certificate for `key` with this data dir's root key, without
+    /// publishing it (a daemon publishes it through its own write path,
+    /// [`cert_ops`]).
+    pub fn issue(
+        &self,
+        key: PublicKey,
+        role: Role,
+        site: Option<&str>,
+        name: &str,
+        now: i64,
+    ) -> Result<Certificate> {
+        let root = self.root_key()?;
+        Certificate::issue(&root, key, name, role, site, now)
     }
 
     /// Checks that the data dir holds its fleet's root key.
@@ -520,70 +510,26 @@ impl DataDir {
     fn publish_cert(&mut self, cert: &Certificate, now: i64) -> Result<()> {
         self.store.put_certs(std::slice::from_ref(cert))?;
         self.trust.add_cert(cert.clone())?;
-        let mut ops = BTreeMap::new();
-        ops.insert(
-            format!("certs.{}", cert.key),
-            Some(json_str(&cert.to_json())),
-        );
-        self.write(&DocId::Fleet, &ops, now)?;
+        self.write(&DocId::Fleet, &cert_ops(cert), now)?;
         Ok(())
     }
 
     /// Finds a certified key by hex key or by writer name.
     pub fn find_key(&self, key_or_name: &str) -> Result<PublicKey> {
-        if let Ok(k) = PublicKey::from_hex(key_or_name) {
-            return Ok(k);
-        }
-        let matches: Vec<&Certificate> = self
-            .trust
-            .certs()
-            .filter(|c| c.name == key_or_name)
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok(one.key),
-            [] => Err(Error::NotFound(format!("no identity named {key_or_name}"))),
-            many => Err(Error::NotAllowed(format!(
-                "{} identities are named {key_or_name}: name one by its key ({})",
-                many.len(),
-                many.iter()
-                    .map(|c| c.key.short())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-        }
+        find_key(&self.trust, key_or_name)
     }
 
     /// Revokes a writer's key. The changes of that key this data dir holds
     /// stay valid (per-actor watermarks, see ADR 0003); any other change by
     /// the key is refused everywhere the revocation reaches.
     pub fn revoke(&mut self, key: PublicKey, reason: &str, now: i64) -> Result<Revocation> {
-        let author = automerge::Author::from(key.0.to_vec());
-        let mut accepted = BTreeMap::new();
+        let mut docs = Vec::new();
         for id in self.store.doc_ids()? {
-            let Some(doc) = self.store.load(&id)? else {
-                continue;
-            };
-            let am = doc.automerge();
-            let actors = am.get_actors_for_author(&author);
-            if actors.is_empty() {
-                continue;
-            }
-            for meta in am.get_changes_meta(&[]) {
-                if actors.contains(&meta.actor) {
-                    let e = accepted.entry(meta.actor.to_hex_string()).or_insert(0);
-                    *e = meta.seq.max(*e);
-                }
+            if let Some(doc) = self.store.load(&id)? {
+                docs.push(doc);
             }
         }
-        let r = Revocation {
-            reason: reason.to_string(),
-            accepted,
-        };
-        let mut ops = BTreeMap::new();
-        ops.insert(
-            format!("revoked.{key}"),
-            Some(serde_json::to_string(&r).unwrap_or_default()),
-        );
+        let (r, ops) = plan_revoke(key, reason, docs.iter());
         self.write(&DocId::Fleet, &ops, now)?;
         Ok(r)
     }
@@ -595,34 +541,7 @@ impl DataDir {
 
     /// The signed changes of the documents `keep` selects, for an offline bundle.
     pub fn export_some(&self, keep: impl Fn(&DocId) -> bool) -> Result<Vec<u8>> {
-        let mut bundle = Bundle {
-            root: Some(self.trust.root()),
-            certs: self.trust.certs().cloned().collect(),
-            docs: Vec::new(),
-        };
-        bundle.certs.sort_by_key(|c| c.key);
-        for id in self.store.doc_ids()? {
-            if !keep(&id) {
-                continue;
-            }
-            let Some(doc) = self.store.load(&id)? else {
-                continue;
-            };
-            let sigs = self.store.signatures(&id)?;
-            let mut changes = Vec::new();
-            for c in doc.changes() {
-                let signature = *sigs.get(&c.hash()).ok_or_else(|| Error::CorruptDocument {
-                    doc: id.to_string(),
-                    reason: format!("no signature stored for change {}", c.hash()),
-                })?;
-                changes.push(SignedChange {
-                    bytes: c.raw_bytes().to_vec(),
-                    signature,
-                });
-            }
-            bundle.docs.push((id, changes));
-        }
-        Ok(bundle.encode(self.trust.root()))
+        self.reader().export_some(keep)
     }
 
     /// Verifies every change of a bundle and merges it. A bundle with any
@@ -869,4 +788,174 @@ pub fn conflicts_of(doc: &Document, trust: &Trust) -> Vec<Conflict> {
                 .collect(),
         })
         .collect()
+}
+
+/// The fleet document's field that publishes `cert`.
+pub fn cert_ops(cert: &Certificate) -> BTreeMap<String, Option<String>> {
+    let mut ops = BTreeMap::new();
+    ops.insert(
+        format!("certs.{}", cert.key),
+        Some(json_str(&cert.to_json())),
+    );
+    ops
+}
+
+/// Finds a certified key by hex key or by writer name.
+pub fn find_key(trust: &Trust, key_or_name: &str) -> Result<PublicKey> {
+    if let Ok(k) = PublicKey::from_hex(key_or_name) {
+        return Ok(k);
+    }
+    let matches: Vec<&Certificate> = trust.certs().filter(|c| c.name == key_or_name).collect();
+    match matches.as_slice() {
+        [one] => Ok(one.key),
+        [] => Err(Error::NotFound(format!("no identity named {key_or_name}"))),
+        many => Err(Error::NotAllowed(format!(
+            "{} identities are named {key_or_name}: name one by its key ({})",
+            many.len(),
+            many.iter()
+                .map(|c| c.key.short())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// What revoking `key` writes into the fleet document: the changes of that
+/// key that `docs` hold stay valid (per-actor watermarks, ADR 0003), any
+/// other change by the key is refused wherever the revocation reaches.
+pub fn plan_revoke<'d>(
+    key: PublicKey,
+    reason: &str,
+    docs: impl Iterator<Item = &'d Document>,
+) -> (Revocation, BTreeMap<String, Option<String>>) {
+    let author = automerge::Author::from(key.0.to_vec());
+    let mut accepted = BTreeMap::new();
+    for doc in docs {
+        let am = doc.automerge();
+        let actors = am.get_actors_for_author(&author);
+        if actors.is_empty() {
+            continue;
+        }
+        for meta in am.get_changes_meta(&[]) {
+            if actors.contains(&meta.actor) {
+                let e = accepted.entry(meta.actor.to_hex_string()).or_insert(0);
+                *e = meta.seq.max(*e);
+            }
+        }
+    }
+    let r = Revocation {
+        reason: reason.to_string(),
+        accepted,
+    };
+    let mut ops = BTreeMap::new();
+    ops.insert(
+        format!("revoked.{key}"),
+        Some(serde_json::to_string(&r).unwrap_or_default()),
+    );
+    (r, ops)
+}
+
+/// Reads of committed documents — what `shoal get` shows and what an
+/// export carries — over a store and the trust that names writers. Holds
+/// no lock of its own, so a daemon runs it on a blocking thread.
+pub struct Reader<'a> {
+    /// The store.
+    pub store: &'a Store,
+    /// The fleet's certificates and revocations.
+    pub trust: &'a Trust,
+}
+
+impl Reader<'_> {
+    /// Loads a document, or a new empty one.
+    pub fn doc(&self, id: &DocId) -> Result<Document> {
+        Ok(self
+            .store
+            .load(id)?
+            .unwrap_or_else(|| Document::new(id.clone())))
+    }
+
+    /// The fleet document, read.
+    pub fn fleet(&self) -> Result<FleetView> {
+        Ok(FleetView::read(&self.doc(&DocId::Fleet)?))
+    }
+
+    /// Each node's latest report (from the highest epoch of its document held).
+    pub fn reports(&self) -> Result<BTreeMap<String, model::NodeReport>> {
+        let mut latest: BTreeMap<String, DocId> = BTreeMap::new();
+        for id in self.store.doc_ids()? {
+            if let DocId::Node { name, epoch } = &id {
+                let newer = match latest.get(name) {
+                    Some(DocId::Node { epoch: e, .. }) => epoch > e,
+                    _ => true,
+                };
+                if newer {
+                    latest.insert(name.clone(), id.clone());
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (name, id) in latest {
+            if let Some(doc) = self.store.load(&id)? {
+                out.insert(name, model::NodeReport::read(&doc));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every site document held, read.
+    pub fn sites(&self) -> Result<BTreeMap<String, model::SiteOverrideSpec>> {
+        let mut out = BTreeMap::new();
+        for id in self.store.doc_ids()? {
+            if let DocId::Site(name) = &id
+                && let Some(doc) = self.store.load(&id)?
+            {
+                out.insert(name.clone(), model::read_site(&doc));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every field with concurrent values, in every document.
+    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
+        let mut out = Vec::new();
+        for id in self.store.doc_ids()? {
+            if let Some(doc) = self.store.load(&id)? {
+                out.extend(conflicts_of(&doc, self.trust));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The signed changes of the documents `keep` selects, as an offline
+    /// bundle.
+    pub fn export_some(&self, keep: impl Fn(&DocId) -> bool) -> Result<Vec<u8>> {
+        let mut bundle = Bundle {
+            root: Some(self.trust.root()),
+            certs: self.trust.certs().cloned().collect(),
+            docs: Vec::new(),
+        };
+        bundle.certs.sort_by_key(|c| c.key);
+        for id in self.store.doc_ids()? {
+            if !keep(&id) {
+                continue;
+            }
+            let Some(doc) = self.store.load(&id)? else {
+                continue;
+            };
+            let sigs = self.store.signatures(&id)?;
+            let mut changes = Vec::new();
+            for c in doc.changes() {
+                let signature = *sigs.get(&c.hash()).ok_or_else(|| Error::CorruptDocument {
+                    doc: id.to_string(),
+                    reason: format!("no signature stored for change {}", c.hash()),
+                })?;
+                changes.push(SignedChange {
+                    bytes: c.raw_bytes().to_vec(),
+                    signature,
+                });
+            }
+            bundle.docs.push((id, changes));
+        }
+        Ok(bundle.encode(self.trust.root()))
+    }
 }

@@ -153,6 +153,15 @@ struct Peer {
     announced_ms: Option<u64>,
 }
 
+/// What [`Engine::submit`] took in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Submitted {
+    /// Changes new to the document.
+    pub applied: usize,
+    /// Changes held back until changes they depend on arrive.
+    pub waiting: usize,
+}
+
 /// The sync engine of one node.
 pub struct Engine {
     me: Certificate,
@@ -279,32 +288,43 @@ impl Engine {
         }
     }
 
-    /// Verifies and applies signed changes made elsewhere (a local tool, a
+    /// Verifies and applies signed changes made elsewhere (a bundle, a
     /// field engineer's laptop through the site API) and sends them on.
-    /// Returns whether anything was new; a bad change refuses them all.
-    pub fn submit(&mut self, id: DocId, changes: Vec<SignedChange>) -> Result<bool> {
+    /// A bad change refuses them all.
+    pub fn submit(&mut self, id: DocId, changes: Vec<SignedChange>) -> Result<Submitted> {
         let decoded = crate::signed::verify::decode(&id, &changes)?;
-        let new = self.ingest(&id, decoded)?;
-        if new {
+        let s = self.ingest(&id, decoded)?;
+        if s.applied > 0 {
             self.changed(&id, None);
         }
-        Ok(new)
+        Ok(s)
+    }
+
+    /// Adds certificates (those an offline bundle carries) after checking
+    /// the root's signature on each; returns those refused.
+    pub fn add_certs(&mut self, certs: Vec<Certificate>) -> Vec<crate::Error> {
+        certs
+            .into_iter()
+            .filter_map(|c| self.trust.add_cert(c).err())
+            .collect()
     }
 
     /// Verifies and applies signed changes to a document, remembers their
-    /// signatures and asks the driver to persist them. Returns whether
-    /// anything new was applied.
-    fn ingest(&mut self, id: &DocId, changes: Vec<(Change, [u8; 64])>) -> Result<bool> {
+    /// signatures and asks the driver to persist them.
+    fn ingest(&mut self, id: &DocId, changes: Vec<(Change, [u8; 64])>) -> Result<Submitted> {
         let doc = self
             .docs
             .entry(id.clone())
             .or_insert_with(|| Document::new(id.clone()));
-        let (applied, _waiting) = verify_and_apply_decoded(&self.trust, doc, changes)?;
-        if applied.is_empty() {
-            return Ok(false);
+        let (applied, waiting) = verify_and_apply_decoded(&self.trust, doc, changes)?;
+        let s = Submitted {
+            applied: applied.len(),
+            waiting,
+        };
+        if !applied.is_empty() {
+            self.record(id, applied);
         }
-        self.record(id, applied);
-        Ok(true)
+        Ok(s)
     }
 
     /// Remembers the signatures of changes now in a document and asks the
@@ -659,7 +679,7 @@ impl Engine {
             by_hash.sort_by_key(|c| c.hash());
             let signed: Vec<(Change, [u8; 64])> = by_hash.into_iter().zip(sigs).collect();
             match self.ingest(&id, signed) {
-                Ok(applied) => applied_any = applied,
+                Ok(s) => applied_any = s.applied > 0,
                 Err(e) => {
                     self.out.push_back(Output::Security {
                         peer,

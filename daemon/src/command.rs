@@ -1,0 +1,691 @@
+//! The one command surface of a running daemon.
+//!
+//! Every request that reaches a node or an anchor from outside the mesh is a
+//! [`Command`] from a [`Caller`]: a CLI verb over the control socket
+//! (`Caller::Owner`), an operator API call (`Caller::Operator`), a site API
+//! call signed by an engineer (`Caller::Signed`) or made by one of the
+//! node's apps (`Caller::App`). Each surface only authenticates and
+//! translates; [`handle`] checks what the caller may do ([`authorize`]),
+//! writes through the core's one write path, and answers. Writes are
+//! answered once they are committed (the driver holds the answer); reads of
+//! committed documents ([`Answer::Read`]) run on a blocking thread, never on
+//! the loop.
+//!
+//! What only one composition answers (the node's view and device routes)
+//! goes to its [`Host::local`].
+
+use std::collections::BTreeMap;
+
+use crdt_state::fleet::model::Kind;
+use crdt_state::local::datadir::{self, ImportReport, Reader};
+use crdt_state::{DocId, Identity, PublicKey, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::driver::Base;
+use crate::enroll::TokenRequest;
+use crate::render::{self, Contact, Format};
+
+/// Everything a daemon can be asked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// `shoal apply`, `POST /api/apply`: manifests as (file name, text).
+    Apply {
+        /// The files.
+        files: Vec<(String, String)>,
+        /// An identity file's content to sign with (the owner only).
+        identity: Option<String>,
+        /// Answer as text in this format; JSON when absent.
+        output: Option<String>,
+    },
+    /// `shoal delete`, `DELETE /api/{kind}s/{name}`.
+    Delete {
+        /// app, config, node, site, profile or device.
+        kind: String,
+        /// Name.
+        name: String,
+        /// An identity file's content to sign with (the owner only).
+        identity: Option<String>,
+        /// Answer as a line of text; JSON when absent.
+        output: Option<String>,
+    },
+    /// `POST /api/conflicts/resolve`: write `value` over concurrent values.
+    Resolve {
+        /// The document (`fleet`, `site/<name>`).
+        doc: String,
+        /// The field.
+        field: String,
+        /// The value chosen.
+        value: Value,
+    },
+    /// `shoal get WHAT -o FORMAT`.
+    Get {
+        /// apps, configs, nodes, sites, profiles, devices or conflicts.
+        what: String,
+        /// Output format.
+        output: String,
+    },
+    /// `shoal identity revoke`.
+    Revoke {
+        /// Name or key.
+        who: String,
+        /// Why.
+        reason: String,
+    },
+    /// `shoal fleet token create`.
+    TokenCreate(TokenRequest),
+    /// `shoal bundle export`, `GET /api/site/bundle`: the signed changes
+    /// of every document, or of one.
+    Export {
+        /// Only this document (`site/<name>`).
+        only: Option<String>,
+    },
+    /// `shoal bundle import`, `POST /api/site/changes`: signed changes made
+    /// elsewhere, verified like synced ones.
+    Import {
+        /// The bundle.
+        #[serde(with = "hex_bytes")]
+        bundle: Vec<u8>,
+        /// Answer as text lines; JSON when absent.
+        output: Option<String>,
+    },
+    /// `GET /api/view` on a node's site API.
+    View,
+    /// A node's device routes (`/api/devices…` on the site API).
+    Devices {
+        /// The path.
+        path: String,
+    },
+    /// A request a surface refused, for the security log.
+    Security {
+        /// Who asked.
+        source: String,
+        /// What was refused.
+        reason: String,
+    },
+}
+
+impl Command {
+    /// The command's name, for errors and logs.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Apply { .. } => "apply",
+            Command::Delete { .. } => "delete",
+            Command::Resolve { .. } => "resolve",
+            Command::Get { .. } => "get",
+            Command::Revoke { .. } => "revoke",
+            Command::TokenCreate(_) => "token create",
+            Command::Export { .. } => "export",
+            Command::Import { .. } => "import",
+            Command::View => "view",
+            Command::Devices { .. } => "devices",
+            Command::Security { .. } => "security",
+        }
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map_err(|_| serde::de::Error::custom("bundle bytes damaged in transit"))
+    }
+}
+
+/// Who asks, as the surface authenticated them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The data dir's owner: the control socket (owner-only file).
+    Owner,
+    /// An operator holding an anchor API token (the token's name).
+    Operator(String),
+    /// A key that signed a site API request over a fresh nonce; what it may
+    /// do is decided by its certificate, in [`authorize`].
+    Signed(PublicKey),
+    /// One of this node's apps (its app token): device reads only.
+    App,
+    /// A surface itself, reporting a request it refused (security log only).
+    Surface(String),
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Owner => write!(f, "owner"),
+            Caller::Operator(n) => write!(f, "operator {n}"),
+            Caller::Signed(k) => write!(f, "key {}", k.short()),
+            Caller::App => write!(f, "app"),
+            Caller::Surface(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// A read of committed documents, run on a blocking thread.
+pub type StoreRead = Box<dyn FnOnce(&Store) -> Result<Answer, Refusal> + Send>;
+
+/// What a command answers.
+pub enum Answer {
+    /// Text (what the CLI prints).
+    Text(String),
+    /// JSON.
+    Json(Value),
+    /// Bytes (an exported bundle).
+    Bytes(Vec<u8>),
+    /// A read of the store, for the driver to run off the loop; its result
+    /// is the answer.
+    Read(StoreRead),
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Text(t) => f.debug_tuple("Text").field(t).finish(),
+            Answer::Json(v) => f.debug_tuple("Json").field(v).finish(),
+            Answer::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Answer::Read(_) => write!(f, "Read(..)"),
+        }
+    }
+}
+
+/// A refused or failed command: a status (HTTP's numbers) and words naming
+/// what was wrong.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    /// 400 bad input, 401 unknown caller, 403 not allowed, 404 no such
+    /// thing, 409 conflict, 500 failure here, 503 stopping.
+    #[serde(skip)]
+    pub status: u16,
+    /// The whole message.
+    pub error: String,
+    /// Manifest file at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Position of the YAML document in it (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<usize>,
+    /// Dotted path of the field at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal with a status.
+    pub fn new(status: u16, error: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            error: error.into(),
+            ..Refusal::default()
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
+impl From<crdt_state::Error> for Refusal {
+    fn from(e: crdt_state::Error) -> Refusal {
+        use crdt_state::Error as E;
+        match e {
+            E::Manifest(m) => Refusal {
+                status: 400,
+                error: m.to_string(),
+                file: Some(m.file.clone()),
+                document: Some(m.document),
+                field: Some(m.field.clone()).filter(|f| !f.is_empty()),
+            },
+            E::NotAllowed(_) | E::Rejected { .. } => Refusal::new(403, e.to_string()),
+            E::NotFound(_) => Refusal::new(404, e.to_string()),
+            E::Bundle(_) | E::Identity(_) | E::Automerge(_) => Refusal::new(400, e.to_string()),
+            other => Refusal::new(500, other.to_string()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Refusal {
+    fn from(e: anyhow::Error) -> Refusal {
+        match e.downcast::<crdt_state::Error>() {
+            Ok(e) => e.into(),
+            Err(e) => Refusal::new(400, format!("{e:#}").replace('\n', " ")),
+        }
+    }
+}
+
+/// A command from a surface, with the channel for its answer (never an
+/// [`Answer::Read`]: the driver runs those).
+pub type Incoming = (
+    Caller,
+    Command,
+    tokio::sync::oneshot::Sender<Result<Answer, Refusal>>,
+);
+
+/// A composition (the edge node, the anchor) around its [`Base`]: what
+/// [`handle`] needs beyond the shared driver.
+pub trait Host {
+    /// The shared driver.
+    fn base(&mut self) -> &mut Base;
+
+    /// A command only this composition answers (the node's view and device
+    /// routes). Called after [`authorize`].
+    fn local(&mut self, caller: &Caller, cmd: Command) -> Result<Answer, Refusal> {
+        let _ = caller;
+        Err(Refusal::new(
+            404,
+            format!("{} is not answered by this daemon", cmd.verb()),
+        ))
+    }
+
+    /// `shoal get nodes` from what this composition keeps in memory (the
+    /// anchor's view of every node's report); `None` reads the store.
+    fn nodes(&mut self, output: Format) -> Option<String> {
+        let _ = output;
+        None
+    }
+
+    /// Something for the timeline (an edit, an enrollment).
+    fn event(&mut self, kind: &str, subject: &str, text: String) {
+        let _ = (kind, subject, text);
+    }
+
+    /// A refused request, for the security log.
+    fn security(&mut self, who: &str, reason: &str) {
+        let _ = (who, reason);
+    }
+}
+
+impl Host for Base {
+    fn base(&mut self) -> &mut Base {
+        self
+    }
+}
+
+/// Handles one command: its caller's authority first, then the command.
+pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<Answer, Refusal> {
+    authorize(host.base(), caller, &cmd)?;
+    match cmd {
+        Command::Apply {
+            files,
+            identity,
+            output,
+        } => {
+            let output = output.as_deref().map(format).transpose()?;
+            let manifests = manifests(&files)?;
+            let (writer, message, who) = writer_of(host.base(), caller, identity.as_deref())?;
+            let applied = host.base().apply(&manifests, &writer, message.as_deref())?;
+            for a in applied.iter().filter(|a| a.fields > 0) {
+                host.event(
+                    "edit",
+                    &a.doc,
+                    format!(
+                        "{who} applied {}/{} ({} fields)",
+                        a.kind.as_str().to_lowercase(),
+                        a.name,
+                        a.fields
+                    ),
+                );
+            }
+            Ok(match output {
+                Some(f) => Answer::Text(render::applied(f, &applied)),
+                None => Answer::Json(json!({ "applied": applied })),
+            })
+        }
+        Command::Delete {
+            kind,
+            name,
+            identity,
+            output,
+        } => {
+            let k = kind_of(&kind)?;
+            let (writer, message, who) = writer_of(host.base(), caller, identity.as_deref())?;
+            let n = host.base().delete(k, &name, &writer, message.as_deref())?;
+            let what = format!("{}/{name}", k.as_str().to_lowercase());
+            host.event("edit", &what, format!("{who} deleted {what}"));
+            Ok(match output {
+                Some(_) => Answer::Text(deleted(k, &name)),
+                None => Answer::Json(json!({ "deleted": what, "fields": n })),
+            })
+        }
+        Command::Resolve { doc, field, value } => {
+            let id = match DocId::parse(&doc) {
+                Ok(DocId::Node { .. }) => {
+                    return Err(Refusal::new(
+                        403,
+                        "node documents are their node's to write",
+                    ));
+                }
+                Ok(id) => id,
+                Err(e) => return Err(Refusal::new(400, format!("doc: {e}"))),
+            };
+            let ops = [(field.clone(), Some(value.to_string()))]
+                .into_iter()
+                .collect();
+            let (writer, message, who) = writer_of(host.base(), caller, None)?;
+            let message =
+                message.map(|_| format!("{who} resolved a conflict through the anchor API"));
+            host.base().write(&id, &ops, &writer, message.as_deref())?;
+            host.event(
+                "edit",
+                &doc,
+                format!("{who} resolved {field} in {doc}: {value} kept"),
+            );
+            Ok(Answer::Json(json!({ "resolved": field, "value": value })))
+        }
+        Command::Get { what, output } => {
+            let output = format(&output)?;
+            if matches!(what.as_str(), "nodes" | "node")
+                && let Some(text) = host.nodes(output)
+            {
+                return Ok(Answer::Text(text));
+            }
+            let base = host.base();
+            let trust = base.core.trust().clone();
+            let contacts = base.core.contacts().clone();
+            // Checked here, so a wrong name is answered at once.
+            get_kind(&what)?;
+            Ok(Answer::Read(Box::new(move |store| {
+                let reader = Reader {
+                    store,
+                    trust: &trust,
+                };
+                get(&reader, &what, output, Some(&contacts), unix_now())
+                    .map(Answer::Text)
+                    .map_err(Refusal::from)
+            })))
+        }
+        Command::Revoke { who, reason } => {
+            let base = host.base();
+            let key = datadir::find_key(base.core.trust(), &who)?;
+            let writer = base.identity()?;
+            let r = base.revoke(key, &reason, &writer)?;
+            host.event("revoked", &key.short(), format!("{who} revoked: {reason}"));
+            Ok(Answer::Text(revoked(key, &r)))
+        }
+        Command::TokenCreate(t) => {
+            let base = host.base();
+            let addrs = base.addrs().to_vec();
+            let addrs = if addrs.is_empty() {
+                crate::enroll::read_addrs(base.dd.path())
+            } else {
+                addrs
+            };
+            let token = crate::enroll::create_token(&base.dd, addrs, &t, unix_now())?;
+            Ok(Answer::Text(format!("{token}\n")))
+        }
+        Command::Export { only } => {
+            let only = only
+                .map(|d| DocId::parse(&d).map_err(|e| Refusal::new(400, format!("only: {e}"))))
+                .transpose()?;
+            let trust = host.base().core.trust().clone();
+            Ok(Answer::Read(Box::new(move |store| {
+                let reader = Reader {
+                    store,
+                    trust: &trust,
+                };
+                let bytes = reader.export_some(|id| only.as_ref().is_none_or(|o| o == id))?;
+                Ok(Answer::Bytes(bytes))
+            })))
+        }
+        Command::Import { bundle, output } => {
+            // A site engineer edits their site's document, nothing else.
+            let only = match caller {
+                Caller::Signed(_) => Some(own_site(host.base())?),
+                _ => None,
+            };
+            let report = host.base().import(&bundle, only.as_ref())?;
+            Ok(match output {
+                Some(_) => Answer::Text(imported(&report)),
+                None => Answer::Json(json!({
+                    "new": !report.new_changes.is_empty(),
+                    "new_changes": report.new_changes,
+                    "waiting": report.waiting,
+                })),
+            })
+        }
+        Command::Security { source, reason } => {
+            tracing::warn!(%source, %reason, "request refused");
+            host.security(&source, &reason);
+            Ok(Answer::Json(json!({})))
+        }
+        cmd @ (Command::View | Command::Devices { .. }) => host.local(caller, cmd),
+    }
+}
+
+/// What `caller` may ask. The owner of the data dir may ask anything; an
+/// operator (an anchor API token) edits and reads; a signed site API
+/// request must come from a certified, unrevoked key that may edit this
+/// node's site (its site engineers, and operators), and may read the view,
+/// the site document and the devices and post changes of the site
+/// document; a node's app reads its devices.
+pub fn authorize(base: &Base, caller: &Caller, cmd: &Command) -> Result<(), Refusal> {
+    let refuse = |who: &str| Refusal::new(403, format!("{who} may not {} here", cmd.verb()));
+    match caller {
+        Caller::Owner => Ok(()),
+        Caller::Operator(name) => match cmd {
+            Command::Apply { identity: None, .. }
+            | Command::Delete { identity: None, .. }
+            | Command::Resolve { .. }
+            | Command::Get { .. }
+            | Command::Export { .. }
+            | Command::Security { .. } => Ok(()),
+            _ => Err(refuse(&format!("operator {name} (an API token)"))),
+        },
+        Caller::Signed(key) => {
+            let site = own_site(base)?;
+            let trust = base.core.trust();
+            let cert = trust
+                .cert(key)
+                .ok_or_else(|| Refusal::new(401, "no certificate of this fleet for that key"))?;
+            if trust.is_revoked(key) {
+                return Err(Refusal::new(403, format!("{} is revoked", cert.name)));
+            }
+            let DocId::Site(name) = &site else {
+                return Err(Refusal::new(404, "this node belongs to no site"));
+            };
+            if !cert.may_write(&site) {
+                return Err(Refusal::new(
+                    403,
+                    format!("{} ({}) may not edit site {name}", cert.name, cert.role),
+                ));
+            }
+            match cmd {
+                Command::View | Command::Devices { .. } | Command::Import { .. } => Ok(()),
+                Command::Export { only: Some(d) } if *d == site.to_string() => Ok(()),
+                _ => Err(refuse(&cert.name)),
+            }
+        }
+        Caller::App => match cmd {
+            Command::Devices { .. } => Ok(()),
+            _ => Err(refuse("an app")),
+        },
+        Caller::Surface(s) => match cmd {
+            Command::Security { .. } => Ok(()),
+            _ => Err(refuse(s)),
+        },
+    }
+}
+
+/// This node's site document (404 on a daemon that belongs to no site).
+fn own_site(base: &Base) -> Result<DocId, Refusal> {
+    base.core
+        .me()
+        .cert
+        .site
+        .clone()
+        .map(DocId::Site)
+        .ok_or_else(|| Refusal::new(404, "this node belongs to no site"))
+}
+
+/// Who signs a write for `caller`, the message recorded with it, and the
+/// name the timeline gives.
+fn writer_of(
+    base: &Base,
+    caller: &Caller,
+    identity: Option<&str>,
+) -> Result<(Identity, Option<String>, String), Refusal> {
+    match caller {
+        Caller::Owner => {
+            let id = match identity {
+                Some(text) => parse_identity(text)?,
+                None => base.identity()?,
+            };
+            let name = id.cert.name.clone();
+            Ok((id, None, name))
+        }
+        // The anchor signs with its data dir's operator identity and
+        // records who asked (ADR 0006).
+        Caller::Operator(user) => Ok((
+            base.identity()?,
+            Some(format!("{user} through the anchor API")),
+            user.clone(),
+        )),
+        other => Err(Refusal::new(403, format!("{other} may not write here"))),
+    }
+}
+
+fn unix_now() -> i64 {
+    crate::driver::unix_now()
+}
+
+/// Parses an identity file's content sent with a command.
+pub fn parse_identity(text: &str) -> Result<Identity, Refusal> {
+    Identity::from_json("--identity", text.as_bytes()).map_err(Refusal::from)
+}
+
+/// The manifests of `shoal apply`'s files (label, text).
+pub fn manifests(
+    files: &[(String, String)],
+) -> Result<Vec<crdt_state::fleet::manifest::Manifest>, Refusal> {
+    let mut out = Vec::new();
+    for (label, text) in files {
+        out.extend(
+            crdt_state::fleet::manifest::parse(label, text).map_err(crdt_state::Error::from)?,
+        );
+    }
+    Ok(out)
+}
+
+/// An output format named by the caller.
+pub fn format(output: &str) -> Result<Format, Refusal> {
+    output.parse().map_err(|e: String| Refusal::new(400, e))
+}
+
+/// The kind `shoal delete` names.
+pub fn kind_of(kind: &str) -> Result<Kind, Refusal> {
+    Kind::parse(kind).ok_or_else(|| {
+        Refusal::new(
+            400,
+            format!("unknown kind {kind:?}: expected app, config, node or site"),
+        )
+    })
+}
+
+/// What `shoal delete` prints.
+pub fn deleted(kind: Kind, name: &str) -> String {
+    format!("{}/{name} deleted\n", kind.as_str().to_lowercase())
+}
+
+/// What `shoal identity revoke` prints.
+pub fn revoked(key: PublicKey, r: &crdt_state::signed::verify::Revocation) -> String {
+    format!(
+        "revoked {} ({} of its actors keep their changes so far)\n",
+        key.short(),
+        r.accepted.len()
+    )
+}
+
+/// What `shoal bundle import` prints.
+pub fn imported(report: &ImportReport) -> String {
+    let mut out = String::new();
+    if report.new_changes.is_empty() {
+        out.push_str("nothing new\n");
+    }
+    for (doc, n) in &report.new_changes {
+        out.push_str(&format!("{doc}: {n} new changes\n"));
+    }
+    if report.waiting > 0 {
+        out.push_str(&format!(
+            "{} changes wait for changes they depend on (import a fuller bundle)\n",
+            report.waiting
+        ));
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Table {
+    Apps,
+    Configs,
+    Nodes,
+    Conflicts,
+    Sites,
+    Profiles,
+    Devices,
+}
+
+fn get_kind(what: &str) -> Result<Table, Refusal> {
+    Ok(match what {
+        "apps" | "app" => Table::Apps,
+        "configs" | "config" => Table::Configs,
+        "nodes" | "node" => Table::Nodes,
+        "conflicts" | "conflict" => Table::Conflicts,
+        "sites" | "site" => Table::Sites,
+        "profiles" | "profile" => Table::Profiles,
+        "devices" | "device" => Table::Devices,
+        other => {
+            return Err(Refusal::new(
+                400,
+                format!(
+                    "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices or conflicts"
+                ),
+            ));
+        }
+    })
+}
+
+/// `shoal get WHAT`: a table of committed documents (`contacts`: what a
+/// running daemon knows of its peers).
+pub fn get(
+    reader: &Reader<'_>,
+    what: &str,
+    output: Format,
+    contacts: Option<&BTreeMap<String, Contact>>,
+    now: i64,
+) -> anyhow::Result<String> {
+    Ok(
+        match get_kind(what).map_err(|r| anyhow::anyhow!(r.error))? {
+            Table::Apps => render::apps(output, &reader.fleet()?),
+            Table::Configs => render::configs(output, &reader.fleet()?),
+            Table::Nodes => render::nodes_with_contacts(
+                output,
+                &reader.fleet()?,
+                contacts,
+                &reader.reports()?,
+                now,
+            ),
+            Table::Conflicts => render::conflicts(output, &reader.conflicts()?),
+            Table::Sites => render::sites(output, &reader.sites()?),
+            Table::Profiles => render::profiles(output, &reader.fleet()?),
+            Table::Devices => render::devices(output, &reader.fleet()?),
+        },
+    )
+}
+
+/// Handles a command from a surface and sends its answer (after the
+/// commit of what it wrote, or from a blocking thread for a store read).
+pub fn dispatch<H: Host>(host: &mut H, incoming: Incoming) {
+    let (caller, cmd, reply) = incoming;
+    let span = tracing::debug_span!("command", verb = cmd.verb(), %caller);
+    let _entered = span.enter();
+    let r = handle(host, &caller, cmd);
+    if let Err(e) = &r {
+        tracing::info!(status = e.status, error = %e.error, "command refused");
+    }
+    host.base().answer(r, reply);
+}
