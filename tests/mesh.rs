@@ -250,6 +250,53 @@ fn strangers_and_revoked_nodes_never_get_documents() {
     drop((good, revoked, stranger));
 }
 
+/// A revocation made through the running anchor (the control socket, so
+/// the anchor's one write path) reaches its core at once: the revoked node,
+/// connected until then, is cut off and gets nothing written after it.
+#[test]
+fn revoking_through_a_running_anchor_cuts_the_node_off_at_once() {
+    let f = Fleet::new();
+    let anchor = f.start_anchor();
+    let (gd, rd) = (f.dir("g1"), f.dir("r1"));
+    enroll(&f.anchor_dir, &gd, "g1", "s1");
+    enroll(&f.anchor_dir, &rd, "r1", "s1");
+    let mut peer = listen_any();
+    peer.extend(["--peer".to_string(), anchor.addr_on("127.0.0.1")]);
+    let good = Daemon::start("node", &gd, &peer, None);
+    let revoked = Daemon::start("node", &rd, &peer, None);
+    assert!(all_connected(&f.anchor_dir, &["g1", "r1"], SYNC_WITHIN));
+    let out = ok(&[
+        "identity",
+        "revoke",
+        "--data-dir",
+        s(&f.anchor_dir),
+        "r1",
+        "--reason",
+        "stolen",
+    ]);
+    assert!(out.starts_with("revoked "), "{out}");
+    let app = write(&f.root, "after.yaml", &app_yaml("after-revoke", "1"));
+    ok(&["apply", "--data-dir", s(&f.anchor_dir), "-f", s(&app)]);
+    assert!(wait_for(SYNC_WITHIN, || app_version(&gd, "after-revoke").is_some()));
+    // r1 shares g1's link to the anchor: had it not been cut off, the app
+    // would have reached it as it reached g1.
+    assert_eq!(app_version(&rd, "after-revoke"), None);
+    assert!(
+        wait_for(
+            SYNC_WITHIN,
+            || get(&f.anchor_dir, "nodes")["r1"]["connected"] != serde_json::json!(true)
+        ),
+        "r1 still listed as connected"
+    );
+    // The anchor's log says why it was cut off.
+    assert!(
+        wait_for(SYNC_WITHIN, || anchor.log_text().contains("was revoked")),
+        "anchor log: {}",
+        anchor.log_text()
+    );
+    drop((good, revoked));
+}
+
 #[test]
 fn cli_verbs_reach_a_running_daemon_and_print_the_same() {
     let f = Fleet::new();

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use crdt_state::fleet::model::Kind;
 use crdt_state::local::datadir::{self, ImportReport, Reader};
-use crdt_state::{DocId, Identity, PublicKey, Store};
+use crdt_state::{Certificate, DocId, Identity, PublicKey, Store, Trust};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -308,7 +308,10 @@ impl Host for Base {
 
 /// Handles one command: its caller's authority first, then the command.
 pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<Answer, Refusal> {
-    authorize(host.base(), caller, &cmd)?;
+    {
+        let core = &host.base().core;
+        authorize(core.trust(), &core.me().cert, caller, &cmd)?;
+    }
     match cmd {
         Command::Apply {
             files,
@@ -435,7 +438,7 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
         Command::Import { bundle, output } => {
             // A site engineer edits their site's document, nothing else.
             let only = match caller {
-                Caller::Signed(_) => Some(own_site(host.base())?),
+                Caller::Signed(_) => Some(site_of(&host.base().core.me().cert)?),
                 _ => None,
             };
             let report = host.base().import(&bundle, only.as_ref())?;
@@ -463,7 +466,15 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
 /// node's site (its site engineers, and operators), and may read the view,
 /// the site document and the devices and post changes of the site
 /// document; a node's app reads its devices.
-pub fn authorize(base: &Base, caller: &Caller, cmd: &Command) -> Result<(), Refusal> {
+///
+/// `me` is this daemon's certificate (its site), `trust` the fleet's
+/// certificates and revocations as the daemon holds them now.
+pub fn authorize(
+    trust: &Trust,
+    me: &Certificate,
+    caller: &Caller,
+    cmd: &Command,
+) -> Result<(), Refusal> {
     let refuse = |who: &str| Refusal::new(403, format!("{who} may not {} here", cmd.verb()));
     match caller {
         Caller::Owner => Ok(()),
@@ -477,17 +488,14 @@ pub fn authorize(base: &Base, caller: &Caller, cmd: &Command) -> Result<(), Refu
             _ => Err(refuse(&format!("operator {name} (an API token)"))),
         },
         Caller::Signed(key) => {
-            let site = own_site(base)?;
-            let trust = base.core.trust();
+            let site = site_of(me)?;
             let cert = trust
                 .cert(key)
                 .ok_or_else(|| Refusal::new(401, "no certificate of this fleet for that key"))?;
             if trust.is_revoked(key) {
                 return Err(Refusal::new(403, format!("{} is revoked", cert.name)));
             }
-            let DocId::Site(name) = &site else {
-                return Err(Refusal::new(404, "this node belongs to no site"));
-            };
+            let name = me.site.as_deref().unwrap_or_default();
             if !cert.may_write(&site) {
                 return Err(Refusal::new(
                     403,
@@ -512,11 +520,8 @@ pub fn authorize(base: &Base, caller: &Caller, cmd: &Command) -> Result<(), Refu
 }
 
 /// This node's site document (404 on a daemon that belongs to no site).
-fn own_site(base: &Base) -> Result<DocId, Refusal> {
-    base.core
-        .me()
-        .cert
-        .site
+fn site_of(me: &Certificate) -> Result<DocId, Refusal> {
+    me.site
         .clone()
         .map(DocId::Site)
         .ok_or_else(|| Refusal::new(404, "this node belongs to no site"))
@@ -688,4 +693,216 @@ pub fn dispatch<H: Host>(host: &mut H, incoming: Incoming) {
         tracing::info!(status = e.status, error = %e.error, "command refused");
     }
     host.base().answer(r, reply);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crdt_state::Role;
+    use crdt_state::signed::identity::generate_key;
+    use crdt_state::signed::verify::Revocation;
+
+    struct Fleet {
+        trust: Trust,
+        node: Certificate,
+        anchor: Certificate,
+        operator: PublicKey,
+        engineer: PublicKey,
+        other_site: PublicKey,
+        revoked: PublicKey,
+        stranger: PublicKey,
+    }
+
+    fn fleet() -> Fleet {
+        let root = generate_key().unwrap();
+        let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
+        let mut cert = |name: &str, role: Role, site: Option<&str>| {
+            let id = Identity::issue(&root, generate_key().unwrap(), name, role, site, 0).unwrap();
+            trust.add_cert(id.cert.clone()).unwrap();
+            id.cert
+        };
+        let node = cert("n1", Role::Node, Some("s1"));
+        let anchor = cert("a1", Role::Anchor, None);
+        let operator = cert("op", Role::Operator, None).key;
+        let engineer = cert("eng", Role::SiteEngineer, Some("s1")).key;
+        let other_site = cert("eng2", Role::SiteEngineer, Some("s2")).key;
+        let revoked = cert("gone", Role::SiteEngineer, Some("s1")).key;
+        trust.revoke(
+            revoked,
+            Revocation {
+                reason: "left".into(),
+                accepted: Default::default(),
+            },
+        );
+        let stranger = PublicKey(generate_key().unwrap().verifying_key().to_bytes());
+        Fleet {
+            trust,
+            node,
+            anchor,
+            operator,
+            engineer,
+            other_site,
+            revoked,
+            stranger,
+        }
+    }
+
+    fn every_command() -> Vec<Command> {
+        vec![
+            Command::Apply {
+                files: vec![],
+                identity: None,
+                output: None,
+            },
+            Command::Apply {
+                files: vec![],
+                identity: Some("{}".into()),
+                output: None,
+            },
+            Command::Delete {
+                kind: "app".into(),
+                name: "a".into(),
+                identity: None,
+                output: None,
+            },
+            Command::Resolve {
+                doc: "fleet".into(),
+                field: "f".into(),
+                value: Value::Null,
+            },
+            Command::Get {
+                what: "apps".into(),
+                output: "json".into(),
+            },
+            Command::Revoke {
+                who: "x".into(),
+                reason: "y".into(),
+            },
+            Command::TokenCreate(TokenRequest {
+                node: "n".into(),
+                site: None,
+                labels: BTreeMap::new(),
+                ttl_s: 60,
+            }),
+            Command::Export { only: None },
+            Command::Export {
+                only: Some("site/s1".into()),
+            },
+            Command::Export {
+                only: Some("site/s2".into()),
+            },
+            Command::Import {
+                bundle: vec![],
+                output: None,
+            },
+            Command::View,
+            Command::Devices {
+                path: "/api/devices".into(),
+            },
+            Command::Security {
+                source: "s".into(),
+                reason: "r".into(),
+            },
+        ]
+    }
+
+    /// The label of a command in the table below.
+    fn label(c: &Command) -> String {
+        match c {
+            Command::Apply {
+                identity: Some(_), ..
+            } => "apply --identity".into(),
+            Command::Export { only: Some(d) } => format!("export {d}"),
+            Command::Export { only: None } => "export all".into(),
+            other => other.verb().into(),
+        }
+    }
+
+    /// What each caller may do, on a node of site s1: the whole table, so a
+    /// change to who may do what shows up here.
+    #[test]
+    fn who_may_do_what() {
+        let f = fleet();
+        let allowed = |caller: &Caller, me: &Certificate| -> Vec<String> {
+            every_command()
+                .iter()
+                .filter(|c| authorize(&f.trust, me, caller, c).is_ok())
+                .map(label)
+                .collect()
+        };
+        let all: Vec<String> = every_command().iter().map(label).collect();
+        assert_eq!(allowed(&Caller::Owner, &f.node), all);
+        assert_eq!(
+            allowed(&Caller::Operator("alice".into()), &f.anchor),
+            [
+                "apply",
+                "delete",
+                "resolve",
+                "get",
+                "export all",
+                "export site/s1",
+                "export site/s2",
+                "security"
+            ]
+        );
+        let site_api = ["export site/s1", "import", "view", "devices"];
+        assert_eq!(allowed(&Caller::Signed(f.engineer), &f.node), site_api);
+        // An operator may edit any site, so it may use any node's site API.
+        assert_eq!(allowed(&Caller::Signed(f.operator), &f.node), site_api);
+        for key in [f.other_site, f.revoked, f.stranger] {
+            assert!(allowed(&Caller::Signed(key), &f.node).is_empty());
+        }
+        assert_eq!(allowed(&Caller::App, &f.node), ["devices"]);
+        assert_eq!(
+            allowed(&Caller::Surface("HTTP API".into()), &f.node),
+            ["security"]
+        );
+        // A daemon of no site answers no signed request.
+        assert!(allowed(&Caller::Signed(f.engineer), &f.anchor).is_empty());
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let f = fleet();
+        let view = Command::View;
+        let why = |caller: Caller| authorize(&f.trust, &f.node, &caller, &view).unwrap_err();
+        let r = why(Caller::Signed(f.stranger));
+        assert_eq!(
+            (r.status, r.error.as_str()),
+            (401, "no certificate of this fleet for that key")
+        );
+        let r = why(Caller::Signed(f.revoked));
+        assert_eq!((r.status, r.error.as_str()), (403, "gone is revoked"));
+        let r = why(Caller::Signed(f.other_site));
+        assert_eq!(r.status, 403);
+        assert!(r.error.contains("may not edit site s1"), "{}", r.error);
+        let r = why(Caller::App);
+        assert_eq!(
+            (r.status, r.error.as_str()),
+            (403, "an app may not view here")
+        );
+        let r = authorize(&f.trust, &f.anchor, &Caller::Signed(f.engineer), &view).unwrap_err();
+        assert_eq!(
+            (r.status, r.error.as_str()),
+            (404, "this node belongs to no site")
+        );
+    }
+
+    #[test]
+    fn commands_cross_the_socket_unchanged() {
+        for c in every_command() {
+            let text = serde_json::to_string(&c).unwrap();
+            let back: Command = serde_json::from_str(&text).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        }
+        let c = Command::Import {
+            bundle: vec![0, 1, 254, 255],
+            output: None,
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains("\"0001feff\""), "{text}");
+        let bad = text.replace("0001feff", "0001fg");
+        let e = serde_json::from_str::<Command>(&bad).unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
+    }
 }

@@ -515,20 +515,6 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         self.release(now);
     }
 
-    /// Changes committed outside the engine (the data dir's verbs,
-    /// enrollment): the engine takes them and syncs them on.
-    pub fn local(&mut self, now: Now, doc: DocId, changes: Vec<SignedChange>) {
-        if self.settings.timeline {
-            for c in &changes {
-                if let Ok(ch) = crdt_state::signed::doc::decode_change(&c.bytes) {
-                    self.local_hashes.insert(ch.hash());
-                }
-            }
-        }
-        self.engine.handle(Input::Local { doc, changes });
-        self.pump(now);
-    }
-
     /// Writes `ops` to `doc` as `writer`: signed, applied, committed before
     /// anything that follows is sent, synced. See [`Core::write_many`].
     pub fn write(
@@ -920,7 +906,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     }
 
     /// One released engine output.
-    fn carry(&mut self, output: Output, _now: Now) {
+    fn carry(&mut self, output: Output, now: Now) {
         match output {
             Output::Persist { .. } => {}
             Output::Send { peer, frame } => {
@@ -938,7 +924,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             }
             Output::Changed { doc } => {
                 if doc == DocId::Fleet {
-                    self.cut_revoked();
+                    self.cut_revoked(now);
                 }
                 let my_site = self.me.cert.site.as_ref().map(|s| DocId::Site(s.clone()));
                 if doc == DocId::Fleet || Some(&doc) == my_site.as_ref() {
@@ -967,8 +953,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         }
     }
 
-    /// Cuts off connected peers whose certificate was revoked.
-    fn cut_revoked(&mut self) {
+    /// Cuts off connected peers whose certificate was revoked, and forgets
+    /// them at once: the mesh closes a refused connection only after a
+    /// grace period (so the refusal reaches the peer), and nothing written
+    /// from now on may be sent to it meanwhile.
+    fn cut_revoked(&mut self, now: Now) {
         let revoked: Vec<(C, PublicKey)> = self
             .conns
             .iter()
@@ -980,6 +969,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 conn,
                 reason: format!("{} was revoked", key.short()),
             });
+            self.forget_conn(now, conn);
         }
     }
 

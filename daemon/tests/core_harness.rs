@@ -319,6 +319,18 @@ fn admission_names_the_defect_and_a_revoked_peer_is_cut_off() {
         net.log[0]
     );
     assert!(!net.log[0].iter().any(|l| l.starts_with("Reject { conn: 1")));
+    // The mesh closes a refused connection only after a grace period; what
+    // is written meanwhile goes to n1, never to the revoked n2.
+    net.log[0].clear();
+    let ops = BTreeMap::from([("configs.c".to_string(), Some(r#""Config""#.to_string()))]);
+    net.cores[0].write(now, &DocId::Fleet, &op, &ops).unwrap();
+    net.act(0);
+    assert!(net.log[0].iter().any(|l| l == "send 1"), "{:?}", net.log[0]);
+    assert!(
+        !net.log[0].iter().any(|l| l == "send 2"),
+        "{:?}",
+        net.log[0]
+    );
 }
 
 #[test]
