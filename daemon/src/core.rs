@@ -231,6 +231,8 @@ pub struct Core<C> {
     in_flight: Option<u64>,
     /// The last commit failed: try again at the next tick.
     retry: bool,
+    /// The last commit failed (cleared by the next that succeeds).
+    failing: bool,
     next_batch: u64,
     commit_failures: u64,
     /// Changes applied so far (each engine `Persist` counts one) and how
@@ -275,6 +277,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             held: VecDeque::new(),
             in_flight: None,
             retry: false,
+            failing: false,
             next_batch: 0,
             commit_failures: 0,
             applied_seq: 0,
@@ -318,7 +321,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             from,
             dialable,
         } = arrival;
-        if self.retry && self.held.len() > self.settings.max_held {
+        if self.failing && self.held.len() > self.settings.max_held {
             self.actions.push_back(Action::Reject {
                 conn,
                 reason: "this peer cannot store what it receives now (its commits fail)".into(),
@@ -474,6 +477,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         self.in_flight = None;
         let counted = std::mem::take(&mut self.in_flight_chunks);
         if result.is_ok() {
+            self.failing = false;
             for (doc, added) in counted {
                 match added {
                     Some(n) => *self.chunks.entry(doc).or_default() += n,
@@ -488,6 +492,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             // not be kept) and try again at the next tick.
             self.commit_failures += 1;
             self.retry = true;
+            self.failing = true;
             for h in &mut self.held {
                 h.in_batch = false;
             }
@@ -611,6 +616,12 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         workloads: BTreeMap<String, WorkloadReport>,
         devices: BTreeMap<String, DeviceReport>,
     ) {
+        if self.failing {
+            // Commits are failing: a report would be one more change held
+            // in memory. The next one after the disk recovers differs from
+            // the last written, so it is written then.
+            return;
+        }
         let heads = |id: &DocId| -> Vec<String> {
             let mut h: Vec<String> = self
                 .engine
@@ -809,7 +820,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     /// Takes the engine's outputs and releases what may go.
     fn pump(&mut self, now: Now) {
         self.take_outputs();
-        if self.retry && self.held.len() > self.settings.max_held && !self.conns.is_empty() {
+        if self.failing && self.held.len() > self.settings.max_held && !self.conns.is_empty() {
             // The disk refuses commits and what arrives piles up: stop the
             // inflow until a commit succeeds.
             let conns: Vec<C> = self.conns.keys().copied().collect();

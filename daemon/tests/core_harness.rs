@@ -682,3 +682,47 @@ fn a_failing_disk_stops_the_inflow_instead_of_holding_without_bound() {
     assert!(net.fleet_has(1, &last) && net.fleet_has(2, &last));
     assert!(net.stored[1].contains(&last));
 }
+
+#[test]
+fn no_report_piles_up_while_commits_fail() {
+    let mut net = Net::new(1, anchor_and_nodes);
+    net.connect(0, 1);
+    net.settle();
+    let device = |v: i64| {
+        BTreeMap::from([(
+            "meter".to_string(),
+            crdt_state::fleet::device::DeviceReport {
+                online: Some(v % 2 == 0),
+                ..Default::default()
+            },
+        )])
+    };
+    net.devices[1] = device(0);
+    net.tick(1000);
+    net.settle();
+    net.failing[1] = true;
+    // A change that cannot be committed, then a device that keeps changing
+    // state (each a report the node would write at once).
+    net.edit(1, "x", "y");
+    net.act(1);
+    assert!(net.cores[1].held() > 0);
+    // Changes applied and waiting for a commit (frames and notices queue
+    // behind them, within `max_held`).
+    let applied = net.cores[1].applied_mark();
+    for v in 1..50 {
+        net.devices[1] = device(v);
+        net.tick(31_000);
+    }
+    assert_eq!(
+        net.cores[1].applied_mark(),
+        applied,
+        "reports piled up in memory"
+    );
+    // The disk recovers: the latest state is reported.
+    net.failing[1] = false;
+    net.tick(1000);
+    net.settle();
+    assert_eq!(net.cores[1].held(), 0);
+    let report = net.cores[1].last_report().expect("a report");
+    assert_eq!(report.devices["meter"].online, Some(false), "device(49)");
+}
