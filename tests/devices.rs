@@ -272,6 +272,15 @@ time.sleep(3600)
         "dev-b not offline: {}",
         raw_devices(&site)["devices"]["dev-b"]
     );
+    // The node's line about it carries the span of that device's task, so
+    // a log says which device it is about.
+    assert!(
+        wait_for(WITHIN, || node.log_text().lines().any(|l| l
+            .contains("device{device=dev-b}")
+            && l.contains("device reachability changed"))),
+        "node log: {}",
+        node.log_text()
+    );
     let t1 = latest(&site, "dev-a", "temp")["at_ms"].as_u64().unwrap();
     assert!(
         wait_for(WITHIN, || latest(&site, "dev-a", "temp")["at_ms"].as_u64()
