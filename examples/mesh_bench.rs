@@ -421,6 +421,23 @@ fn memory() {
         field("VmRSS"),
         field("VmHWM")
     );
+    // Where it is: the binary's pages (file-backed, shared with every other
+    // shoal process) or the process's own (heap, stacks).
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kb = |k: &str| {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "of which anonymous (heap, stacks) {} kB, private dirty {} kB, the rest the binary's pages; threads: {}",
+        kb("Anonymous:"),
+        kb("Private_Dirty:"),
+        field("Threads:").trim_start_matches("Threads:").trim()
+    );
 }
 
 fn main() {

@@ -509,8 +509,18 @@ impl Base {
         for (doc, changes) in &docs {
             crdt_state::signed::verify::decode(doc, changes)?;
         }
-        if let Some(e) = self.core.add_certs(bundle.certs).into_iter().next() {
+        let certs = bundle.certs;
+        if let Some(e) = self.core.add_certs(certs.clone()).into_iter().next() {
             return Err(Refusal::new(400, format!("bundle: a certificate: {e}")));
+        }
+        if !certs.is_empty() {
+            // Kept for the next start, like the certificates the fleet
+            // document carries.
+            self.off_loop(move |store| {
+                if let Err(e) = store.put_certs(&certs) {
+                    tracing::warn!(error = %e, "a bundle's certificates not stored");
+                }
+            });
         }
         let mut report = crdt_state::local::datadir::ImportReport::default();
         let t = self.now();
