@@ -35,52 +35,42 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::tokens::Tokens;
 use crate::view::{NodeState, Snapshot};
 
-/// A failed request: status and words naming what was wrong.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ApiError {
-    /// HTTP status.
-    #[serde(skip)]
-    pub status: u16,
-    /// The whole message.
-    pub error: String,
-    /// Manifest file at fault.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
-    /// Position of the YAML document in it (1-based).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub document: Option<usize>,
-    /// Dotted path of the field at fault.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
+/// A failed request: a command's [`Refusal`] (status and words naming what
+/// was wrong, the manifest file, document and field at fault), answered as
+/// JSON in the one error shape the OpenAPI document gives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiError(pub Refusal);
 
 impl ApiError {
     /// An error with a status.
     pub fn new(status: u16, error: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            error: error.into(),
-            ..ApiError::default()
-        }
+        ApiError(Refusal::new(status, error))
+    }
+}
+
+impl std::ops::Deref for ApiError {
+    type Target = Refusal;
+    fn deref(&self) -> &Refusal {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut Refusal {
+        &mut self.0
     }
 }
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> ApiError {
-        ApiError {
-            status: r.status,
-            error: r.error,
-            file: r.file,
-            document: r.document,
-            field: r.field,
-        }
+        ApiError(r)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self)).into_response()
+        (status, axum::Json(self.0)).into_response()
     }
 }
 
@@ -812,14 +802,7 @@ async fn apply(
         match manifest::parse(&f.name, &f.text) {
             Ok(m) => manifests.extend(m),
             Err(e) => {
-                return ApiError {
-                    status: 400,
-                    error: e.to_string(),
-                    file: Some(e.file.clone()),
-                    document: Some(e.document),
-                    field: Some(e.field.clone()).filter(|f| !f.is_empty()),
-                }
-                .into_response();
+                return ApiError(Refusal::from(crdt_state::Error::from(e))).into_response();
             }
         }
     }
