@@ -11,16 +11,21 @@ use std::collections::{BTreeMap, BTreeSet};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("crdt-state", &[]),
     ("mesh", &[]),
+    ("blobs", &[]),
     ("adapters", &["crdt-state"]),
-    ("daemon", &["crdt-state", "mesh"]),
-    ("simulations", &["crdt-state", "daemon"]),
-    ("node", &["crdt-state", "mesh", "daemon", "adapters"]),
-    ("cloud-anchor", &["crdt-state", "mesh", "daemon"]),
+    ("daemon", &["crdt-state", "mesh", "blobs"]),
+    ("simulations", &["crdt-state", "daemon", "blobs"]),
+    (
+        "node",
+        &["crdt-state", "mesh", "daemon", "adapters", "blobs"],
+    ),
+    ("cloud-anchor", &["crdt-state", "mesh", "daemon", "blobs"]),
     (
         "shoal",
         &[
             "crdt-state",
             "mesh",
+            "blobs",
             "daemon",
             "adapters",
             "simulations",
