@@ -3,5 +3,11 @@
 //!
 //! - [`tree`]: BLAKE3 cut at 16 KiB groups; every group is checked before
 //!   it is written.
+//! - [`store`]: whole and partial blobs on disk, resumed after a crash by
+//!   hashing what reached the file; a quota.
 
+pub mod store;
 pub mod tree;
+
+pub use store::{BlobStore, Hash, Partial};
+pub use tree::{Cvs, GROUP};
