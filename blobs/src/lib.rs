@@ -5,9 +5,11 @@
 //!   it is written.
 //! - [`store`]: whole and partial blobs on disk, resumed after a crash by
 //!   hashing what reached the file; a quota.
+//! - [`wire`]: the bounded requests and answers of `/shoal/blob/1`.
 
 pub mod store;
 pub mod tree;
+pub mod wire;
 
 pub use store::{BlobStore, Hash, Partial};
 pub use tree::{Cvs, GROUP};

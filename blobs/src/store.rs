@@ -91,7 +91,9 @@ pub enum Error {
         mismatch: Mismatch,
     },
     /// A file that is not the blob it was meant to be.
-    #[error("{path} is not the expected blob: expected {expected} ({expected_size} bytes), the file hashes to {got} ({got_size} bytes)")]
+    #[error(
+        "{path} is not the expected blob: expected {expected} ({expected_size} bytes), the file hashes to {got} ({got_size} bytes)"
+    )]
     WrongFile {
         /// The file.
         path: PathBuf,
@@ -105,7 +107,9 @@ pub enum Error {
         got_size: u64,
     },
     /// The quota would be exceeded.
-    #[error("blob {hash} needs {need} bytes: the blob store's quota is {quota} bytes and {used} are in use")]
+    #[error(
+        "blob {hash} needs {need} bytes: the blob store's quota is {quota} bytes and {used} are in use"
+    )]
     Quota {
         /// The blob.
         hash: String,
@@ -196,7 +200,9 @@ impl BlobStore {
                 Some(s) => (s, false),
                 None => (name, true),
             };
-            let Ok(hash) = Hash::parse(stem) else { continue };
+            let Ok(hash) = Hash::parse(stem) else {
+                continue;
+            };
             let size = e.metadata().map_err(io(&e.path()))?.len();
             out.insert(
                 hash,
@@ -233,7 +239,11 @@ impl BlobStore {
     /// Adds a file from outside (an operator's `artifact push`, a USB
     /// stick): hashed while it is copied in, group by group; `expected`
     /// (hash and size) refuses any other file. Returns its hash and size.
-    pub fn add_file(&self, path: &Path, expected: Option<(Hash, u64)>) -> Result<(Hash, u64), Error> {
+    pub fn add_file(
+        &self,
+        path: &Path,
+        expected: Option<(Hash, u64)>,
+    ) -> Result<(Hash, u64), Error> {
         let mut src = File::open(path).map_err(io(path))?;
         let size = src.metadata().map_err(io(path))?.len();
         if let Some((h, want)) = expected
@@ -300,12 +310,12 @@ impl BlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A one-group blob has no list.
                 if groups(size) == 1 && (self.has(hash) || self.part(hash).exists()) {
-                    return Cvs::verify(hash.0, size, Vec::new()).map(Some).map_err(|m| {
-                        Error::Mismatch {
+                    return Cvs::verify(hash.0, size, Vec::new())
+                        .map(Some)
+                        .map_err(|m| Error::Mismatch {
                             hash: hash.to_string(),
                             mismatch: m,
-                        }
-                    });
+                        });
                 }
                 return Ok(None);
             }
@@ -519,9 +529,7 @@ impl Partial {
             return Ok(());
         }
         let at = index * GROUP;
-        self.file
-            .write_all_at(data, at)
-            .map_err(io(&self.path))?;
+        self.file.write_all_at(data, at).map_err(io(&self.path))?;
         self.have[index as usize] = true;
         self.held += data.len() as u64;
         Ok(())
@@ -591,7 +599,11 @@ mod tests {
         assert!(p.is_complete());
         let path = p.finish(&store)?;
         assert_eq!(std::fs::read(&path).map_err(io(&path))?, data);
-        let mode = std::fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&path)
+            .map_err(io(&path))?
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o444);
         assert!(store.has(&hash));
         assert_eq!(store.read_group(&hash, data.len() as u64, 7)?, gs[7]);
@@ -633,8 +645,12 @@ mod tests {
         }
         // A torn group (half written when the process died) is not held.
         let part = dir.path().join(format!("{hash}.part"));
-        let f = OpenOptions::new().write(true).open(&part).map_err(io(&part))?;
-        f.write_all_at(&gs[5][..1000], 5 * GROUP).map_err(io(&part))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&part)
+            .map_err(io(&part))?;
+        f.write_all_at(&gs[5][..1000], 5 * GROUP)
+            .map_err(io(&part))?;
         let store = BlobStore::open(dir.path(), None)?;
         let p = store
             .resume(&hash, data.len() as u64)?
@@ -681,7 +697,10 @@ mod tests {
         let pa = store.begin(Cvs::of(&a))?;
         drop(pa);
         let e = store.begin(Cvs::of(&b)).unwrap_err();
-        assert!(matches!(e, Error::Quota { need, used, .. } if need == 3 * GROUP && used == 3 * GROUP), "{e}");
+        assert!(
+            matches!(e, Error::Quota { need, used, .. } if need == 3 * GROUP && used == 3 * GROUP),
+            "{e}"
+        );
         let keep = Hash::of(&b);
         let freed = store.collect(&|h| *h == keep)?;
         assert_eq!(freed, 3 * GROUP);
