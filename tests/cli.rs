@@ -337,3 +337,37 @@ fn token_list_shows_a_hand_edited_entry_instead_of_panicking() {
     assert!(out.contains("alice") && out.contains("abc"), "{out}");
     assert!(out.contains("bob"), "{out}");
 }
+
+#[test]
+fn artifacts_are_declared_listed_and_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("op");
+    let dir = d.to_str().unwrap();
+    ok(&["fleet", "init", "--data-dir", dir, "--name", "f"]);
+    let hash = "0f3a1d7c9e4b2a6f8d0c1e3b5a7f9d2c4e6a8b0d1f3e5c7a9b2d4f6e8a0c1e3b";
+    let m = write(
+        tmp.path(),
+        "model.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Artifact\nmetadata: {{ name: model-v3 }}\nspec: {{ size: 524288000, hash: {hash}, mediaType: application/onnx }}\n"
+        ),
+    );
+    assert_eq!(
+        ok(&["apply", "--data-dir", dir, "-f", &m]),
+        "artifact/model-v3 configured (4 fields in fleet)\n"
+    );
+    let table = ok(&["get", "artifacts", "--data-dir", dir]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("model-v3") && table.contains("524.3 MB") && table.contains("0f3a1d7c9e4b"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["get", "artifacts", "--data-dir", dir, "-o", "json"])).unwrap();
+    assert_eq!(json["model-v3"]["hash"], hash);
+    assert_eq!(json["model-v3"]["size"], 524_288_000u64);
+    ok(&["delete", "artifact", "model-v3", "--data-dir", dir]);
+    assert!(!ok(&["get", "artifacts", "--data-dir", dir]).contains("model-v3"));
+    let e = fails(&["delete", "artifact", "model-v3", "--data-dir", dir]);
+    assert!(e.contains("Artifact model-v3"), "{e}");
+}

@@ -123,6 +123,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/configs/{name}"),
     ("DELETE", "/api/devices/{name}"),
     ("DELETE", "/api/profiles/{name}"),
+    ("DELETE", "/api/artifacts/{name}"),
     ("POST", "/api/apply"),
     ("GET", "/api/conflicts"),
     ("POST", "/api/conflicts/resolve"),
@@ -170,6 +171,10 @@ pub fn router(server: Server) -> Router {
         .route("/api/configs/{name}", get(config).delete(delete_entity))
         .route("/api/devices/{name}", axum::routing::delete(delete_entity))
         .route("/api/profiles/{name}", axum::routing::delete(delete_entity))
+        .route(
+            "/api/artifacts/{name}",
+            axum::routing::delete(delete_entity),
+        )
         .route("/api/apply", post(apply))
         .route("/api/conflicts", get(conflicts))
         .route("/api/conflicts/resolve", post(resolve))
@@ -985,6 +990,7 @@ async fn cli_get(
         "configs" | "config" => Some(render::configs(output, &sn.spec)),
         "profiles" | "profile" => Some(render::profiles(output, &sn.spec)),
         "devices" | "device" => Some(render::devices(output, &sn.spec)),
+        "artifacts" | "artifact" => Some(render::artifacts(output, &sn.spec)),
         "sites" | "site" => Some(render::sites(output, &sn.overrides)),
         "conflicts" | "conflict" => Some(render::conflicts(output, &sn.conflicts)),
         _ => None,

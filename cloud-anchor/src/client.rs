@@ -97,6 +97,7 @@ impl Client {
             Some(crdt_state::fleet::model::Kind::SiteOverride) => "sites",
             Some(crdt_state::fleet::model::Kind::DeviceProfile) => "profiles",
             Some(crdt_state::fleet::model::Kind::Device) => "devices",
+            Some(crdt_state::fleet::model::Kind::Artifact) => "artifacts",
             None => bail!("unknown kind {kind:?}: expected app, config, node or site"),
         };
         self.call("DELETE", &format!("/api/{kinds}/{}", encode(name)), None)?;

@@ -632,6 +632,7 @@ enum Table {
     Sites,
     Profiles,
     Devices,
+    Artifacts,
 }
 
 fn get_kind(what: &str) -> Result<Table, Refusal> {
@@ -643,11 +644,12 @@ fn get_kind(what: &str) -> Result<Table, Refusal> {
         "sites" | "site" => Table::Sites,
         "profiles" | "profile" => Table::Profiles,
         "devices" | "device" => Table::Devices,
+        "artifacts" | "artifact" => Table::Artifacts,
         other => {
             return Err(Refusal::new(
                 400,
                 format!(
-                    "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices or conflicts"
+                    "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices, artifacts or conflicts"
                 ),
             ));
         }
@@ -678,6 +680,7 @@ pub fn get(
             Table::Sites => render::sites(output, &reader.sites()?),
             Table::Profiles => render::profiles(output, &reader.fleet()?),
             Table::Devices => render::devices(output, &reader.fleet()?),
+            Table::Artifacts => render::artifacts(output, &reader.fleet()?),
         },
     )
 }

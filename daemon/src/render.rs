@@ -185,6 +185,45 @@ pub fn devices(format: Format, fleet: &FleetView) -> String {
     )
 }
 
+/// `shoal get artifacts`.
+pub fn artifacts(format: Format, fleet: &FleetView) -> String {
+    let rows = fleet
+        .artifacts
+        .iter()
+        .map(|(n, a)| {
+            vec![
+                n.clone(),
+                bytes(a.size),
+                a.hash.chars().take(12).collect(),
+                a.media_type.clone().unwrap_or_else(|| "-".into()),
+                a.description.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    render(
+        format,
+        &fleet.artifacts,
+        &["NAME", "SIZE", "HASH", "TYPE", "DESCRIPTION"],
+        rows,
+    )
+}
+
+/// A size for people (1000-based units, as disks are sold).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// `shoal get nodes`.
 pub fn nodes(format: Format, fleet: &FleetView) -> String {
     nodes_with_contacts(format, fleet, None, &Default::default(), 0)

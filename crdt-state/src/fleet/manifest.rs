@@ -19,7 +19,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::fleet::model::{
-    AppSpec, ConfigSpec, Kind, NodeSpec, RuntimeKind, SiteOverrideSpec, validate_name,
+    AppSpec, ArtifactSpec, ConfigSpec, Kind, NodeSpec, RuntimeKind, SiteOverrideSpec, validate_name,
 };
 
 /// The only API version so far.
@@ -69,6 +69,8 @@ pub enum Spec {
     DeviceProfile(crate::fleet::device::DeviceProfileSpec),
     /// A device.
     Device(Box<crate::fleet::device::DeviceSpec>),
+    /// An artifact.
+    Artifact(ArtifactSpec),
 }
 
 /// One parsed and validated manifest.
@@ -92,6 +94,7 @@ impl Manifest {
             Spec::SiteOverride(_) => Kind::SiteOverride,
             Spec::DeviceProfile(_) => Kind::DeviceProfile,
             Spec::Device(_) => Kind::Device,
+            Spec::Artifact(_) => Kind::Artifact,
         }
     }
 }
@@ -164,12 +167,13 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             "SiteOverride" => Kind::SiteOverride,
             "DeviceProfile" => Kind::DeviceProfile,
             "Device" => Kind::Device,
+            "Artifact" => Kind::Artifact,
             other => {
                 return Err(err(
                     n,
                     "kind",
                     format!(
-                        "unknown kind {other:?}: expected App, Config, Node, SiteOverride, DeviceProfile or Device"
+                        "unknown kind {other:?}: expected App, Config, Node, SiteOverride, DeviceProfile, Device or Artifact"
                     ),
                 ));
             }
@@ -188,6 +192,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             Kind::Device => {
                 Spec::Device(Box::new(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?))
             }
+            Kind::Artifact => Spec::Artifact(typed(env.spec).map_err(|(f, m)| err(n, &f, m))?),
         };
         validate(&env.metadata.name, &spec).map_err(|(f, m)| err(n, &format!("spec.{f}"), m))?;
         if out
@@ -262,6 +267,7 @@ fn validate(name: &str, spec: &Spec) -> Result<(), Invalid> {
         }
         Spec::DeviceProfile(p) => crate::fleet::device::validate_profile(p),
         Spec::Device(d) => crate::fleet::device::validate_device(d),
+        Spec::Artifact(a) => validate_artifact(a),
         Spec::SiteOverride(s) => {
             for dev in s.devices.keys() {
                 validate_name("device", dev).map_err(|m| (format!("devices.{dev}"), m))?;
@@ -283,8 +289,76 @@ fn validate(name: &str, spec: &Spec) -> Result<(), Invalid> {
     }
 }
 
+/// Largest artifact (1 TiB, what the blob protocol carries).
+pub const MAX_ARTIFACT_BYTES: u64 = 1 << 40;
+
+fn validate_artifact(a: &ArtifactSpec) -> Result<(), Invalid> {
+    if a.hash.len() != 64
+        || !a
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err((
+            "hash".into(),
+            format!(
+                "{:?} is not a BLAKE3 hash: expected 64 lowercase hex digits (`b3sum FILE`, or let `shoal artifact push` write it)",
+                a.hash.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    if a.size > MAX_ARTIFACT_BYTES {
+        return Err((
+            "size".into(),
+            format!(
+                "{} bytes is more than the {MAX_ARTIFACT_BYTES} allowed",
+                a.size
+            ),
+        ));
+    }
+    if let Some(m) = &a.media_type
+        && (m.len() > 255
+            || !m.contains('/')
+            || m.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err((
+            "mediaType".into(),
+            format!("{m:?} is not a media type like application/octet-stream"),
+        ));
+    }
+    if let Some(d) = &a.description
+        && d.len() > 4096
+    {
+        return Err(("description".into(), "longer than 4096 bytes".into()));
+    }
+    Ok(())
+}
+
+/// An app's name for an artifact becomes an environment variable
+/// (`SHOAL_ARTIFACT_<NAME>`) and a file name: letters, digits, `-`, `_`.
+fn check_artifact_refs(app: &AppSpec) -> Result<(), Invalid> {
+    for (local, artifact) in &app.artifacts {
+        let field = format!("artifacts.{local}");
+        if local.is_empty()
+            || local.len() > 63
+            || !local
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err((
+                field,
+                "expected a name of letters, digits, - and _ (it becomes SHOAL_ARTIFACT_<NAME>)"
+                    .into(),
+            ));
+        }
+        validate_name("artifact", artifact).map_err(|m| (field, m))?;
+    }
+    Ok(())
+}
+
 fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
     check_labels("selector", &app.selector)?;
+    check_artifact_refs(app)?;
     if let Some(r) = app.replicas
         && r > 100_000
     {
@@ -611,6 +685,54 @@ spec: { apps: { inspect: { paused: true } } }
         let e = error_of("a: [unclosed");
         assert_eq!(e.document, 1);
         assert!(e.message.contains("not valid YAML"));
+    }
+
+    const ARTIFACT: &str = r#"apiVersion: shoal.dev/v1
+kind: Artifact
+metadata: { name: model-v3 }
+spec:
+  size: 524288000
+  hash: 0f3a1d7c9e4b2a6f8d0c1e3b5a7f9d2c4e6a8b0d1f3e5c7a9b2d4f6e8a0c1e3b
+  mediaType: application/onnx
+  description: defect detector, v3
+---
+apiVersion: shoal.dev/v1
+kind: App
+metadata: { name: inspect }
+spec:
+  native: { command: ["/usr/bin/inspect"] }
+  artifacts: { model: model-v3 }
+"#;
+
+    #[test]
+    fn artifacts_and_the_apps_that_read_them() -> anyhow::Result<()> {
+        let ms = parse("a.yaml", ARTIFACT)?;
+        let Spec::Artifact(a) = &ms[0].spec else {
+            anyhow::bail!("not an artifact")
+        };
+        assert_eq!(a.size, 524_288_000);
+        assert_eq!(a.media_type.as_deref(), Some("application/onnx"));
+        let Spec::App(app) = &ms[1].spec else {
+            anyhow::bail!("not an app")
+        };
+        assert_eq!(app.artifacts["model"], "model-v3");
+        // A hash that is not BLAKE3's hex, named with how to get one.
+        let e = error_of(&ARTIFACT.replace("0f3a1d7c", "0F3A1D7C"));
+        assert_eq!((e.document, e.field.as_str()), (1, "spec.hash"));
+        assert!(e.message.contains("b3sum"), "{}", e.message);
+        let e = error_of(&ARTIFACT.replace("size: 524288000", "size: -1"));
+        assert_eq!(e.field, "spec.size");
+        let e = error_of(&ARTIFACT.replace("application/onnx", "onnx"));
+        assert_eq!(e.field, "spec.mediaType");
+        // An app's name for an artifact becomes an environment variable.
+        let e = error_of(&ARTIFACT.replace("{ model: model-v3 }", "{ \"my model\": model-v3 }"));
+        assert_eq!(
+            (e.document, e.field.as_str()),
+            (2, "spec.artifacts.my model")
+        );
+        let e = error_of(&ARTIFACT.replace("{ model: model-v3 }", "{ model: Model_V3 }"));
+        assert_eq!(e.field, "spec.artifacts.model");
+        Ok(())
     }
 
     #[test]

@@ -245,6 +245,27 @@ pub struct AppSpec {
     /// Kube runtime settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kube: Option<KubeSpec>,
+    /// Artifacts the app reads: its own name for each → the Artifact's name
+    /// (`model: model-v3`). The app runs only once every one is whole.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, String>,
+}
+
+/// A large file (an AI model, firmware, a dataset) carried to the nodes
+/// whose apps name it: its bytes travel as a blob, verified against `hash`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ArtifactSpec {
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 hash of the bytes (64 lowercase hex digits).
+    pub hash: String,
+    /// Media type, for people and apps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    /// What it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// A config: named key/value data rendered into files or env.
@@ -397,7 +418,7 @@ impl NodeReport {
     }
 }
 
-/// The four kinds of entity in the fleet document.
+/// The kinds of entity in the fleet document (and the site document).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// `apps.*` in the fleet document.
@@ -412,6 +433,8 @@ pub enum Kind {
     DeviceProfile,
     /// `devices.*` in the fleet document.
     Device,
+    /// `artifacts.*` in the fleet document.
+    Artifact,
 }
 
 impl Kind {
@@ -424,6 +447,7 @@ impl Kind {
             Kind::SiteOverride => "",
             Kind::DeviceProfile => "profiles",
             Kind::Device => "devices",
+            Kind::Artifact => "artifacts",
         }
     }
 
@@ -436,6 +460,7 @@ impl Kind {
             Kind::SiteOverride => "SiteOverride",
             Kind::DeviceProfile => "DeviceProfile",
             Kind::Device => "Device",
+            Kind::Artifact => "Artifact",
         }
     }
 
@@ -448,6 +473,7 @@ impl Kind {
             "siteoverride" | "site" => Kind::SiteOverride,
             "deviceprofile" | "profile" => Kind::DeviceProfile,
             "device" => Kind::Device,
+            "artifact" => Kind::Artifact,
             _ => return None,
         })
     }
@@ -488,6 +514,9 @@ pub struct FleetView {
     /// Devices by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: BTreeMap<String, crate::fleet::device::DeviceSpec>,
+    /// Artifacts by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, ArtifactSpec>,
 }
 
 impl FleetView {
@@ -503,6 +532,7 @@ impl FleetView {
             nodes: entities(doc, Kind::Node),
             profiles: entities(doc, Kind::DeviceProfile),
             devices: entities(doc, Kind::Device),
+            artifacts: entities(doc, Kind::Artifact),
         }
     }
 }

@@ -734,6 +734,7 @@ fn ops_for(doc: &Document, m: &Manifest) -> BTreeMap<String, Option<String>> {
                 Spec::SiteOverride(s) => serde_json::to_value(s),
                 Spec::DeviceProfile(p) => serde_json::to_value(p),
                 Spec::Device(d) => serde_json::to_value(d),
+                Spec::Artifact(a) => serde_json::to_value(a),
             }
             .unwrap_or_default();
             let mut desired = BTreeMap::new();
