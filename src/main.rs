@@ -92,11 +92,11 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table")]
         output: Format,
     },
-    /// Delete an app, config, node or a site's overrides.
+    /// Delete an app, config, node, device, profile, artifact or a site's overrides.
     Delete {
         #[command(flatten)]
         target: Target,
-        /// app, config, node or site.
+        /// app, config, node, site, device, profile or artifact.
         kind: String,
         /// Its name.
         name: String,
@@ -104,9 +104,9 @@ enum Command {
         #[arg(long)]
         identity: Option<PathBuf>,
     },
-    /// Show apps, configs, nodes, sites or conflicts.
+    /// Show apps, configs, nodes, sites, profiles, devices, artifacts or conflicts.
     Get {
-        /// apps, configs, nodes, sites or conflicts.
+        /// apps, configs, nodes, sites, profiles, devices, artifacts or conflicts.
         what: String,
         #[command(flatten)]
         target: Target,
@@ -132,6 +132,10 @@ enum Command {
     /// A node's field devices, through its site API.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Large files for apps (AI models, firmware): pushed once, carried to
+    /// the nodes that need them, verified.
+    #[command(subcommand)]
+    Artifact(ArtifactCmd),
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -603,6 +607,41 @@ enum StoreCmd {
 }
 
 #[derive(Subcommand)]
+enum ArtifactCmd {
+    /// Hash a file, put it in the data dir's blob store and declare it as
+    /// an Artifact in the fleet document.
+    Push {
+        #[command(flatten)]
+        dir: Dir,
+        /// The file.
+        file: PathBuf,
+        /// The artifact's name (what apps name in spec.artifacts).
+        #[arg(long)]
+        name: String,
+        /// Media type (application/onnx, …).
+        #[arg(long)]
+        media_type: Option<String>,
+        /// What it is.
+        #[arg(long)]
+        description: Option<String>,
+        /// Sign with this identity file instead of the data dir's.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
+    /// Take a file carried to the site (a USB stick) as an artifact the
+    /// fleet document names: refused unless it hashes to what it names.
+    Import {
+        #[command(flatten)]
+        dir: Dir,
+        /// The file.
+        file: PathBuf,
+        /// The artifact it is.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum BundleCmd {
     /// Write every document's signed changes to a file.
     Export {
@@ -1016,6 +1055,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 demo::run(dir, http)?;
             }
+        }
+        Command::Artifact(ArtifactCmd::Push {
+            dir,
+            file,
+            name,
+            media_type,
+            description,
+            identity,
+        }) => {
+            let p = daemon::artifact::Push {
+                name,
+                media_type,
+                description,
+            };
+            print!(
+                "{}",
+                daemon::artifact::push(&dir.data_dir, identity.as_deref(), &file, &p)?
+            );
+        }
+        Command::Artifact(ArtifactCmd::Import { dir, file, name }) => {
+            print!("{}", daemon::artifact::import(&dir.data_dir, &file, &name)?);
         }
         Command::Bundle(BundleCmd::Import { dir, file }) => {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;

@@ -371,3 +371,95 @@ fn artifacts_are_declared_listed_and_deleted() {
     let e = fails(&["delete", "artifact", "model-v3", "--data-dir", dir]);
     assert!(e.contains("Artifact model-v3"), "{e}");
 }
+
+/// An operator pushes a file; at the site, an engineer imports it from a
+/// USB stick: the right file is taken, a wrong one refused with the hash
+/// the fleet document names.
+#[test]
+fn an_artifact_is_pushed_and_carried_in_by_hand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let (op, eng) = (t("op"), t("eng"));
+    ok(&["fleet", "init", "--data-dir", &op]);
+    let model: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 1000) as u8).collect();
+    std::fs::write(t("model.onnx"), &model).unwrap();
+    let out = ok(&[
+        "artifact",
+        "push",
+        "--data-dir",
+        &op,
+        &t("model.onnx"),
+        "--name",
+        "model-v3",
+        "--media-type",
+        "application/onnx",
+    ]);
+    let hash = blobs::Hash::of(&model).to_string();
+    assert!(out.contains("artifact/model-v3 configured"), "{out}");
+    assert!(out.contains(&hash), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["get", "artifacts", "--data-dir", &op, "-o", "json"])).unwrap();
+    assert_eq!(json["model-v3"]["hash"], hash);
+    assert_eq!(json["model-v3"]["size"], model.len());
+    // The blob is in the data dir's store, read-only.
+    let blob = tmp.path().join("op/blobs").join(&hash);
+    assert_eq!(std::fs::read(&blob).unwrap(), model);
+
+    // The site: an engineer's data dir that has synced the fleet document.
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        &op,
+        "--role",
+        "site-engineer",
+        "--site",
+        "a",
+        "--name",
+        "eve",
+        "--out",
+        &t("eve.json"),
+    ]);
+    ok(&["identity", "use", "--data-dir", &eng, &t("eve.json")]);
+    ok(&["bundle", "export", "--data-dir", &op, "--out", &t("b1")]);
+    ok(&["bundle", "import", "--data-dir", &eng, &t("b1")]);
+    let mut wrong = model.clone();
+    wrong[150_000] ^= 1;
+    std::fs::write(t("usb.onnx"), &wrong).unwrap();
+    let e = fails(&[
+        "artifact",
+        "import",
+        "--data-dir",
+        &eng,
+        &t("usb.onnx"),
+        "--name",
+        "model-v3",
+    ]);
+    assert!(e.contains(&format!("expected {hash}")), "{e}");
+    assert!(!tmp.path().join("eng/blobs").join(&hash).exists());
+    std::fs::write(t("usb.onnx"), &model).unwrap();
+    let out = ok(&[
+        "artifact",
+        "import",
+        "--data-dir",
+        &eng,
+        &t("usb.onnx"),
+        "--name",
+        "model-v3",
+    ]);
+    assert!(out.contains("verified"), "{out}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("eng/blobs").join(&hash)).unwrap(),
+        model
+    );
+    let e = fails(&[
+        "artifact",
+        "import",
+        "--data-dir",
+        &eng,
+        &t("usb.onnx"),
+        "--name",
+        "nope",
+    ]);
+    assert!(e.contains("no artifact \"nope\""), "{e}");
+}

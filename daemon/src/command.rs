@@ -586,7 +586,9 @@ pub fn kind_of(kind: &str) -> Result<Kind, Refusal> {
     Kind::parse(kind).ok_or_else(|| {
         Refusal::new(
             400,
-            format!("unknown kind {kind:?}: expected app, config, node or site"),
+            format!(
+                "unknown kind {kind:?}: expected app, config, node, site, profile, device or artifact"
+            ),
         )
     })
 }

@@ -18,6 +18,7 @@
 //! With the `driver` feature (the node and the anchor; not the simulator):
 //!
 //! - [`driver`]: the mesh, the store and the control socket around a core.
+//! - [`artifact`]: `shoal artifact push|import` into a data dir's blobs.
 //! - [`command`]: the one command surface: every request from the control
 //!   socket, the operator API and the site API, who may make it, and its
 //!   one handler.
@@ -43,6 +44,8 @@ pub mod core;
 pub mod hello;
 pub mod render;
 
+#[cfg(feature = "driver")]
+pub mod artifact;
 #[cfg(feature = "driver")]
 pub mod command;
 #[cfg(feature = "driver")]
