@@ -6,7 +6,9 @@
 //! - [`store`]: whole and partial blobs on disk, resumed after a crash by
 //!   hashing what reached the file; a quota.
 //! - [`wire`]: the bounded requests and answers of `/shoal/blob/1`.
+//! - [`fetch`]: which groups to ask of which peer (sans-IO).
 
+pub mod fetch;
 pub mod store;
 pub mod tree;
 pub mod wire;

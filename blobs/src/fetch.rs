@@ -1,0 +1,740 @@
+//! Which groups of a blob to ask of which peer: the fetch of one blob,
+//! sans-IO.
+//!
+//! The driver tells a [`Fetch`] which peers are connected (and which of
+//! them are anchors), hands it every answer, and sends the requests it
+//! polls ([`Fetch::poll`]); it writes the groups an answer carries
+//! ([`Fetch::answer`] returns them) through [`crate::Partial::write_group`],
+//! which checks each, and reports the outcome ([`Fetch::group_done`]).
+//!
+//! - Every peer is asked what it holds (`have`), neighbours again every
+//!   second while the fetch runs, since they are fetching too.
+//! - The group hashes come from one peer that holds any of the blob, and
+//!   are checked against the blob's hash before any group is asked for; a
+//!   peer whose list does not add up is not asked again.
+//! - Groups go to neighbours (peers that are not anchors) first: a group a
+//!   neighbour holds is never asked of an anchor. Of an anchor, each node
+//!   asks from its own starting point (`seed`), so the nodes of a site that
+//!   fetch together ask the anchor for different parts and pass them along.
+//! - At most [`IN_FLIGHT`] requests per neighbour and [`ANCHOR_IN_FLIGHT`]
+//!   per anchor, each at most [`MAX_GROUPS`] groups (1 MiB): memory is
+//!   bounded by that, whatever the blob's size.
+//! - A peer that sends a group that does not verify is banned from this
+//!   fetch ([`Fetch::group_done`] says so, for the security log) and what
+//!   it was asked for goes to others.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::store::Hash;
+use crate::tree::{Cvs, group_range, groups};
+use crate::wire::{Answer, MAX_CVS, MAX_GROUPS, Request};
+
+/// Requests in flight to one neighbour.
+pub const IN_FLIGHT: u32 = 4;
+/// Requests in flight to one anchor.
+pub const ANCHOR_IN_FLIGHT: u32 = 2;
+/// How often a neighbour is asked again what it holds.
+pub const HAVE_EVERY_MS: u64 = 1000;
+
+#[derive(Debug, Default)]
+struct Peer {
+    anchor: bool,
+    /// Runs of groups it holds, as it last said.
+    runs: Vec<(u64, u64)>,
+    /// When it was last asked what it holds (a `have` in flight: `asking`).
+    asked_ms: Option<u64>,
+    asking: bool,
+    in_flight: u32,
+    banned: bool,
+}
+
+impl Peer {
+    fn holds(&self, g: u64) -> bool {
+        // Runs are ascending and disjoint.
+        let i = self.runs.partition_point(|(s, l)| s + l <= g);
+        self.runs.get(i).is_some_and(|(s, _)| *s <= g)
+    }
+
+    fn holds_any(&self) -> bool {
+        !self.runs.is_empty()
+    }
+}
+
+/// What an answer brought.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Groups to check and write: (index, bytes).
+    pub groups: Vec<(u64, Vec<u8>)>,
+    /// The group hashes are complete and verified: begin the partial blob
+    /// with them.
+    pub cvs: Option<Cvs>,
+    /// A peer to report (its list of hashes did not add up).
+    pub misbehaved: Option<String>,
+}
+
+/// The fetch of one blob from the peers at hand.
+#[derive(Debug)]
+pub struct Fetch<P: Copy + Ord + std::fmt::Debug> {
+    hash: Hash,
+    size: u64,
+    n: u64,
+    seed: u64,
+    cvs: Option<Cvs>,
+    /// The list being fetched, and from whom.
+    cv_buf: Vec<[u8; 32]>,
+    cv_from: Option<P>,
+    cv_asked: bool,
+    held: Vec<bool>,
+    /// Groups asked for, and of whom.
+    pending: BTreeMap<u64, P>,
+    peers: BTreeMap<P, Peer>,
+    out: VecDeque<(P, Request)>,
+    now_ms: u64,
+}
+
+impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
+    /// A fetch of `hash` (`size` bytes). `held`: what a resumed partial
+    /// blob already holds, with its list; `seed` spreads the nodes of a
+    /// site over the blob when they ask an anchor.
+    pub fn new(hash: Hash, size: u64, seed: u64, resumed: Option<(Cvs, Vec<bool>)>) -> Fetch<P> {
+        let n = groups(size);
+        let (cvs, held) = match resumed {
+            Some((c, h)) if h.len() as u64 == n => (Some(c), h),
+            _ => (None, vec![false; n as usize]),
+        };
+        // One group needs no list: it is checked whole against the hash.
+        let cvs = cvs.or_else(|| {
+            (n == 1)
+                .then(|| Cvs::verify(hash.0, size, Vec::new()).ok())
+                .flatten()
+        });
+        Fetch {
+            hash,
+            size,
+            n,
+            seed,
+            cvs,
+            cv_buf: Vec::new(),
+            cv_from: None,
+            cv_asked: false,
+            held,
+            pending: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            out: VecDeque::new(),
+            now_ms: 0,
+        }
+    }
+
+    /// The blob.
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// The verified group hashes, once known.
+    pub fn cvs(&self) -> Option<&Cvs> {
+        self.cvs.as_ref()
+    }
+
+    /// Every group held.
+    pub fn is_complete(&self) -> bool {
+        self.held.iter().all(|h| *h)
+    }
+
+    /// Groups held.
+    pub fn held(&self) -> u64 {
+        self.held.iter().filter(|h| **h).count() as u64
+    }
+
+    /// Whether group `g` is held.
+    pub fn has(&self, g: u64) -> bool {
+        self.held.get(g as usize).copied().unwrap_or(false)
+    }
+
+    /// Runs of held groups, for answering a peer's `have`.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        runs_of(&self.held)
+    }
+
+    /// A peer is connected.
+    pub fn peer_up(&mut self, now_ms: u64, p: P, anchor: bool) {
+        self.now_ms = now_ms;
+        self.peers.entry(p).or_insert_with(|| Peer {
+            anchor,
+            ..Peer::default()
+        });
+        self.plan();
+    }
+
+    /// A peer is gone: what it was asked for goes to others.
+    pub fn peer_down(&mut self, p: P) {
+        self.peers.remove(&p);
+        self.pending.retain(|_, q| *q != p);
+        if self.cv_from == Some(p) {
+            self.cv_from = None;
+            self.cv_asked = false;
+            self.cv_buf.clear();
+        }
+        self.out.retain(|(q, _)| *q != p);
+        self.plan();
+    }
+
+    /// Time passes: neighbours are asked again what they hold.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.plan();
+    }
+
+    /// The next request to send.
+    pub fn poll(&mut self) -> Option<(P, Request)> {
+        self.out.pop_front()
+    }
+
+    /// A request failed (no answer, a broken stream): asked again elsewhere.
+    pub fn failed(&mut self, p: P, req: &Request) {
+        self.settle(p, req);
+        self.unpend(p, req);
+        if let Request::Cvs { .. } = req {
+            self.cv_asked = false;
+        }
+        self.plan();
+    }
+
+    fn settle(&mut self, p: P, req: &Request) {
+        if let Some(peer) = self.peers.get_mut(&p) {
+            match req {
+                Request::Have { .. } => peer.asking = false,
+                _ => peer.in_flight = peer.in_flight.saturating_sub(1),
+            }
+        }
+    }
+
+    /// Groups of `req` asked of `p` are no longer waited for.
+    fn unpend(&mut self, p: P, req: &Request) {
+        if let Request::Groups { from, count, .. } = req {
+            for g in *from..from + u64::from(*count) {
+                if self.pending.get(&g) == Some(&p) {
+                    self.pending.remove(&g);
+                }
+            }
+        }
+    }
+
+    /// An answer from `p` to `req` (already decoded against `req`).
+    pub fn answer(&mut self, now_ms: u64, p: P, req: &Request, answer: Answer) -> Received {
+        self.now_ms = now_ms;
+        self.settle(p, req);
+        let mut got = Received::default();
+        match (req, answer) {
+            (Request::Have { .. }, Answer::Have(runs)) => {
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    peer.runs = runs;
+                }
+            }
+            (_, Answer::Refused(_)) => {
+                self.unpend(p, req);
+                // It holds less than it said: forget what it said.
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    peer.runs.clear();
+                }
+                if matches!(req, Request::Cvs { .. }) {
+                    self.cv_asked = false;
+                    self.cv_from = None;
+                    self.cv_buf.clear();
+                }
+            }
+            (Request::Cvs { from, .. }, Answer::Cvs(values)) => {
+                self.cv_asked = false;
+                if self.cv_from == Some(p) && *from == self.cv_buf.len() as u64 {
+                    self.cv_buf.extend(values);
+                }
+                if self.cv_buf.len() as u64 == self.n {
+                    let list = std::mem::take(&mut self.cv_buf);
+                    match Cvs::verify(self.hash.0, self.size, list) {
+                        Ok(c) => {
+                            self.cvs = Some(c.clone());
+                            got.cvs = Some(c);
+                        }
+                        Err(e) => {
+                            self.ban(p);
+                            got.misbehaved = Some(format!(
+                                "sent group hashes of blob {}: {e}",
+                                self.hash.short()
+                            ));
+                        }
+                    }
+                    self.cv_from = None;
+                }
+            }
+            (Request::Groups { from, count, .. }, Answer::Groups { data, .. }) => {
+                let start = group_range(self.size, *from).start;
+                for g in *from..from + u64::from(*count) {
+                    let r = group_range(self.size, g);
+                    let (a, b) = ((r.start - start) as usize, (r.end - start) as usize);
+                    if let Some(bytes) = data.get(a..b) {
+                        got.groups.push((g, bytes.to_vec()));
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.plan();
+        got
+    }
+
+    /// The outcome of checking a group `p` sent: a bad one bans `p` from
+    /// this fetch; returns the words for the security log then (once per
+    /// peer).
+    pub fn group_done(&mut self, p: P, g: u64, ok: bool) -> Option<String> {
+        // Groups stay asked for until checked, so no other peer is asked
+        // for them meanwhile.
+        if self.pending.get(&g) == Some(&p) {
+            self.pending.remove(&g);
+        }
+        let mut bad = None;
+        if ok {
+            if let Some(h) = self.held.get_mut(g as usize) {
+                *h = true;
+            }
+        } else if !self.peers.get(&p).is_some_and(|q| q.banned) {
+            self.ban(p);
+            bad = Some(format!(
+                "sent group {g} of blob {} that does not match its hash",
+                self.hash.short()
+            ));
+        }
+        self.plan();
+        bad
+    }
+
+    fn ban(&mut self, p: P) {
+        if let Some(peer) = self.peers.get_mut(&p) {
+            peer.banned = true;
+            peer.runs.clear();
+        }
+        self.pending.retain(|_, q| *q != p);
+        if self.cv_from == Some(p) {
+            self.cv_from = None;
+            self.cv_asked = false;
+            self.cv_buf.clear();
+        }
+    }
+
+    /// Queues what may be asked now.
+    fn plan(&mut self) {
+        if self.is_complete() {
+            return;
+        }
+        let now = self.now_ms;
+        let hash = self.hash;
+        let size = self.size;
+        // What each peer holds: asked once, neighbours again every second.
+        for (p, peer) in self.peers.iter_mut() {
+            if peer.banned || peer.asking {
+                continue;
+            }
+            let due = match peer.asked_ms {
+                None => true,
+                Some(t) => !peer.anchor && now.saturating_sub(t) >= HAVE_EVERY_MS,
+            };
+            if due {
+                peer.asking = true;
+                peer.asked_ms = Some(now);
+                self.out.push_back((*p, Request::Have { hash, size }));
+            }
+        }
+        if self.cvs.is_none() {
+            self.plan_cvs();
+            return;
+        }
+        self.plan_groups();
+    }
+
+    fn plan_cvs(&mut self) {
+        if self.cv_asked {
+            return;
+        }
+        if self.cv_from.is_none() {
+            // Neighbours first, then anchors.
+            let pick = self
+                .peers
+                .iter()
+                .filter(|(_, q)| !q.banned && q.holds_any())
+                .min_by_key(|(_, q)| q.anchor)
+                .map(|(p, _)| *p);
+            self.cv_from = pick;
+            self.cv_buf.clear();
+        }
+        let Some(p) = self.cv_from else { return };
+        let from = self.cv_buf.len() as u64;
+        let count = (self.n - from).min(u64::from(MAX_CVS)) as u32;
+        self.cv_asked = true;
+        if let Some(peer) = self.peers.get_mut(&p) {
+            peer.in_flight += 1;
+        }
+        self.out.push_back((
+            p,
+            Request::Cvs {
+                hash: self.hash,
+                size: self.size,
+                from,
+                count,
+            },
+        ));
+    }
+
+    fn plan_groups(&mut self) {
+        let order: Vec<P> = {
+            let mut ps: Vec<(&P, &Peer)> = self.peers.iter().filter(|(_, q)| !q.banned).collect();
+            ps.sort_by_key(|(_, q)| q.anchor);
+            ps.into_iter().map(|(p, _)| *p).collect()
+        };
+        for p in order {
+            while let Some(peer) = self.peers.get(&p) {
+                let limit = if peer.anchor {
+                    ANCHOR_IN_FLIGHT
+                } else {
+                    IN_FLIGHT
+                };
+                if peer.in_flight >= limit {
+                    break;
+                }
+                let Some((from, count)) = self.next_run(p) else {
+                    break;
+                };
+                for g in from..from + u64::from(count) {
+                    self.pending.insert(g, p);
+                }
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    peer.in_flight += 1;
+                }
+                self.out.push_back((
+                    p,
+                    Request::Groups {
+                        hash: self.hash,
+                        size: self.size,
+                        from,
+                        count,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// The next run of groups to ask of `p`: missing, not asked yet, held
+    /// by `p`; of an anchor only groups no usable neighbour holds, from this
+    /// node's own starting point.
+    fn next_run(&self, p: P) -> Option<(u64, u32)> {
+        let peer = self.peers.get(&p)?;
+        let neighbour_has = |g: u64| {
+            self.peers
+                .iter()
+                .any(|(q, o)| *q != p && !o.anchor && !o.banned && o.holds(g))
+        };
+        let wanted = |g: u64| {
+            !self.held[g as usize]
+                && !self.pending.contains_key(&g)
+                && peer.holds(g)
+                && (!peer.anchor || !neighbour_has(g))
+        };
+        let start = if peer.anchor { self.seed % self.n } else { 0 };
+        let first = (0..self.n)
+            .map(|i| (start + i) % self.n)
+            .find(|g| wanted(*g))?;
+        let mut count = 1u32;
+        while count < MAX_GROUPS {
+            let g = first + u64::from(count);
+            if g >= self.n || !wanted(g) {
+                break;
+            }
+            count += 1;
+        }
+        Some((first, count))
+    }
+}
+
+/// Runs of `true` in `held`: (start, length), ascending.
+pub fn runs_of(held: &[bool]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, h) in held.iter().enumerate() {
+        if !*h {
+            continue;
+        }
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == i as u64 => *l += 1,
+            _ => out.push((i as u64, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::GROUP;
+
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A peer as the network sees it: what it holds of the blob, and
+    /// whether it lies.
+    struct Holder {
+        data: Vec<u8>,
+        cvs: Cvs,
+        held: Vec<bool>,
+        corrupt: bool,
+    }
+
+    impl Holder {
+        fn serve(&self, req: &Request) -> Answer {
+            match req {
+                Request::Have { .. } => Answer::Have(runs_of(&self.held)),
+                Request::Cvs { from, count, .. } => {
+                    if !self.held.iter().any(|h| *h) {
+                        return Answer::Refused("not held".into());
+                    }
+                    let (a, b) = (*from as usize, (*from + u64::from(*count)) as usize);
+                    Answer::Cvs(self.cvs.values()[a..b].to_vec())
+                }
+                Request::Groups {
+                    size, from, count, ..
+                } => {
+                    let last = from + u64::from(*count) - 1;
+                    if (*from..=last).any(|g| !self.held[g as usize]) {
+                        return Answer::Refused("not held".into());
+                    }
+                    let r = group_range(*size, *from).start..group_range(*size, last).end;
+                    let mut data = self.data[r.start as usize..r.end as usize].to_vec();
+                    if self.corrupt {
+                        data[0] ^= 0xff;
+                    }
+                    Answer::Groups {
+                        from: *from,
+                        count: *count,
+                        data,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs fetches to completion over in-memory peers; each node serves
+    /// what it holds so far. Returns groups served per peer.
+    fn run(
+        nodes: &mut [(Fetch<usize>, usize)],
+        holders: &mut BTreeMap<usize, Holder>,
+        data: &[u8],
+    ) -> (BTreeMap<usize, u64>, Vec<String>) {
+        let mut served: BTreeMap<usize, u64> = BTreeMap::new();
+        let mut security = Vec::new();
+        let mut now = 0;
+        for _ in 0..100_000 {
+            if nodes.iter().all(|(f, _)| f.is_complete()) {
+                break;
+            }
+            now += 10;
+            let mut progressed = false;
+            for (f, me) in nodes.iter_mut() {
+                f.tick(now);
+                while let Some((p, req)) = f.poll() {
+                    progressed = true;
+                    let answer = holders[&p].serve(&req);
+                    if let (Request::Groups { count, .. }, Answer::Groups { .. }) = (&req, &answer)
+                    {
+                        *served.entry(p).or_default() += u64::from(*count);
+                    }
+                    let got = f.answer(now, p, &req, answer);
+                    if let Some(c) = got.cvs {
+                        assert_eq!(c.hash(), *blake3::hash(data).as_bytes());
+                    }
+                    security.extend(got.misbehaved);
+                    for (g, bytes) in got.groups {
+                        let ok = f.cvs().is_some_and(|c| c.check_group(g, &bytes).is_ok());
+                        if ok {
+                            if let Some(h) = holders.get_mut(me) {
+                                h.held[g as usize] = true;
+                            }
+                        }
+                        security.extend(f.group_done(p, g, ok));
+                    }
+                }
+            }
+            if !progressed {
+                now += HAVE_EVERY_MS;
+            }
+        }
+        (served, security)
+    }
+
+    fn holder(data: &[u8], all: bool, corrupt: bool) -> Holder {
+        let cvs = Cvs::of(data);
+        let n = cvs.groups() as usize;
+        Holder {
+            data: data.to_vec(),
+            cvs,
+            held: vec![all; n],
+            corrupt,
+        }
+    }
+
+    const ANCHOR: usize = 0;
+
+    #[test]
+    fn one_node_fetches_everything_from_the_anchor_in_bounded_requests() {
+        let data = bytes(200 * GROUP as usize + 10, 1);
+        let hash = Hash::of(&data);
+        let mut holders = BTreeMap::from([
+            (ANCHOR, holder(&data, true, false)),
+            (1, holder(&data, false, false)),
+        ]);
+        let mut f = Fetch::new(hash, data.len() as u64, 7, None);
+        f.peer_up(0, ANCHOR, true);
+        let mut nodes = vec![(f, 1)];
+        let (served, security) = run(&mut nodes, &mut holders, &data);
+        assert!(nodes[0].0.is_complete());
+        assert_eq!(served[&ANCHOR], 201, "every group once");
+        assert!(security.is_empty());
+    }
+
+    #[test]
+    fn a_neighbour_is_asked_before_the_anchor() {
+        let data = bytes(100 * GROUP as usize, 2);
+        let hash = Hash::of(&data);
+        let mut holders = BTreeMap::from([
+            (ANCHOR, holder(&data, true, false)),
+            (1, holder(&data, false, false)),
+            (2, holder(&data, true, false)),
+        ]);
+        let mut f = Fetch::new(hash, data.len() as u64, 3, None);
+        f.peer_up(0, ANCHOR, true);
+        f.peer_up(0, 2, false);
+        let mut nodes = vec![(f, 1)];
+        let (served, _) = run(&mut nodes, &mut holders, &data);
+        assert!(nodes[0].0.is_complete());
+        assert_eq!(served.get(&ANCHOR), None, "{served:?}");
+        assert_eq!(served[&2], 100);
+    }
+
+    #[test]
+    fn a_lying_neighbour_is_banned_and_the_anchor_serves_the_rest() {
+        let data = bytes(50 * GROUP as usize + 3, 3);
+        let hash = Hash::of(&data);
+        let mut holders = BTreeMap::from([
+            (ANCHOR, holder(&data, true, false)),
+            (1, holder(&data, false, false)),
+            (2, holder(&data, true, true)),
+        ]);
+        let mut f = Fetch::new(hash, data.len() as u64, 0, None);
+        f.peer_up(0, ANCHOR, true);
+        f.peer_up(0, 2, false);
+        let mut nodes = vec![(f, 1)];
+        let (served, security) = run(&mut nodes, &mut holders, &data);
+        assert!(nodes[0].0.is_complete());
+        assert_eq!(security.len(), 1, "{security:?}");
+        assert!(
+            security[0].contains("does not match its hash"),
+            "{security:?}"
+        );
+        assert_eq!(served[&ANCHOR], 51, "{served:?}");
+    }
+
+    #[test]
+    fn a_forged_list_of_hashes_is_refused_and_fetched_elsewhere() {
+        let data = bytes(20 * GROUP as usize, 4);
+        let hash = Hash::of(&data);
+        // Neighbour 2 holds the blob but sends a forged list of hashes.
+        let honest = holder(&data, true, false);
+        let mut forged = honest.cvs.values().to_vec();
+        forged[3][0] ^= 1;
+        let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, 0, None);
+        f.peer_up(0, 2, false);
+        f.peer_up(0, ANCHOR, true);
+        let mut security = Vec::new();
+        for _ in 0..20 {
+            while let Some((p, req)) = f.poll() {
+                let answer = match (&req, p) {
+                    (Request::Cvs { from, count, .. }, 2) => Answer::Cvs(
+                        forged[*from as usize..(*from + u64::from(*count)) as usize].to_vec(),
+                    ),
+                    _ => honest.serve(&req),
+                };
+                let got = f.answer(0, p, &req, answer);
+                security.extend(got.misbehaved);
+                for (g, b) in got.groups {
+                    let ok = f.cvs().is_some_and(|c| c.check_group(g, &b).is_ok());
+                    f.group_done(p, g, ok);
+                }
+            }
+        }
+        assert!(f.is_complete());
+        assert_eq!(security.len(), 1, "{security:?}");
+        assert!(security[0].contains("do not add up"), "{security:?}");
+    }
+
+    #[test]
+    fn a_resumed_fetch_asks_only_for_what_is_missing() {
+        let data = bytes(30 * GROUP as usize, 5);
+        let hash = Hash::of(&data);
+        let cvs = Cvs::of(&data);
+        let held: Vec<bool> = (0..30).map(|g| g % 3 != 0).collect();
+        let mut holders = BTreeMap::from([
+            (ANCHOR, holder(&data, true, false)),
+            (1, holder(&data, false, false)),
+        ]);
+        let mut f = Fetch::new(hash, data.len() as u64, 0, Some((cvs, held)));
+        f.peer_up(0, ANCHOR, true);
+        let mut nodes = vec![(f, 1)];
+        let (served, _) = run(&mut nodes, &mut holders, &data);
+        assert!(nodes[0].0.is_complete());
+        assert_eq!(served[&ANCHOR], 10);
+    }
+
+    /// Ten nodes of a site fetch one blob together behind one anchor: the
+    /// anchor serves it about once, the LAN passes it along.
+    #[test]
+    fn a_site_pulls_a_blob_across_the_uplink_about_once() {
+        let data = bytes(400 * GROUP as usize, 6);
+        let hash = Hash::of(&data);
+        let mut holders = BTreeMap::from([(ANCHOR, holder(&data, true, false))]);
+        let mut nodes = Vec::new();
+        for me in 1..=10usize {
+            holders.insert(me, holder(&data, false, false));
+            let mut f = Fetch::new(hash, data.len() as u64, (me as u64) * 40, None);
+            f.peer_up(0, ANCHOR, true);
+            for other in 1..=10usize {
+                if other != me {
+                    f.peer_up(0, other, false);
+                }
+            }
+            nodes.push((f, me));
+        }
+        let (served, _) = run(&mut nodes, &mut holders, &data);
+        assert!(nodes.iter().all(|(f, _)| f.is_complete()));
+        let from_anchor = served[&ANCHOR];
+        assert!(
+            from_anchor <= 600,
+            "the anchor served {from_anchor} groups of 400: {served:?}"
+        );
+    }
+
+    #[test]
+    fn runs_are_found() {
+        assert_eq!(runs_of(&[true, true, false, true]), [(0, 2), (3, 1)]);
+        assert!(runs_of(&[false; 3]).is_empty());
+        let p = Peer {
+            runs: vec![(2, 3), (9, 1)],
+            ..Peer::default()
+        };
+        assert!(
+            !p.holds(1) && p.holds(2) && p.holds(4) && !p.holds(5) && p.holds(9) && !p.holds(10)
+        );
+    }
+}
