@@ -558,10 +558,8 @@ mod tests {
                     security.extend(got.misbehaved);
                     for (g, bytes) in got.groups {
                         let ok = f.cvs().is_some_and(|c| c.check_group(g, &bytes).is_ok());
-                        if ok {
-                            if let Some(h) = holders.get_mut(me) {
-                                h.held[g as usize] = true;
-                            }
+                        if ok && let Some(h) = holders.get_mut(me) {
+                            h.held[g as usize] = true;
                         }
                         security.extend(f.group_done(p, g, ok));
                     }
