@@ -470,19 +470,8 @@ pub fn runs_of(held: &[bool]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes as bytes;
     use crate::tree::GROUP;
-
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     /// A peer as the network sees it: what it holds of the blob, and
     /// whether it lies.

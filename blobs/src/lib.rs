@@ -15,3 +15,17 @@ pub mod wire;
 
 pub use store::{BlobStore, Hash, Partial};
 pub use tree::{Cvs, GROUP};
+
+/// Pseudo-random bytes for tests (xorshift): no two groups alike.
+#[cfg(test)]
+pub(crate) fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -567,18 +567,7 @@ impl Partial {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_bytes as bytes;
 
     fn groups_of(data: &[u8]) -> Vec<&[u8]> {
         data.chunks(GROUP as usize).collect()

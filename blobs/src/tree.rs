@@ -202,20 +202,8 @@ fn left_len(n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes as bytes;
     use proptest::prelude::*;
-
-    /// Pseudo-random bytes (xorshift): no two groups alike.
-    fn bytes(len: usize, seed: u8) -> Vec<u8> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(seed);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     #[test]
     fn the_groups_merge_to_blake3_of_the_whole() {
@@ -292,7 +280,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_length_agrees_with_blake3(len in 0usize..(300 * 1024), seed: u8) {
+        fn any_length_agrees_with_blake3(len in 0usize..(300 * 1024), seed: u64) {
             let data = bytes(len, seed);
             let cvs = Cvs::of(&data);
             prop_assert_eq!(cvs.hash(), *blake3::hash(&data).as_bytes());
