@@ -282,6 +282,7 @@ enum Command {
         addr: Multiaddr,
         protocol: StreamProtocol,
         bytes: Vec<u8>,
+        max_answer: usize,
         reply: oneshot::Sender<Result<Vec<u8>, Error>>,
     },
     Status(oneshot::Sender<Status>),
@@ -402,6 +403,29 @@ impl Mesh {
             addr,
             protocol,
             bytes,
+            max_answer: MAX_SMALL_FRAME,
+            reply,
+        });
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// One request and its answer on `protocol`, to a peer this mesh is
+    /// connected to (over that connection, relayed or direct), the answer
+    /// bounded by `max_answer` bytes: a larger one is an error naming the
+    /// peer, read no further than its length.
+    pub async fn ask(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        bytes: Vec<u8>,
+        max_answer: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd(Command::Request {
+            addr: multiaddr_p2p(peer).into(),
+            protocol,
+            bytes,
+            max_answer,
             reply,
         });
         rx.await.map_err(|_| Error::Stopped)?
@@ -563,6 +587,7 @@ struct Writer {
 struct PendingRequest {
     protocol: StreamProtocol,
     bytes: Vec<u8>,
+    max_answer: usize,
     reply: oneshot::Sender<Result<Vec<u8>, Error>>,
 }
 
@@ -1047,6 +1072,7 @@ impl Task {
                 addr,
                 protocol,
                 bytes,
+                max_answer,
                 reply,
             } => {
                 let Some(peer) = peer_of(&addr) else {
@@ -1058,6 +1084,7 @@ impl Task {
                 let r = PendingRequest {
                     protocol,
                     bytes,
+                    max_answer,
                     reply,
                 };
                 if self.swarm.is_connected(&peer) {
@@ -1108,7 +1135,7 @@ impl Task {
                     frame::write(&mut s, &r.bytes)
                         .await
                         .map_err(|e| e.to_string())?;
-                    match frame::read(&mut s, MAX_SMALL_FRAME).await {
+                    match frame::read(&mut s, r.max_answer).await {
                         Ok(Some(b)) => Ok(b),
                         Ok(None) => Err("the peer closed the stream without an answer".to_string()),
                         Err(e) => Err(e.to_string()),

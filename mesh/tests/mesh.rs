@@ -245,6 +245,48 @@ async fn requests_are_answered_before_admission() {
     assert_eq!(asker.await.unwrap().unwrap(), b"certificate");
 }
 
+/// `ask`: a request to a connected peer over its connection, with an
+/// answer as large as the asker allows (1 MiB for a blob's groups) and no
+/// larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_peer_is_asked_with_a_bounded_answer() {
+    let mut c = config(12);
+    c.serve = vec![mesh::BLOB];
+    let (a, mut ae, a_addr) = start(c, b"a").await;
+    let (b, mut be, _) = start(config(13), b"b").await;
+    b.add_peer(a_addr);
+    let a_id = a.peer_id();
+    let _ = hello_from(&mut be, a_id).await;
+    b.admit(a_id);
+    let big = vec![7u8; 1 << 20];
+    for (max, answer_ok) in [((1 << 20) + 64, true), (1 << 19, false)] {
+        let asker = {
+            let b = b.clone();
+            tokio::spawn(async move { b.ask(a_id, mesh::BLOB, b"groups".to_vec(), max).await })
+        };
+        loop {
+            if let Event::Request {
+                bytes,
+                reply,
+                protocol,
+                ..
+            } = next(&mut ae).await
+            {
+                assert_eq!((protocol, bytes.as_slice()), (mesh::BLOB, &b"groups"[..]));
+                reply.send(big.clone()).unwrap();
+                break;
+            }
+        }
+        let got = asker.await.unwrap();
+        if answer_ok {
+            assert_eq!(got.unwrap().len(), 1 << 20);
+        } else {
+            let e = got.unwrap_err().to_string();
+            assert!(e.contains(&a_id.to_string()), "{e}");
+        }
+    }
+}
+
 /// A numbered 256 KiB frame.
 fn big_frame(i: u32) -> Vec<u8> {
     let mut v = vec![0u8; 256 << 10];
