@@ -25,6 +25,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::tree::{Cvs, GROUP, Mismatch, group_cv, group_range, groups};
+use crate::wire::{Answer, Request};
 
 /// A blob's name: the BLAKE3 hash of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -448,6 +449,96 @@ impl BlobStore {
         Ok(buf)
     }
 
+    /// Answers a peer's request from what is held here: a whole blob, or
+    /// the groups of `partial` (the same blob being fetched here). A blob
+    /// not held, of another size, or a group not held yet is refused with
+    /// why; the caller has checked that the peer is admitted.
+    pub fn answer(&self, req: &Request, partial: Option<&Partial>) -> Answer {
+        match self.answer_inner(req, partial) {
+            Ok(a) => a,
+            Err(e) => Answer::Refused(e.to_string()),
+        }
+    }
+
+    fn answer_inner(&self, req: &Request, partial: Option<&Partial>) -> Result<Answer, Error> {
+        let hash = req.hash();
+        let partial = partial.filter(|p| p.hash == hash);
+        let (size, whole) = match req {
+            Request::Have { size, .. }
+            | Request::Cvs { size, .. }
+            | Request::Groups { size, .. } => (*size, self.path(&hash)),
+        };
+        let whole_size = std::fs::metadata(&whole).ok().map(|m| m.len());
+        if let Some(s) = whole_size
+            && s != size
+        {
+            return Err(Error::NotHeld(format!(
+                "{hash} of {size} bytes (held: {s} bytes)"
+            )));
+        }
+        if whole_size.is_none() && partial.is_none_or(|p| p.cvs.size() != size) {
+            return match req {
+                Request::Have { .. } => Ok(Answer::Have(Vec::new())),
+                _ => Err(Error::NotHeld(hash.to_string())),
+            };
+        }
+        let n = groups(size);
+        match req {
+            Request::Have { .. } => Ok(Answer::Have(match partial {
+                Some(p) if whole_size.is_none() => crate::fetch::runs_of(&p.have),
+                _ => vec![(0, n)],
+            })),
+            Request::Cvs { from, count, .. } => {
+                let (a, b) = (*from as usize, (*from + u64::from(*count)) as usize);
+                if let Some(p) = partial {
+                    return Ok(Answer::Cvs(
+                        p.cvs
+                            .values()
+                            .get(a..b)
+                            .map(<[_]>::to_vec)
+                            .unwrap_or_default(),
+                    ));
+                }
+                let path = self.cvs_path(&hash);
+                let f = File::open(&path).map_err(io(&path))?;
+                let mut buf = vec![0u8; (b - a) * 32];
+                f.read_exact_at(&mut buf, (a * 32) as u64)
+                    .map_err(io(&path))?;
+                Ok(Answer::Cvs(
+                    buf.chunks_exact(32)
+                        .map(|c| {
+                            let mut v = [0u8; 32];
+                            v.copy_from_slice(c);
+                            v
+                        })
+                        .collect(),
+                ))
+            }
+            Request::Groups { from, count, .. } => {
+                let last = from + u64::from(*count) - 1;
+                let range = group_range(size, *from).start..group_range(size, last).end;
+                let mut data = vec![0u8; (range.end - range.start) as usize];
+                if whole_size.is_some() {
+                    let f = File::open(&whole).map_err(io(&whole))?;
+                    f.read_exact_at(&mut data, range.start)
+                        .map_err(io(&whole))?;
+                } else if let Some(p) = partial {
+                    if let Some(g) = (*from..=last).find(|g| !p.has(*g)) {
+                        return Err(Error::NotHeld(format!("group {g} of {hash} (not yet)")));
+                    }
+                    p.file
+                        .read_exact_at(&mut data, range.start)
+                        .map_err(io(&p.path))?;
+                }
+                Ok(Answer::Groups {
+                    from: *from,
+                    count: *count,
+                    data,
+                })
+            }
+        }
+    }
+
     /// Removes every blob, whole or partial, that `keep` does not name.
     /// Returns the bytes freed.
     pub fn collect(&self, keep: &dyn Fn(&Hash) -> bool) -> Result<u64, Error> {
@@ -694,6 +785,111 @@ mod tests {
         let freed = store.collect(&|h| *h == keep)?;
         assert_eq!(freed, 3 * GROUP);
         assert!(store.begin(Cvs::of(&b)).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn peers_are_answered_from_whole_and_partial_blobs() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(io(Path::new("tmp")))?;
+        let store = BlobStore::open(dir.path(), None)?;
+        let data = bytes(5 * GROUP as usize + 9, 8);
+        let src = dir.path().join("m");
+        std::fs::write(&src, &data).map_err(io(&src))?;
+        let (hash, size) = store.add_file(&src, None)?;
+        let cvs = Cvs::of(&data);
+        let have = Request::Have { hash, size };
+        assert_eq!(store.answer(&have, None), Answer::Have(vec![(0, 6)]));
+        let req = Request::Cvs {
+            hash,
+            size,
+            from: 2,
+            count: 3,
+        };
+        assert_eq!(
+            store.answer(&req, None),
+            Answer::Cvs(cvs.values()[2..5].to_vec())
+        );
+        let req = Request::Groups {
+            hash,
+            size,
+            from: 4,
+            count: 2,
+        };
+        assert_eq!(
+            store.answer(&req, None),
+            Answer::Groups {
+                from: 4,
+                count: 2,
+                data: data[4 * GROUP as usize..].to_vec()
+            }
+        );
+        // Another size of the same hash: refused, not served.
+        let wrong = Request::Groups {
+            hash,
+            size: size - 1,
+            from: 0,
+            count: 1,
+        };
+        assert!(matches!(store.answer(&wrong, None), Answer::Refused(_)));
+        // A blob being fetched here serves what it holds, and only that.
+        let other = bytes(4 * GROUP as usize, 9);
+        let oc = Cvs::of(&other);
+        let oh = Hash(oc.hash());
+        let osize = other.len() as u64;
+        let mut p = store.begin(oc.clone())?;
+        p.write_group(1, &other[GROUP as usize..2 * GROUP as usize])?;
+        p.write_group(2, &other[2 * GROUP as usize..3 * GROUP as usize])?;
+        assert_eq!(
+            store.answer(
+                &Request::Have {
+                    hash: oh,
+                    size: osize
+                },
+                Some(&p)
+            ),
+            Answer::Have(vec![(1, 2)])
+        );
+        let g = Request::Groups {
+            hash: oh,
+            size: osize,
+            from: 1,
+            count: 2,
+        };
+        assert!(matches!(store.answer(&g, Some(&p)), Answer::Groups { .. }));
+        let g = Request::Groups {
+            hash: oh,
+            size: osize,
+            from: 2,
+            count: 2,
+        };
+        let Answer::Refused(why) = store.answer(&g, Some(&p)) else {
+            panic!("served a group it does not hold")
+        };
+        assert!(why.contains("group 3"), "{why}");
+        // Nothing held: an empty have, a refusal for the rest.
+        let none = Hash::of(b"nothing");
+        assert_eq!(
+            store.answer(
+                &Request::Have {
+                    hash: none,
+                    size: 9
+                },
+                None
+            ),
+            Answer::Have(vec![])
+        );
+        assert!(matches!(
+            store.answer(
+                &Request::Cvs {
+                    hash: none,
+                    size: 2 * GROUP,
+                    from: 0,
+                    count: 1
+                },
+                None
+            ),
+            Answer::Refused(_)
+        ));
         Ok(())
     }
 
