@@ -308,6 +308,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
             listen: vec![format!("/ip4/127.0.0.1/udp/{anchor_port}/quic-v1").parse()?],
             peers: Vec::new(),
             mdns: false,
+            blob_quota: None,
         },
         http: Some(http),
         demo: Some(controls.clone()),

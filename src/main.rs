@@ -319,6 +319,31 @@ struct MeshArgs {
     /// Discover peers on the local network with mDNS.
     #[arg(long, default_value_t = false)]
     mdns: bool,
+    /// Most bytes the blob store (artifacts) may hold: 500M, 20G, or bytes.
+    #[arg(long, value_parser = parse_size)]
+    blob_quota: Option<u64>,
+}
+
+/// A size: bytes, or with K, M, G or T (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: expected a number with K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (500M, 20G, or bytes)"))
 }
 
 impl MeshArgs {
@@ -473,6 +498,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
         listen,
         peers,
         mdns: mesh.mdns,
+        blob_quota: mesh.blob_quota,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -306,6 +306,15 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         bad
     }
 
+    /// A group `p` sent was not written here (the disk, or the partial
+    /// file not open yet): asked again, `p` not blamed.
+    pub fn not_written(&mut self, p: P, g: u64) {
+        if self.pending.get(&g) == Some(&p) {
+            self.pending.remove(&g);
+        }
+        self.plan();
+    }
+
     fn ban(&mut self, p: P) {
         if let Some(peer) = self.peers.get_mut(&p) {
             peer.banned = true;

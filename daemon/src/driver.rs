@@ -35,6 +35,8 @@ pub struct MeshOptions {
     pub peers: Vec<Multiaddr>,
     /// mDNS discovery on the local network.
     pub mdns: bool,
+    /// Most bytes the blob store may hold (artifacts).
+    pub blob_quota: Option<u64>,
 }
 
 /// What a composition asks of the mesh.
@@ -57,6 +59,8 @@ pub enum Input {
     Command(Incoming),
     /// The writer thread finished a commit.
     Committed(u64, Result<(), String>),
+    /// A blob task finished something.
+    Blob(crate::blobs::Event),
     /// The mesh stopped.
     Closed,
 }
@@ -156,6 +160,11 @@ pub struct Base {
     committing: Vec<DocId>,
     /// Commands answered once what they wrote is committed.
     answers: AfterCommit<Result<Answer, Refusal>>,
+    /// Artifacts: the blob store, what is served and fetched.
+    pub blobs: crate::blobs::Blobs,
+    blob_rx: mpsc::UnboundedReceiver<crate::blobs::Event>,
+    /// Actions of the base's own (blob security events, a blob ready).
+    own: std::collections::VecDeque<Action<PeerId>>,
     /// Commit on the loop (at shutdown).
     inline: bool,
 }
@@ -236,6 +245,7 @@ impl Base {
         config.mdns = opts.mdns;
         config.relay_server = role.relay_server;
         config.serve = role.serve;
+        config.serve.push(mesh::BLOB);
         let root = dd.trust().root();
         let (mesh, events) = Mesh::start(config, crate::hello::encode(root, &me.cert))
             .map_err(|e| anyhow!("{e}"))?;
@@ -247,6 +257,10 @@ impl Base {
         settings.known_peers = known_peers;
         settings.stored_chunks = dd.store().chunk_counts()?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (blob_tx, blob_rx) = mpsc::unbounded_channel();
+        let store = crate::artifact::store(dd.path(), opts.blob_quota)?;
+        let seed = u64::from_le_bytes(me.key().0[..8].try_into().unwrap_or([0; 8]));
+        let blobs = crate::blobs::Blobs::new(store, blob_tx, seed);
         Ok(Base {
             dd,
             core: Core::new(engine, me, settings),
@@ -261,6 +275,9 @@ impl Base {
             done_rx,
             committing: Vec::new(),
             answers: AfterCommit::default(),
+            blobs,
+            blob_rx,
+            own: std::collections::VecDeque::new(),
             inline: false,
         })
     }
@@ -289,6 +306,7 @@ impl Base {
             },
             Some(inc) = self.commands.recv() => Input::Command(inc),
             Some((batch, result)) = self.done_rx.recv() => Input::Committed(batch, result),
+            Some(ev) = self.blob_rx.recv() => Input::Blob(ev),
         }
     }
 
@@ -316,6 +334,17 @@ impl Base {
             }
             Input::Committed(batch, result) => {
                 self.finish_commit(batch, result);
+                None
+            }
+            Input::Blob(ev) => {
+                let out = self.blobs.on_event(&self.mesh, ev);
+                for (who, reason) in out.security {
+                    self.own.push_back(Action::Security { who, reason });
+                }
+                if !out.ready.is_empty() {
+                    // A wanted artifact is whole: what waited for it may run.
+                    self.own.push_back(Action::Reconcile);
+                }
                 None
             }
             Input::Closed => None,
@@ -359,7 +388,20 @@ impl Base {
                 });
             }
             Event::Frame { peer, bytes } => self.core.frame(t, peer, bytes),
-            Event::Down { peer } => self.core.down(t, peer),
+            Event::Down { peer } => {
+                self.blobs.peer_down(&self.mesh, peer);
+                self.core.down(t, peer);
+            }
+            Event::Request {
+                peer,
+                protocol,
+                bytes,
+                reply,
+                ..
+            } if protocol == mesh::BLOB => {
+                let admitted = self.core.name_of(&peer).is_some();
+                self.blobs.serve(admitted, &bytes, reply);
+            }
             Event::Request {
                 peer,
                 addr,
@@ -567,11 +609,18 @@ impl Base {
     pub fn tick(&mut self) {
         let t = self.now();
         self.core.tick(t);
+        self.blobs.tick(&self.mesh, t.mono_ms);
     }
 
     /// Carries out the core's actions on the mesh and the store, and
     /// returns the next one that is the composition's to do.
     pub fn next_action(&mut self) -> Option<Action<PeerId>> {
+        if let Some(a) = self.own.pop_front() {
+            if let Action::Security { who, reason } = &a {
+                tracing::warn!(%who, %reason, "security event");
+            }
+            return Some(a);
+        }
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Admit {
@@ -582,12 +631,20 @@ impl Base {
                 } => {
                     tracing::info!(peer = %conn, %from, %name, "peer admitted");
                     self.mesh.admit(conn);
+                    let anchor = mesh::key_of(&conn).and_then(|k| {
+                        self.core
+                            .trust()
+                            .cert(&crdt_state::PublicKey(k))
+                            .map(|c| c.role)
+                    }) == Some(crdt_state::Role::Anchor);
+                    self.blobs.peer_up(&self.mesh, conn, anchor);
                     if relay {
                         self.mesh.listen_via(conn);
                     }
                 }
                 Action::Reject { conn, reason } => {
                     tracing::warn!(peer = %conn, %reason, "peer refused");
+                    self.blobs.peer_down(&self.mesh, conn);
                     self.mesh.reject(conn, reason);
                 }
                 Action::Send { conn, frame } => {

@@ -19,6 +19,8 @@
 //!
 //! - [`driver`]: the mesh, the store and the control socket around a core.
 //! - [`artifact`]: `shoal artifact push|import` into a data dir's blobs.
+//! - [`blobs`]: `/shoal/blob/1` served from the blob store, and the
+//!   fetches of the blobs this daemon wants.
 //! - [`command`]: the one command surface: every request from the control
 //!   socket, the operator API and the site API, who may make it, and its
 //!   one handler.
@@ -46,6 +48,8 @@ pub mod render;
 
 #[cfg(feature = "driver")]
 pub mod artifact;
+#[cfg(feature = "driver")]
+pub mod blobs;
 #[cfg(feature = "driver")]
 pub mod command;
 #[cfg(feature = "driver")]

@@ -82,6 +82,9 @@ struct Node {
     device_state: BTreeMap<String, DeviceState>,
     pending_readings: Vec<crdt_state::local::readings::Reading>,
     readings_cap: u64,
+    /// What the runtime was last given per app: an app whose artifacts
+    /// are not all whole yet keeps running this.
+    last_run: BTreeMap<String, crdt_state::fleet::placement::Workload>,
 }
 
 /// Runs the node until `shutdown` resolves.
@@ -132,6 +135,7 @@ pub async fn run(
         device_state: BTreeMap::new(),
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
+        last_run: BTreeMap::new(),
     };
     if let Some(addr) = opts.site_api {
         let surface = site_api::Surface::new(
@@ -205,7 +209,61 @@ impl Node {
 
     /// Applies the node's share to the runtime and its devices, then reports.
     fn reconcile(&mut self) {
-        let mut desired = self.base.core.share();
+        let desired = self.with_artifacts(self.base.core.share());
+        self.run(desired);
+    }
+
+    /// The share as it may run now: every artifact an app names is fetched;
+    /// an app whose artifacts are all whole gets their paths
+    /// (`SHOAL_ARTIFACT_<NAME>`), one that waits for any keeps what it ran
+    /// before (or does not start yet).
+    fn with_artifacts(
+        &mut self,
+        share: Vec<crdt_state::fleet::placement::Workload>,
+    ) -> Vec<crdt_state::fleet::placement::Workload> {
+        let (fleet, _) = self.base.core.desired();
+        let mut out = Vec::new();
+        let apps: std::collections::BTreeSet<String> =
+            share.iter().map(|w| w.app.clone()).collect();
+        self.last_run.retain(|app, _| apps.contains(app));
+        for mut w in share {
+            let mut env = BTreeMap::new();
+            let mut waiting = Vec::new();
+            for (local, name) in &w.spec.artifacts {
+                let blob = fleet
+                    .artifacts
+                    .get(name)
+                    .and_then(|a| blobs::Hash::parse(&a.hash).ok().map(|h| (h, a.size)));
+                let Some((hash, size)) = blob else {
+                    waiting.push(format!("{name} (not declared)"));
+                    continue;
+                };
+                self.base.blobs.want(hash, size);
+                let store = self.base.blobs.store();
+                if store.has(&hash) {
+                    let var = format!("SHOAL_ARTIFACT_{}", local.to_uppercase().replace('-', "_"));
+                    env.insert(var, store.path(&hash).display().to_string());
+                } else {
+                    waiting.push(name.clone());
+                }
+            }
+            if !waiting.is_empty() {
+                tracing::info!(app = %w.app, waiting = ?waiting, "app waits for its artifacts");
+                if let Some(prev) = self.last_run.get(&w.app) {
+                    out.push(prev.clone());
+                }
+                continue;
+            }
+            if let Some(n) = w.spec.native.as_mut() {
+                n.env.extend(env);
+            }
+            self.last_run.insert(w.app.clone(), w.clone());
+            out.push(w);
+        }
+        out
+    }
+
+    fn run(&mut self, mut desired: Vec<crdt_state::fleet::placement::Workload>) {
         // The node's apps read their devices through the site API.
         for w in &mut desired {
             if let Some(n) = w.spec.native.as_mut() {

@@ -1,0 +1,129 @@
+//! Artifacts with real processes over real QUIC on loopback: a file pushed
+//! at the anchor reaches a node, verified group by group, and the app that
+//! names it reads it at the path it was given; a new version replaces it
+//! and the app switches only once the new file is whole.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// Pseudo-random bytes: no two groups alike.
+fn model(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn reader_app(artifact: &str, copy: &Path) -> String {
+    format!(
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: reader}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_MODEL\" {} && echo SAME {artifact}; exec sleep 3600']\n  artifacts: {{model: {artifact}}}\n",
+        copy.display()
+    )
+}
+
+#[test]
+fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+        None,
+    );
+    let nd = root.join("n1");
+    enroll(&anchor_dir, &nd, "n1", "s1");
+    let node = Daemon::start(
+        "node",
+        &nd,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            anchor.addr_on("127.0.0.1"),
+        ],
+        None,
+    );
+
+    // 5 MiB and a tail: 321 groups, the last one short.
+    let v3 = model(5 * 1024 * 1024 + 1234, 3);
+    let v3_file = root.join("model-v3.onnx");
+    std::fs::write(&v3_file, &v3).unwrap();
+    ok(&[
+        "artifact",
+        "push",
+        "--data-dir",
+        s(&anchor_dir),
+        s(&v3_file),
+        "--name",
+        "model-v3",
+    ]);
+    let app = write(root, "reader.yaml", &reader_app("model-v3", &v3_file));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
+    let log = nd.join("apps/reader/stdout.log");
+    assert!(
+        wait_for(WITHIN, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("SAME model-v3"))),
+        "the app did not read model-v3: {} / node: {}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        node.log_text()
+    );
+    let h3 = blobs::Hash::of(&v3).to_string();
+    let blob = nd.join("blobs").join(&h3);
+    assert_eq!(std::fs::read(&blob).unwrap(), v3, "the node's copy");
+
+    // A new version: the app keeps reading v3 until v4 is whole, then
+    // switches.
+    let v4 = model(3 * 1024 * 1024, 4);
+    let v4_file = root.join("model-v4.onnx");
+    std::fs::write(&v4_file, &v4).unwrap();
+    ok(&[
+        "artifact",
+        "push",
+        "--data-dir",
+        s(&anchor_dir),
+        s(&v4_file),
+        "--name",
+        "model-v4",
+    ]);
+    let app = write(root, "reader.yaml", &reader_app("model-v4", &v4_file));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
+    assert!(
+        wait_for(WITHIN, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("SAME model-v4"))),
+        "the app did not switch to model-v4: {} / node: {}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        node.log_text()
+    );
+    // It never ran against a file that was not whole: every line the app
+    // wrote says its file was the one named.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().all(|l| l.starts_with("SAME ")),
+        "the app saw a file that was not the artifact: {text}"
+    );
+    // (`cmp` says "differ" on standard output, a missing file on standard
+    // error.)
+    let err = std::fs::read_to_string(nd.join("apps/reader/stderr.log")).unwrap_or_default();
+    assert!(!err.contains("cmp:"), "the app ran without its file: {err}");
+    assert!(
+        nd.join("blobs")
+            .join(blobs::Hash::of(&v4).to_string())
+            .exists()
+    );
+    drop((node, anchor));
+}
