@@ -59,6 +59,23 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
         None,
     );
 
+    // A second node whose blob store may hold 1 MiB only.
+    let small = root.join("n2");
+    enroll(&anchor_dir, &small, "n2", "s2");
+    let small_node = Daemon::start(
+        "node",
+        &small,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            anchor.addr_on("127.0.0.1"),
+            "--blob-quota".into(),
+            "1M".into(),
+        ],
+        None,
+    );
+
     // 5 MiB and a tail: 321 groups, the last one short.
     let v3 = model(5 * 1024 * 1024 + 1234, 3);
     let v3_file = root.join("model-v3.onnx");
@@ -85,6 +102,22 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
     let h3 = blobs::Hash::of(&v3).to_string();
     let blob = nd.join("blobs").join(&h3);
     assert_eq!(std::fs::read(&blob).unwrap(), v3, "the node's copy");
+    // The small node says the artifact does not fit, writes none of it,
+    // and does not start the app.
+    let refusals = |n: &Daemon| {
+        n.log_text()
+            .lines()
+            .filter(|l| l.contains("blob not kept here") && l.contains("quota"))
+            .count()
+    };
+    assert!(
+        wait_for(WITHIN, || refusals(&small_node) == 1),
+        "n2: {}",
+        small_node.log_text()
+    );
+    assert!(!small.join("blobs").join(&h3).exists());
+    assert!(!small.join(format!("blobs/{h3}.part")).exists());
+    assert!(!small.join("apps/reader/stdout.log").exists());
 
     // A new version: the app keeps reading v3 until v4 is whole, then
     // switches.
@@ -125,5 +158,28 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
             .join(blobs::Hash::of(&v4).to_string())
             .exists()
     );
-    drop((node, anchor));
+    // n2 refused each blob once (v3, then v4). A later change of the fleet
+    // makes it reconcile again; the refusal is remembered, so it does not
+    // fetch the list and refuse once more.
+    assert!(
+        wait_for(WITHIN, || refusals(&small_node) == 2),
+        "n2: {}",
+        small_node.log_text()
+    );
+    let cfg = write(
+        root,
+        "c.yaml",
+        "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {name: later}\nspec: {data: {k: v}}\n",
+    );
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&cfg)]);
+    assert!(wait_for(WITHIN, || get(&small, "configs")
+        .get("later")
+        .is_some()));
+    // Without the memory a refusal follows a reconcile by the time it takes
+    // to ask a peer what it holds and for the list: under a second on
+    // loopback (the first one came within a second of the push). Two
+    // seconds is twice that.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(refusals(&small_node), 2, "n2: {}", small_node.log_text());
+    drop((node, small_node, anchor));
 }

@@ -16,6 +16,9 @@ use blobs::{BlobStore, Cvs, Hash, Partial};
 use mesh::{Mesh, PeerId};
 use tokio::sync::mpsc;
 
+/// How long a blob that could not be kept waits before it is tried again.
+pub const RETRY_REFUSED_MS: u64 = 10 * 60 * 1000;
+
 /// What a blob task reports to the loop.
 #[derive(Debug)]
 pub enum Event {
@@ -78,6 +81,9 @@ pub struct Blobs {
     opening: HashMap<Hash, u64>,
     /// Admitted peers and whether each is an anchor.
     peers: HashMap<PeerId, bool>,
+    /// Blobs that could not be kept here (the quota, the disk), when and
+    /// why: not fetched again for [`RETRY_REFUSED_MS`].
+    refused: HashMap<Hash, (u64, String)>,
     tx: mpsc::UnboundedSender<Event>,
     seed: u64,
     now_ms: u64,
@@ -93,6 +99,7 @@ impl Blobs {
             fetches: HashMap::new(),
             opening: HashMap::new(),
             peers: HashMap::new(),
+            refused: HashMap::new(),
             tx,
             seed,
             now_ms: 0,
@@ -131,13 +138,25 @@ impl Blobs {
         self.send(mesh);
     }
 
-    /// Fetches `hash` (`size` bytes) unless it is whole here or on its way.
+    /// Blobs wanted that could not be kept here, and why.
+    pub fn refused(&self) -> impl Iterator<Item = (&Hash, &str)> {
+        self.refused.iter().map(|(h, (_, why))| (h, why.as_str()))
+    }
+
+    /// Fetches `hash` (`size` bytes) unless it is whole here, on its way,
+    /// or was refused (the quota) less than [`RETRY_REFUSED_MS`] ago.
     pub fn want(&mut self, hash: Hash, size: u64) {
         if self.store.has(&hash)
             || self.fetches.contains_key(&hash)
             || self.opening.contains_key(&hash)
         {
             return;
+        }
+        if let Some((at, _)) = self.refused.get(&hash) {
+            if self.now_ms.saturating_sub(*at) < RETRY_REFUSED_MS {
+                return;
+            }
+            self.refused.remove(&hash);
         }
         self.opening.insert(hash, size);
         let store = self.store.clone();
@@ -265,7 +284,8 @@ impl Blobs {
                         out.ready.push(hash);
                     }
                     Err(e) => {
-                        tracing::warn!(blob = %hash.short(), error = %e, "blob not made available")
+                        tracing::warn!(blob = %hash.short(), error = %e, "blob not kept here");
+                        self.refused.insert(hash, (self.now_ms, e));
                     }
                 }
             }
@@ -274,17 +294,25 @@ impl Blobs {
         out
     }
 
-    /// Opens the partial file once the group hashes are known.
+    /// Opens the partial file once the group hashes are known; a blob that
+    /// does not fit (the quota) ends its fetch before any group is asked
+    /// for again.
     fn begin(&self, hash: Hash, cvs: Cvs) {
         let store = self.store.clone();
         let partials = self.partials.clone();
+        let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || match store.begin(cvs) {
             Ok(p) => {
                 if let Ok(mut m) = partials.lock() {
                     m.insert(hash, p);
                 }
             }
-            Err(e) => tracing::warn!(blob = %hash.short(), error = %e, "blob not begun"),
+            Err(e) => {
+                let _ = tx.send(Event::Finished {
+                    hash,
+                    result: Err(e.to_string()),
+                });
+            }
         });
     }
 
