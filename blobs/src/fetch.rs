@@ -103,11 +103,10 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
             _ => (None, vec![false; n as usize]),
         };
         // One group needs no list: it is checked whole against the hash.
-        let cvs = cvs.or_else(|| {
-            (n == 1)
-                .then(|| Cvs::verify(hash.0, size, Vec::new()).ok())
-                .flatten()
-        });
+        let cvs = match cvs {
+            None if n == 1 => Cvs::verify(hash.0, size, Vec::new()).ok(),
+            other => other,
+        };
         Fetch {
             hash,
             size,

@@ -111,15 +111,6 @@ impl Blobs {
         &self.store
     }
 
-    /// Groups held of a blob being fetched: (held, of), for reports.
-    pub fn progress(&self, hash: &Hash) -> Option<(u64, u64)> {
-        let f = self.fetches.get(hash)?;
-        Some((
-            f.held(),
-            blobs::tree::groups(f.cvs().map(|c| c.size()).unwrap_or(0)),
-        ))
-    }
-
     /// A peer was admitted.
     pub fn peer_up(&mut self, mesh: &Mesh, peer: PeerId, anchor: bool) {
         self.peers.insert(peer, anchor);
@@ -136,11 +127,6 @@ impl Blobs {
             f.peer_down(peer);
         }
         self.send(mesh);
-    }
-
-    /// Blobs wanted that could not be kept here, and why.
-    pub fn refused(&self) -> impl Iterator<Item = (&Hash, &str)> {
-        self.refused.iter().map(|(h, (_, why))| (h, why.as_str()))
     }
 
     /// Fetches `hash` (`size` bytes) unless it is whole here, on its way,

@@ -221,11 +221,19 @@ impl Node {
         &mut self,
         share: Vec<crdt_state::fleet::placement::Workload>,
     ) -> Vec<crdt_state::fleet::placement::Workload> {
-        let (fleet, _) = self.base.core.desired();
-        let mut out = Vec::new();
         let apps: std::collections::BTreeSet<String> =
             share.iter().map(|w| w.app.clone()).collect();
         self.last_run.retain(|app, _| apps.contains(app));
+        if share.iter().all(|w| w.spec.artifacts.is_empty()) {
+            // No app names an artifact: no second read of the fleet. What
+            // each runs is kept, for when its next version waits for one.
+            for w in &share {
+                self.last_run.insert(w.app.clone(), w.clone());
+            }
+            return share;
+        }
+        let (fleet, _) = self.base.core.desired();
+        let mut out = Vec::new();
         for mut w in share {
             let mut env = BTreeMap::new();
             let mut waiting = Vec::new();

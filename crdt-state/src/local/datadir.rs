@@ -90,8 +90,8 @@ pub struct DataDir {
     identity: Option<Identity>,
     trust: Trust,
     /// Documents loaded for writing. The data dir holds the store's lock,
-    /// so nobody else changes them behind our back (a daemon that also
-    /// commits synced changes calls [`DataDir::forget`]).
+    /// so nobody else changes them behind our back (a running daemon never
+    /// writes through its data dir: its writes go through its core).
     cache: HashMap<DocId, Document>,
     /// When set, every change this data dir commits is also queued here
     /// for a daemon to hand to its sync engine.
@@ -218,23 +218,6 @@ impl DataDir {
     /// The changes committed since the last call (with forwarding on).
     pub fn take_outbox(&mut self) -> Vec<(DocId, Vec<SignedChange>)> {
         self.outbox.as_mut().map(std::mem::take).unwrap_or_default()
-    }
-
-    /// Drops a cached document: someone else (the sync engine of a daemon)
-    /// committed changes to it.
-    pub fn forget(&mut self, id: &DocId) {
-        self.cache.remove(id);
-    }
-
-    /// Re-reads certificates and revocations from the stored fleet document.
-    pub fn refresh_trust(&mut self) -> Result<()> {
-        self.cache.remove(&DocId::Fleet);
-        if let Some(fleet) = self.store.load(&DocId::Fleet)? {
-            for e in self.trust.absorb_fleet(&fleet) {
-                tracing::warn!(error = %e, "fleet document holds an invalid entry");
-            }
-        }
-        Ok(())
     }
 
     /// Signs with `identity` instead of the data dir's own (None: back to
