@@ -438,6 +438,31 @@ fn memory() {
         kb("Private_Dirty:"),
         field("Threads:").trim_start_matches("Threads:").trim()
     );
+    // Per mapping (path and permissions), the largest first: which part of
+    // the binary (text, read-only data, relocated data) the pages are in.
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words
+            .first()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            let path = words.get(5).copied().unwrap_or("[anon]");
+            current = format!("{} {}", words.get(1).copied().unwrap_or(""), path);
+        } else if words.first() == Some(&"Rss:") {
+            *by.entry(current.clone()).or_default() += words
+                .get(1)
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    let mut by: Vec<_> = by.into_iter().filter(|(_, kb)| *kb >= 64).collect();
+    by.sort_by_key(|(_, kb)| std::cmp::Reverse(*kb));
+    for (mapping, kb) in by {
+        println!("  {kb:>6} kB  {mapping}");
+    }
 }
 
 fn main() {
