@@ -373,7 +373,9 @@ fn answer(a: Answer) -> Response {
         Answer::Bytes(b) => {
             ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response()
         }
-        Answer::Read(_) => ApiError::new(500, "internal: a store read was not run").into_response(),
+        Answer::Blocking(_) => {
+            ApiError::new(500, "internal: a store read was not run").into_response()
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use anyhow::{Context, anyhow};
 use crdt_state::fleet::model::FleetView;
 use crdt_state::{DataDir, DocId, Identity, Role};
 use daemon::command;
-use daemon::driver::{AfterCommit, Base, Input, MeshOptions, Request, unix_now as now};
+use daemon::driver::{AfterCommit, Base, Enrolling, Input, MeshOptions, Request, unix_now as now};
 use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
 use daemon::{Action, Settings};
 use tokio::sync::watch;
@@ -127,6 +127,7 @@ pub async fn run(
                 Input::Closed => break,
                 // The control socket's and the operator API's commands.
                 Input::Command(c) => command::dispatch(&mut a, c),
+                Input::Enrolled(e) => a.on_enrolled(*e),
                 other => {
                     if let Some(req) = a.base.handle(other) {
                         a.on_request(req);
@@ -218,19 +219,23 @@ impl Anchor {
     }
 
     /// A request on `/shoal/enroll/1`: a node with a token asks for its
-    /// certificate. Answered once the certificate is committed.
+    /// certificate. The token is checked off the loop first.
     fn on_request(&mut self, req: Request) {
-        let Request {
+        if req.protocol == mesh::ENROLL {
+            self.base.enroll(req);
+        }
+    }
+
+    /// An enrollment whose token was checked: the certificate is written,
+    /// and the answer leaves once it is committed.
+    fn on_enrolled(&mut self, e: Enrolling) {
+        let Enrolling {
             peer,
             addr,
-            protocol,
-            bytes,
+            result,
             reply,
-        } = req;
-        if protocol != mesh::ENROLL {
-            return;
-        }
-        let answer = self.base.enroll(&bytes);
+        } = e;
+        let answer = self.base.enrolled(result);
         match &answer {
             enroll::EnrollResponse::Certified(c) => {
                 tracing::info!(%peer, %addr, node = %c.name, "node enrolled");

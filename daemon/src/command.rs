@@ -8,8 +8,8 @@
 //! translates; [`handle`] checks what the caller may do ([`authorize`]),
 //! writes through the core's one write path, and answers. Writes are
 //! answered once they are committed (the driver holds the answer); reads of
-//! committed documents ([`Answer::Read`]) run on a blocking thread, never on
-//! the loop.
+//! committed documents and writes of files ([`Answer::Blocking`]) run on a
+//! blocking thread, never on the loop.
 //!
 //! What only one composition answers (the node's view and device routes)
 //! goes to its [`Host::local`].
@@ -165,8 +165,9 @@ impl std::fmt::Display for Caller {
     }
 }
 
-/// A read of committed documents, run on a blocking thread.
-pub type StoreRead = Box<dyn FnOnce(&Store) -> Result<Answer, Refusal> + Send>;
+/// Work for a blocking thread (a read of committed documents, a file to
+/// write); its result is the answer.
+pub type BlockingJob = Box<dyn FnOnce(&Store) -> Result<Answer, Refusal> + Send>;
 
 /// What a command answers.
 pub enum Answer {
@@ -176,9 +177,9 @@ pub enum Answer {
     Json(Value),
     /// Bytes (an exported bundle).
     Bytes(Vec<u8>),
-    /// A read of the store, for the driver to run off the loop; its result
-    /// is the answer.
-    Read(StoreRead),
+    /// Work for the driver to run off the loop (a read of the store, a
+    /// file to write); its result is the answer.
+    Blocking(BlockingJob),
 }
 
 impl std::fmt::Debug for Answer {
@@ -187,7 +188,7 @@ impl std::fmt::Debug for Answer {
             Answer::Text(t) => f.debug_tuple("Text").field(t).finish(),
             Answer::Json(v) => f.debug_tuple("Json").field(v).finish(),
             Answer::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
-            Answer::Read(_) => write!(f, "Read(..)"),
+            Answer::Blocking(_) => write!(f, "Blocking(..)"),
         }
     }
 }
@@ -259,7 +260,7 @@ impl From<anyhow::Error> for Refusal {
 }
 
 /// A command from a surface, with the channel for its answer (never an
-/// [`Answer::Read`]: the driver runs those).
+/// [`Answer::Blocking`]: the driver runs those).
 pub type Incoming = (
     Caller,
     Command,
@@ -392,7 +393,7 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             let contacts = base.core.contacts().clone();
             // Checked here, so a wrong name is answered at once.
             get_kind(&what)?;
-            Ok(Answer::Read(Box::new(move |store| {
+            Ok(Answer::Blocking(Box::new(move |store| {
                 let reader = Reader {
                     store,
                     trust: &trust,
@@ -418,15 +419,20 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             } else {
                 addrs
             };
-            let token = crate::enroll::create_token(&base.dd, addrs, &t, unix_now())?;
-            Ok(Answer::Text(format!("{token}\n")))
+            let dir = base.dd.path().to_path_buf();
+            let root = base.core.trust().root();
+            // A file written and synced: off the loop.
+            Ok(Answer::Blocking(Box::new(move |_| {
+                let token = crate::enroll::create_token(&dir, &root, addrs, &t, unix_now())?;
+                Ok(Answer::Text(format!("{token}\n")))
+            })))
         }
         Command::Export { only } => {
             let only = only
                 .map(|d| DocId::parse(&d).map_err(|e| Refusal::new(400, format!("only: {e}"))))
                 .transpose()?;
             let trust = host.base().core.trust().clone();
-            Ok(Answer::Read(Box::new(move |store| {
+            Ok(Answer::Blocking(Box::new(move |store| {
                 let reader = Reader {
                     store,
                     trust: &trust,

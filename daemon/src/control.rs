@@ -53,7 +53,7 @@ impl From<Result<Answer, Refusal>> for Reply {
                 data: Some(hex::encode(b)),
                 ..Reply::default()
             },
-            Ok(Answer::Read(_)) => Reply {
+            Ok(Answer::Blocking(_)) => Reply {
                 error: Some("internal: a store read was not run".into()),
                 ..Reply::default()
             },
@@ -138,7 +138,7 @@ fn execute_inner(dd: &mut DataDir, cmd: Command) -> Result<Answer, Refusal> {
         }
         Command::TokenCreate(t) => {
             let addrs = enroll::read_addrs(dd.path());
-            let token = enroll::create_token(dd, addrs, &t, now())?;
+            let token = enroll::create_token(dd.path(), &dd.trust().root(), addrs, &t, now())?;
             format!("{token}\n")
         }
         Command::Export { only } => {

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use crdt_state::local::store::Prepared;
 use crdt_state::signed::sync::{Engine, SyncConfig};
 use crdt_state::{DataDir, DocId, Identity};
@@ -61,6 +61,9 @@ pub enum Input {
     Committed(u64, Result<(), String>),
     /// A blob task finished something.
     Blob(crate::blobs::Event),
+    /// An enrollment's token was checked and spent on a blocking thread:
+    /// the composition writes its certificate ([`Base::enrolled`]).
+    Enrolled(Box<Enrolling>),
     /// The mesh stopped.
     Closed,
 }
@@ -75,6 +78,18 @@ pub struct Request {
     pub protocol: mesh::StreamProtocol,
     /// The request.
     pub bytes: Vec<u8>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// An enrollment request whose token was checked (and spent) off the loop.
+pub struct Enrolling {
+    /// The peer that asked.
+    pub peer: PeerId,
+    /// Its address.
+    pub addr: Multiaddr,
+    /// The certificate and Node, or why not.
+    pub result: anyhow::Result<enroll::Enrollment>,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Vec<u8>>,
 }
@@ -163,6 +178,9 @@ pub struct Base {
     /// Artifacts: the blob store, what is served and fetched.
     pub blobs: crate::blobs::Blobs,
     blob_rx: mpsc::UnboundedReceiver<crate::blobs::Event>,
+    /// Enrollments checked on blocking threads come back here.
+    enroll_tx: mpsc::UnboundedSender<Enrolling>,
+    enroll_rx: mpsc::UnboundedReceiver<Enrolling>,
     /// Actions of the base's own (blob security events, a blob ready).
     own: std::collections::VecDeque<Action<PeerId>>,
     /// Commit on the loop (at shutdown).
@@ -258,6 +276,7 @@ impl Base {
         settings.stored_chunks = dd.store().chunk_counts()?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (blob_tx, blob_rx) = mpsc::unbounded_channel();
+        let (enroll_tx, enroll_rx) = mpsc::unbounded_channel();
         let store = crate::artifact::store(dd.path(), opts.blob_quota)?;
         let seed = u64::from_le_bytes(me.key().0[..8].try_into().unwrap_or([0; 8]));
         let blobs = crate::blobs::Blobs::new(store, blob_tx, seed);
@@ -277,6 +296,8 @@ impl Base {
             answers: AfterCommit::default(),
             blobs,
             blob_rx,
+            enroll_tx,
+            enroll_rx,
             own: std::collections::VecDeque::new(),
             inline: false,
         })
@@ -307,6 +328,7 @@ impl Base {
             Some(inc) = self.commands.recv() => Input::Command(inc),
             Some((batch, result)) = self.done_rx.recv() => Input::Committed(batch, result),
             Some(ev) = self.blob_rx.recv() => Input::Blob(ev),
+            Some(e) = self.enroll_rx.recv() => Input::Enrolled(Box::new(e)),
         }
     }
 
@@ -345,6 +367,14 @@ impl Base {
                     // A wanted artifact is whole: what waited for it may run.
                     self.own.push_back(Action::Reconcile);
                 }
+                None
+            }
+            Input::Enrolled(e) => {
+                tracing::error!(peer = %e.peer, "an enrollment reached Base::handle; refused");
+                let answer = enroll::EnrollResponse::Refused("enrollment not handled".into());
+                let _ = e
+                    .reply
+                    .send(serde_json::to_vec(&answer).unwrap_or_default());
                 None
             }
             Input::Closed => None,
@@ -430,7 +460,7 @@ impl Base {
         reply: oneshot::Sender<Result<Answer, Refusal>>,
     ) {
         match r {
-            Ok(Answer::Read(read)) => {
+            Ok(Answer::Blocking(read)) => {
                 let store = self.dd.shared_store();
                 let span = tracing::debug_span!("store_read");
                 tokio::task::spawn_blocking(move || {
@@ -576,18 +606,43 @@ impl Base {
         Ok(report)
     }
 
-    /// Enrolls a node (a request on `/shoal/enroll/1`): checks its token,
-    /// writes its certificate and its Node through the core, marks the
-    /// token used.
-    pub fn enroll(&mut self, bytes: &[u8]) -> enroll::EnrollResponse {
-        match self.enroll_inner(bytes) {
+    /// Starts an enrollment (a request on `/shoal/enroll/1`): its token is
+    /// checked and spent, and the certificate signed, on a blocking thread
+    /// (they are files: a slow disk must not stall the loop); the outcome
+    /// comes back as [`Input::Enrolled`].
+    pub fn enroll(&self, req: Request) {
+        let dir = self.dd.path().to_path_buf();
+        let root = self.core.trust().root();
+        let tx = self.enroll_tx.clone();
+        let span = tracing::debug_span!("enroll", peer = %req.peer);
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let result = enroll::spend(&dir, &root, &req.bytes, unix_now());
+            let _ = tx.send(Enrolling {
+                peer: req.peer,
+                addr: req.addr,
+                result,
+                reply: req.reply,
+            });
+        });
+    }
+
+    /// Writes an enrolled node's certificate and Node through the core; the
+    /// answer for the node (to send once that is committed).
+    pub fn enrolled(
+        &mut self,
+        result: anyhow::Result<enroll::Enrollment>,
+    ) -> enroll::EnrollResponse {
+        match result.and_then(|e| self.write_enrollment(e)) {
             Ok(cert) => enroll::EnrollResponse::Certified(cert),
             Err(e) => enroll::EnrollResponse::Refused(format!("{e:#}")),
         }
     }
 
-    fn enroll_inner(&mut self, bytes: &[u8]) -> anyhow::Result<crdt_state::Certificate> {
-        let e = enroll::check(&self.dd, bytes, unix_now())?;
+    fn write_enrollment(
+        &mut self,
+        e: enroll::Enrollment,
+    ) -> anyhow::Result<crdt_state::Certificate> {
         let writer = self.identity()?;
         let core = &self.core;
         let (_, mut edits) =
@@ -600,8 +655,9 @@ impl Base {
             None => edits.push((DocId::Fleet, certs)),
         }
         let t = self.now();
-        self.core.write_many(t, &edits, &writer, None)?;
-        e.mark_used(self.dd.path())?;
+        self.core
+            .write_many(t, &edits, &writer, None)
+            .context("the token is spent; ask for a new one")?;
         Ok(e.cert)
     }
 

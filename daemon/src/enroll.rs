@@ -142,7 +142,8 @@ pub struct TokenRequest {
 /// Creates a one-time token on an anchor's data dir. `anchors` are the
 /// anchor's addresses (from the running daemon, or [`ADDRS_FILE`]).
 pub fn create_token(
-    dd: &DataDir,
+    dir: &Path,
+    root: &PublicKey,
     anchors: Vec<String>,
     req: &TokenRequest,
     now: i64,
@@ -153,7 +154,7 @@ pub fn create_token(
     if anchors.is_empty() {
         bail!(
             "no anchor address known for {}: start `shoal anchor run` on it first",
-            dd.path().display()
+            dir.display()
         );
     }
     if req.ttl_s <= 0 {
@@ -162,7 +163,8 @@ pub fn create_token(
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
     let secret = hex::encode(secret);
-    let mut tokens = read_tokens(dd.path())?;
+    let _guard = tokens_lock();
+    let mut tokens = read_tokens(dir)?;
     tokens.retain(|_, t| !t.used && t.expires_at > now);
     tokens.insert(
         digest(&secret),
@@ -174,11 +176,11 @@ pub fn create_token(
             used: false,
         },
     );
-    write_tokens(dd.path(), &tokens)?;
+    write_tokens(dir, &tokens)?;
     Ok(Token {
         secret,
         anchors,
-        fleet: dd.trust().root(),
+        fleet: *root,
     }
     .encode())
 }
@@ -203,41 +205,40 @@ pub enum EnrollResponse {
 }
 
 /// An enrollment the anchor accepted: the node's certificate and the Node
-/// entity, for the daemon to write through its one write path; the token is
-/// marked used once they are written ([`Enrollment::mark_used`]).
+/// entity, for the daemon to write through its one write path. Its token is
+/// already spent ([`spend`]).
 #[derive(Debug)]
 pub struct Enrollment {
     /// The node's certificate, signed with the fleet root key.
     pub cert: Certificate,
     /// The Node entity (name, site, labels) for the fleet document.
     pub node: crdt_state::fleet::manifest::Manifest,
-    token: String,
 }
 
-impl Enrollment {
-    /// Marks the token used (one-time).
-    pub fn mark_used(&self, dir: &Path) -> anyhow::Result<()> {
-        let mut tokens = read_tokens(dir)?;
-        if let Some(t) = tokens.get_mut(&self.token) {
-            t.used = true;
-        }
-        write_tokens(dir, &tokens)
-    }
+/// Serialises reads and writes of the tokens file within a process (the
+/// daemon spends tokens on blocking threads, and creates them).
+static TOKENS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn tokens_lock() -> std::sync::MutexGuard<'static, ()> {
+    TOKENS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Checks an enrollment request on the anchor against its tokens and signs
-/// the node's certificate with the data dir's root key. Writes nothing: the
-/// daemon handles one request at a time and writes the certificate and the
-/// Node before it reads the next, so nobody can use the token in between;
-/// a failure before it is marked used leaves it usable.
-pub fn check(dd: &DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Enrollment> {
+/// Checks an enrollment request against the anchor's tokens, marks its
+/// token used (written and synced), and signs the node's certificate with
+/// the root key of the data dir at `dir` (fleet `root`). Reads and writes
+/// files: a running daemon calls it on a blocking thread. The token is
+/// spent before the certificate is written anywhere: if that write then
+/// fails, the node needs a new token, but no token ever serves twice.
+pub fn spend(dir: &Path, root: &PublicKey, bytes: &[u8], now: i64) -> anyhow::Result<Enrollment> {
     let req: EnrollRequest =
         serde_json::from_slice(bytes).map_err(|e| anyhow!("malformed enrollment request: {e}"))?;
-    let tokens = read_tokens(dd.path())?;
+    let _guard = tokens_lock();
+    let mut tokens = read_tokens(dir)?;
     let token = digest(&req.secret);
     let record = tokens
-        .get(&token)
-        .cloned()
+        .get_mut(&token)
         .ok_or_else(|| anyhow!("unknown enrollment token"))?;
     if record.used {
         bail!("enrollment token was already used");
@@ -246,8 +247,18 @@ pub fn check(dd: &DataDir, bytes: &[u8], now: i64) -> anyhow::Result<Enrollment>
         bail!("enrollment token expired");
     }
     let node = node_manifest(&record.node, &record.site, &record.labels)?;
-    let cert = dd.issue(req.key, Role::Node, Some(&record.site), &record.node, now)?;
-    Ok(Enrollment { cert, node, token })
+    let cert = crdt_state::local::datadir::issue_in(
+        dir,
+        root,
+        req.key,
+        Role::Node,
+        Some(&record.site),
+        &record.node,
+        now,
+    )?;
+    record.used = true;
+    write_tokens(dir, &tokens)?;
+    Ok(Enrollment { cert, node })
 }
 
 fn node_manifest(
@@ -379,4 +390,93 @@ pub fn enroll_with_bundle(dir: &Path, file: &Path) -> anyhow::Result<Certificate
         hex::decode(&nb.bundle).map_err(|_| anyhow!("{}: damaged bundle", file.display()))?;
     dd.import(&bundle)?;
     Ok(nb.certificate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(secret: &str) -> Vec<u8> {
+        let key = generate_key().expect("key");
+        serde_json::to_vec(&EnrollRequest {
+            secret: secret.into(),
+            key: PublicKey(key.verifying_key().to_bytes()),
+        })
+        .expect("json")
+    }
+
+    /// A token serves one enrollment, even when two arrive at once on two
+    /// threads; it is spent (on disk) before the certificate leaves.
+    #[test]
+    fn a_token_serves_once() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("anchor");
+        let dd = DataDir::init(&dir, "f", 100).expect("init");
+        let root = dd.trust().root();
+        let req = TokenRequest {
+            node: "n1".into(),
+            site: Some("s1".into()),
+            labels: BTreeMap::new(),
+            ttl_s: 60,
+        };
+        let token = create_token(
+            &dir,
+            &root,
+            vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
+            &req,
+            100,
+        )
+        .expect("token");
+        let secret = Token::decode(&token).expect("decode").secret;
+        let results: Vec<_> = std::thread::scope(|s| {
+            let a = s.spawn(|| spend(&dir, &root, &request(&secret), 110));
+            let b = s.spawn(|| spend(&dir, &root, &request(&secret), 110));
+            vec![a.join().expect("a"), b.join().expect("b")]
+        });
+        let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(ok.len(), 1, "exactly one enrollment: {results:?}");
+        assert_eq!(ok[0].cert.name, "n1");
+        assert_eq!(ok[0].cert.site.as_deref(), Some("s1"));
+        ok[0].cert.verify(&root).expect("signed by the root");
+        let refused = results
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .expect("one refused");
+        assert!(refused.to_string().contains("already used"), "{refused}");
+        // Spent on disk: a later request (another process, a restart) too.
+        let again = spend(&dir, &root, &request(&secret), 120).expect_err("spent");
+        assert!(again.to_string().contains("already used"), "{again}");
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("anchor");
+        let dd = DataDir::init(&dir, "f", 100).expect("init");
+        let root = dd.trust().root();
+        let e = spend(&dir, &root, b"\xff garbage", 100).expect_err("garbage");
+        assert!(
+            e.to_string().contains("malformed enrollment request"),
+            "{e}"
+        );
+        let e = spend(&dir, &root, &request("nope"), 100).expect_err("unknown");
+        assert!(e.to_string().contains("unknown enrollment token"), "{e}");
+        let req = TokenRequest {
+            node: "n1".into(),
+            site: None,
+            labels: BTreeMap::new(),
+            ttl_s: 5,
+        };
+        let token = create_token(
+            &dir,
+            &root,
+            vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
+            &req,
+            100,
+        )
+        .expect("token");
+        let secret = Token::decode(&token).expect("decode").secret;
+        let e = spend(&dir, &root, &request(&secret), 105).expect_err("expired");
+        assert!(e.to_string().contains("expired"), "{e}");
+    }
 }

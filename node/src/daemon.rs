@@ -521,7 +521,7 @@ impl Node {
                         )
                     })
                     .collect();
-                Ok(Answer::Read(Box::new(move |store| {
+                Ok(Answer::Blocking(Box::new(move |store| {
                     let stats = store.reading_stats().unwrap_or_default();
                     Ok(Answer::Json(
                         serde_json::json!({ "devices": devices, "readings": stats }),
@@ -533,7 +533,7 @@ impl Node {
                     return Err(Refusal::new(400, "range bounds are Unix milliseconds"));
                 };
                 let series = format!("{dev}/{res}");
-                Ok(Answer::Read(Box::new(move |store| {
+                Ok(Answer::Blocking(Box::new(move |store| {
                     match store.readings_between(&series, from, to, 100_000) {
                         Ok(rows) => {
                             let rows: Vec<serde_json::Value> = rows

@@ -248,7 +248,7 @@ impl Surface {
                 status: 200,
                 body: serde_json::json!({ "text": t }),
             },
-            Ok(Ok(Answer::Read(_))) => Reply::error(500, "internal: a store read was not run"),
+            Ok(Ok(Answer::Blocking(_))) => Reply::error(500, "internal: a store read was not run"),
             Ok(Err(r)) => {
                 if matches!(r.status, 401 | 403) {
                     tracing::warn!(path = %req.path, error = %r.error, "site API request refused");

@@ -474,20 +474,7 @@ impl DataDir {
     }
 
     fn root_key(&self) -> Result<ed25519_dalek::SigningKey> {
-        let root_path = self.path.join(ROOT_KEY_FILE);
-        let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
-            path: self.path.clone(),
-            reason: "holds no fleet root key: create identities on the data dir made by `shoal fleet init`".into(),
-        })?;
-        let root = parse_secret(&text)
-            .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
-        if PublicKey(root.verifying_key().to_bytes()) != self.trust.root() {
-            return Err(Error::Identity(format!(
-                "{} is not the root key of this store's fleet",
-                root_path.display()
-            )));
-        }
-        Ok(root)
+        read_root_key(&self.path, &self.trust.root())
     }
 
     fn publish_cert(&mut self, cert: &Certificate, now: i64) -> Result<()> {
@@ -942,4 +929,41 @@ impl Reader<'_> {
         }
         Ok(bundle.encode(self.trust.root()))
     }
+}
+
+/// Reads the fleet root key a data dir holds (`root.key`), checked against
+/// the fleet's root `root`.
+fn read_root_key(dir: &Path, root: &PublicKey) -> Result<ed25519_dalek::SigningKey> {
+    let root_path = dir.join(ROOT_KEY_FILE);
+    let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
+        path: dir.to_path_buf(),
+        reason:
+            "holds no fleet root key: create identities on the data dir made by `shoal fleet init`"
+                .into(),
+    })?;
+    let key = parse_secret(&text)
+        .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
+    if PublicKey(key.verifying_key().to_bytes()) != *root {
+        return Err(Error::Identity(format!(
+            "{} is not the root key of this store's fleet",
+            root_path.display()
+        )));
+    }
+    Ok(key)
+}
+
+/// Issues a certificate with the root key of the data dir at `dir` (fleet
+/// `root`) without its store: for a daemon's blocking threads, which must
+/// not wait for the store the daemon holds open.
+pub fn issue_in(
+    dir: &Path,
+    root: &PublicKey,
+    key: PublicKey,
+    role: Role,
+    site: Option<&str>,
+    name: &str,
+    now: i64,
+) -> Result<Certificate> {
+    let root = read_root_key(dir, root)?;
+    Certificate::issue(&root, key, name, role, site, now)
 }
