@@ -2,10 +2,12 @@
 //! sans-IO.
 //!
 //! The driver tells a [`Fetch`] which peers are connected (and which of
-//! them are anchors), hands it every answer, and sends the requests it
-//! polls ([`Fetch::poll`]); it writes the groups an answer carries
-//! ([`Fetch::answer`] returns them) through [`crate::Partial::write_group`],
-//! which checks each, and reports the outcome ([`Fetch::group_done`]).
+//! them are anchors), sends the requests it polls ([`Fetch::poll`]), and
+//! hands it what comes back: a `have` or `cvs` answer ([`Fetch::answer`]);
+//! for a `groups` request, the outcome of each group as it was read,
+//! checked and written through [`crate::Partial::write_group`]
+//! ([`Fetch::group_done`], [`Fetch::not_written`]), then the end of the
+//! stream ([`Fetch::ended`]) or its failure ([`Fetch::failed`]).
 //!
 //! - Every peer is asked what it holds (`have`), neighbours again every
 //!   second while the fetch runs, since they are fetching too.
@@ -16,9 +18,11 @@
 //!   neighbour holds is never asked of an anchor. Of an anchor, each node
 //!   asks from its own starting point (`seed`), so the nodes of a site that
 //!   fetch together ask the anchor for different parts and pass them along.
-//! - At most [`IN_FLIGHT`] requests per neighbour and [`ANCHOR_IN_FLIGHT`]
-//!   per anchor, each at most [`MAX_GROUPS`] groups (1 MiB): memory is
-//!   bounded by that, whatever the blob's size.
+//! - One `groups` request at a time per peer ([`IN_FLIGHT`]), each a run of
+//!   at most [`MAX_GROUPS`] groups (4 MiB) streamed one group per frame: a
+//!   transfer holds one group per source in memory, and a receiver killed
+//!   at any moment has read at most one group per source that it did not
+//!   write.
 //! - A peer that sends a group that does not verify is banned from this
 //!   fetch ([`Fetch::group_done`] says so, for the security log) and what
 //!   it was asked for goes to others.
@@ -26,13 +30,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::store::Hash;
-use crate::tree::{Cvs, group_range, groups};
+use crate::tree::{Cvs, groups};
 use crate::wire::{Answer, MAX_CVS, MAX_GROUPS, Request};
 
-/// Requests in flight to one neighbour.
-pub const IN_FLIGHT: u32 = 4;
-/// Requests in flight to one anchor.
-pub const ANCHOR_IN_FLIGHT: u32 = 2;
+/// `groups` requests in flight to one peer.
+pub const IN_FLIGHT: u32 = 1;
 /// How often a neighbour is asked again what it holds.
 pub const HAVE_EVERY_MS: u64 = 1000;
 
@@ -63,8 +65,6 @@ impl Peer {
 /// What an answer brought.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Received {
-    /// Groups to check and write: (index, bytes).
-    pub groups: Vec<(u64, Vec<u8>)>,
     /// The group hashes are complete and verified: begin the partial blob
     /// with them.
     pub cvs: Option<Cvs>,
@@ -198,6 +198,14 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         self.plan();
     }
 
+    /// The stream of a `groups` request ended: what it did not bring (the
+    /// holder stopped early) is asked for again.
+    pub fn ended(&mut self, p: P, req: &Request) {
+        self.settle(p, req);
+        self.unpend(p, req);
+        self.plan();
+    }
+
     fn settle(&mut self, p: P, req: &Request) {
         if let Some(peer) = self.peers.get_mut(&p) {
             match req {
@@ -264,16 +272,7 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
                     self.cv_from = None;
                 }
             }
-            (Request::Groups { from, count, .. }, Answer::Groups { data, .. }) => {
-                let start = group_range(self.size, *from).start;
-                for g in *from..from + u64::from(*count) {
-                    let r = group_range(self.size, g);
-                    let (a, b) = ((r.start - start) as usize, (r.end - start) as usize);
-                    if let Some(bytes) = data.get(a..b) {
-                        got.groups.push((g, bytes.to_vec()));
-                    }
-                }
-            }
+            // Groups come one by one (`group_done`), not as an answer.
             _ => {}
         }
         self.plan();
@@ -398,12 +397,7 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         };
         for p in order {
             while let Some(peer) = self.peers.get(&p) {
-                let limit = if peer.anchor {
-                    ANCHOR_IN_FLIGHT
-                } else {
-                    IN_FLIGHT
-                };
-                if peer.in_flight >= limit {
+                if peer.in_flight >= IN_FLIGHT {
                     break;
                 }
                 let Some((from, count)) = self.next_run(p) else {
@@ -480,6 +474,7 @@ mod tests {
     use super::*;
     use crate::test_bytes as bytes;
     use crate::tree::GROUP;
+    use crate::tree::group_range;
 
     /// A peer as the network sees it: what it holds of the blob, and
     /// whether it lies.
@@ -523,6 +518,47 @@ mod tests {
         }
     }
 
+    /// One request and what comes back, as the driver does it: a `groups`
+    /// request is answered one group per frame, each checked before the
+    /// next; a refusal ends the stream. Returns the groups read (and
+    /// whether each verified) and the security events.
+    fn exchange(
+        f: &mut Fetch<usize>,
+        now: u64,
+        holder: &Holder,
+        p: usize,
+        req: &Request,
+    ) -> (Vec<(u64, bool)>, Vec<String>) {
+        let mut groups = Vec::new();
+        let mut security = Vec::new();
+        if !matches!(req, Request::Groups { .. }) {
+            let got = f.answer(now, p, req, holder.serve(req));
+            security.extend(got.misbehaved);
+            return (groups, security);
+        }
+        let mut i = 0;
+        while let Some(one) = req.group(i) {
+            i += 1;
+            match holder.serve(&one) {
+                Answer::Groups { from, data, .. } => {
+                    let ok = f.cvs().is_some_and(|c| c.check_group(from, &data).is_ok());
+                    groups.push((from, ok));
+                    security.extend(f.group_done(p, from, ok));
+                    if !ok {
+                        // The driver stops reading a peer that lied.
+                        break;
+                    }
+                }
+                other => {
+                    security.extend(f.answer(now, p, req, other).misbehaved);
+                    return (groups, security);
+                }
+            }
+        }
+        f.ended(p, req);
+        (groups, security)
+    }
+
     /// Runs fetches to completion over in-memory peers; each node serves
     /// what it holds so far. Returns groups served per peer.
     fn run(
@@ -543,22 +579,20 @@ mod tests {
                 f.tick(now);
                 while let Some((p, req)) = f.poll() {
                     progressed = true;
-                    let answer = holders[&p].serve(&req);
-                    if let (Request::Groups { count, .. }, Answer::Groups { .. }) = (&req, &answer)
-                    {
-                        *served.entry(p).or_default() += u64::from(*count);
+                    let (groups, bad) = exchange(f, now, &holders[&p], p, &req);
+                    if !groups.is_empty() {
+                        *served.entry(p).or_default() += groups.len() as u64;
                     }
-                    let got = f.answer(now, p, &req, answer);
-                    if let Some(c) = got.cvs {
+                    if let Some(c) = f.cvs() {
                         assert_eq!(c.hash(), *blake3::hash(data).as_bytes());
                     }
-                    security.extend(got.misbehaved);
-                    for (g, bytes) in got.groups {
-                        let ok = f.cvs().is_some_and(|c| c.check_group(g, &bytes).is_ok());
-                        if ok && let Some(h) = holders.get_mut(me) {
-                            h.held[g as usize] = true;
+                    security.extend(bad);
+                    if let Some(h) = holders.get_mut(me) {
+                        for (g, ok) in groups {
+                            if ok {
+                                h.held[g as usize] = true;
+                            }
                         }
-                        security.extend(f.group_done(p, g, ok));
                     }
                 }
             }
@@ -655,17 +689,14 @@ mod tests {
         let mut security = Vec::new();
         for _ in 0..20 {
             while let Some((p, req)) = f.poll() {
-                let answer = match (&req, p) {
-                    (Request::Cvs { from, count, .. }, 2) => Answer::Cvs(
-                        forged[*from as usize..(*from + u64::from(*count)) as usize].to_vec(),
-                    ),
-                    _ => honest.serve(&req),
-                };
-                let got = f.answer(0, p, &req, answer);
-                security.extend(got.misbehaved);
-                for (g, b) in got.groups {
-                    let ok = f.cvs().is_some_and(|c| c.check_group(g, &b).is_ok());
-                    f.group_done(p, g, ok);
+                match (&req, p) {
+                    (Request::Cvs { from, count, .. }, 2) => {
+                        let answer = Answer::Cvs(
+                            forged[*from as usize..(*from + u64::from(*count)) as usize].to_vec(),
+                        );
+                        security.extend(f.answer(0, p, &req, answer).misbehaved);
+                    }
+                    _ => security.extend(exchange(&mut f, 0, &honest, p, &req).1),
                 }
             }
         }

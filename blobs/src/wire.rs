@@ -1,14 +1,21 @@
-//! The bytes on `/shoal/blob/1`: one request, one answer, each bounded.
+//! The bytes on `/shoal/blob/1`: one request per stream, its answer in
+//! bounded frames.
 //!
-//! A fetcher asks a peer what it holds of a blob ([`Request::Have`]), for a
-//! run of the blob's group hashes ([`Request::Cvs`]) and for a run of
-//! groups ([`Request::Groups`]). Every answer fits in [`MAX_ANSWER`]
-//! (1 MiB of payload and a header), so a transfer's memory is bounded by
-//! the requests it has in flight, whatever the blob's size.
+//! A fetcher opens a stream, writes one request and reads the answer: what
+//! a peer holds of a blob ([`Request::Have`]: one frame), a run of the
+//! blob's group hashes ([`Request::Cvs`]: one frame of at most 1 MiB), or a
+//! run of up to [`MAX_GROUPS`] groups ([`Request::Groups`]: one frame per
+//! group, in order, each the answer to a one-group request,
+//! [`Request::group`]). A holder that cannot go on sends a `refused` frame
+//! and closes. A receiver checks and writes each group before it reads the
+//! next: a transfer holds one group in memory, whatever the run or the
+//! blob's size, the disk's pace slows the sender through QUIC's flow
+//! control, and a receiver killed at any moment has read at most one group
+//! it did not write.
 //!
 //! ```text
 //! request:  tag u8 | hash [32] | size u64 | (from u64 | count u32)
-//! answer:   tag u8 | body
+//! frame:    tag u8 | body
 //!   have:   runs u32 | (start u64 | len u64) * runs
 //!   cvs:    count u32 | [32] * count
 //!   groups: from u64 | count u32 | bytes (the groups, back to back)
@@ -18,16 +25,19 @@
 //! buffer holds and against the bounds before it allocates.
 
 use crate::store::Hash;
-use crate::tree::{GROUP, group_range, groups};
+#[cfg(test)]
+use crate::tree::GROUP;
+use crate::tree::{group_range, groups};
 
-/// Most groups in one answer (1 MiB).
-pub const MAX_GROUPS: u32 = 64;
+/// Most groups one request asks for (4 MiB), streamed one frame per group.
+pub const MAX_GROUPS: u32 = 256;
 /// Most group hashes in one answer (1 MiB).
 pub const MAX_CVS: u32 = 32 * 1024;
 /// Most runs of held groups in one `have` answer.
 pub const MAX_RUNS: u32 = 4096;
-/// Largest answer on the wire.
-pub const MAX_ANSWER: usize = (MAX_GROUPS as usize) * (GROUP as usize) + 64;
+/// Largest frame of an answer on the wire (a full `cvs` frame; a group's
+/// frame is 16 KiB and 13 bytes).
+pub const MAX_ANSWER: usize = (MAX_CVS as usize) * 32 + 64;
 /// Largest request on the wire.
 pub const MAX_REQUEST: usize = 1 + 32 + 8 + 8 + 4;
 /// Largest blob (1 TiB): what a size may claim.
@@ -174,6 +184,26 @@ impl Request {
             Request::Have { hash, .. }
             | Request::Cvs { hash, .. }
             | Request::Groups { hash, .. } => *hash,
+        }
+    }
+
+    /// The one-group request that frame `i` (from 0) of the streamed
+    /// answer to this `groups` request answers; `None` past its run or for
+    /// another kind of request.
+    pub fn group(&self, i: u64) -> Option<Request> {
+        match self {
+            Request::Groups {
+                hash,
+                size,
+                from,
+                count,
+            } if i < u64::from(*count) => Some(Request::Groups {
+                hash: *hash,
+                size: *size,
+                from: from + i,
+                count: 1,
+            }),
+            _ => None,
         }
     }
 

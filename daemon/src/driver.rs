@@ -263,7 +263,7 @@ impl Base {
         config.mdns = opts.mdns;
         config.relay_server = role.relay_server;
         config.serve = role.serve;
-        config.serve.push(mesh::BLOB);
+        config.serve_streams.push(mesh::BLOB);
         let root = dd.trust().root();
         let (mesh, events) = Mesh::start(config, crate::hello::encode(root, &me.cert))
             .map_err(|e| anyhow!("{e}"))?;
@@ -422,15 +422,16 @@ impl Base {
                 self.blobs.peer_down(&self.mesh, peer);
                 self.core.down(t, peer);
             }
-            Event::Request {
+            Event::Stream {
                 peer,
                 protocol,
-                bytes,
-                reply,
-                ..
+                stream,
             } if protocol == mesh::BLOB => {
                 let admitted = self.core.name_of(&peer).is_some();
-                self.blobs.serve(admitted, &bytes, reply);
+                self.blobs.serve(admitted, peer, stream);
+            }
+            Event::Stream { peer, protocol, .. } => {
+                tracing::debug!(%peer, %protocol, "a stream on a protocol not served; closed");
             }
             Event::Request {
                 peer,

@@ -77,7 +77,7 @@ use tracing::Instrument;
 
 use session::{INCARNATION, Output, Sessions, Settings};
 
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{Multiaddr, PeerId, Stream};
 
 /// Certificates are exchanged on this protocol right after connecting.
 pub const HELLO: StreamProtocol = StreamProtocol::new("/shoal/hello/1");
@@ -137,6 +137,10 @@ pub struct Config {
     pub fast_redial: (Duration, Duration),
     /// Protocols whose requests this peer answers ([`Event::Request`]).
     pub serve: Vec<StreamProtocol>,
+    /// Protocols whose inbound streams are handed to the owner whole
+    /// ([`Event::Stream`]): answers of many frames, written as they are
+    /// read from disk (`/shoal/blob/1`).
+    pub serve_streams: Vec<StreamProtocol>,
     /// Bytes queued to a peer and not yet written to its stream, at most:
     /// a send that would go over ends the peer's session and cuts it off
     /// (a slow consumer).
@@ -167,6 +171,7 @@ impl Config {
             backoff: (Duration::from_millis(250), Duration::from_secs(30)),
             fast_redial: (Duration::from_millis(500), Duration::from_secs(120)),
             serve: Vec::new(),
+            serve_streams: Vec::new(),
             max_queued: 32 << 20,
         }
     }
@@ -243,6 +248,17 @@ pub enum Event {
         /// The peer.
         peer: PeerId,
     },
+    /// A peer opened a stream on a protocol of [`Config::serve_streams`]:
+    /// the owner reads the request and writes the answer (dropping the
+    /// stream closes it).
+    Stream {
+        /// The peer.
+        peer: PeerId,
+        /// The protocol.
+        protocol: StreamProtocol,
+        /// The stream.
+        stream: Stream,
+    },
     /// A request on a served protocol; answer on `reply` (dropping it
     /// closes the stream without an answer).
     Request {
@@ -305,6 +321,7 @@ pub struct Status {
 pub struct Mesh {
     tx: mpsc::UnboundedSender<Command>,
     peer_id: PeerId,
+    control: libp2p_stream::Control,
 }
 
 impl Mesh {
@@ -331,6 +348,7 @@ impl Mesh {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
         let mut task = Task::new(swarm, config, hello, ev_tx, incarnation)?;
+        let control = task.control.clone();
         let now = Instant::now();
         for addr in task.config.peers.clone() {
             task.sessions.add_peer(addr, now).map_err(Error::Config)?;
@@ -339,7 +357,14 @@ impl Mesh {
             task.run(rx)
                 .instrument(tracing::info_span!("mesh", me = %peer_id)),
         );
-        Ok((Mesh { tx, peer_id }, Events(ev_rx)))
+        Ok((
+            Mesh {
+                tx,
+                peer_id,
+                control,
+            },
+            Events(ev_rx),
+        ))
     }
 
     /// This peer's id.
@@ -429,6 +454,29 @@ impl Mesh {
             reply,
         });
         rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Opens a stream on `protocol` to a peer this mesh is connected to (a
+    /// protocol the peer serves whole: [`Config::serve_streams`]), within
+    /// 10 s.
+    pub async fn open(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, Error> {
+        let mut control = self.control.clone();
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            control.open_stream(peer, protocol.clone()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(Error::Request {
+                peer,
+                reason: format!("{protocol}: {e}"),
+            }),
+            Err(_) => Err(Error::Request {
+                peer,
+                reason: format!("{protocol}: no stream within 10 s"),
+            }),
+        }
     }
 
     /// Closes every connection (so peers notice at once, not after their
@@ -575,6 +623,7 @@ enum Internal {
 enum Inbound {
     Frame(PeerId, u64, Vec<u8>),
     Request(PeerId, StreamProtocol, Vec<u8>, oneshot::Sender<Vec<u8>>),
+    Stream(PeerId, StreamProtocol, Stream),
 }
 
 /// A peer's sync stream writer: frames queued for it, and their bytes.
@@ -744,6 +793,25 @@ impl Task {
                         }
                         .instrument(tracing::debug_span!("request_in", %peer)),
                     );
+                }
+            });
+        }
+        for protocol in config.serve_streams.clone() {
+            let mut incoming = control
+                .accept(protocol.clone())
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let inbound = inbound_tx.clone();
+            tokio::spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    // Waits while the owner is behind; the opener's own
+                    // timeout bounds how long it waits for an answer.
+                    if inbound
+                        .send(Inbound::Stream(peer, protocol.clone(), stream))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
             });
         }
@@ -1308,6 +1376,13 @@ impl Task {
                     protocol,
                     bytes,
                     reply,
+                });
+            }
+            Inbound::Stream(peer, protocol, stream) => {
+                self.emit(Event::Stream {
+                    peer,
+                    protocol,
+                    stream,
                 });
             }
         }
