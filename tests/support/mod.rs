@@ -75,6 +75,17 @@ impl Daemon {
     /// Starts `shoal <kind> run --data-dir DIR ARGS...` (kind: anchor|node),
     /// optionally inside a network namespace, and waits for it to listen.
     pub fn start(kind: &str, dir: &Path, args: &[String], netns: Option<&str>) -> Daemon {
+        Daemon::start_with_log(kind, dir, args, netns, None)
+    }
+
+    /// As [`Daemon::start`], with its own log filter (`SHOAL_LOG`).
+    pub fn start_with_log(
+        kind: &str,
+        dir: &Path,
+        args: &[String],
+        netns: Option<&str>,
+        filter: Option<&str>,
+    ) -> Daemon {
         let log = dir.with_extension(format!(
             "{}.log",
             std::time::SystemTime::now()
@@ -95,7 +106,9 @@ impl Daemon {
             .args(args)
             .env(
                 "SHOAL_LOG",
-                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+                filter.map(str::to_string).unwrap_or_else(|| {
+                    std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into())
+                }),
             )
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
             .stderr(Stdio::from(
