@@ -34,7 +34,7 @@ use crate::tree::{Cvs, groups};
 use crate::wire::{Answer, MAX_CVS, MAX_GROUPS, Request};
 
 /// `groups` requests in flight to one peer.
-pub const IN_FLIGHT: u32 = 1;
+pub const IN_FLIGHT: u32 = 2;
 /// How often a neighbour is asked again what it holds.
 pub const HAVE_EVERY_MS: u64 = 1000;
 
@@ -85,6 +85,8 @@ pub struct Fetch<P: Copy + Ord + std::fmt::Debug> {
     cv_from: Option<P>,
     cv_asked: bool,
     held: Vec<bool>,
+    /// How many of `held` are true (a fetch asks "complete?" per group).
+    held_count: u64,
     /// Groups asked for, and of whom.
     pending: BTreeMap<u64, P>,
     peers: BTreeMap<P, Peer>,
@@ -116,6 +118,7 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
             cv_buf: Vec::new(),
             cv_from: None,
             cv_asked: false,
+            held_count: held.iter().filter(|h| **h).count() as u64,
             held,
             pending: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -136,12 +139,12 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
 
     /// Every group held.
     pub fn is_complete(&self) -> bool {
-        self.held.iter().all(|h| *h)
+        self.held_count == self.n
     }
 
     /// Groups held.
     pub fn held(&self) -> u64 {
-        self.held.iter().filter(|h| **h).count() as u64
+        self.held_count
     }
 
     /// Whether group `g` is held.
@@ -290,8 +293,11 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         }
         let mut bad = None;
         if ok {
-            if let Some(h) = self.held.get_mut(g as usize) {
+            if let Some(h) = self.held.get_mut(g as usize)
+                && !*h
+            {
                 *h = true;
+                self.held_count += 1;
             }
         } else if !self.peers.get(&p).is_some_and(|q| q.banned) {
             self.ban(p);

@@ -398,6 +398,21 @@ impl Answer {
     }
 }
 
+/// Bytes before a group's own in the frame that answers a one-group
+/// request: `Answer::Groups { from: g, count: 1, data }.encode()` is this
+/// followed by `data`, so a holder can read the group from disk straight
+/// behind it.
+pub fn group_header(g: u64) -> [u8; GROUP_HEADER] {
+    let mut h = [0u8; GROUP_HEADER];
+    h[0] = GROUPS;
+    h[1..9].copy_from_slice(&g.to_be_bytes());
+    h[9..13].copy_from_slice(&1u32.to_be_bytes());
+    h
+}
+
+/// Length of [`group_header`].
+pub const GROUP_HEADER: usize = 13;
+
 fn kind(req: &Request) -> &'static str {
     match req {
         Request::Have { .. } => "have",
@@ -427,6 +442,36 @@ mod tests {
 
     fn h() -> Hash {
         Hash::of(b"blob")
+    }
+
+    #[test]
+    fn a_group_frame_is_its_header_and_its_bytes() {
+        let data = vec![7u8; 100];
+        let whole = Answer::Groups {
+            from: 5,
+            count: 1,
+            data: data.clone(),
+        }
+        .encode();
+        assert_eq!(&whole[..GROUP_HEADER], &group_header(5));
+        assert_eq!(&whole[GROUP_HEADER..], &data[..]);
+        let req = Request::Groups {
+            hash: h(),
+            size: 10 * GROUP,
+            from: 3,
+            count: 4,
+        };
+        assert_eq!(
+            req.group(2),
+            Some(Request::Groups {
+                hash: h(),
+                size: 10 * GROUP,
+                from: 5,
+                count: 1
+            })
+        );
+        assert_eq!(req.group(4), None, "past the run");
+        assert_eq!(Request::Have { hash: h(), size: 1 }.group(0), None);
     }
 
     #[test]

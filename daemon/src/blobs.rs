@@ -18,7 +18,7 @@ use blobs::fetch::Fetch;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use blobs::wire::{Answer, MAX_ANSWER, MAX_REQUEST, Request};
+use blobs::wire::{Answer, GROUP_HEADER, MAX_ANSWER, MAX_REQUEST, Request, group_header};
 use blobs::{BlobStore, Cvs, Hash, Partial};
 use mesh::{Mesh, PeerId};
 use tokio::sync::mpsc;
@@ -75,6 +75,14 @@ pub enum Event {
         /// Why it broke, if it did.
         error: Option<String>,
     },
+    /// A stream of `groups` requests broke: its queue is dropped (what is
+    /// still in it ends with the error).
+    Gone {
+        /// The blob.
+        hash: Hash,
+        /// The peer.
+        peer: PeerId,
+    },
     /// The partial file of a blob whose group hashes just arrived is open:
     /// its groups may be asked for.
     Begun {
@@ -114,6 +122,9 @@ pub struct Blobs {
     /// Blobs that could not be kept here (the quota, the disk), when and
     /// why: not fetched again for [`RETRY_REFUSED_MS`].
     refused: HashMap<Hash, (u64, String)>,
+    /// The queue of `groups` requests of each stream to a peer for a blob
+    /// (dropped when the fetch ends or the peer leaves: the stream closes).
+    streams: HashMap<(Hash, PeerId), std::sync::mpsc::Sender<Request>>,
     /// Blobs whose group hashes are known but whose partial file is being
     /// opened: no group is asked for until it is.
     beginning: std::collections::HashSet<Hash>,
@@ -125,13 +136,18 @@ pub struct Blobs {
     counters: Arc<Counters>,
 }
 
-/// Bytes of groups moved, since the start.
+/// Bytes moved on `/shoal/blob/1`, since the start.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Group bytes written to peers' streams.
     pub served: AtomicU64,
+    /// Everything written to peers' streams as a holder: every frame of
+    /// every answer with its header (groups, group hashes, `have`s).
+    pub served_wire: AtomicU64,
     /// Group bytes read from peers' streams (verified or not).
     pub received: AtomicU64,
+    /// Everything written to peers' streams as a fetcher (the requests).
+    pub asked_wire: AtomicU64,
 }
 
 impl Blobs {
@@ -146,6 +162,7 @@ impl Blobs {
             peers: HashMap::new(),
             refused: HashMap::new(),
             beginning: Default::default(),
+            streams: HashMap::new(),
             tx,
             seed,
             now_ms: 0,
@@ -175,6 +192,7 @@ impl Blobs {
     /// A peer is gone.
     pub fn peer_down(&mut self, mesh: &Mesh, peer: PeerId) {
         self.peers.remove(&peer);
+        self.streams.retain(|(_, p), _| *p != peer);
         for f in self.fetches.values_mut() {
             f.peer_down(peer);
         }
@@ -226,26 +244,58 @@ impl Blobs {
         self.send(mesh);
     }
 
-    /// Sends what the fetches ask for, each request on a stream of its own
-    /// run by a blocking thread.
+    /// Sends what the fetches ask for: a `have` or `cvs` request on a
+    /// stream of its own; `groups` requests on one stream per blob and
+    /// peer, queued behind each other (the holder answers them in order,
+    /// so the groups flow without a pause between runs and the receiver
+    /// reads one group at a time). Each stream is run by a blocking thread.
     fn send(&mut self, mesh: &Mesh) {
+        let mut asks = Vec::new();
         for (hash, f) in self.fetches.iter_mut() {
             if self.beginning.contains(hash) {
                 continue;
             }
             while let Some((peer, req)) = f.poll() {
-                let mesh = mesh.clone();
-                let tx = self.tx.clone();
-                let partials = self.partials.clone();
-                let counters = self.counters.clone();
-                let handle = tokio::runtime::Handle::current();
-                let hash = *hash;
-                let span = tracing::debug_span!("blob_ask", %peer, blob = %hash.short());
+                asks.push((*hash, peer, req));
+            }
+        }
+        for (hash, peer, req) in asks {
+            let mesh = mesh.clone();
+            let tx = self.tx.clone();
+            let partials = self.partials.clone();
+            let counters = self.counters.clone();
+            let handle = tokio::runtime::Handle::current();
+            let span = tracing::debug_span!("blob_ask", %peer, blob = %hash.short());
+            if !matches!(req, Request::Groups { .. }) {
                 tokio::task::spawn_blocking(move || {
                     let _entered = span.enter();
-                    ask(&handle, &mesh, peer, req, &partials, &counters, &tx);
+                    ask_once(&handle, &mesh, peer, req, &counters, &tx);
                 });
+                continue;
             }
+            let req = match self.streams.get(&(hash, peer)) {
+                Some(q) => match q.send(req) {
+                    Ok(()) => continue,
+                    // The stream's thread is gone: a new one.
+                    Err(back) => back.0,
+                },
+                None => req,
+            };
+            let (queue, requests) = std::sync::mpsc::channel();
+            let _ = queue.send(req);
+            self.streams.insert((hash, peer), queue);
+            tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                let s = GroupStream {
+                    handle: &handle,
+                    hash,
+                    peer,
+                    partials: &partials,
+                    counters: &counters,
+                    tx: &tx,
+                };
+                s.run(&mesh, requests);
+            });
         }
     }
 
@@ -318,6 +368,10 @@ impl Blobs {
                     }
                 }
             }
+            Event::Gone { hash, peer } => {
+                // Its thread answers what is still queued, then ends.
+                self.streams.remove(&(hash, peer));
+            }
             Event::Ended {
                 hash,
                 peer,
@@ -337,6 +391,7 @@ impl Blobs {
             Event::Finished { hash, result } => {
                 self.fetches.remove(&hash);
                 self.beginning.remove(&hash);
+                self.streams.retain(|(h, _), _| *h != hash);
                 match result {
                     Ok(path) => {
                         tracing::info!(blob = %hash.short(), path = %path.display(), "blob whole and verified");
@@ -409,9 +464,9 @@ impl Blobs {
 }
 
 /// Reads one frame within [`FRAME_WAIT`] (from a blocking thread).
-fn read_frame(
+fn read_frame<S: futures::AsyncRead + Unpin>(
     handle: &tokio::runtime::Handle,
-    stream: &mut mesh::Stream,
+    stream: &mut S,
     max: usize,
 ) -> Result<Option<Vec<u8>>, String> {
     handle.block_on(async {
@@ -423,9 +478,9 @@ fn read_frame(
 }
 
 /// Writes one frame within [`FRAME_WAIT`] (from a blocking thread).
-fn write_frame(
+fn write_frame<S: futures::AsyncWrite + Unpin>(
     handle: &tokio::runtime::Handle,
-    stream: &mut mesh::Stream,
+    stream: &mut S,
     bytes: &[u8],
 ) -> Result<(), String> {
     handle.block_on(async {
@@ -439,101 +494,173 @@ fn write_frame(
     })
 }
 
-/// Asks `peer` one request of a fetch and reports what came back.
-fn ask(
+/// Asks `peer` a `have` or `cvs` request on a stream of its own and
+/// reports the answer.
+fn ask_once(
     handle: &tokio::runtime::Handle,
     mesh: &Mesh,
     peer: PeerId,
     req: Request,
-    partials: &Mutex<HashMap<Hash, Partial>>,
     counters: &Counters,
     tx: &mpsc::UnboundedSender<Event>,
 ) {
     let hash = req.hash();
-    let opened = handle
+    let result = handle
         .block_on(mesh.open(peer, mesh::BLOB))
         .map_err(|e| e.to_string())
-        .and_then(|mut s| write_frame(handle, &mut s, &req.encode()).map(|()| s));
-    let mut stream = match opened {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(match req {
-                Request::Groups { .. } => Event::Ended {
-                    hash,
-                    peer,
-                    req,
-                    error: Some(e),
-                },
-                _ => Event::Answered {
-                    hash,
-                    peer,
-                    req,
-                    result: Err(e),
-                },
-            });
-            return;
-        }
-    };
-    if !matches!(req, Request::Groups { .. }) {
-        let result = read_frame(handle, &mut stream, MAX_ANSWER).and_then(|f| {
-            f.ok_or_else(|| "the peer closed the stream without an answer".to_string())
+        .and_then(|mut s| {
+            write_request(handle, &mut s, &req, counters)?;
+            let answer = read_frame(handle, &mut s, MAX_ANSWER)?
+                .ok_or_else(|| "the peer closed the stream without an answer".to_string());
+            let _ = handle.block_on(futures::AsyncWriteExt::close(&mut s));
+            answer
         });
-        let _ = tx.send(Event::Answered {
-            hash,
-            peer,
-            req,
-            result,
-        });
-        return;
-    }
-    let mut i = 0;
-    let error = loop {
-        let Some(one) = req.group(i) else {
-            break None;
-        };
-        i += 1;
-        let frame = match read_frame(handle, &mut stream, MAX_ANSWER) {
-            Ok(Some(f)) => f,
-            Ok(None) => break None,
-            Err(e) => break Some(e),
-        };
-        match Answer::decode(&one, &frame) {
-            Ok(Answer::Groups { from, data, .. }) => {
-                counters
-                    .received
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                tracing::debug!(group = from, bytes = data.len(), "blob group received");
-                let ok = write_group(partials, &hash, from, &data);
-                let _ = tx.send(Event::Written {
-                    hash,
-                    peer,
-                    group: from,
-                    ok,
-                });
-                if ok == Some(false) {
-                    // A peer that lied is read no further.
-                    break None;
-                }
-            }
-            Ok(refused) => {
-                // Told why it stops: the fetch forgets what it said it held.
-                let _ = tx.send(Event::Answered {
-                    hash,
-                    peer,
-                    req: req.clone(),
-                    result: Ok(refused.encode()),
-                });
-                break None;
-            }
-            Err(e) => break Some(e.to_string()),
-        }
-    };
-    let _ = tx.send(Event::Ended {
+    let _ = tx.send(Event::Answered {
         hash,
         peer,
         req,
-        error,
+        result,
     });
+}
+
+fn write_request<S: futures::AsyncWrite + Unpin>(
+    handle: &tokio::runtime::Handle,
+    stream: &mut S,
+    req: &Request,
+    counters: &Counters,
+) -> Result<(), String> {
+    let bytes = req.encode();
+    counters.asked_wire.fetch_add(
+        (bytes.len() + mesh::frame::HEADER) as u64,
+        Ordering::Relaxed,
+    );
+    write_frame(handle, stream, &bytes)
+}
+
+/// The stream of `groups` requests to one peer for one blob, on a blocking
+/// thread: requests are written as they come (the holder answers them in
+/// order), answers read one group at a time, each group checked and
+/// written before the next is read.
+struct GroupStream<'a> {
+    handle: &'a tokio::runtime::Handle,
+    hash: Hash,
+    peer: PeerId,
+    partials: &'a Mutex<HashMap<Hash, Partial>>,
+    counters: &'a Counters,
+    tx: &'a mpsc::UnboundedSender<Event>,
+}
+
+impl GroupStream<'_> {
+    fn run(&self, mesh: &Mesh, requests: std::sync::mpsc::Receiver<Request>) {
+        let mut queued: std::collections::VecDeque<Request> = Default::default();
+        let error = match self.handle.block_on(mesh.open(self.peer, mesh::BLOB)) {
+            Ok(mut stream) => self.pump(&mut stream, &requests, &mut queued),
+            Err(e) => e.to_string(),
+        };
+        // Broken (or never opened): what was asked ends with the error, and
+        // so does what is still queued until the loop drops the queue.
+        let _ = self.tx.send(Event::Gone {
+            hash: self.hash,
+            peer: self.peer,
+        });
+        for req in queued.into_iter().chain(requests.iter()) {
+            self.ended(req, Some(error.clone()));
+        }
+    }
+
+    fn ended(&self, req: Request, error: Option<String>) {
+        let _ = self.tx.send(Event::Ended {
+            hash: self.hash,
+            peer: self.peer,
+            req,
+            error,
+        });
+    }
+
+    /// Writes requests and reads answers until the queue is dropped (then
+    /// closes the stream) or the stream breaks (returns why).
+    fn pump(
+        &self,
+        stream: &mut mesh::Stream,
+        requests: &std::sync::mpsc::Receiver<Request>,
+        queued: &mut std::collections::VecDeque<Request>,
+    ) -> String {
+        loop {
+            // Everything asked so far goes out at once.
+            loop {
+                let next = if queued.is_empty() {
+                    // Idle: wait for the next request, or the end.
+                    match requests.recv() {
+                        Ok(r) => Ok(r),
+                        Err(_) => {
+                            let _ = self.handle.block_on(futures::AsyncWriteExt::close(stream));
+                            return String::new();
+                        }
+                    }
+                } else {
+                    requests.try_recv().map_err(|_| ())
+                };
+                let Ok(req) = next else { break };
+                if let Err(e) = write_request(self.handle, stream, &req, self.counters) {
+                    queued.push_back(req);
+                    return e;
+                }
+                queued.push_back(req);
+            }
+            let Some(req) = queued.front().cloned() else {
+                continue;
+            };
+            match self.read_run(stream, &req) {
+                Ok(()) => {
+                    queued.pop_front();
+                    self.ended(req, None);
+                }
+                Err(e) => return e,
+            }
+        }
+    }
+
+    /// Reads the answer to one `groups` request.
+    fn read_run(&self, stream: &mut mesh::Stream, req: &Request) -> Result<(), String> {
+        let hash = self.hash;
+        let mut i = 0;
+        while let Some(one) = req.group(i) {
+            i += 1;
+            let frame = read_frame(self.handle, stream, MAX_ANSWER)?
+                .ok_or_else(|| "the peer closed the stream inside a run".to_string())?;
+            match Answer::decode(&one, &frame).map_err(|e| e.to_string())? {
+                Answer::Groups { from, data, .. } => {
+                    self.counters
+                        .received
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(group = from, bytes = data.len(), "blob group received");
+                    let ok = write_group(self.partials, &hash, from, &data);
+                    let _ = self.tx.send(Event::Written {
+                        hash,
+                        peer: self.peer,
+                        group: from,
+                        ok,
+                    });
+                    if ok == Some(false) {
+                        // A peer that lied is read no further.
+                        return Err(format!("group {from} does not match its hash"));
+                    }
+                }
+                refused => {
+                    // Told why it stops: the fetch forgets what it said it
+                    // held; the rest of the run is asked elsewhere.
+                    let _ = self.tx.send(Event::Answered {
+                        hash,
+                        peer: self.peer,
+                        req: req.clone(),
+                        result: Ok(refused.encode()),
+                    });
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks and writes one group into its partial blob.
@@ -564,43 +691,143 @@ fn serve(
     partials: &Mutex<HashMap<Hash, Partial>>,
     counters: &Counters,
 ) -> Result<(), String> {
-    let bytes =
-        read_frame(handle, &mut stream, MAX_REQUEST)?.ok_or_else(|| "no request".to_string())?;
-    let req = match (admitted, Request::decode(&bytes)) {
-        (false, _) => Err("not admitted".to_string()),
-        (true, Err(e)) => Err(e.to_string()),
-        (true, Ok(r)) => Ok(r),
-    };
-    let req = match req {
-        Ok(r) => r,
-        Err(why) => {
-            write_frame(handle, &mut stream, &Answer::Refused(why).encode())?;
-            return close(handle, stream);
+    // Requests one after the other, each answered whole before the next is
+    // read, until the asker closes (or is quiet for a while).
+    while let Some(bytes) = read_frame(handle, &mut stream, MAX_REQUEST)? {
+        let req = match (admitted, Request::decode(&bytes)) {
+            (false, _) => Err("not admitted".to_string()),
+            (true, Err(e)) => Err(e.to_string()),
+            (true, Ok(r)) => Ok(r),
+        };
+        match req {
+            Ok(r) => answer(handle, &mut stream, &r, store, partials, counters)?,
+            Err(why) => {
+                write_frame(handle, &mut stream, &Answer::Refused(why).encode())?;
+                break;
+            }
         }
-    };
+    }
+    close(handle, stream)
+}
+
+/// Writes the answer to one request.
+fn answer(
+    handle: &tokio::runtime::Handle,
+    stream: &mut mesh::Stream,
+    req: &Request,
+    store: &BlobStore,
+    partials: &Mutex<HashMap<Hash, Partial>>,
+    counters: &Counters,
+) -> Result<(), String> {
     let answer_one = |r: &Request| match partials.lock() {
         Ok(m) => store.answer(r, m.get(&r.hash())),
         Err(_) => store.answer(r, None),
     };
+    let wire = |frame: &[u8]| {
+        counters.served_wire.fetch_add(
+            (frame.len() + mesh::frame::HEADER) as u64,
+            Ordering::Relaxed,
+        );
+    };
     if !matches!(req, Request::Groups { .. }) {
-        write_frame(handle, &mut stream, &answer_one(&req).encode())?;
-        return close(handle, stream);
+        let frame = answer_one(req).encode();
+        wire(&frame);
+        return write_frame(handle, stream, &frame);
     }
+    // A whole blob: opened once, each group read straight into its frame.
+    let whole = std::fs::File::open(store.path(&req.hash()))
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.len() == req_size(req)));
     let mut i = 0;
+    // Frames of a whole blob leave in batches of up to 8 (128 KiB): fewer
+    // waits on the stream; the receiver still reads them one by one.
+    let mut batch: Vec<u8> = Vec::new();
     while let Some(one) = req.group(i) {
         i += 1;
+        if let (Some(f), Request::Groups { size, from, .. }) = (&whole, &one)
+            && let Some(frame) = group_frame(f, *size, *from)
+        {
+            counters
+                .served_wire
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            counters.served.fetch_add(
+                (frame.len() - mesh::frame::HEADER - GROUP_HEADER) as u64,
+                Ordering::Relaxed,
+            );
+            batch.extend_from_slice(&frame);
+            if batch.len() >= 8 * (blobs::GROUP as usize) {
+                write_raw(handle, stream, &batch)?;
+                batch.clear();
+            }
+            continue;
+        }
+        if !batch.is_empty() {
+            write_raw(handle, stream, &batch)?;
+            batch.clear();
+        }
         let answer = answer_one(&one);
         let stop = !matches!(answer, Answer::Groups { .. });
         let frame = answer.encode();
-        write_frame(handle, &mut stream, &frame)?;
+        wire(&frame);
+        write_frame(handle, stream, &frame)?;
+        if let Answer::Groups { data, .. } = &answer {
+            counters
+                .served
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
         if stop {
             break;
         }
-        counters
-            .served
-            .fetch_add(frame.len().saturating_sub(13) as u64, Ordering::Relaxed);
     }
-    close(handle, stream)
+    if !batch.is_empty() {
+        write_raw(handle, stream, &batch)?;
+    }
+    Ok(())
+}
+
+fn req_size(req: &Request) -> u64 {
+    match req {
+        Request::Have { size, .. } | Request::Cvs { size, .. } | Request::Groups { size, .. } => {
+            *size
+        }
+    }
+}
+
+/// The whole frame (the mesh's length header, the answer's header, the
+/// group) of group `g` of a whole blob, read from `f` into place.
+fn group_frame(f: &std::fs::File, size: u64, g: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let r = blobs::tree::group_range(size, g);
+    let len = (r.end - r.start) as usize;
+    let head = mesh::frame::HEADER + GROUP_HEADER;
+    let mut out = Vec::with_capacity(head + len);
+    out.extend_from_slice(&((GROUP_HEADER + len) as u32).to_be_bytes());
+    out.extend_from_slice(&group_header(g));
+    out.resize(head + len, 0);
+    f.read_exact_at(&mut out[head..], r.start).ok()?;
+    Some(out)
+}
+
+/// Writes bytes that are already a frame (header included).
+fn write_raw(
+    handle: &tokio::runtime::Handle,
+    stream: &mut mesh::Stream,
+    bytes: &[u8],
+) -> Result<(), String> {
+    use futures::AsyncWriteExt;
+    handle.block_on(async {
+        let w = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(FRAME_WAIT, w).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the peer took no frame for {} s",
+                FRAME_WAIT.as_secs()
+            )),
+        }
+    })
 }
 
 fn close(handle: &tokio::runtime::Handle, mut stream: mesh::Stream) -> Result<(), String> {

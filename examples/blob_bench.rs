@@ -1,0 +1,223 @@
+//! Artifact transfer figures (issue 14), in one process over two real
+//! meshes on loopback QUIC:
+//!
+//! `cargo run --release --example blob_bench -- throughput [MiB] [runs]`
+//!
+//! - **plain**: one stream on the same mesh stack, the holder writing the
+//!   bytes in 1 MiB writes and the reader discarding them: what the stack
+//!   carries with nothing else to do.
+//! - **blob**: the shipped path (`daemon::blobs::Blobs` on both sides, the
+//!   fetch scheduler, the wire, the stores): the node asks what the holder
+//!   has, fetches and checks the group hashes, then streams the groups,
+//!   checking and writing each one before it reads the next, and finally
+//!   syncs the file and publishes it. Timed from `want` to whole; the time
+//!   to the last group written (before the final sync) is shown too.
+//!
+//! Both sides run in the same run, alternately, so the ratio is fair on a
+//! noisy machine. It also prints the bytes on the wire per byte of blob
+//! (the cost of verification: group hashes, frame headers, requests).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use blobs::BlobStore;
+use daemon::blobs::{Blobs, Event as BlobEvent};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use mesh::{Config, Event, Events, Mesh, Multiaddr, StreamProtocol};
+use tokio::sync::mpsc;
+
+const PLAIN: StreamProtocol = StreamProtocol::new("/shoal-bench/plain/1");
+
+fn secret(n: u8) -> [u8; 32] {
+    let mut s = [7u8; 32];
+    s[0] = n;
+    s
+}
+
+async fn start(n: u8) -> (Mesh, Events, Multiaddr) {
+    let mut c = Config::new(secret(n));
+    c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    c.serve_streams = vec![mesh::BLOB, PLAIN];
+    let (m, mut ev) = Mesh::start(c, vec![n]).unwrap();
+    let addr = loop {
+        if let Some(Event::Listening(a)) = ev.next().await {
+            break a;
+        }
+    };
+    let full = addr.with(mesh::multiaddr_p2p(m.peer_id()));
+    (m, ev, full)
+}
+
+/// Pseudo-random bytes written to `path` in 1 MiB pieces.
+fn make_file(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("throughput") {
+        eprintln!("usage: blob_bench throughput [MiB] [runs]");
+        std::process::exit(2);
+    }
+    let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let runs: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let size = mib << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("model.bin");
+    make_file(&src, size);
+    let holder_store = BlobStore::open(&tmp.path().join("holder"), None).unwrap();
+    let (hash, _) = holder_store.add_file(&src, None).unwrap();
+    std::fs::remove_file(&src).unwrap();
+
+    let (a, mut a_ev, a_addr) = start(1).await;
+    let (b, mut b_ev, _) = start(2).await;
+    b.add_peer(a_addr);
+    // Both admit each other.
+    let mut admitted = 0;
+    while admitted < 2 {
+        tokio::select! {
+            Some(Event::Hello { peer, .. }) = a_ev.next() => { a.admit(peer); admitted += 1; }
+            Some(Event::Hello { peer, .. }) = b_ev.next() => { b.admit(peer); admitted += 1; }
+        }
+    }
+    // The holder answers every stream; its blob events are of no interest.
+    let (a_tx, _a_rx) = mpsc::unbounded_channel();
+    let holder = Blobs::new(holder_store, a_tx, 1);
+    let counters = std::sync::Arc::new(holder);
+    let serving = counters.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = a_ev.next().await {
+            if let Event::Stream {
+                peer,
+                protocol,
+                stream,
+            } = ev
+            {
+                if protocol == mesh::BLOB {
+                    serving.serve(true, peer, stream);
+                } else {
+                    tokio::spawn(plain_serve(stream, size));
+                }
+            }
+        }
+    });
+    tokio::spawn(async move { while b_ev.next().await.is_some() {} });
+
+    let mut plain = Vec::new();
+    let mut blob = Vec::new();
+    let mut to_last_group = Vec::new();
+    let mut wire = 0.0;
+    for run in 0..runs {
+        // Plain stream.
+        let t = Instant::now();
+        let mut s = b.open(a.peer_id(), PLAIN).await.unwrap();
+        s.write_all(&[1]).await.unwrap();
+        s.flush().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        assert_eq!(got, size);
+        let p = t.elapsed().as_secs_f64();
+        plain.push(size as f64 / p / 1e6);
+
+        // The blob, into a fresh store.
+        let dir = tmp.path().join(format!("node{run}"));
+        let store = BlobStore::open(&dir, None).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut node = Blobs::new(store, tx, 2);
+        let served_before = counters.counters().served_wire.load(Ordering::Relaxed);
+        let t = Instant::now();
+        node.want(hash, size);
+        node.peer_up(&b, a.peer_id(), true);
+        let mut last_group = None;
+        let mut held = 0u64;
+        let groups = size.div_ceil(blobs::GROUP);
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("progress within 60 s")
+                .expect("events");
+            if let BlobEvent::Written { ok: Some(true), .. } = &ev {
+                held += 1;
+                if held == groups {
+                    last_group = Some(t.elapsed().as_secs_f64());
+                }
+            }
+            let out = node.on_event(&b, ev);
+            if out.ready.contains(&hash) {
+                break;
+            }
+        }
+        let d = t.elapsed().as_secs_f64();
+        blob.push(size as f64 / d / 1e6);
+        to_last_group.push(size as f64 / last_group.unwrap_or(d) / 1e6);
+        let served = counters.counters().served_wire.load(Ordering::Relaxed) - served_before;
+        let asked = node.counters().asked_wire.load(Ordering::Relaxed);
+        wire = (served + asked) as f64 / size as f64;
+        assert_eq!(node.counters().received.load(Ordering::Relaxed), size);
+        println!(
+            "run {run}: plain {:.0} MB/s, blob {:.0} MB/s (to the last group written {:.0} MB/s), wire/size {:.5}",
+            plain[run], blob[run], to_last_group[run], wire
+        );
+        drop(node);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let (p, bl, lg) = (
+        median(&mut plain),
+        median(&mut blob),
+        median(&mut to_last_group),
+    );
+    println!(
+        "{mib} MiB over loopback QUIC, {runs} runs, medians: plain stream {p:.0} MB/s; artifact (verified, written, synced) {bl:.0} MB/s = {:.0}% of plain; to the last group written {lg:.0} MB/s = {:.0}%; bytes on the wire per byte of artifact {wire:.5} (+{:.2}%)",
+        100.0 * bl / p,
+        100.0 * lg / p,
+        100.0 * (wire - 1.0)
+    );
+}
+
+/// Writes `size` bytes in 1 MiB writes after the reader's one byte.
+async fn plain_serve(mut s: mesh::Stream, size: u64) {
+    let mut one = [0u8; 1];
+    if s.read_exact(&mut one).await.is_err() {
+        return;
+    }
+    let buf = vec![0x5au8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        if s.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+    let _ = s.close().await;
+}
