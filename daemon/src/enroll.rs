@@ -405,6 +405,19 @@ mod tests {
         .expect("json")
     }
 
+    /// A token for node n1 made at time 100, and its secret.
+    fn secret_of(dir: &Path, root: &PublicKey, site: Option<&str>, ttl_s: i64) -> String {
+        let req = TokenRequest {
+            node: "n1".into(),
+            site: site.map(str::to_string),
+            labels: BTreeMap::new(),
+            ttl_s,
+        };
+        let anchors = vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()];
+        let token = create_token(dir, root, anchors, &req, 100).expect("token");
+        Token::decode(&token).expect("decode").secret
+    }
+
     /// A token serves one enrollment, even when two arrive at once on two
     /// threads; it is spent (on disk) before the certificate leaves.
     #[test]
@@ -413,21 +426,7 @@ mod tests {
         let dir = tmp.path().join("anchor");
         let dd = DataDir::init(&dir, "f", 100).expect("init");
         let root = dd.trust().root();
-        let req = TokenRequest {
-            node: "n1".into(),
-            site: Some("s1".into()),
-            labels: BTreeMap::new(),
-            ttl_s: 60,
-        };
-        let token = create_token(
-            &dir,
-            &root,
-            vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
-            &req,
-            100,
-        )
-        .expect("token");
-        let secret = Token::decode(&token).expect("decode").secret;
+        let secret = secret_of(&dir, &root, Some("s1"), 60);
         let results: Vec<_> = std::thread::scope(|s| {
             let a = s.spawn(|| spend(&dir, &root, &request(&secret), 110));
             let b = s.spawn(|| spend(&dir, &root, &request(&secret), 110));
@@ -461,21 +460,7 @@ mod tests {
         );
         let e = spend(&dir, &root, &request("nope"), 100).expect_err("unknown");
         assert!(e.to_string().contains("unknown enrollment token"), "{e}");
-        let req = TokenRequest {
-            node: "n1".into(),
-            site: None,
-            labels: BTreeMap::new(),
-            ttl_s: 5,
-        };
-        let token = create_token(
-            &dir,
-            &root,
-            vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
-            &req,
-            100,
-        )
-        .expect("token");
-        let secret = Token::decode(&token).expect("decode").secret;
+        let secret = secret_of(&dir, &root, None, 5);
         let e = spend(&dir, &root, &request(&secret), 105).expect_err("expired");
         assert!(e.to_string().contains("expired"), "{e}");
     }
