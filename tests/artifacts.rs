@@ -119,6 +119,43 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
     assert!(!small.join(format!("blobs/{h3}.part")).exists());
     assert!(!small.join("apps/reader/stdout.log").exists());
 
+    // The anchor sees, per node, how much each holds and from whom it came,
+    // or why it does not keep it (from the nodes' reports).
+    let nodes_of = |name: &str| get(&anchor_dir, "artifacts")[name]["nodes"].clone();
+    assert!(
+        wait_for(WITHIN, || {
+            let n = nodes_of("model-v3");
+            n["n1"]["held"].as_u64() == Some(v3.len() as u64)
+                && n["n2"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("quota"))
+        }),
+        "holdings: {}",
+        nodes_of("model-v3")
+    );
+    let n1 = nodes_of("model-v3")["n1"].clone();
+    assert_eq!(n1["hash"], h3.as_str());
+    let from: u64 = n1["from"]
+        .as_object()
+        .expect("from whom")
+        .values()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(from, v3.len() as u64, "every byte from a named peer: {n1}");
+    let table = ok(&["get", "artifacts", "--data-dir", s(&anchor_dir)]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("n1") && l.contains("whole")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("n2") && l.contains("not kept")),
+        "{table}"
+    );
+
     // A new version: the app keeps reading v3 until v4 is whole, then
     // switches.
     let v4 = model(3 * 1024 * 1024, 4);

@@ -132,6 +132,24 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         self.hash
     }
 
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes held (the last group may be short).
+    pub fn held_bytes(&self) -> u64 {
+        let full = self.held_count * crate::tree::GROUP;
+        match self.n.checked_sub(1) {
+            Some(last) if self.has(last) => {
+                let r = crate::tree::group_range(self.size, last);
+                full - (crate::tree::GROUP - (r.end - r.start))
+            }
+            _ => full,
+        }
+        .min(self.size)
+    }
+
     /// The verified group hashes, once known.
     pub fn cvs(&self) -> Option<&Cvs> {
         self.cvs.as_ref()

@@ -992,7 +992,7 @@ async fn cli_get(
         "configs" | "config" => Some(render::configs(output, &sn.spec)),
         "profiles" | "profile" => Some(render::profiles(output, &sn.spec)),
         "devices" | "device" => Some(render::devices(output, &sn.spec)),
-        "artifacts" | "artifact" => Some(render::artifacts(output, &sn.spec)),
+        "artifacts" | "artifact" => Some(render::artifacts(output, &sn.spec, &sn.holdings)),
         "sites" | "site" => Some(render::sites(output, &sn.overrides)),
         "conflicts" | "conflict" => Some(render::conflicts(output, &sn.conflicts)),
         _ => None,

@@ -189,7 +189,12 @@ pub struct Snapshot {
     pub timeline: Arc<Vec<TimelineEvent>>,
     /// Counters.
     pub counters: Counters,
+    /// What each node holds of the artifacts its apps name (node →
+    /// artifact → report).
+    pub holdings: Arc<Holdings>,
 }
+
+pub use daemon::render::Holdings;
 
 /// Lag of one node against one document: (changes behind, oldest time).
 type Lag = (usize, Option<i64>);
@@ -383,6 +388,10 @@ impl View {
         for (name, (_, id)) in latest_node_docs {
             if let Some(d) = doc(&id) {
                 let r = NodeReport::read(d);
+                let before = self.reports.get(&name).map(|o| &o.artifacts);
+                if before != Some(&r.artifacts) && (before.is_some() || !r.artifacts.is_empty()) {
+                    self.changed.insert("artifacts");
+                }
                 // A report from an older epoch than the one held is ignored.
                 self.reports.insert(name, r);
                 self.changed.insert("nodes");
@@ -405,6 +414,9 @@ impl View {
         }
         if self.changed.contains("overrides") {
             next.overrides = Arc::new(self.overrides.clone());
+        }
+        if self.changed.contains("artifacts") {
+            next.holdings = Arc::new(daemon::render::holdings(&self.reports));
         }
         if self.changed.contains("conflicts") || self.version == 0 {
             next.conflicts = Arc::new(self.conflicts.values().flatten().cloned().collect());

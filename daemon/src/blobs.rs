@@ -134,6 +134,20 @@ pub struct Blobs {
     /// Bytes of groups sent to peers and received from them (for the
     /// figures and the metrics).
     counters: Arc<Counters>,
+    /// Verified bytes of each blob fetched here, per peer they came from
+    /// (since the start; for the node's report).
+    from: HashMap<Hash, HashMap<PeerId, u64>>,
+}
+
+/// How far a wanted blob is.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes held and verified.
+    pub held: u64,
+    /// Verified bytes per peer they came from, since the start.
+    pub from: Vec<(PeerId, u64)>,
+    /// Why it is not kept here (the quota), if so.
+    pub error: Option<String>,
 }
 
 /// Bytes moved on `/shoal/blob/1`, since the start.
@@ -167,6 +181,27 @@ impl Blobs {
             seed,
             now_ms: 0,
             counters: Arc::default(),
+            from: HashMap::new(),
+        }
+    }
+
+    /// How far blob `hash` (`size` bytes) is here.
+    pub fn progress(&self, hash: &Hash, size: u64) -> Progress {
+        let held = if self.store.has(hash) {
+            size
+        } else {
+            self.fetches.get(hash).map(|f| f.held_bytes()).unwrap_or(0)
+        };
+        let mut from: Vec<(PeerId, u64)> = self
+            .from
+            .get(hash)
+            .map(|m| m.iter().map(|(p, b)| (*p, *b)).collect())
+            .unwrap_or_default();
+        from.sort();
+        Progress {
+            held,
+            from,
+            error: self.refused.get(hash).map(|(_, e)| e.clone()),
         }
     }
 
@@ -355,6 +390,11 @@ impl Blobs {
                 ok,
             } => {
                 if let Some(f) = self.fetches.get_mut(&hash) {
+                    if ok == Some(true) && !f.has(group) {
+                        let r = blobs::tree::group_range(f.size(), group);
+                        *self.from.entry(hash).or_default().entry(peer).or_default() +=
+                            r.end - r.start;
+                    }
                     match ok {
                         Some(ok) => {
                             if let Some(why) = f.group_done(peer, group, ok) {

@@ -688,7 +688,11 @@ pub fn get(
             Table::Sites => render::sites(output, &reader.sites()?),
             Table::Profiles => render::profiles(output, &reader.fleet()?),
             Table::Devices => render::devices(output, &reader.fleet()?),
-            Table::Artifacts => render::artifacts(output, &reader.fleet()?),
+            Table::Artifacts => render::artifacts(
+                output,
+                &reader.fleet()?,
+                &render::holdings(&reader.reports()?),
+            ),
         },
     )
 }

@@ -23,7 +23,7 @@ use std::hash::Hash;
 use crate::render::Contact;
 use automerge::ChangeHash;
 use crdt_state::fleet::device::DeviceReport;
-use crdt_state::fleet::model::{self, FleetView, NodeReport, WorkloadReport};
+use crdt_state::fleet::model::{self, ArtifactReport, FleetView, NodeReport, WorkloadReport};
 use crdt_state::fleet::placement::{self, Workload};
 use crdt_state::signed::sync::{Engine, Input, Output};
 use crdt_state::{DocId, Document, Identity, PublicKey, SignedChange, Trust};
@@ -615,6 +615,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         now: Now,
         workloads: BTreeMap<String, WorkloadReport>,
         devices: BTreeMap<String, DeviceReport>,
+        artifacts: BTreeMap<String, ArtifactReport>,
     ) {
         if self.failing {
             // Commits are failing: a report would be one more change held
@@ -649,6 +650,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 .map(|(n, _)| n.clone())
                 .collect(),
             devices,
+            artifacts,
         };
         if let Some(last) = &self.last_report {
             let mut same = report.clone();
@@ -656,11 +658,21 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             if same == *last {
                 return;
             }
-            // Only reported values moved: not more often than the setting.
+            // Only reported values (or a fetch's progress) moved: not more
+            // often than the setting.
             let mut values_only = same.clone();
             for (k, d) in values_only.devices.iter_mut() {
                 if let Some(old) = last.devices.get(k) {
                     d.values = old.values.clone();
+                }
+            }
+            for (k, a) in values_only.artifacts.iter_mut() {
+                if let Some(old) = last.artifacts.get(k)
+                    && old.hash == a.hash
+                    && a.held < a.size
+                {
+                    a.held = old.held;
+                    a.from = old.from.clone();
                 }
             }
             if values_only == *last

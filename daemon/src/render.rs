@@ -1,5 +1,7 @@
 //! Output for people (tables) and machines (JSON, YAML).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crdt_state::fleet::model::FleetView;
@@ -185,25 +187,79 @@ pub fn devices(format: Format, fleet: &FleetView) -> String {
     )
 }
 
-/// `shoal get artifacts`.
-pub fn artifacts(format: Format, fleet: &FleetView) -> String {
-    let rows = fleet
-        .artifacts
+/// Node → artifact → how much of it the node holds (from node reports).
+pub type Holdings = BTreeMap<String, BTreeMap<String, crdt_state::fleet::model::ArtifactReport>>;
+
+/// Node → artifact → what each node reports, from the nodes' reports.
+pub fn holdings(reports: &BTreeMap<String, crdt_state::fleet::model::NodeReport>) -> Holdings {
+    reports
         .iter()
-        .map(|(n, a)| {
+        .filter(|(_, r)| !r.artifacts.is_empty())
+        .map(|(n, r)| (n.clone(), r.artifacts.clone()))
+        .collect()
+}
+
+/// `shoal get artifacts`: each artifact, and per node that reports it how
+/// much of it is held and from whom it came (or why it is not kept).
+pub fn artifacts(format: Format, fleet: &FleetView, holdings: &Holdings) -> String {
+    let holders = |name: &str, hash: &str| {
+        holdings
+            .iter()
+            .filter_map(|(node, held)| {
+                held.get(name)
+                    .filter(|a| a.hash == hash)
+                    .map(|a| (node.clone(), a.clone()))
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    for (n, a) in &fleet.artifacts {
+        let nodes = holders(n, &a.hash);
+        let head = |node: String, held: String, from: String| {
             vec![
                 n.clone(),
                 bytes(a.size),
                 a.hash.chars().take(12).collect(),
-                a.media_type.clone().unwrap_or_else(|| "-".into()),
-                a.description.clone().unwrap_or_default(),
+                node,
+                held,
+                from,
             ]
-        })
-        .collect();
+        };
+        if nodes.is_empty() {
+            rows.push(head("-".into(), "-".into(), String::new()));
+        }
+        for (node, r) in &nodes {
+            let held = match &r.error {
+                Some(e) => format!("not kept: {e}"),
+                None if r.held >= r.size => "whole".into(),
+                None => format!(
+                    "{}% ({})",
+                    r.held.saturating_mul(100) / r.size.max(1),
+                    bytes(r.held)
+                ),
+            };
+            let from = r
+                .from
+                .iter()
+                .map(|(p, b)| format!("{p} {}", bytes(*b)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            rows.push(head(node.clone(), held, from));
+        }
+        let mut v = serde_json::to_value(a).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "nodes".into(),
+                serde_json::to_value(&nodes).unwrap_or_default(),
+            );
+        }
+        json.insert(n.clone(), v);
+    }
     render(
         format,
-        &fleet.artifacts,
-        &["NAME", "SIZE", "HASH", "TYPE", "DESCRIPTION"],
+        &json,
+        &["NAME", "SIZE", "HASH", "NODE", "HELD", "FROM"],
         rows,
     )
 }

@@ -138,7 +138,7 @@ impl Net {
                 Action::Reconcile | Action::Report => {
                     let now = self.now;
                     let devices = self.devices[i].clone();
-                    self.cores[i].report(now, BTreeMap::new(), devices);
+                    self.cores[i].report(now, BTreeMap::new(), devices, BTreeMap::new());
                 }
                 _ => {}
             }
@@ -407,7 +407,12 @@ fn a_report_is_written_only_when_it_changed_and_values_at_most_every_thirty_seco
     let report = |net: &mut Net, devices| {
         net.devices[1] = devices;
         let now = net.now;
-        net.cores[1].report(now, BTreeMap::new(), net.devices[1].clone());
+        net.cores[1].report(
+            now,
+            BTreeMap::new(),
+            net.devices[1].clone(),
+            BTreeMap::new(),
+        );
         net.act(1);
     };
     report(&mut net, dev(1, true));

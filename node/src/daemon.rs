@@ -85,6 +85,9 @@ struct Node {
     /// What the runtime was last given per app: an app whose artifacts
     /// are not all whole yet keeps running this.
     last_run: BTreeMap<String, crdt_state::fleet::placement::Workload>,
+    /// The artifacts its apps name, by name: the blob and its size (what
+    /// the report tells of).
+    wanted: BTreeMap<String, (blobs::Hash, u64)>,
 }
 
 /// Runs the node until `shutdown` resolves.
@@ -136,6 +139,7 @@ pub async fn run(
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
         last_run: BTreeMap::new(),
+        wanted: BTreeMap::new(),
     };
     if let Some(addr) = opts.site_api {
         let surface = site_api::Surface::new(
@@ -224,6 +228,7 @@ impl Node {
         let apps: std::collections::BTreeSet<String> =
             share.iter().map(|w| w.app.clone()).collect();
         self.last_run.retain(|app, _| apps.contains(app));
+        self.wanted.clear();
         if share.iter().all(|w| w.spec.artifacts.is_empty()) {
             // No app names an artifact: no second read of the fleet. What
             // each runs is kept, for when its next version waits for one.
@@ -247,6 +252,7 @@ impl Node {
                     continue;
                 };
                 self.base.blobs.want(hash, size);
+                self.wanted.insert(name.clone(), (hash, size));
                 let store = self.base.blobs.store();
                 if store.has(&hash) {
                     let var = format!("SHOAL_ARTIFACT_{}", local.to_uppercase().replace('-', "_"));
@@ -301,8 +307,45 @@ impl Node {
     fn report(&mut self) {
         let workloads = self.runtime.status();
         let devices = self.device_reports();
+        let artifacts = self.artifact_reports();
         let t = self.base.now();
-        self.base.core.report(t, workloads, devices);
+        self.base.core.report(t, workloads, devices, artifacts);
+    }
+
+    /// The artifacts part of the node's report: how much of each is held,
+    /// from whom it came, why it is not kept.
+    fn artifact_reports(&self) -> BTreeMap<String, crdt_state::fleet::model::ArtifactReport> {
+        self.wanted
+            .iter()
+            .map(|(name, (hash, size))| {
+                let p = self.base.blobs.progress(hash, *size);
+                let from = p
+                    .from
+                    .into_iter()
+                    .map(|(peer, bytes)| {
+                        let who = self
+                            .base
+                            .core
+                            .name_of(&peer)
+                            .unwrap_or_else(|| peer.to_string());
+                        (who, bytes)
+                    })
+                    .fold(BTreeMap::new(), |mut m, (who, b)| {
+                        *m.entry(who).or_insert(0) += b;
+                        m
+                    });
+                (
+                    name.clone(),
+                    crdt_state::fleet::model::ArtifactReport {
+                        hash: hash.to_string(),
+                        held: p.held,
+                        size: *size,
+                        from,
+                        error: p.error,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// The devices part of the node's report.

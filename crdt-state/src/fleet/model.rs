@@ -387,6 +387,27 @@ pub struct NodeReport {
     /// Its devices.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: BTreeMap<String, crate::fleet::device::DeviceReport>,
+    /// The artifacts its apps name (by artifact name).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, ArtifactReport>,
+}
+
+/// How much of an artifact a node holds, and from whom it came.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactReport {
+    /// The blob's hash (hex), which version of the artifact this is.
+    pub hash: String,
+    /// Bytes held and verified.
+    pub held: u64,
+    /// Its size.
+    pub size: u64,
+    /// Bytes received from each peer (by name) since the node started.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub from: BTreeMap<String, u64>,
+    /// Why the node does not hold it (it does not fit the blob quota…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl NodeReport {
