@@ -218,6 +218,33 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
     // seconds is twice that.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(refusals(&small_node), 2, "n2: {}", small_node.log_text());
+
+    // model-v3 deleted: no app names it and no artifact is it any more, so
+    // the anchor and the node remove its blob. (Both copies are set an hour
+    // old first: a blob written in the last 10 minutes is kept, since a
+    // push copies the blob before it applies its Artifact.)
+    let h4 = blobs::Hash::of(&v4).to_string();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for dir in [&nd, &anchor_dir] {
+        let f = std::fs::File::open(dir.join("blobs").join(&h3)).unwrap();
+        f.set_modified(old).unwrap();
+    }
+    ok(&[
+        "delete",
+        "artifact",
+        "model-v3",
+        "--data-dir",
+        s(&anchor_dir),
+    ]);
+    for dir in [&nd, &anchor_dir] {
+        assert!(
+            wait_for(WITHIN, || !dir.join("blobs").join(&h3).exists()),
+            "{} still holds model-v3: {}",
+            dir.display(),
+            node.log_text()
+        );
+        assert!(dir.join("blobs").join(&h4).exists(), "model-v4 is kept");
+    }
     drop((node, small_node, anchor));
 }
 

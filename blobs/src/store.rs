@@ -539,6 +539,14 @@ impl BlobStore {
         }
     }
 
+    /// When blob `hash` (whole or partial) was last written here.
+    pub fn modified(&self, hash: &Hash) -> Option<std::time::SystemTime> {
+        [self.path(hash), self.part(hash)]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok()?.modified().ok())
+            .max()
+    }
+
     /// Removes every blob, whole or partial, that `keep` does not name.
     /// Returns the bytes freed.
     pub fn collect(&self, keep: &dyn Fn(&Hash) -> bool) -> Result<u64, Error> {

@@ -137,6 +137,9 @@ pub struct Blobs {
     /// Verified bytes of each blob fetched here, per peer they came from
     /// (since the start; for the node's report).
     from: HashMap<Hash, HashMap<PeerId, u64>>,
+    /// Blobs in use here (an app runs with them) that collection keeps
+    /// even when no artifact names them any more.
+    pinned: std::collections::HashSet<Hash>,
 }
 
 /// How far a wanted blob is.
@@ -182,7 +185,13 @@ impl Blobs {
             now_ms: 0,
             counters: Arc::default(),
             from: HashMap::new(),
+            pinned: Default::default(),
         }
+    }
+
+    /// Blobs in use here, kept by collection whatever the documents say.
+    pub fn pin(&mut self, in_use: std::collections::HashSet<Hash>) {
+        self.pinned = in_use;
     }
 
     /// How far blob `hash` (`size` bytes) is here.
@@ -267,6 +276,58 @@ impl Blobs {
                 Err(e) => Err(e.to_string()),
             };
             let _ = tx.send(Event::Opened { hash, result });
+        });
+    }
+
+    /// Stops fetching what is not in `wanted` (an app no longer names it):
+    /// its partial file stays until [`Blobs::collect`] removes it.
+    pub fn keep_only(&mut self, wanted: &std::collections::HashSet<Hash>) {
+        let gone: Vec<Hash> = self
+            .fetches
+            .keys()
+            .chain(self.opening.keys())
+            .filter(|h| !wanted.contains(*h))
+            .copied()
+            .collect();
+        for h in gone {
+            tracing::info!(blob = %h.short(), "blob no longer wanted; its fetch stops");
+            self.fetches.remove(&h);
+            self.opening.remove(&h);
+            self.beginning.remove(&h);
+            self.streams.retain(|(x, _), _| *x != h);
+            if let Ok(mut m) = self.partials.lock() {
+                m.remove(&h);
+            }
+        }
+    }
+
+    /// Removes, on a blocking thread, every blob (whole or partial) that no
+    /// artifact in `named` is, that is not being fetched or pinned, and that
+    /// was not written within `grace` (a push copies the blob before it applies
+    /// its Artifact).
+    pub fn collect(&self, named: std::collections::HashSet<Hash>, grace: Duration) {
+        let store = self.store.clone();
+        let fetching: std::collections::HashSet<Hash> = self
+            .fetches
+            .keys()
+            .chain(self.opening.keys())
+            .chain(self.pinned.iter())
+            .copied()
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let now = std::time::SystemTime::now();
+            let keep = |h: &Hash| {
+                named.contains(h)
+                    || fetching.contains(h)
+                    || store
+                        .modified(h)
+                        .is_some_and(|t| now.duration_since(t).unwrap_or_default() < grace)
+            };
+            match store.collect(&keep) {
+                Ok(0) => {}
+                Ok(freed) => tracing::info!(freed, "blobs no artifact names removed"),
+                Err(e) => tracing::warn!(error = %e, "blobs not collected"),
+            }
         });
     }
 

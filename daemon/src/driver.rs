@@ -82,6 +82,13 @@ pub struct Request {
     pub reply: oneshot::Sender<Vec<u8>>,
 }
 
+/// How often blobs no artifact names are looked for, besides each change
+/// of the set of artifacts.
+pub const COLLECT_EVERY_MS: u64 = 10 * 60 * 1000;
+/// A blob written within this long is kept even if no artifact names it
+/// yet (a push copies the blob, then applies its Artifact).
+pub const COLLECT_GRACE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 /// An enrollment request whose token was checked (and spent) off the loop.
 pub struct Enrolling {
     /// The peer that asked.
@@ -178,6 +185,8 @@ pub struct Base {
     /// Artifacts: the blob store, what is served and fetched.
     pub blobs: crate::blobs::Blobs,
     blob_rx: mpsc::UnboundedReceiver<crate::blobs::Event>,
+    /// When blobs were last collected, and the artifacts named then.
+    last_collect: Option<(u64, std::collections::HashSet<blobs::Hash>)>,
     /// Enrollments checked on blocking threads come back here.
     enroll_tx: mpsc::UnboundedSender<Enrolling>,
     enroll_rx: mpsc::UnboundedReceiver<Enrolling>,
@@ -298,6 +307,7 @@ impl Base {
             blob_rx,
             enroll_tx,
             enroll_rx,
+            last_collect: None,
             own: std::collections::VecDeque::new(),
             inline: false,
         })
@@ -667,6 +677,34 @@ impl Base {
         let t = self.now();
         self.core.tick(t);
         self.blobs.tick(&self.mesh, t.mono_ms);
+        self.collect_blobs(t.mono_ms);
+    }
+
+    /// Blobs no artifact names any more are removed: when the set of
+    /// artifacts changes, and every [`COLLECT_EVERY_MS`] (what a restart
+    /// or a failed removal left). Only the `artifacts.*` fields of the fleet
+    /// document are read (a handful, whatever the fleet's size).
+    fn collect_blobs(&mut self, mono_ms: u64) {
+        let named: std::collections::HashSet<blobs::Hash> = self
+            .core
+            .doc(&DocId::Fleet)
+            .map(|d| {
+                crdt_state::fleet::model::entities::<crdt_state::fleet::model::ArtifactSpec>(
+                    d,
+                    crdt_state::fleet::model::Kind::Artifact,
+                )
+            })
+            .unwrap_or_default()
+            .values()
+            .filter_map(|a| blobs::Hash::parse(&a.hash).ok())
+            .collect();
+        let due = self.last_collect.as_ref().is_none_or(|(at, last)| {
+            *last != named || mono_ms.saturating_sub(*at) >= COLLECT_EVERY_MS
+        });
+        if due {
+            self.blobs.collect(named.clone(), COLLECT_GRACE);
+            self.last_collect = Some((mono_ms, named));
+        }
     }
 
     /// Carries out the core's actions on the mesh and the store, and

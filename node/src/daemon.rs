@@ -235,6 +235,7 @@ impl Node {
             for w in &share {
                 self.last_run.insert(w.app.clone(), w.clone());
             }
+            self.keep_fetching_wanted();
             return share;
         }
         let (fleet, _) = self.base.core.desired();
@@ -274,7 +275,28 @@ impl Node {
             self.last_run.insert(w.app.clone(), w.clone());
             out.push(w);
         }
+        self.keep_fetching_wanted();
         out
+    }
+
+    /// Fetches of blobs no app here names any more stop; the blobs the
+    /// apps run with now (a previous version's, while the next waits) are
+    /// pinned, so collection keeps them even if their Artifact is deleted.
+    fn keep_fetching_wanted(&mut self) {
+        let wanted = self.wanted.values().map(|(h, _)| *h).collect();
+        self.base.blobs.keep_only(&wanted);
+        let in_use = self
+            .last_run
+            .values()
+            .filter_map(|w| w.spec.native.as_ref())
+            .flat_map(|n| n.env.iter())
+            .filter(|(k, _)| k.starts_with("SHOAL_ARTIFACT_"))
+            .filter_map(|(_, path)| {
+                let name = std::path::Path::new(path).file_name()?.to_str()?;
+                blobs::Hash::parse(name).ok()
+            })
+            .collect();
+        self.base.blobs.pin(in_use);
     }
 
     fn run(&mut self, mut desired: Vec<crdt_state::fleet::placement::Workload>) {
