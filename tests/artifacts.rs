@@ -102,6 +102,10 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
     let h3 = blobs::Hash::of(&v3).to_string();
     let blob = nd.join("blobs").join(&h3);
     assert_eq!(std::fs::read(&blob).unwrap(), v3, "the node's copy");
+    // And under the app's directory, as `artifacts/<name>`.
+    let link = nd.join("apps/reader/artifacts/model");
+    assert_eq!(std::fs::read_link(&link).unwrap(), blob);
+    assert_eq!(std::fs::read(&link).unwrap(), v3);
     // The small node says the artifact does not fit, writes none of it,
     // and does not start the app.
     let refusals = |n: &Daemon| {
@@ -194,6 +198,11 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
         nd.join("blobs")
             .join(blobs::Hash::of(&v4).to_string())
             .exists()
+    );
+    assert_eq!(
+        std::fs::read(&link).unwrap(),
+        v4,
+        "the link follows the app"
     );
     // n2 refused each blob once (v3, then v4). A later change of the fleet
     // makes it reconcile again; the refusal is remembered, so it does not

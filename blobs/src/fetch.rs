@@ -46,6 +46,10 @@ struct Peer {
     /// When it was last asked what it holds (a `have` in flight: `asking`).
     asked_ms: Option<u64>,
     asking: bool,
+    /// Its last answer about what it holds failed or was refused (it had
+    /// not admitted us yet, or it holds less than it said): asked again
+    /// after [`HAVE_EVERY_MS`], an anchor too.
+    ask_again: bool,
     in_flight: u32,
     banned: bool,
 }
@@ -213,6 +217,9 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
     pub fn failed(&mut self, p: P, req: &Request) {
         self.settle(p, req);
         self.unpend(p, req);
+        if let (Request::Have { .. }, Some(peer)) = (req, self.peers.get_mut(&p)) {
+            peer.ask_again = true;
+        }
         if let Request::Cvs { .. } = req {
             self.cv_asked = false;
         }
@@ -256,13 +263,16 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
             (Request::Have { .. }, Answer::Have(runs)) => {
                 if let Some(peer) = self.peers.get_mut(&p) {
                     peer.runs = runs;
+                    peer.ask_again = false;
                 }
             }
             (_, Answer::Refused(_)) => {
                 self.unpend(p, req);
-                // It holds less than it said: forget what it said.
+                // It holds less than it said (or has not admitted us yet):
+                // forget what it said, ask again in a while.
                 if let Some(peer) = self.peers.get_mut(&p) {
                     peer.runs.clear();
+                    peer.ask_again = true;
                 }
                 if matches!(req, Request::Cvs { .. }) {
                     self.cv_asked = false;
@@ -365,7 +375,9 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
             }
             let due = match peer.asked_ms {
                 None => true,
-                Some(t) => !peer.anchor && now.saturating_sub(t) >= HAVE_EVERY_MS,
+                Some(t) => {
+                    (!peer.anchor || peer.ask_again) && now.saturating_sub(t) >= HAVE_EVERY_MS
+                }
             };
             if due {
                 peer.asking = true;
@@ -655,6 +667,39 @@ mod tests {
         assert!(nodes[0].0.is_complete());
         assert_eq!(served[&ANCHOR], 201, "every group once");
         assert!(security.is_empty());
+    }
+
+    /// An anchor that refuses at first (it has not admitted this node yet)
+    /// is asked again a second later, not given up on.
+    #[test]
+    fn an_anchor_that_refused_is_asked_again() {
+        let data = bytes(3 * GROUP as usize, 8);
+        let hash = Hash::of(&data);
+        let anchor = holder(&data, true, false);
+        let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, 0, None);
+        f.peer_up(0, ANCHOR, true);
+        let (p, req) = f.poll().expect("a have");
+        f.answer(0, p, &req, Answer::Refused("not admitted".into()));
+        f.tick(500);
+        assert_eq!(f.poll(), None, "not at once");
+        f.tick(1000);
+        let (p, req) = f.poll().expect("asked again after a second");
+        assert_eq!(p, ANCHOR);
+        assert!(matches!(req, Request::Have { .. }));
+        // A failed stream likewise.
+        f.failed(p, &req);
+        f.tick(2000);
+        let (p, req) = f.poll().expect("asked again");
+        let mut now = 2000;
+        exchange(&mut f, now, &anchor, p, &req);
+        for _ in 0..100 {
+            now += 10;
+            f.tick(now);
+            while let Some((p, req)) = f.poll() {
+                exchange(&mut f, now, &anchor, p, &req);
+            }
+        }
+        assert!(f.is_complete(), "fetched from the anchor in the end");
     }
 
     #[test]

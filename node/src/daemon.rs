@@ -256,7 +256,7 @@ impl Node {
                 self.wanted.insert(name.clone(), (hash, size));
                 let store = self.base.blobs.store();
                 if store.has(&hash) {
-                    let var = format!("SHOAL_ARTIFACT_{}", local.to_uppercase().replace('-', "_"));
+                    let var = crate::runtime::native::artifact_var(local);
                     env.insert(var, store.path(&hash).display().to_string());
                 } else {
                     waiting.push(name.clone());

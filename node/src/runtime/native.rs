@@ -267,8 +267,56 @@ pub fn safe_path(dir: &Path, rel: &str) -> Result<PathBuf, String> {
     Ok(dir.join(p))
 }
 
+/// The environment variable that names an app's artifact `local`
+/// (`model` → `SHOAL_ARTIFACT_MODEL`).
+pub fn artifact_var(local: &str) -> String {
+    format!("SHOAL_ARTIFACT_{}", local.to_uppercase().replace('-', "_"))
+}
+
+/// `artifacts/<local>` in the app's directory: a link to each artifact's
+/// read-only blob (the same path as its environment variable); links of
+/// artifacts the app no longer names are removed.
+fn link_artifacts(dir: &Path, w: &Workload) -> Result<(), String> {
+    let links = dir.join("artifacts");
+    let env = w.spec.native.as_ref().map(|n| &n.env);
+    let wanted: BTreeMap<&String, &String> = w
+        .spec
+        .artifacts
+        .keys()
+        .filter_map(|local| Some((local, env?.get(&artifact_var(local))?)))
+        .collect();
+    if wanted.is_empty() {
+        if links.exists() {
+            std::fs::remove_dir_all(&links)
+                .map_err(|e| format!("cannot remove {}: {e}", links.display()))?;
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(&links)
+        .map_err(|e| format!("cannot create {}: {e}", links.display()))?;
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !wanted.keys().any(|l| **l == name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    for (local, target) in wanted {
+        let link = safe_path(&links, local)?;
+        // Replaced atomically: a link made aside, then renamed over.
+        let tmp = links.join(format!(".{local}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)
+            .map_err(|e| format!("cannot link {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &link).map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+    }
+    Ok(())
+}
+
 fn prepare(dir: &Path, w: &Workload) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    link_artifacts(dir, w)?;
     for (rel, content) in &w.files {
         let path = safe_path(dir, rel)?;
         if let Some(parent) = path.parent() {
