@@ -42,6 +42,7 @@ fn app(version: &str, changed: usize) -> Workload {
             ..AppSpec::default()
         },
         files: Default::default(),
+        artifacts: Default::default(),
     }
 }
 

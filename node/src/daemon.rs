@@ -256,8 +256,7 @@ impl Node {
                 self.wanted.insert(name.clone(), (hash, size));
                 let store = self.base.blobs.store();
                 if store.has(&hash) {
-                    let var = crate::runtime::native::artifact_var(local);
-                    env.insert(var, store.path(&hash).display().to_string());
+                    env.insert(local.clone(), store.path(&hash).display().to_string());
                 } else {
                     waiting.push(name.clone());
                 }
@@ -270,8 +269,14 @@ impl Node {
                 continue;
             }
             if let Some(n) = w.spec.native.as_mut() {
-                n.env.extend(env);
+                for (local, path) in &env {
+                    n.env
+                        .insert(crate::runtime::native::artifact_var(local), path.clone());
+                }
             }
+            // The kube runtime mounts them (hostPath), the native runtime
+            // links them into the app's directory.
+            w.artifacts = env;
             self.last_run.insert(w.app.clone(), w.clone());
             out.push(w);
         }
@@ -288,10 +293,8 @@ impl Node {
         let in_use = self
             .last_run
             .values()
-            .filter_map(|w| w.spec.native.as_ref())
-            .flat_map(|n| n.env.iter())
-            .filter(|(k, _)| k.starts_with("SHOAL_ARTIFACT_"))
-            .filter_map(|(_, path)| {
+            .flat_map(|w| w.artifacts.values())
+            .filter_map(|path| {
                 let name = std::path::Path::new(path).file_name()?.to_str()?;
                 blobs::Hash::parse(name).ok()
             })

@@ -825,3 +825,57 @@ async fn real_cluster_objects_an_earlier_shoal_labelled_are_adopted_and_pruned()
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
 }
+
+/// Artifacts as a real API server takes them: the Deployment's pods get
+/// each blob as a read-only hostPath file and its variable (validated
+/// strictly by the server), and a new blob rolls the template.
+#[tokio::test]
+#[ignore = "needs a real cluster: SHOAL_IT_KUBECONFIG=path cargo test -- --ignored"]
+async fn real_cluster_artifacts_are_mounted_read_only() {
+    let c = admin().await;
+    let ns = format!("shoal-art-{}", suffix());
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = node_runtime(c.clone(), dir.path());
+    let with = |blob: &str| {
+        let mut w = app("web", "v1", Some(&ns), manifests(&[DEPLOY]));
+        w.artifacts
+            .insert("model".into(), format!("/var/lib/shoal/blobs/{blob}"));
+        w
+    };
+    rt.reconcile(&[with("aa11")]);
+    let deployed = |blob: &'static str| {
+        let c = c.clone();
+        let ns = ns.clone();
+        async move {
+            let deadline = Instant::now() + WITHIN;
+            while Instant::now() < deadline {
+                if let Some(d) = get(&c, "apps/v1", "Deployment", Some(&ns), "web").await {
+                    let spec = &d["spec"]["template"]["spec"];
+                    if spec["volumes"][0]["hostPath"]["path"]
+                        == format!("/var/lib/shoal/blobs/{blob}").as_str()
+                    {
+                        return Some(spec.clone());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None
+        }
+    };
+    let spec = deployed("aa11")
+        .await
+        .expect("the Deployment with its artifact");
+    assert_eq!(spec["volumes"][0]["hostPath"]["type"], "File");
+    let ct = &spec["containers"][0];
+    assert_eq!(ct["volumeMounts"][0]["mountPath"], "/shoal/artifacts/model");
+    assert_eq!(ct["volumeMounts"][0]["readOnly"], true);
+    assert_eq!(ct["env"][0]["name"], "SHOAL_ARTIFACT_MODEL");
+    rt.reconcile(&[with("bb22")]);
+    assert!(
+        deployed("bb22").await.is_some(),
+        "the new blob rolls the template"
+    );
+    rt.reconcile(&[]);
+    rt.shutdown().await;
+    cleanup(&c, &[&ns]).await;
+}

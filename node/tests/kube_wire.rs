@@ -1175,3 +1175,67 @@ async fn a_failing_webhook_fails_the_app_not_the_server() {
     until_state(&rt, "b", WorkloadState::Running).await;
     rt.shutdown().await;
 }
+
+/// An app's artifacts reach its pods: each whole blob as a read-only
+/// hostPath file at `/shoal/artifacts/<name>` with `SHOAL_ARTIFACT_<NAME>`;
+/// a new version of the artifact (a new blob) changes the pod template, so
+/// the Deployment rolls.
+#[tokio::test]
+async fn artifacts_are_mounted_read_only_into_the_pods() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let with = |blob: &str| {
+        let mut w = app("web", "v1", None, manifests(&[DEPLOY]));
+        w.artifacts
+            .insert("model".into(), format!("/var/lib/shoal/blobs/{blob}"));
+        w
+    };
+    rt.reconcile(&[with("aa11")]);
+    until_state(&rt, "web", WorkloadState::Pending).await;
+    let pod = |server: &ApiServer| {
+        server
+            .get("apps/v1", "Deployment", Some("shoal-web"), "web")
+            .unwrap()["spec"]["template"]["spec"]
+            .clone()
+    };
+    let spec = pod(&server);
+    assert_eq!(
+        spec["volumes"][0],
+        json!({"name": "shoal-artifact-model", "hostPath": {"path": "/var/lib/shoal/blobs/aa11", "type": "File"}})
+    );
+    let c = &spec["containers"][0];
+    assert_eq!(
+        c["volumeMounts"][0],
+        json!({"name": "shoal-artifact-model", "mountPath": "/shoal/artifacts/model", "readOnly": true})
+    );
+    assert_eq!(
+        c["env"][0],
+        json!({"name": "SHOAL_ARTIFACT_MODEL", "value": "/shoal/artifacts/model"})
+    );
+    complete(&server, "shoal-web", "web");
+    until_state(&rt, "web", WorkloadState::Running).await;
+    server.clear_requests();
+    rt.reconcile(&[with("bb22")]);
+    let seen = until_patched(&server, "deployments/web").await;
+    assert!(seen, "the new blob was not applied");
+    assert_eq!(
+        pod(&server)["volumes"][0]["hostPath"]["path"],
+        "/var/lib/shoal/blobs/bb22"
+    );
+    rt.shutdown().await;
+}
+
+async fn until_patched(server: &ApiServer, path: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if patches(&server.requests())
+            .iter()
+            .any(|p| p.ends_with(path))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -26,6 +26,7 @@ fn workload(app: &str, command: &[&str], files: &[(&str, &str)]) -> Workload {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        artifacts: Default::default(),
     }
 }
 

@@ -18,6 +18,10 @@ pub struct Workload {
     pub spec: AppSpec,
     /// Files to render: relative path → content.
     pub files: BTreeMap<String, String>,
+    /// The artifacts it reads, once whole on this node: its own name for
+    /// each → the path of the blob (set by the node, not by placement).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, String>,
 }
 
 /// The labels a selector sees for a node: its own plus `site` and `node`.
@@ -115,6 +119,7 @@ pub fn share(
             app: name.clone(),
             spec,
             files,
+            artifacts: BTreeMap::new(),
         });
     }
     out

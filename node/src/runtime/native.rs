@@ -274,17 +274,11 @@ pub fn artifact_var(local: &str) -> String {
 }
 
 /// `artifacts/<local>` in the app's directory: a link to each artifact's
-/// read-only blob (the same path as its environment variable); links of
+/// read-only blob (the path its environment variable names too); links of
 /// artifacts the app no longer names are removed.
 fn link_artifacts(dir: &Path, w: &Workload) -> Result<(), String> {
     let links = dir.join("artifacts");
-    let env = w.spec.native.as_ref().map(|n| &n.env);
-    let wanted: BTreeMap<&String, &String> = w
-        .spec
-        .artifacts
-        .keys()
-        .filter_map(|local| Some((local, env?.get(&artifact_var(local))?)))
-        .collect();
+    let wanted = &w.artifacts;
     if wanted.is_empty() {
         if links.exists() {
             std::fs::remove_dir_all(&links)

@@ -39,6 +39,7 @@ pub fn app(name: &str, version: &str, ns: Option<&str>, manifests: String) -> Wo
             ..AppSpec::default()
         },
         files: Default::default(),
+        artifacts: Default::default(),
     }
 }
 

@@ -57,6 +57,81 @@ impl Manifest {
     }
 }
 
+/// Where a pod finds its app's artifacts: `/shoal/artifacts/<name>`.
+pub const ARTIFACTS_MOUNT: &str = "/shoal/artifacts";
+
+/// Gives every pod an object describes (a Pod, or the pod template of a
+/// Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob) its app's
+/// artifacts: each blob (a file on this node, `artifacts`: the app's name
+/// for it → its path) as a read-only hostPath volume mounted at
+/// `/shoal/artifacts/<name>` in every container, and
+/// `SHOAL_ARTIFACT_<NAME>` naming that path, as the native runtime does.
+/// A new version of an artifact is a new path, so the pods roll.
+pub fn mount_artifacts(body: &mut Value, artifacts: &std::collections::BTreeMap<String, String>) {
+    if artifacts.is_empty() {
+        return;
+    }
+    let kind = body.get("kind").and_then(Value::as_str).unwrap_or("");
+    let path: &[&str] = match kind {
+        "Pod" => &["spec"],
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            &["spec", "template", "spec"]
+        }
+        "CronJob" => &["spec", "jobTemplate", "spec", "template", "spec"],
+        _ => return,
+    };
+    let mut pod = Some(&mut *body);
+    for k in path {
+        pod = pod.and_then(|v| v.get_mut(*k));
+    }
+    let Some(pod) = pod.and_then(Value::as_object_mut) else {
+        return;
+    };
+    let volume = |local: &str| {
+        let mut n = format!(
+            "shoal-artifact-{}",
+            local.to_ascii_lowercase().replace('_', "-")
+        );
+        n.truncate(63);
+        n.trim_end_matches('-').to_string()
+    };
+    let volumes = pod
+        .entry("volumes")
+        .or_insert_with(|| json!([]))
+        .as_array_mut();
+    if let Some(volumes) = volumes {
+        for (local, host) in artifacts {
+            volumes.push(json!({
+                "name": volume(local),
+                "hostPath": {"path": host, "type": "File"},
+            }));
+        }
+    }
+    for list in ["containers", "initContainers"] {
+        let Some(containers) = pod.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in containers.iter_mut().filter_map(Value::as_object_mut) {
+            for local in artifacts.keys() {
+                let at = format!("{ARTIFACTS_MOUNT}/{local}");
+                if let Some(m) = c
+                    .entry("volumeMounts")
+                    .or_insert_with(|| json!([]))
+                    .as_array_mut()
+                {
+                    m.push(json!({"name": volume(local), "mountPath": at, "readOnly": true}));
+                }
+                if let Some(e) = c.entry("env").or_insert_with(|| json!([])).as_array_mut() {
+                    e.push(json!({
+                        "name": crate::runtime::native::artifact_var(local),
+                        "value": at,
+                    }));
+                }
+            }
+        }
+    }
+}
+
 /// The group of an apiVersion (`apps/v1` → `apps`, `v1` → ``).
 pub fn group_of(api_version: &str) -> &str {
     api_version.split_once('/').map(|(g, _)| g).unwrap_or("")
@@ -191,6 +266,61 @@ mod tests {
                 .unwrap_err()
                 .starts_with("manifest 1: not YAML")
         );
+        Ok(())
+    }
+
+    #[test]
+    fn pods_get_their_artifacts_read_only() -> anyhow::Result<()> {
+        let ms = parse(
+            "shoal-web",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: x, env: [{name: K, value: v}]}]\n      initContainers: [{name: i, image: y}]\n---\napiVersion: batch/v1\nkind: CronJob\nmetadata: {name: c}\nspec:\n  schedule: '* * * * *'\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          volumes: [{name: data, emptyDir: {}}]\n          containers: [{name: b, image: z}]\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: m}\ndata: {k: v}\n",
+        )
+        .map_err(anyhow::Error::msg)?;
+        let artifacts = std::collections::BTreeMap::from([(
+            "Model_v".to_string(),
+            "/var/lib/shoal/blobs/ab12".to_string(),
+        )]);
+        let mut d = ms[0].prepared("web", Some("shoal-web"));
+        mount_artifacts(&mut d, &artifacts);
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["volumes"],
+            json!([{"name": "shoal-artifact-model-v", "hostPath": {"path": "/var/lib/shoal/blobs/ab12", "type": "File"}}])
+        );
+        for c in ["containers", "initContainers"] {
+            let c = &pod[c][0];
+            assert_eq!(
+                c["volumeMounts"],
+                json!([{"name": "shoal-artifact-model-v", "mountPath": "/shoal/artifacts/Model_v", "readOnly": true}])
+            );
+            let env = c["env"].as_array().ok_or_else(|| anyhow::anyhow!("env"))?;
+            assert!(env.contains(
+                &json!({"name": "SHOAL_ARTIFACT_MODEL_V", "value": "/shoal/artifacts/Model_v"})
+            ));
+        }
+        assert_eq!(
+            pod["containers"][0]["env"][0],
+            json!({"name": "K", "value": "v"}),
+            "the app's own env kept first"
+        );
+        let mut c = ms[1].prepared("web", Some("shoal-web"));
+        mount_artifacts(&mut c, &artifacts);
+        let pod = &c["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["volumes"].as_array().map(Vec::len),
+            Some(2),
+            "its own volume kept"
+        );
+        assert_eq!(pod["containers"][0]["volumeMounts"][0]["readOnly"], true);
+        // Objects without pods are left alone.
+        let before = ms[2].prepared("web", Some("shoal-web"));
+        let mut m = before.clone();
+        mount_artifacts(&mut m, &artifacts);
+        assert_eq!(m, before);
+        // No artifacts: nothing changes (the object's hash stays).
+        let mut same = ms[0].prepared("web", Some("shoal-web"));
+        mount_artifacts(&mut same, &Default::default());
+        assert_eq!(same, ms[0].prepared("web", Some("shoal-web")));
         Ok(())
     }
 

@@ -907,7 +907,8 @@ impl Reconciler {
         let prepared: Vec<(ObjKey, Kind, &Manifest, Value, String)> = want
             .into_iter()
             .map(|(key, kind, m)| {
-                let body = m.prepared(app, key.namespace.as_deref());
+                let mut body = m.prepared(app, key.namespace.as_deref());
+                objects::mount_artifacts(&mut body, &w.artifacts);
                 let h = objects::hash(&body);
                 (key, kind, m, body, h)
             })
