@@ -375,3 +375,139 @@ fn a_transfer_killed_on_either_side_resumes_reading_each_byte_once() {
     anchor.stop();
     node.stop();
 }
+
+/// A neighbour with a valid certificate that serves corrupted groups (its
+/// copy was damaged on disk after it verified it): the node that fetches
+/// from it detects the first bad group, names the neighbour in a security
+/// event, takes the rest from the anchor, and its app reads only the true
+/// bytes.
+#[test]
+fn a_neighbour_serving_corrupt_groups_is_cut_off_and_the_anchor_serves_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+        None,
+    );
+    let (d1, d2) = (root.join("n1"), root.join("n2"));
+    enroll(&anchor_dir, &d1, "n1", "s1");
+    enroll(&anchor_dir, &d2, "n2", "s1");
+    let n1 = Daemon::start(
+        "node",
+        &d1,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            anchor.addr_on("127.0.0.1"),
+        ],
+        None,
+    );
+
+    let data = model(4 * 1024 * 1024 + 99, 21);
+    let file = root.join("m.bin");
+    std::fs::write(&file, &data).unwrap();
+    ok(&[
+        "artifact",
+        "push",
+        "--data-dir",
+        s(&anchor_dir),
+        s(&file),
+        "--name",
+        "m",
+    ]);
+    let app = |name: &str, node: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  selector: {{node: {node}}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
+            file.display()
+        )
+    };
+    let a1 = write(root, "a1.yaml", &app("r1", "n1"));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&a1)]);
+    let hash = blobs::Hash::of(&data).to_string();
+    let n1_blob = d1.join("blobs").join(&hash);
+    assert!(
+        wait_for(WITHIN, || std::fs::read(&n1_blob).is_ok_and(|b| b == data)),
+        "n1 did not get the artifact: {}",
+        n1.log_text()
+    );
+    // n1's copy goes bad on its disk: one byte of group 40 of 257.
+    {
+        use std::os::unix::fs::FileExt;
+        let mut perm = std::fs::metadata(&n1_blob).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        std::fs::set_permissions(&n1_blob, perm).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&n1_blob)
+            .unwrap();
+        f.write_all_at(&[data[40 * 16384 + 7] ^ 0xff], 40 * 16384 + 7)
+            .unwrap();
+    }
+
+    // n2 knows n1 as a neighbour (same site) and the anchor; it asks the
+    // neighbour first.
+    let n2 = Daemon::start_with_log(
+        "node",
+        &d2,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            anchor.addr_on("127.0.0.1"),
+            "--peer".into(),
+            n1.addr_on("127.0.0.1"),
+        ],
+        None,
+        Some("info,libp2p=warn,daemon::blobs=debug"),
+    );
+    assert!(
+        wait_for(WITHIN, || n2.log_text().contains("name=n1")),
+        "n2 never admitted n1: {}",
+        n2.log_text()
+    );
+    let a2 = write(root, "a2.yaml", &app("r2", "n2"));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&a2)]);
+    let out = d2.join("apps/r2/stdout.log");
+    assert!(
+        wait_for(WITHIN, || std::fs::read_to_string(&out)
+            .is_ok_and(|l| l.contains("SAME"))),
+        "n2's app did not read the true artifact: {} / n2: {}",
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        n2.log_text()
+    );
+    assert_eq!(std::fs::read(d2.join("blobs").join(&hash)).unwrap(), data);
+    let log = n2.log_text();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("security event"))
+        .collect();
+    assert_eq!(events.len(), 1, "one event for the one liar: {events:?}");
+    assert!(
+        events[0].contains("n1 (") && events[0].contains("group 40"),
+        "the event names n1 and the group: {}",
+        events[0]
+    );
+    // Some groups came from n1 before the bad one, the rest from the
+    // anchor; the report says so.
+    let from = get(&anchor_dir, "artifacts")["m"]["nodes"]["n2"]["from"].clone();
+    assert!(
+        wait_for(WITHIN, || {
+            let f = get(&anchor_dir, "artifacts")["m"]["nodes"]["n2"]["from"].clone();
+            f.as_object().is_some_and(|m| {
+                m.keys().any(|k| k.starts_with("anchor"))
+                    && m.values().filter_map(|v| v.as_u64()).sum::<u64>() == data.len() as u64
+            })
+        }),
+        "n2's report: {from}"
+    );
+    // The app's stdout never said anything else: it never ran on a bad file.
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.lines().all(|l| l == "SAME"), "{text}");
+    drop((n2, n1, anchor));
+}

@@ -102,7 +102,7 @@ pub enum Event {
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// A peer sent bytes that do not verify: (who, what).
-    pub security: Vec<(String, String)>,
+    pub security: Vec<(PeerId, String)>,
     /// A wanted blob is whole now.
     pub ready: Vec<Hash>,
 }
@@ -432,7 +432,7 @@ impl Blobs {
                     Ok(a) => {
                         let got = f.answer(self.now_ms, peer, &req, a);
                         if let Some(why) = got.misbehaved {
-                            out.security.push((peer.to_string(), why));
+                            out.security.push((peer, why));
                         }
                         if let Some(cvs) = got.cvs {
                             self.beginning.insert(hash);
@@ -459,7 +459,7 @@ impl Blobs {
                     match ok {
                         Some(ok) => {
                             if let Some(why) = f.group_done(peer, group, ok) {
-                                out.security.push((peer.to_string(), why));
+                                out.security.push((peer, why));
                             }
                         }
                         None => f.not_written(peer, group),

@@ -370,7 +370,11 @@ impl Base {
             }
             Input::Blob(ev) => {
                 let out = self.blobs.on_event(&self.mesh, ev);
-                for (who, reason) in out.security {
+                for (peer, reason) in out.security {
+                    let who = match self.core.name_of(&peer) {
+                        Some(name) => format!("{name} ({peer})"),
+                        None => peer.to_string(),
+                    };
                     self.own.push_back(Action::Security { who, reason });
                 }
                 if !out.ready.is_empty() {
