@@ -172,7 +172,7 @@ async fn main() {
                     last_group = Some(t.elapsed().as_secs_f64());
                 }
             }
-            let out = node.on_event(&b, ev);
+            let out = node.on_event(&b, t.elapsed().as_millis() as u64, ev);
             if out.ready.contains(&hash) {
                 break;
             }

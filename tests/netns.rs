@@ -81,7 +81,7 @@ fn remove_leftovers() {
         let name = line.split_whitespace().next().unwrap_or("");
         let digits = name
             .trim_start_matches("sh")
-            .trim_end_matches(['a', 'b', 'c', 'm', 'n']);
+            .trim_end_matches(['a', 'b', 'c', 'm', 'n', 'x', 'y']);
         if name.starts_with("sh")
             && !name.starts_with(&mine)
             && !digits.is_empty()
@@ -106,7 +106,7 @@ fn remove_leftovers() {
         let Some(body) = dev.strip_prefix("sh").and_then(|b| b.strip_suffix('o')) else {
             continue;
         };
-        let digits = body.trim_end_matches(['a', 'b', 'c']);
+        let digits = body.trim_end_matches(['a', 'b', 'c', 'x', 'y']);
         if !dev.starts_with(&mine)
             && digits.len() + 1 == body.len()
             && !digits.is_empty()
@@ -318,4 +318,218 @@ fn nodes_on_one_lan_find_each_other_with_mdns() {
         n2.log_text()
     );
     drop((n1, n2));
+}
+
+/// What a site's fetch of one artifact cost: bytes that crossed the
+/// site's uplink (the bottleneck link's counter, QUIC and sync included),
+/// and the time from the Artifact's apply to the last node's app reading
+/// the whole file.
+struct SiteRun {
+    size: u64,
+    uplink_bytes: u64,
+    all_done: Duration,
+}
+
+/// An anchor in one namespace; `nodes` nodes of site s1 in another, on one
+/// LAN (the namespace's own addresses, not shaped); between the two one
+/// veth whose both directions are held to `rate` by `tbf`.
+fn site_fetch(nodes: usize, mib: usize, rate: &str) -> SiteRun {
+    require_root();
+    remove_leftovers();
+    let tag = format!("sh{}", std::process::id() % 100_000);
+    let (ns_a, ns_s) = (format!("{tag}x"), format!("{tag}y"));
+    let mut ns = Namespaces(Vec::new());
+    ns.add(&ns_a, 4);
+    ns.add(&ns_s, 5);
+    // The uplink: anchor side 10.77.6.1, site side 10.77.6.2.
+    let (up_a, up_s) = (format!("{tag}ux"), format!("{tag}uy"));
+    ip(&["link", "add", &up_a, "type", "veth", "peer", "name", &up_s]);
+    ip(&["link", "set", &up_a, "netns", &ns_a]);
+    ip(&["link", "set", &up_s, "netns", &ns_s]);
+    ip(&["-n", &ns_a, "addr", "add", "10.77.6.1/30", "dev", &up_a]);
+    ip(&["-n", &ns_s, "addr", "add", "10.77.6.2/30", "dev", &up_s]);
+    ip(&["-n", &ns_a, "link", "set", &up_a, "up"]);
+    ip(&["-n", &ns_s, "link", "set", &up_s, "up"]);
+    for (n, dev) in [(&ns_a, &up_a), (&ns_s, &up_s)] {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", n, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+            ])
+            .args(["rate", rate, "burst", "32kb", "latency", "200ms"])
+            .output()
+            .expect("tc (iproute2) is needed for the site test");
+        assert!(
+            out.status.success(),
+            "tc tbf: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let dirs: Vec<_> = (0..nodes)
+        .map(|i| bundle_node(&anchor_dir, root, &format!("n{i}"), "s1"))
+        .collect();
+    let anchor = Daemon::start_with_log(
+        "anchor",
+        &anchor_dir,
+        &["--listen".into(), "/ip4/10.77.6.1/udp/7411/quic-v1".into()],
+        Some(&ns_a),
+        Some("info,libp2p=warn,daemon::blobs=debug"),
+    );
+    let anchor_addr = format!("/ip4/10.77.6.1/udp/7411/quic-v1/p2p/{}", anchor.peer_id());
+    let mut daemons: Vec<Daemon> = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("/ip4/10.77.6.2/udp/{}/quic-v1", 9100 + i),
+            "--peer".into(),
+            anchor_addr.clone(),
+        ];
+        for (j, other) in daemons.iter().enumerate() {
+            args.push("--peer".into());
+            args.push(format!(
+                "/ip4/10.77.6.2/udp/{}/quic-v1/p2p/{}",
+                9100 + j,
+                other.peer_id()
+            ));
+        }
+        daemons.push(Daemon::start("node", d, &args, Some(&ns_s)));
+    }
+    let within = Duration::from_secs(120);
+    // Everyone connected (each node to the anchor and its neighbours)
+    // before the artifact exists.
+    assert!(
+        wait_for(within, || {
+            let nodes = get(&anchor_dir, "nodes");
+            (0..nodes.as_object().map_or(0, |m| m.len())).count() >= dirs.len()
+                && daemons
+                    .iter()
+                    .all(|d| d.log_text().matches("peer admitted").count() >= dirs.len())
+        }),
+        "not all connected: {}",
+        daemons[0].log_text()
+    );
+
+    let data = artifact_bytes(mib << 20);
+    let file = root.join("m.bin");
+    std::fs::write(&file, &data).unwrap();
+    ok(&[
+        "artifact",
+        "push",
+        "--data-dir",
+        s(&anchor_dir),
+        s(&file),
+        "--name",
+        "m",
+    ]);
+    let counter = || -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns_a, "cat"])
+            .arg(format!("/sys/class/net/{up_a}/statistics/tx_bytes"))
+            .output()
+            .expect("counter");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let app = write(
+        root,
+        "r.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  selector: {{site: s1}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
+            file.display()
+        ),
+    );
+    let before = counter();
+    let start = Instant::now();
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
+    let done = |d: &Path| {
+        std::fs::read_to_string(d.join("apps/r/stdout.log")).is_ok_and(|l| l.contains("SAME"))
+    };
+    assert!(
+        wait_for(within, || dirs.iter().all(|d| done(d))),
+        "not every node read the artifact: {:?}",
+        dirs.iter().map(|d| done(d)).collect::<Vec<_>>()
+    );
+    let all_done = start.elapsed();
+    let uplink_bytes = counter() - before;
+    let served: u64 = anchor
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("blob groups served"))
+        .filter_map(|l| {
+            l.split("bytes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    eprintln!("anchor served {served} bytes of groups");
+    drop(daemons);
+    drop(anchor);
+    drop(ns);
+    SiteRun {
+        size: data.len() as u64,
+        uplink_bytes,
+        all_done,
+    }
+}
+
+/// Pseudo-random bytes: no two groups alike.
+fn artifact_bytes(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Four nodes of one site behind a 50 Mbit/s uplink fetch a 12 MiB
+/// artifact together: the uplink carries it about once (≤ 1.5 × its size,
+/// everything on that link counted), not four times.
+#[test]
+fn a_site_behind_a_thin_uplink_pulls_an_artifact_across_it_about_once() {
+    let r = site_fetch(4, 12, "50mbit");
+    eprintln!(
+        "site of 4, 12 MiB, 50 Mbit/s: uplink {} bytes = {:.2} × the artifact, all done in {:?}",
+        r.uplink_bytes,
+        r.uplink_bytes as f64 / r.size as f64,
+        r.all_done
+    );
+    assert!(
+        r.uplink_bytes <= r.size * 3 / 2,
+        "the uplink carried {:.2} × the artifact",
+        r.uplink_bytes as f64 / r.size as f64
+    );
+    assert!(r.uplink_bytes >= r.size, "the artifact crossed the uplink");
+}
+
+/// The figure of issue 14 (a scenario run of the real binaries, not a
+/// timed test): a site of 10 nodes behind a 20 Mbit/s uplink against one
+/// node alone behind the same uplink, both with a 32 MiB artifact.
+///
+/// `cargo test --release --test netns site_figure -- --ignored --nocapture`
+#[test]
+#[ignore = "a benchmark scenario (about 1 min): run it by name"]
+fn site_figure() {
+    let one = site_fetch(1, 32, "20mbit");
+    let ten = site_fetch(10, 32, "20mbit");
+    println!(
+        "32 MiB behind 20 Mbit/s: one node {:?} (uplink {:.2} × size); ten nodes {:?} (uplink {:.2} × size); time ratio {:.2}",
+        one.all_done,
+        one.uplink_bytes as f64 / one.size as f64,
+        ten.all_done,
+        ten.uplink_bytes as f64 / ten.size as f64,
+        ten.all_done.as_secs_f64() / one.all_done.as_secs_f64()
+    );
 }

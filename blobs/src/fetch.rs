@@ -35,8 +35,18 @@ use crate::wire::{Answer, MAX_CVS, MAX_GROUPS, Request};
 
 /// `groups` requests in flight to one peer.
 pub const IN_FLIGHT: u32 = 2;
+/// Most groups asked of an anchor at once (256 KiB), and the unit in which
+/// the nodes of a site share out what they ask of the anchor.
+pub const ANCHOR_GROUPS: u32 = 16;
+/// A neighbour whose holdings have not grown for this long is left out of
+/// the sharing (it does not fetch this blob, or it is stuck).
+pub const STALL_MS: u64 = 3000;
+/// A fetch that has received nothing for this long asks an anchor for any
+/// group no neighbour holds, whoever's share it is (the nodes of a site may
+/// disagree on who is fetching when they do not all see each other).
+pub const STARVED_MS: u64 = 1500;
 /// How often a neighbour is asked again what it holds.
-pub const HAVE_EVERY_MS: u64 = 1000;
+pub const HAVE_EVERY_MS: u64 = 250;
 
 #[derive(Debug, Default)]
 struct Peer {
@@ -50,6 +60,13 @@ struct Peer {
     /// not admitted us yet, or it holds less than it said): asked again
     /// after [`HAVE_EVERY_MS`], an anchor too.
     ask_again: bool,
+    /// Its key for the rendezvous of the groups an anchor is asked for.
+    key: u64,
+    /// Groups it held at its last answer, and when that last grew (or it
+    /// came): a neighbour that has not grown for [`STALL_MS`] does not
+    /// fetch this blob (or is stuck), and its share goes to the others.
+    held_total: u64,
+    grew_ms: u64,
     in_flight: u32,
     banned: bool,
 }
@@ -78,7 +95,7 @@ pub struct Received {
 
 /// The fetch of one blob from the peers at hand.
 #[derive(Debug)]
-pub struct Fetch<P: Copy + Ord + std::fmt::Debug> {
+pub struct Fetch<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> {
     hash: Hash,
     size: u64,
     n: u64,
@@ -96,13 +113,42 @@ pub struct Fetch<P: Copy + Ord + std::fmt::Debug> {
     peers: BTreeMap<P, Peer>,
     out: VecDeque<(P, Request)>,
     now_ms: u64,
+    /// When a group last arrived (or the fetch began).
+    progress_ms: u64,
 }
 
-impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
-    /// A fetch of `hash` (`size` bytes). `held`: what a resumed partial
-    /// blob already holds, with its list; `seed` spreads the nodes of a
-    /// site over the blob when they ask an anchor.
-    pub fn new(hash: Hash, size: u64, seed: u64, resumed: Option<(Cvs, Vec<bool>)>) -> Fetch<P> {
+/// A peer's key: FNV-1a over its `Hash`, the same on every node of every
+/// version (std's hasher is not promised to be).
+fn key_of<P: std::hash::Hash>(p: &P) -> u64 {
+    struct Fnv(u64);
+    impl std::hash::Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 ^= u64::from(*b);
+                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    p.hash(&mut h);
+    std::hash::Hasher::finish(&h)
+}
+
+/// SplitMix64's finaliser: a well-spread score from a key and a unit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
+    /// A fetch of `hash` (`size` bytes) by peer `me`. `resumed`: what a
+    /// partial blob already holds, with its list.
+    pub fn new(hash: Hash, size: u64, me: P, resumed: Option<(Cvs, Vec<bool>)>) -> Fetch<P> {
+        let seed = key_of(&me);
         let n = groups(size);
         let (cvs, held) = match resumed {
             Some((c, h)) if h.len() as u64 == n => (Some(c), h),
@@ -128,6 +174,7 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
             peers: BTreeMap::new(),
             out: VecDeque::new(),
             now_ms: 0,
+            progress_ms: 0,
         }
     }
 
@@ -182,8 +229,13 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
     /// A peer is connected.
     pub fn peer_up(&mut self, now_ms: u64, p: P, anchor: bool) {
         self.now_ms = now_ms;
+        if self.progress_ms == 0 {
+            self.progress_ms = now_ms;
+        }
         self.peers.entry(p).or_insert_with(|| Peer {
             anchor,
+            key: key_of(&p),
+            grew_ms: now_ms,
             ..Peer::default()
         });
         self.plan();
@@ -200,6 +252,11 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         }
         self.out.retain(|(q, _)| *q != p);
         self.plan();
+    }
+
+    /// The time now, for what follows (without planning anything).
+    pub fn at(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
     }
 
     /// Time passes: neighbours are asked again what they hold.
@@ -262,6 +319,11 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
         match (req, answer) {
             (Request::Have { .. }, Answer::Have(runs)) => {
                 if let Some(peer) = self.peers.get_mut(&p) {
+                    let total: u64 = runs.iter().map(|(_, l)| l).sum();
+                    if total > peer.held_total {
+                        peer.grew_ms = now_ms;
+                    }
+                    peer.held_total = total;
                     peer.runs = runs;
                     peer.ask_again = false;
                 }
@@ -326,6 +388,7 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
             {
                 *h = true;
                 self.held_count += 1;
+                self.progress_ms = self.now_ms;
             }
         } else if !self.peers.get(&p).is_some_and(|q| q.banned) {
             self.ban(p);
@@ -468,18 +531,40 @@ impl<P: Copy + Ord + std::fmt::Debug> Fetch<P> {
                 .iter()
                 .any(|(q, o)| *q != p && !o.anchor && !o.banned && o.holds(g))
         };
+        // Of an anchor, a node asks only for the units it owns among the
+        // neighbours fetching too (rendezvous: the same answer on every
+        // node), unless it has starved.
+        let starved = self.now_ms.saturating_sub(self.progress_ms) >= STARVED_MS;
+        let fetching: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|q| !q.anchor && !q.banned && self.now_ms.saturating_sub(q.grew_ms) < STALL_MS)
+            .map(|q| q.key)
+            .collect();
+        let salt = u64::from_le_bytes(self.hash.0[..8].try_into().unwrap_or([0; 8]));
+        let owns = |g: u64| {
+            let unit = g / u64::from(ANCHOR_GROUPS);
+            let score = |k: u64| mix(k ^ mix(unit ^ salt));
+            let mine = score(self.seed);
+            fetching.iter().all(|k| score(*k) < mine)
+        };
         let wanted = |g: u64| {
             !self.held[g as usize]
                 && !self.pending.contains_key(&g)
                 && peer.holds(g)
-                && (!peer.anchor || !neighbour_has(g))
+                && (!peer.anchor || (!neighbour_has(g) && (starved || owns(g))))
         };
         let start = if peer.anchor { self.seed % self.n } else { 0 };
         let first = (0..self.n)
             .map(|i| (start + i) % self.n)
             .find(|g| wanted(*g))?;
+        let most = if peer.anchor {
+            ANCHOR_GROUPS
+        } else {
+            MAX_GROUPS
+        };
         let mut count = 1u32;
-        while count < MAX_GROUPS {
+        while count < most {
             let g = first + u64::from(count);
             if g >= self.n || !wanted(g) {
                 break;
@@ -660,7 +745,7 @@ mod tests {
             (ANCHOR, holder(&data, true, false)),
             (1, holder(&data, false, false)),
         ]);
-        let mut f = Fetch::new(hash, data.len() as u64, 7, None);
+        let mut f = Fetch::new(hash, data.len() as u64, 1, None);
         f.peer_up(0, ANCHOR, true);
         let mut nodes = vec![(f, 1)];
         let (served, security) = run(&mut nodes, &mut holders, &data);
@@ -670,27 +755,27 @@ mod tests {
     }
 
     /// An anchor that refuses at first (it has not admitted this node yet)
-    /// is asked again a second later, not given up on.
+    /// is asked again a while later, not given up on.
     #[test]
     fn an_anchor_that_refused_is_asked_again() {
         let data = bytes(3 * GROUP as usize, 8);
         let hash = Hash::of(&data);
         let anchor = holder(&data, true, false);
-        let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, 0, None);
+        let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, 1, None);
         f.peer_up(0, ANCHOR, true);
         let (p, req) = f.poll().expect("a have");
         f.answer(0, p, &req, Answer::Refused("not admitted".into()));
-        f.tick(500);
+        f.tick(HAVE_EVERY_MS / 2);
         assert_eq!(f.poll(), None, "not at once");
-        f.tick(1000);
-        let (p, req) = f.poll().expect("asked again after a second");
+        f.tick(HAVE_EVERY_MS);
+        let (p, req) = f.poll().expect("asked again a while later");
         assert_eq!(p, ANCHOR);
         assert!(matches!(req, Request::Have { .. }));
         // A failed stream likewise.
         f.failed(p, &req);
-        f.tick(2000);
+        f.tick(2 * HAVE_EVERY_MS);
         let (p, req) = f.poll().expect("asked again");
-        let mut now = 2000;
+        let mut now = 2 * HAVE_EVERY_MS;
         exchange(&mut f, now, &anchor, p, &req);
         for _ in 0..100 {
             now += 10;
@@ -711,7 +796,7 @@ mod tests {
             (1, holder(&data, false, false)),
             (2, holder(&data, true, false)),
         ]);
-        let mut f = Fetch::new(hash, data.len() as u64, 3, None);
+        let mut f = Fetch::new(hash, data.len() as u64, 1, None);
         f.peer_up(0, ANCHOR, true);
         f.peer_up(0, 2, false);
         let mut nodes = vec![(f, 1)];
@@ -730,7 +815,7 @@ mod tests {
             (1, holder(&data, false, false)),
             (2, holder(&data, true, true)),
         ]);
-        let mut f = Fetch::new(hash, data.len() as u64, 0, None);
+        let mut f = Fetch::new(hash, data.len() as u64, 1, None);
         f.peer_up(0, ANCHOR, true);
         f.peer_up(0, 2, false);
         let mut nodes = vec![(f, 1)];
@@ -752,7 +837,7 @@ mod tests {
         let honest = holder(&data, true, false);
         let mut forged = honest.cvs.values().to_vec();
         forged[3][0] ^= 1;
-        let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, 0, None);
+        let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, 1, None);
         f.peer_up(0, 2, false);
         f.peer_up(0, ANCHOR, true);
         let mut security = Vec::new();
@@ -784,7 +869,7 @@ mod tests {
             (ANCHOR, holder(&data, true, false)),
             (1, holder(&data, false, false)),
         ]);
-        let mut f = Fetch::new(hash, data.len() as u64, 0, Some((cvs, held)));
+        let mut f = Fetch::new(hash, data.len() as u64, 1, Some((cvs, held)));
         f.peer_up(0, ANCHOR, true);
         let mut nodes = vec![(f, 1)];
         let (served, _) = run(&mut nodes, &mut holders, &data);
@@ -802,7 +887,7 @@ mod tests {
         let mut nodes = Vec::new();
         for me in 1..=10usize {
             holders.insert(me, holder(&data, false, false));
-            let mut f = Fetch::new(hash, data.len() as u64, (me as u64) * 40, None);
+            let mut f = Fetch::new(hash, data.len() as u64, me, None);
             f.peer_up(0, ANCHOR, true);
             for other in 1..=10usize {
                 if other != me {

@@ -395,16 +395,29 @@ impl Blobs {
         }
     }
 
-    /// Handles what a task reported.
-    pub fn on_event(&mut self, mesh: &Mesh, ev: Event) -> Outcome {
+    /// Handles what a task reported (`now_ms`: the daemon's clock).
+    pub fn on_event(&mut self, mesh: &Mesh, now_ms: u64, ev: Event) -> Outcome {
+        self.now_ms = self.now_ms.max(now_ms);
         let mut out = Outcome::default();
+        let hash = match &ev {
+            Event::Answered { hash, .. }
+            | Event::Opened { hash, .. }
+            | Event::Written { hash, .. }
+            | Event::Ended { hash, .. }
+            | Event::Gone { hash, .. }
+            | Event::Begun { hash }
+            | Event::Finished { hash, .. } => *hash,
+        };
+        if let Some(f) = self.fetches.get_mut(&hash) {
+            f.at(self.now_ms);
+        }
         match ev {
             Event::Opened { hash, result } => {
                 let Some(size) = self.opening.remove(&hash) else {
                     return out;
                 };
                 let resumed = result.ok();
-                let mut f = Fetch::new(hash, size, self.seed, resumed);
+                let mut f = Fetch::new(hash, size, mesh.peer_id(), resumed);
                 for (p, anchor) in &self.peers {
                     f.peer_up(self.now_ms, *p, *anchor);
                 }
@@ -801,7 +814,17 @@ fn serve(
             (true, Ok(r)) => Ok(r),
         };
         match req {
-            Ok(r) => answer(handle, &mut stream, &r, store, partials, counters)?,
+            Ok(r) => {
+                let before = counters.served.load(Ordering::Relaxed);
+                answer(handle, &mut stream, &r, store, partials, counters)?;
+                let bytes = counters
+                    .served
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(before);
+                if bytes > 0 {
+                    tracing::debug!(bytes, "blob groups served");
+                }
+            }
             Err(why) => {
                 write_frame(handle, &mut stream, &Answer::Refused(why).encode())?;
                 break;

@@ -369,7 +369,8 @@ impl Base {
                 None
             }
             Input::Blob(ev) => {
-                let out = self.blobs.on_event(&self.mesh, ev);
+                let t = self.now();
+                let out = self.blobs.on_event(&self.mesh, t.mono_ms, ev);
                 for (peer, reason) in out.security {
                     let who = match self.core.name_of(&peer) {
                         Some(name) => format!("{name} ({peer})"),
