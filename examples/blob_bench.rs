@@ -105,7 +105,7 @@ async fn main() {
     }
     // The holder answers every stream; its blob events are of no interest.
     let (a_tx, _a_rx) = mpsc::unbounded_channel();
-    let holder = Blobs::new(holder_store, a_tx, 1);
+    let holder = Blobs::new(holder_store, a_tx);
     let counters = std::sync::Arc::new(holder);
     let serving = counters.clone();
     tokio::spawn(async move {
@@ -153,7 +153,7 @@ async fn main() {
         let dir = tmp.path().join(format!("node{run}"));
         let store = BlobStore::open(&dir, None).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut node = Blobs::new(store, tx, 2);
+        let mut node = Blobs::new(store, tx);
         let served_before = counters.counters().served_wire.load(Ordering::Relaxed);
         let t = Instant::now();
         node.want(hash, size);

@@ -129,7 +129,6 @@ pub struct Blobs {
     /// opened: no group is asked for until it is.
     beginning: std::collections::HashSet<Hash>,
     tx: mpsc::UnboundedSender<Event>,
-    seed: u64,
     now_ms: u64,
     /// Bytes of groups sent to peers and received from them (for the
     /// figures and the metrics).
@@ -168,9 +167,8 @@ pub struct Counters {
 }
 
 impl Blobs {
-    /// Blobs over `store`; events come back on `tx`. `seed` spreads the
-    /// nodes of a site over a blob when they ask an anchor.
-    pub fn new(store: BlobStore, tx: mpsc::UnboundedSender<Event>, seed: u64) -> Blobs {
+    /// Blobs over `store`; events come back on `tx`.
+    pub fn new(store: BlobStore, tx: mpsc::UnboundedSender<Event>) -> Blobs {
         Blobs {
             store: Arc::new(store),
             partials: Arc::new(Mutex::new(HashMap::new())),
@@ -181,7 +179,6 @@ impl Blobs {
             beginning: Default::default(),
             streams: HashMap::new(),
             tx,
-            seed,
             now_ms: 0,
             counters: Arc::default(),
             from: HashMap::new(),

@@ -287,8 +287,7 @@ impl Base {
         let (blob_tx, blob_rx) = mpsc::unbounded_channel();
         let (enroll_tx, enroll_rx) = mpsc::unbounded_channel();
         let store = crate::artifact::store(dd.path(), opts.blob_quota)?;
-        let seed = u64::from_le_bytes(me.key().0[..8].try_into().unwrap_or([0; 8]));
-        let blobs = crate::blobs::Blobs::new(store, blob_tx, seed);
+        let blobs = crate::blobs::Blobs::new(store, blob_tx);
         Ok(Base {
             dd,
             core: Core::new(engine, me, settings),
