@@ -10,14 +10,16 @@
 //! stream ([`Fetch::ended`]) or its failure ([`Fetch::failed`]).
 //!
 //! - Every peer is asked what it holds (`have`), neighbours again every
-//!   second while the fetch runs, since they are fetching too.
+//!   [`HAVE_EVERY_MS`] while the fetch runs, since they are fetching too.
 //! - The group hashes come from one peer that holds any of the blob, and
 //!   are checked against the blob's hash before any group is asked for; a
 //!   peer whose list does not add up is not asked again.
 //! - Groups go to neighbours (peers that are not anchors) first: a group a
-//!   neighbour holds is never asked of an anchor. Of an anchor, each node
-//!   asks from its own starting point (`seed`), so the nodes of a site that
-//!   fetch together ask the anchor for different parts and pass them along.
+//!   neighbour holds is never asked of an anchor. Of an anchor, a node asks
+//!   only for the units of [`ANCHOR_GROUPS`] groups it owns by rendezvous
+//!   among itself and the neighbours that are fetching too, so the nodes of
+//!   a site ask the anchor for disjoint parts and pass them along (ADR 0009
+//!   point 6).
 //! - One `groups` request at a time per peer ([`IN_FLIGHT`]), each a run of
 //!   at most [`MAX_GROUPS`] groups (4 MiB) streamed one group per frame: a
 //!   transfer holds one group per source in memory, and a receiver killed
@@ -115,6 +117,10 @@ pub struct Fetch<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> {
     now_ms: u64,
     /// When a group last arrived (or the fetch began).
     progress_ms: u64,
+    /// Groups known held from where runs are looked for (an anchor's
+    /// starting point, and 0 for neighbours): the search starts past them,
+    /// so finding the next run does not rescan what is held.
+    skip: [u64; 2],
 }
 
 /// A peer's key: FNV-1a over its `Hash`, the same on every node of every
@@ -175,6 +181,7 @@ impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
             out: VecDeque::new(),
             now_ms: 0,
             progress_ms: 0,
+            skip: [0; 2],
         }
     }
 
@@ -489,6 +496,11 @@ impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
     }
 
     fn plan_groups(&mut self) {
+        for (k, start) in [self.seed % self.n.max(1), 0].into_iter().enumerate() {
+            while self.skip[k] < self.n && self.held[((start + self.skip[k]) % self.n) as usize] {
+                self.skip[k] += 1;
+            }
+        }
         let order: Vec<P> = {
             let mut ps: Vec<(&P, &Peer)> = self.peers.iter().filter(|(_, q)| !q.banned).collect();
             ps.sort_by_key(|(_, q)| q.anchor);
@@ -554,8 +566,12 @@ impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
                 && peer.holds(g)
                 && (!peer.anchor || (!neighbour_has(g) && (starved || owns(g))))
         };
-        let start = if peer.anchor { self.seed % self.n } else { 0 };
-        let first = (0..self.n)
+        let (start, skip) = if peer.anchor {
+            (self.seed % self.n, self.skip[0])
+        } else {
+            (0, self.skip[1])
+        };
+        let first = (skip..self.n)
             .map(|i| (start + i) % self.n)
             .find(|g| wanted(*g))?;
         let most = if peer.anchor {
