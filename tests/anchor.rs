@@ -476,3 +476,75 @@ fn the_api_keeps_its_openapi_contract() {
     assert!(tested >= 30, "only {tested} operations tested:\n{summary}");
     anchor.stop();
 }
+
+/// An operator uploads a model through the API (`PUT /api/artifacts/m`):
+/// the anchor hashes it into its blob store and declares it; a node whose
+/// app names it fetches it, and the API shows the node holding it whole.
+#[test]
+fn an_artifact_uploaded_through_the_api_reaches_a_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let anchor = start_anchor(&anchor_dir, free_udp_port(), &[]);
+    let token = operator_token(&anchor_dir, "alice");
+    let url = http_url(&anchor_dir);
+    // 300 kB of text (the helper sends strings): 19 groups.
+    let model: String = (0..300_000u32)
+        .map(|i| char::from(b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26))
+        .collect();
+    let put = |name: &str, body: &str| {
+        http(
+            "PUT",
+            &format!("{url}/api/artifacts/{name}?mediaType=text/plain&description=a%20test"),
+            Some(&token),
+            Some(body),
+        )
+    };
+    let (status, body) = put("m", &model);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let hash = blobs::Hash::of(model.as_bytes()).to_string();
+    assert_eq!(answer["hash"], hash.as_str());
+    assert_eq!(answer["size"], 300_000);
+    assert_eq!(
+        std::fs::read(anchor_dir.join("blobs").join(&hash)).unwrap(),
+        model.as_bytes()
+    );
+    // Refusals name what was wrong.
+    let (status, body) = put("Not%20A%20Name", "x");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("name"), "{body}");
+    let (status, _) = http("PUT", &format!("{url}/api/artifacts/m2"), None, Some("x"));
+    assert_eq!(status, 401, "an upload needs a token");
+    let listed = api_get(&format!("{url}/api/get/artifacts?output=json"), &token);
+    assert_eq!(listed["m"]["hash"], hash.as_str(), "{listed}");
+    assert_eq!(listed["m"]["mediaType"], "text/plain", "{listed}");
+
+    // A node whose app names it gets it.
+    let nd = root.join("n1");
+    enroll(&anchor_dir, &nd, "n1", "s1");
+    let file = write(root, "m.txt", &model);
+    let node = start_node(&nd, &[anchor.addr_on("127.0.0.1")]);
+    let app = json!({ "files": [{ "name": "r.yaml", "text": format!(
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
+        file.display()
+    ) }] });
+    let (status, body) = post(&format!("{url}/api/apply"), &token, app);
+    assert_eq!(status, 200, "{body}");
+    let out = nd.join("apps/r/stdout.log");
+    assert!(
+        wait_for(Duration::from_secs(60), || std::fs::read_to_string(&out)
+            .is_ok_and(|l| l.contains("SAME"))),
+        "the node's app did not read the upload: {}",
+        node.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let l = api_get(&format!("{url}/api/get/artifacts?output=json"), &token);
+            l["m"]["nodes"]["n1"]["held"] == 300_000
+        }),
+        "the API never showed n1 holding it"
+    );
+    drop((node, anchor));
+}

@@ -247,6 +247,19 @@ impl BlobStore {
     ) -> Result<(Hash, u64), Error> {
         let mut src = File::open(path).map_err(io(path))?;
         let size = src.metadata().map_err(io(path))?.len();
+        self.add_reader(&mut src, path, size, expected)
+    }
+
+    /// Adds `size` bytes read from `src` (named `path` in errors; an upload
+    /// streamed from the network), hashing while it copies: as
+    /// [`BlobStore::add_file`].
+    pub fn add_reader(
+        &self,
+        src: &mut dyn Read,
+        path: &Path,
+        size: u64,
+        expected: Option<(Hash, u64)>,
+    ) -> Result<(Hash, u64), Error> {
         if let Some((h, want)) = expected
             && want != size
         {
@@ -258,7 +271,12 @@ impl BlobStore {
                 got_size: size,
             });
         }
-        let tmp = self.dir.join(format!(".adding-{}", std::process::id()));
+        static ADDING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = self.dir.join(format!(
+            ".adding-{}-{}",
+            std::process::id(),
+            ADDING.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut out = File::create(&tmp).map_err(io(&tmp))?;
         let mut whole = blake3::Hasher::new();
         let mut cvs = Vec::new();

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use crdt_state::fleet::manifest;
 use crdt_state::fleet::model::Kind;
 use daemon::command::{Answer, Caller, Command, Incoming, Refusal};
@@ -95,6 +95,8 @@ pub struct Server {
     pub tokens: Tokens,
     /// Demo controls.
     pub demo: Option<Arc<dyn Demo>>,
+    /// The anchor's blob store (artifacts uploaded through the API).
+    pub blobs: Option<Arc<blobs::BlobStore>>,
 }
 
 type Shared = Arc<Server>;
@@ -124,6 +126,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/devices/{name}"),
     ("DELETE", "/api/profiles/{name}"),
     ("DELETE", "/api/artifacts/{name}"),
+    ("PUT", "/api/artifacts/{name}"),
     ("POST", "/api/apply"),
     ("GET", "/api/conflicts"),
     ("POST", "/api/conflicts/resolve"),
@@ -173,7 +176,9 @@ pub fn router(server: Server) -> Router {
         .route("/api/profiles/{name}", axum::routing::delete(delete_entity))
         .route(
             "/api/artifacts/{name}",
-            axum::routing::delete(delete_entity),
+            put(upload)
+                .layer(DefaultBodyLimit::disable())
+                .delete(delete_entity),
         )
         .route("/api/apply", post(apply))
         .route("/api/conflicts", get(conflicts))
@@ -840,6 +845,146 @@ async fn apply(
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct UploadQuery {
+    media_type: Option<String>,
+    description: Option<String>,
+}
+
+/// Upload an artifact: the body is the file (its `Content-Length` is
+/// required), streamed into the anchor's blob store while it is hashed (at
+/// most a few chunks in memory), then declared as `kind: Artifact` through
+/// the daemon's one write path, like `shoal artifact push`.
+async fn upload(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    req_ext: axum::Extension<Operator>,
+    body: axum::body::Body,
+) -> Response {
+    if let Err(e) = crdt_state::fleet::model::validate_name("artifact", &name) {
+        return ApiError::new(400, format!("name: {e}")).into_response();
+    }
+    if let Some(m) = &q.media_type
+        && !manifest::is_media_type(m)
+    {
+        return ApiError::new(
+            400,
+            format!("mediaType: {m:?} is not a media type like application/octet-stream"),
+        )
+        .into_response();
+    }
+    if q.description
+        .as_ref()
+        .is_some_and(|d| !manifest::is_line(d, 4096))
+    {
+        return ApiError::new(
+            400,
+            "description: at most 4096 characters, no control characters",
+        )
+        .into_response();
+    }
+    let Some(store) = s.blobs.clone() else {
+        return ApiError::new(503, "this anchor keeps no blobs").into_response();
+    };
+    let Some(size) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return ApiError::new(400, "Content-Length: the file's size is required").into_response();
+    };
+    if size == 0 {
+        return ApiError::new(400, "the body is empty: the file is the body").into_response();
+    }
+    // The body's chunks go to a blocking thread that hashes and writes them;
+    // the channel is bounded, so a slow disk slows the upload.
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let job = tokio::task::spawn_blocking(move || {
+        let mut reader = ChunkReader {
+            rx,
+            chunk: Bytes::new(),
+        };
+        store.add_reader(&mut reader, std::path::Path::new("upload"), size, None)
+    });
+    let mut stream = body.into_data_stream();
+    let mut sent = 0u64;
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let Ok(chunk) = chunk else {
+            return ApiError::new(400, "the upload broke off").into_response();
+        };
+        sent += chunk.len() as u64;
+        if sent > size || tx.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let stored = match job.await {
+        Ok(r) => r,
+        Err(_) => {
+            return ApiError::new(500, "internal: the upload's writer stopped").into_response();
+        }
+    };
+    if sent != size {
+        return ApiError::new(
+            400,
+            format!("the body held {sent} bytes, Content-Length said {size}"),
+        )
+        .into_response();
+    }
+    let (hash, size) = match stored {
+        Ok(r) => r,
+        Err(e @ blobs::store::Error::Quota { .. }) => {
+            return ApiError::new(507, e.to_string()).into_response();
+        }
+        Err(e) => return ApiError::new(500, format!("blob store: {e}")).into_response(),
+    };
+    let push = daemon::artifact::Push {
+        name: name.clone(),
+        media_type: q.media_type,
+        description: q.description,
+    };
+    let manifest = daemon::artifact::manifest(&push, &hash, size);
+    match call(
+        &s,
+        req_ext.0.0,
+        Command::Apply {
+            files: vec![(format!("upload of {name}"), manifest.to_string())],
+            identity: None,
+            output: Some("json".into()),
+        },
+    )
+    .await
+    {
+        Ok(_) => axum::Json(json!({ "name": name, "hash": hash.to_string(), "size": size }))
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A `Read` over the chunks of an upload (on a blocking thread).
+struct ChunkReader {
+    rx: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(c) => self.chunk = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
+}
+
 async fn conflicts(State(s): State<Shared>) -> Response {
     axum::Json(json!({ "items": &*snap(&s).conflicts })).into_response()
 }
@@ -1210,6 +1355,7 @@ mod tests {
             commands,
             tokens: crate::tokens::Tokens::new(dir.path()),
             demo: None,
+            blobs: None,
         });
         for what in [
             "conflicts",

@@ -108,6 +108,10 @@ pub async fn run(
                 snapshot: rx,
                 commands: a.base.commands(),
                 tokens: crate::tokens::Tokens::new(&data_dir),
+                blobs: Some(Arc::new(daemon::artifact::store(
+                    &data_dir,
+                    opts.mesh.blob_quota,
+                )?)),
                 demo: opts.demo.clone(),
             },
         )

@@ -34,11 +34,8 @@ pub struct Push {
     pub description: Option<String>,
 }
 
-/// Copies `file` into the data dir's blob store and applies the Artifact
-/// (signed with `identity`, or the data dir's own). Returns what to print.
-pub fn push(dir: &Path, identity: Option<&Path>, file: &Path, p: &Push) -> anyhow::Result<String> {
-    crdt_state::fleet::model::validate_name("artifact", &p.name).map_err(|e| anyhow!(e))?;
-    let (hash, size) = store(dir, None)?.add_file(file, None)?;
+/// The Artifact manifest (JSON) for a blob held.
+pub fn manifest(p: &Push, hash: &Hash, size: u64) -> serde_json::Value {
     let mut spec = serde_json::json!({ "size": size, "hash": hash.to_string() });
     if let Some(m) = &p.media_type {
         spec["mediaType"] = m.clone().into();
@@ -46,12 +43,20 @@ pub fn push(dir: &Path, identity: Option<&Path>, file: &Path, p: &Push) -> anyho
     if let Some(d) = &p.description {
         spec["description"] = d.clone().into();
     }
-    let manifest = serde_json::json!({
+    serde_json::json!({
         "apiVersion": "shoal.dev/v1",
         "kind": "Artifact",
         "metadata": { "name": p.name },
         "spec": spec,
-    });
+    })
+}
+
+/// Copies `file` into the data dir's blob store and applies the Artifact
+/// (signed with `identity`, or the data dir's own). Returns what to print.
+pub fn push(dir: &Path, identity: Option<&Path>, file: &Path, p: &Push) -> anyhow::Result<String> {
+    crdt_state::fleet::model::validate_name("artifact", &p.name).map_err(|e| anyhow!(e))?;
+    let (hash, size) = store(dir, None)?.add_file(file, None)?;
+    let manifest = manifest(p, &hash, size);
     let identity_text = identity
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("{}", p.display())))
         .transpose()?;

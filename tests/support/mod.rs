@@ -398,6 +398,15 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) ->
             }
             r.send(body.unwrap_or("").as_bytes())
         }
+        "PUT" => {
+            let mut r = agent
+                .put(url)
+                .header("Content-Type", "application/octet-stream");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(body.unwrap_or("").as_bytes())
+        }
         "DELETE" => {
             let mut r = agent.delete(url);
             if let Some(a) = &auth {

@@ -317,9 +317,7 @@ fn validate_artifact(a: &ArtifactSpec) -> Result<(), Invalid> {
         ));
     }
     if let Some(m) = &a.media_type
-        && (m.len() > 255
-            || !m.contains('/')
-            || m.chars().any(|c| c.is_whitespace() || c.is_control()))
+        && !is_media_type(m)
     {
         return Err((
             "mediaType".into(),
@@ -327,11 +325,32 @@ fn validate_artifact(a: &ArtifactSpec) -> Result<(), Invalid> {
         ));
     }
     if let Some(d) = &a.description
-        && d.len() > 4096
+        && d.chars().count() > 4096
     {
-        return Err(("description".into(), "longer than 4096 bytes".into()));
+        return Err(("description".into(), "longer than 4096 characters".into()));
     }
     Ok(())
+}
+
+/// What an artifact's media type may be: at most 255 characters with a
+/// `/`, no white space (nor U+FEFF), no control characters and no U+FFFE
+/// or U+FFFF (the operator API's document says the same as a pattern).
+pub fn is_media_type(m: &str) -> bool {
+    m.chars().count() <= 255
+        && m.contains('/')
+        && !m.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '\u{feff}' | '\u{fffe}' | '\u{ffff}')
+        })
+}
+
+/// A one-line text the operator API takes in a query (an artifact's
+/// description): at most `max` characters, no control characters, no
+/// U+FFFE or U+FFFF (which YAML does not allow).
+pub fn is_line(d: &str, max: usize) -> bool {
+    d.chars().count() <= max
+        && !d
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{fffe}' | '\u{ffff}'))
 }
 
 /// An app's name for an artifact becomes an environment variable
