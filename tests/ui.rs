@@ -283,5 +283,52 @@ fn operator_ui_in_chromium() {
         "(document.querySelector('main')?.innerText || '').includes('resolved')",
     );
     shot(&mut b, "timeline");
+
+    // An artifact uploaded in the browser; the node's app names it, and
+    // the page shows the node holding it whole and from whom.
+    go(&mut b, "#/artifacts");
+    wait(&mut b, "!!document.querySelector('#upload')");
+    let model: String = (0..100_000u32)
+        .map(|i| char::from(b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26))
+        .collect();
+    b.eval(&format!(
+        "(() => {{ const dt = new DataTransfer(); dt.items.add(new File([{}], 'model.bin')); document.querySelector('#up-file').files = dt.files; }})()",
+        json!(model)
+    ))
+    .unwrap();
+    b.fill("#up-name", "model-v1").unwrap();
+    b.click("#upload button").unwrap();
+    wait(&mut b, "!!document.querySelector('#uploaded')");
+    let hash = blobs::Hash::of(model.as_bytes()).to_string();
+    assert_eq!(
+        std::fs::read(anchor_dir.join("blobs").join(&hash)).unwrap(),
+        model.as_bytes()
+    );
+    let file = write(root, "model.bin", &model);
+    let reader = json!({ "files": [{ "name": "r.yaml", "text": format!(
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: reader}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: model-v1}}\n",
+        file.display()
+    ) }] });
+    assert_eq!(
+        http(
+            "POST",
+            &format!("{url}/api/apply"),
+            Some(&token),
+            Some(&reader.to_string())
+        )
+        .0,
+        200
+    );
+    go(&mut b, "#/overview");
+    go(&mut b, "#/artifacts");
+    wait(
+        &mut b,
+        "(document.querySelector('tr[data-artifact=\"model-v1\"] .held[data-node=\"n1\"]')?.innerText || '').includes('whole')",
+    );
+    let row = b
+        .eval("document.querySelector('tr[data-artifact=\"model-v1\"]').innerText")
+        .unwrap();
+    assert!(row.as_str().unwrap().contains("from anchor"), "{row}");
+    shot(&mut b, "artifacts");
     assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
 }

@@ -56,7 +56,7 @@ async function render() {
   setActive();
   const { parts, params } = route();
   const page = parts[0] || "overview";
-  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, conflicts, security, timeline, demo };
+  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, artifacts, conflicts, security, timeline, demo };
   const f = pages[page];
   if (!f) { main().innerHTML = `<p>No page ${esc(page)}.</p>`; return; }
   try { await f(parts, params); } catch (e) { if (e.message !== "not logged in") main().innerHTML = `<div class="error">${esc(e.message)}</div>`; }
@@ -222,6 +222,57 @@ async function configs() {
   ${d.items.map((c) => `<tr data-config="${esc(c.name)}"><td><a href="#/config/${encodeURIComponent(c.name)}">${esc(c.name)}</a></td><td>${Object.keys(c.spec.data || {}).map((k) => `<code>${esc(k)}</code>`).join(" ")}</td></tr>`).join("") || `<tr><td colspan=2 class="muted">no configs</td></tr>`}
   </tbody></table>`;
   $("#new-config").onclick = () => { location.hash = "#/config/new"; };
+}
+
+// A size for people (1000-based units, as disks are sold; as the CLI).
+function bytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let v = n, u = 0;
+  while (v >= 1000 && u + 1 < units.length) { v /= 1000; u++; }
+  return u === 0 ? `${n} B` : `${v.toFixed(1)} ${units[u]}`;
+}
+
+// Artifacts: each with, per node that needs it, how much it holds and from
+// whom it came (from the nodes' reports); an upload straight to the anchor.
+async function artifacts() {
+  const d = await api("GET", "/api/get/artifacts?output=json");
+  const held = (n, r) => {
+    const from = Object.entries(r.from || {}).map(([p, b]) => `${p} ${bytes(b)}`).join(", ");
+    const pct = Math.floor((100 * r.held) / Math.max(1, r.size));
+    const state = r.error ? `<span class="state failed">${esc(r.error)}</span>`
+      : `<progress max="100" value="${pct}"></progress> ${pct === 100 ? "whole" : pct + "%"}`;
+    return `<div class="held" data-node="${esc(n)}" title="${esc(from ? "from " + from : "")}">${esc(n)} ${state}${from ? ` <span class="muted">from ${esc(from)}</span>` : ""}</div>`;
+  };
+  const rows = Object.entries(d).map(([name, a]) => `<tr data-artifact="${esc(name)}"><td>${esc(name)}</td><td>${bytes(a.size)}</td><td><code title="${esc(a.hash)}">${esc(a.hash.slice(0, 12))}</code></td><td>${esc(a.mediaType || "-")}</td>
+    <td>${Object.entries(a.nodes || {}).map(([n, r]) => held(n, r)).join("") || '<span class="muted">no node needs it yet</span>'}</td></tr>`).join("");
+  main().innerHTML = `<h1>Artifacts</h1>
+  <form id="upload"><input type="file" id="up-file"> <input id="up-name" placeholder="name, e.g. model-v4"> <button>Upload</button> <span id="up-status"></span></form>
+  <table id="artifacts"><thead><tr><th>Artifact</th><th>Size</th><th>Hash</th><th>Type</th><th>Nodes</th></tr></thead><tbody>
+  ${rows || '<tr><td colspan=5 class="muted">no artifacts</td></tr>'}</tbody></table>`;
+  $("#upload").onsubmit = (ev) => {
+    ev.preventDefault();
+    const file = $("#up-file").files[0], name = $("#up-name").value.trim();
+    const status = (html) => { $("#up-status").innerHTML = html; };
+    if (!file || !name) { status(`<span class="error">choose a file and a name</span>`); return; }
+    // Not redrawn under the upload: its progress stays in view.
+    dirty = true;
+    const q = file.type && file.type.includes("/") ? `?mediaType=${encodeURIComponent(file.type)}` : "";
+    const xhr = new XMLHttpRequest();
+    xhr.open("PUT", `/api/artifacts/${encodeURIComponent(name)}${q}`);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) status(`uploading ${Math.floor((100 * e.loaded) / e.total)}%`); };
+    xhr.onload = () => {
+      dirty = false;
+      let r = {};
+      try { r = JSON.parse(xhr.responseText); } catch { r = {}; }
+      if (xhr.status === 200) {
+        status(`<span class="notice" id="uploaded">uploaded ${esc(r.name)}: ${bytes(r.size)}, ${esc(String(r.hash).slice(0, 12))}</span>`);
+        setTimeout(() => { if (route().parts[0] === "artifacts") render(); }, 1500);
+      } else status(`<span class="error">${esc(r.error || xhr.statusText)}</span>`);
+    };
+    xhr.onerror = () => { dirty = false; status(`<span class="error">the upload broke off</span>`); };
+    xhr.send(file);
+  };
 }
 
 const TEMPLATES = {
