@@ -13,19 +13,6 @@ use support::*;
 
 const WITHIN: Duration = Duration::from_secs(60);
 
-/// Pseudo-random bytes: no two groups alike.
-fn model(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn reader_app(artifact: &str, copy: &Path) -> String {
     format!(
         "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: reader}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_MODEL\" {} && echo SAME {artifact}; exec sleep 3600']\n  artifacts: {{model: {artifact}}}\n",
@@ -77,18 +64,10 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
     );
 
     // 5 MiB and a tail: 321 groups, the last one short.
-    let v3 = model(5 * 1024 * 1024 + 1234, 3);
+    let v3 = pseudo_random(5 * 1024 * 1024 + 1234, 3);
     let v3_file = root.join("model-v3.onnx");
     std::fs::write(&v3_file, &v3).unwrap();
-    ok(&[
-        "artifact",
-        "push",
-        "--data-dir",
-        s(&anchor_dir),
-        s(&v3_file),
-        "--name",
-        "model-v3",
-    ]);
+    push_artifact(&anchor_dir, &v3_file, "model-v3");
     let app = write(root, "reader.yaml", &reader_app("model-v3", &v3_file));
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
     let log = nd.join("apps/reader/stdout.log");
@@ -162,18 +141,10 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
 
     // A new version: the app keeps reading v3 until v4 is whole, then
     // switches.
-    let v4 = model(3 * 1024 * 1024, 4);
+    let v4 = pseudo_random(3 * 1024 * 1024, 4);
     let v4_file = root.join("model-v4.onnx");
     std::fs::write(&v4_file, &v4).unwrap();
-    ok(&[
-        "artifact",
-        "push",
-        "--data-dir",
-        s(&anchor_dir),
-        s(&v4_file),
-        "--name",
-        "model-v4",
-    ]);
+    push_artifact(&anchor_dir, &v4_file, "model-v4");
     let app = write(root, "reader.yaml", &reader_app("model-v4", &v4_file));
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
     assert!(
@@ -297,19 +268,11 @@ fn a_transfer_killed_on_either_side_resumes_reading_each_byte_once() {
     let start_node = || Daemon::start_with_log("node", &nd, &node_args, None, filter);
     let mut node = start_node();
 
-    let data = model(48 * 1024 * 1024 + 777, 9);
+    let data = pseudo_random(48 * 1024 * 1024 + 777, 9);
     let size = data.len() as u64;
     let file = root.join("big.bin");
     std::fs::write(&file, &data).unwrap();
-    ok(&[
-        "artifact",
-        "push",
-        "--data-dir",
-        s(&anchor_dir),
-        s(&file),
-        "--name",
-        "big",
-    ]);
+    push_artifact(&anchor_dir, &file, "big");
     let app = write(root, "reader.yaml", &reader_app("big", &file));
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
 
@@ -408,18 +371,10 @@ fn a_neighbour_serving_corrupt_groups_is_cut_off_and_the_anchor_serves_the_rest(
         None,
     );
 
-    let data = model(4 * 1024 * 1024 + 99, 21);
+    let data = pseudo_random(4 * 1024 * 1024 + 99, 21);
     let file = root.join("m.bin");
     std::fs::write(&file, &data).unwrap();
-    ok(&[
-        "artifact",
-        "push",
-        "--data-dir",
-        s(&anchor_dir),
-        s(&file),
-        "--name",
-        "m",
-    ]);
+    push_artifact(&anchor_dir, &file, "m");
     let app = |name: &str, node: &str| {
         format!(
             "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  selector: {{node: {node}}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",

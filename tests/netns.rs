@@ -413,18 +413,10 @@ fn site_fetch(nodes: usize, mib: usize, rate: &str) -> SiteRun {
         daemons[0].log_text()
     );
 
-    let data = artifact_bytes(mib << 20);
+    let data = pseudo_random(mib << 20, 5);
     let file = root.join("m.bin");
     std::fs::write(&file, &data).unwrap();
-    ok(&[
-        "artifact",
-        "push",
-        "--data-dir",
-        s(&anchor_dir),
-        s(&file),
-        "--name",
-        "m",
-    ]);
+    push_artifact(&anchor_dir, &file, "m");
     let counter = || -> u64 {
         let out = Command::new("ip")
             .args(["netns", "exec", &ns_a, "cat"])
@@ -479,19 +471,6 @@ fn site_fetch(nodes: usize, mib: usize, rate: &str) -> SiteRun {
         uplink_bytes,
         all_done,
     }
-}
-
-/// Pseudo-random bytes: no two groups alike.
-fn artifact_bytes(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Four nodes of one site behind a 50 Mbit/s uplink fetch a 12 MiB

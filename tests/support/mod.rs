@@ -491,3 +491,30 @@ pub fn rss_mb(pid: u32) -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
+
+/// Pseudo-random bytes (xorshift from `seed`): no two 16 KiB groups alike,
+/// the test data of artifacts.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `shoal artifact push --data-dir DIR FILE --name NAME`.
+pub fn push_artifact(dir: &Path, file: &Path, name: &str) {
+    ok(&[
+        "artifact",
+        "push",
+        "--data-dir",
+        s(dir),
+        s(file),
+        "--name",
+        name,
+    ]);
+}
