@@ -166,9 +166,9 @@ async fn main() {
                 .await
                 .expect("progress within 60 s")
                 .expect("events");
-            if let BlobEvent::Written { ok: Some(true), .. } = &ev {
-                held += 1;
-                if held == groups {
+            if let BlobEvent::Written { groups: g, .. } = &ev {
+                held += g.iter().filter(|(_, ok)| *ok == Some(true)).count() as u64;
+                if held == groups && last_group.is_none() {
                     last_group = Some(t.elapsed().as_secs_f64());
                 }
             }

@@ -23,6 +23,10 @@ use blobs::{BlobStore, Cvs, Hash, Partial};
 use mesh::{Mesh, PeerId};
 use tokio::sync::mpsc;
 
+/// Groups written before the loop hears of them (at most; a run's end, a
+/// refusal or an error reports at once).
+const REPORT_EVERY: usize = 16;
+
 /// How long a frame may take to arrive or leave before the stream is
 /// given up (a stalled peer; the fetch asks someone else).
 const FRAME_WAIT: Duration = Duration::from_secs(30);
@@ -51,18 +55,18 @@ pub enum Event {
         /// What it holds, or why it could not be opened.
         result: Result<(Cvs, Vec<bool>), String>,
     },
-    /// A group of a run read, checked and written.
+    /// Groups of a run read, checked and written (reported up to
+    /// [`REPORT_EVERY`] at a time: one wake of the loop per batch, not per
+    /// group).
     Written {
         /// The blob.
         hash: Hash,
-        /// Who sent it.
+        /// Who sent them.
         peer: PeerId,
-        /// The group.
-        group: u64,
-        /// Verified and written, refused (it does not verify), or not
-        /// written (`None`: the partial file was not open, or a disk error;
-        /// asked again, nobody blamed).
-        ok: Option<bool>,
+        /// Each group, and whether it was verified and written, refused
+        /// (it does not verify), or not written (`None`: the partial file
+        /// was not open, or a disk error; asked again, nobody blamed).
+        groups: Vec<(u64, Option<bool>)>,
     },
     /// The stream of a run of groups ended (`error`: it broke).
     Ended {
@@ -454,25 +458,22 @@ impl Blobs {
             Event::Begun { hash } => {
                 self.beginning.remove(&hash);
             }
-            Event::Written {
-                hash,
-                peer,
-                group,
-                ok,
-            } => {
+            Event::Written { hash, peer, groups } => {
                 if let Some(f) = self.fetches.get_mut(&hash) {
-                    if ok == Some(true) && !f.has(group) {
-                        let r = blobs::tree::group_range(f.size(), group);
-                        *self.from.entry(hash).or_default().entry(peer).or_default() +=
-                            r.end - r.start;
-                    }
-                    match ok {
-                        Some(ok) => {
-                            if let Some(why) = f.group_done(peer, group, ok) {
-                                out.security.push((peer, why));
-                            }
+                    for (group, ok) in groups {
+                        if ok == Some(true) && !f.has(group) {
+                            let r = blobs::tree::group_range(f.size(), group);
+                            *self.from.entry(hash).or_default().entry(peer).or_default() +=
+                                r.end - r.start;
                         }
-                        None => f.not_written(peer, group),
+                        match ok {
+                            Some(ok) => {
+                                if let Some(why) = f.group_done(peer, group, ok) {
+                                    out.security.push((peer, why));
+                                }
+                            }
+                            None => f.not_written(peer, group),
+                        }
                     }
                     if f.is_complete() {
                         self.finish(hash);
@@ -733,6 +734,29 @@ impl GroupStream<'_> {
 
     /// Reads the answer to one `groups` request.
     fn read_run(&self, stream: &mut mesh::Stream, req: &Request) -> Result<(), String> {
+        let mut written = Vec::new();
+        let r = self.read_groups(stream, req, &mut written);
+        self.report(&mut written);
+        r
+    }
+
+    /// Reports the groups written so far to the loop.
+    fn report(&self, written: &mut Vec<(u64, Option<bool>)>) {
+        if !written.is_empty() {
+            let _ = self.tx.send(Event::Written {
+                hash: self.hash,
+                peer: self.peer,
+                groups: std::mem::take(written),
+            });
+        }
+    }
+
+    fn read_groups(
+        &self,
+        stream: &mut mesh::Stream,
+        req: &Request,
+        written: &mut Vec<(u64, Option<bool>)>,
+    ) -> Result<(), String> {
         let hash = self.hash;
         let mut i = 0;
         while let Some(one) = req.group(i) {
@@ -746,12 +770,10 @@ impl GroupStream<'_> {
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     tracing::debug!(group = from, bytes = data.len(), "blob group received");
                     let ok = write_group(self.partials, &hash, from, &data);
-                    let _ = self.tx.send(Event::Written {
-                        hash,
-                        peer: self.peer,
-                        group: from,
-                        ok,
-                    });
+                    written.push((from, ok));
+                    if written.len() >= REPORT_EVERY {
+                        self.report(written);
+                    }
                     if ok == Some(false) {
                         // A peer that lied is read no further.
                         return Err(format!("group {from} does not match its hash"));
@@ -760,6 +782,7 @@ impl GroupStream<'_> {
                 refused => {
                     // Told why it stops: the fetch forgets what it said it
                     // held; the rest of the run is asked elsewhere.
+                    self.report(written);
                     let _ = self.tx.send(Event::Answered {
                         hash,
                         peer: self.peer,
