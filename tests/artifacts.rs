@@ -20,18 +20,23 @@ fn reader_app(artifact: &str, copy: &Path) -> String {
     )
 }
 
+/// An anchor on a random loopback port.
+fn anchor_on_loopback(dir: &Path) -> Daemon {
+    Daemon::start(
+        "anchor",
+        dir,
+        &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+        None,
+    )
+}
+
 #[test]
 fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
-        None,
-    );
+    let anchor = anchor_on_loopback(&anchor_dir);
     let nd = root.join("n1");
     enroll(&anchor_dir, &nd, "n1", "s1");
     let node = Daemon::start(
@@ -350,12 +355,7 @@ fn a_neighbour_serving_corrupt_groups_is_cut_off_and_the_anchor_serves_the_rest(
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
-        None,
-    );
+    let anchor = anchor_on_loopback(&anchor_dir);
     let (d1, d2) = (root.join("n1"), root.join("n2"));
     enroll(&anchor_dir, &d1, "n1", "s1");
     enroll(&anchor_dir, &d2, "n2", "s1");
