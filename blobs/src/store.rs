@@ -481,11 +481,7 @@ impl BlobStore {
     fn answer_inner(&self, req: &Request, partial: Option<&Partial>) -> Result<Answer, Error> {
         let hash = req.hash();
         let partial = partial.filter(|p| p.hash == hash);
-        let (size, whole) = match req {
-            Request::Have { size, .. }
-            | Request::Cvs { size, .. }
-            | Request::Groups { size, .. } => (*size, self.path(&hash)),
-        };
+        let (size, whole) = (req.size(), self.path(&hash));
         let whole_size = std::fs::metadata(&whole).ok().map(|m| m.len());
         if let Some(s) = whole_size
             && s != size

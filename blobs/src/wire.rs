@@ -187,6 +187,15 @@ impl Request {
         }
     }
 
+    /// The size of the blob it is about.
+    pub fn size(&self) -> u64 {
+        match self {
+            Request::Have { size, .. }
+            | Request::Cvs { size, .. }
+            | Request::Groups { size, .. } => *size,
+        }
+    }
+
     /// The one-group request that frame `i` (from 0) of the streamed
     /// answer to this `groups` request answers; `None` past its run or for
     /// another kind of request.

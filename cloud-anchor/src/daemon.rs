@@ -108,10 +108,7 @@ pub async fn run(
                 snapshot: rx,
                 commands: a.base.commands(),
                 tokens: crate::tokens::Tokens::new(&data_dir),
-                blobs: Some(Arc::new(daemon::artifact::store(
-                    &data_dir,
-                    opts.mesh.blob_quota,
-                )?)),
+                blobs: Some(a.base.blobs.shared_store()),
                 demo: opts.demo.clone(),
             },
         )

@@ -225,6 +225,12 @@ impl Blobs {
         &self.store
     }
 
+    /// The store, for another part of the daemon that adds to it (the
+    /// anchor's upload route): one store, one quota.
+    pub fn shared_store(&self) -> Arc<BlobStore> {
+        self.store.clone()
+    }
+
     /// A peer was admitted.
     pub fn peer_up(&mut self, mesh: &Mesh, peer: PeerId, anchor: bool) {
         self.peers.insert(peer, anchor);
@@ -881,7 +887,7 @@ fn answer(
     // A whole blob: opened once, each group read straight into its frame.
     let whole = std::fs::File::open(store.path(&req.hash()))
         .ok()
-        .filter(|f| f.metadata().is_ok_and(|m| m.len() == req_size(req)));
+        .filter(|f| f.metadata().is_ok_and(|m| m.len() == req.size()));
     let mut i = 0;
     // Frames of a whole blob leave in batches of up to 8 (128 KiB): fewer
     // waits on the stream; the receiver still reads them one by one.
@@ -927,14 +933,6 @@ fn answer(
         write_raw(handle, stream, &batch)?;
     }
     Ok(())
-}
-
-fn req_size(req: &Request) -> u64 {
-    match req {
-        Request::Have { size, .. } | Request::Cvs { size, .. } | Request::Groups { size, .. } => {
-            *size
-        }
-    }
 }
 
 /// The whole frame (the mesh's length header, the answer's header, the

@@ -89,6 +89,14 @@ pub const COLLECT_EVERY_MS: u64 = 10 * 60 * 1000;
 /// yet (a push copies the blob, then applies its Artifact).
 pub const COLLECT_GRACE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
+/// The last collection of blobs: when, the fleet document's heads then,
+/// and the blobs its artifacts named.
+struct LastCollect {
+    at: u64,
+    heads: Vec<automerge::ChangeHash>,
+    named: std::collections::HashSet<blobs::Hash>,
+}
+
 /// An enrollment request whose token was checked (and spent) off the loop.
 pub struct Enrolling {
     /// The peer that asked.
@@ -185,8 +193,8 @@ pub struct Base {
     /// Artifacts: the blob store, what is served and fetched.
     pub blobs: crate::blobs::Blobs,
     blob_rx: mpsc::UnboundedReceiver<crate::blobs::Event>,
-    /// When blobs were last collected, and the artifacts named then.
-    last_collect: Option<(u64, std::collections::HashSet<blobs::Hash>)>,
+    /// When blobs were last collected, and the fleet and artifacts then.
+    last_collect: Option<LastCollect>,
     /// Enrollments checked on blocking threads come back here.
     enroll_tx: mpsc::UnboundedSender<Enrolling>,
     enroll_rx: mpsc::UnboundedReceiver<Enrolling>,
@@ -689,6 +697,18 @@ impl Base {
     /// or a failed removal left). Only the `artifacts.*` fields of the fleet
     /// document are read (a handful, whatever the fleet's size).
     fn collect_blobs(&mut self, mono_ms: u64) {
+        // The artifacts are read again only when the fleet document moved.
+        let heads = self
+            .core
+            .doc(&DocId::Fleet)
+            .map(|d| d.heads())
+            .unwrap_or_default();
+        if let Some(c) = &self.last_collect
+            && c.heads == heads
+            && mono_ms.saturating_sub(c.at) < COLLECT_EVERY_MS
+        {
+            return;
+        }
         let named: std::collections::HashSet<blobs::Hash> = self
             .core
             .doc(&DocId::Fleet)
@@ -702,13 +722,17 @@ impl Base {
             .values()
             .filter_map(|a| blobs::Hash::parse(&a.hash).ok())
             .collect();
-        let due = self.last_collect.as_ref().is_none_or(|(at, last)| {
-            *last != named || mono_ms.saturating_sub(*at) >= COLLECT_EVERY_MS
-        });
-        if due {
+        let due = self
+            .last_collect
+            .as_ref()
+            .is_none_or(|c| c.named != named || mono_ms.saturating_sub(c.at) >= COLLECT_EVERY_MS);
+        let at = if due {
             self.blobs.collect(named.clone(), COLLECT_GRACE);
-            self.last_collect = Some((mono_ms, named));
-        }
+            mono_ms
+        } else {
+            self.last_collect.as_ref().map_or(mono_ms, |c| c.at)
+        };
+        self.last_collect = Some(LastCollect { at, heads, named });
     }
 
     /// Carries out the core's actions on the mesh and the store, and

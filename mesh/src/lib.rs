@@ -298,7 +298,6 @@ enum Command {
         addr: Multiaddr,
         protocol: StreamProtocol,
         bytes: Vec<u8>,
-        max_answer: usize,
         reply: oneshot::Sender<Result<Vec<u8>, Error>>,
     },
     Status(oneshot::Sender<Status>),
@@ -428,29 +427,6 @@ impl Mesh {
             addr,
             protocol,
             bytes,
-            max_answer: MAX_SMALL_FRAME,
-            reply,
-        });
-        rx.await.map_err(|_| Error::Stopped)?
-    }
-
-    /// One request and its answer on `protocol`, to a peer this mesh is
-    /// connected to (over that connection, relayed or direct), the answer
-    /// bounded by `max_answer` bytes: a larger one is an error naming the
-    /// peer, read no further than its length.
-    pub async fn ask(
-        &self,
-        peer: PeerId,
-        protocol: StreamProtocol,
-        bytes: Vec<u8>,
-        max_answer: usize,
-    ) -> Result<Vec<u8>, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.cmd(Command::Request {
-            addr: multiaddr_p2p(peer).into(),
-            protocol,
-            bytes,
-            max_answer,
             reply,
         });
         rx.await.map_err(|_| Error::Stopped)?
@@ -636,7 +612,6 @@ struct Writer {
 struct PendingRequest {
     protocol: StreamProtocol,
     bytes: Vec<u8>,
-    max_answer: usize,
     reply: oneshot::Sender<Result<Vec<u8>, Error>>,
 }
 
@@ -1140,7 +1115,6 @@ impl Task {
                 addr,
                 protocol,
                 bytes,
-                max_answer,
                 reply,
             } => {
                 let Some(peer) = peer_of(&addr) else {
@@ -1152,7 +1126,6 @@ impl Task {
                 let r = PendingRequest {
                     protocol,
                     bytes,
-                    max_answer,
                     reply,
                 };
                 if self.swarm.is_connected(&peer) {
@@ -1203,7 +1176,7 @@ impl Task {
                     frame::write(&mut s, &r.bytes)
                         .await
                         .map_err(|e| e.to_string())?;
-                    match frame::read(&mut s, r.max_answer).await {
+                    match frame::read(&mut s, MAX_SMALL_FRAME).await {
                         Ok(Some(b)) => Ok(b),
                         Ok(None) => Err("the peer closed the stream without an answer".to_string()),
                         Err(e) => Err(e.to_string()),

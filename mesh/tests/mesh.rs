@@ -245,46 +245,61 @@ async fn requests_are_answered_before_admission() {
     assert_eq!(asker.await.unwrap().unwrap(), b"certificate");
 }
 
-/// `ask`: a request to a connected peer over its connection, with an
-/// answer as large as the asker allows (1 MiB for a blob's groups) and no
-/// larger.
+/// `open` and `serve_streams`: a connected peer's stream on a protocol it
+/// serves whole reaches its owner as a stream, which answers in many
+/// frames; a protocol it does not serve cannot be opened, and the error
+/// names the peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connected_peer_is_asked_with_a_bounded_answer() {
+async fn a_served_stream_is_handed_to_the_owner_whole() {
+    use futures::AsyncWriteExt;
     let mut c = config(12);
-    c.serve = vec![mesh::BLOB];
+    c.serve_streams = vec![mesh::BLOB];
     let (a, mut ae, a_addr) = start(c, b"a").await;
     let (b, mut be, _) = start(config(13), b"b").await;
     b.add_peer(a_addr);
     let a_id = a.peer_id();
     let _ = hello_from(&mut be, a_id).await;
     b.admit(a_id);
-    let big = vec![7u8; 1 << 20];
-    for (max, answer_ok) in [((1 << 20) + 64, true), (1 << 19, false)] {
-        let asker = {
-            let b = b.clone();
-            tokio::spawn(async move { b.ask(a_id, mesh::BLOB, b"groups".to_vec(), max).await })
-        };
-        loop {
-            if let Event::Request {
-                bytes,
-                reply,
-                protocol,
-                ..
-            } = next(&mut ae).await
-            {
-                assert_eq!((protocol, bytes.as_slice()), (mesh::BLOB, &b"groups"[..]));
-                reply.send(big.clone()).unwrap();
-                break;
+    let asker = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let mut s = b.open(a_id, mesh::BLOB).await.unwrap();
+            mesh::frame::write(&mut s, b"groups").await.unwrap();
+            let mut frames = Vec::new();
+            while let Some(f) = mesh::frame::read(&mut s, 1 << 20).await.unwrap() {
+                frames.push(f);
             }
+            frames
+        })
+    };
+    let mut stream = loop {
+        if let Event::Stream {
+            protocol, stream, ..
+        } = next(&mut ae).await
+        {
+            assert_eq!(protocol, mesh::BLOB);
+            break stream;
         }
-        let got = asker.await.unwrap();
-        if answer_ok {
-            assert_eq!(got.unwrap().len(), 1 << 20);
-        } else {
-            let e = got.unwrap_err().to_string();
-            assert!(e.contains(&a_id.to_string()), "{e}");
-        }
+    };
+    let req = mesh::frame::read(&mut stream, 64).await.unwrap().unwrap();
+    assert_eq!(req, b"groups");
+    for i in 0..3u8 {
+        mesh::frame::write(&mut stream, &vec![i; 16 << 10])
+            .await
+            .unwrap();
     }
+    stream.close().await.unwrap();
+    let frames = asker.await.unwrap();
+    assert_eq!(frames.len(), 3);
+    assert!(
+        frames
+            .iter()
+            .enumerate()
+            .all(|(i, f)| f.len() == 16 << 10 && f[0] == i as u8)
+    );
+    // b serves no stream protocol: a cannot open one to it.
+    let e = a.open(b.peer_id(), mesh::BLOB).await.expect_err("refused");
+    assert!(e.to_string().contains(&b.peer_id().to_string()), "{e}");
 }
 
 /// A numbered 256 KiB frame.

@@ -464,8 +464,7 @@ impl DataDir {
         name: &str,
         now: i64,
     ) -> Result<Certificate> {
-        let root = self.root_key()?;
-        Certificate::issue(&root, key, name, role, site, now)
+        issue_in(&self.path, &self.trust.root(), key, role, site, name, now)
     }
 
     /// Checks that the data dir holds its fleet's root key.
