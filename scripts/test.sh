@@ -24,10 +24,10 @@ fi
 # virtualenv outside the clone.
 venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
 # schemathesis checks the anchor's API against its OpenAPI document.
-if ! "$venv/bin/python" -c 'import pymodbus, serial, asyncua, schemathesis; assert pymodbus.__version__ == "3.16.1"; assert schemathesis.__version__ == "4.32.5"' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import pymodbus, serial, asyncua, schemathesis, hypothesis; assert pymodbus.__version__ == "3.16.1"; assert schemathesis.__version__ == "4.32.5"; assert hypothesis.__version__ == "6.170.17"' >/dev/null 2>&1; then
   python3 -m venv "$venv" 2>/dev/null ||
     { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5 asyncua==2.1.0 schemathesis==4.32.5
+  "$venv/bin/pip" install -q pymodbus==3.16.1 pyserial==3.5 asyncua==2.1.0 schemathesis==4.32.5 hypothesis==6.170.17
 fi
 export SHOAL_PYTHON="$venv/bin/python"
 

@@ -398,11 +398,16 @@ fn schemathesis() -> std::path::PathBuf {
 
 /// Every check on (CLI flags would override the per-operation lines).
 /// `/api/apply` takes any text as YAML manifests, which no schema can tell
-/// valid from not: there "valid data is accepted" is off, and so is the
-/// coverage phase, whose body generation for it trips an internal
-/// inconsistency of schemathesis 4.32 on some seeds. `/api/events` is a
+/// valid from not: there "valid data is accepted" is off. `/api/events` is a
 /// stream with no parameters: nothing to fuzz, and each request would wait
 /// out the stream.
+///
+/// One worker, not two: schemathesis runs workers as threads, and
+/// Hypothesis parses the source of its strategies' lambdas with `ast`,
+/// which in CPython 3.11 is not thread-safe ("AST constructor recursion
+/// depth mismatch", then a FlakyFailure reported as a Runtime Error). Seen
+/// in CI on `/api/conflicts/resolve` and reproduced here in 5 of 5 runs of
+/// the coverage phase with two workers under load, 0 of 7 with one.
 const SCHEMATHESIS: &str = r#"
 [checks]
 not_a_server_error.enabled = true
@@ -420,7 +425,6 @@ ignored_auth.enabled = true
 [[operations]]
 include-path = "/api/apply"
 checks.positive_data_acceptance.enabled = false
-phases.coverage.enabled = false
 
 [[operations]]
 include-path = "/api/events"
@@ -452,7 +456,7 @@ fn the_api_keeps_its_openapi_contract() {
         .arg(&config)
         .args(["--no-color", "run", &format!("{url}/api/openapi.json")])
         .args(["-H", &format!("Authorization: Bearer {token}")])
-        .args(["--max-examples", "25", "--seed", "7", "--workers", "2"])
+        .args(["--max-examples", "25", "--seed", "7", "--workers", "1"])
         .current_dir(root)
         .output()
         .unwrap();
