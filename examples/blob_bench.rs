@@ -70,6 +70,24 @@ fn make_file(path: &Path, size: u64) {
     }
 }
 
+/// CPU seconds this process has used (user and system, all threads), from
+/// `/proc/self/stat` (clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the line; 12 and 13 after the name.
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -132,6 +150,7 @@ async fn main() {
     let mut wire = 0.0;
     for run in 0..runs {
         // Plain stream.
+        let cpu = cpu_seconds();
         let t = Instant::now();
         let mut s = b.open(a.peer_id(), PLAIN).await.unwrap();
         s.write_all(&[1]).await.unwrap();
@@ -148,6 +167,7 @@ async fn main() {
         assert_eq!(got, size);
         let p = t.elapsed().as_secs_f64();
         plain.push(size as f64 / p / 1e6);
+        let plain_cores = (cpu_seconds() - cpu) / p;
 
         // The blob, into a fresh store.
         let dir = tmp.path().join(format!("node{run}"));
@@ -155,6 +175,7 @@ async fn main() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut node = Blobs::new(store, tx);
         let served_before = counters.counters().served_wire.load(Ordering::Relaxed);
+        let cpu = cpu_seconds();
         let t = Instant::now();
         node.want(hash, size);
         node.peer_up(&b, a.peer_id(), true);
@@ -178,6 +199,7 @@ async fn main() {
             }
         }
         let d = t.elapsed().as_secs_f64();
+        let blob_cores = (cpu_seconds() - cpu) / d;
         blob.push(size as f64 / d / 1e6);
         to_last_group.push(size as f64 / last_group.unwrap_or(d) / 1e6);
         let served = counters.counters().served_wire.load(Ordering::Relaxed) - served_before;
@@ -185,7 +207,7 @@ async fn main() {
         wire = (served + asked) as f64 / size as f64;
         assert_eq!(node.counters().received.load(Ordering::Relaxed), size);
         println!(
-            "run {run}: plain {:.0} MB/s, blob {:.0} MB/s (to the last group written {:.0} MB/s), wire/size {:.5}",
+            "run {run}: plain {:.0} MB/s, blob {:.0} MB/s (to the last group written {:.0} MB/s), wire/size {:.5}; cores busy: plain {plain_cores:.2}, blob {blob_cores:.2}",
             plain[run], blob[run], to_last_group[run], wire
         );
         drop(node);

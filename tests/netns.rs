@@ -81,7 +81,7 @@ fn remove_leftovers() {
         let name = line.split_whitespace().next().unwrap_or("");
         let digits = name
             .trim_start_matches("sh")
-            .trim_end_matches(['a', 'b', 'c', 'm', 'n', 'x', 'y']);
+            .trim_end_matches(['a', 'b', 'c', 'm', 'n', 'p', 'q', 'r', 'x', 'y']);
         if name.starts_with("sh")
             && !name.starts_with(&mine)
             && !digits.is_empty()
@@ -106,7 +106,7 @@ fn remove_leftovers() {
         let Some(body) = dev.strip_prefix("sh").and_then(|b| b.strip_suffix('o')) else {
             continue;
         };
-        let digits = body.trim_end_matches(['a', 'b', 'c', 'x', 'y']);
+        let digits = body.trim_end_matches(['a', 'b', 'c', 'p', 'q', 'r', 'x', 'y']);
         if !dev.starts_with(&mine)
             && digits.len() + 1 == body.len()
             && !digits.is_empty()
@@ -511,4 +511,149 @@ fn site_figure() {
         ten.uplink_bytes as f64 / ten.size as f64,
         ten.all_done.as_secs_f64() / one.all_done.as_secs_f64()
     );
+}
+
+/// An artifact crosses the anchor's relay: n1 and n2 each reach the anchor
+/// over a link of their own (user-space UDP links in the root namespace,
+/// so the anchor sees them behind an address translation) and have no
+/// route to each other at all, so hole punching cannot succeed and the
+/// only connection between them is a circuit through the anchor. The
+/// anchor has lost its copy of the blob; n1 holds it; n2 takes it from n1
+/// through the relay, verified group by group like any other transfer.
+#[test]
+fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_other() {
+    require_root();
+    remove_leftovers();
+    let tag = format!("sh{}", std::process::id() % 100_000);
+    let (ns_a, ns_1, ns_2) = (format!("{tag}p"), format!("{tag}q"), format!("{tag}r"));
+    let mut ns = Namespaces(Vec::new());
+    ns.add(&ns_a, 10);
+    ns.add(&ns_1, 11);
+    ns.add(&ns_2, 12);
+    let fast = LinkConfig::default();
+    let _to_anchor_1 =
+        UdpLink::start(addr("10.77.11.1:7411"), addr("10.77.10.2:7411"), fast).unwrap();
+    let _to_anchor_2 =
+        UdpLink::start(addr("10.77.12.1:7411"), addr("10.77.10.2:7411"), fast).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let n1d = bundle_node(&anchor_dir, root, "n1", "s1");
+    let n2d = bundle_node(&anchor_dir, root, "n2", "s1");
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &["--listen".into(), "/ip4/10.77.10.2/udp/7411/quic-v1".into()],
+        Some(&ns_a),
+    );
+    let via = |link: &str| format!("/ip4/{link}/udp/7411/quic-v1/p2p/{}", anchor.peer_id());
+    let n1 = Daemon::start(
+        "node",
+        &n1d,
+        &[
+            "--listen".into(),
+            "/ip4/10.77.11.2/udp/9001/quic-v1".into(),
+            "--peer".into(),
+            via("10.77.11.1"),
+        ],
+        Some(&ns_1),
+    );
+    let within = Duration::from_secs(60);
+    assert!(
+        wait_for(within, || n1
+            .addrs()
+            .iter()
+            .any(|a| a.contains("/p2p-circuit"))),
+        "n1 never listened through the anchor's relay: {}",
+        n1.log_text()
+    );
+
+    // n1 fetches the artifact from the anchor; then the anchor loses it.
+    let data = pseudo_random(6 << 20, 11);
+    let file = root.join("m.bin");
+    std::fs::write(&file, &data).unwrap();
+    push_artifact(&anchor_dir, &file, "m");
+    let app = write(
+        root,
+        "r.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  selector: {{site: s1}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
+            file.display()
+        ),
+    );
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
+    let hash = blobs::Hash::of(&data).to_string();
+    let held = |node: &str| {
+        get(&anchor_dir, "artifacts")["m"]["nodes"][node]["held"].as_u64()
+            == Some(data.len() as u64)
+    };
+    assert!(
+        wait_for(within, || held("n1")),
+        "n1 never held the artifact: {}",
+        get(&anchor_dir, "artifacts")
+    );
+    std::fs::remove_file(anchor_dir.join("blobs").join(&hash)).unwrap();
+
+    // n2 knows the anchor by its own link and n1 only by the circuit.
+    let circuit = format!("{}/p2p-circuit/p2p/{}", via("10.77.12.1"), n1.peer_id());
+    let n2 = Daemon::start(
+        "node",
+        &n2d,
+        &[
+            "--listen".into(),
+            "/ip4/10.77.12.2/udp/9001/quic-v1".into(),
+            "--peer".into(),
+            via("10.77.12.1"),
+            "--peer".into(),
+            circuit,
+        ],
+        Some(&ns_2),
+    );
+    assert!(
+        wait_for(within, || n2
+            .log_text()
+            .lines()
+            .any(|l| l.contains("peer admitted")
+                && l.contains("p2p-circuit")
+                && l.contains("n1"))),
+        "n2 never admitted n1 over the relay: {}",
+        n2.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(120), || held("n2")),
+        "n2 never held the artifact: {}\nn2 log: {}",
+        get(&anchor_dir, "artifacts"),
+        n2.log_text()
+    );
+    // n2's app read it at its path and found the pushed bytes.
+    assert!(
+        wait_for(within, || std::fs::read_to_string(
+            n2d.join("apps/r/stdout.log")
+        )
+        .is_ok_and(|l| l.contains("SAME"))),
+        "n2's app never read the artifact whole"
+    );
+    // Every byte came from n1: the anchor had none to give.
+    let from = get(&anchor_dir, "artifacts")["m"]["nodes"]["n2"]["from"].clone();
+    let by_n1: u64 = from
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.starts_with("n1"))
+                .filter_map(|(_, v)| v.as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert_eq!(by_n1, data.len() as u64, "n2's sources: {from}");
+    // The connection it came over was the circuit: n2's namespace has no
+    // route to n1's, so hole punching had nothing to succeed with.
+    assert!(
+        !n2.log_text()
+            .contains("direct connection through hole punching"),
+        "a direct connection where no route exists: {}",
+        n2.log_text()
+    );
+    drop((n2, n1, anchor));
 }

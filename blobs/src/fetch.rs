@@ -37,8 +37,9 @@ use crate::wire::{Answer, MAX_CVS, MAX_GROUPS, Request};
 
 /// `groups` requests in flight to one peer.
 pub const IN_FLIGHT: u32 = 2;
-/// Most groups asked of an anchor at once (256 KiB), and the unit in which
-/// the nodes of a site share out what they ask of the anchor.
+/// Most groups asked of an anchor at once (256 KiB) while neighbours fetch
+/// the same blob, and the unit in which the nodes of a site share out what
+/// they ask of the anchor.
 pub const ANCHOR_GROUPS: u32 = 16;
 /// A neighbour whose holdings have not grown for this long is left out of
 /// the sharing (it does not fetch this blob, or it is stuck).
@@ -574,7 +575,9 @@ impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
         let first = (skip..self.n)
             .map(|i| (start + i) % self.n)
             .find(|g| wanted(*g))?;
-        let most = if peer.anchor {
+        // A node fetching alone owns every unit: its runs of the anchor are
+        // as long as any (fewer requests, no bubbles between them).
+        let most = if peer.anchor && !fetching.is_empty() {
             ANCHOR_GROUPS
         } else {
             MAX_GROUPS

@@ -113,8 +113,8 @@ const REFUSED: u8 = 4;
 
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.0.len() < n {
             return Err(bad(format!(
                 "{n} more bytes expected, {} left",
@@ -379,25 +379,11 @@ impl Answer {
                 }
                 Answer::Cvs(values)
             }
-            (
-                GROUPS,
-                Request::Groups {
-                    size, from, count, ..
-                },
-            ) => {
-                let (f, c) = (r.u64()?, r.u32()?);
-                if *count == 0 || (f, c) != (*from, *count) {
-                    return Err(bad(format!("groups {f}+{c} for {from}+{count} asked")));
-                }
-                let start = group_range(*size, *from).start;
-                let end = group_range(*size, from + u64::from(*count) - 1).end;
-                let data = r.take((end - start) as usize)?.to_vec();
-                Answer::Groups {
-                    from: f,
-                    count: c,
-                    data,
-                }
-            }
+            (GROUPS, Request::Groups { from, count, .. }) => Answer::Groups {
+                from: *from,
+                count: *count,
+                data: groups_body(&mut r, req)?.to_vec(),
+            },
             (tag, req) => {
                 return Err(bad(format!("answer {tag} to a {} request", kind(req))));
             }
@@ -405,6 +391,42 @@ impl Answer {
         r.end()?;
         Ok(answer)
     }
+}
+
+/// The groups' bytes of `bytes`, without copying them, if it is a
+/// `groups` answer to `req` (and well formed: exactly what [`Answer::decode`]
+/// would accept); `None` if it is another kind of answer, which
+/// [`Answer::decode`] then parses.
+pub fn groups_in<'a>(req: &Request, bytes: &'a [u8]) -> Result<Option<&'a [u8]>, WireError> {
+    if bytes.first() != Some(&GROUPS) || !matches!(req, Request::Groups { .. }) {
+        return Ok(None);
+    }
+    if bytes.len() > MAX_ANSWER {
+        return Err(bad(format!("an answer of {} bytes", bytes.len())));
+    }
+    let mut r = Reader(bytes);
+    r.u8()?;
+    let data = groups_body(&mut r, req)?;
+    r.end()?;
+    Ok(Some(data))
+}
+
+/// The rest of a `groups` answer to `req` after its tag: the run it says
+/// it holds must be the run asked, then its bytes.
+fn groups_body<'a>(r: &mut Reader<'a>, req: &Request) -> Result<&'a [u8], WireError> {
+    let Request::Groups {
+        size, from, count, ..
+    } = req
+    else {
+        return Err(bad(format!("answer {GROUPS} to a {} request", kind(req))));
+    };
+    let (f, c) = (r.u64()?, r.u32()?);
+    if *count == 0 || (f, c) != (*from, *count) {
+        return Err(bad(format!("groups {f}+{c} for {from}+{count} asked")));
+    }
+    let start = group_range(*size, *from).start;
+    let end = group_range(*size, from + u64::from(*count) - 1).end;
+    r.take((end - start) as usize)
 }
 
 /// Bytes before a group's own in the frame that answers a one-group
@@ -446,6 +468,49 @@ mod tests {
             if let Ok(a) = Answer::decode(&req, &data) {
                 prop_assert_eq!(Answer::decode(&req, &a.encode()).ok(), Some(a));
             }
+        }
+    }
+
+    /// What `groups_in` says of `frame` is what `decode` says.
+    fn agree(req: &Request, frame: &[u8]) -> Result<(), TestCaseError> {
+        match (groups_in(req, frame), Answer::decode(req, frame)) {
+            (Ok(Some(d)), Ok(Answer::Groups { data, .. })) => prop_assert_eq!(d, &data[..]),
+            (Ok(Some(_)), other) => {
+                prop_assert!(false, "groups_in took what decode says is {other:?}")
+            }
+            (Err(_), Ok(a)) => prop_assert!(false, "groups_in refused what decode took: {a:?}"),
+            (Ok(None), Ok(Answer::Groups { .. })) => prop_assert!(false, "groups_in missed groups"),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// The borrowing parse of a group answer accepts exactly what the
+        /// full decoder accepts, with the same bytes: valid answers, each
+        /// with one byte changed, cut short, or grown.
+        #[test]
+        fn groups_in_agrees_with_decode(
+            len in 1u64..300,
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in 0usize..4,
+            garbage in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let req = Request::Groups { hash: h(), size: len, from: 0, count: 1 };
+            let good = Answer::Groups { from: 0, count: 1, data: vec![byte; len as usize] }.encode();
+            agree(&req, &good)?;
+            prop_assert!(groups_in(&req, &good).ok().flatten().is_some());
+            let mut changed = good.clone();
+            let i = at.index(changed.len());
+            changed[i] ^= byte | 1;
+            agree(&req, &changed)?;
+            agree(&req, &good[..good.len().saturating_sub(cut)])?;
+            let mut grown = good.clone();
+            grown.extend_from_slice(&garbage);
+            agree(&req, &grown)?;
+            agree(&req, &garbage)?;
+            agree(&Request::Have { hash: h(), size: len }, &good)?;
         }
     }
 

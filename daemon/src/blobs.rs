@@ -728,7 +728,7 @@ impl GroupStream<'_> {
             let Some(req) = queued.front().cloned() else {
                 continue;
             };
-            match self.read_run(stream, &req) {
+            match self.read_run(stream, &req, requests, queued) {
                 Ok(()) => {
                     queued.pop_front();
                     self.ended(req, None);
@@ -738,10 +738,18 @@ impl GroupStream<'_> {
         }
     }
 
-    /// Reads the answer to one `groups` request.
-    fn read_run(&self, stream: &mut mesh::Stream, req: &Request) -> Result<(), String> {
+    /// Reads the answer to one `groups` request; requests that come
+    /// meanwhile are written at once, so the holder has the next run before
+    /// it finishes this one.
+    fn read_run(
+        &self,
+        stream: &mut mesh::Stream,
+        req: &Request,
+        requests: &std::sync::mpsc::Receiver<Request>,
+        queued: &mut std::collections::VecDeque<Request>,
+    ) -> Result<(), String> {
         let mut written = Vec::new();
-        let r = self.read_groups(stream, req, &mut written);
+        let r = self.read_groups(stream, req, &mut written, requests, queued);
         self.report(&mut written);
         r
     }
@@ -757,11 +765,28 @@ impl GroupStream<'_> {
         }
     }
 
+    /// Writes the requests that came since the last look.
+    fn ask_queued(
+        &self,
+        stream: &mut mesh::Stream,
+        requests: &std::sync::mpsc::Receiver<Request>,
+        queued: &mut std::collections::VecDeque<Request>,
+    ) -> Result<(), String> {
+        while let Ok(next) = requests.try_recv() {
+            let r = write_request(self.handle, stream, &next, self.counters);
+            queued.push_back(next);
+            r?;
+        }
+        Ok(())
+    }
+
     fn read_groups(
         &self,
         stream: &mut mesh::Stream,
         req: &Request,
         written: &mut Vec<(u64, Option<bool>)>,
+        requests: &std::sync::mpsc::Receiver<Request>,
+        queued: &mut std::collections::VecDeque<Request>,
     ) -> Result<(), String> {
         let hash = self.hash;
         let mut i = 0;
@@ -769,13 +794,16 @@ impl GroupStream<'_> {
             i += 1;
             let frame = read_frame(self.handle, stream, MAX_ANSWER)?
                 .ok_or_else(|| "the peer closed the stream inside a run".to_string())?;
-            match Answer::decode(&one, &frame).map_err(|e| e.to_string())? {
-                Answer::Groups { from, data, .. } => {
+            let Request::Groups { from, .. } = one else {
+                break;
+            };
+            match blobs::wire::groups_in(&one, &frame).map_err(|e| e.to_string())? {
+                Some(data) => {
                     self.counters
                         .received
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     tracing::debug!(group = from, bytes = data.len(), "blob group received");
-                    let ok = write_group(self.partials, &hash, from, &data);
+                    let ok = write_group(self.partials, &hash, from, data);
                     written.push((from, ok));
                     if written.len() >= REPORT_EVERY {
                         self.report(written);
@@ -784,10 +812,12 @@ impl GroupStream<'_> {
                         // A peer that lied is read no further.
                         return Err(format!("group {from} does not match its hash"));
                     }
+                    self.ask_queued(stream, requests, queued)?;
                 }
-                refused => {
+                None => {
                     // Told why it stops: the fetch forgets what it said it
                     // held; the rest of the run is asked elsewhere.
+                    let refused = Answer::decode(&one, &frame).map_err(|e| e.to_string())?;
                     self.report(written);
                     let _ = self.tx.send(Event::Answered {
                         hash,
@@ -895,16 +925,13 @@ fn answer(
     while let Some(one) = req.group(i) {
         i += 1;
         if let (Some(f), Request::Groups { size, from, .. }) = (&whole, &one)
-            && let Some(frame) = group_frame(f, *size, *from)
+            && let Some(n) = group_frame(f, *size, *from, &mut batch)
         {
-            counters
-                .served_wire
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            counters.served.fetch_add(
-                (frame.len() - mesh::frame::HEADER - GROUP_HEADER) as u64,
+            counters.served_wire.fetch_add(
+                (n + mesh::frame::HEADER + GROUP_HEADER) as u64,
                 Ordering::Relaxed,
             );
-            batch.extend_from_slice(&frame);
+            counters.served.fetch_add(n as u64, Ordering::Relaxed);
             if batch.len() >= 8 * (blobs::GROUP as usize) {
                 write_raw(handle, stream, &batch)?;
                 batch.clear();
@@ -935,19 +962,24 @@ fn answer(
     Ok(())
 }
 
-/// The whole frame (the mesh's length header, the answer's header, the
-/// group) of group `g` of a whole blob, read from `f` into place.
-fn group_frame(f: &std::fs::File, size: u64, g: u64) -> Option<Vec<u8>> {
+/// Appends to `out` the whole frame (the mesh's length header, the
+/// answer's header, the group) of group `g` of a whole blob, the group read
+/// from `f` straight into place. Returns the group's length; `None` (and
+/// `out` as it was) if it could not be read.
+fn group_frame(f: &std::fs::File, size: u64, g: u64, out: &mut Vec<u8>) -> Option<usize> {
     use std::os::unix::fs::FileExt;
     let r = blobs::tree::group_range(size, g);
     let len = (r.end - r.start) as usize;
-    let head = mesh::frame::HEADER + GROUP_HEADER;
-    let mut out = Vec::with_capacity(head + len);
+    let at = out.len();
     out.extend_from_slice(&((GROUP_HEADER + len) as u32).to_be_bytes());
     out.extend_from_slice(&group_header(g));
-    out.resize(head + len, 0);
-    f.read_exact_at(&mut out[head..], r.start).ok()?;
-    Some(out)
+    let body = out.len();
+    out.resize(body + len, 0);
+    if f.read_exact_at(&mut out[body..], r.start).is_err() {
+        out.truncate(at);
+        return None;
+    }
+    Some(len)
 }
 
 /// Writes bytes that are already a frame (header included).

@@ -32,6 +32,15 @@ fuzz_target!(|data: &[u8]| {
             count: 2,
         },
     ] {
+        // The borrowing parse of group answers takes exactly what the full
+        // decoder takes, with the same bytes.
+        match (blobs::wire::groups_in(&req, data), Answer::decode(&req, data)) {
+            (Ok(Some(d)), Ok(Answer::Groups { data: g, .. })) => assert_eq!(d, &g[..]),
+            (Ok(Some(_)), _) | (Err(_), Ok(_)) | (Ok(None), Ok(Answer::Groups { .. })) => {
+                panic!("groups_in and decode disagree")
+            }
+            _ => {}
+        }
         if let Ok(a) = Answer::decode(&req, data) {
             assert_eq!(Answer::decode(&req, &a.encode()).ok(), Some(a.clone()));
             match (&req, &a) {
