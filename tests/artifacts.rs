@@ -355,7 +355,18 @@ fn a_neighbour_serving_corrupt_groups_is_cut_off_and_the_anchor_serves_the_rest(
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
-    let anchor = anchor_on_loopback(&anchor_dir);
+    let token = operator_token(&anchor_dir, "op");
+    let anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+        ],
+        None,
+    );
     let (d1, d2) = (root.join("n1"), root.join("n2"));
     enroll(&anchor_dir, &d1, "n1", "s1");
     enroll(&anchor_dir, &d2, "n2", "s1");
@@ -447,6 +458,24 @@ fn a_neighbour_serving_corrupt_groups_is_cut_off_and_the_anchor_serves_the_rest(
         events[0].contains("n1 (") && events[0].contains("group 40"),
         "the event names n1 and the group: {}",
         events[0]
+    );
+    // The anchor's security log shows what n2 saw, from n2's report.
+    let url = http_url(&anchor_dir);
+    let reported = || {
+        api_get(&format!("{url}/api/security"), &token)["items"]
+            .as_array()
+            .is_some_and(|items| {
+                items.iter().any(|e| {
+                    let (who, why) = (e["source"].as_str(), e["reason"].as_str());
+                    who.is_some_and(|w| w.starts_with("n1 (") && w.ends_with("(seen by n2)"))
+                        && why.is_some_and(|r| r.contains("group 40"))
+                })
+            })
+    };
+    assert!(
+        wait_for(WITHIN, reported),
+        "the anchor's security log: {}",
+        api_get(&format!("{url}/api/security"), &token)
     );
     // Some groups came from n1 before the bad one, the rest from the
     // anchor; the report says so.

@@ -388,6 +388,22 @@ impl View {
         for (name, (_, id)) in latest_node_docs {
             if let Some(d) = doc(&id) {
                 let r = NodeReport::read(d);
+                // Security events the node saw that this view has not
+                // logged yet (all of them, after the anchor restarted).
+                let seen = self
+                    .reports
+                    .get(&name)
+                    .map(|o| o.security.as_slice())
+                    .unwrap_or_default();
+                let new: Vec<_> = r
+                    .security
+                    .iter()
+                    .filter(|e| !seen.contains(e))
+                    .cloned()
+                    .collect();
+                for e in new {
+                    self.security(e.at, &format!("{} (seen by {name})", e.who), &e.reason);
+                }
                 let before = self.reports.get(&name).map(|o| &o.artifacts);
                 if before != Some(&r.artifacts) && (before.is_some() || !r.artifacts.is_empty()) {
                     self.changed.insert("artifacts");
@@ -688,5 +704,75 @@ mod tests {
         let n2 = snap.nodes.iter().find(|n| n.name == "n2").unwrap();
         assert!(n2.connected);
         assert_eq!(n2.state, NodeState::Behind);
+    }
+
+    /// A node's reported security events reach the anchor's log once each,
+    /// as the reports that carry them change; an anchor that starts anew
+    /// logs what the reports still hold.
+    #[test]
+    fn security_events_a_node_reports_reach_the_log_once() {
+        use crdt_state::fleet::model::SecurityReport;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dd = DataDir::init(tmp.path(), "f", 1).unwrap();
+        let id = dd.create_identity(Role::Node, Some("s1"), "n1", 2).unwrap();
+        let doc_id = DocId::Node {
+            name: "n1".into(),
+            epoch: 0,
+        };
+        let event = |at: i64, who: &str| SecurityReport {
+            at,
+            who: who.into(),
+            reason: "group 40 does not match its hash".into(),
+        };
+        let mut docs: HashMap<DocId, Document> = HashMap::new();
+        docs.insert(DocId::Fleet, dd.doc(&DocId::Fleet).unwrap());
+        docs.insert(doc_id.clone(), Document::new(doc_id.clone()));
+        let write = |docs: &mut HashMap<DocId, Document>, security: Vec<SecurityReport>, t: i64| {
+            let d = docs.get_mut(&doc_id).unwrap();
+            let r = NodeReport {
+                security,
+                ..NodeReport::default()
+            };
+            let ops = r.ops(d);
+            d.edit(&id, t, &ops).unwrap();
+        };
+        let logged = |view: &mut View, docs: &HashMap<DocId, Document>, now: i64| {
+            view.doc_changed(&doc_id);
+            let lookup = |id: &DocId| docs.get(id);
+            view.publish(&lookup, &mut docs.values(), dd.trust(), now, true);
+            view.current()
+                .security
+                .iter()
+                .map(|e| format!("{} {}", e.at, e.source))
+                .collect::<Vec<_>>()
+        };
+        write(
+            &mut docs,
+            vec![event(10, "n2 (p2)"), event(11, "n3 (p3)")],
+            3,
+        );
+        let mut view = View::new("a");
+        assert_eq!(
+            logged(&mut view, &docs, 20),
+            ["10 n2 (p2) (seen by n1)", "11 n3 (p3) (seen by n1)"]
+        );
+        // The report moves on: the oldest dropped, one new.
+        write(
+            &mut docs,
+            vec![event(11, "n3 (p3)"), event(12, "n4 (p4)")],
+            4,
+        );
+        assert_eq!(
+            logged(&mut view, &docs, 21),
+            [
+                "10 n2 (p2) (seen by n1)",
+                "11 n3 (p3) (seen by n1)",
+                "12 n4 (p4) (seen by n1)"
+            ]
+        );
+        assert_eq!(view.current().security_total, 3);
+        // A new view (the anchor restarted) logs what the report holds.
+        let mut fresh = View::new("a");
+        assert_eq!(logged(&mut fresh, &docs, 22).len(), 2);
     }
 }

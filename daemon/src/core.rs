@@ -251,6 +251,8 @@ pub struct Core<C> {
     /// Changes written here, told apart from merged ones on the timeline.
     local_hashes: HashSet<ChangeHash>,
     security_events: u64,
+    /// The latest security events, for the node's report.
+    recent_security: std::collections::VecDeque<crdt_state::fleet::model::SecurityReport>,
     actions: VecDeque<Action<C>>,
 }
 
@@ -287,6 +289,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             last_values: 0,
             local_hashes: HashSet::new(),
             security_events: 0,
+            recent_security: Default::default(),
             actions: VecDeque::new(),
         }
     }
@@ -651,6 +654,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 .collect(),
             devices,
             artifacts,
+            security: self.recent_security.iter().cloned().collect(),
         };
         if let Some(last) = &self.last_report {
             let mut same = report.clone();
@@ -739,6 +743,22 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     /// Peers by name: connected now, last heard.
     pub fn contacts(&self) -> &BTreeMap<String, Contact> {
         &self.contacts
+    }
+
+    /// Notes a security event (the core's own, which it raised as
+    /// [`Action::Security`], or one its driver saw) for the node's next
+    /// report; the oldest beyond
+    /// [`crdt_state::fleet::model::SECURITY_REPORTED`] are dropped.
+    pub fn note_security(&mut self, at: i64, who: &str, reason: &str) {
+        use crdt_state::fleet::model::{SECURITY_REPORTED, SecurityReport};
+        if self.recent_security.len() == SECURITY_REPORTED {
+            self.recent_security.pop_front();
+        }
+        self.recent_security.push_back(SecurityReport {
+            at,
+            who: who.to_string(),
+            reason: reason.to_string(),
+        });
     }
 
     /// The name of an admitted connection's peer.

@@ -741,6 +741,8 @@ impl Base {
         if let Some(a) = self.own.pop_front() {
             if let Action::Security { who, reason } = &a {
                 tracing::warn!(%who, %reason, "security event");
+                let at = self.now().unix_s;
+                self.core.note_security(at, who, reason);
             }
             return Some(a);
         }
@@ -808,6 +810,8 @@ impl Base {
                 }
                 Action::Security { who, reason } => {
                     tracing::warn!(%who, %reason, "security event");
+                    let at = self.now().unix_s;
+                    self.core.note_security(at, &who, &reason);
                     return Some(Action::Security { who, reason });
                 }
                 other => return Some(other),

@@ -390,6 +390,26 @@ pub struct NodeReport {
     /// The artifacts its apps name (by artifact name).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, ArtifactReport>,
+    /// Its latest security events, oldest first (at most
+    /// [`SECURITY_REPORTED`]): what it refused and whom it cut off, so that
+    /// the anchor's security log shows what the edge saw.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security: Vec<SecurityReport>,
+}
+
+/// Security events a node keeps in its report.
+pub const SECURITY_REPORTED: usize = 8;
+
+/// One security event a node saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityReport {
+    /// When (seconds since the epoch, the node's clock).
+    pub at: i64,
+    /// Who it was about (a peer's name and id, or what it came from).
+    pub who: String,
+    /// What happened.
+    pub reason: String,
 }
 
 /// How much of an artifact a node holds, and from whom it came.
