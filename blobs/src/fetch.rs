@@ -50,6 +50,10 @@ pub const STALL_MS: u64 = 3000;
 pub const STARVED_MS: u64 = 1500;
 /// How often a neighbour is asked again what it holds.
 pub const HAVE_EVERY_MS: u64 = 250;
+/// How long a peer that said it was busy is left alone, at least: each
+/// fetch waits between this and twice this (spread by its key, so that the
+/// nodes an anchor turned away do not all come back at once).
+pub const BUSY_MS: u64 = 5000;
 
 #[derive(Debug, Default)]
 struct Peer {
@@ -72,6 +76,9 @@ struct Peer {
     grew_ms: u64,
     in_flight: u32,
     banned: bool,
+    /// It refused a stream because it serves as many as it will
+    /// ([`crate::wire::BUSY`]): not asked anything before this time.
+    busy_until: u64,
 }
 
 impl Peer {
@@ -336,13 +343,18 @@ impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
                     peer.ask_again = false;
                 }
             }
-            (_, Answer::Refused(_)) => {
+            (_, Answer::Refused(why)) => {
                 self.unpend(p, req);
-                // It holds less than it said (or has not admitted us yet):
-                // forget what it said, ask again in a while.
+                // It holds less than it said (or has not admitted us yet,
+                // or serves as many streams as it will): forget what it
+                // said, ask again in a while.
+                let seed = self.seed;
                 if let Some(peer) = self.peers.get_mut(&p) {
                     peer.runs.clear();
                     peer.ask_again = true;
+                    if why.starts_with(crate::wire::BUSY) {
+                        peer.busy_until = now_ms + BUSY_MS + mix(seed ^ peer.key) % BUSY_MS;
+                    }
                 }
                 if matches!(req, Request::Cvs { .. }) {
                     self.cv_asked = false;
@@ -441,7 +453,7 @@ impl<P: Copy + Ord + std::fmt::Debug + std::hash::Hash> Fetch<P> {
         let size = self.size;
         // What each peer holds: asked once, neighbours again every second.
         for (p, peer) in self.peers.iter_mut() {
-            if peer.banned || peer.asking {
+            if peer.banned || peer.asking || now < peer.busy_until {
                 continue;
             }
             let due = match peer.asked_ms {
@@ -804,6 +816,52 @@ mod tests {
             }
         }
         assert!(f.is_complete(), "fetched from the anchor in the end");
+    }
+
+    /// An anchor that turned a stream away as busy is left alone for
+    /// between [`BUSY_MS`] and twice that (by the node's key: two nodes
+    /// come back at different times), then asked again and fetched from.
+    #[test]
+    fn an_anchor_that_was_busy_is_left_alone_for_a_while() {
+        let data = bytes(3 * GROUP as usize, 9);
+        let hash = Hash::of(&data);
+        let anchor = holder(&data, true, false);
+        let back_after = |me: usize| {
+            let mut f: Fetch<usize> = Fetch::new(hash, data.len() as u64, me, None);
+            f.peer_up(0, ANCHOR, true);
+            let (p, req) = f.poll().expect("a have");
+            f.answer(
+                0,
+                p,
+                &req,
+                Answer::Refused(format!("{}: 128 streams", crate::wire::BUSY)),
+            );
+            let mut now = 0;
+            loop {
+                now += 50;
+                f.tick(now);
+                if let Some((p, req)) = f.poll() {
+                    assert!(
+                        (BUSY_MS..2 * BUSY_MS + 50).contains(&now),
+                        "asked again at {now}"
+                    );
+                    let mut t = now;
+                    exchange(&mut f, t, &anchor, p, &req);
+                    for _ in 0..100 {
+                        t += 10;
+                        f.tick(t);
+                        while let Some((p, req)) = f.poll() {
+                            exchange(&mut f, t, &anchor, p, &req);
+                        }
+                    }
+                    assert!(f.is_complete(), "fetched after the wait");
+                    return now;
+                }
+                assert!(now < 3 * BUSY_MS, "never asked again");
+            }
+        };
+        let times: std::collections::BTreeSet<u64> = (1..6).map(back_after).collect();
+        assert!(times.len() > 1, "five nodes came back at once: {times:?}");
     }
 
     #[test]

@@ -393,6 +393,11 @@ impl Answer {
     }
 }
 
+/// How the reason of a refusal begins when the holder serves as many
+/// streams as it will: the asker leaves it alone for a while
+/// ([`crate::fetch::BUSY_MS`]) instead of asking again at once.
+pub const BUSY: &str = "busy";
+
 /// The groups' bytes of `bytes`, without copying them, if it is a
 /// `groups` answer to `req` (and well formed: exactly what [`Answer::decode`]
 /// would accept); `None` if it is another kind of answer, which

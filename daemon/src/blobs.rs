@@ -143,6 +143,8 @@ pub struct Blobs {
     /// Blobs in use here (an app runs with them) that collection keeps
     /// even when no artifact names them any more.
     pinned: std::collections::HashSet<Hash>,
+    /// Streams of groups served at once ([`MAX_SERVING`] by default).
+    pub max_serving: usize,
 }
 
 /// How far a wanted blob is.
@@ -168,7 +170,22 @@ pub struct Counters {
     pub received: AtomicU64,
     /// Everything written to peers' streams as a fetcher (the requests).
     pub asked_wire: AtomicU64,
+    /// Streams of groups being served now.
+    pub serving: std::sync::atomic::AtomicUsize,
+    /// Streams of groups turned away because [`Blobs::max_serving`] were
+    /// being served.
+    pub busy: AtomicU64,
 }
+
+/// Streams of groups a daemon serves at once, by default: each holds a
+/// blocking thread while it runs (tokio's pool has 512, which the
+/// daemon's other file work shares). A peer asking beyond it is told it is
+/// busy ([`blobs::wire::BUSY`]) and comes back after a few seconds, or
+/// takes the groups from its neighbours meanwhile. 128 streams of 16 KiB
+/// frames keep any uplink full; an anchor of 10,000 nodes serves a new
+/// model to its sites in turns, each site's nodes sharing what one of
+/// them got.
+pub const MAX_SERVING: usize = 128;
 
 impl Blobs {
     /// Blobs over `store`; events come back on `tx`.
@@ -187,6 +204,7 @@ impl Blobs {
             counters: Arc::default(),
             from: HashMap::new(),
             pinned: Default::default(),
+            max_serving: MAX_SERVING,
         }
     }
 
@@ -570,11 +588,17 @@ impl Blobs {
         let store = self.store.clone();
         let partials = self.partials.clone();
         let counters = self.counters.clone();
+        let max = self.max_serving;
         let handle = tokio::runtime::Handle::current();
         let span = tracing::debug_span!("blob_serve", %peer);
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            if let Err(e) = serve(&handle, admitted, stream, &store, &partials, &counters) {
+            let serving = Serving {
+                admitted,
+                max,
+                counters: &counters,
+            };
+            if let Err(e) = serve(&handle, &serving, stream, &store, &partials) {
                 tracing::debug!(error = %e, "blob stream ended early");
             }
         });
@@ -852,21 +876,68 @@ fn write_group(
     }
 }
 
+/// Who a stream is served to, and within what limit.
+struct Serving<'a> {
+    admitted: bool,
+    max: usize,
+    counters: &'a Counters,
+}
+
+/// One of the [`Serving::max`] places of streams of groups, given back
+/// when dropped.
+struct Place<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Place<'_> {
+    fn take(count: &std::sync::atomic::AtomicUsize, max: usize) -> Option<Place<'_>> {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Place(count))
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Answers one stream: a request, then its frames.
 fn serve(
     handle: &tokio::runtime::Handle,
-    admitted: bool,
+    serving: &Serving<'_>,
     mut stream: mesh::Stream,
     store: &BlobStore,
     partials: &Mutex<HashMap<Hash, Partial>>,
-    counters: &Counters,
 ) -> Result<(), String> {
+    let counters = serving.counters;
+    // A stream of groups holds a place while it lasts; `have` and `cvs`
+    // (one answer each) need none.
+    let mut place = None;
     // Requests one after the other, each answered whole before the next is
     // read, until the asker closes (or is quiet for a while).
     while let Some(bytes) = read_frame(handle, &mut stream, MAX_REQUEST)? {
-        let req = match (admitted, Request::decode(&bytes)) {
+        let req = match (serving.admitted, Request::decode(&bytes)) {
             (false, _) => Err("not admitted".to_string()),
             (true, Err(e)) => Err(e.to_string()),
+            (true, Ok(r @ Request::Groups { .. })) if place.is_none() => {
+                match Place::take(&counters.serving, serving.max) {
+                    Some(p) => {
+                        place = Some(p);
+                        Ok(r)
+                    }
+                    None => {
+                        counters.busy.fetch_add(1, Ordering::Relaxed);
+                        Err(format!(
+                            "{}: serving {} streams of groups; ask again later",
+                            blobs::wire::BUSY,
+                            serving.max
+                        ))
+                    }
+                }
+            }
             (true, Ok(r)) => Ok(r),
         };
         match req {
