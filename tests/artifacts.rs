@@ -233,17 +233,6 @@ fn an_artifact_reaches_a_node_verified_and_the_app_switches_when_the_new_one_is_
     drop((node, small_node, anchor));
 }
 
-/// Group bytes a node read from peers' streams, from its log (one debug
-/// line per group, written before the group is written to disk).
-fn received(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("blob group received"))
-        .filter_map(|l| l.split("bytes=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .filter_map(|n| n.parse::<u64>().ok())
-        .sum()
-}
-
 /// A transfer interrupted twice, by a kill -9 of the receiving node and
 /// then of the anchor serving it, goes on from what reached the disk: the
 /// node reads each byte of the artifact once, plus at most one group per
@@ -283,7 +272,7 @@ fn a_transfer_killed_on_either_side_resumes_reading_each_byte_once() {
 
     // A third of the way: kill -9 the node, start it again.
     assert!(
-        wait_for(WITHIN, || received(&node.log_text()) >= size / 3),
+        wait_for(WITHIN, || blob_bytes_received(&node.log_text()) >= size / 3),
         "no progress: {}",
         node.log_text()
     );
@@ -292,7 +281,7 @@ fn a_transfer_killed_on_either_side_resumes_reading_each_byte_once() {
     let part = nd.join(format!("blobs/{}.part", blobs::Hash::of(&data)));
     assert!(part.exists(), "the partial blob stays");
     assert!(
-        received(&first) < size,
+        blob_bytes_received(&first) < size,
         "killed after the whole blob arrived: the test measured nothing"
     );
     let mut node = start_node();
@@ -300,7 +289,8 @@ fn a_transfer_killed_on_either_side_resumes_reading_each_byte_once() {
     // Two thirds of the way (in all): kill -9 the anchor, start it again
     // on the same address.
     assert!(
-        wait_for(WITHIN, || received(&first) + received(&node.log_text())
+        wait_for(WITHIN, || blob_bytes_received(&first)
+            + blob_bytes_received(&node.log_text())
             >= 2 * size / 3),
         "no progress after the node's restart: {}",
         node.log_text()
@@ -317,7 +307,7 @@ fn a_transfer_killed_on_either_side_resumes_reading_each_byte_once() {
         node.log_text()
     );
     let second = node.log_text();
-    let total = received(&first) + received(&second);
+    let total = blob_bytes_received(&first) + blob_bytes_received(&second);
     // Each group is logged once it is read whole, before it is written: a
     // group logged but not written when the node was killed is read again
     // (the one group the kill may cost); a group being read when either

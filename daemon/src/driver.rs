@@ -415,9 +415,14 @@ impl Base {
                 };
                 crate::say!("listening on {full}");
                 self.listening.push(full.to_string());
+                // Whole or not at all (written then renamed): the CLI and
+                // tests read it while the daemon adds addresses.
                 let path = self.dd.path().join(ADDRS_FILE);
-                if let Ok(text) = serde_json::to_vec_pretty(&self.listening) {
-                    let _ = std::fs::write(path, text);
+                let tmp = path.with_extension("json.tmp");
+                if let Ok(text) = serde_json::to_vec_pretty(&self.listening)
+                    && std::fs::write(&tmp, text).is_ok()
+                {
+                    let _ = std::fs::rename(&tmp, &path);
                 }
             }
             Event::Hello { peer, addr, hello } => {

@@ -110,7 +110,16 @@ impl Daemon {
                     std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into())
                 }),
             )
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            // Both in append mode: with its own offset, stdout would write
+            // over what stderr appended (the daemon's few `say!` lines
+            // clobbered the start of its log).
+            .stdout(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            ))
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
             ));
@@ -517,4 +526,16 @@ pub fn push_artifact(dir: &Path, file: &Path, name: &str) {
         "--name",
         name,
     ]);
+}
+
+/// Group bytes a node read from peers' streams, from its log (one debug
+/// line of `daemon::blobs` per group, written before the group is written
+/// to disk).
+pub fn blob_bytes_received(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("blob group received"))
+        .filter_map(|l| l.split("bytes=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum()
 }
