@@ -12,6 +12,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("crdt-state", &[]),
     ("mesh", &[]),
     ("blobs", &[]),
+    ("uplink", &[]),
     ("adapters", &["crdt-state"]),
     ("daemon", &["crdt-state", "mesh", "blobs"]),
     ("simulations", &["crdt-state", "daemon", "blobs"]),
