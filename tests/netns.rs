@@ -121,6 +121,36 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
+/// A daemon of `kind` in namespace `ns`, listening on `ip`:`port` (UDP,
+/// QUIC) inside it and told of `peers`; `log` filters its log.
+fn start_in(
+    ns: &str,
+    kind: &str,
+    dir: &Path,
+    (ip, port): (&str, u16),
+    peers: &[String],
+    log: Option<&str>,
+) -> Daemon {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("/ip4/{ip}/udp/{port}/quic-v1"),
+    ];
+    for p in peers {
+        args.push("--peer".into());
+        args.push(p.clone());
+    }
+    Daemon::start_with_log(kind, dir, &args, Some(ns), log)
+}
+
+/// An App that runs on the nodes `selector` picks and prints SAME once
+/// the artifact `m` at its path is the same file as `file`.
+fn cmp_app(selector: &str, file: &Path) -> String {
+    format!(
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  selector: {{{selector}}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
+        file.display()
+    )
+}
+
 #[test]
 fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     require_root();
@@ -155,33 +185,28 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     };
     let to_n1 = UdpLink::start(addr("10.77.3.1:9001"), addr("10.77.2.2:9001"), lan).unwrap();
 
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &["--listen".into(), "/ip4/10.77.1.2/udp/7411/quic-v1".into()],
-        Some(&ns_a),
-    );
-    let n1 = Daemon::start(
+    let anchor = start_in(&ns_a, "anchor", &anchor_dir, ("10.77.1.2", 7411), &[], None);
+    let n1 = start_in(
+        &ns_1,
         "node",
         &n1d,
-        &[
-            "--listen".into(),
-            "/ip4/10.77.2.2/udp/9001/quic-v1".into(),
-            "--peer".into(),
-            format!("/ip4/10.77.2.1/udp/7411/quic-v1/p2p/{}", anchor.peer_id()),
-        ],
-        Some(&ns_1),
+        ("10.77.2.2", 9001),
+        &[format!(
+            "/ip4/10.77.2.1/udp/7411/quic-v1/p2p/{}",
+            anchor.peer_id()
+        )],
+        None,
     );
-    let n2 = Daemon::start(
+    let n2 = start_in(
+        &ns_2,
         "node",
         &n2d,
-        &[
-            "--listen".into(),
-            "/ip4/10.77.3.2/udp/9001/quic-v1".into(),
-            "--peer".into(),
-            format!("/ip4/10.77.3.1/udp/9001/quic-v1/p2p/{}", n1.peer_id()),
-        ],
-        Some(&ns_2),
+        ("10.77.3.2", 9001),
+        &[format!(
+            "/ip4/10.77.3.1/udp/9001/quic-v1/p2p/{}",
+            n1.peer_id()
+        )],
+        None,
     );
     let within = Duration::from_secs(40);
 
@@ -428,14 +453,7 @@ fn site_fetch(nodes: usize, mib: usize, rate: &str) -> SiteRun {
             .parse()
             .unwrap_or(0)
     };
-    let app = write(
-        root,
-        "r.yaml",
-        &format!(
-            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  selector: {{site: s1}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
-            file.display()
-        ),
-    );
+    let app = write(root, "r.yaml", &cmp_app("site: s1", &file));
     let before = counter();
     let start = Instant::now();
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
@@ -542,23 +560,22 @@ fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_othe
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
     let n1d = bundle_node(&anchor_dir, root, "n1", "s1");
     let n2d = bundle_node(&anchor_dir, root, "n2", "s1");
-    let anchor = Daemon::start(
+    let anchor = start_in(
+        &ns_a,
         "anchor",
         &anchor_dir,
-        &["--listen".into(), "/ip4/10.77.10.2/udp/7411/quic-v1".into()],
-        Some(&ns_a),
+        ("10.77.10.2", 7411),
+        &[],
+        None,
     );
     let via = |link: &str| format!("/ip4/{link}/udp/7411/quic-v1/p2p/{}", anchor.peer_id());
-    let n1 = Daemon::start(
+    let n1 = start_in(
+        &ns_1,
         "node",
         &n1d,
-        &[
-            "--listen".into(),
-            "/ip4/10.77.11.2/udp/9001/quic-v1".into(),
-            "--peer".into(),
-            via("10.77.11.1"),
-        ],
-        Some(&ns_1),
+        ("10.77.11.2", 9001),
+        &[via("10.77.11.1")],
+        None,
     );
     let within = Duration::from_secs(60);
     assert!(
@@ -575,14 +592,7 @@ fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_othe
     let file = root.join("m.bin");
     std::fs::write(&file, &data).unwrap();
     push_artifact(&anchor_dir, &file, "m");
-    let app = write(
-        root,
-        "r.yaml",
-        &format!(
-            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  selector: {{site: s1}}\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
-            file.display()
-        ),
-    );
+    let app = write(root, "r.yaml", &cmp_app("site: s1", &file));
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
     let hash = blobs::Hash::of(&data).to_string();
     let held = |node: &str| {
@@ -598,18 +608,13 @@ fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_othe
 
     // n2 knows the anchor by its own link and n1 only by the circuit.
     let circuit = format!("{}/p2p-circuit/p2p/{}", via("10.77.12.1"), n1.peer_id());
-    let n2 = Daemon::start(
+    let n2 = start_in(
+        &ns_2,
         "node",
         &n2d,
-        &[
-            "--listen".into(),
-            "/ip4/10.77.12.2/udp/9001/quic-v1".into(),
-            "--peer".into(),
-            via("10.77.12.1"),
-            "--peer".into(),
-            circuit,
-        ],
-        Some(&ns_2),
+        ("10.77.12.2", 9001),
+        &[via("10.77.12.1"), circuit],
+        None,
     );
     assert!(
         wait_for(within, || n2
@@ -683,22 +688,23 @@ fn a_transfer_resumes_after_its_link_was_cut_and_restored() {
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
     let nd = bundle_node(&anchor_dir, root, "n1", "s1");
-    let anchor = Daemon::start(
+    let anchor = start_in(
+        &ns_a,
         "anchor",
         &anchor_dir,
-        &["--listen".into(), "/ip4/10.77.13.2/udp/7411/quic-v1".into()],
-        Some(&ns_a),
+        ("10.77.13.2", 7411),
+        &[],
+        None,
     );
-    let node = Daemon::start_with_log(
+    let node = start_in(
+        &ns_n,
         "node",
         &nd,
-        &[
-            "--listen".into(),
-            "/ip4/10.77.14.2/udp/9001/quic-v1".into(),
-            "--peer".into(),
-            format!("/ip4/10.77.14.1/udp/7411/quic-v1/p2p/{}", anchor.peer_id()),
-        ],
-        Some(&ns_n),
+        ("10.77.14.2", 9001),
+        &[format!(
+            "/ip4/10.77.14.1/udp/7411/quic-v1/p2p/{}",
+            anchor.peer_id()
+        )],
         Some("info,libp2p=warn,daemon::blobs=debug"),
     );
     let within = Duration::from_secs(60);
@@ -713,14 +719,7 @@ fn a_transfer_resumes_after_its_link_was_cut_and_restored() {
     let file = root.join("m.bin");
     std::fs::write(&file, &data).unwrap();
     push_artifact(&anchor_dir, &file, "m");
-    let app = write(
-        root,
-        "r.yaml",
-        &format!(
-            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: r}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'cmp \"$SHOAL_ARTIFACT_M\" {} && echo SAME; exec sleep 3600']\n  artifacts: {{m: m}}\n",
-            file.display()
-        ),
-    );
+    let app = write(root, "r.yaml", &cmp_app("node: n1", &file));
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
 
     // A quarter of the way: cut the link.
