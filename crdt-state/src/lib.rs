@@ -56,8 +56,10 @@ pub mod fleet {
 }
 
 pub mod local {
-    //! What a node keeps on its own disk: the store, readings, the data dir.
+    //! What a node keeps on its own disk: the store, readings, the data dir;
+    //! what an anchor keeps of the data that came up (`landing`).
     pub mod datadir;
+    pub mod landing;
     pub mod readings;
     pub mod store;
 }

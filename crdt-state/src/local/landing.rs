@@ -1,0 +1,190 @@
+//! What an anchor keeps of the data that came up from the nodes (ADR 0010
+//! point 7), in the same redb file as its documents and outside every
+//! CRDT.
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `data` | (node, series, time ms, sequence) | (kind, the value as JSON text) |
+//! | `data_by_time` | (time ms, node, series, sequence) | () — what retention deletes, oldest first |
+//!
+//! A record is named by (node, series, sequence); the time is in the key
+//! so a range of a series is one scan. Writing a record that is already
+//! here writes nothing, so a batch that comes twice (a lost
+//! acknowledgement, a node that switched anchors) counts once.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::{Error, Result};
+use crate::local::store::Store;
+
+/// (node, series, time ms, sequence).
+type DataKey<'a> = (&'a str, &'a str, u64, u64);
+const DATA: TableDefinition<DataKey, (u8, &[u8])> = TableDefinition::new("data");
+const BY_TIME: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::new("data_by_time");
+
+/// One record that came up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Landed {
+    /// Its series.
+    pub series: String,
+    /// Its sequence number on its node.
+    pub seq: u64,
+    /// Its time (ms; a summary: the start of its interval).
+    pub at_ms: u64,
+    /// 0 a record as made, 1 a summary of dropped ones.
+    pub kind: u8,
+    /// The value as JSON text.
+    pub value: Vec<u8>,
+}
+
+fn err(store: &Store, e: impl std::fmt::Display) -> Error {
+    Error::Store {
+        path: store.path().to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl Store {
+    /// Stores what `node` sent, in one transaction; a record already here
+    /// is left as it is. Returns how many were new.
+    pub fn land(&self, node: &str, records: &[Landed]) -> Result<u64> {
+        self.guard(|| {
+            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let mut new = 0;
+            {
+                let mut d = wtx.open_table(DATA).map_err(|e| err(self, e))?;
+                let mut t = wtx.open_table(BY_TIME).map_err(|e| err(self, e))?;
+                for r in records {
+                    let key = (node, r.series.as_str(), r.at_ms, r.seq);
+                    if d.get(key).map_err(|e| err(self, e))?.is_some() {
+                        continue;
+                    }
+                    d.insert(key, (r.kind, r.value.as_slice()))
+                        .map_err(|e| err(self, e))?;
+                    t.insert((r.at_ms, node, r.series.as_str(), r.seq), ())
+                        .map_err(|e| err(self, e))?;
+                    new += 1;
+                }
+            }
+            wtx.commit().map_err(|e| err(self, e))?;
+            Ok(new)
+        })
+    }
+
+    /// Records of `node`'s `series` in `[from_ms, to_ms]`, by time (then
+    /// sequence), at most `limit`.
+    pub fn landed(
+        &self,
+        node: &str,
+        series: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Landed>> {
+        self.guard(|| {
+            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let d = match rtx.open_table(DATA) {
+                Ok(d) => d,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(err(self, e)),
+            };
+            let mut out = Vec::new();
+            for item in d
+                .range((node, series, from_ms, 0u64)..=(node, series, to_ms, u64::MAX))
+                .map_err(|e| err(self, e))?
+            {
+                let (k, v) = item.map_err(|e| err(self, e))?;
+                let (_, s, at, seq) = k.value();
+                let (kind, value) = v.value();
+                out.push(Landed {
+                    series: s.to_string(),
+                    seq,
+                    at_ms: at,
+                    kind,
+                    value: value.to_vec(),
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes records older than `before_ms` (retention), at most `limit`
+    /// in one transaction (a tick's worth). Returns how many it deleted.
+    pub fn prune_landed(&self, before_ms: u64, limit: usize) -> Result<u64> {
+        self.guard(|| {
+            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let mut gone = 0;
+            {
+                let mut d = wtx.open_table(DATA).map_err(|e| err(self, e))?;
+                let mut t = wtx.open_table(BY_TIME).map_err(|e| err(self, e))?;
+                while gone < limit as u64 {
+                    let Some((k, _)) = t.first().map_err(|e| err(self, e))? else {
+                        break;
+                    };
+                    let (at, node, series, seq) = k.value();
+                    if at >= before_ms {
+                        break;
+                    }
+                    let (node, series) = (node.to_string(), series.to_string());
+                    drop(k);
+                    t.remove((at, node.as_str(), series.as_str(), seq))
+                        .map_err(|e| err(self, e))?;
+                    d.remove((node.as_str(), series.as_str(), at, seq))
+                        .map_err(|e| err(self, e))?;
+                    gone += 1;
+                }
+            }
+            wtx.commit().map_err(|e| err(self, e))?;
+            Ok(gone)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::store::StoreConfig;
+
+    fn rec(series: &str, seq: u64, at: u64, v: &str) -> Landed {
+        Landed {
+            series: series.into(),
+            seq,
+            at_ms: at,
+            kind: 0,
+            value: v.as_bytes().to_vec(),
+        }
+    }
+
+    /// A batch that lands twice counts once; ranges are per node and
+    /// series; retention deletes by time, oldest first.
+    #[test]
+    fn landing_is_idempotent_ranged_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("a.redb"), StoreConfig::default()).unwrap();
+        let batch: Vec<Landed> = (0..10)
+            .map(|i| rec("m/v", i, 1000 + i * 10, &i.to_string()))
+            .collect();
+        assert_eq!(s.land("n1", &batch).unwrap(), 10);
+        assert_eq!(s.land("n1", &batch).unwrap(), 0, "again: nothing new");
+        assert_eq!(s.land("n2", &batch[..3]).unwrap(), 3, "another node's");
+        let got = s.landed("n1", "m/v", 1020, 1050, 100).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 3, 4, 5]);
+        assert_eq!(got[0].value, b"2");
+        assert!(s.landed("n1", "m/w", 0, u64::MAX, 100).unwrap().is_empty());
+        assert_eq!(s.landed("n2", "m/v", 0, u64::MAX, 100).unwrap().len(), 3);
+        assert_eq!(s.landed("n1", "m/v", 0, u64::MAX, 2).unwrap().len(), 2);
+        // Retention: everything before 1035 goes, in two ticks of 5.
+        assert_eq!(s.prune_landed(1035, 5).unwrap(), 5);
+        assert_eq!(s.prune_landed(1035, 5).unwrap(), 2);
+        assert_eq!(s.prune_landed(1035, 5).unwrap(), 0);
+        let left = s.landed("n1", "m/v", 0, u64::MAX, 100).unwrap();
+        assert_eq!(left.first().map(|r| r.at_ms), Some(1040));
+        assert!(s.landed("n2", "m/v", 0, u64::MAX, 100).unwrap().is_empty());
+        // Landing a pruned record again brings it back (its node resent
+        // it): retention is by time, not a tombstone.
+        assert_eq!(s.land("n1", &batch[..1]).unwrap(), 1);
+    }
+}
