@@ -1,13 +1,18 @@
-//! Batches of data from the edge: any input decodes to a batch within the
-//! bounds, or to an error, never a panic; what decodes can be encoded
-//! again and decodes to the same records (values as the same numbers, or
-//! the same bytes); the signed part is everything but the signature.
+//! Batches of data from the edge, and the anchors' answers to them: any
+//! input decodes to a batch within the bounds, or to an error, never a
+//! panic; what decodes can be encoded again and decodes to the same
+//! records (values as the same numbers, or the same bytes); the signed
+//! part is everything but the signature. An answer that decodes encodes
+//! back to itself.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
 use uplink::batch::{SIGNATURE, decode};
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok(a) = uplink::wire::Answer::decode(data) {
+        assert_eq!(uplink::wire::Answer::decode(&a.encode()), Ok(a));
+    }
     let Ok(u) = decode(data) else { return };
     assert_eq!(u.signed.len() + SIGNATURE, data.len());
     assert!(u.batch.records() <= uplink::batch::MAX_RECORDS);

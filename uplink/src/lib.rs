@@ -5,6 +5,8 @@
 //!   numbers, times and values in columns (run-length deltas; numbers as
 //!   scaled decimal deltas), signed by the node that produced them, decoded
 //!   within fixed bounds.
+//! - [`wire`]: `/shoal/data/1`, batches up and acknowledgements (the
+//!   sequence numbers committed) or refusals down.
 //!
 //! The crate is sans-IO and depends on nothing of Shoal's: the caller signs
 //! and verifies with the node's key (`crdt-state`), stores (redb, the
@@ -12,3 +14,4 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod wire;
