@@ -14,7 +14,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("blobs", &[]),
     ("uplink", &[]),
     ("adapters", &["crdt-state"]),
-    ("daemon", &["crdt-state", "mesh", "blobs"]),
+    ("daemon", &["crdt-state", "mesh", "blobs", "uplink"]),
     ("simulations", &["crdt-state", "daemon", "blobs"]),
     (
         "node",

@@ -43,6 +43,7 @@ macro_rules! say {
 }
 
 pub mod core;
+pub mod data;
 pub mod hello;
 pub mod render;
 

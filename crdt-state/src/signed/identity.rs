@@ -47,6 +47,13 @@ impl PublicKey {
         hex::encode(&self.0[..4])
     }
 
+    /// Checks that `signature` is this key's over `msg` (strict Ed25519).
+    pub fn verify_signature(&self, msg: &[u8], signature: &[u8; 64]) -> Result<()> {
+        self.verifying_key()?
+            .verify_strict(msg, &Signature::from_bytes(signature))
+            .map_err(|_| Error::Identity(format!("not a signature of {}", self.short())))
+    }
+
     pub(crate) fn verifying_key(&self) -> Result<VerifyingKey> {
         VerifyingKey::from_bytes(&self.0)
             .map_err(|_| Error::Identity(format!("{} is not a valid Ed25519 key", self.to_hex())))
