@@ -5,6 +5,8 @@
 //!   numbers, times and values in columns (run-length deltas; numbers as
 //!   scaled decimal deltas), signed by the node that produced them, decoded
 //!   within fixed bounds.
+//! - [`outbox`]: the node's side of the stream: what to read from its
+//!   outbox next, live first, and what an answer settles.
 //! - [`wire`]: `/shoal/data/1`, batches up and acknowledgements (the
 //!   sequence numbers committed) or refusals down.
 //!
@@ -14,4 +16,5 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod outbox;
 pub mod wire;
