@@ -43,6 +43,8 @@
 
 use thiserror::Error;
 
+use crate::codec::{self, put};
+
 /// The first bytes of every batch.
 pub const MAGIC: &[u8; 4] = b"SHD1";
 /// Largest encoded batch, signature included.
@@ -192,7 +194,7 @@ pub fn decode(bytes: &[u8]) -> Result<Unverified<'_>, BatchError> {
     let (signed, sig) = bytes.split_at(bytes.len() - SIGNATURE);
     let mut signature = [0u8; SIGNATURE];
     signature.copy_from_slice(sig);
-    let mut r = Reader(signed);
+    let mut r = Reader::new(signed);
     if r.take(4)? != MAGIC {
         return Err(bad("not a data batch (wrong magic)"));
     }
@@ -212,8 +214,8 @@ pub fn decode(bytes: &[u8]) -> Result<Unverified<'_>, BatchError> {
         })?;
         series.push(s);
     }
-    if !r.0.is_empty() {
-        return Err(bad(format!("{} bytes after the last series", r.0.len())));
+    if r.rest() > 0 {
+        return Err(bad(format!("{} bytes after the last series", r.rest())));
     }
     Ok(Unverified {
         batch: Batch {
@@ -343,8 +345,8 @@ fn decode_series(r: &mut Reader<'_>, budget: &mut usize) -> Result<Series, Batch
     *budget -= n;
     // Each record costs at least one byte of value: a count beyond the
     // bytes left is a lie, refused before allocating for it.
-    if n > r.0.len() {
-        return Err(bad(format!("{name}: {n} records in {} bytes", r.0.len())));
+    if n > r.rest() {
+        return Err(bad(format!("{name}: {n} records in {} bytes", r.rest())));
     }
     let mut seqs = Vec::with_capacity(n);
     seqs.push(r.varint("first sequence number")?);
@@ -535,14 +537,6 @@ fn decimal_text(m: i64, k: u32) -> String {
     }
 }
 
-fn put(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 /// `deltas` as runs: the run count, then (value, length) per run.
 fn put_runs(out: &mut Vec<u8>, deltas: &[u64]) {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -590,37 +584,30 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-struct Reader<'a>(&'a [u8]);
+/// The crate's reader, with errors that name what was being read.
+struct Reader<'a>(codec::Reader<'a>);
 
 impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader(codec::Reader(bytes))
+    }
+
+    fn rest(&self) -> usize {
+        self.0.0.len()
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], BatchError> {
-        if self.0.len() < n {
-            return Err(bad(format!("{n} bytes expected, {} left", self.0.len())));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        self.0.take(n).map_err(bad)
     }
 
     fn u8(&mut self, what: &str) -> Result<u8, BatchError> {
-        self.take(1)
-            .map(|b| b[0])
+        self.0
+            .u8()
             .map_err(|_| bad(format!("the batch ends before its {what}")))
     }
 
     fn varint(&mut self, what: &str) -> Result<u64, BatchError> {
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = self.u8(what)?;
-            if i == 9 && b > 1 {
-                return Err(bad(format!("{what}: a varint beyond 64 bits")));
-            }
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(bad(format!("{what}: a varint beyond 64 bits")))
+        self.0.varint().map_err(|e| bad(format!("{what}: {e}")))
     }
 }
 

@@ -16,5 +16,6 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+mod codec;
 pub mod outbox;
 pub mod wire;

@@ -18,6 +18,8 @@
 
 use thiserror::Error;
 
+use crate::codec::{Reader, put};
+
 /// The protocol's name on the mesh.
 pub const PROTOCOL: &str = "/shoal/data/1";
 /// Largest answer.
@@ -106,16 +108,16 @@ impl Answer {
             return Err(bad(format!("{} bytes (at most {MAX_ANSWER})", bytes.len())));
         }
         let mut r = Reader(bytes);
-        let answer = match r.u8()? {
+        let answer = match r.u8().map_err(bad)? {
             0 => {
-                let number = r.varint()?;
-                let n = r.varint()?;
+                let number = r.varint().map_err(bad)?;
+                let n = r.varint().map_err(bad)?;
                 if n > MAX_RANGES as u64 {
                     return Err(bad(format!("{n} ranges (at most {MAX_RANGES})")));
                 }
                 let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    let (a, b) = (r.varint()?, r.varint()?);
+                    let (a, b) = (r.varint().map_err(bad)?, r.varint().map_err(bad)?);
                     if b < a || ranges.last().is_some_and(|(_, last)| a <= *last) {
                         return Err(bad(format!("range {a}..={b} out of order")));
                     }
@@ -124,12 +126,12 @@ impl Answer {
                 Answer::Ack { number, ranges }
             }
             1 => {
-                let number = r.varint()?;
-                let n = r.varint()?;
+                let number = r.varint().map_err(bad)?;
+                let n = r.varint().map_err(bad)?;
                 if n > MAX_REASON as u64 {
                     return Err(bad(format!("a reason of {n} bytes")));
                 }
-                let reason = std::str::from_utf8(r.take(n as usize)?)
+                let reason = std::str::from_utf8(r.take(n as usize).map_err(bad)?)
                     .map_err(|_| bad("a reason that is not UTF-8"))?
                     .to_string();
                 Answer::Refused { number, reason }
@@ -140,46 +142,6 @@ impl Answer {
             return Err(bad(format!("{} bytes after the answer", r.0.len())));
         }
         Ok(answer)
-    }
-}
-
-fn put(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.0.len() < n {
-            return Err(bad(format!("{n} bytes expected, {} left", self.0.len())));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn varint(&mut self) -> Result<u64, WireError> {
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = self.u8()?;
-            if i == 9 && b > 1 {
-                break;
-            }
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(bad("a varint beyond 64 bits"))
     }
 }
 
