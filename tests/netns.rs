@@ -33,6 +33,26 @@ fn ip(args: &[&str]) {
 struct Namespaces(Vec<String>);
 
 impl Namespaces {
+    /// For one test: needs root, removes what killed runs left, and makes
+    /// one namespace per (letter, i) as [`Namespaces::add`] does, named
+    /// after this process and the letter (each test its own letters: the
+    /// tests of this file run at once). Returns the names in order.
+    fn for_test(specs: &[(char, u8)]) -> (Namespaces, Vec<String>) {
+        require_root();
+        remove_leftovers();
+        let tag = format!("sh{}", std::process::id() % 100_000);
+        let mut ns = Namespaces(Vec::new());
+        let names = specs
+            .iter()
+            .map(|(letter, i)| {
+                let name = format!("{tag}{letter}");
+                ns.add(&name, *i);
+                name
+            })
+            .collect();
+        (ns, names)
+    }
+
     /// Namespace `name` with veth `10.77.<i>.2/30` inside and `10.77.<i>.1` outside.
     fn add(&mut self, name: &str, i: u8) {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
@@ -81,7 +101,7 @@ fn remove_leftovers() {
         let name = line.split_whitespace().next().unwrap_or("");
         let digits = name
             .trim_start_matches("sh")
-            .trim_end_matches(['a', 'b', 'c', 'd', 'e', 'm', 'n', 'p', 'q', 'r', 'x', 'y']);
+            .trim_end_matches(|c: char| c.is_ascii_lowercase());
         if name.starts_with("sh")
             && !name.starts_with(&mine)
             && !digits.is_empty()
@@ -106,7 +126,7 @@ fn remove_leftovers() {
         let Some(body) = dev.strip_prefix("sh").and_then(|b| b.strip_suffix('o')) else {
             continue;
         };
-        let digits = body.trim_end_matches(['a', 'b', 'c', 'd', 'e', 'p', 'q', 'r', 'x', 'y']);
+        let digits = body.trim_end_matches(|c: char| c.is_ascii_lowercase());
         if !dev.starts_with(&mine)
             && digits.len() + 1 == body.len()
             && !digits.is_empty()
@@ -153,14 +173,8 @@ fn cmp_app(selector: &str, file: &Path) -> String {
 
 #[test]
 fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
-    require_root();
-    remove_leftovers();
-    let tag = format!("sh{}", std::process::id() % 100_000);
-    let (ns_a, ns_1, ns_2) = (format!("{tag}a"), format!("{tag}b"), format!("{tag}c"));
-    let mut ns = Namespaces(Vec::new());
-    ns.add(&ns_a, 1);
-    ns.add(&ns_1, 2);
-    ns.add(&ns_2, 3);
+    let (_ns, names) = Namespaces::for_test(&[('a', 1), ('b', 2), ('c', 3)]);
+    let [ns_a, ns_1, ns_2] = [&names[0], &names[1], &names[2]];
 
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -185,9 +199,9 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
     };
     let to_n1 = UdpLink::start(addr("10.77.3.1:9001"), addr("10.77.2.2:9001"), lan).unwrap();
 
-    let anchor = start_in(&ns_a, "anchor", &anchor_dir, ("10.77.1.2", 7411), &[], None);
+    let anchor = start_in(ns_a, "anchor", &anchor_dir, ("10.77.1.2", 7411), &[], None);
     let n1 = start_in(
-        &ns_1,
+        ns_1,
         "node",
         &n1d,
         ("10.77.2.2", 9001),
@@ -198,7 +212,7 @@ fn partition_across_namespaces_merges_both_sides_and_relays_through_a_node() {
         None,
     );
     let n2 = start_in(
-        &ns_2,
+        ns_2,
         "node",
         &n2d,
         ("10.77.3.2", 9001),
@@ -540,14 +554,8 @@ fn site_figure() {
 /// through the relay, verified group by group like any other transfer.
 #[test]
 fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_other() {
-    require_root();
-    remove_leftovers();
-    let tag = format!("sh{}", std::process::id() % 100_000);
-    let (ns_a, ns_1, ns_2) = (format!("{tag}p"), format!("{tag}q"), format!("{tag}r"));
-    let mut ns = Namespaces(Vec::new());
-    ns.add(&ns_a, 10);
-    ns.add(&ns_1, 11);
-    ns.add(&ns_2, 12);
+    let (_ns, names) = Namespaces::for_test(&[('p', 10), ('q', 11), ('r', 12)]);
+    let [ns_a, ns_1, ns_2] = [&names[0], &names[1], &names[2]];
     let fast = LinkConfig::default();
     let _to_anchor_1 =
         UdpLink::start(addr("10.77.11.1:7411"), addr("10.77.10.2:7411"), fast).unwrap();
@@ -560,17 +568,10 @@ fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_othe
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
     let n1d = bundle_node(&anchor_dir, root, "n1", "s1");
     let n2d = bundle_node(&anchor_dir, root, "n2", "s1");
-    let anchor = start_in(
-        &ns_a,
-        "anchor",
-        &anchor_dir,
-        ("10.77.10.2", 7411),
-        &[],
-        None,
-    );
+    let anchor = start_in(ns_a, "anchor", &anchor_dir, ("10.77.10.2", 7411), &[], None);
     let via = |link: &str| format!("/ip4/{link}/udp/7411/quic-v1/p2p/{}", anchor.peer_id());
     let n1 = start_in(
-        &ns_1,
+        ns_1,
         "node",
         &n1d,
         ("10.77.11.2", 9001),
@@ -609,7 +610,7 @@ fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_othe
     // n2 knows the anchor by its own link and n1 only by the circuit.
     let circuit = format!("{}/p2p-circuit/p2p/{}", via("10.77.12.1"), n1.peer_id());
     let n2 = start_in(
-        &ns_2,
+        ns_2,
         "node",
         &n2d,
         ("10.77.12.2", 9001),
@@ -669,13 +670,8 @@ fn an_artifact_crosses_the_anchor_relay_between_nodes_with_no_route_to_each_othe
 #[test]
 fn a_transfer_resumes_after_its_link_was_cut_and_restored() {
     const GROUP: u64 = 16 * 1024;
-    require_root();
-    remove_leftovers();
-    let tag = format!("sh{}", std::process::id() % 100_000);
-    let (ns_a, ns_n) = (format!("{tag}d"), format!("{tag}e"));
-    let mut ns = Namespaces(Vec::new());
-    ns.add(&ns_a, 13);
-    ns.add(&ns_n, 14);
+    let (ns, names) = Namespaces::for_test(&[('d', 13), ('e', 14)]);
+    let [ns_a, ns_n] = [&names[0], &names[1]];
     let link = UdpLink::start(
         addr("10.77.14.1:7411"),
         addr("10.77.13.2:7411"),
@@ -688,16 +684,9 @@ fn a_transfer_resumes_after_its_link_was_cut_and_restored() {
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
     let nd = bundle_node(&anchor_dir, root, "n1", "s1");
-    let anchor = start_in(
-        &ns_a,
-        "anchor",
-        &anchor_dir,
-        ("10.77.13.2", 7411),
-        &[],
-        None,
-    );
+    let anchor = start_in(ns_a, "anchor", &anchor_dir, ("10.77.13.2", 7411), &[], None);
     let node = start_in(
-        &ns_n,
+        ns_n,
         "node",
         &nd,
         ("10.77.14.2", 9001),

@@ -587,8 +587,9 @@ pub struct Partial {
     held: u64,
     /// Bytes written since the flusher was last nudged.
     unflushed: u64,
-    /// Nudges the thread that starts writing the file back to disk while
-    /// groups keep coming ([`FLUSH_EVERY`]); `None` if it could not start.
+    /// Nudges the thread that writes the file back to disk while groups
+    /// keep coming ([`FLUSH_EVERY`]); started at the first nudge, `None`
+    /// before that or if it could not start.
     flusher: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
@@ -604,22 +605,6 @@ pub const FLUSH_EVERY: u64 = 8 << 20;
 
 impl Partial {
     fn new(hash: Hash, path: PathBuf, file: File, cvs: Cvs, have: Vec<bool>, held: u64) -> Self {
-        let flusher = file.try_clone().ok().and_then(|f| {
-            // One nudge waits at most: a flush in progress covers what was
-            // written before it started, the waiting nudge what came after.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            std::thread::Builder::new()
-                .name("blob-flush".into())
-                .spawn(move || {
-                    while rx.recv().is_ok() {
-                        // An error here is found again, and reported, by
-                        // the sync of `finish`.
-                        let _ = f.sync_data();
-                    }
-                })
-                .ok()
-                .map(|_| tx)
-        });
         Partial {
             hash,
             path,
@@ -628,7 +613,36 @@ impl Partial {
             have,
             held,
             unflushed: 0,
-            flusher,
+            flusher: None,
+        }
+    }
+
+    /// Asks the flusher to sync what was written, starting it the first
+    /// time (a blob under [`FLUSH_EVERY`] never needs one).
+    fn nudge_flusher(&mut self) {
+        if self.flusher.is_none() {
+            self.flusher = self.file.try_clone().ok().and_then(|f| {
+                // One nudge waits at most: a flush in progress covers what
+                // was written before it started, the waiting nudge what
+                // came after.
+                let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+                std::thread::Builder::new()
+                    .name("blob-flush".into())
+                    .spawn(move || {
+                        while rx.recv().is_ok() {
+                            // An error here is found again, and reported,
+                            // by the sync of `finish`.
+                            let _ = f.sync_data();
+                        }
+                    })
+                    .ok()
+                    .map(|_| tx)
+            });
+        }
+        if let Some(f) = &self.flusher {
+            // Full: a flush is running and another is queued; these bytes
+            // go with the queued one.
+            let _ = f.try_send(());
         }
     }
 
@@ -683,12 +697,8 @@ impl Partial {
         self.have[index as usize] = true;
         self.held += data.len() as u64;
         self.unflushed += data.len() as u64;
-        if self.unflushed >= FLUSH_EVERY
-            && let Some(f) = &self.flusher
-        {
-            // Full: a flush is running and another is queued; this one's
-            // bytes go with the queued one.
-            let _ = f.try_send(());
+        if self.unflushed >= FLUSH_EVERY {
+            self.nudge_flusher();
             self.unflushed = 0;
         }
         Ok(())

@@ -745,9 +745,7 @@ impl Base {
     pub fn next_action(&mut self) -> Option<Action<PeerId>> {
         if let Some(a) = self.own.pop_front() {
             if let Action::Security { who, reason } = &a {
-                tracing::warn!(%who, %reason, "security event");
-                let at = self.now().unix_s;
-                self.core.note_security(at, who, reason);
+                self.security_seen(who, reason);
             }
             return Some(a);
         }
@@ -814,15 +812,21 @@ impl Base {
                     }
                 }
                 Action::Security { who, reason } => {
-                    tracing::warn!(%who, %reason, "security event");
-                    let at = self.now().unix_s;
-                    self.core.note_security(at, &who, &reason);
+                    self.security_seen(&who, &reason);
                     return Some(Action::Security { who, reason });
                 }
                 other => return Some(other),
             }
         }
         None
+    }
+
+    /// A security event, the core's or the driver's own: logged, and kept
+    /// for the node's report.
+    fn security_seen(&mut self, who: &str, reason: &str) {
+        tracing::warn!(%who, %reason, "security event");
+        let at = self.now().unix_s;
+        self.core.note_security(at, who, reason);
     }
 
     /// Runs a store write on a blocking thread (on the loop at shutdown):
