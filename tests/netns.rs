@@ -720,9 +720,14 @@ fn a_transfer_resumes_after_its_link_was_cut_and_restored() {
     link.set_cut(true);
     let at_cut = blob_bytes_received(&node.log_text());
     assert!(at_cut < size, "the whole blob arrived before the cut");
-    // Long enough for the mesh's probe to find the connection dead (it
-    // checks 2 s after frames went out and gives up after 4 s more): the
-    // stream breaks and a new connection carries the rest.
+    // An operator edit during the cut gives the anchor sync frames to send,
+    // so its probe finds the connection dead (it checks 2 s after frames
+    // went out and gives up after 4 s more; a transfer alone sends none,
+    // and QUIC would carry the stream over a 12 s gap on the same
+    // connection). 12 s is long enough for that: the stream breaks and a
+    // new connection carries the rest.
+    let edit = write(root, "edit.yaml", &app_yaml("other", "1"));
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&edit)]);
     std::thread::sleep(Duration::from_secs(12));
     let during = blob_bytes_received(&node.log_text());
     link.set_cut(false);
