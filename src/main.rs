@@ -136,6 +136,9 @@ enum Command {
     /// the nodes that need them, verified.
     #[command(subcommand)]
     Artifact(ArtifactCmd),
+    /// Data that came up from the nodes (device readings, app records).
+    #[command(subcommand)]
+    Data(DataCmd),
     /// Offline bundles for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -426,6 +429,10 @@ enum NodeCmd {
         /// Most device readings kept in the store; the oldest are dropped beyond it.
         #[arg(long, default_value_t = node::daemon::DEFAULT_READINGS_CAP)]
         readings_cap: u64,
+        /// Seconds per summary of the unacknowledged readings dropped at the
+        /// cap (what goes up in their place).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        summary_interval: u64,
     },
 }
 
@@ -485,6 +492,7 @@ enum Daemon {
         site_api: Option<std::net::SocketAddr>,
         runtime: RuntimeChoice,
         readings_cap: u64,
+        summary_ms: u64,
     },
     Anchor {
         http: Option<std::net::SocketAddr>,
@@ -521,12 +529,14 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                 site_api,
                 runtime,
                 readings_cap,
+                summary_ms,
             } => {
                 let opts = node::daemon::Options {
                     mesh,
                     site_api,
                     runtime,
                     readings_cap,
+                    summary_ms,
                 };
                 node::daemon::run(opts, shutdown).await
             }
@@ -629,6 +639,34 @@ enum StoreCmd {
     Check {
         #[command(flatten)]
         dir: Dir,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Print a node's series as it landed at an anchor: records (or per
+    /// --step), the summaries of what the node's quota dropped, and gaps.
+    Read {
+        /// The anchor's API (http://host:port).
+        #[arg(long, env = "SHOAL_ANCHOR")]
+        anchor: String,
+        /// Operator token.
+        #[arg(long, env = "SHOAL_TOKEN")]
+        token: String,
+        /// The node.
+        node: String,
+        /// The series: `device/resource`, or `app/<app>/<series>`.
+        series: String,
+        /// How far back (e.g. 90s, 30m, 1h, 7d).
+        #[arg(long, default_value = "1d")]
+        since: String,
+        /// One point per this long (count, min, max, mean), e.g. 1m; every
+        /// record if absent.
+        #[arg(long)]
+        step: Option<String>,
+        /// table, csv or json.
+        #[arg(short, long, default_value = "table")]
+        output: String,
     },
 }
 
@@ -907,6 +945,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime,
             kubeconfig,
             readings_cap,
+            summary_interval,
         }) => {
             let rt = match runtime.as_str() {
                 "native" => RuntimeChoice::Native,
@@ -920,6 +959,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     site_api,
                     runtime: rt,
                     readings_cap,
+                    summary_ms: summary_interval.saturating_mul(1000),
                 },
             )?
         }
@@ -1098,6 +1138,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!(
                 "{}",
                 daemon::artifact::push(&dir.data_dir, identity.as_deref(), &file, &p)?
+            );
+        }
+        Command::Data(DataCmd::Read {
+            anchor,
+            token,
+            node,
+            series,
+            since,
+            step,
+            output,
+        }) => {
+            let to = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            let from = to.saturating_sub(parse_ttl(&since)? as u64 * 1000);
+            let step = match step {
+                Some(s) => parse_ttl(&s)? as u64 * 1000,
+                None => 0,
+            };
+            let client = cloud_anchor::client::Client::new(&anchor, &token);
+            print!(
+                "{}",
+                client.series(&node, &series, (from, to), step, &output)?
             );
         }
         Command::Artifact(ArtifactCmd::Import { dir, file, name }) => {

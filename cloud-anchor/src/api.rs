@@ -97,6 +97,10 @@ pub struct Server {
     pub demo: Option<Arc<dyn Demo>>,
     /// The anchor's blob store (artifacts uploaded through the API).
     pub blobs: Option<Arc<blobs::BlobStore>>,
+    /// The anchor's store (the data that came up from the nodes).
+    pub store: Option<Arc<crdt_state::Store>>,
+    /// What came up on `/shoal/data/1`.
+    pub data: Option<Arc<daemon::data_up::Counters>>,
 }
 
 type Shared = Arc<Server>;
@@ -114,6 +118,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/nodes"),
     ("GET", "/api/nodes/{name}"),
     ("DELETE", "/api/nodes/{name}"),
+    ("GET", "/api/nodes/{name}/series/{series}"),
     ("GET", "/api/sites"),
     ("GET", "/api/sites/{name}"),
     ("DELETE", "/api/sites/{name}"),
@@ -166,6 +171,9 @@ pub fn router(server: Server) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{name}", get(node).delete(delete_entity))
+        // A series name holds slashes (`device/resource`): the rest of the
+        // path, or one segment with them escaped.
+        .route("/api/nodes/{name}/series/{*series}", get(series))
         .route("/api/sites", get(sites))
         .route("/api/sites/{name}", get(site).delete(delete_entity))
         .route("/api/apps", get(apps))
@@ -627,6 +635,55 @@ async fn node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
         "timeline": timeline,
     }))
     .into_response()
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    from: Option<u64>,
+    to: Option<u64>,
+    step: Option<u64>,
+}
+
+/// A series of a node over a time range (ms since the epoch; by default
+/// the last day), every record or per `step` ms.
+async fn series(
+    State(s): State<Shared>,
+    Path((node, series)): Path<(String, String)>,
+    Query(q): Query<SeriesQuery>,
+) -> Response {
+    let Some(store) = s.store.clone() else {
+        return ApiError::new(503, "this anchor keeps no data").into_response();
+    };
+    let series = series.trim_start_matches('/').to_string();
+    let to =
+        q.to.unwrap_or_else(|| (now().max(0) as u64).saturating_mul(1000));
+    let from = q.from.unwrap_or_else(|| to.saturating_sub(86_400_000));
+    let step = q.step.unwrap_or(0);
+    if from > to {
+        return ApiError::new(400, format!("from ({from}) is after to ({to})")).into_response();
+    }
+    if step > 0 && (to - from) / step > crate::series::MAX_POINTS {
+        return ApiError::new(
+            400,
+            format!(
+                "a step of {step} ms makes more than {} points: at least {} ms",
+                crate::series::MAX_POINTS,
+                (to - from).div_ceil(crate::series::MAX_POINTS)
+            ),
+        )
+        .into_response();
+    }
+    let read = tokio::task::spawn_blocking(move || {
+        store
+            .landed(&node, &series, from, to, crate::series::MAX_RECORDS + 1)
+            .map(|landed| crate::series::shape(&node, &series, from, to, step, landed))
+    })
+    .await;
+    match read {
+        Ok(Ok(a)) => axum::Json(a).into_response(),
+        Ok(Err(e)) => ApiError::new(500, format!("the anchor's store: {e}")).into_response(),
+        Err(e) => ApiError::new(500, format!("internal: {e}")).into_response(),
+    }
 }
 
 async fn sites(State(s): State<Shared>) -> Response {
@@ -1231,6 +1288,33 @@ async fn metrics(State(s): State<Shared>) -> Response {
         "Fields with concurrent values.",
         &one(sn.conflicts.len() as u64),
     );
+    if let Some(d) = &s.data {
+        use std::sync::atomic::Ordering::Relaxed;
+        m(
+            "shoal_data_batches_total",
+            "counter",
+            "Batches of data from the nodes landed and acknowledged.",
+            &one(d.batches_landed.load(Relaxed)),
+        );
+        m(
+            "shoal_data_records_total",
+            "counter",
+            "Records in the batches landed (a replay counts again).",
+            &one(d.records_landed.load(Relaxed)),
+        );
+        m(
+            "shoal_data_records_new_total",
+            "counter",
+            "Records landed that were not here yet.",
+            &one(d.records_new.load(Relaxed)),
+        );
+        m(
+            "shoal_data_refused_total",
+            "counter",
+            "Batches refused (forged, from a stranger, or not storable).",
+            &one(d.refused.load(Relaxed)),
+        );
+    }
     m(
         "shoal_store_bytes",
         "gauge",
@@ -1356,6 +1440,8 @@ mod tests {
             tokens: crate::tokens::Tokens::new(dir.path()),
             demo: None,
             blobs: None,
+            store: None,
+            data: None,
         });
         for what in [
             "conflicts",

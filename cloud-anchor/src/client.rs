@@ -105,6 +105,173 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `shoal data read`: a node's series from `from` to `to` (ms), every
+    /// record or per `step` ms, as `table`, `csv` or `json`.
+    pub fn series(
+        &self,
+        node: &str,
+        series: &str,
+        range: (u64, u64),
+        step: u64,
+        output: &str,
+    ) -> anyhow::Result<String> {
+        let (from, to) = range;
+        let text = self.call(
+            "GET",
+            &format!(
+                "/api/nodes/{}/series/{}?from={from}&to={to}&step={step}",
+                encode(node),
+                encode(series)
+            ),
+            None,
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        render_series(&v, output)
+    }
+}
+
+/// A series answer as `json` (as it came), `csv` or `table`: one row per
+/// point (time in ms and UTC, value, and with a step count, min, max),
+/// then one per summary and per gap, so nothing the chart shows is missing
+/// from the text.
+pub fn render_series(v: &serde_json::Value, output: &str) -> anyhow::Result<String> {
+    let empty = Vec::new();
+    let rows = |k: &str| v[k].as_array().unwrap_or(&empty).clone();
+    let stepped = v["step"].as_u64().unwrap_or(0) > 0;
+    let cell = |x: &serde_json::Value| match x {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let csv = |s: String| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s
+        }
+    };
+    let mut lines: Vec<Vec<String>> = Vec::new();
+    for p in rows("points") {
+        let t = p["t"].as_u64().unwrap_or(0);
+        let mut line = vec![t.to_string(), utc(t), "record".into(), cell(&p["v"])];
+        if stepped {
+            line.extend([cell(&p["count"]), cell(&p["min"]), cell(&p["max"])]);
+        }
+        lines.push(line);
+    }
+    for s in rows("summaries") {
+        let t = s["t"].as_u64().unwrap_or(0);
+        let m = &s["summary"];
+        let mut line = vec![t.to_string(), utc(t), "summary".into(), cell(&m["mean"])];
+        if stepped {
+            line.extend([cell(&m["count"]), cell(&m["min"]), cell(&m["max"])]);
+        } else {
+            line.push(format!(
+                "count={} min={} max={} until {}",
+                cell(&m["count"]),
+                cell(&m["min"]),
+                cell(&m["max"]),
+                utc(m["last_ms"].as_u64().unwrap_or(t))
+            ));
+        }
+        lines.push(line);
+    }
+    for g in rows("gaps") {
+        let (a, b) = (
+            g["from"].as_u64().unwrap_or(0),
+            g["to"].as_u64().unwrap_or(0),
+        );
+        let what = if g["summarised"].as_bool() == Some(true) {
+            "gap (summarised)"
+        } else {
+            "gap"
+        };
+        lines.push(vec![
+            a.to_string(),
+            utc(a),
+            what.into(),
+            format!("until {}", utc(b)),
+        ]);
+    }
+    lines.sort_by_key(|l| l[0].parse::<u64>().unwrap_or(0));
+    let mut head = vec!["time_ms", "time", "kind", "value"];
+    if stepped {
+        head.extend(["count", "min", "max"]);
+    }
+    Ok(match output {
+        "json" => format!("{}\n", serde_json::to_string_pretty(v)?),
+        "csv" => {
+            let mut out = format!("{}\n", head.join(","));
+            for l in lines {
+                out.push_str(&l.into_iter().map(csv).collect::<Vec<_>>().join(","));
+                out.push('\n');
+            }
+            out
+        }
+        "table" => {
+            let mut all = vec![head.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>()];
+            all.extend(lines);
+            let cols = all.iter().map(Vec::len).max().unwrap_or(0);
+            let widths: Vec<usize> = (0..cols)
+                .map(|c| {
+                    all.iter()
+                        .filter_map(|l| l.get(c))
+                        .map(|x| x.chars().count())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let mut out = String::new();
+            for l in all {
+                let cells: Vec<String> = l
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| format!("{x:<w$}", w = widths[i]))
+                    .collect();
+                out.push_str(cells.join("  ").trim_end());
+                out.push('\n');
+            }
+            let truncated = v["truncated"].as_bool() == Some(true);
+            out.push_str(&format!(
+                "{} records{}\n",
+                v["records"].as_u64().unwrap_or(0),
+                if truncated {
+                    " (more in the range: narrow it)"
+                } else {
+                    ""
+                }
+            ));
+            out
+        }
+        other => bail!("unknown output {other:?}: expected table, csv or json"),
+    })
+}
+
+/// `ms` since the epoch as UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian), by
+    // 400-year eras of 146,097 days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 /// Percent-encodes a path segment.
 fn encode(s: &str) -> String {
     s.bytes()
@@ -115,4 +282,43 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(utc(1_795_824_000_000), "2026-11-28T00:00:00.000Z");
+        assert_eq!(utc(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
+
+    /// Points, summaries and gaps each have their rows, by time, in csv
+    /// and table; csv quotes a value with a comma.
+    #[test]
+    fn series_as_text() {
+        let v = serde_json::json!({
+            "step": 0, "records": 2, "truncated": false,
+            "points": [{"t": 1000, "v": 1.5}, {"t": 90_000, "v": {"a": 1, "b": 2}}],
+            "summaries": [{"t": 60_000, "summary": {"count": 3, "min": 1, "max": 2, "mean": 1.5, "first_ms": 60_000, "last_ms": 62_000}}],
+            "gaps": [{"from": 1000, "to": 90_000, "summarised": true}],
+        });
+        let csv = render_series(&v, "csv").unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "time_ms,time,kind,value");
+        assert_eq!(lines[1], "1000,1970-01-01T00:00:01.000Z,record,1.5");
+        assert!(lines[2].starts_with("1000,1970-01-01T00:00:01.000Z,gap (summarised),until "));
+        assert!(lines[3].starts_with("60000,1970-01-01T00:01:00.000Z,summary,1.5,count=3"));
+        assert_eq!(
+            lines[4],
+            "90000,1970-01-01T00:01:30.000Z,record,\"{\"\"a\"\":1,\"\"b\"\":2}\""
+        );
+        let table = render_series(&v, "table").unwrap();
+        assert!(table.starts_with("TIME_MS"), "{table}");
+        assert!(table.ends_with("2 records\n"), "{table}");
+        assert!(render_series(&v, "xml").is_err());
+    }
 }

@@ -80,6 +80,7 @@ pub async fn run(
         default_port: 7411,
         relay_server: true,
         serve: vec![mesh::ENROLL],
+        data: daemon::driver::DataMode::Land { export: false },
     };
     let base = Base::open(dd, me, settings, &opts.mesh, role).await?;
     let mut a = Anchor {
@@ -109,6 +110,8 @@ pub async fn run(
                 commands: a.base.commands(),
                 tokens: crate::tokens::Tokens::new(&data_dir),
                 blobs: Some(a.base.blobs.shared_store()),
+                store: Some(a.base.dd.shared_store()),
+                data: Some(a.base.data.counters.clone()),
                 demo: opts.demo.clone(),
             },
         )

@@ -7,6 +7,7 @@
 //!   commands the API sends it (`daemon::command`).
 //! - [`api`]: the operator HTTP API, the web UI and metrics.
 //! - [`view`]: the read model the API answers from.
+//! - [`series`]: a series that came up from a node, shaped for a chart.
 //! - [`tokens`]: operator tokens.
 //! - [`client`]: the CLI's side of the API (`--anchor URL`).
 //! - [`replica`]: seeding anchor replicas' data dirs.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod replica;
+pub mod series;
 pub mod tokens;
 pub mod view;
 

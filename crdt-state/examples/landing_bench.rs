@@ -38,7 +38,7 @@ fn main() {
     let t = Instant::now();
     let mut new = 0;
     for b in &batches {
-        new += s.land("n1", b).unwrap();
+        new += s.land("n1", b, None).unwrap();
     }
     let d = t.elapsed().as_secs_f64();
     println!(
@@ -48,7 +48,7 @@ fn main() {
     let t = Instant::now();
     let mut again = 0;
     for b in &batches {
-        again += s.land("n1", b).unwrap();
+        again += s.land("n1", b, None).unwrap();
     }
     let d = t.elapsed().as_secs_f64();
     println!(

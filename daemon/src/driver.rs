@@ -48,6 +48,22 @@ pub struct Role {
     pub relay_server: bool,
     /// Request protocols answered here (the anchor's enrollment).
     pub serve: Vec<mesh::StreamProtocol>,
+    /// What it does with data up (`/shoal/data/1`).
+    pub data: DataMode,
+}
+
+/// What a daemon does with data up from the edge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataMode {
+    /// Sends its readings and records up to an anchor (an edge node).
+    #[default]
+    Send,
+    /// Lands what nodes send (an anchor); `export`: queues it for an
+    /// exporter as well.
+    Land {
+        /// Queue landed batches for the exporter.
+        export: bool,
+    },
 }
 
 /// One input from the shared sources.
@@ -61,6 +77,8 @@ pub enum Input {
     Committed(u64, Result<(), String>),
     /// A blob task finished something.
     Blob(crate::blobs::Event),
+    /// A data stream ended or was refused something.
+    Data(crate::data_up::Event),
     /// An enrollment's token was checked and spent on a blocking thread:
     /// the composition writes its certificate ([`Base::enrolled`]).
     Enrolled(Box<Enrolling>),
@@ -193,6 +211,9 @@ pub struct Base {
     /// Artifacts: the blob store, what is served and fetched.
     pub blobs: crate::blobs::Blobs,
     blob_rx: mpsc::UnboundedReceiver<crate::blobs::Event>,
+    /// Data up: the node's stream to an anchor, or the anchor's landing.
+    pub data: crate::data_up::DataUp,
+    data_rx: mpsc::UnboundedReceiver<crate::data_up::Event>,
     /// When blobs were last collected, and the fleet and artifacts then.
     last_collect: Option<LastCollect>,
     /// Enrollments checked on blocking threads come back here.
@@ -281,6 +302,9 @@ impl Base {
         config.relay_server = role.relay_server;
         config.serve = role.serve;
         config.serve_streams.push(mesh::BLOB);
+        if matches!(role.data, DataMode::Land { .. }) {
+            config.serve_streams.push(mesh::DATA);
+        }
         let root = dd.trust().root();
         let (mesh, events) = Mesh::start(config, crate::hello::encode(root, &me.cert))
             .map_err(|e| anyhow!("{e}"))?;
@@ -296,6 +320,13 @@ impl Base {
         let (enroll_tx, enroll_rx) = mpsc::unbounded_channel();
         let store = crate::artifact::store(dd.path(), opts.blob_quota)?;
         let blobs = crate::blobs::Blobs::new(store, blob_tx);
+        let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let data = match role.data {
+            DataMode::Send => crate::data_up::DataUp::send(dd.shared_store(), me.clone(), data_tx),
+            DataMode::Land { export } => {
+                crate::data_up::DataUp::land(dd.shared_store(), dd.trust().clone(), export, data_tx)
+            }
+        };
         Ok(Base {
             dd,
             core: Core::new(engine, me, settings),
@@ -312,6 +343,8 @@ impl Base {
             answers: AfterCommit::default(),
             blobs,
             blob_rx,
+            data,
+            data_rx,
             enroll_tx,
             enroll_rx,
             last_collect: None,
@@ -345,6 +378,7 @@ impl Base {
             Some(inc) = self.commands.recv() => Input::Command(inc),
             Some((batch, result)) = self.done_rx.recv() => Input::Committed(batch, result),
             Some(ev) = self.blob_rx.recv() => Input::Blob(ev),
+            Some(ev) = self.data_rx.recv() => Input::Data(ev),
             Some(e) = self.enroll_rx.recv() => Input::Enrolled(Box::new(e)),
         }
     }
@@ -388,6 +422,17 @@ impl Base {
                 if !out.ready.is_empty() {
                     // A wanted artifact is whole: what waited for it may run.
                     self.own.push_back(Action::Reconcile);
+                }
+                None
+            }
+            Input::Data(ev) => {
+                let t = self.now();
+                if let Some((peer, reason)) = self.data.on_event(&self.mesh, t.mono_ms, ev) {
+                    let who = match self.core.name_of(&peer) {
+                        Some(name) => format!("{name} ({peer})"),
+                        None => peer.to_string(),
+                    };
+                    self.own.push_back(Action::Security { who, reason });
                 }
                 None
             }
@@ -447,6 +492,7 @@ impl Base {
             Event::Frame { peer, bytes } => self.core.frame(t, peer, bytes),
             Event::Down { peer } => {
                 self.blobs.peer_down(&self.mesh, peer);
+                self.data.peer_down(peer);
                 self.core.down(t, peer);
             }
             Event::Stream {
@@ -457,6 +503,14 @@ impl Base {
                 let admitted = self.core.name_of(&peer).is_some();
                 self.blobs.serve(admitted, peer, stream);
             }
+            Event::Stream {
+                peer,
+                protocol,
+                stream,
+            } if protocol == mesh::DATA => match self.core.name_of(&peer) {
+                Some(name) => self.data.serve(peer, name, stream),
+                None => tracing::debug!(%peer, "a data stream from a peer not admitted; closed"),
+            },
             Event::Stream { peer, protocol, .. } => {
                 tracing::debug!(%peer, %protocol, "a stream on a protocol not served; closed");
             }
@@ -694,6 +748,10 @@ impl Base {
         let t = self.now();
         self.core.tick(t);
         self.blobs.tick(&self.mesh, t.mono_ms);
+        self.data.tick(&self.mesh, t.mono_ms);
+        if self.data.lands() {
+            self.data.set_trust(self.core.trust());
+        }
         self.collect_blobs(t.mono_ms);
     }
 
@@ -766,6 +824,8 @@ impl Base {
                             .map(|c| c.role)
                     }) == Some(crdt_state::Role::Anchor);
                     self.blobs.peer_up(&self.mesh, conn, anchor);
+                    let t = self.now();
+                    self.data.peer_up(&self.mesh, conn, anchor, t.mono_ms);
                     if relay {
                         self.mesh.listen_via(conn);
                     }
@@ -773,6 +833,7 @@ impl Base {
                 Action::Reject { conn, reason } => {
                     tracing::warn!(peer = %conn, %reason, "peer refused");
                     self.blobs.peer_down(&self.mesh, conn);
+                    self.data.peer_down(conn);
                     self.mesh.reject(conn, reason);
                 }
                 Action::Send { conn, frame } => {

@@ -25,6 +25,8 @@
 //!   socket, the operator API and the site API, who may make it, and its
 //!   one handler.
 //! - [`control`]: CLI verbs on a data dir, directly or over the socket.
+//! - [`data_up`]: `/shoal/data/1`: a node's stream of its outbox to an
+//!   anchor, an anchor's landing of what its nodes send.
 //! - [`enroll`]: tokens, `/shoal/enroll/1` (both ends), offline node
 //!   bundles, the peer and address files.
 
@@ -55,6 +57,8 @@ pub mod blobs;
 pub mod command;
 #[cfg(feature = "driver")]
 pub mod control;
+#[cfg(feature = "driver")]
+pub mod data_up;
 #[cfg(feature = "driver")]
 pub mod driver;
 #[cfg(feature = "driver")]

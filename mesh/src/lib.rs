@@ -87,8 +87,11 @@ pub const SYNC: StreamProtocol = StreamProtocol::new("/shoal/sync/1");
 pub const ENROLL: StreamProtocol = StreamProtocol::new("/shoal/enroll/1");
 /// Liveness probe: one byte echoed (nothing about documents).
 pub const PROBE: StreamProtocol = StreamProtocol::new("/shoal/probe/1");
-/// Reserved for artifact transfer.
+/// Artifacts: verified groups of blobs (ADR 0009).
 pub const BLOB: StreamProtocol = StreamProtocol::new("/shoal/blob/1");
+/// Data up from the edge: signed batches of readings and app records
+/// (issue 15; the `uplink` crate).
+pub const DATA: StreamProtocol = StreamProtocol::new("/shoal/data/1");
 
 /// Largest hello or request frame.
 pub const MAX_SMALL_FRAME: usize = 64 << 10;

@@ -38,6 +38,9 @@ pub struct Options {
     pub runtime: RuntimeChoice,
     /// Most device readings kept in the store (oldest dropped beyond it).
     pub readings_cap: u64,
+    /// Interval of the summaries of unacknowledged readings dropped at the
+    /// cap (ms).
+    pub summary_ms: u64,
 }
 
 /// Device readings kept by default: about 11 days of 1 resource at 1 Hz,
@@ -82,6 +85,7 @@ struct Node {
     device_state: BTreeMap<String, DeviceState>,
     pending_readings: Vec<crdt_state::local::readings::Reading>,
     readings_cap: u64,
+    summary_ms: u64,
     /// What the runtime was last given per app: an app whose artifacts
     /// are not all whole yet keeps running this.
     last_run: BTreeMap<String, crdt_state::fleet::placement::Workload>,
@@ -138,6 +142,7 @@ pub async fn run(
         device_state: BTreeMap::new(),
         pending_readings: Vec::new(),
         readings_cap: opts.readings_cap,
+        summary_ms: opts.summary_ms,
         last_run: BTreeMap::new(),
         wanted: BTreeMap::new(),
     };
@@ -189,7 +194,12 @@ pub async fn run(
     }
     // Stored on the loop, before the process ends.
     let batch = std::mem::take(&mut n.pending_readings);
-    if let Err(e) = n.base.dd.store().append_readings(&batch, n.readings_cap) {
+    if let Err(e) =
+        n.base
+            .dd
+            .store()
+            .append_readings_with(&batch, n.readings_cap, Some(n.summary_ms))
+    {
         tracing::warn!(error = %e, readings = batch.len(), "readings not stored");
     }
     n.report();
@@ -514,14 +524,18 @@ impl Node {
             return;
         }
         let batch = std::mem::take(&mut self.pending_readings);
-        let cap = self.readings_cap;
-        // A redb commit: on a blocking thread, not on the loop.
-        self.base
-            .store_write(move |store| match store.append_readings(&batch, cap) {
+        let (cap, every) = (self.readings_cap, self.summary_ms);
+        let wake = self.base.data.waker();
+        // A redb commit: on a blocking thread, not on the loop; then the
+        // uplink hears there is more to send.
+        self.base.store_write(move |store| {
+            match store.append_readings_with(&batch, cap, Some(every)) {
                 Ok(0) => {}
                 Ok(dropped) => tracing::debug!(dropped, "oldest readings dropped at the cap"),
                 Err(e) => tracing::warn!(error = %e, readings = batch.len(), "readings not stored"),
-            });
+            }
+            wake.notify_one();
+        });
     }
 
     /// The site API's `GET /api/view`: the node, its site, its desired

@@ -539,3 +539,62 @@ pub fn blob_bytes_received(log: &str) -> u64 {
         .filter_map(|n| n.parse::<u64>().ok())
         .sum()
 }
+
+// The Modbus TCP simulator (pymodbus, installed by scripts/test.sh).
+
+pub fn python() -> String {
+    std::env::var("SHOAL_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let venv = format!("{home}/.cache/shoal/venv/bin/python");
+        assert!(
+            Path::new(&venv).exists(),
+            "no Python with pymodbus: run ./scripts/test.sh (it makes {venv}) or set SHOAL_PYTHON"
+        );
+        venv
+    })
+}
+
+pub fn sim_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sim/modbus_sim.py")
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn tcp_sim(port: u16, log: &Path) -> Proc {
+    let child = Command::new(python())
+        .arg(sim_script())
+        .args(["tcp", "127.0.0.1", &port.to_string()])
+        .stdout(Stdio::from(std::fs::File::create(log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(log.with_extension("err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    assert!(
+        wait_for(Duration::from_secs(30), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the Modbus simulator did not listen: {}",
+        std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+    );
+    p
+}

@@ -122,10 +122,11 @@ impl Uplink {
         Some((number, take))
     }
 
-    /// Batch `number` was acknowledged (the driver marks the ranges in its
-    /// store).
-    pub fn acked(&mut self, number: u64) {
-        self.in_flight.remove(&number);
+    /// Batch `number` was acknowledged: returns the sequence numbers it
+    /// carried (the driver marks those of them the answer names in its
+    /// store), or `None` if no such batch is in flight.
+    pub fn acked(&mut self, number: u64) -> Option<Vec<u64>> {
+        self.in_flight.remove(&number)
     }
 
     /// The stream ended or a batch was refused: nothing unanswered counts
@@ -201,7 +202,8 @@ mod tests {
                 self.anchor.insert(*s);
                 self.outbox.remove(s);
             }
-            u.acked(n);
+            assert_eq!(u.acked(n), Some(carried.clone()));
+            assert_eq!(u.acked(n), None, "answered once");
             self.acked.insert(n);
             true
         }

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `data_series` | (node, series) | its number (u32) |
 //! | `data` | (series number, time ms, sequence) | (kind, the value as JSON text) |
+//! | `data_export` | number | (node, the batch as it came): what the exporter to PostgreSQL has not copied yet |
 //! | `meta` | `data.series.next` | u32 |
 //!
 //! A record is named by (node, series, sequence); the time is in the key
@@ -15,13 +16,14 @@
 //! record that is already here writes nothing, so a batch that comes twice
 //! (a lost acknowledgement, a node that switched anchors) counts once.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::error::{Error, Result};
 use crate::local::store::Store;
 
 const SERIES: TableDefinition<(&str, &str), u32> = TableDefinition::new("data_series");
 const DATA: TableDefinition<(u32, u64, u64), (u8, &[u8])> = TableDefinition::new("data");
+const EXPORT: TableDefinition<u64, (&str, &[u8])> = TableDefinition::new("data_export");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// One record that came up.
@@ -48,8 +50,10 @@ fn err(store: &Store, e: impl std::fmt::Display) -> Error {
 
 impl Store {
     /// Stores what `node` sent, in one transaction; a record already here
-    /// is left as it is. Returns how many were new.
-    pub fn land(&self, node: &str, records: &[Landed]) -> Result<u64> {
+    /// is left as it is. With `export`, the batch as it came (`bytes`) is
+    /// queued in the same transaction for the exporter
+    /// ([`Store::export_queue`]). Returns how many records were new.
+    pub fn land(&self, node: &str, records: &[Landed], export: Option<&[u8]>) -> Result<u64> {
         self.guard(|| {
             let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
             let mut new = 0;
@@ -98,9 +102,68 @@ impl Store {
                 }
                 m.insert("data.series.next", next.to_be_bytes().as_slice())
                     .map_err(|e| err(self, e))?;
+                if let Some(bytes) = export {
+                    let mut q = wtx.open_table(EXPORT).map_err(|e| err(self, e))?;
+                    let number = q
+                        .last()
+                        .map_err(|e| err(self, e))?
+                        .map_or(0, |(k, _)| k.value() + 1);
+                    q.insert(number, (node, bytes)).map_err(|e| err(self, e))?;
+                }
             }
             wtx.commit().map_err(|e| err(self, e))?;
             Ok(new)
+        })
+    }
+
+    /// The oldest batches queued for export, at most `limit`: (number,
+    /// node, the batch's bytes).
+    pub fn export_queue(&self, limit: usize) -> Result<Vec<(u64, String, Vec<u8>)>> {
+        self.guard(|| {
+            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let q = match rtx.open_table(EXPORT) {
+                Ok(q) => q,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(err(self, e)),
+            };
+            q.iter()
+                .map_err(|e| err(self, e))?
+                .take(limit)
+                .map(|item| {
+                    item.map(|(k, v)| {
+                        let (node, bytes) = v.value();
+                        (k.value(), node.to_string(), bytes.to_vec())
+                    })
+                    .map_err(|e| err(self, e))
+                })
+                .collect()
+        })
+    }
+
+    /// The exporter copied every batch up to `through`: they leave the
+    /// queue.
+    pub fn exported(&self, through: u64) -> Result<()> {
+        self.guard(|| {
+            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            {
+                let mut q = wtx.open_table(EXPORT).map_err(|e| err(self, e))?;
+                q.retain_in(..=through, |_, _| false)
+                    .map_err(|e| err(self, e))?;
+            }
+            wtx.commit().map_err(|e| err(self, e))?;
+            Ok(())
+        })
+    }
+
+    /// Batches waiting for the exporter.
+    pub fn export_backlog(&self) -> Result<u64> {
+        self.guard(|| {
+            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            match rtx.open_table(EXPORT) {
+                Ok(q) => q.len().map_err(|e| err(self, e)),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(e) => Err(err(self, e)),
+            }
         })
     }
 
@@ -218,9 +281,17 @@ mod tests {
         let batch: Vec<Landed> = (0..10)
             .map(|i| rec("m/v", i, 1000 + i * 10, &i.to_string()))
             .collect();
-        assert_eq!(s.land("n1", &batch).unwrap(), 10);
-        assert_eq!(s.land("n1", &batch).unwrap(), 0, "again: nothing new");
-        assert_eq!(s.land("n2", &batch[..3]).unwrap(), 3, "another node's");
+        assert_eq!(s.land("n1", &batch, None).unwrap(), 10);
+        assert_eq!(
+            s.land("n1", &batch, Some(b"b1")).unwrap(),
+            0,
+            "again: nothing new"
+        );
+        assert_eq!(
+            s.land("n2", &batch[..3], Some(b"b2")).unwrap(),
+            3,
+            "another node's"
+        );
         let got = s.landed("n1", "m/v", 1020, 1050, 100).unwrap();
         assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 3, 4, 5]);
         assert_eq!(got[0].value, b"2");
@@ -236,6 +307,19 @@ mod tests {
         assert!(s.landed("n2", "m/v", 0, u64::MAX, 100).unwrap().is_empty());
         // Landing a pruned record again brings it back (its node resent
         // it): retention is by time, not a tombstone.
-        assert_eq!(s.land("n1", &batch[..1]).unwrap(), 1);
+        assert_eq!(s.land("n1", &batch[..1], None).unwrap(), 1);
+        // The export queue holds the two batches landed with one, in
+        // order, until the exporter says they are copied.
+        let q = s.export_queue(10).unwrap();
+        assert_eq!(q.len(), 2);
+        assert_eq!((q[0].1.as_str(), q[0].2.as_slice()), ("n1", &b"b1"[..]));
+        assert_eq!((q[1].1.as_str(), q[1].2.as_slice()), ("n2", &b"b2"[..]));
+        assert_eq!(s.export_backlog().unwrap(), 2);
+        s.exported(q[0].0).unwrap();
+        let q2 = s.export_queue(10).unwrap();
+        assert_eq!(q2.len(), 1);
+        assert_eq!(q2[0].0, q[1].0);
+        s.exported(q[1].0).unwrap();
+        assert_eq!(s.export_backlog().unwrap(), 0);
     }
 }

@@ -420,6 +420,21 @@ impl Store {
         })
     }
 
+    /// The newest sequence number given to a reading or summary (`None`:
+    /// none ever).
+    pub fn readings_newest(&self) -> Result<Option<u64>> {
+        self.guard(|| {
+            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let m = match rtx.open_table(META) {
+                Ok(m) => m,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(err(self, e)),
+            };
+            let next = get_u64(&m, "readings.next").map_err(|e| err(self, e))?;
+            Ok(next.checked_sub(1))
+        })
+    }
+
     /// How many readings are held and how many were dropped.
     pub fn reading_stats(&self) -> Result<ReadingStats> {
         self.guard(|| {
@@ -508,8 +523,10 @@ mod tests {
     #[test]
     fn the_outbox_keeps_what_no_anchor_acknowledged() {
         let (_d, s) = store();
+        assert_eq!(s.readings_newest().unwrap(), None);
         let batch: Vec<Reading> = (0..6).map(|i| r("d/a", 1000 + i, i as f64)).collect();
         s.append_readings(&batch, 100).unwrap();
+        assert_eq!(s.readings_newest().unwrap(), Some(5));
         let all = s.outbox(0, 100).unwrap();
         assert_eq!(
             all.iter().map(|o| o.seq).collect::<Vec<_>>(),
