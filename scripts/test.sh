@@ -9,10 +9,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 # System packages the tests need: a real headless browser for the web UI
-# tests (Debian's chromium), socat for the serial (pty) Modbus tests; the
-# namespace tests need only iproute2.
+# tests (Debian's chromium), socat for the serial (pty) Modbus tests,
+# PostgreSQL for the data that comes up from the edge (each test that
+# needs one makes a throwaway cluster of its own with initdb and pg_ctl in
+# a temporary directory, on a free port, run as the postgres user, and
+# stops it after; the package's own cluster is not used); the namespace
+# tests need only iproute2.
 export DEBIAN_FRONTEND=noninteractive
-need_apt=(chromium socat)
+need_apt=(chromium socat postgresql)
 for pkg in "${need_apt[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
 done

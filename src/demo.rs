@@ -312,6 +312,8 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         },
         http: Some(http),
         demo: Some(controls.clone()),
+        readings_db: None,
+        retention: Some(std::time::Duration::from_secs(7 * 86_400)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -377,6 +377,15 @@ enum AnchorCmd {
         /// Serve the operator HTTP API and web UI here (e.g. 0.0.0.0:8080).
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// Copy the data that comes up from the nodes to this PostgreSQL
+        /// too (postgres://user@host/db; table shoal_readings, made if
+        /// missing).
+        #[arg(long, env = "SHOAL_READINGS_DB")]
+        readings_db: Option<String>,
+        /// Keep the data that came up this long in the anchor's own store
+        /// (e.g. 30d; for ever if absent).
+        #[arg(long)]
+        retention: Option<String>,
     },
     /// Make a replica's data dir from a seed directory (root.key,
     /// identity.json, operators.json, fleet.bundle); it gets its own anchor
@@ -496,6 +505,8 @@ enum Daemon {
     },
     Anchor {
         http: Option<std::net::SocketAddr>,
+        readings_db: Option<String>,
+        retention: Option<std::time::Duration>,
     },
 }
 
@@ -540,11 +551,17 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                 };
                 node::daemon::run(opts, shutdown).await
             }
-            Daemon::Anchor { http } => {
+            Daemon::Anchor {
+                http,
+                readings_db,
+                retention,
+            } => {
                 let opts = cloud_anchor::daemon::Options {
                     mesh,
                     http,
                     demo: None,
+                    readings_db,
+                    retention,
                 };
                 cloud_anchor::daemon::run(opts, shutdown).await
             }
@@ -935,8 +952,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Anchor(AnchorCmd::Run { dir, mesh, http }) => {
-            run_daemon(dir, &mesh, Daemon::Anchor { http })?
+        Command::Anchor(AnchorCmd::Run {
+            dir,
+            mesh,
+            http,
+            readings_db,
+            retention,
+        }) => {
+            let retention = match retention {
+                Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
+                None => None,
+            };
+            run_daemon(
+                dir,
+                &mesh,
+                Daemon::Anchor {
+                    http,
+                    readings_db,
+                    retention,
+                },
+            )?
         }
         Command::Node(NodeCmd::Run {
             dir,

@@ -266,3 +266,313 @@ fn readings_reach_the_anchor_exactly_once_through_kills() {
     drop(anchor);
     drop(node);
 }
+
+/// The exporter against a real PostgreSQL, deterministically: the same
+/// batch landed at two anchor replicas and exported by both, and a batch
+/// queued again after a crash between the copy and the dequeue (a replay),
+/// write each record once; rows keep their node, series, time, sequence,
+/// kind and value.
+#[test]
+fn the_same_batch_from_two_anchors_and_a_replay_is_one_row_each() {
+    use crdt_state::local::landing::Landed;
+    use crdt_state::local::store::{Store, StoreConfig};
+    use std::sync::Arc;
+    use uplink::batch::{Batch, Kind, Record, Series};
+
+    let pg = Postgres::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let batch = |from: u64, n: u64| {
+        let records: Vec<Record> = (from..from + n)
+            .map(|i| Record {
+                seq: i,
+                at_ms: 1_700_000_000_000 + i * 1000,
+                value: format!("{}.5", i % 7).into_bytes(),
+            })
+            .collect();
+        let landed: Vec<Landed> = records
+            .iter()
+            .map(|r| Landed {
+                series: "m1/temp".into(),
+                seq: r.seq,
+                at_ms: r.at_ms,
+                kind: 0,
+                value: r.value.clone(),
+            })
+            .collect();
+        let bytes = Batch {
+            node: [1; 32],
+            number: from,
+            series: vec![Series {
+                name: "m1/temp".into(),
+                kind: Kind::Reading,
+                records,
+            }],
+        }
+        .encode(|_| [0; 64])
+        .unwrap();
+        (landed, bytes)
+    };
+    let a = Arc::new(Store::open(&tmp.path().join("a.redb"), StoreConfig::default()).unwrap());
+    let b = Arc::new(Store::open(&tmp.path().join("b.redb"), StoreConfig::default()).unwrap());
+    let (l1, b1) = batch(0, 100);
+    let (l2, b2) = batch(50, 100);
+    a.land("n1", &l1, Some(&b1)).unwrap();
+    b.land("n1", &l1, Some(&b1)).unwrap();
+    b.land("n1", &l2, Some(&b2)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let export = |store: &Arc<Store>| {
+        let stats = Arc::new(cloud_anchor::export::Stats::default());
+        rt.spawn(
+            cloud_anchor::export::Exporter {
+                url: pg.url(),
+                store: store.clone(),
+                wake: Arc::new(tokio::sync::Notify::new()),
+                stats: stats.clone(),
+            }
+            .run(),
+        );
+        stats
+    };
+    let count = || {
+        pg.query("SELECT count(*), count(DISTINCT (node, series, time, seq)) FROM shoal_readings")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let sa = export(&a);
+    let sb = export(&b);
+    assert!(
+        wait_for(WITHIN, || a.export_backlog().unwrap() == 0
+            && b.export_backlog().unwrap() == 0
+            && count() == "150|150"),
+        "rows: {}",
+        count()
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        sa.records.load(Relaxed) + sb.records.load(Relaxed),
+        300,
+        "both anchors copied all they had"
+    );
+    assert_eq!(sa.rows.load(Relaxed) + sb.rows.load(Relaxed), 150);
+    // A replay: the first batch queued again (as after a crash between
+    // the commit in PostgreSQL and the dequeue) writes nothing.
+    a.land("n1", &l1, Some(&b1)).unwrap();
+    assert!(wait_for(WITHIN, || a.export_backlog().unwrap() == 0
+        && sa.records.load(Relaxed) >= 200));
+    assert_eq!(count(), "150|150");
+    assert_eq!(
+        pg.query("SELECT node, series, (extract(epoch FROM time) * 1000)::bigint, seq, kind, value, value_json IS NULL FROM shoal_readings ORDER BY seq LIMIT 1")
+            .unwrap()
+            .trim(),
+        "n1|m1/temp|1700000000000|0|0|0.5|t"
+    );
+    drop(rt);
+}
+
+fn start_anchor_with(dir: &Path, port: u16, extra: &[String]) -> Daemon {
+    let _ = std::fs::remove_file(dir.join("http.addr"));
+    let mut args = vec![
+        "--listen".into(),
+        format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+        "--http".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start("anchor", dir, &args, None)
+}
+
+fn metric(url: &str, token: &str, name: &str) -> u64 {
+    let (_, text) = http("GET", &format!("{url}/metrics"), Some(token), None);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What PostgreSQL holds of a series: (time ms, value) by time, then
+/// sequence.
+fn in_postgres(pg: &Postgres, resource: &str) -> Vec<(u64, Value)> {
+    pg.query(&format!(
+        "SELECT (extract(epoch FROM time) * 1000)::bigint, coalesce(value::text, value_json::text) \
+         FROM shoal_readings WHERE node = 'n1' AND series = 'm1/{resource}' ORDER BY time, seq"
+    ))
+    .unwrap_or_default()
+    .lines()
+    .map(|l| {
+        let (t, v) = l.split_once('|').unwrap();
+        (t.parse().unwrap(), serde_json::from_str(v).unwrap())
+    })
+    .collect()
+}
+
+/// Numbers compared as numbers (PostgreSQL prints 11 where the node
+/// stored 11.0).
+fn same_values(a: &[(u64, Value)], b: &[(u64, Value)]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ta, va), (tb, vb))| {
+            ta == tb
+                && match (va.as_f64(), vb.as_f64()) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => va == vb,
+                }
+        })
+}
+
+/// Two anchor replicas export to one PostgreSQL. The database is stopped
+/// while readings keep landing (the exporters stall, their queues wait in
+/// the anchors' stores); both anchors are killed with SIGKILL (the node's
+/// backlog grows); one comes back and is killed again once it has landed
+/// part of the backlog; the other takes the rest (the node switches
+/// replicas mid-backfill); the database returns and is restarted while the
+/// queues drain. In the end PostgreSQL holds, per series, exactly what the
+/// node stored, once, in order.
+#[test]
+fn readings_reach_postgresql_through_restarts_and_a_replica_switch() {
+    let pg = Postgres::start();
+    let sim_port = free_tcp_port();
+    let f = fleet(100, sim_port);
+    let _sim = tcp_sim(sim_port, &sim_log(&f.root, 2));
+    let db = vec!["--readings-db".to_string(), pg.url()];
+    let a_dir = f.anchor_dir.clone();
+    let a_port = f.anchor_port;
+    let mut a = start_anchor_with(&a_dir, a_port, &db);
+    let token = operator_token(&a_dir, "ops");
+    let seed = f.root.join("seed");
+    ok(&[
+        "anchor",
+        "replica-seed",
+        "--data-dir",
+        s(&a_dir),
+        "--out",
+        s(&seed),
+    ]);
+    let b_dir = f.root.join("b");
+    ok(&[
+        "anchor",
+        "replica-init",
+        "--data-dir",
+        s(&b_dir),
+        "--seed",
+        s(&seed),
+    ]);
+    let b_port = free_udp_port();
+    let mut with_peer = db.clone();
+    with_peer.extend(["--peer".to_string(), a.addr_on("127.0.0.1")]);
+    let mut b = start_anchor_with(&b_dir, b_port, &with_peer);
+    let (a_peer, b_peer) = (a.peer_id(), b.peer_id());
+    let node = Daemon::start(
+        "node",
+        &f.node_dir,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            format!("/ip4/127.0.0.1/udp/{a_port}/quic-v1/p2p/{a_peer}"),
+            "--peer".into(),
+            format!("/ip4/127.0.0.1/udp/{b_port}/quic-v1/p2p/{b_peer}"),
+            "--site-api".into(),
+            f.site_api.clone(),
+        ],
+        None,
+    );
+    let rows = || {
+        pg.query("SELECT count(*) FROM shoal_readings WHERE node = 'n1'")
+            .and_then(|r| r.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(WITHIN, || rows() >= 30),
+        "nothing in PostgreSQL: {} rows\nanchor log: {}",
+        rows(),
+        a.log_text()
+    );
+
+    // The database stops; readings keep landing at the anchors.
+    pg.ctl("stop");
+    let (a_url, b_url) = (http_url(&a_dir), http_url(&b_dir));
+    let landed_now = || {
+        metric(&a_url, &token, "shoal_data_records_new_total")
+            + metric(&b_url, &token, "shoal_data_records_new_total")
+    };
+    let l0 = landed_now();
+    assert!(wait_for(WITHIN, || landed_now() >= l0 + 60));
+    // Both anchors die; the node's backlog grows.
+    a.kill();
+    b.kill();
+    let before = unacked(&f);
+    assert!(
+        wait_for(WITHIN, || unacked(&f) >= before + 150),
+        "{}",
+        stats(&f)
+    );
+    // One returns and dies again once it has landed some of the backlog.
+    let a2 = start_anchor_with(&a_dir, a_port, &db);
+    let a_url = http_url(&a_dir);
+    assert!(
+        wait_for(WITHIN, || metric(
+            &a_url,
+            &token,
+            "shoal_data_records_new_total"
+        ) > 0),
+        "nothing landed at the returned anchor\nnode log: {}",
+        node.log_text()
+    );
+    drop(a2); // SIGTERM, then SIGKILL after 5 s: either way it is gone
+    // The other replica takes the rest.
+    b = start_anchor_with(&b_dir, b_port, &with_peer);
+    let b_url = http_url(&b_dir);
+    assert!(
+        wait_for(Duration::from_secs(60), || metric(
+            &b_url,
+            &token,
+            "shoal_data_records_new_total"
+        ) > 0
+            && unacked(&f) < 60),
+        "the backlog did not drain to the replica: {}\nnode log: {}",
+        stats(&f),
+        node.log_text()
+    );
+    // The database returns, and is restarted while the queues drain.
+    pg.ctl("start");
+    let r0 = rows();
+    a = start_anchor_with(&a_dir, a_port, &db);
+    let a_url = http_url(&a_dir);
+    assert!(wait_for(WITHIN, || rows() > r0));
+    pg.ctl("restart");
+    drop(_sim);
+    let series = ["temp", "flow", "pump"];
+    let same = || {
+        unacked(&f) == 0
+            && series
+                .iter()
+                .all(|r| same_values(&in_postgres(&pg, r), &stored(&f, r)))
+    };
+    assert!(
+        wait_for(Duration::from_secs(90), same),
+        "PostgreSQL and the node differ: {}\nexport backlog a {} b {}",
+        series
+            .iter()
+            .map(|r| format!(
+                "{r}: postgres {} node {}",
+                in_postgres(&pg, r).len(),
+                stored(&f, r).len()
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        metric(&a_url, &token, "shoal_export_backlog_batches"),
+        metric(&b_url, &token, "shoal_export_backlog_batches"),
+    );
+    assert!(
+        metric(&a_url, &token, "shoal_export_errors_total")
+            + metric(&b_url, &token, "shoal_export_errors_total")
+            > 0,
+        "the exporters never saw the database down"
+    );
+    let dupes = pg
+        .query("SELECT count(*) - count(DISTINCT (node, series, seq)) FROM shoal_readings")
+        .unwrap();
+    assert_eq!(dupes.trim(), "0", "a record twice under another time");
+    drop(a);
+    drop(b);
+}

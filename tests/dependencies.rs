@@ -20,13 +20,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "node",
         &["crdt-state", "mesh", "daemon", "adapters", "blobs"],
     ),
-    ("cloud-anchor", &["crdt-state", "mesh", "daemon", "blobs"]),
+    (
+        "cloud-anchor",
+        &["crdt-state", "mesh", "daemon", "blobs", "uplink"],
+    ),
     (
         "shoal",
         &[
             "crdt-state",
             "mesh",
             "blobs",
+            "uplink",
             "daemon",
             "adapters",
             "simulations",

@@ -101,6 +101,8 @@ pub struct Server {
     pub store: Option<Arc<crdt_state::Store>>,
     /// What came up on `/shoal/data/1`.
     pub data: Option<Arc<daemon::data_up::Counters>>,
+    /// The exporter to PostgreSQL, when there is one.
+    pub export: Option<Arc<crate::export::Stats>>,
 }
 
 type Shared = Arc<Server>;
@@ -1315,6 +1317,33 @@ async fn metrics(State(s): State<Shared>) -> Response {
             &one(d.refused.load(Relaxed)),
         );
     }
+    if let Some(x) = &s.export {
+        use std::sync::atomic::Ordering::Relaxed;
+        m(
+            "shoal_export_records_total",
+            "counter",
+            "Records copied to PostgreSQL (a replay counts again).",
+            &one(x.records.load(Relaxed)),
+        );
+        m(
+            "shoal_export_rows_total",
+            "counter",
+            "Rows new in PostgreSQL.",
+            &one(x.rows.load(Relaxed)),
+        );
+        m(
+            "shoal_export_errors_total",
+            "counter",
+            "Export rounds that failed (database down, connection lost).",
+            &one(x.errors.load(Relaxed)),
+        );
+        m(
+            "shoal_export_backlog_batches",
+            "gauge",
+            "Batches landed and not yet copied to PostgreSQL.",
+            &one(x.backlog.load(Relaxed)),
+        );
+    }
     m(
         "shoal_store_bytes",
         "gauge",
@@ -1442,6 +1471,7 @@ mod tests {
             blobs: None,
             store: None,
             data: None,
+            export: None,
         });
         for what in [
             "conflicts",

@@ -34,6 +34,12 @@ pub struct Options {
     pub http: Option<std::net::SocketAddr>,
     /// Demo controls for the UI (`shoal demo` only).
     pub demo: Option<Arc<dyn crate::Demo>>,
+    /// Copy the data that comes up to this PostgreSQL as well
+    /// (`postgres://…`).
+    pub readings_db: Option<String>,
+    /// Keep the data that came up this long in the anchor's own store
+    /// (`None`: for ever).
+    pub retention: Option<Duration>,
 }
 
 /// The anchor's own identity: made (and certified with the root key) the
@@ -80,9 +86,25 @@ pub async fn run(
         default_port: 7411,
         relay_server: true,
         serve: vec![mesh::ENROLL],
-        data: daemon::driver::DataMode::Land { export: false },
+        data: daemon::driver::DataMode::Land {
+            export: opts.readings_db.is_some(),
+        },
     };
     let base = Base::open(dd, me, settings, &opts.mesh, role).await?;
+    let export = opts.readings_db.clone().map(|url| {
+        let stats = Arc::new(crate::export::Stats::default());
+        let exporter = crate::export::Exporter {
+            url,
+            store: base.dd.shared_store(),
+            wake: base.data.landed(),
+            stats: stats.clone(),
+        };
+        tokio::spawn(exporter.run());
+        stats
+    });
+    if let Some(keep) = opts.retention {
+        tokio::spawn(retain(base.dd.shared_store(), keep));
+    }
     let mut a = Anchor {
         base,
         enrollments: AfterCommit::default(),
@@ -112,6 +134,7 @@ pub async fn run(
                 blobs: Some(a.base.blobs.shared_store()),
                 store: Some(a.base.dd.shared_store()),
                 data: Some(a.base.data.counters.clone()),
+                export: export.clone(),
                 demo: opts.demo.clone(),
             },
         )
@@ -147,6 +170,35 @@ pub async fn run(
     }
     a.base.close().await;
     Ok(())
+}
+
+/// Deletes what came up longer ago than `keep` from the anchor's store,
+/// once a minute, in transactions of at most 50,000 records.
+async fn retain(store: Arc<crdt_state::Store>, keep: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let before = (now().max(0) as u64)
+            .saturating_mul(1000)
+            .saturating_sub(keep.as_millis() as u64);
+        let store = store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut gone = 0;
+            loop {
+                let n = store.prune_landed(before, 50_000)?;
+                gone += n;
+                if n < 50_000 {
+                    return Ok::<u64, crdt_state::Error>(gone);
+                }
+            }
+        })
+        .await;
+        match r {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(records = n, "data past its retention deleted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention: data not deleted"),
+            Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        }
+    }
 }
 
 impl command::Host for Anchor {

@@ -6,6 +6,7 @@
 //!   publishes [`view::Snapshot`]s that [`api`] serves, and carries out the
 //!   commands the API sends it (`daemon::command`).
 //! - [`api`]: the operator HTTP API, the web UI and metrics.
+//! - [`export`]: what came up from the nodes, copied to PostgreSQL.
 //! - [`view`]: the read model the API answers from.
 //! - [`series`]: a series that came up from a node, shaped for a chart.
 //! - [`tokens`]: operator tokens.
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod client;
 pub mod daemon;
+pub mod export;
 pub mod replica;
 pub mod series;
 pub mod tokens;

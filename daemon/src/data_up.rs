@@ -369,6 +369,9 @@ impl Sender {
                         return Err(format!("the anchor took no batch for {} s", WAIT.as_secs()));
                     }
                 }
+                // An anchor that died without closing is noticed in
+                // seconds (the mesh probes it), not at QUIC's idle timeout.
+                self.mesh.check(self.peer);
                 self.counters.batches_sent.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .records_sent

@@ -297,6 +297,7 @@ enum Command {
     AddPeer(Multiaddr),
     SetHello(Vec<u8>),
     ListenVia(PeerId),
+    Check(PeerId),
     Request {
         addr: Multiaddr,
         protocol: StreamProtocol,
@@ -385,6 +386,14 @@ impl Mesh {
     /// sees a session with a frame missing.
     pub fn send(&self, peer: PeerId, bytes: Vec<u8>) {
         self.cmd(Command::Send(peer, bytes));
+    }
+
+    /// We sent an admitted peer something on a stream of our own (a data
+    /// batch): check, as after a sync frame, that it still answers, and
+    /// cut it off (to be redialed) if it does not, so a peer that died
+    /// without closing is noticed in seconds, not at the idle timeout.
+    pub fn check(&self, peer: PeerId) {
+        self.cmd(Command::Check(peer));
     }
 
     /// Admits a peer that said hello.
@@ -1085,6 +1094,7 @@ impl Task {
                 self.sessions.send(peer, bytes, queued, now);
             }
             Command::Admit(peer) => self.sessions.admit(peer),
+            Command::Check(peer) => self.sessions.check(peer, now),
             Command::Reject(peer, reason) => self.sessions.reject(peer, &reason, now),
             Command::Disconnect(peer, reason) => self.sessions.disconnect(peer, &reason),
             Command::AddPeer(addr) => {

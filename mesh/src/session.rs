@@ -513,6 +513,19 @@ impl Sessions {
         }
     }
 
+    /// The owner sent the peer something on a stream of its own: probe it
+    /// as after a frame.
+    pub(crate) fn check(&mut self, peer: PeerId, now: Instant) {
+        let probe_after = self.settings.probe_after;
+        if let Some(s) = self.sessions.get_mut(&peer)
+            && s.phase == Phase::Admitted
+            && s.probe_at.is_none()
+            && !s.probing
+        {
+            s.probe_at = Some(now + probe_after);
+        }
+    }
+
     /// The sync stream of session `session` failed.
     pub(crate) fn writer_failed(&mut self, peer: PeerId, session: u64, reason: &str) {
         if self
@@ -1001,6 +1014,40 @@ mod tests {
         assert_eq!(drain(&mut s), vec![]);
         s.probed(p, no, Err("no answer".into()));
         assert_eq!(drain(&mut s), vec![Output::Disconnect(p)]);
+    }
+
+    /// What the owner sent on a stream of its own (a data batch) is
+    /// checked like a frame: a probe after `probe_after`, one at a time.
+    #[test]
+    fn a_peer_checked_is_probed_once() {
+        let mut s = machine();
+        let p = PeerId::random();
+        let t0 = Instant::now();
+        let no = admitted(&mut s, p, t0);
+        s.check(p, t0 + SEC);
+        s.check(p, t0 + 2 * SEC);
+        s.tick(t0 + 2 * SEC);
+        assert_eq!(drain(&mut s), vec![], "not before probe_after");
+        s.tick(t0 + 3 * SEC);
+        assert_eq!(
+            drain(&mut s),
+            vec![Output::Probe {
+                peer: p,
+                session: no
+            }]
+        );
+        s.check(p, t0 + 3 * SEC);
+        s.tick(t0 + 9 * SEC);
+        assert_eq!(drain(&mut s), vec![], "not while a probe is out");
+        // A peer not admitted is not probed.
+        let q = PeerId::random();
+        s.check(q, t0);
+        s.tick(t0 + 10 * SEC);
+        assert!(
+            !drain(&mut s)
+                .iter()
+                .any(|o| matches!(o, Output::Probe { peer, .. } if *peer == q))
+        );
     }
 
     /// Ticks every 10 ms from `from` for `span`; returns when each dial of

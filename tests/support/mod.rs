@@ -598,3 +598,157 @@ pub fn tcp_sim(port: u16, log: &Path) -> Proc {
     );
     p
 }
+
+/// A throwaway PostgreSQL cluster (Debian's `postgresql`, installed by
+/// scripts/test.sh): its own data dir and port, trust authentication on
+/// 127.0.0.1, stopped (immediately) when dropped.
+pub struct Postgres {
+    pub dir: PathBuf,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    /// initdb and start a cluster (as the `postgres` user when run as
+    /// root: PostgreSQL refuses to run as root).
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("no PostgreSQL under /usr/lib/postgresql: run ./scripts/test.sh (it installs Debian's postgresql)");
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-pg-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = Postgres {
+            dir,
+            port: free_tcp_port(),
+            bin,
+        };
+        if nix_is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres", s(&pg.dir)])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of {} failed", pg.dir.display());
+        }
+        let out = pg
+            .as_owner(&pg.bin.join("initdb"))
+            .args([
+                "-D",
+                s(&pg.dir.join("data")),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.ctl("start");
+        pg
+    }
+
+    fn as_owner(&self, program: &Path) -> Command {
+        if nix_is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// `pg_ctl start|stop|restart`, waiting for it.
+    pub fn ctl(&self, what: &str) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            s(&self.dir)
+        );
+        let mut c = self.as_owner(&self.bin.join("pg_ctl"));
+        c.args([
+            "-D",
+            s(&self.dir.join("data")),
+            "-w",
+            "-t",
+            "60",
+            "-m",
+            "fast",
+            "-o",
+            &opts,
+        ])
+        .args(["-l", s(&self.dir.join("log"))])
+        .arg(what);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl {what}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+
+    /// Where the anchor connects.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// One query through psql: its rows, `|`-separated (`None`: psql
+    /// failed, e.g. the table is not made yet).
+    pub fn query(&self, sql: &str) -> Option<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-At",
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner(&self.bin.join("pg_ctl"))
+            .args(["-D", s(&self.dir.join("data")), "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
