@@ -355,6 +355,10 @@ fn the_same_batch_from_two_anchors_and_a_replay_is_one_row_each() {
         "both anchors copied all they had"
     );
     assert_eq!(sa.rows.load(Relaxed) + sb.rows.load(Relaxed), 150);
+    assert!(
+        sa.replayed.load(Relaxed) + sb.replayed.load(Relaxed) >= 1,
+        "the second anchor's round found the rows there"
+    );
     // A replay: the first batch queued again (as after a crash between
     // the commit in PostgreSQL and the dequeue) writes nothing.
     a.land("n1", &l1, Some(&b1)).unwrap();

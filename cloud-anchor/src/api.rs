@@ -1311,6 +1311,12 @@ async fn metrics(State(s): State<Shared>) -> Response {
             &one(d.records_new.load(Relaxed)),
         );
         m(
+            "shoal_data_bytes_total",
+            "counter",
+            "Bytes of the batches landed (signatures and framing within).",
+            &one(d.bytes_landed.load(Relaxed)),
+        );
+        m(
             "shoal_data_refused_total",
             "counter",
             "Batches refused (forged, from a stranger, or not storable).",
@@ -1336,6 +1342,12 @@ async fn metrics(State(s): State<Shared>) -> Response {
             "counter",
             "Export rounds that failed (database down, connection lost).",
             &one(x.errors.load(Relaxed)),
+        );
+        m(
+            "shoal_export_replayed_total",
+            "counter",
+            "Export rounds that found rows already in PostgreSQL and skipped them.",
+            &one(x.replayed.load(Relaxed)),
         );
         m(
             "shoal_export_backlog_batches",

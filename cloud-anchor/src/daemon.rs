@@ -76,7 +76,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let data_dir = opts.mesh.data_dir.clone();
-    let mut dd = DataDir::open(&data_dir, None)?;
+    let config = crdt_state::StoreConfig {
+        cache_bytes: crdt_state::local::store::ANCHOR_CACHE_BYTES,
+        ..Default::default()
+    };
+    let mut dd = DataDir::open_with(&data_dir, None, config)?;
     let me = anchor_identity(&mut dd)?;
     let settings = Settings {
         timeline: opts.http.is_some(),

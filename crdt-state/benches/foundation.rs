@@ -61,6 +61,7 @@ fn cold_load(c: &mut Criterion) {
             &path,
             StoreConfig {
                 compact_after: u64::MAX,
+                ..Default::default()
             },
         )
         .unwrap();

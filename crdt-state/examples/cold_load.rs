@@ -46,6 +46,7 @@ fn main() {
                 &path,
                 StoreConfig {
                     compact_after: u64::MAX,
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -77,6 +77,8 @@ pub struct Counters {
     pub records_landed: AtomicU64,
     /// Anchor: records that were new (not a replay).
     pub records_new: AtomicU64,
+    /// Anchor: bytes of the batches landed.
+    pub bytes_landed: AtomicU64,
     /// Anchor: batches refused.
     pub refused: AtomicU64,
 }
@@ -503,6 +505,7 @@ impl Lander {
             else {
                 return Ok(());
             };
+            let size = bytes.len() as u64;
             let trust = self.trust.borrow().clone();
             let store = self.store.clone();
             let export = self.export;
@@ -531,6 +534,7 @@ impl Lander {
                     c.records_landed
                         .fetch_add(accepted.records.len() as u64, Ordering::Relaxed);
                     c.records_new.fetch_add(new, Ordering::Relaxed);
+                    c.bytes_landed.fetch_add(size, Ordering::Relaxed);
                     if self.export {
                         self.landed.notify_one();
                     }

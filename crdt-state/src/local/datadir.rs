@@ -157,6 +157,12 @@ impl DataDir {
 
     /// Opens an existing data dir. `identity` overrides `identity.json`.
     pub fn open(path: &Path, identity: Option<&Path>) -> Result<DataDir> {
+        Self::open_with(path, identity, StoreConfig::default())
+    }
+
+    /// [`DataDir::open`] with store settings of its own (an anchor's
+    /// larger page cache).
+    pub fn open_with(path: &Path, identity: Option<&Path>, config: StoreConfig) -> Result<DataDir> {
         let store_path = path.join(STORE_FILE);
         if !store_path.exists() {
             return Err(Error::DataDir {
@@ -166,7 +172,7 @@ impl DataDir {
                         .into(),
             });
         }
-        let store = Store::open(&store_path, StoreConfig::default())?;
+        let store = Store::open(&store_path, config)?;
         let root = store.fleet_root()?.ok_or_else(|| Error::DataDir {
             path: path.into(),
             reason: "store belongs to no fleet yet: run `shoal identity use` first".into(),

@@ -64,11 +64,23 @@ enum Snapshot<'a> {
 pub struct StoreConfig {
     /// Write a snapshot once a document has this many incremental chunks.
     pub compact_after: u64,
+    /// Most memory redb caches pages in (its own default is 1 GiB, which a
+    /// node's backlog of readings would fill and keep).
+    pub cache_bytes: usize,
 }
+
+/// Page cache of a store by default: an edge node's (an anchor asks for
+/// more, [`ANCHOR_CACHE_BYTES`]).
+pub const CACHE_BYTES: usize = 16 << 20;
+/// Page cache of an anchor's store.
+pub const ANCHOR_CACHE_BYTES: usize = 256 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { compact_after: 512 }
+        StoreConfig {
+            compact_after: 512,
+            cache_bytes: CACHE_BYTES,
+        }
     }
 }
 
@@ -145,18 +157,21 @@ impl Store {
     }
 
     fn open_inner(path: &Path, config: StoreConfig) -> Result<Self> {
-        let db = Database::create(path).map_err(|e| {
-            let reason = match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    "is in use by another shoal process (a running daemon?)".to_string()
+        let db = Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(path)
+            .map_err(|e| {
+                let reason = match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => {
+                        "is in use by another shoal process (a running daemon?)".to_string()
+                    }
+                    other => format!("cannot be opened as a Shoal store: {other}"),
+                };
+                Error::Store {
+                    path: path.to_path_buf(),
+                    reason,
                 }
-                other => format!("cannot be opened as a Shoal store: {other}"),
-            };
-            Error::Store {
-                path: path.to_path_buf(),
-                reason,
-            }
-        })?;
+            })?;
         // No full page check here: it reads the whole file (17 ms for a
         // 71 MB store, growing with the file) on every start. redb repairs
         // an unclean shutdown by itself; damage found while reading is an
