@@ -43,6 +43,10 @@ struct Fleet {
 }
 
 fn fleet(poll_ms: u64, sim_port: u16) -> Fleet {
+    fleet_with(poll_ms, sim_port, "")
+}
+
+fn fleet_with(poll_ms: u64, sim_port: u16, extra: &str) -> Fleet {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let anchor_dir = root.join("anchor");
@@ -52,7 +56,7 @@ fn fleet(poll_ms: u64, sim_port: u16) -> Fleet {
     let f = write(
         &root,
         "devices.yaml",
-        &format!("{MANIFESTS}{}", device_yaml(sim_port, poll_ms)),
+        &format!("{MANIFESTS}{}{extra}", device_yaml(sim_port, poll_ms)),
     );
     ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&f)]);
     let node_dir = bundle_node(&anchor_dir, &root, "n1", "s1");
@@ -579,4 +583,100 @@ fn readings_reach_postgresql_through_restarts_and_a_replica_switch() {
     assert_eq!(dupes.trim(), "0", "a record twice under another time");
     drop(a);
     drop(b);
+}
+
+/// An app on the node posts records with the token the node gave it; they
+/// are stored on the node, go up, and land under `app/<app>/<series>`. A
+/// wrong token, the node's shared token, a body that is not records, a
+/// bad series, a time far ahead and an oversized value are refused with
+/// the reason, and nothing of a refused request is stored.
+#[test]
+fn an_app_posts_records_with_its_own_token() {
+    let script = r#"
+import os, json, time, urllib.request
+url = os.environ['SHOAL_SITE_API'] + '/v1/data'
+tok = os.environ['SHOAL_APP_TOKEN']
+body = json.dumps({'records': [
+    {'series': 'defects', 'value': {'kind': 'crack', 'confidence': 0.93}},
+    {'series': 'count', 'value': 3, 'time': int(time.time() * 1000) - 5000},
+]}).encode()
+while True:
+    try:
+        r = urllib.request.Request(url, data=body, headers={'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
+        print('posted', urllib.request.urlopen(r).read().decode(), flush=True)
+        break
+    except Exception as e:
+        print('waiting', e, flush=True)
+        time.sleep(0.3)
+time.sleep(3600)
+"#;
+    let command = serde_json::to_string(&[python().as_str(), "-c", script]).unwrap();
+    let app = format!(
+        "---\napiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: inspect}}\nspec: {{native: {{command: {command}}}}}\n"
+    );
+    let f = fleet_with(1000, free_tcp_port(), &app);
+    let anchor = start_anchor(&f);
+    let url = http_url(&f.anchor_dir);
+    let token = operator_token(&f.anchor_dir, "ops");
+    let node = start_node(&f, &anchor.peer_id());
+    assert!(
+        wait_for(WITHIN, || landed(&url, &token, "app/inspect/defects").len()
+            == 1),
+        "the app's record did not land\nnode log: {}",
+        node.log_text()
+    );
+    let defects = landed(&url, &token, "app/inspect/defects");
+    assert_eq!(defects[0].1["kind"], "crack");
+    assert_eq!(defects[0].1["confidence"], 0.93);
+    let count = landed(&url, &token, "app/inspect/count");
+    assert_eq!(count.len(), 1);
+    assert_eq!(count[0].1, 3);
+    assert!(count[0].0 + 4000 < defects[0].0, "the time given is kept");
+
+    // The test holds the node's app secret, so it can make the app's token.
+    let secret = std::fs::read_to_string(f.node_dir.join("app-token")).unwrap();
+    let own = node::site_api::app_token_for(secret.trim(), "inspect");
+    let api = format!("http://{}/v1/data", f.site_api);
+    let post = |tok: &str, body: &str| http("POST", &api, Some(tok), Some(body));
+    let good = r#"{"series": "bad", "value": 1}"#;
+    let flipped = if own.ends_with('0') { '1' } else { '0' };
+    let (st, body) = post(&format!("{}{flipped}", &own[..own.len() - 1]), good);
+    assert_eq!(st, 401, "{body}");
+    let (st, body) = post(secret.trim(), good);
+    assert_eq!(st, 403, "the shared token posts nothing: {body}");
+    assert!(body.contains("own token"), "{body}");
+    let (st, body) = post(&own, "not json");
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("records"), "{body}");
+    let (st, body) = post(&own, r#"{"series": "../etc", "value": 1}"#);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("record 0: series"), "{body}");
+    let (st, body) = post(
+        &own,
+        r#"{"series": "bad", "value": 1, "time": 99999999999999}"#,
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("a day ahead"), "{body}");
+    let big = format!(
+        r#"{{"records": [{{"series": "bad", "value": 1}}, {{"series": "bad", "value": "{}"}}]}}"#,
+        "x".repeat(20_000)
+    );
+    let (st, body) = post(&own, &big);
+    assert_eq!(st, 413, "{body}");
+    assert!(body.contains("record 1: a value of 20002 bytes"), "{body}");
+    // A good record after them: once it has landed, everything stored
+    // before it has gone up too, and none of the refused did.
+    let (st, body) = post(&own, r#"{"series": "after", "value": true}"#);
+    assert_eq!(st, 200, "{body}");
+    assert!(wait_for(WITHIN, || landed(
+        &url,
+        &token,
+        "app/inspect/after"
+    )
+    .len()
+        == 1));
+    assert!(landed(&url, &token, "app/inspect/bad").is_empty());
+    assert!(landed(&url, &token, "app/inspect/../etc").is_empty());
+    drop(node);
+    drop(anchor);
 }

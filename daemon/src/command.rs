@@ -96,6 +96,12 @@ pub enum Command {
         /// The path.
         path: String,
     },
+    /// `POST /v1/data` on a node's site API: records an app stores on the
+    /// node, to go up like device readings.
+    Data {
+        /// At least one.
+        records: Vec<AppRecord>,
+    },
     /// A request a surface refused, for the security log.
     Security {
         /// Who asked.
@@ -119,9 +125,25 @@ impl Command {
             Command::Import { .. } => "import",
             Command::View => "view",
             Command::Devices { .. } => "devices",
+            Command::Data { .. } => "post data",
             Command::Security { .. } => "security",
         }
     }
+}
+
+/// One record an app posts: its series (under the app's own
+/// `app/<app>/`), its time (ms since the epoch; the node's clock when
+/// absent) and any JSON value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRecord {
+    /// The series, within the app's (`defects`, `line-2/temperature`).
+    pub series: String,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub time: Option<u64>,
+    /// The value.
+    pub value: Value,
 }
 
 mod hex_bytes {
@@ -147,8 +169,10 @@ pub enum Caller {
     /// A key that signed a site API request over a fresh nonce; what it may
     /// do is decided by its certificate, in [`authorize`].
     Signed(PublicKey),
-    /// One of this node's apps (its app token): device reads only.
-    App,
+    /// One of this node's apps: with its own token (`Some(app)`), device
+    /// reads and data records of its own series; with the node's shared
+    /// token of before (`None`), device reads only.
+    App(Option<String>),
     /// A surface itself, reporting a request it refused (security log only).
     Surface(String),
 }
@@ -159,7 +183,8 @@ impl std::fmt::Display for Caller {
             Caller::Owner => write!(f, "owner"),
             Caller::Operator(n) => write!(f, "operator {n}"),
             Caller::Signed(k) => write!(f, "key {}", k.short()),
-            Caller::App => write!(f, "app"),
+            Caller::App(None) => write!(f, "app"),
+            Caller::App(Some(a)) => write!(f, "app {a}"),
             Caller::Surface(s) => write!(f, "{s}"),
         }
     }
@@ -462,7 +487,9 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             host.security(&source, &reason);
             Ok(Answer::Json(json!({})))
         }
-        cmd @ (Command::View | Command::Devices { .. }) => host.local(caller, cmd),
+        cmd @ (Command::View | Command::Devices { .. } | Command::Data { .. }) => {
+            host.local(caller, cmd)
+        }
     }
 }
 
@@ -514,8 +541,13 @@ pub fn authorize(
                 _ => Err(refuse(&cert.name)),
             }
         }
-        Caller::App => match cmd {
-            Command::Devices { .. } => Ok(()),
+        Caller::App(app) => match (cmd, app) {
+            (Command::Devices { .. }, _) => Ok(()),
+            (Command::Data { .. }, Some(_)) => Ok(()),
+            (Command::Data { .. }, None) => Err(Refusal::new(
+                403,
+                "data is posted with the app's own token (SHOAL_APP_TOKEN as the node gives it to that app)",
+            )),
             _ => Err(refuse("an app")),
         },
         Caller::Surface(s) => match cmd {
@@ -814,6 +846,9 @@ mod tests {
             Command::Devices {
                 path: "/api/devices".into(),
             },
+            Command::Data {
+                records: Vec::new(),
+            },
             Command::Security {
                 source: "s".into(),
                 reason: "r".into(),
@@ -867,7 +902,11 @@ mod tests {
         for key in [f.other_site, f.revoked, f.stranger] {
             assert!(allowed(&Caller::Signed(key), &f.node).is_empty());
         }
-        assert_eq!(allowed(&Caller::App, &f.node), ["devices"]);
+        assert_eq!(allowed(&Caller::App(None), &f.node), ["devices"]);
+        assert_eq!(
+            allowed(&Caller::App(Some("inspect".into())), &f.node),
+            ["devices", "post data"]
+        );
         assert_eq!(
             allowed(&Caller::Surface("HTTP API".into()), &f.node),
             ["security"]
@@ -891,7 +930,7 @@ mod tests {
         let r = why(Caller::Signed(f.other_site));
         assert_eq!(r.status, 403);
         assert!(r.error.contains("may not edit site s1"), "{}", r.error);
-        let r = why(Caller::App);
+        let r = why(Caller::App(None));
         assert_eq!(
             (r.status, r.error.as_str()),
             (403, "an app may not view here")

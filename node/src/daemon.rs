@@ -317,7 +317,10 @@ impl Node {
         for w in &mut desired {
             if let Some(n) = w.spec.native.as_mut() {
                 if let Some(t) = &self.app_token {
-                    n.env.insert("SHOAL_APP_TOKEN".into(), t.clone());
+                    // Its own token: device reads, and records of its own
+                    // series (`POST /v1/data`).
+                    n.env
+                        .insert("SHOAL_APP_TOKEN".into(), site_api::app_token_for(t, &w.app));
                 }
                 if let Some(u) = &self.site_api_url {
                     n.env.insert("SHOAL_SITE_API".into(), u.clone());
@@ -644,17 +647,114 @@ impl command::Host for Node {
         &mut self.base
     }
 
-    /// The site API's view and device routes.
-    fn local(&mut self, _caller: &Caller, cmd: Command) -> Result<Answer, Refusal> {
+    /// The site API's view, device routes and app records.
+    fn local(&mut self, caller: &Caller, cmd: Command) -> Result<Answer, Refusal> {
         match cmd {
             Command::View => Ok(Answer::Json(self.view())),
             Command::Devices { path } => self.device_api(&path),
+            Command::Data { records } => {
+                let Caller::App(Some(app)) = caller else {
+                    return Err(Refusal::new(
+                        403,
+                        "only an app posts data, with its own token",
+                    ));
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let readings = app_readings(app, records, now)?;
+                let (cap, every) = (self.readings_cap, self.summary_ms);
+                let wake = self.base.data.waker();
+                // Answered once stored (then it goes up like a reading).
+                Ok(Answer::Blocking(Box::new(move |store| {
+                    store
+                        .append_readings_with(&readings, cap, Some(every))
+                        .map_err(|e| Refusal::new(503, format!("not stored: {e}")))?;
+                    wake.notify_one();
+                    Ok(Answer::Json(
+                        serde_json::json!({ "stored": readings.len() }),
+                    ))
+                })))
+            }
             other => Err(Refusal::new(
                 404,
                 format!("{} is not answered by a node", other.verb()),
             )),
         }
     }
+}
+
+/// Most records in one `POST /v1/data`.
+pub const MAX_APP_RECORDS: usize = 1000;
+/// Largest value of an app record, as JSON text.
+pub const MAX_APP_VALUE: usize = 16 * 1024;
+/// Longest series name an app gives (within `app/<app>/`).
+pub const MAX_APP_SERIES: usize = 128;
+
+/// An app's records as readings of its own series (`app/<app>/<series>`),
+/// or why not, naming the record: a series outside `[a-z0-9._/-]`, a time
+/// before 2000 or more than a day ahead of the node's clock, a value over
+/// [`MAX_APP_VALUE`] (413), too many or no records. Nothing is stored when
+/// any is refused.
+fn app_readings(
+    app: &str,
+    records: Vec<command::AppRecord>,
+    now_ms: u64,
+) -> Result<Vec<crdt_state::local::readings::Reading>, Refusal> {
+    if records.is_empty() {
+        return Err(Refusal::new(400, "no records"));
+    }
+    if records.len() > MAX_APP_RECORDS {
+        return Err(Refusal::new(
+            413,
+            format!(
+                "{} records (at most {MAX_APP_RECORDS} a request)",
+                records.len()
+            ),
+        ));
+    }
+    records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let bad = |status: u16, why: String| Refusal::new(status, format!("record {i}: {why}"));
+            let ok_char =
+                |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c);
+            if r.series.is_empty()
+                || r.series.len() > MAX_APP_SERIES
+                || !r.series.chars().all(ok_char)
+                || r.series.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                return Err(bad(
+                    400,
+                    format!(
+                        "series {:?}: 1 to {MAX_APP_SERIES} characters of a-z, 0-9, '.', '_', '-', names (not . or ..) between '/'",
+                        r.series
+                    ),
+                ));
+            }
+            let at = r.time.unwrap_or(now_ms);
+            if at < 946_684_800_000 || at > now_ms + 86_400_000 {
+                return Err(bad(
+                    400,
+                    format!("time {at}: milliseconds since the epoch, after 2000 and at most a day ahead of the node's clock"),
+                ));
+            }
+            let value = serde_json::to_vec(&r.value)
+                .map_err(|e| bad(400, format!("value: {e}")))?;
+            if value.len() > MAX_APP_VALUE {
+                return Err(bad(
+                    413,
+                    format!("a value of {} bytes (at most {MAX_APP_VALUE})", value.len()),
+                ));
+            }
+            Ok(crdt_state::local::readings::Reading {
+                series: format!("app/{app}/{}", r.series),
+                at_ms: at,
+                value,
+            })
+        })
+        .collect()
 }
 
 /// The token this node's apps use on the site API's device routes: made

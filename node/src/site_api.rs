@@ -169,8 +169,70 @@ pub fn command_of(req: &Request, site: &str) -> Result<Command, Reply> {
         ("GET", _) if devices => Command::Devices {
             path: req.path.clone(),
         },
+        ("POST", DATA_PATH) => Command::Data {
+            records: records_of(&req.body)?,
+        },
         _ => return Err(Reply::error(404, format!("no {} {}", req.method, req.path))),
     })
+}
+
+/// Where an app posts its records.
+pub const DATA_PATH: &str = "/v1/data";
+
+/// The records of a `POST /v1/data` body: `{"records": [...]}`, or one
+/// record alone; a body that is neither is refused, naming where.
+fn records_of(body: &[u8]) -> Result<Vec<daemon::command::AppRecord>, Reply> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Many {
+        records: Vec<daemon::command::AppRecord>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Body {
+        Many(Many),
+        One(daemon::command::AppRecord),
+    }
+    let parsed: Body = serde_json::from_slice(body).map_err(|e| {
+        Reply::error(
+            400,
+            format!("the body is not {{\"records\": [{{\"series\", \"time\", \"value\"}}, …]}} nor one such record: {e}"),
+        )
+    })?;
+    Ok(match parsed {
+        Body::Many(m) => m.records,
+        Body::One(r) => vec![r],
+    })
+}
+
+/// The token of app `app` on this node: `<app>.<HMAC-SHA256 of the app's
+/// name under the node's app secret, hex>`. It names the app, so the node
+/// checks it without keeping a list; an app cannot make another's.
+pub fn app_token_for(secret: &str, app: &str) -> String {
+    format!(
+        "{app}.{}",
+        hex::encode(hmac_sha256(secret.as_bytes(), app.as_bytes()))
+    )
+}
+
+/// HMAC (RFC 2104) over SHA-256.
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| k.map(|x| x ^ b);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
 
 /// What the site API's server holds: the node's site, the way to its
@@ -262,15 +324,30 @@ impl Surface {
     /// Who makes a request: one of the node's apps (its token, on the
     /// device routes) or the key that signed it.
     fn caller(&self, req: &Request, cmd: &Command) -> Result<Caller, Reply> {
-        if matches!(cmd, Command::Devices { .. })
+        let app_route = matches!(cmd, Command::Devices { .. } | Command::Data { .. });
+        if app_route
             && let (Some(t), Some(h)) = (&self.app_token, req.auth.as_deref())
             && let Some(given) = h.strip_prefix("Bearer ")
         {
+            let given = given.trim();
             // Compared as digests: no early exit on the first differing byte.
-            if Sha256::digest(given.trim().as_bytes()) == Sha256::digest(t.as_bytes()) {
-                return Ok(Caller::App);
+            let same =
+                |a: &str, b: &str| Sha256::digest(a.as_bytes()) == Sha256::digest(b.as_bytes());
+            if let Some((app, _)) = given.rsplit_once('.')
+                && same(given, &app_token_for(t, app))
+            {
+                return Ok(Caller::App(Some(app.to_string())));
+            }
+            if same(given, t) {
+                return Ok(Caller::App(None));
             }
             return Err(Reply::error(401, "unknown app token"));
+        }
+        if matches!(cmd, Command::Data { .. }) {
+            return Err(Reply::error(
+                401,
+                "data is posted with an app's token (Authorization: Bearer $SHOAL_APP_TOKEN)",
+            ));
         }
         let mut nonces = self
             .nonces
