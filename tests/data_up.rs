@@ -680,3 +680,98 @@ time.sleep(3600)
     drop(node);
     drop(anchor);
 }
+
+/// A quota smaller than the outage: the node keeps its newest readings and
+/// folds what it must drop into summaries per series and interval, which go
+/// up in their place; the anchor shows the stretch as a gap marked as
+/// summarised, and the counts add up: readings that landed plus readings
+/// the summaries stand for make every reading the node produced.
+#[test]
+fn a_quota_smaller_than_the_outage_sends_summaries_and_the_counts_add_up() {
+    let sim_port = free_tcp_port();
+    let f = fleet(100, sim_port);
+    let sim = tcp_sim(sim_port, &sim_log(&f.root, 3));
+    let mut anchor = start_anchor(&f);
+    let token = operator_token(&f.anchor_dir, "ops");
+    let url = http_url(&f.anchor_dir);
+    let peer = anchor.peer_id();
+    let node = Daemon::start(
+        "node",
+        &f.node_dir,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{peer}", f.anchor_port),
+            "--site-api".into(),
+            f.site_api.clone(),
+            "--readings-cap".into(),
+            "100".into(),
+            "--summary-interval".into(),
+            "2".into(),
+        ],
+        None,
+    );
+    assert!(wait_for(WITHIN, || landed(&url, &token, "m1/temp").len() >= 10));
+    anchor.kill();
+    // Well past the quota: at least 300 readings had to be summarised.
+    assert!(
+        wait_for(WITHIN, || stats(&f)["summarised"].as_u64().unwrap_or(0)
+            >= 300),
+        "{}",
+        stats(&f)
+    );
+    let anchor = start_anchor(&f);
+    let url = http_url(&f.anchor_dir);
+    drop(sim);
+    let series = ["temp", "flow", "pump"];
+    let at_anchor = |r: &str| {
+        api_get(
+            &format!("{url}/api/nodes/n1/series/m1/{r}?from=0&to=99999999999999"),
+            &token,
+        )
+    };
+    // Settled: nothing unacknowledged, the device gone quiet.
+    let mut last = Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let st = stats(&f);
+            let settled = st["unacked"] == 0 && st == last;
+            last = st;
+            settled
+        }),
+        "the node did not settle: {last}"
+    );
+    let st = stats(&f);
+    let produced = st["count"].as_u64().unwrap() + st["dropped"].as_u64().unwrap();
+    let mut points = 0;
+    let mut summarised = 0;
+    for r in series {
+        let a = at_anchor(r);
+        points += a["points"].as_array().unwrap().len() as u64;
+        let sums = a["summaries"].as_array().unwrap();
+        assert!(!sums.is_empty(), "{r}: no summaries");
+        for s in sums {
+            let n = s["summary"]["count"].as_u64().unwrap();
+            assert!(n >= 1);
+            summarised += n;
+        }
+        let gaps = a["gaps"].as_array().unwrap();
+        assert!(
+            gaps.iter().any(|g| g["summarised"] == true),
+            "{r}: no gap marked as summarised: {gaps:?}"
+        );
+    }
+    assert_eq!(
+        summarised,
+        st["summarised"].as_u64().unwrap(),
+        "every summarised reading is in a summary that landed"
+    );
+    assert_eq!(
+        points + summarised,
+        produced,
+        "kept and summarised make what was produced ({st})"
+    );
+    drop(node);
+    drop(anchor);
+}
