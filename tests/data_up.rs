@@ -775,3 +775,135 @@ fn a_quota_smaller_than_the_outage_sends_summaries_and_the_counts_add_up() {
     drop(node);
     drop(anchor);
 }
+
+/// A peer of the fleet that forges batches: a real node identity (n2,
+/// enrolled) driven by this test over a real mesh. A batch that claims to
+/// be n1's but is signed by n2, and n2's own batch with a damaged
+/// signature, are each refused with the reason; each becomes a security
+/// event naming n2 at the anchor; nothing of them lands.
+#[test]
+fn a_forged_batch_is_refused_and_becomes_a_security_event() {
+    use futures::AsyncWriteExt;
+    use uplink::batch::{Batch, Kind, Record, Series};
+    use uplink::wire::Answer;
+
+    let f = fleet(1000, free_tcp_port());
+    let n2_dir = bundle_node(&f.anchor_dir, &f.root, "n2", "s1");
+    let anchor = start_anchor(&f);
+    let url = http_url(&f.anchor_dir);
+    let token = operator_token(&f.anchor_dir, "ops");
+    let n2 = crdt_state::DataDir::open(&n2_dir, None).unwrap();
+    let me = n2.identity().unwrap().clone();
+    let root = n2.trust().root();
+    drop(n2);
+    let n1_key = crdt_state::DataDir::open(&f.node_dir, None)
+        .unwrap()
+        .identity()
+        .unwrap()
+        .key();
+    let batch = |node: [u8; 32], number: u64| Batch {
+        node,
+        number,
+        series: vec![Series {
+            name: "m1/forged".into(),
+            kind: Kind::Reading,
+            records: vec![Record {
+                seq: 0,
+                at_ms: 1_700_000_000_000,
+                value: b"666".to_vec(),
+            }],
+        }],
+    };
+    let as_n1 = batch(n1_key.0, 1).encode(|m| me.sign(m)).unwrap();
+    let mut damaged = batch(me.key().0, 2).encode(|m| me.sign(m)).unwrap();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x40;
+    let anchor_addr: mesh::Multiaddr = anchor.addr_on("127.0.0.1").parse().unwrap();
+    let anchor_peer = mesh::peer_of(&anchor_addr).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answers: Vec<Answer> = rt.block_on(async {
+        let mut c = mesh::Config::new(me.secret_bytes());
+        c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+        c.peers = vec![anchor_addr.clone()];
+        let (m, mut events) = mesh::Mesh::start(c, daemon::hello::encode(root, &me.cert)).unwrap();
+        // Admit the anchor when it says hello; keep reading events.
+        let m2 = m.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.next().await {
+                if let mesh::Event::Hello { peer, .. } = ev {
+                    m2.admit(peer);
+                }
+            }
+        });
+        let mut out = Vec::new();
+        for bytes in [&as_n1, &damaged] {
+            // The anchor answers once it has admitted this peer: retried
+            // until then, within the deadline.
+            let deadline = std::time::Instant::now() + WITHIN;
+            let answer = loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no answer from the anchor"
+                );
+                let Ok(mut s) = m.open(anchor_peer, mesh::DATA).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                if mesh::frame::write(&mut s, bytes).await.is_err() {
+                    continue;
+                }
+                match mesh::frame::read(&mut s, uplink::wire::MAX_ANSWER).await {
+                    Ok(Some(a)) => break Answer::decode(&a).unwrap(),
+                    _ => {
+                        let _ = s.close().await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            out.push(answer);
+        }
+        m.shutdown().await;
+        out
+    });
+    let reasons: Vec<String> = answers
+        .into_iter()
+        .map(|a| match a {
+            Answer::Refused { reason, .. } => reason,
+            other => panic!("a forged batch was not refused: {other:?}"),
+        })
+        .collect();
+    assert!(
+        reasons[0].contains("signature is not n1's"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("signature is not n2's"),
+        "{}",
+        reasons[1]
+    );
+    let security = || api_get(&format!("{url}/api/security"), &token);
+    assert!(
+        wait_for(WITHIN, || security()["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["source"].as_str().unwrap_or("").contains("n2")
+                && e["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("data batch refused"))
+            .count()
+            >= 2),
+        "no security events: {}",
+        security()
+    );
+    assert!(landed(&url, &token, "m1/forged").is_empty());
+    let n2_series = api_get(
+        &format!("{url}/api/nodes/n2/series/m1/forged?from=0&to=99999999999999"),
+        &token,
+    );
+    assert_eq!(n2_series["records"], 0);
+    assert_eq!(metric(&url, &token, "shoal_data_refused_total"), 2);
+    drop(anchor);
+}
