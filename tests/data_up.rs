@@ -907,3 +907,91 @@ fn a_forged_batch_is_refused_and_becomes_a_security_event() {
     assert_eq!(metric(&url, &token, "shoal_data_refused_total"), 2);
     drop(anchor);
 }
+
+#[path = "support/cdp.rs"]
+mod cdp;
+
+/// The node page's chart in a real headless Chromium, for a series with a
+/// stretch the node's quota summarised (drawn as a band) and a stretch
+/// with no data at all (the node itself was down: drawn hatched, marked
+/// "no data"), and the uplink's backlog on the page while the anchor was
+/// away. `SHOAL_SCREENSHOTS=DIR` keeps the picture (docs/screenshots/
+/// holds the one made this way).
+#[test]
+fn the_chart_shows_summaries_and_gaps_in_chromium() {
+    let sim_port = free_tcp_port();
+    let f = fleet(100, sim_port);
+    let _sim = tcp_sim(sim_port, &sim_log(&f.root, 4));
+    let mut anchor = start_anchor(&f);
+    let token = operator_token(&f.anchor_dir, "ops");
+    let url = http_url(&f.anchor_dir);
+    let peer = anchor.peer_id();
+    let node_args: Vec<String> = vec![
+        "--listen".into(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+        "--peer".into(),
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{peer}", f.anchor_port),
+        "--site-api".into(),
+        f.site_api.clone(),
+        "--readings-cap".into(),
+        "60".into(),
+        "--summary-interval".into(),
+        "1".into(),
+    ];
+    let mut node = Daemon::start("node", &f.node_dir, &node_args, None);
+    assert!(wait_for(WITHIN, || landed(&url, &token, "m1/temp").len() >= 20));
+    // The anchor goes away: the quota summarises what it must drop.
+    anchor.kill();
+    assert!(wait_for(WITHIN, || stats(&f)["summarised"]
+        .as_u64()
+        .unwrap_or(0)
+        >= 60));
+    // The node goes down too for a while: nothing is read at all.
+    node.kill();
+    std::thread::sleep(Duration::from_secs(4)); // the stretch of no data the chart must show
+    let node = Daemon::start("node", &f.node_dir, &node_args, None);
+    assert!(wait_for(WITHIN, || unacked(&f) > 20));
+    let anchor = start_anchor(&f);
+    let url = http_url(&f.anchor_dir);
+    assert!(wait_for(Duration::from_secs(60), || unacked(&f) < 20));
+    std::thread::sleep(Duration::from_secs(2)); // a little more live line after the gap, for the picture
+    let mut b = cdp::Browser::launch(1280, 900).unwrap_or_else(|e| {
+        panic!("cannot start headless Chromium: {e} (install chromium: `apt-get install chromium`)")
+    });
+    b.navigate(&format!("{url}/")).unwrap();
+    b.wait_until("!!document.querySelector('#token')", WITHIN)
+        .unwrap();
+    b.fill("#token", &token).unwrap();
+    b.click("#login-form button").unwrap();
+    b.wait_until("!!document.querySelector('#total-nodes')", WITHIN)
+        .unwrap();
+    b.eval("location.hash = '#/node/n1?series=m1%2Ftemp&range=1m'")
+        .unwrap();
+    let drawn = "!!document.querySelector('svg.series path.line') \
+        && document.querySelectorAll('svg.series rect.summary').length > 0 \
+        && document.querySelectorAll('svg.series rect.gap').length > 0";
+    if let Err(e) = b.wait_until(drawn, WITHIN) {
+        panic!(
+            "{e}\nchart: {}\nerrors: {:?}",
+            b.eval("document.querySelector('#chart')?.innerHTML")
+                .unwrap_or_default(),
+            b.errors()
+        );
+    }
+    let label = b
+        .eval("document.querySelector('svg.series .gap-label')?.textContent")
+        .unwrap();
+    assert_eq!(label, "no data");
+    let series = b
+        .eval("document.querySelector('#series-pick').value")
+        .unwrap();
+    assert_eq!(series, "m1/temp");
+    if let Ok(dir) = std::env::var("SHOAL_SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).unwrap();
+        b.screenshot(&Path::new(&dir).join("node-data.png"))
+            .unwrap();
+    }
+    assert!(b.errors().is_empty(), "{:?}", b.errors());
+    drop(node);
+    drop(anchor);
+}

@@ -120,6 +120,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/nodes"),
     ("GET", "/api/nodes/{name}"),
     ("DELETE", "/api/nodes/{name}"),
+    ("GET", "/api/nodes/{name}/series"),
     ("GET", "/api/nodes/{name}/series/{series}"),
     ("GET", "/api/sites"),
     ("GET", "/api/sites/{name}"),
@@ -175,6 +176,7 @@ pub fn router(server: Server) -> Router {
         .route("/api/nodes/{name}", get(node).delete(delete_entity))
         // A series name holds slashes (`device/resource`): the rest of the
         // path, or one segment with them escaped.
+        .route("/api/nodes/{name}/series", get(series_list))
         .route("/api/nodes/{name}/series/{*series}", get(series))
         .route("/api/sites", get(sites))
         .route("/api/sites/{name}", get(site).delete(delete_entity))
@@ -637,6 +639,19 @@ async fn node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
         "timeline": timeline,
     }))
     .into_response()
+}
+
+/// The series that came up from a node.
+async fn series_list(State(s): State<Shared>, Path(node): Path<String>) -> Response {
+    let Some(store) = s.store.clone() else {
+        return ApiError::new(503, "this anchor keeps no data").into_response();
+    };
+    let read = tokio::task::spawn_blocking(move || store.landed_series(&node)).await;
+    match read {
+        Ok(Ok(items)) => axum::Json(json!({ "items": items })).into_response(),
+        Ok(Err(e)) => ApiError::new(500, format!("the anchor's store: {e}")).into_response(),
+        Err(e) => ApiError::new(500, format!("internal: {e}")).into_response(),
+    }
 }
 
 #[derive(Deserialize)]

@@ -92,6 +92,9 @@ pub struct NodeRow {
     pub peers: Vec<String>,
     /// Its devices, as it reported them.
     pub devices: BTreeMap<String, crdt_state::fleet::device::DeviceReport>,
+    /// Its data waiting to go up, when that is a backlog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<crdt_state::fleet::model::UplinkReport>,
     /// Summary state.
     pub state: NodeState,
 }
@@ -596,6 +599,7 @@ impl View {
                     .as_ref()
                     .map(|r| r.devices.clone())
                     .unwrap_or_default(),
+                uplink: report.as_ref().and_then(|r| r.uplink.clone()),
                 peers: report.map(|r| r.peers).unwrap_or_default(),
                 state,
             });

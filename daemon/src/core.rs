@@ -247,6 +247,8 @@ pub struct Core<C> {
     reconcile_due: bool,
     last_reconcile: u64,
     last_report: Option<NodeReport>,
+    /// The node's uplink backlog, for its next report.
+    uplink: Option<model::UplinkReport>,
     last_values: u64,
     /// Changes written here, told apart from merged ones on the timeline.
     local_hashes: HashSet<ChangeHash>,
@@ -286,6 +288,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             committed_seq: 0,
             last_reconcile: 0,
             last_report: None,
+            uplink: None,
             last_values: 0,
             local_hashes: HashSet::new(),
             security_events: 0,
@@ -655,6 +658,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             devices,
             artifacts,
             security: self.recent_security.iter().cloned().collect(),
+            uplink: self.uplink.clone(),
         };
         if let Some(last) = &self.last_report {
             let mut same = report.clone();
@@ -669,6 +673,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 if let Some(old) = last.devices.get(k) {
                     d.values = old.values.clone();
                 }
+            }
+            // The backlog's figures move with every batch: reported with
+            // the values, not more often (its coming and going at once).
+            if values_only.uplink.is_some() && last.uplink.is_some() {
+                values_only.uplink = last.uplink.clone();
             }
             for (k, a) in values_only.artifacts.iter_mut() {
                 if let Some(old) = last.artifacts.get(k)
@@ -743,6 +752,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     /// Peers by name: connected now, last heard.
     pub fn contacts(&self) -> &BTreeMap<String, Contact> {
         &self.contacts
+    }
+
+    /// The node's uplink backlog for its next report (`None`: it keeps up).
+    pub fn set_uplink(&mut self, uplink: Option<model::UplinkReport>) {
+        self.uplink = uplink;
     }
 
     /// Notes a security event (the core's own, which it raised as

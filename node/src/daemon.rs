@@ -343,11 +343,31 @@ impl Node {
     /// Hands the runtime's and devices' status to the core, which writes
     /// it into the node's document when it changed.
     fn report(&mut self) {
+        let uplink = self.uplink_backlog();
+        self.base.core.set_uplink(uplink);
         let workloads = self.runtime.status();
         let devices = self.device_reports();
         let artifacts = self.artifact_reports();
         let t = self.base.now();
         self.base.core.report(t, workloads, devices, artifacts);
+    }
+
+    /// The uplink's backlog, when the oldest record waiting is older than
+    /// [`model::UPLINK_BACKLOG_AFTER_MS`] (a read of a few counters of the
+    /// store).
+    fn uplink_backlog(&self) -> Option<model::UplinkReport> {
+        let st = self.base.dd.store().reading_stats().ok()?;
+        let oldest = st.oldest_unacked_ms?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (st.unacked > 0 && now.saturating_sub(oldest) >= model::UPLINK_BACKLOG_AFTER_MS).then_some(
+            model::UplinkReport {
+                records: st.unacked,
+                oldest_ms: oldest,
+                summarised: st.summarised,
+            },
+        )
     }
 
     /// The artifacts part of the node's report: how much of each is held,

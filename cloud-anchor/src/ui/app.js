@@ -175,9 +175,10 @@ async function nodes(_parts, params) {
   $("#next").onclick = () => go(list.page + 1);
 }
 
-async function node(parts) {
+async function node(parts, params) {
   const d = await api("GET", "/api/nodes/" + encodeURIComponent(parts[1]));
   const n = d.node;
+  const up = n.uplink;
   main().innerHTML = `<h1>Node ${esc(n.name)} <span id="node-state">${badge(n.state)}</span></h1>
   <table><tbody>
    <tr><th>Site</th><td><a href="#/nodes?site=${encodeURIComponent(n.site)}">${esc(n.site)}</a></td></tr>
@@ -186,7 +187,13 @@ async function node(parts) {
    <tr><th>Desired state</th><td>${n.behind ? `${n.behind} changes behind${n.behind_since ? ", the oldest from " + ago(n.behind_since) : ""}` : "applied"}</td></tr>
    <tr><th>Last reconcile</th><td>${ago(n.reconciled_at)}</td></tr>
    <tr><th>Peers</th><td>${n.peers.map(esc).join(", ") || "-"}</td></tr>
+   <tr><th>Data uplink</th><td id="uplink">${up ? `<span class="state behind">backlog</span> ${up.records} records waiting, the oldest from ${esc(new Date(up.oldest_ms).toLocaleString())} (${ago(up.oldest_ms / 1000)})${up.summarised ? `; ${up.summarised} readings summarised by its quota` : ""}` : "keeping up"}</td></tr>
   </tbody></table>
+  <h2>Data</h2>
+  <div class="filters"><label>Series <select id="series-pick"></select></label>
+   <label>Range <select id="series-range">${["1m", "5m", "1h", "6h", "1d", "7d", "30d"].map((r) => `<option${(params.get("range") || "1h") === r ? " selected" : ""}>${r}</option>`).join("")}</select></label>
+   <span class="legend"><span class="key line"></span>readings <span class="key summary"></span>summarised by the node's quota <span class="key gap"></span>no data</span></div>
+  <div id="chart" class="chart muted">no data from this node yet</div>
   <h2>Devices</h2>
   <table id="devices"><thead><tr><th>Device</th><th>State</th><th>Reported values</th><th>Setpoints</th><th>Error</th></tr></thead><tbody>
   ${Object.entries(d.devices).map(([name, v]) => `<tr data-device="${esc(name)}"><td>${esc(name)}</td><td>${badge(v.online === true ? "online" : v.online === false ? "offline" : "unknown")}</td>
@@ -202,6 +209,79 @@ async function node(parts) {
   <p>${d.desired.map((w) => `<code>${esc(w.app)}${w.spec.version ? "@" + esc(w.spec.version) : ""}</code>`).join(" ") || '<span class="muted">nothing</span>'}</p>
   <h2>Recent events</h2>
   ${timelineTable(d.timeline)}`;
+  await drawSeries(n.name, params);
+}
+
+const RANGES = { "1m": 60e3, "5m": 300e3, "1h": 3600e3, "6h": 6 * 3600e3, "1d": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3 };
+
+// The node page's chart: one series over a range, ~600 steps.
+async function drawSeries(name, params) {
+  const list = (await api("GET", `/api/nodes/${encodeURIComponent(name)}/series`)).items;
+  const pick = $("#series-pick");
+  if (!pick || !list.length) return;
+  const chosen = list.includes(params.get("series")) ? params.get("series") : list[0];
+  pick.innerHTML = list.map((x) => `<option${x === chosen ? " selected" : ""}>${esc(x)}</option>`).join("");
+  const go = () => {
+    const q = new URLSearchParams({ series: pick.value, range: $("#series-range").value });
+    location.hash = `#/node/${encodeURIComponent(name)}?${q}`;
+  };
+  pick.onchange = go;
+  $("#series-range").onchange = go;
+  const span = RANGES[params.get("range") || "1h"] || RANGES["1h"];
+  const to = Date.now();
+  const from = to - span;
+  const step = Math.max(500, Math.ceil(span / 600 / 500) * 500);
+  const d = await api("GET", `/api/nodes/${encodeURIComponent(name)}/series/${chosen.split("/").map(encodeURIComponent).join("/")}?from=${from}&to=${to}&step=${step}`);
+  $("#chart").innerHTML = chartSvg(d);
+  $("#chart").classList.remove("muted");
+}
+
+// An SVG of a series answer: the mean per step as a line, broken at gaps;
+// each summary of dropped readings as a band (min to max) with its mean;
+// each gap nothing covers as a hatched stretch marked "no data".
+function chartSvg(d, width = 920, height = 240) {
+  const L = 60, R = 12, T = 12, B = 26;
+  const x = (t) => L + ((t - d.from) / Math.max(1, d.to - d.from)) * (width - L - R);
+  const num = (v) => (typeof v === "number" && isFinite(v) ? v : null);
+  const ys = [];
+  d.points.forEach((p) => { [num(p.v), num(p.min), num(p.max)].forEach((v) => v !== null && ys.push(v)); });
+  d.summaries.forEach((s) => { [num(s.summary.min), num(s.summary.max)].forEach((v) => v !== null && ys.push(v)); });
+  if (!ys.length) return `<p class="muted">${d.records} records, none numeric (${esc(d.series)})</p>`;
+  let lo = Math.min(...ys), hi = Math.max(...ys);
+  if (lo === hi) { lo -= 1; hi += 1; }
+  const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (height - T - B);
+  const out = [`<svg class="series" viewBox="0 0 ${width} ${height}" width="${width}" height="${height}" role="img" aria-label="${esc(d.series)}">`,
+    `<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><line x1="0" y1="0" x2="0" y2="6" stroke="#cf222e" stroke-width="1.5"/></pattern></defs>`];
+  const clip = (t) => Math.max(L, Math.min(width - R, x(t)));
+  for (const g of d.gaps) {
+    if (g.summarised) continue;
+    const a = clip(g.from), b = clip(g.to);
+    out.push(`<rect class="gap" x="${a}" y="${T}" width="${Math.max(1, b - a)}" height="${height - T - B}" fill="url(#hatch)" opacity=".35"><title>no data ${esc(new Date(g.from).toLocaleString())} – ${esc(new Date(g.to).toLocaleString())}</title></rect>`);
+    out.push(`<text class="gap-label" x="${(a + b) / 2}" y="${T + 14}" text-anchor="middle">no data</text>`);
+  }
+  for (const s of d.summaries) {
+    const m = s.summary, a = clip(m.first_ms ?? s.t), b = clip(m.last_ms ?? s.t);
+    if (num(m.min) === null) continue;
+    // At least 10 px high, so a flat stretch still shows.
+    const top = Math.min(y(m.max), y(m.mean) - 5), h = Math.max(10, y(m.min) - y(m.max));
+    out.push(`<rect class="summary" x="${a}" y="${top}" width="${Math.max(2, b - a)}" height="${h}"><title>${m.count} readings summarised: min ${m.min}, mean ${m.mean}, max ${m.max}</title></rect>`);
+    out.push(`<line class="summary-mean" x1="${a}" x2="${Math.max(a + 2, b)}" y1="${y(m.mean)}" y2="${y(m.mean)}"/>`);
+  }
+  let path = "", prev = null;
+  for (const p of d.points) {
+    const v = num(p.v);
+    if (v === null) { prev = null; continue; }
+    // A gap starts between the last point and this one: the line breaks.
+    const broken = prev !== null && d.gaps.some((g) => g.from >= prev && g.from < p.t);
+    path += `${prev === null || broken ? "M" : "L"}${x(p.t).toFixed(1)},${y(v).toFixed(1)} `;
+    prev = p.t;
+  }
+  out.push(`<path class="line" d="${path}"/>`);
+  out.push(`<line class="axis" x1="${L}" x2="${L}" y1="${T}" y2="${height - B}"/><line class="axis" x1="${L}" x2="${width - R}" y1="${height - B}" y2="${height - B}"/>`);
+  out.push(`<text x="${L - 6}" y="${T + 4}" text-anchor="end">${esc(hi.toPrecision(4))}</text><text x="${L - 6}" y="${height - B}" text-anchor="end">${esc(lo.toPrecision(4))}</text>`);
+  out.push(`<text x="${L}" y="${height - 6}">${esc(new Date(d.from).toLocaleString())}</text><text x="${width - R}" y="${height - 6}" text-anchor="end">${esc(new Date(d.to).toLocaleString())}</text>`);
+  out.push(`</svg><p class="muted">${esc(d.series)}: ${d.records} records, ${d.summaries.length} summaries, ${d.gaps.length} gaps${d.truncated ? " (range truncated)" : ""}</p>`);
+  return out.join("");
 }
 
 async function apps() {

@@ -395,6 +395,28 @@ pub struct NodeReport {
     /// the anchor's security log shows what the edge saw.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security: Vec<SecurityReport>,
+    /// Its data not yet acknowledged by an anchor, when that is a backlog
+    /// (the oldest record waiting is older than
+    /// [`UPLINK_BACKLOG_AFTER_MS`]); absent when it keeps up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<UplinkReport>,
+}
+
+/// A node reports its uplink's backlog once its oldest record waiting is
+/// this old (live data goes up within a second or two).
+pub const UPLINK_BACKLOG_AFTER_MS: u64 = 30_000;
+
+/// A node's data waiting to go up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkReport {
+    /// Records (readings, app records) no anchor has acknowledged.
+    pub records: u64,
+    /// Time of the oldest of them (ms since the epoch, the node's clock).
+    pub oldest_ms: u64,
+    /// Readings its quota dropped unacknowledged, ever (each counted in a
+    /// summary that goes up instead).
+    pub summarised: u64,
 }
 
 /// Security events a node keeps in its report.

@@ -116,6 +116,28 @@ impl Store {
         })
     }
 
+    /// The series of `node` that hold data (by name).
+    pub fn landed_series(&self, node: &str) -> Result<Vec<String>> {
+        self.guard(|| {
+            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let names = match rtx.open_table(SERIES) {
+                Ok(n) => n,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(err(self, e)),
+            };
+            let mut out = Vec::new();
+            for item in names.range((node, "")..).map_err(|e| err(self, e))? {
+                let (k, _) = item.map_err(|e| err(self, e))?;
+                let (n, series) = k.value();
+                if n != node {
+                    break;
+                }
+                out.push(series.to_string());
+            }
+            Ok(out)
+        })
+    }
+
     /// The oldest batches queued for export, at most `limit`: (number,
     /// node, the batch's bytes).
     pub fn export_queue(&self, limit: usize) -> Result<Vec<(u64, String, Vec<u8>)>> {
@@ -297,6 +319,9 @@ mod tests {
         assert_eq!(got[0].value, b"2");
         assert!(s.landed("n1", "m/w", 0, u64::MAX, 100).unwrap().is_empty());
         assert_eq!(s.landed("n2", "m/v", 0, u64::MAX, 100).unwrap().len(), 3);
+        assert_eq!(s.landed_series("n1").unwrap(), ["m/v"]);
+        assert!(s.landed_series("n").unwrap().is_empty());
+        assert!(s.landed_series("n3").unwrap().is_empty());
         assert_eq!(s.landed("n1", "m/v", 0, u64::MAX, 2).unwrap().len(), 2);
         // Retention: everything before 1035 goes, in two ticks of 5.
         assert_eq!(s.prune_landed(1035, 5).unwrap(), 5);
