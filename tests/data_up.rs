@@ -262,18 +262,28 @@ fn readings_reach_the_anchor_exactly_once_through_kills() {
     // The CLI prints the same records (csv: a header, then one line per
     // record, by time).
     let csv = ok(&[
-        "data", "read", "--anchor", &url, "--token", &token, "n1", "m1/temp", "--since", "1h", "-o",
-        "csv",
+        "data", "read", "--anchor", &url, "--token", &token, "n1", "m1/temp", "--since", "1h",
+        "-o", "csv",
     ]);
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "time_ms,time,kind,value");
     let temps = landed(&url, &token, "m1/temp");
     assert_eq!(lines.len() - 1, temps.len(), "{csv}");
-    assert!(lines[1..].iter().all(|l| l.contains(",record,21.5")), "{csv}");
+    assert!(
+        lines[1..].iter().all(|l| l.contains(",record,21.5")),
+        "{csv}"
+    );
     assert_eq!(lines[1].split(',').next().unwrap(), temps[0].0.to_string());
-    let table = ok(&["data", "read", "--anchor", &url, "--token", &token, "n1", "m1/temp", "--step", "10s"]);
+    let table = ok(&[
+        "data", "read", "--anchor", &url, "--token", &token, "n1", "m1/temp", "--step", "10s",
+    ]);
     assert!(table.starts_with("TIME_MS"), "{table}");
-    assert!(table.trim_end().ends_with(&format!("{} records", temps.len())), "{table}");
+    assert!(
+        table
+            .trim_end()
+            .ends_with(&format!("{} records", temps.len())),
+        "{table}"
+    );
     for r in series {
         let got = landed(&url, &token, &format!("m1/{r}"));
         assert!(got.len() > 60, "{r}: only {} readings", got.len());
