@@ -60,14 +60,6 @@ fn status_mb(pid: u32, field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn metric(url: &str, token: &str, name: &str) -> u64 {
-    let (_, text) = http("GET", &format!("{url}/metrics"), Some(token), None);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) != Some("backfill") {

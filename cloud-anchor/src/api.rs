@@ -672,24 +672,25 @@ async fn series(
         return ApiError::new(503, "this anchor keeps no data").into_response();
     };
     let series = series.trim_start_matches('/').to_string();
-    let to =
-        q.to.unwrap_or_else(|| (now().max(0) as u64).saturating_mul(1000));
-    let from = q.from.unwrap_or_else(|| to.saturating_sub(86_400_000));
-    let step = q.step.unwrap_or(0);
-    if from > to {
-        return ApiError::new(400, format!("from ({from}) is after to ({to})")).into_response();
-    }
-    if step > 0 && (to - from) / step > crate::series::MAX_POINTS {
+    let latest = daemon::data::LATEST_MS;
+    if [q.from, q.to, q.step].iter().flatten().any(|v| *v > latest) {
         return ApiError::new(
             400,
-            format!(
-                "a step of {step} ms makes more than {} points: at least {} ms",
-                crate::series::MAX_POINTS,
-                (to - from).div_ceil(crate::series::MAX_POINTS)
-            ),
+            format!("from, to and step are milliseconds, at most {latest}"),
         )
         .into_response();
     }
+    let to =
+        q.to.unwrap_or_else(|| (now().max(0) as u64).saturating_mul(1000));
+    let from = q.from.unwrap_or_else(|| to.saturating_sub(86_400_000));
+    // A range that ends before it starts holds nothing; a step too small
+    // for the range is raised to the smallest that keeps to MAX_POINTS
+    // (the answer says which it used).
+    let to = to.max(from);
+    let step = match q.step.unwrap_or(0) {
+        0 => 0,
+        s => s.max((to - from).div_ceil(crate::series::MAX_POINTS)),
+    };
     let read = tokio::task::spawn_blocking(move || {
         store
             .landed(&node, &series, from, to, crate::series::MAX_RECORDS + 1)

@@ -249,27 +249,8 @@ pub fn render_series(v: &serde_json::Value, output: &str) -> anyhow::Result<Stri
 }
 
 /// `ms` since the epoch as UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (proleptic Gregorian), by
-    // 400-year eras of 146,097 days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+fn utc(ms: u64) -> String {
+    daemon::render::utc(ms, true)
 }
 
 /// Percent-encodes a path segment.
@@ -287,14 +268,6 @@ fn encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(utc(1_795_824_000_000), "2026-11-28T00:00:00.000Z");
-        assert_eq!(utc(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
-    }
 
     /// Points, summaries and gaps each have their rows, by time, in csv
     /// and table; csv quotes a value with a comma.

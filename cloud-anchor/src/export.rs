@@ -128,7 +128,18 @@ impl Exporter {
 
     /// One connection: copies rounds until an error.
     async fn session(&self) -> Result<(), String> {
-        let (mut client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| format!("--readings-db: {e}"))?;
+        // A dead database or a half-open connection is given up in
+        // minutes, not at the kernel's TCP timeout of hours.
+        config
+            .connect_timeout(Duration::from_secs(10))
+            .keepalives_idle(Duration::from_secs(30))
+            .options("-c statement_timeout=300000");
+        let (mut client, conn) = config
+            .connect(tokio_postgres::NoTls)
             .await
             .map_err(|e| format!("connecting: {e}"))?;
         let conn = tokio::spawn(async move {
@@ -222,10 +233,13 @@ impl Exporter {
     }
 }
 
-/// Escapes a field of `COPY`'s text format.
+/// Escapes a field of `COPY`'s text format. PostgreSQL's text holds no
+/// NUL: one becomes U+FFFD (a series name or text value the node sent
+/// with one would otherwise fail its round, and every round after it).
 fn field(out: &mut Vec<u8>, s: &str) {
     for b in s.bytes() {
         match b {
+            0 => out.extend_from_slice("\u{fffd}".as_bytes()),
             b'\\' => out.extend_from_slice(b"\\\\"),
             b'\t' => out.extend_from_slice(b"\\t"),
             b'\n' => out.extend_from_slice(b"\\n"),
@@ -279,13 +293,17 @@ pub fn copy_text(queued: &[(u64, String, Vec<u8>)]) -> (Vec<u8>, u64) {
                         (Kind::Summary, None) => (None, None),
                     }
                 };
+                // jsonb refuses the escape of NUL as well.
+                let value_json = value_json.map(|j| j.replace("\\u0000", "\\ufffd"));
                 field(&mut out, node);
                 out.push(b'\t');
                 field(&mut out, &s.name);
                 out.extend_from_slice(
                     format!(
                         "\t{}\t{}\t{}\t",
-                        r.at_ms.min(i64::MAX as u64),
+                        // Within PostgreSQL's timestamps (the anchor
+                        // refuses later ones; this is a backstop).
+                        r.at_ms.min(daemon::data::LATEST_MS),
                         r.seq.min(i64::MAX as u64),
                         u8::from(s.kind == Kind::Summary)
                     )
@@ -335,6 +353,7 @@ mod tests {
                         rec(2, "true"),
                         rec(3, "{\"a\":\"x\\ty\"}"),
                         rec(4, "not json\\"),
+                        rec(6, "\"nul \\u0000 here\""),
                     ],
                 },
                 Series {
@@ -347,7 +366,7 @@ mod tests {
         .encode(|_| [0; 64])
         .unwrap();
         let (text, n) = copy_text(&[(0, "n1".into(), b), (1, "n2".into(), b"junk".to_vec())]);
-        assert_eq!(n, 5);
+        assert_eq!(n, 6);
         let text = String::from_utf8(text).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "n1\tm1/temp\t1001\t1\t0\t21.5\t\\N");
@@ -360,8 +379,14 @@ mod tests {
             lines[3],
             "n1\tm1/temp\t1004\t4\t0\t\\N\t\"not json\\\\\\\\\""
         );
+        // jsonb takes no NUL: it becomes U+FFFD (escaped JSON, then the
+        // backslash escaped for COPY).
         assert_eq!(
             lines[4],
+            "n1\tm1/temp\t1006\t6\t0\t\\N\t\"nul \\\\ufffd here\""
+        );
+        assert_eq!(
+            lines[5],
             "n1\tm1/temp\t1005\t5\t1\t3.5\t{\"count\":2,\"mean\":3.5}"
         );
     }

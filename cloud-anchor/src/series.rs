@@ -130,7 +130,7 @@ pub fn shape(
     if !deltas.is_empty() {
         deltas.sort_unstable();
         let rhythm = deltas[deltas.len() / 2];
-        let longer = (rhythm * 3).max(step * 2).max(1);
+        let longer = rhythm.saturating_mul(3).max(step.saturating_mul(2)).max(1);
         for w in times.windows(2) {
             if w[1] - w[0] > longer {
                 let summarised = covered.iter().any(|(a, b)| *a <= w[1] && *b >= w[0]);

@@ -11,6 +11,9 @@ use crdt_state::local::landing::Landed;
 use crdt_state::{PublicKey, Role, Trust};
 use uplink::batch::{self, Kind};
 
+/// The latest time a record may carry: 9999-12-31T23:59:59.999Z.
+pub const LATEST_MS: u64 = 253_402_300_799_999;
+
 /// A batch an anchor may store.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Accepted {
@@ -79,6 +82,14 @@ pub fn accept(trust: &Trust, bytes: &[u8]) -> Result<Accepted, Refusal> {
             })
         })
         .collect();
+    // A time past year 9999 is no reading's: refused, not stored (nor
+    // copied to a database whose timestamps end there).
+    if let Some(r) = records.iter().find(|r| r.at_ms > LATEST_MS) {
+        return Err(refuse(format!(
+            "record {} of {} is dated {} ms, after the year 9999",
+            r.seq, r.series, r.at_ms
+        )));
+    }
     let ranges = uplink::wire::ranges_of(records.iter().map(|r| r.seq));
     Ok(Accepted {
         node: cert.name.clone(),
@@ -162,5 +173,10 @@ mod tests {
         dd.revoke(n1.key(), "stolen", 3).unwrap();
         assert!(why_in(&dd, &good).contains("n1 is revoked"));
         assert_eq!(accept(dd.trust(), b"junk").unwrap_err().number, None);
+        let mut late = batch_of(n2.key(), "m/v");
+        late.series[0].records[4].at_ms = LATEST_MS + 1;
+        let late = late.encode(|m| n2.sign(m)).unwrap();
+        let r = why_in(&dd, &late);
+        assert!(r.contains("after the year 9999"), "{r}");
     }
 }

@@ -37,6 +37,11 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Bytes of values (and names) read into one batch, at most: well within
 /// [`MAX_BATCH`] whatever the records hold.
 const BATCH_BYTES: usize = 768 * 1024;
+/// Runs of consecutive sequence numbers in one batch, at most: its
+/// acknowledgement then fits [`uplink::wire::MAX_RANGES`] and
+/// [`MAX_ANSWER`] (a fragmented outbox, summaries between readings, would
+/// otherwise make an answer the node cannot read).
+const MAX_RUNS: usize = 2_000;
 /// First pause after a stream failed; doubles up to [`RETRY_MAX_MS`].
 const RETRY_MS: u64 = 1_000;
 const RETRY_MAX_MS: u64 = 30_000;
@@ -342,6 +347,10 @@ impl Sender {
         let store = self.store.clone();
         let newest = blocking(move || store.readings_newest().map_err(|e| e.to_string())).await?;
         let mut up = Uplink::new(newest, 0);
+        // The last answer (or when the window was last empty): an anchor
+        // that holds batches longer than [`WAIT`] is given up, however
+        // often the store wakes this loop meanwhile.
+        let mut answered = tokio::time::Instant::now();
         loop {
             while let Some(read) = up.next_read() {
                 let store = self.store.clone();
@@ -382,6 +391,9 @@ impl Sender {
                     .bytes_sent
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
+            if up.in_flight() == 0 {
+                answered = tokio::time::Instant::now();
+            }
             let waiting = up.in_flight() > 0;
             tokio::select! {
                 a = answers.recv() => match a {
@@ -391,12 +403,22 @@ impl Sender {
                         };
                         // Only what this batch carried is marked, whatever
                         // the anchor says.
-                        let ok = uplink::wire::ranges_of(
-                            carried.into_iter().filter(|s| ranges.iter().any(|(a, b)| a <= s && s <= b)),
-                        );
+                        let all = carried.len();
+                        let covered: Vec<u64> = carried
+                            .into_iter()
+                            .filter(|s| ranges.iter().any(|(a, b)| a <= s && s <= b))
+                            .collect();
+                        let partial = covered.len() < all;
+                        let ok = uplink::wire::ranges_of(covered);
                         let store = self.store.clone();
                         let moved = blocking(move || store.acknowledge(&ok).map_err(|e| e.to_string())).await?;
                         self.counters.records_acked.fetch_add(moved, Ordering::Relaxed);
+                        answered = tokio::time::Instant::now();
+                        if partial {
+                            // What it left out is still in the outbox; a
+                            // new stream reads it again.
+                            return Err(format!("batch {number} was acknowledged in part"));
+                        }
                     }
                     Some(Ok(Answer::Refused { number, reason })) => {
                         return Err(format!("batch {number} refused: {reason}"));
@@ -410,7 +432,7 @@ impl Sender {
                         up.stored(n);
                     }
                 }
-                _ = tokio::time::sleep(WAIT), if waiting => {
+                _ = tokio::time::sleep_until(answered + WAIT), if waiting => {
                     return Err(format!("no answer within {} s", WAIT.as_secs()));
                 }
             }
@@ -418,17 +440,22 @@ impl Sender {
     }
 }
 
-/// What of `got` fits one batch: values within [`BATCH_BYTES`] and at most
-/// [`MAX_SERIES`] series; a cut read says so (its limit is what it kept),
+/// What of `got` fits one batch: values within [`BATCH_BYTES`], at most
+/// [`MAX_SERIES`] series and [`MAX_RUNS`] runs of consecutive sequence
+/// numbers (the acknowledgement names each run); a cut read says so (its limit is what it kept),
 /// so the planner goes on from there.
 fn fit(read: Read, mut got: Vec<Outgoing>) -> (Read, Vec<Outgoing>) {
     let mut bytes = 0usize;
     let mut series = std::collections::HashSet::new();
+    let mut runs = 0usize;
     let mut keep = got.len();
     for (i, o) in got.iter().enumerate() {
         bytes += o.value.len() + o.series.len() + 24;
         series.insert((o.series.as_str(), o.summary));
-        if i > 0 && (bytes > BATCH_BYTES || series.len() > MAX_SERIES) {
+        if i == 0 || got[i - 1].seq + 1 != o.seq {
+            runs += 1;
+        }
+        if i > 0 && (bytes > BATCH_BYTES || series.len() > MAX_SERIES || runs > MAX_RUNS) {
             keep = i;
             break;
         }
@@ -541,9 +568,18 @@ impl Lander {
                     if accepted.node != self.name {
                         tracing::debug!(peer = %self.peer, node = %accepted.node, "a batch carried for another node");
                     }
+                    // A node reads at most MAX_RANGES; it marks only what
+                    // the batch carried, so one covering range is as good.
+                    let ranges = if accepted.ranges.len() > uplink::wire::MAX_RANGES {
+                        let lo = accepted.ranges.first().map_or(0, |r| r.0);
+                        let hi = accepted.ranges.last().map_or(0, |r| r.1);
+                        vec![(lo, hi)]
+                    } else {
+                        accepted.ranges
+                    };
                     Answer::Ack {
                         number: accepted.number,
-                        ranges: accepted.ranges,
+                        ranges,
                     }
                 }
                 Err((refusal, security)) => {
@@ -613,6 +649,12 @@ mod tests {
         let many: Vec<Outgoing> = (0..5000).map(|i| out(i, &format!("d/{i}"), 1)).collect();
         let (_, got) = fit(read, many);
         assert_eq!(got.len(), MAX_SERIES);
+        // Every other sequence number (summaries between dropped
+        // readings): cut at MAX_RUNS runs.
+        let sparse: Vec<Outgoing> = (0..10_000).map(|i| out(i * 2, "d/a", 1)).collect();
+        let (r, got) = fit(read, sparse);
+        assert_eq!(got.len(), MAX_RUNS);
+        assert_eq!(r.limit, MAX_RUNS);
         // One value alone always goes, whatever its size.
         let (_, got) = fit(read, vec![out(0, "a/b", 900_000)]);
         assert_eq!(got.len(), 1);

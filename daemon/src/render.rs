@@ -43,6 +43,35 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// `ms` since the epoch as UTC, `YYYY-MM-DDTHH:MM:SSZ`, or with `.mmm`
+/// before the `Z` when `millis`; no calendar crate.
+pub fn utc(ms: u64, millis: bool) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian), by
+    // 400-year eras of 146,097 days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let frac = if millis {
+        format!(".{:03}", ms % 1000)
+    } else {
+        String::new()
+    };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{frac}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Renders `value` as JSON or YAML, or `rows` as a table with `header`.
 pub fn render<T: Serialize>(
     format: Format,

@@ -78,6 +78,8 @@ struct Node {
     site_api_url: Option<String>,
     /// The token this node's apps read their devices with (`SHOAL_APP_TOKEN`).
     app_token: Option<String>,
+    /// The key of each app's own token (`app-key`).
+    app_key: Option<String>,
     /// Device polling.
     devices: Option<crate::devices::Devices>,
     /// Device readings for the site API's live stream.
@@ -133,7 +135,8 @@ pub async fn run(
         base,
         runtime,
         site_api_url: None,
-        app_token: Some(app_token(&data_dir)?),
+        app_token: Some(secret_file(&data_dir, "app-token")?),
+        app_key: Some(secret_file(&data_dir, "app-key")?),
         devices: Some(crate::devices::Devices::new(
             dev_tx,
             data_dir.join("opcua-pki"),
@@ -152,6 +155,7 @@ pub async fn run(
             n.base.commands(),
             n.live.clone(),
             n.app_token.clone(),
+            n.app_key.clone(),
         );
         let local = site_api::serve(addr, surface).await?;
         crate::say!("site API on http://{local}");
@@ -777,11 +781,14 @@ fn app_readings(
         .collect()
 }
 
-/// The token this node's apps use on the site API's device routes: made
-/// once (256 random bits, owner-only file), kept across restarts so an
-/// app's spec, and so the app, do not change when the node restarts.
-fn app_token(dir: &Path) -> anyhow::Result<String> {
-    let path = dir.join("app-token");
+/// The node's shared token for the site API's device routes (`app-token`,
+/// what apps were given before each had its own), and the key each app's
+/// own token is made with (`app-key`, never given to an app, so no app
+/// can make another's): each made once (256 random bits, owner-only
+/// file), kept across restarts so an app's spec, and so the app, do not
+/// change when the node restarts.
+fn secret_file(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let path = dir.join(name);
     if let Ok(t) = std::fs::read_to_string(&path)
         && t.trim().len() == 64
     {
@@ -808,14 +815,14 @@ mod tests {
         // A torn token left world-readable (by a crash, or another tool).
         std::fs::write(&path, "abc")?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
-        let t = app_token(dir.path())?;
+        let t = secret_file(dir.path(), "app-token")?;
         assert_eq!(t.len(), 64);
         let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
         assert_eq!(std::fs::read_to_string(&path)?, t);
         assert!(!dir.path().join("app-token.tmp").exists());
         // Kept across restarts.
-        assert_eq!(app_token(dir.path())?, t);
+        assert_eq!(secret_file(dir.path(), "app-token")?, t);
         Ok(())
     }
 }

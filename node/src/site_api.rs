@@ -206,8 +206,9 @@ fn records_of(body: &[u8]) -> Result<Vec<daemon::command::AppRecord>, Reply> {
 }
 
 /// The token of app `app` on this node: `<app>.<HMAC-SHA256 of the app's
-/// name under the node's app secret, hex>`. It names the app, so the node
-/// checks it without keeping a list; an app cannot make another's.
+/// name under the node's app key, hex>`. It names the app, so the node
+/// checks it without keeping a list; the key (`app-key`) is given to no
+/// app, so an app cannot make another's.
 pub fn app_token_for(secret: &str, app: &str) -> String {
     format!(
         "{app}.{}",
@@ -244,8 +245,10 @@ pub struct Surface {
     pub commands: mpsc::Sender<Incoming>,
     /// Device readings for the live stream.
     pub live: tokio::sync::broadcast::Sender<String>,
-    /// The token the node's apps read their devices with.
+    /// The node's shared token: device reads only.
     pub app_token: Option<String>,
+    /// The key of each app's own token ([`app_token_for`]).
+    pub app_key: Option<String>,
     nonces: std::sync::Mutex<Nonces>,
 }
 
@@ -256,12 +259,14 @@ impl Surface {
         commands: mpsc::Sender<Incoming>,
         live: tokio::sync::broadcast::Sender<String>,
         app_token: Option<String>,
+        app_key: Option<String>,
     ) -> Surface {
         Surface {
             site,
             commands,
             live,
             app_token,
+            app_key,
             nonces: std::sync::Mutex::new(Nonces::default()),
         }
     }

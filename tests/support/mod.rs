@@ -449,6 +449,15 @@ pub fn api_get(url: &str, token: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
 }
 
+/// One counter or gauge of an anchor's `/metrics` (0 when absent).
+pub fn metric(url: &str, token: &str, name: &str) -> u64 {
+    let (_, text) = http("GET", &format!("{url}/metrics"), Some(token), None);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The HTTP address an anchor started with `--http` wrote.
 pub fn http_url(anchor_dir: &Path) -> String {
     assert!(

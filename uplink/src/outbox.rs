@@ -9,7 +9,8 @@
 //! stream ([`Uplink::lost`]). Records made after the stream began go out
 //! on the live cursor as soon as they exist; the backlog goes out on the
 //! backfill cursor only while nothing live is waiting, with at most
-//! [`WINDOW`] batches unanswered.
+//! [`BACKFILL_WINDOW`] backfill batches (and [`WINDOW`] in all)
+//! unanswered.
 
 use std::collections::BTreeMap;
 

@@ -22,8 +22,8 @@ use crate::codec::{Reader, put};
 
 /// The protocol's name on the mesh.
 pub const PROTOCOL: &str = "/shoal/data/1";
-/// Largest answer.
-pub const MAX_ANSWER: usize = 64 * 1024;
+/// Largest answer (MAX_RANGES ranges of two 10-byte varints fit).
+pub const MAX_ANSWER: usize = 96 * 1024;
 /// Most ranges in one acknowledgement.
 pub const MAX_RANGES: usize = 4096;
 /// Longest reason of a refusal (bytes).

@@ -7,7 +7,7 @@
 //! | `data_series` | (node, series) | its number (u32) |
 //! | `data` | (series number, time ms, sequence) | (kind, the value as JSON text) |
 //! | `data_export` | number | (node, the batch as it came): what the exporter to PostgreSQL has not copied yet |
-//! | `meta` | `data.series.next` | u32 |
+//! | `meta` | `data.series.next` (u32), `data.export.next` (u64) | the next numbers |
 //!
 //! A record is named by (node, series, sequence); the time is in the key
 //! so a range of a series is one scan, and retention deletes each series'
@@ -102,13 +102,19 @@ impl Store {
                 }
                 m.insert("data.series.next", next.to_be_bytes().as_slice())
                     .map_err(|e| err(self, e))?;
-                if let Some(bytes) = export {
+                // A batch with nothing new was queued when it first came
+                // (or before the export was set up, which copies only what
+                // lands from then on).
+                if let Some(bytes) = export.filter(|_| new > 0) {
                     let mut q = wtx.open_table(EXPORT).map_err(|e| err(self, e))?;
-                    let number = q
-                        .last()
+                    let number = m
+                        .get("data.export.next")
                         .map_err(|e| err(self, e))?
-                        .map_or(0, |(k, _)| k.value() + 1);
+                        .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
+                        .unwrap_or(0);
                     q.insert(number, (node, bytes)).map_err(|e| err(self, e))?;
+                    m.insert("data.export.next", (number + 1).to_be_bytes().as_slice())
+                        .map_err(|e| err(self, e))?;
                 }
             }
             wtx.commit().map_err(|e| err(self, e))?;
@@ -303,11 +309,12 @@ mod tests {
         let batch: Vec<Landed> = (0..10)
             .map(|i| rec("m/v", i, 1000 + i * 10, &i.to_string()))
             .collect();
-        assert_eq!(s.land("n1", &batch, None).unwrap(), 10);
+        assert_eq!(s.land("n1", &batch[..9], None).unwrap(), 9);
+        assert_eq!(s.land("n1", &batch, Some(b"b1")).unwrap(), 1, "one new");
         assert_eq!(
-            s.land("n1", &batch, Some(b"b1")).unwrap(),
+            s.land("n1", &batch, Some(b"b0")).unwrap(),
             0,
-            "again: nothing new"
+            "again: nothing new, not queued"
         );
         assert_eq!(
             s.land("n2", &batch[..3], Some(b"b2")).unwrap(),
