@@ -76,7 +76,8 @@ struct Node {
     runtime: Box<dyn Runtime>,
     /// The site API's address as this node's apps reach it.
     site_api_url: Option<String>,
-    /// The token this node's apps read their devices with (`SHOAL_APP_TOKEN`).
+    /// The node's shared token (`app-token`): device reads only; what
+    /// apps were given before each had its own.
     app_token: Option<String>,
     /// The key of each app's own token (`app-key`).
     app_key: Option<String>,
@@ -320,11 +321,13 @@ impl Node {
         // The node's apps read their devices through the site API.
         for w in &mut desired {
             if let Some(n) = w.spec.native.as_mut() {
-                if let Some(t) = &self.app_token {
+                if let Some(key) = &self.app_key {
                     // Its own token: device reads, and records of its own
                     // series (`POST /v1/data`).
-                    n.env
-                        .insert("SHOAL_APP_TOKEN".into(), site_api::app_token_for(t, &w.app));
+                    n.env.insert(
+                        "SHOAL_APP_TOKEN".into(),
+                        site_api::app_token_for(key, &w.app),
+                    );
                 }
                 if let Some(u) = &self.site_api_url {
                     n.env.insert("SHOAL_SITE_API".into(), u.clone());
