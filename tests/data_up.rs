@@ -86,23 +86,26 @@ fn start_anchor(f: &Fleet) -> Daemon {
     )
 }
 
+/// `node run` arguments: loopback, the anchor as its peer, the site API,
+/// then `extra`.
+fn node_args(f: &Fleet, anchor_peer: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--listen".to_string(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+        "--peer".into(),
+        format!(
+            "/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{anchor_peer}",
+            f.anchor_port
+        ),
+        "--site-api".into(),
+        f.site_api.clone(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 fn start_node(f: &Fleet, anchor_peer: &str) -> Daemon {
-    Daemon::start(
-        "node",
-        &f.node_dir,
-        &[
-            "--listen".into(),
-            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-            "--peer".into(),
-            format!(
-                "/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{anchor_peer}",
-                f.anchor_port
-            ),
-            "--site-api".into(),
-            f.site_api.clone(),
-        ],
-        None,
-    )
+    Daemon::start("node", &f.node_dir, &node_args(f, anchor_peer, &[]), None)
 }
 
 /// The series as it landed at the anchor: (time ms, value) per record.
@@ -708,18 +711,11 @@ fn a_quota_smaller_than_the_outage_sends_summaries_and_the_counts_add_up() {
     let node = Daemon::start(
         "node",
         &f.node_dir,
-        &[
-            "--listen".into(),
-            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-            "--peer".into(),
-            format!("/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{peer}", f.anchor_port),
-            "--site-api".into(),
-            f.site_api.clone(),
-            "--readings-cap".into(),
-            "100".into(),
-            "--summary-interval".into(),
-            "2".into(),
-        ],
+        &node_args(
+            &f,
+            &peer,
+            &["--readings-cap", "100", "--summary-interval", "2"],
+        ),
         None,
     );
     assert!(wait_for(WITHIN, || landed(&url, &token, "m1/temp").len() >= 10));
@@ -924,9 +920,8 @@ mod cdp;
 /// The node page's chart in a real headless Chromium, for a series with a
 /// stretch the node's quota summarised (drawn as a band) and a stretch
 /// with no data at all (the node itself was down: drawn hatched, marked
-/// "no data"), and the uplink's backlog on the page while the anchor was
-/// away. `SHOAL_SCREENSHOTS=DIR` keeps the picture (docs/screenshots/
-/// holds the one made this way).
+/// "no data"). `SHOAL_SCREENSHOTS=DIR` keeps the picture
+/// (docs/screenshots/ holds the one made this way).
 #[test]
 fn the_chart_shows_summaries_and_gaps_in_chromium() {
     let sim_port = free_tcp_port();
@@ -936,18 +931,11 @@ fn the_chart_shows_summaries_and_gaps_in_chromium() {
     let token = operator_token(&f.anchor_dir, "ops");
     let url = http_url(&f.anchor_dir);
     let peer = anchor.peer_id();
-    let node_args: Vec<String> = vec![
-        "--listen".into(),
-        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-        "--peer".into(),
-        format!("/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{peer}", f.anchor_port),
-        "--site-api".into(),
-        f.site_api.clone(),
-        "--readings-cap".into(),
-        "60".into(),
-        "--summary-interval".into(),
-        "1".into(),
-    ];
+    let node_args = node_args(
+        &f,
+        &peer,
+        &["--readings-cap", "60", "--summary-interval", "1"],
+    );
     let mut node = Daemon::start("node", &f.node_dir, &node_args, None);
     assert!(wait_for(WITHIN, || landed(&url, &token, "m1/temp").len() >= 20));
     // The anchor goes away: the quota summarises what it must drop.
