@@ -436,6 +436,39 @@ fn a_report_is_written_only_when_it_changed_and_values_at_most_every_thirty_seco
     net.now.mono_ms += 1_000;
     report(&mut net, dev(3, false));
     assert_ne!(heads(&net), second);
+    let third = heads(&net);
+
+    // The uplink's backlog: its coming goes out at once, its figures with
+    // the values (not more often), its going at once.
+    use crdt_state::fleet::model::{NodeReport, UplinkReport};
+    let backlog = |records| {
+        Some(UplinkReport {
+            records,
+            oldest_ms: 1_000,
+            summarised: 0,
+        })
+    };
+    let reported = |net: &Net| {
+        net.cores[1]
+            .doc(&node_doc(net))
+            .map(NodeReport::read)
+            .and_then(|r| r.uplink)
+    };
+    net.cores[1].set_uplink(backlog(500));
+    report(&mut net, dev(3, false));
+    assert_ne!(heads(&net), third);
+    assert_eq!(reported(&net).map(|u| u.records), Some(500));
+    let fourth = heads(&net);
+    net.now.mono_ms += 1_000;
+    net.cores[1].set_uplink(backlog(400));
+    report(&mut net, dev(3, false));
+    assert_eq!(heads(&net), fourth, "figures wait for the values' turn");
+    net.now.mono_ms += 30_000;
+    report(&mut net, dev(3, false));
+    assert_eq!(reported(&net).map(|u| u.records), Some(400));
+    net.cores[1].set_uplink(None);
+    report(&mut net, dev(3, false));
+    assert_eq!(reported(&net), None, "caught up: said at once");
 }
 
 #[test]
