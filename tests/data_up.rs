@@ -946,13 +946,18 @@ fn the_chart_shows_summaries_and_gaps_in_chromium() {
         >= 60));
     // The node goes down too for a while: nothing is read at all.
     node.kill();
-    std::thread::sleep(Duration::from_secs(4)); // the stretch of no data the chart must show
+    // The length of the stretch with no data is this test's input (the
+    // chart marks a gap over twice its 500 ms step), not a wait for
+    // something to happen.
+    std::thread::sleep(Duration::from_secs(4));
     let node = Daemon::start("node", &f.node_dir, &node_args, None);
     assert!(wait_for(WITHIN, || unacked(&f) > 20));
     let anchor = start_anchor(&f);
     let url = http_url(&f.anchor_dir);
     assert!(wait_for(Duration::from_secs(60), || unacked(&f) < 20));
-    std::thread::sleep(Duration::from_secs(2)); // a little more live line after the gap, for the picture
+    // A little more live line after the gap, for the picture.
+    let now = landed(&url, &token, "m1/temp").len();
+    assert!(wait_for(WITHIN, || landed(&url, &token, "m1/temp").len() >= now + 10));
     let mut b = cdp::Browser::launch(1280, 900).unwrap_or_else(|e| {
         panic!("cannot start headless Chromium: {e} (install chromium: `apt-get install chromium`)")
     });

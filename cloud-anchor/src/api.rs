@@ -643,12 +643,25 @@ async fn node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
 
 /// The series that came up from a node.
 async fn series_list(State(s): State<Shared>, Path(node): Path<String>) -> Response {
+    data_read(&s, move |store| {
+        store
+            .landed_series(&node)
+            .map(|items| json!({ "items": items }))
+    })
+    .await
+}
+
+/// Runs a read of the data that came up on a blocking thread and answers
+/// with it (503 on an anchor that keeps none).
+async fn data_read<T: Serialize + Send + 'static>(
+    s: &Server,
+    read: impl FnOnce(&crdt_state::Store) -> crdt_state::Result<T> + Send + 'static,
+) -> Response {
     let Some(store) = s.store.clone() else {
         return ApiError::new(503, "this anchor keeps no data").into_response();
     };
-    let read = tokio::task::spawn_blocking(move || store.landed_series(&node)).await;
-    match read {
-        Ok(Ok(items)) => axum::Json(json!({ "items": items })).into_response(),
+    match tokio::task::spawn_blocking(move || read(&store)).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => ApiError::new(500, format!("the anchor's store: {e}")).into_response(),
         Err(e) => ApiError::new(500, format!("internal: {e}")).into_response(),
     }
@@ -668,9 +681,6 @@ async fn series(
     Path((node, series)): Path<(String, String)>,
     Query(q): Query<SeriesQuery>,
 ) -> Response {
-    let Some(store) = s.store.clone() else {
-        return ApiError::new(503, "this anchor keeps no data").into_response();
-    };
     let series = series.trim_start_matches('/').to_string();
     let latest = daemon::data::LATEST_MS;
     if [q.from, q.to, q.step].iter().flatten().any(|v| *v > latest) {
@@ -691,17 +701,12 @@ async fn series(
         0 => 0,
         s => s.max((to - from).div_ceil(crate::series::MAX_POINTS)),
     };
-    let read = tokio::task::spawn_blocking(move || {
+    data_read(&s, move |store| {
         store
             .landed(&node, &series, from, to, crate::series::MAX_RECORDS + 1)
             .map(|landed| crate::series::shape(&node, &series, from, to, step, landed))
     })
-    .await;
-    match read {
-        Ok(Ok(a)) => axum::Json(a).into_response(),
-        Ok(Err(e)) => ApiError::new(500, format!("the anchor's store: {e}")).into_response(),
-        Err(e) => ApiError::new(500, format!("internal: {e}")).into_response(),
-    }
+    .await
 }
 
 async fn sites(State(s): State<Shared>) -> Response {
@@ -1306,71 +1311,79 @@ async fn metrics(State(s): State<Shared>) -> Response {
         "Fields with concurrent values.",
         &one(sn.conflicts.len() as u64),
     );
+    // What came up from the nodes, and the exporter's progress.
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let mut counters: Vec<(&str, &str, &str, &AtomicU64)> = Vec::new();
     if let Some(d) = &s.data {
-        use std::sync::atomic::Ordering::Relaxed;
-        m(
-            "shoal_data_batches_total",
-            "counter",
-            "Batches of data from the nodes landed and acknowledged.",
-            &one(d.batches_landed.load(Relaxed)),
-        );
-        m(
-            "shoal_data_records_total",
-            "counter",
-            "Records in the batches landed (a replay counts again).",
-            &one(d.records_landed.load(Relaxed)),
-        );
-        m(
-            "shoal_data_records_new_total",
-            "counter",
-            "Records landed that were not here yet.",
-            &one(d.records_new.load(Relaxed)),
-        );
-        m(
-            "shoal_data_bytes_total",
-            "counter",
-            "Bytes of the batches landed (signatures and framing within).",
-            &one(d.bytes_landed.load(Relaxed)),
-        );
-        m(
-            "shoal_data_refused_total",
-            "counter",
-            "Batches refused (forged, from a stranger, or not storable).",
-            &one(d.refused.load(Relaxed)),
-        );
+        counters.extend([
+            (
+                "shoal_data_batches_total",
+                "counter",
+                "Batches of data from the nodes landed and acknowledged.",
+                &d.batches_landed,
+            ),
+            (
+                "shoal_data_records_total",
+                "counter",
+                "Records in the batches landed (a replay counts again).",
+                &d.records_landed,
+            ),
+            (
+                "shoal_data_records_new_total",
+                "counter",
+                "Records landed that were not here yet.",
+                &d.records_new,
+            ),
+            (
+                "shoal_data_bytes_total",
+                "counter",
+                "Bytes of the batches landed (signatures and framing within).",
+                &d.bytes_landed,
+            ),
+            (
+                "shoal_data_refused_total",
+                "counter",
+                "Batches refused (forged, from a stranger, or not storable).",
+                &d.refused,
+            ),
+        ]);
     }
     if let Some(x) = &s.export {
-        use std::sync::atomic::Ordering::Relaxed;
-        m(
-            "shoal_export_records_total",
-            "counter",
-            "Records copied to PostgreSQL (a replay counts again).",
-            &one(x.records.load(Relaxed)),
-        );
-        m(
-            "shoal_export_rows_total",
-            "counter",
-            "Rows new in PostgreSQL.",
-            &one(x.rows.load(Relaxed)),
-        );
-        m(
-            "shoal_export_errors_total",
-            "counter",
-            "Export rounds that failed (database down, connection lost).",
-            &one(x.errors.load(Relaxed)),
-        );
-        m(
-            "shoal_export_replayed_total",
-            "counter",
-            "Export rounds that found rows already in PostgreSQL and skipped them.",
-            &one(x.replayed.load(Relaxed)),
-        );
-        m(
-            "shoal_export_backlog_batches",
-            "gauge",
-            "Batches landed and not yet copied to PostgreSQL.",
-            &one(x.backlog.load(Relaxed)),
-        );
+        counters.extend([
+            (
+                "shoal_export_records_total",
+                "counter",
+                "Records copied to PostgreSQL (a replay counts again).",
+                &x.records,
+            ),
+            (
+                "shoal_export_rows_total",
+                "counter",
+                "Rows new in PostgreSQL.",
+                &x.rows,
+            ),
+            (
+                "shoal_export_errors_total",
+                "counter",
+                "Export rounds that failed (database down, connection lost).",
+                &x.errors,
+            ),
+            (
+                "shoal_export_replayed_total",
+                "counter",
+                "Export rounds that found rows already in PostgreSQL and skipped them.",
+                &x.replayed,
+            ),
+            (
+                "shoal_export_backlog_batches",
+                "gauge",
+                "Batches landed and not yet copied to PostgreSQL.",
+                &x.backlog,
+            ),
+        ]);
+    }
+    for (name, kind, help, v) in counters {
+        m(name, kind, help, &one(v.load(Relaxed)));
     }
     m(
         "shoal_store_bytes",

@@ -165,20 +165,11 @@ impl Exporter {
                     let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
                     continue;
                 };
-                // Whole batches up to the round's records (at least one).
-                let mut queued = queued;
-                let mut take = 0;
-                let mut counted = 0u64;
-                for q in &queued {
-                    if take > 0 && counted >= ROUND_RECORDS {
-                        break;
-                    }
-                    counted += uplink::batch::decode(&q.2).map_or(0, |u| u.batch.records() as u64);
-                    take += 1;
-                }
-                queued.truncate(take);
-                let last = queued.last().map_or(last, |q| q.0);
-                let (text, records) = copy_text(&queued);
+                // Whole batches up to the round's records (at least one),
+                // each decoded once.
+                let (text, records, taken) = copy_text(&queued);
+                let last = queued.get(taken.saturating_sub(1)).map_or(last, |q| q.0);
+                let queued = &queued[..taken];
                 let mut tx = client.transaction().await.map_err(|e| format!("begin: {e}"))?;
                 let sink = tx
                     .copy_in::<_, std::io::Cursor<Vec<u8>>>(
@@ -254,11 +245,18 @@ fn field(out: &mut Vec<u8>, s: &str) {
 /// `value`; anything else in `value_json` (text that is not JSON as a
 /// JSON string, so one odd value cannot stall the export); a summary's
 /// mean in `value` and the summary in `value_json`. A batch that no longer
-/// decodes (the store was damaged) is skipped with a warning.
-pub fn copy_text(queued: &[(u64, String, Vec<u8>)]) -> (Vec<u8>, u64) {
+/// decodes (the store was damaged) is skipped with a warning. Stops after
+/// the batch that takes the round to [`ROUND_RECORDS`]; returns the text,
+/// the records in it and how many batches it took (at least one).
+pub fn copy_text(queued: &[(u64, String, Vec<u8>)]) -> (Vec<u8>, u64, usize) {
     let mut out = Vec::new();
     let mut n = 0u64;
+    let mut taken = 0;
     for (number, node, bytes) in queued {
+        if taken > 0 && n >= ROUND_RECORDS {
+            break;
+        }
+        taken += 1;
         let batch = match uplink::batch::decode(bytes) {
             Ok(u) => u.batch,
             Err(e) => {
@@ -323,7 +321,7 @@ pub fn copy_text(queued: &[(u64, String, Vec<u8>)]) -> (Vec<u8>, u64) {
             }
         }
     }
-    (out, n)
+    (out, n, taken)
 }
 
 #[cfg(test)]
@@ -365,8 +363,13 @@ mod tests {
         }
         .encode(|_| [0; 64])
         .unwrap();
-        let (text, n) = copy_text(&[(0, "n1".into(), b), (1, "n2".into(), b"junk".to_vec())]);
-        assert_eq!(n, 6);
+        let (text, n, taken) =
+            copy_text(&[(0, "n1".into(), b), (1, "n2".into(), b"junk".to_vec())]);
+        assert_eq!(
+            (n, taken),
+            (6, 2),
+            "both batches taken, the junk one skipped"
+        );
         let text = String::from_utf8(text).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "n1\tm1/temp\t1001\t1\t0\t21.5\t\\N");

@@ -413,11 +413,7 @@ impl Base {
                 let t = self.now();
                 let out = self.blobs.on_event(&self.mesh, t.mono_ms, ev);
                 for (peer, reason) in out.security {
-                    let who = match self.core.name_of(&peer) {
-                        Some(name) => format!("{name} ({peer})"),
-                        None => peer.to_string(),
-                    };
-                    self.own.push_back(Action::Security { who, reason });
+                    self.peer_security(peer, reason);
                 }
                 if !out.ready.is_empty() {
                     // A wanted artifact is whole: what waited for it may run.
@@ -428,11 +424,7 @@ impl Base {
             Input::Data(ev) => {
                 let t = self.now();
                 if let Some((peer, reason)) = self.data.on_event(&self.mesh, t.mono_ms, ev) {
-                    let who = match self.core.name_of(&peer) {
-                        Some(name) => format!("{name} ({peer})"),
-                        None => peer.to_string(),
-                    };
-                    self.own.push_back(Action::Security { who, reason });
+                    self.peer_security(peer, reason);
                 }
                 None
             }
@@ -880,6 +872,16 @@ impl Base {
             }
         }
         None
+    }
+
+    /// A security event about `peer` that the driver saw (a blob or data
+    /// peer refused), named as the core knows it, for the composition.
+    fn peer_security(&mut self, peer: PeerId, reason: String) {
+        let who = match self.core.name_of(&peer) {
+            Some(name) => format!("{name} ({peer})"),
+            None => peer.to_string(),
+        };
+        self.own.push_back(Action::Security { who, reason });
     }
 
     /// A security event, the core's or the driver's own: logged, and kept
