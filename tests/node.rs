@@ -3,9 +3,15 @@
 //! network at all (an empty network namespace) starts its last desired
 //! state from its store; SIGTERM leaves no process behind.
 //!
+//! A node on the kube runtime (against the stand-in API server of the
+//! runtime's wire tests: no real one can run here) hands each app its own
+//! site API token through a Secret.
+//!
 //! Needs root and iproute2 for the namespace; fails (never skips) without.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "../node/tests/support/apiserver.rs"]
+mod apiserver;
 mod support;
 
 use std::path::Path;
@@ -169,14 +175,6 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
     );
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn raw_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -332,4 +330,113 @@ fn site_api_authenticates_and_offline_site_edits_merge_with_the_anchor() {
         site_version(&nd, "s1", "web"),
         site_version(&anchor_dir, "s1", "web")
     );
+}
+
+/// The node, not only its runtime, gives a kube app its own token: the
+/// Secret in the app's namespace holds the token the site API accepts for
+/// that app (HMAC of the app's name under the node's `app-key`), and its
+/// pods are told where the site API is.
+#[test]
+fn a_kube_app_gets_its_own_site_api_token_from_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(apiserver::ApiServer::start());
+    let kubeconfig = write(
+        root,
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}'}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+            server.url()
+        ),
+    );
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    let anchor_listen = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+    ];
+    let _anchor = Daemon::start("anchor", &anchor_dir, &anchor_listen, None);
+    let nd = root.join("n1");
+    enroll(&anchor_dir, &nd, "n1", "s1");
+    let port = free_tcp_port();
+    let node = Daemon::start(
+        "node",
+        &nd,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--runtime".into(),
+            "kube".into(),
+            "--kubeconfig".into(),
+            s(&kubeconfig).into(),
+            "--site-api".into(),
+            format!("0.0.0.0:{port}"),
+        ],
+        None,
+    );
+    let app = write(
+        root,
+        "web.yaml",
+        "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {name: web}\nspec:\n  runtime: kube\n  kube:\n    manifests: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data: {k: v}\n      ---\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {name: cam}\n      spec:\n        selector: {matchLabels: {app: cam}}\n        template:\n          metadata: {labels: {app: cam}}\n          spec: {containers: [{name: cam, image: busybox}]}\n",
+    );
+    ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&app)]);
+    let secret = || server.get("v1", "Secret", Some("shoal-web"), "shoal-web-token");
+    assert!(
+        wait_for(Duration::from_secs(30), || secret().is_some()),
+        "no token Secret within 30 s; the node said:\n{}\nthe anchor: {}\nrequests: {:?}",
+        node.log_text(),
+        get(&anchor_dir, "nodes"),
+        server
+            .requests()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect::<Vec<_>>()
+    );
+    let key = std::fs::read_to_string(nd.join("app-key")).unwrap();
+    let want = node::site_api::app_token_for(key.trim(), "web");
+    let stored: Vec<u8> = {
+        let b64 = secret().unwrap()["data"]["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        decode_base64(&b64)
+    };
+    let stored = String::from_utf8(stored).unwrap();
+    assert_eq!(stored, want);
+    // The site API takes the app's records with it.
+    let (status, body) = http(
+        "POST",
+        &format!("http://127.0.0.1:{port}/v1/data"),
+        Some(&stored),
+        Some(r#"{"records": [{"series": "defects", "value": 1}]}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let d = server
+        .get("apps/v1", "Deployment", Some("shoal-web"), "cam")
+        .unwrap();
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(env[1]["value"], format!("http://$(SHOAL_NODE_IP):{port}"));
+    assert_eq!(
+        env[2]["valueFrom"]["secretKeyRef"]["name"],
+        "shoal-web-token"
+    );
+    drop(rt);
+}
+
+/// Standard base64 (with padding), as the API server stores Secret data.
+fn decode_base64(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = ALPHABET.iter().position(|&a| a == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
 }

@@ -43,6 +43,7 @@ fn app(version: &str, changed: usize) -> Workload {
         },
         files: Default::default(),
         artifacts: Default::default(),
+        site_api: None,
     }
 }
 

@@ -25,6 +25,7 @@ use crate::runtime::Runtime;
 use crate::runtime::native::Native;
 use crate::site_api;
 use crdt_state::fleet::model;
+use crdt_state::fleet::placement::SiteApi;
 use daemon::command::{self, Answer, Caller, Command, Refusal};
 
 /// Node daemon settings.
@@ -76,6 +77,8 @@ struct Node {
     runtime: Box<dyn Runtime>,
     /// The site API's address as this node's apps reach it.
     site_api_url: Option<String>,
+    /// The site API's address as pods of the kube runtime reach it.
+    site_api_pods: Option<String>,
     /// The node's shared token (`app-token`): device reads only; what
     /// apps were given before each had its own.
     app_token: Option<String>,
@@ -136,6 +139,7 @@ pub async fn run(
         base,
         runtime,
         site_api_url: None,
+        site_api_pods: None,
         app_token: Some(secret_file(&data_dir, "app-token")?),
         app_key: Some(secret_file(&data_dir, "app-key")?),
         devices: Some(crate::devices::Devices::new(
@@ -166,6 +170,7 @@ pub async fn run(
             reach.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         n.site_api_url = Some(format!("http://{reach}"));
+        n.site_api_pods = Some(pods_url(local));
     }
     // The last desired state from the store, before any peer is heard.
     n.base.start();
@@ -332,6 +337,14 @@ impl Node {
                 if let Some(u) = &self.site_api_url {
                     n.env.insert("SHOAL_SITE_API".into(), u.clone());
                 }
+            }
+            if w.spec.kube.is_some()
+                && let (Some(key), Some(url)) = (&self.app_key, &self.site_api_pods)
+            {
+                w.site_api = Some(SiteApi {
+                    url: url.clone(),
+                    token: site_api::app_token_for(key, &w.app),
+                });
             }
         }
         self.runtime.reconcile(&desired);
@@ -790,6 +803,18 @@ fn app_readings(
 /// can make another's): each made once (256 random bits, owner-only
 /// file), kept across restarts so an app's spec, and so the app, do not
 /// change when the node restarts.
+/// The site API's URL as a pod dials it. A wildcard bind is reached at
+/// the pod's host IP (`$(SHOAL_NODE_IP)`, which the kube runtime sets from
+/// the downward API); a loopback bind only from pods on the host's network;
+/// any other address as it is.
+fn pods_url(local: std::net::SocketAddr) -> String {
+    let port = local.port();
+    match local.ip() {
+        ip if ip.is_unspecified() => format!("http://$(SHOAL_NODE_IP):{port}"),
+        _ => format!("http://{local}"),
+    }
+}
+
 fn secret_file(dir: &Path, name: &str) -> anyhow::Result<String> {
     let path = dir.join(name);
     if let Ok(t) = std::fs::read_to_string(&path)
@@ -826,6 +851,21 @@ mod tests {
         assert!(!dir.path().join("app-token.tmp").exists());
         // Kept across restarts.
         assert_eq!(secret_file(dir.path(), "app-token")?, t);
+        Ok(())
+    }
+
+    #[test]
+    fn pods_reach_a_wildcard_site_api_at_their_host_ip() -> anyhow::Result<()> {
+        assert_eq!(
+            pods_url("0.0.0.0:8700".parse()?),
+            "http://$(SHOAL_NODE_IP):8700"
+        );
+        assert_eq!(
+            pods_url("[::]:8700".parse()?),
+            "http://$(SHOAL_NODE_IP):8700"
+        );
+        assert_eq!(pods_url("10.1.2.3:8700".parse()?), "http://10.1.2.3:8700");
+        assert_eq!(pods_url("[fd00::1]:8700".parse()?), "http://[fd00::1]:8700");
         Ok(())
     }
 }

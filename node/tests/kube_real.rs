@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crdt_state::fleet::model::WorkloadState;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kubetest::{CFG, CFG2, CLASS, DEPLOY, HPA_V1, HPA_V2, app, manifests, until};
+use kubetest::{CFG, CFG2, CLASS, DEPLOY, HPA_V1, HPA_V2, app, manifests, until, with_site_api};
 use node::runtime::Runtime;
 use node::runtime::kube::Kube;
 use serde_json::{Value, json};
@@ -70,6 +70,7 @@ fn resource(api_version: &str, kind: &str) -> ApiResource {
         "ServiceAccount" => "serviceaccounts",
         "RoleBinding" => "rolebindings",
         "Node" => "nodes",
+        "Secret" => "secrets",
         other => panic!("no plural for {other} in this test"),
     };
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, kind), plural)
@@ -626,10 +627,20 @@ async fn real_cluster_namespace_scoped_credentials_suffice() {
     node::runtime::kube::prepare(&mut cfg);
     let dir = tempfile::tempdir().unwrap();
     let mut rt = node_runtime(kube::Client::try_from(cfg).unwrap(), dir.path());
-    rt.reconcile(&[app("web", "v1", Some(&ns), manifests(&[CFG]))]);
+    // With the token's Secret, which `edit` may write too.
+    rt.reconcile(&[with_site_api(
+        app("web", "v1", Some(&ns), manifests(&[CFG])),
+        "web.00ff",
+    )]);
     kubetest::until_state(&rt, "web", WorkloadState::Running, WITHIN).await;
+    assert!(
+        get(&c, "v1", "Secret", Some(&ns), "shoal-web-token")
+            .await
+            .is_some()
+    );
     rt.reconcile(&[]);
     assert!(gone(&c, "v1", "ConfigMap", Some(&ns), "cfg").await);
+    assert!(gone(&c, "v1", "Secret", Some(&ns), "shoal-web-token").await);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
 }
@@ -752,18 +763,7 @@ async fn real_cluster_rollout_status_without_a_kubelet() {
 async fn real_cluster_pods_become_ready() {
     // Needs a schedulable node that can pull nginx: skips with a message otherwise.
     let c = admin().await;
-    let nodes = api(&c, "v1", "Node", None)
-        .list(&Default::default())
-        .await
-        .unwrap();
-    let schedulable = nodes.items.iter().any(|n| {
-        n.data["spec"]["unschedulable"] != json!(true)
-            && n.data["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
-    });
-    if !schedulable {
+    if !schedulable(&c).await {
         eprintln!(
             "SKIPPED real_cluster_pods_become_ready: the cluster has no schedulable Ready node"
         );
@@ -784,6 +784,98 @@ async fn real_cluster_pods_become_ready() {
     assert_eq!(s["web"].version.as_deref(), Some("v2"), "{s:?}");
     assert_eq!(s["web"].state, WorkloadState::Running, "{s:?}");
     rt.reconcile(&[]);
+    rt.shutdown().await;
+    cleanup(&c, &[&ns]).await;
+}
+
+/// Does the cluster have a node that can run pods?
+async fn schedulable(c: &kube::Client) -> bool {
+    let nodes = api(c, "v1", "Node", None)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    nodes.items.iter().any(|n| {
+        n.data["spec"]["unschedulable"] != json!(true)
+            && n.data["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+    })
+}
+
+/// A kube app's site API and token as a real cluster takes them: the
+/// Secret holds the token, the Deployment (validated strictly) refers to
+/// it and to the host IP; and, where a pod can run, its container sees the
+/// token and a URL with the host IP filled in. The Secret goes with the app.
+#[tokio::test]
+#[ignore = "needs a real cluster: SHOAL_IT_KUBECONFIG=path cargo test -- --ignored"]
+async fn real_cluster_pods_get_the_site_api_and_their_token() {
+    let c = admin().await;
+    let ns = format!("shoal-token-{}", suffix());
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = node_runtime(c.clone(), dir.path());
+    let token = format!("web.{}", suffix());
+    // Prints what it was given, then waits to be deleted.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: probe}\nspec:\n  restartPolicy: Never\n  containers: [{name: probe, image: busybox:1.36, command: [sh, -c, 'echo \"given $SHOAL_APP_TOKEN $SHOAL_SITE_API\"; sleep 3600']}]\n";
+    rt.reconcile(&[with_site_api(
+        app("web", "v1", Some(&ns), manifests(&[DEPLOY, pod])),
+        &token,
+    )]);
+    let deadline = Instant::now() + WITHIN;
+    let secret = loop {
+        if let Some(s) = get(&c, "v1", "Secret", Some(&ns), "shoal-web-token").await {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no token Secret within {WITHIN:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stored: k8s_openapi::ByteString =
+        serde_json::from_value(secret["data"]["token"].clone()).unwrap();
+    assert_eq!(stored.0, token.as_bytes());
+    let deadline = Instant::now() + WITHIN;
+    let d = loop {
+        if let Some(d) = get(&c, "apps/v1", "Deployment", Some(&ns), "web").await {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no Deployment within {WITHIN:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !d.to_string().contains(&token),
+        "the token is in the Deployment"
+    );
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(
+        env[2]["valueFrom"]["secretKeyRef"]["name"],
+        "shoal-web-token"
+    );
+    if schedulable(&c).await {
+        // The pulled image and a started container within 300 s.
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.clone(), &ns);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let line = loop {
+            if let Ok(log) = pods.logs("probe", &Default::default()).await
+                && let Some(l) = log.lines().find(|l| l.starts_with("given "))
+            {
+                break l.to_string();
+            }
+            assert!(Instant::now() < deadline, "the probe pod printed nothing");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[1], token, "{line}");
+        assert!(
+            words[2].starts_with("http://") && !words[2].contains("$("),
+            "the host IP was not filled in: {line}"
+        );
+    } else {
+        eprintln!("the cluster has no schedulable Ready node: the probe pod's env was not checked");
+    }
+    rt.reconcile(&[]);
+    assert!(gone(&c, "v1", "Secret", Some(&ns), "shoal-web-token").await);
     rt.shutdown().await;
     cleanup(&c, &[&ns]).await;
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Seen};
 use crdt_state::fleet::model::{RuntimeKind, WorkloadReport, WorkloadState};
-use kubetest::{CFG, CFG2, DEPLOY, HPA_V1, HPA_V2, app, manifests, until};
+use kubetest::{CFG, CFG2, DEPLOY, HPA_V1, HPA_V2, app, manifests, until, with_site_api};
 use node::runtime::Runtime;
 use node::runtime::kube::{Kube, Timing};
 use serde_json::json;
@@ -1222,6 +1222,92 @@ async fn artifacts_are_mounted_read_only_into_the_pods() {
     assert_eq!(
         pod(&server)["volumes"][0]["hostPath"]["path"],
         "/var/lib/shoal/blobs/bb22"
+    );
+    rt.shutdown().await;
+}
+
+/// A kube app's pods reach the site API with the app's own token: the
+/// token is in a Secret of Shoal's (labelled, recorded, pruned with the
+/// app), never in the Deployment, which refers to it; `SHOAL_SITE_API`
+/// names the pod's host IP; a new token changes the Secret and rolls the
+/// pods; a Secret of the app's own by that name is refused by name.
+#[tokio::test]
+async fn kube_apps_get_the_site_api_and_their_token_from_a_secret() {
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&server, dir.path());
+    let token = "web.0123456789abcdef";
+    let web = |token: &str| with_site_api(app("web", "v1", None, manifests(&[DEPLOY])), token);
+    rt.reconcile(&[web(token)]);
+    until_state(&rt, "web", WorkloadState::Pending).await;
+    let secret = server
+        .get("v1", "Secret", Some("shoal-web"), "shoal-web-token")
+        .expect("the token's Secret");
+    // base64 of the token.
+    assert_eq!(secret["data"]["token"], "d2ViLjAxMjM0NTY3ODlhYmNkZWY=");
+    assert_eq!(secret["metadata"]["labels"]["shoal.dev/app"], "web");
+    let d = server
+        .get("apps/v1", "Deployment", Some("shoal-web"), "web")
+        .unwrap();
+    assert!(
+        !d.to_string().contains(token),
+        "the token is in the Deployment: {d}"
+    );
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(
+        env,
+        &json!([
+            {"name": "SHOAL_NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+            {"name": "SHOAL_SITE_API", "value": "http://$(SHOAL_NODE_IP):8700"},
+            {"name": "SHOAL_APP_TOKEN",
+             "valueFrom": {"secretKeyRef": {"name": "shoal-web-token", "key": "token"}}},
+        ])
+    );
+    let digest = |d: &serde_json::Value| {
+        d["spec"]["template"]["metadata"]["annotations"]["shoal.dev/app-token-sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = digest(&d);
+    // A new app key: a new token, the Secret rewritten, the pods rolled.
+    server.clear_requests();
+    rt.reconcile(&[web("web.fedcba9876543210")]);
+    assert!(until_patched(&server, "secrets/shoal-web-token").await);
+    assert!(until_patched(&server, "deployments/web").await);
+    let d = server
+        .get("apps/v1", "Deployment", Some("shoal-web"), "web")
+        .unwrap();
+    assert_ne!(digest(&d), first);
+    // The app leaves: its Secret goes with its other objects.
+    rt.reconcile(&[]);
+    assert!(
+        vanishes(
+            &server,
+            "v1",
+            "Secret",
+            Some("shoal-web"),
+            "shoal-web-token"
+        )
+        .await,
+        "the token's Secret outlived its app"
+    );
+    assert!(
+        deletes(&server.requests())
+            .iter()
+            .any(|p| p.ends_with("secrets/shoal-web-token")),
+        "the Secret was not deleted by name"
+    );
+    // An app shipping a Secret of that name is refused, naming it.
+    let own = "apiVersion: v1\nkind: Secret\nmetadata: {name: shoal-cam-token}\ndata: {}\n";
+    rt.reconcile(&[with_site_api(app("cam", "v1", None, own.into()), token)]);
+    let r = until_state(&rt, "cam", WorkloadState::Failed).await;
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("manifest 1: Secret shoal-cam-token is the name of the Secret Shoal"),
+        "{r:?}"
     );
     rt.shutdown().await;
 }

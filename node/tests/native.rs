@@ -27,6 +27,7 @@ fn workload(app: &str, command: &[&str], files: &[(&str, &str)]) -> Workload {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         artifacts: Default::default(),
+        site_api: None,
     }
 }
 

@@ -22,6 +22,29 @@ pub struct Workload {
     /// each → the path of the blob (set by the node, not by placement).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, String>,
+    /// How the app reaches its node's site API, for a runtime that passes
+    /// it on itself (the kube runtime, as a Secret); set by the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_api: Option<SiteApi>,
+}
+
+/// Where an app finds its node's site API, and the app's own token there.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct SiteApi {
+    /// The URL as the app dials it. May name `$(SHOAL_NODE_IP)`, which the
+    /// kube runtime sets from the pod's host IP.
+    pub url: String,
+    /// The app's token (`Authorization: Bearer …`).
+    pub token: String,
+}
+
+impl std::fmt::Debug for SiteApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteApi")
+            .field("url", &self.url)
+            .field("token", &"(hidden)")
+            .finish()
+    }
 }
 
 /// The labels a selector sees for a node: its own plus `site` and `node`.
@@ -120,6 +143,7 @@ pub fn share(
             spec,
             files,
             artifacts: BTreeMap::new(),
+            site_api: None,
         });
     }
     out

@@ -40,7 +40,17 @@ pub fn app(name: &str, version: &str, ns: Option<&str>, manifests: String) -> Wo
         },
         files: Default::default(),
         artifacts: Default::default(),
+        site_api: None,
     }
+}
+
+/// `w` as a node with a site API on a wildcard address hands it over.
+pub fn with_site_api(mut w: Workload, token: &str) -> Workload {
+    w.site_api = Some(crdt_state::fleet::placement::SiteApi {
+        url: "http://$(SHOAL_NODE_IP):8700".into(),
+        token: token.into(),
+    });
+    w
 }
 
 /// Waits up to `within` for `cond` on the runtime's reports; returns the last seen.

@@ -39,6 +39,12 @@
 //! change is not patched at all; every 5 minutes everything is re-applied
 //! as a backstop.
 //!
+//! What it gives pods: the app's artifacts (read-only hostPath files), and,
+//! on a node with a site API, `SHOAL_SITE_API` and `SHOAL_APP_TOKEN`, the
+//! token from a Secret `shoal-<app>-token` that Shoal adds to the app's
+//! objects (applied, recorded, watched and pruned like them), never
+//! written into the pod template itself.
+//!
 //! What it reports: the rollout status of Deployments, StatefulSets and
 //! DaemonSets as `kubectl rollout status` says it ([`rollout`]), with the
 //! version whose rollout last completed (not the one being rolled out).

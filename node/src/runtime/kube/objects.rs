@@ -26,6 +26,14 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Where it came from, for messages: `manifest 2`, or Shoal's own.
+    pub fn place(&self) -> String {
+        match self.index {
+            0 => "added by Shoal".into(),
+            i => format!("manifest {i}"),
+        }
+    }
+
     /// The API group (`""` for core).
     pub fn group(&self) -> &str {
         group_of(&self.api_version)
@@ -71,20 +79,7 @@ pub fn mount_artifacts(body: &mut Value, artifacts: &std::collections::BTreeMap<
     if artifacts.is_empty() {
         return;
     }
-    let kind = body.get("kind").and_then(Value::as_str).unwrap_or("");
-    let path: &[&str] = match kind {
-        "Pod" => &["spec"],
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
-            &["spec", "template", "spec"]
-        }
-        "CronJob" => &["spec", "jobTemplate", "spec", "template", "spec"],
-        _ => return,
-    };
-    let mut pod = Some(&mut *body);
-    for k in path {
-        pod = pod.and_then(|v| v.get_mut(*k));
-    }
-    let Some(pod) = pod.and_then(Value::as_object_mut) else {
+    let Some(pod) = pod_spec(body) else {
         return;
     };
     let volume = |local: &str| {
@@ -127,6 +122,118 @@ pub fn mount_artifacts(body: &mut Value, artifacts: &std::collections::BTreeMap<
                         "value": at,
                     }));
                 }
+            }
+        }
+    }
+}
+
+/// The pod spec an object describes: a Pod's own, or the pod template's of
+/// a Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob.
+fn pod_spec(body: &mut Value) -> Option<&mut serde_json::Map<String, Value>> {
+    pod_part(body, "spec")
+}
+
+/// The metadata of the pods an object describes (see [`pod_spec`]).
+fn pod_meta(body: &mut Value) -> Option<&mut serde_json::Map<String, Value>> {
+    pod_part(body, "metadata")
+}
+
+fn pod_part<'a>(body: &'a mut Value, part: &str) -> Option<&'a mut serde_json::Map<String, Value>> {
+    let kind = body.get("kind").and_then(Value::as_str).unwrap_or("");
+    let path: &[&str] = match kind {
+        "Pod" => &[],
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => &["spec", "template"],
+        "CronJob" => &["spec", "jobTemplate", "spec", "template"],
+        _ => return None,
+    };
+    let mut at = body;
+    for k in path {
+        at = at.get_mut(*k)?;
+    }
+    at.as_object_mut()?
+        .entry(part)
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+}
+
+/// The Secret holding an app's site API token: `shoal-<app>-token` in the
+/// app's namespace.
+pub fn token_secret_name(app: &str) -> String {
+    format!("shoal-{app}-token")
+}
+
+/// Key of the token in that Secret.
+pub const TOKEN_KEY: &str = "token";
+
+/// The Secret Shoal adds to an app's objects when the node has a site API:
+/// the app's token, so that it is not readable from the Deployment. Applied,
+/// recorded, watched and pruned like the app's own objects.
+pub fn token_secret(app: &str, token: &str) -> Manifest {
+    let data = serde_json::to_value(k8s_openapi::ByteString(token.as_bytes().to_vec()))
+        .unwrap_or_default();
+    let name = token_secret_name(app);
+    Manifest {
+        index: 0,
+        api_version: "v1".into(),
+        kind: "Secret".into(),
+        name: name.clone(),
+        body: json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "type": "Opaque",
+            "data": {TOKEN_KEY: data},
+        }),
+    }
+}
+
+/// Annotation on an app's pods: a digest of its token, so that pods roll
+/// (and read the new one) when the node's app key changes.
+pub const TOKEN_DIGEST: &str = "shoal.dev/app-token-sha256";
+
+/// Gives every container of every pod an object describes its node's site
+/// API: `SHOAL_SITE_API` (the URL; `$(SHOAL_NODE_IP)` in it is the pod's
+/// host IP, from the downward API) and `SHOAL_APP_TOKEN` from the app's
+/// token Secret. Variables of these names the app set are replaced.
+pub fn give_site_api(body: &mut Value, app: &str, access: &crdt_state::fleet::placement::SiteApi) {
+    let digest = hex::encode(&Sha256::digest(access.token.as_bytes())[..8]);
+    let Some(meta) = pod_meta(body) else {
+        return;
+    };
+    if let Some(a) = meta
+        .entry("annotations")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+    {
+        a.insert(TOKEN_DIGEST.into(), json!(digest));
+    }
+    let Some(pod) = pod_spec(body) else {
+        return;
+    };
+    let mut vars = Vec::new();
+    if access.url.contains("$(SHOAL_NODE_IP)") {
+        vars.push(json!({
+            "name": "SHOAL_NODE_IP",
+            "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}},
+        }));
+    }
+    vars.push(json!({"name": "SHOAL_SITE_API", "value": access.url}));
+    vars.push(json!({
+        "name": "SHOAL_APP_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": token_secret_name(app), "key": TOKEN_KEY}},
+    }));
+    for list in ["containers", "initContainers"] {
+        let Some(containers) = pod.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in containers.iter_mut().filter_map(Value::as_object_mut) {
+            if let Some(e) = c.entry("env").or_insert_with(|| json!([])).as_array_mut() {
+                e.retain(|v| {
+                    !vars
+                        .iter()
+                        .any(|n| n.get("name").is_some() && v.get("name") == n.get("name"))
+                });
+                e.extend(vars.iter().cloned());
             }
         }
     }

@@ -822,6 +822,23 @@ impl Reconciler {
             Ok(m) => m,
             Err(e) => return Some(failed(e.clone())),
         };
+        // The app's token, for its pods to read: a Secret of Shoal's own.
+        let token = w
+            .site_api
+            .as_ref()
+            .map(|a| objects::token_secret(app, &a.token));
+        if let Some(t) = &token
+            && let Some(m) = manifests
+                .iter()
+                .find(|m| m.kind == t.kind && m.group().is_empty() && m.name == t.name)
+        {
+            return Some(failed(format!(
+                "manifest {}: {} {} is the name of the Secret Shoal gives the app's token; \
+                 rename it",
+                m.index, m.kind, m.name
+            )));
+        }
+        let manifests: Vec<&Manifest> = token.iter().chain(manifests.iter()).collect();
         // Resolve every kind. A kind not served yet is waited for when its
         // CRD is in this very app (applied first); otherwise the app fails.
         let shipped: BTreeSet<(String, String)> = manifests
@@ -846,16 +863,20 @@ impl Reconciler {
                 }
                 Err(Fail::No(why)) => {
                     return Some(failed(format!(
-                        "manifest {}: {} {}: {why}",
-                        m.index, m.kind, m.name
+                        "{}: {} {}: {why}",
+                        m.place(),
+                        m.kind,
+                        m.name
                     )));
                 }
             };
             if !kind.namespaced && !spec.allow_cluster_scoped {
                 return Some(failed(format!(
-                    "manifest {}: {} {} is cluster-scoped; an app's objects live in its \
+                    "{}: {} {} is cluster-scoped; an app's objects live in its \
                      namespace {ns} (set spec.kube.allow_cluster_scoped: true to allow it)",
-                    m.index, m.kind, m.name
+                    m.place(),
+                    m.kind,
+                    m.name
                 )));
             }
             let key = ObjKey {
@@ -886,8 +907,10 @@ impl Reconciler {
                 .find(|(a, r)| a.as_str() != app && r.objects.contains_key(key))
             {
                 return Some(failed(format!(
-                    "manifest {}: {} {} already belongs to app {other}",
-                    m.index, m.kind, m.name
+                    "{}: {} {} already belongs to app {other}",
+                    m.place(),
+                    m.kind,
+                    m.name
                 )));
             }
         }
@@ -909,6 +932,9 @@ impl Reconciler {
             .map(|(key, kind, m)| {
                 let mut body = m.prepared(app, key.namespace.as_deref());
                 objects::mount_artifacts(&mut body, &w.artifacts);
+                if let Some(access) = &w.site_api {
+                    objects::give_site_api(&mut body, app, access);
+                }
                 let h = objects::hash(&body);
                 (key, kind, m, body, h)
             })
