@@ -101,6 +101,7 @@ fn populate(anchor_dir: &Path, n: usize) {
                     reason: (i % 50 == 0).then(|| "exited with status 1".to_string()),
                     restarts: 0,
                     version: Some("v1".into()),
+                    revision: None,
                 },
             )]
             .into(),

@@ -104,6 +104,20 @@ enum Command {
         #[arg(long)]
         identity: Option<PathBuf>,
     },
+    /// A staged rollout (an App with spec.rollout whose spec changed):
+    /// where each wave stands, or pause, resume or abort it.
+    Rollout {
+        /// status, pause, resume or abort.
+        #[arg(value_parser = ["status", "pause", "resume", "abort"])]
+        action: String,
+        /// The app.
+        app: String,
+        #[command(flatten)]
+        target: Target,
+        /// Output format of the status: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: Format,
+    },
     /// Show apps, configs, nodes, sites, profiles, devices, artifacts or conflicts.
     Get {
         /// apps, configs, nodes, sites, profiles, devices, artifacts or conflicts.
@@ -823,6 +837,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 output: Some("table".into()),
             };
             verb(target.dir()?, identity.as_deref(), req)?;
+        }
+        Command::Rollout {
+            action,
+            app,
+            target,
+            output,
+        } => {
+            if let Some(c) = target.client() {
+                print!("{}", c.rollout(&app, &action, &output.to_string())?);
+                return Ok(());
+            }
+            let req = Verb::Rollout {
+                app,
+                action,
+                output: Some(output.to_string()),
+            };
+            verb(target.dir()?, None, req)?;
         }
         Command::Get {
             what,

@@ -193,6 +193,9 @@ pub fn router(server: Server) -> Router {
                 .delete(delete_entity),
         )
         .route("/api/apply", post(apply))
+        .route("/api/rollouts", get(rollouts))
+        .route("/api/rollouts/{app}", get(rollout_status))
+        .route("/api/rollouts/{app}/{action}", post(rollout_action))
         .route("/api/conflicts", get(conflicts))
         .route("/api/conflicts/resolve", post(resolve))
         .route("/api/security", get(security))
@@ -1196,6 +1199,60 @@ async fn events(State(s): State<Shared>) -> Response {
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
         .into_response()
+}
+
+/// Every rollout the fleet document holds, with its status.
+async fn rollouts(State(s): State<Shared>, req_ext: axum::Extension<Operator>) -> Response {
+    let apps: Vec<String> = snap(&s).spec.rollouts.keys().cloned().collect();
+    let mut out = Vec::new();
+    for app in apps {
+        let cmd = Command::Rollout {
+            app,
+            action: "status".into(),
+            output: None,
+        };
+        match call(&s, req_ext.0.0.clone(), cmd).await {
+            Ok(Answer::Json(v)) => out.push(v),
+            // A rollout of a revision the App no longer has: not shown.
+            Ok(_) | Err(_) => {}
+        }
+    }
+    answer(Answer::Json(json!({ "rollouts": out })))
+}
+
+/// One rollout: JSON, or text with `?output=table|json|yaml`.
+async fn rollout_status(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    Path(app): Path<String>,
+    Query(q): Query<OutputQuery>,
+) -> Response {
+    let cmd = Command::Rollout {
+        app,
+        action: "status".into(),
+        output: q.output,
+    };
+    match call(&s, req_ext.0.0, cmd).await {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `pause`, `resume` or `abort` a rollout.
+async fn rollout_action(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    Path((app, action)): Path<(String, String)>,
+) -> Response {
+    let cmd = Command::Rollout {
+        app,
+        action,
+        output: None,
+    };
+    match call(&s, req_ext.0.0, cmd).await {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn cli_get(

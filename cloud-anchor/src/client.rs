@@ -88,6 +88,25 @@ impl Client {
         )
     }
 
+    /// `shoal rollout ACTION APP`: the status as text in `output`, or the
+    /// action's result.
+    pub fn rollout(&self, app: &str, action: &str, output: &str) -> anyhow::Result<String> {
+        if action == "status" {
+            return self.call(
+                "GET",
+                &format!("/api/rollouts/{}?output={output}", encode(app)),
+                None,
+            );
+        }
+        let answer = self.call(
+            "POST",
+            &format!("/api/rollouts/{}/{}", encode(app), encode(action)),
+            Some(String::new()),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&answer)?;
+        Ok(format!("{}\n", v["result"].as_str().unwrap_or_default()))
+    }
+
     /// `shoal delete KIND NAME`.
     pub fn delete(&self, kind: &str, name: &str) -> anyhow::Result<String> {
         let kinds = match crdt_state::fleet::model::Kind::parse(kind) {

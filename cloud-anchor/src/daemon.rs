@@ -84,6 +84,7 @@ pub async fn run(
     let me = anchor_identity(&mut dd)?;
     let settings = Settings {
         timeline: opts.http.is_some(),
+        gates: true,
         ..Settings::default()
     };
     let role = daemon::driver::Role {

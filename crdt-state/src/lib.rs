@@ -53,6 +53,7 @@ pub mod fleet {
     pub mod manifest;
     pub mod model;
     pub mod placement;
+    pub mod rollout;
 }
 
 pub mod local {

@@ -89,6 +89,16 @@ pub enum Command {
         /// Answer as text lines; JSON when absent.
         output: Option<String>,
     },
+    /// `shoal rollout status|pause|resume|abort APP`,
+    /// `GET /api/rollouts/{app}`, `POST /api/rollouts/{app}/{action}`.
+    Rollout {
+        /// The app.
+        app: String,
+        /// `status`, `pause`, `resume` or `abort`.
+        action: String,
+        /// Answer as text in this format; JSON when absent.
+        output: Option<String>,
+    },
     /// `GET /api/view` on a node's site API.
     View,
     /// A node's device routes (`/api/devices…` on the site API).
@@ -123,6 +133,7 @@ impl Command {
             Command::TokenCreate(_) => "token create",
             Command::Export { .. } => "export",
             Command::Import { .. } => "import",
+            Command::Rollout { .. } => "rollout",
             Command::View => "view",
             Command::Devices { .. } => "devices",
             Command::Data { .. } => "post data",
@@ -428,6 +439,34 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                     .map_err(Refusal::from)
             })))
         }
+        Command::Rollout {
+            app,
+            action,
+            output,
+        } => {
+            let output = output.as_deref().map(format).transpose()?;
+            let now = host.base().now();
+            if action == "status" {
+                let status = host
+                    .base()
+                    .core
+                    .rollout_status(&app, now)
+                    .ok_or_else(|| no_rollout(&app))?;
+                return Ok(rollout_answer(&status, output));
+            }
+            let (writer, message, who) = writer_of(host.base(), caller, None)?;
+            let (fleet, _) = host.base().core.desired();
+            let (ops, text) = rollout_ops(&fleet, &app, &action, &who, now.unix_s)?;
+            if !ops.is_empty() {
+                host.base()
+                    .write(&DocId::Fleet, &ops, &writer, message.as_deref())?;
+                host.event("rollout", &format!("app {app}"), format!("{who}: {text}"));
+            }
+            Ok(match output {
+                Some(_) => Answer::Text(format!("{text}\n")),
+                None => Answer::Json(json!({ "rollout": app, "action": action, "result": text })),
+            })
+        }
         Command::Revoke { who, reason } => {
             let base = host.base();
             let key = datadir::find_key(base.core.trust(), &who)?;
@@ -516,6 +555,7 @@ pub fn authorize(
             | Command::Delete { identity: None, .. }
             | Command::Resolve { .. }
             | Command::Get { .. }
+            | Command::Rollout { .. }
             | Command::Export { .. }
             | Command::Security { .. } => Ok(()),
             _ => Err(refuse(&format!("operator {name} (an API token)"))),
@@ -590,6 +630,88 @@ fn writer_of(
         )),
         other => Err(Refusal::new(403, format!("{other} may not write here"))),
     }
+}
+
+fn no_rollout(app: &str) -> Refusal {
+    Refusal::new(
+        404,
+        format!("app {app} has no rollout (an App with spec.rollout starts one when its spec changes)"),
+    )
+}
+
+/// A rollout's status as the command answers it.
+pub fn rollout_answer(
+    status: &crdt_state::fleet::rollout::RolloutStatus,
+    output: Option<Format>,
+) -> Answer {
+    match output {
+        None => Answer::Json(serde_json::to_value(status).unwrap_or_default()),
+        Some(f) => Answer::Text(render::rollout(f, status)),
+    }
+}
+
+/// What an operator's `pause`, `resume` or `abort` of `app`'s rollout
+/// writes, and the words for it. Refuses an unknown action, an app
+/// without a rollout, and a rollout that is over.
+pub fn rollout_ops(
+    fleet: &crdt_state::fleet::model::FleetView,
+    app: &str,
+    action: &str,
+    by: &str,
+    at: i64,
+) -> Result<(BTreeMap<String, Option<String>>, String), Refusal> {
+    use crdt_state::fleet::rollout::{Decision, Mark, decision_ops, revision};
+    let decision = match action {
+        "pause" => Decision::Pause,
+        "resume" => Decision::Resume,
+        "abort" => Decision::Abort,
+        other => {
+            return Err(Refusal::new(
+                400,
+                format!("rollout action {other:?}: expected status, pause, resume or abort"),
+            ));
+        }
+    };
+    let state = fleet.rollouts.get(app).ok_or_else(|| no_rollout(app))?;
+    let current = fleet.apps.get(app).map(revision);
+    if current.as_deref() != Some(state.revision.as_str()) {
+        return Err(no_rollout(app));
+    }
+    let version = fleet
+        .apps
+        .get(app)
+        .and_then(|a| a.version.clone())
+        .unwrap_or_else(|| state.revision.clone());
+    if state.done.is_some() || state.aborted.is_some() {
+        return Err(Refusal::new(
+            409,
+            format!(
+                "the rollout of {app} {version} is over ({}); to go back, apply the version before",
+                if state.done.is_some() { "done" } else { "aborted" }
+            ),
+        ));
+    }
+    let unchanged = match decision {
+        Decision::Pause => state.paused.is_some(),
+        Decision::Resume => state.paused.is_none() && state.halted.is_none(),
+        _ => false,
+    };
+    let text = match (&decision, unchanged) {
+        (Decision::Pause, true) => format!("the rollout of {app} {version} was paused already"),
+        (Decision::Resume, true) => format!("the rollout of {app} {version} was not paused"),
+        (Decision::Pause, _) => format!("rollout of {app} {version} paused: no further wave opens"),
+        (Decision::Resume, _) => format!("rollout of {app} {version} resumed"),
+        _ => format!("rollout of {app} {version} aborted: every node goes back to what it ran before"),
+    };
+    if unchanged {
+        return Ok((BTreeMap::new(), text));
+    }
+    let mark = Mark {
+        at,
+        by: by.to_string(),
+        reason: format!("{action} by {by}"),
+    };
+    Ok((decision_ops(app, &state.revision, &decision, &mark), text))
 }
 
 fn unix_now() -> i64 {
@@ -825,6 +947,11 @@ mod tests {
                 who: "x".into(),
                 reason: "y".into(),
             },
+            Command::Rollout {
+                app: "a".into(),
+                action: "abort".into(),
+                output: None,
+            },
             Command::TokenCreate(TokenRequest {
                 node: "n".into(),
                 site: None,
@@ -889,6 +1016,7 @@ mod tests {
                 "delete",
                 "resolve",
                 "get",
+                "rollout",
                 "export all",
                 "export site/s1",
                 "export site/s2",

@@ -149,6 +149,31 @@ fn execute_inner(dd: &mut DataDir, cmd: Command) -> Result<Answer, Refusal> {
             return Ok(Answer::Bytes(bytes));
         }
         Command::Import { bundle, .. } => command::imported(&dd.import(&bundle)?),
+        Command::Rollout {
+            app,
+            action,
+            output,
+        } => {
+            let output = output.as_deref().map(command::format).transpose()?;
+            let fleet = dd.fleet()?;
+            if action == "status" {
+                // No anchor's gate here: health over time is not known.
+                let reports = dd.reports()?;
+                let mut seen = Default::default();
+                let (status, _) =
+                    crdt_state::fleet::rollout::judge(&fleet, &app, &reports, &mut seen, now())
+                        .ok_or_else(|| {
+                            Refusal::new(404, format!("app {app} has no rollout in progress"))
+                        })?;
+                return Ok(command::rollout_answer(&status, output));
+            }
+            let by = dd.writer()?.cert.name.clone();
+            let (ops, text) = command::rollout_ops(&fleet, &app, &action, &by, now())?;
+            if !ops.is_empty() {
+                dd.write(&DocId::Fleet, &ops, now())?;
+            }
+            format!("{text}\n")
+        }
         other => {
             return Err(Refusal::new(
                 400,

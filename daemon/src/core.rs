@@ -25,6 +25,7 @@ use automerge::ChangeHash;
 use crdt_state::fleet::device::DeviceReport;
 use crdt_state::fleet::model::{self, ArtifactReport, FleetView, NodeReport, WorkloadReport};
 use crdt_state::fleet::placement::{self, Workload};
+use crdt_state::fleet::rollout;
 use crdt_state::signed::sync::{Engine, Input, Output};
 use crdt_state::{DocId, Document, Identity, PublicKey, SignedChange, Trust};
 
@@ -48,6 +49,8 @@ pub struct Settings {
     /// Feed a view (an anchor serving the operator API): timeline entries
     /// for changes merged from peers, and a `Heard` per frame.
     pub timeline: bool,
+    /// Judge rollouts' gates and write the decisions (an anchor, ADR 0011).
+    pub gates: bool,
     /// Sync states are saved at most this often (0: at once).
     pub state_flush_ms: u64,
     /// A node reconciles at least this often, changed or not (drift).
@@ -74,6 +77,7 @@ impl Default for Settings {
         Settings {
             workloads: false,
             timeline: false,
+            gates: false,
             state_flush_ms: 5_000,
             reconcile_every_ms: 30_000,
             values_every_ms: 30_000,
@@ -168,6 +172,12 @@ pub enum Action<C> {
         /// The frame's size.
         bytes: usize,
     },
+    /// The node went back from a rollout's new revision of `app` on its
+    /// own (its report says why); a reconcile follows.
+    RolledBack {
+        /// The app.
+        app: String,
+    },
     /// A timeline entry.
     Timeline {
         /// `merged`.
@@ -255,6 +265,14 @@ pub struct Core<C> {
     security_events: u64,
     /// The latest security events, for the node's report.
     recent_security: std::collections::VecDeque<crdt_state::fleet::model::SecurityReport>,
+    /// Apps whose rollout this node rolled back on its own (its report's
+    /// `rollbacks`, read back at start).
+    rollbacks: BTreeMap<String, model::RollbackReport>,
+    /// Per app of the last share: the revision asked of the runtime and
+    /// the spec it came from.
+    asked: BTreeMap<String, (String, model::AppSpec)>,
+    /// An anchor's gates: what it has seen of each node under rollouts.
+    gates: crate::gates::Gates,
     actions: VecDeque<Action<C>>,
 }
 
@@ -293,6 +311,9 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             local_hashes: HashSet::new(),
             security_events: 0,
             recent_security: Default::default(),
+            rollbacks: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            gates: Default::default(),
             actions: VecDeque::new(),
         }
     }
@@ -309,6 +330,13 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     pub fn start(&mut self, now: Now) {
         self.last_state_flush = now.mono_ms;
         self.last_values = now.mono_ms;
+        if self.settings.workloads {
+            // What this node rolled back before it stopped stays rolled back.
+            let id = self.node_doc();
+            if let Some(doc) = self.engine.doc(&id) {
+                self.rollbacks = NodeReport::read(doc).rollbacks;
+            }
+        }
         self.release(now);
     }
 
@@ -469,8 +497,44 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 self.actions.push_back(Action::Report);
             }
         }
+        if self.settings.gates {
+            self.judge_gates(now);
+        }
         if now.mono_ms.saturating_sub(self.last_state_flush) >= self.settings.state_flush_ms {
             self.flush(now);
+        }
+    }
+
+    /// An anchor judges the gates of rollouts in progress and writes what
+    /// it decides (at most once a tick, and only when a document changed or
+    /// a node's health may have lasted long enough).
+    fn judge_gates(&mut self, now: Now) {
+        let Some(fleet) = self.engine.doc(&DocId::Fleet) else {
+            return;
+        };
+        let decisions = self.gates.judge(now, fleet, self.engine.docs());
+        if decisions.is_empty() {
+            return;
+        }
+        let me = self.me.clone();
+        for d in decisions {
+            let mark = rollout::Mark {
+                at: now.unix_s,
+                by: me.cert.name.clone(),
+                reason: d.why.clone(),
+            };
+            let ops = rollout::decision_ops(&d.app, &d.revision, &d.decision, &mark);
+            match self.write_ops(now, &[(DocId::Fleet, ops)], &me, None) {
+                Ok(_) => self.actions.push_back(Action::Timeline {
+                    kind: "rollout",
+                    subject: format!("app {}", d.app),
+                    text: format!("{}: {}", d.describe(), d.why),
+                }),
+                Err(e) => self.actions.push_back(Action::Security {
+                    who: me.cert.name.clone(),
+                    reason: format!("rollout decision on {} not written: {e}", d.app),
+                }),
+            }
         }
     }
 
@@ -629,6 +693,13 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             // the last written, so it is written then.
             return;
         }
+        let mut workloads = workloads;
+        for (app, r) in workloads.iter_mut() {
+            if let Some((rev, _)) = self.asked.get(app) {
+                r.revision = Some(rev.clone());
+            }
+        }
+        self.roll_back_failures(now, &workloads);
         let heads = |id: &DocId| -> Vec<String> {
             let mut h: Vec<String> = self
                 .engine
@@ -659,6 +730,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             artifacts,
             security: self.recent_security.iter().cloned().collect(),
             uplink: self.uplink.clone(),
+            rollbacks: self.rollbacks.clone(),
         };
         if let Some(last) = &self.last_report {
             let mut same = report.clone();
@@ -813,11 +885,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     }
 
     /// The fleet document and this node's site document, read.
-    pub fn desired(&self) -> (FleetView, Option<model::SiteOverrideSpec>) {
+    pub fn desired(&self) -> (std::sync::Arc<FleetView>, Option<model::SiteOverrideSpec>) {
         let fleet = self
             .engine
             .doc(&DocId::Fleet)
-            .map(FleetView::read)
+            .map(crate::gates::fleet_view)
             .unwrap_or_default();
         let site = self
             .me
@@ -829,12 +901,119 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         (fleet, site)
     }
 
-    /// The node's share now: fleet state for it, its site's overrides on top.
-    pub fn share(&self) -> Vec<Workload> {
+    /// The node's share now: fleet state for it, its site's overrides on
+    /// top, each app under a rollout at the revision its wave (or its own
+    /// rollback) gives it. Remembers which revision it asked for of each,
+    /// for its reports; [`Core::preview_share`] only looks.
+    pub fn share(&mut self) -> Vec<Workload> {
+        let (share, fleet) = self.compute_share();
+        // Rollbacks of revisions no rollout names any more are forgotten.
+        self.rollbacks.retain(|app, b| {
+            fleet
+                .rollouts
+                .get(app)
+                .is_some_and(|r| r.revision == b.revision)
+        });
+        self.asked = share
+            .iter()
+            .map(|w| {
+                let spec = match fleet.apps.get(&w.app) {
+                    Some(a) if rollout::revision(a) == w.revision => a.clone(),
+                    _ => fleet
+                        .rollouts
+                        .get(&w.app)
+                        .and_then(|r| r.from.clone())
+                        .unwrap_or_else(|| w.spec.clone()),
+                };
+                (w.app.clone(), (w.revision.clone(), spec))
+            })
+            .collect();
+        share
+    }
+
+    /// A rollout as this daemon sees it (an anchor: with the health it has
+    /// watched; anything else: health over time unknown).
+    pub fn rollout_status(&self, app: &str, now: Now) -> Option<rollout::RolloutStatus> {
+        let fleet = self.engine.doc(&DocId::Fleet)?;
+        self.gates.status(now, fleet, self.engine.docs(), app)
+    }
+
+    /// The share [`Core::share`] would hand the runtime now.
+    pub fn preview_share(&self) -> Vec<Workload> {
+        self.compute_share().0
+    }
+
+    fn compute_share(&self) -> (Vec<Workload>, std::sync::Arc<FleetView>) {
         let (fleet, site) = self.desired();
+        let name = &self.me.cert.name;
+        let rolled_back = self
+            .rollbacks
+            .iter()
+            .filter(|(app, b)| {
+                fleet
+                    .rollouts
+                    .get(*app)
+                    .is_some_and(|r| r.revision == b.revision)
+            })
+            .map(|(a, b)| (a.clone(), b.revision.clone()))
+            .collect();
+        let heads = self
+            .engine
+            .doc(&DocId::Fleet)
+            .map(|d| d.heads())
+            .unwrap_or_default();
         // Every registered node counts as healthy for replica placement
         // until reports of health feed into it.
-        placement::share(&fleet, site.as_ref(), &self.me.cert.name, &|_| true)
+        let share = placement::share_with(
+            &fleet,
+            site.as_ref(),
+            name,
+            &|_| true,
+            &rolled_back,
+            &mut |app| crate::gates::wave_of(&heads, &fleet, app, name),
+        );
+        (share, fleet)
+    }
+
+    /// A node that runs the new revision of a rollout in progress and sees
+    /// it fail goes back to the revision before, on its own (ADR 0011).
+    fn roll_back_failures(&mut self, now: Now, workloads: &BTreeMap<String, WorkloadReport>) {
+        let failing: Vec<(String, String, String)> = workloads
+            .iter()
+            .filter_map(|(app, r)| {
+                let (rev, spec) = self.asked.get(app)?;
+                let why = rollout::failure(spec, r)?;
+                Some((app.clone(), rev.clone(), why))
+            })
+            .collect();
+        if failing.is_empty() {
+            return;
+        }
+        let (fleet, _) = self.desired();
+        for (app, rev, why) in failing {
+            let Some(state) = fleet.rollouts.get(&app) else {
+                continue;
+            };
+            if state.revision != rev
+                || !state.in_progress()
+                || self.rollbacks.get(&app).is_some_and(|b| b.revision == rev)
+            {
+                continue;
+            }
+            self.rollbacks.insert(
+                app.clone(),
+                model::RollbackReport {
+                    revision: rev,
+                    reason: why,
+                    at: now.unix_s,
+                },
+            );
+            self.reconcile_due = true;
+            self.actions.push_back(Action::RolledBack { app });
+        }
+        if self.reconcile_due {
+            self.reconcile(now);
+        }
     }
 
     /// The node's current document (highest epoch held).

@@ -46,6 +46,7 @@ macro_rules! say {
 
 pub mod core;
 pub mod data;
+pub mod gates;
 pub mod hello;
 pub mod render;
 

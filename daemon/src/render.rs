@@ -476,3 +476,60 @@ pub fn sites(
         rows,
     )
 }
+
+/// A rollout's status: per wave, what the gate waits for, why nodes
+/// failed, and every decision with its author.
+pub fn rollout(format: Format, s: &crdt_state::fleet::rollout::RolloutStatus) -> String {
+    if format != Format::Table {
+        return render(format, s, &[], Vec::new());
+    }
+    let mut out = format!(
+        "{} {} (from {}): {}, revision {}\n",
+        s.app,
+        s.version.as_deref().unwrap_or("-"),
+        s.from_version.as_deref().unwrap_or("-"),
+        s.phase,
+        s.revision
+    );
+    let rows = s
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            vec![
+                i.to_string(),
+                w.nodes.to_string(),
+                if w.open { "yes" } else { "no" }.to_string(),
+                w.updated.to_string(),
+                w.healthy.to_string(),
+                w.failed.to_string(),
+                w.unreachable.to_string(),
+            ]
+        })
+        .collect();
+    out += &table(
+        &["WAVE", "NODES", "OPEN", "UPDATED", "HEALTHY", "FAILED", "UNREACHABLE"],
+        rows,
+    );
+    if !s.waiting_for.is_empty() {
+        out += &format!("waiting: {}\n", s.waiting_for);
+    }
+    for (i, w) in s.waves.iter().enumerate() {
+        for (node, why) in &w.failures {
+            out += &format!("failed in wave {i}: {node}: {why}\n");
+        }
+    }
+    for (what, m) in &s.decisions {
+        out += &format!(
+            "{} {what} by {}{}\n",
+            utc(m.at.max(0) as u64 * 1000, false),
+            m.by,
+            if m.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", m.reason)
+            }
+        );
+    }
+    out
+}

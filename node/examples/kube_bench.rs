@@ -44,6 +44,7 @@ fn app(version: &str, changed: usize) -> Workload {
         files: Default::default(),
         artifacts: Default::default(),
         site_api: None,
+        revision: String::new(),
     }
 }
 

@@ -241,7 +241,8 @@ impl Node {
 
     /// Applies the node's share to the runtime and its devices, then reports.
     fn reconcile(&mut self) {
-        let desired = self.with_artifacts(self.base.core.share());
+        let share = self.base.core.share();
+        let desired = self.with_artifacts(share);
         self.run(desired);
     }
 
@@ -607,7 +608,7 @@ impl Node {
         serde_json::json!({
             "node": core.me().cert.name,
             "site": site,
-            "desired": core.share(),
+            "desired": core.preview_share(),
             "report": core.last_report(),
             "peers": peers,
             "site_overrides": overrides,

@@ -28,6 +28,7 @@ fn workload(app: &str, command: &[&str], files: &[(&str, &str)]) -> Workload {
             .collect(),
         artifacts: Default::default(),
         site_api: None,
+        revision: String::new(),
     }
 }
 

@@ -508,6 +508,7 @@ impl Sim {
                 Action::Admit { .. }
                 | Action::SavePeers(_)
                 | Action::Reconcile
+                | Action::RolledBack { .. }
                 | Action::Report
                 | Action::Changed(_)
                 | Action::Contact { .. }

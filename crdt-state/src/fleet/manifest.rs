@@ -378,6 +378,9 @@ fn check_artifact_refs(app: &AppSpec) -> Result<(), Invalid> {
 fn validate_app(name: &str, app: &AppSpec) -> Result<(), Invalid> {
     check_labels("selector", &app.selector)?;
     check_artifact_refs(app)?;
+    if let Some(r) = &app.rollout {
+        crate::fleet::rollout::validate(r)?;
+    }
     if let Some(r) = app.replicas
         && r > 100_000
     {

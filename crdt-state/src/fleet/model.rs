@@ -249,6 +249,10 @@ pub struct AppSpec {
     /// (`model: model-v3`). The app runs only once every one is whole.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, String>,
+    /// How a new revision reaches the nodes: waves and gates (ADR 0011).
+    /// Without it, a change goes everywhere at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::fleet::rollout::RolloutPolicy>,
 }
 
 /// A large file (an AI model, firmware, a dataset) carried to the nodes
@@ -361,6 +365,10 @@ pub struct WorkloadReport {
     /// The version it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The revision of the App spec the node runs it from
+    /// ([`crate::fleet::rollout::revision`]): what a rollout's gate counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 /// What a node reports in its own document (`node/<name>/<epoch>`).
@@ -400,6 +408,21 @@ pub struct NodeReport {
     /// [`UPLINK_BACKLOG_AFTER_MS`]); absent when it keeps up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<UplinkReport>,
+    /// Apps whose rollout the node rolled back on its own (by app).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollbacks: BTreeMap<String, RollbackReport>,
+}
+
+/// A node went back from a rollout's new revision on its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackReport {
+    /// The revision it left.
+    pub revision: String,
+    /// Why (the app's failure, in the runtime's words).
+    pub reason: String,
+    /// When (seconds since the epoch, the node's clock).
+    pub at: i64,
 }
 
 /// A node reports its uplink's backlog once its oldest record waiting is
@@ -580,6 +603,9 @@ pub struct FleetView {
     /// Artifacts by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, ArtifactSpec>,
+    /// Rollouts by app.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, crate::fleet::rollout::RolloutState>,
 }
 
 impl FleetView {
@@ -596,6 +622,7 @@ impl FleetView {
             profiles: entities(doc, Kind::DeviceProfile),
             devices: entities(doc, Kind::Device),
             artifacts: entities(doc, Kind::Artifact),
+            rollouts: crate::fleet::rollout::read_all(doc),
         }
     }
 }

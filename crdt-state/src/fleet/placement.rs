@@ -26,6 +26,10 @@ pub struct Workload {
     /// it on itself (the kube runtime, as a Secret); set by the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_api: Option<SiteApi>,
+    /// The revision of the App spec it comes from (before the site's
+    /// overrides): what the node reports and a rollout's gate counts.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
 }
 
 /// Where an app finds its node's site API, and the app's own token there.
@@ -59,6 +63,39 @@ fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// One label of a node as a selector sees it (without building the map).
+pub fn label<'a>(name: &'a str, node: &'a NodeSpec, key: &str) -> Option<&'a str> {
+    match key {
+        "site" => Some(node.site.as_str()),
+        "node" => Some(name),
+        k => node.labels.get(k).map(String::as_str),
+    }
+}
+
+fn selects(selector: &BTreeMap<String, String>, name: &str, node: &NodeSpec) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| label(name, node, k) == Some(v.as_str()))
+}
+
+/// Every node `spec` places app `app` on, counting every registered node
+/// as healthy (as nodes do for their own share).
+pub fn placed(fleet: &FleetView, app: &str, spec: &AppSpec) -> Vec<String> {
+    let mut candidates: Vec<&String> = fleet
+        .nodes
+        .iter()
+        .filter(|(n, s)| selects(&spec.selector, n, s))
+        .map(|(n, _)| n)
+        .collect();
+    if let Some(r) = spec.replicas {
+        let mut scored: Vec<(&String, [u8; 32])> =
+            candidates.iter().map(|n| (*n, score(app, n))).collect();
+        scored.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        candidates = scored.into_iter().take(r as usize).map(|(n, _)| n).collect();
+    }
+    candidates.into_iter().cloned().collect()
+}
+
 /// Rendezvous score of `node` for `app`: the top `replicas` scores win.
 fn score(app: &str, node: &str) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -77,12 +114,39 @@ pub fn share(
     node: &str,
     healthy: &dyn Fn(&str) -> bool,
 ) -> Vec<Workload> {
+    share_with(
+        fleet,
+        site,
+        node,
+        healthy,
+        &BTreeMap::new(),
+        &mut |app| crate::fleet::rollout::wave_of(fleet, app, node),
+    )
+}
+
+/// [`share`] under rollouts: an app whose rollout has not reached this
+/// node (its wave, `wave_of(app)`, is not open), was aborted, or was
+/// rolled back here (`rolled_back`: app → the revision left) runs the spec
+/// the rollout replaces.
+pub fn share_with(
+    fleet: &FleetView,
+    site: Option<&SiteOverrideSpec>,
+    node: &str,
+    healthy: &dyn Fn(&str) -> bool,
+    rolled_back: &BTreeMap<String, String>,
+    wave_of: &mut dyn FnMut(&str) -> Option<usize>,
+) -> Vec<Workload> {
     let Some(me) = fleet.nodes.get(node) else {
         return Vec::new();
     };
     let my_labels = node_labels(node, me);
+    let choices = crate::fleet::rollout::choices(fleet, rolled_back, wave_of);
     let mut out = Vec::new();
-    for (name, app) in &fleet.apps {
+    for (name, target) in &fleet.apps {
+        let app = match choices.get(name) {
+            Some(crate::fleet::rollout::Choice::From(spec)) => spec,
+            _ => target,
+        };
         if !matches(&app.selector, &my_labels) {
             continue;
         }
@@ -144,6 +208,7 @@ pub fn share(
             files,
             artifacts: BTreeMap::new(),
             site_api: None,
+            revision: crate::fleet::rollout::revision(app),
         });
     }
     out

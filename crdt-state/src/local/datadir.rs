@@ -621,7 +621,12 @@ pub fn plan_apply<'d>(
     for m in manifests {
         let id = target(m);
         let empty = Document::new(id.clone());
-        let ops = ops_for(docs(&id).unwrap_or(&empty), m);
+        let doc = docs(&id).unwrap_or(&empty);
+        let mut ops = ops_for(doc, m);
+        if let Spec::App(app) = &m.spec {
+            // A new revision of an App with a rollout starts it (ADR 0011).
+            ops.extend(crate::fleet::rollout::plan_start(doc, &m.name, app));
+        }
         results.push(Applied {
             kind: m.kind(),
             name: m.name.clone(),
@@ -668,6 +673,14 @@ pub fn plan_delete<'d>(
             }
             let mut keys: Vec<String> = doc.fields(&format!("{base}.")).into_keys().collect();
             keys.push(base);
+            if kind == Kind::App {
+                // Its rollout goes with it.
+                let r = crate::fleet::rollout::key(name);
+                keys.extend(doc.fields(&format!("{r}.")).into_keys());
+                if doc.raw(&r).is_some() {
+                    keys.push(r);
+                }
+            }
             keys
         }
     };

@@ -129,6 +129,7 @@ impl super::Runtime for Native {
                         ),
                         restarts: 0,
                         version: w.spec.version.clone(),
+                        revision: None,
                     },
                 );
                 continue;
@@ -176,6 +177,7 @@ impl super::Runtime for Native {
                 reason: None,
                 restarts: 0,
                 version: w.spec.version.clone(),
+                revision: None,
             }));
             let (stop, stop_rx) = watch::channel(false);
             // A process being replaced may still hold its directory: start
@@ -588,7 +590,10 @@ async fn watch_health(h: &HealthCheck, status: &Shared) -> String {
             }
         }
         if failures >= h.failures {
-            return format!("health check failed {failures} times: {last}");
+            return format!(
+                "{} {failures} times: {last}",
+                crdt_state::fleet::rollout::UNHEALTHY
+            );
         }
     }
 }

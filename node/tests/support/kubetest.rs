@@ -41,6 +41,7 @@ pub fn app(name: &str, version: &str, ns: Option<&str>, manifests: String) -> Wo
         files: Default::default(),
         artifacts: Default::default(),
         site_api: None,
+        revision: String::new(),
     }
 }
 

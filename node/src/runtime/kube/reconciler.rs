@@ -127,6 +127,7 @@ fn report(state: WorkloadState, reason: Option<String>, version: Option<String>)
         reason,
         restarts: 0,
         version,
+        revision: None,
     }
 }
 
