@@ -1211,10 +1211,9 @@ async fn rollouts(State(s): State<Shared>, req_ext: axum::Extension<Operator>) -
             action: "status".into(),
             output: None,
         };
-        match call(&s, req_ext.0.0.clone(), cmd).await {
-            Ok(Answer::Json(v)) => out.push(v),
-            // A rollout of a revision the App no longer has: not shown.
-            Ok(_) | Err(_) => {}
+        // A rollout of a revision the App no longer has is not shown.
+        if let Ok(Answer::Json(v)) = call(&s, req_ext.0.0.clone(), cmd).await {
+            out.push(v);
         }
     }
     answer(Answer::Json(json!({ "rollouts": out })))

@@ -140,21 +140,43 @@ fn an_apply_starts_a_rollout_and_nodes_run_by_their_wave() {
         rollout::wave_of(&view, a, &n)
     });
     assert_eq!(w[0].spec.version.as_deref(), Some("v1"));
-    assert_eq!(w[0].revision, view.rollouts["web"].from_revision.clone().unwrap());
+    assert_eq!(
+        w[0].revision,
+        view.rollouts["web"].from_revision.clone().unwrap()
+    );
     // Aborted: everyone goes back.
     decide(&mut doc, &f.op1, Decision::Abort, 20);
     let view = FleetView::read(&doc);
     for n in in_wave(0).into_iter().chain(in_wave(1)) {
         assert_eq!(spec_of(&view, &n).as_deref(), Some("v1"), "{n}");
     }
-    // A new revision starts a new rollout, from what the document holds.
+    // A new revision starts a new rollout, from the last version every
+    // node was given (v1: v2's rollout was aborted, it is no fallback).
     apply(&mut doc, &f.op1, &app("v3", WAVES));
     let view = FleetView::read(&doc);
     assert!(view.rollouts["web"].aborted.is_none());
     assert!(view.rollouts["web"].opened.is_empty());
     assert_eq!(
-        view.rollouts["web"].from.as_ref().unwrap().version.as_deref(),
-        Some("v2")
+        view.rollouts["web"]
+            .from
+            .as_ref()
+            .unwrap()
+            .version
+            .as_deref(),
+        Some("v1")
+    );
+    // Once a rollout is done, the next starts from its version.
+    decide(&mut doc, &f.op1, Decision::Done, 30);
+    apply(&mut doc, &f.op1, &app("v4", WAVES));
+    let view = FleetView::read(&doc);
+    assert_eq!(
+        view.rollouts["web"]
+            .from
+            .as_ref()
+            .unwrap()
+            .version
+            .as_deref(),
+        Some("v3")
     );
 }
 
@@ -256,7 +278,11 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
     assert_eq!(d, None);
     assert_eq!(status.waves[0].updated, 5);
     assert_eq!(status.waves[0].healthy, 0);
-    assert!(status.waiting_for.contains("in 30 s"), "{}", status.waiting_for);
+    assert!(
+        status.waiting_for.contains("in 30 s"),
+        "{}",
+        status.waiting_for
+    );
     // 30 s later by the anchor's clock: wave 1 opens.
     let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_030).unwrap();
     assert_eq!(status.waves[0].healthy, 5);
@@ -279,7 +305,10 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
     assert_eq!(status.waves[0].failed, 1);
     let (d, why) = d.unwrap();
     assert_eq!(d, Decision::Halt);
-    assert!(why.contains("n002: rolled back: exited with code 3"), "{why}");
+    assert!(
+        why.contains("n002: rolled back: exited with code 3"),
+        "{why}"
+    );
     // A crash-looping node counts as failed too (third crash).
     reports.get_mut(&canary[2]).unwrap().rollbacks.clear();
     *reports.get_mut(&canary[3]).unwrap() = report(&rev, WorkloadState::Failed, 2);
@@ -292,9 +321,18 @@ fn policies_are_checked_by_field() {
     let bad = [
         ("[]", "needs at least one wave"),
         ("[{percent: 10}]", "the last wave must be percent: 100"),
-        ("[{percent: 50}, {percent: 40}]", "is not above the wave before"),
-        ("[{percent: 50}, {sites: [a]}]", "come before percentage waves"),
-        ("[{sites: [a], percent: 100}]", "exactly one of sites, labels or percent"),
+        (
+            "[{percent: 50}, {percent: 40}]",
+            "is not above the wave before",
+        ),
+        (
+            "[{percent: 50}, {sites: [a]}]",
+            "come before percentage waves",
+        ),
+        (
+            "[{sites: [a], percent: 100}]",
+            "exactly one of sites, labels or percent",
+        ),
         ("[{percent: 0}, {percent: 100}]", "not between 1 and 100"),
     ];
     for (waves, msg) in bad {
@@ -325,6 +363,10 @@ fn a_failure_is_what_the_runtime_cannot_get_over() {
     assert!(rollout::failure(&spec, &r(WorkloadState::Failed, 0, "exited with code 1")).is_none());
     assert!(rollout::failure(&spec, &r(WorkloadState::Failed, 2, "exited with code 1")).is_some());
     assert!(rollout::failure(&spec, &r(WorkloadState::Running, 5, "")).is_none());
-    let unhealthy = r(WorkloadState::Failed, 0, "health check failed 3 times: refused");
+    let unhealthy = r(
+        WorkloadState::Failed,
+        0,
+        "health check failed 3 times: refused",
+    );
     assert!(rollout::failure(&spec, &unhealthy).is_some());
 }

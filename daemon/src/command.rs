@@ -635,7 +635,9 @@ fn writer_of(
 fn no_rollout(app: &str) -> Refusal {
     Refusal::new(
         404,
-        format!("app {app} has no rollout (an App with spec.rollout starts one when its spec changes)"),
+        format!(
+            "app {app} has no rollout (an App with spec.rollout starts one when its spec changes)"
+        ),
     )
 }
 
@@ -687,7 +689,11 @@ pub fn rollout_ops(
             409,
             format!(
                 "the rollout of {app} {version} is over ({}); to go back, apply the version before",
-                if state.done.is_some() { "done" } else { "aborted" }
+                if state.done.is_some() {
+                    "done"
+                } else {
+                    "aborted"
+                }
             ),
         ));
     }
@@ -701,7 +707,9 @@ pub fn rollout_ops(
         (Decision::Resume, true) => format!("the rollout of {app} {version} was not paused"),
         (Decision::Pause, _) => format!("rollout of {app} {version} paused: no further wave opens"),
         (Decision::Resume, _) => format!("rollout of {app} {version} resumed"),
-        _ => format!("rollout of {app} {version} aborted: every node goes back to what it ran before"),
+        _ => format!(
+            "rollout of {app} {version} aborted: every node goes back to what it ran before"
+        ),
     };
     if unchanged {
         return Ok((BTreeMap::new(), text));

@@ -177,6 +177,8 @@ pub enum Action<C> {
     RolledBack {
         /// The app.
         app: String,
+        /// Why.
+        reason: String,
     },
     /// A timeline entry.
     Timeline {
@@ -1004,12 +1006,13 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 app.clone(),
                 model::RollbackReport {
                     revision: rev,
-                    reason: why,
+                    reason: why.clone(),
                     at: now.unix_s,
                 },
             );
             self.reconcile_due = true;
-            self.actions.push_back(Action::RolledBack { app });
+            self.actions
+                .push_back(Action::RolledBack { app, reason: why });
         }
         if self.reconcile_due {
             self.reconcile(now);

@@ -508,7 +508,15 @@ pub fn rollout(format: Format, s: &crdt_state::fleet::rollout::RolloutStatus) ->
         })
         .collect();
     out += &table(
-        &["WAVE", "NODES", "OPEN", "UPDATED", "HEALTHY", "FAILED", "UNREACHABLE"],
+        &[
+            "WAVE",
+            "NODES",
+            "OPEN",
+            "UPDATED",
+            "HEALTHY",
+            "FAILED",
+            "UNREACHABLE",
+        ],
         rows,
     );
     if !s.waiting_for.is_empty() {

@@ -234,6 +234,11 @@ impl Node {
                 Action::Reconcile => self.reconcile(),
                 Action::Report => self.report(),
                 Action::Changed(doc) => tracing::debug!(%doc, "document changed"),
+                Action::RolledBack { app, reason } => tracing::warn!(
+                    %app,
+                    %reason,
+                    "the new revision failed here: rolled back to the one before"
+                ),
                 _ => {}
             }
         }

@@ -91,7 +91,11 @@ pub fn placed(fleet: &FleetView, app: &str, spec: &AppSpec) -> Vec<String> {
         let mut scored: Vec<(&String, [u8; 32])> =
             candidates.iter().map(|n| (*n, score(app, n))).collect();
         scored.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        candidates = scored.into_iter().take(r as usize).map(|(n, _)| n).collect();
+        candidates = scored
+            .into_iter()
+            .take(r as usize)
+            .map(|(n, _)| n)
+            .collect();
     }
     candidates.into_iter().cloned().collect()
 }
@@ -114,14 +118,9 @@ pub fn share(
     node: &str,
     healthy: &dyn Fn(&str) -> bool,
 ) -> Vec<Workload> {
-    share_with(
-        fleet,
-        site,
-        node,
-        healthy,
-        &BTreeMap::new(),
-        &mut |app| crate::fleet::rollout::wave_of(fleet, app, node),
-    )
+    share_with(fleet, site, node, healthy, &BTreeMap::new(), &mut |app| {
+        crate::fleet::rollout::wave_of(fleet, app, node)
+    })
 }
 
 /// [`share`] under rollouts: an app whose rollout has not reached this
@@ -144,7 +143,7 @@ pub fn share_with(
     let mut out = Vec::new();
     for (name, target) in &fleet.apps {
         let app = match choices.get(name) {
-            Some(crate::fleet::rollout::Choice::From(spec)) => spec,
+            Some(crate::fleet::rollout::Choice::From(spec)) => &**spec,
             _ => target,
         };
         if !matches(&app.selector, &my_labels) {

@@ -92,9 +92,16 @@ pub fn validate(p: &RolloutPolicy) -> Result<(), (String, String)> {
     let mut last_percent = 0;
     for (i, w) in p.waves.iter().enumerate() {
         let field = format!("rollout.waves[{i}]");
-        let kinds = [!w.sites.is_empty(), !w.labels.is_empty(), w.percent.is_some()];
+        let kinds = [
+            !w.sites.is_empty(),
+            !w.labels.is_empty(),
+            w.percent.is_some(),
+        ];
         if kinds.iter().filter(|k| **k).count() != 1 {
-            return Err((field, "needs exactly one of sites, labels or percent".into()));
+            return Err((
+                field,
+                "needs exactly one of sites, labels or percent".into(),
+            ));
         }
         for s in &w.sites {
             crate::fleet::model::validate_name("site", s).map_err(|m| (field.clone(), m))?;
@@ -106,7 +113,9 @@ pub fn validate(p: &RolloutPolicy) -> Result<(), (String, String)> {
             Some(p) if p <= last_percent => {
                 return Err((
                     field,
-                    format!("percent {p} is not above the wave before ({last_percent}): percentages are cumulative"),
+                    format!(
+                        "percent {p} is not above the wave before ({last_percent}): percentages are cumulative"
+                    ),
                 ));
             }
             Some(p) => last_percent = p,
@@ -135,10 +144,7 @@ pub fn validate(p: &RolloutPolicy) -> Result<(), (String, String)> {
         ));
     }
     if p.healthy_for_s > 7 * 86_400 {
-        return Err((
-            "rollout.healthy_for_s".into(),
-            "is more than a week".into(),
-        ));
+        return Err(("rollout.healthy_for_s".into(), "is more than a week".into()));
     }
     Ok(())
 }
@@ -313,16 +319,21 @@ pub fn plan_start(doc: &Document, app: &str, new: &AppSpec) -> BTreeMap<String, 
         clear(&mut ops);
         return ops;
     };
-    let from_rev = revision(&current);
     let state = read_all(doc).remove(app);
-    if from_rev == rev || state.as_ref().is_some_and(|s| s.revision == rev) {
+    if revision(&current) == rev || state.as_ref().is_some_and(|s| s.revision == rev) {
         return ops; // the same revision: nothing starts
     }
-    // What the nodes run now is the `from` of the new rollout: the
-    // current spec, or, while a rollout of it had not reached everyone,
-    // still that rollout's own `from` for the nodes it had not reached.
-    // The new rollout starts from the current spec (the nodes it had not
-    // reached skip straight to the new one in their wave).
+    // The new rollout starts from the last spec every node was given: the
+    // current one if its own rollout finished (or it had none), else the
+    // one that rollout started from — a halted, aborted or unfinished
+    // rollout is not a version to fall back to.
+    let current = match state {
+        Some(s) if s.done.is_none() && s.revision == revision(&current) => {
+            s.from.unwrap_or(current)
+        }
+        _ => current,
+    };
+    let from_rev = revision(&current);
     clear(&mut ops);
     ops.insert(base.clone(), Some(json(&rev)));
     ops.insert(
@@ -393,7 +404,13 @@ pub fn decision_ops(
 /// cheap enough to rank 10,000 nodes in well under a millisecond.
 fn score(app: &str, revision: &str, node: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [app.as_bytes(), &[0], revision.as_bytes(), &[0], node.as_bytes()] {
+    for part in [
+        app.as_bytes(),
+        &[0],
+        revision.as_bytes(),
+        &[0],
+        node.as_bytes(),
+    ] {
         for b in part {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
@@ -469,7 +486,7 @@ pub enum Choice {
     Target,
     /// The spec the rollout replaces: the node's wave is not open, or the
     /// rollout was aborted, or the node rolled this revision back.
-    From(AppSpec),
+    From(Box<AppSpec>),
 }
 
 /// Which spec a node runs of every app under a rollout whose new revision
@@ -496,7 +513,7 @@ pub fn choices(
             || rolled_back.get(app) == Some(&state.revision)
             || !wave_of(app).is_some_and(|w| state.is_open(w));
         if back {
-            out.insert(app.clone(), Choice::From(from.clone()));
+            out.insert(app.clone(), Choice::From(Box::new(from.clone())));
         }
     }
     out
