@@ -63,7 +63,7 @@ fn decide(doc: &mut Document, who: &Identity, d: Decision, at: i64) -> crdt_stat
         by: who.cert.name.clone(),
         reason: format!("{d:?}"),
     };
-    let ops = rollout::decision_ops("web", &rev, &d, &mark);
+    let ops = rollout::decision_ops(doc, "web", &rev, &d, &mark);
     doc.edit(who, at, &ops).unwrap().unwrap().1
 }
 
@@ -235,6 +235,10 @@ fn concurrent_decisions_of_two_anchors_merge_to_one_outcome() {
     let s = &va.rollouts["web"];
     assert!(s.is_open(1) && s.is_open(2));
     assert!(s.halted.is_some());
+    // Each decider writes under its own key: nothing to resolve.
+    assert!(a.conflicts().is_empty(), "{:?}", a.conflicts());
+    // Wave 1 counts as opened by the earlier of the two.
+    assert_eq!(s.opened[&1].by, "op1");
     // A decision about the old revision, arriving after a new rollout
     // began, changes nothing of the new one.
     let mut c = Document::load(DocId::Fleet, &a.save()).unwrap();

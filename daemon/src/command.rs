@@ -456,7 +456,9 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             }
             let (writer, message, who) = writer_of(host.base(), caller, None)?;
             let (fleet, _) = host.base().core.desired();
-            let (ops, text) = rollout_ops(&fleet, &app, &action, &who, now.unix_s)?;
+            let empty = crdt_state::Document::new(DocId::Fleet);
+            let doc = host.base().core.doc(&DocId::Fleet).unwrap_or(&empty);
+            let (ops, text) = rollout_ops(doc, &fleet, &app, &action, &who, now.unix_s)?;
             if !ops.is_empty() {
                 host.base()
                     .write(&DocId::Fleet, &ops, &writer, message.as_deref())?;
@@ -656,6 +658,7 @@ pub fn rollout_answer(
 /// writes, and the words for it. Refuses an unknown action, an app
 /// without a rollout, and a rollout that is over.
 pub fn rollout_ops(
+    doc: &crdt_state::Document,
     fleet: &crdt_state::fleet::model::FleetView,
     app: &str,
     action: &str,
@@ -719,7 +722,10 @@ pub fn rollout_ops(
         by: by.to_string(),
         reason: format!("{action} by {by}"),
     };
-    Ok((decision_ops(app, &state.revision, &decision, &mark), text))
+    Ok((
+        decision_ops(doc, app, &state.revision, &decision, &mark),
+        text,
+    ))
 }
 
 fn unix_now() -> i64 {

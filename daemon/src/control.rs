@@ -168,7 +168,8 @@ fn execute_inner(dd: &mut DataDir, cmd: Command) -> Result<Answer, Refusal> {
                 return Ok(command::rollout_answer(&status, output));
             }
             let by = dd.writer()?.cert.name.clone();
-            let (ops, text) = command::rollout_ops(&fleet, &app, &action, &by, now())?;
+            let doc = dd.doc(&DocId::Fleet)?;
+            let (ops, text) = command::rollout_ops(&doc, &fleet, &app, &action, &by, now())?;
             if !ops.is_empty() {
                 dd.write(&DocId::Fleet, &ops, now())?;
             }

@@ -525,7 +525,10 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
                 by: me.cert.name.clone(),
                 reason: d.why.clone(),
             };
-            let ops = rollout::decision_ops(&d.app, &d.revision, &d.decision, &mark);
+            let Some(fleet) = self.engine.doc(&DocId::Fleet) else {
+                return;
+            };
+            let ops = rollout::decision_ops(fleet, &d.app, &d.revision, &d.decision, &mark);
             match self.write_ops(now, &[(DocId::Fleet, ops)], &me, None) {
                 Ok(_) => self.actions.push_back(Action::Timeline {
                     kind: "rollout",

@@ -140,6 +140,57 @@ pub struct Edit {
     pub set: BTreeMap<String, toml::Value>,
 }
 
+/// An operator applies manifests (YAML, as `shoal apply` takes them) on a
+/// node (an anchor, usually).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Apply {
+    /// Node reference where it is applied.
+    pub on: String,
+    /// The manifests.
+    pub manifest: String,
+}
+
+/// Apps simulated on the nodes, for rollouts: every node runs its share
+/// (as the core computes it) on a pretend runtime, and reports it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// How long a version takes to be running.
+    #[serde(default = "one_second")]
+    pub start: Dur,
+    /// Versions (`spec.version`) that fail on every node.
+    #[serde(default)]
+    pub bad: Vec<String>,
+    /// How long a bad version runs before it has crashed three times.
+    #[serde(default = "one_second")]
+    pub fail_after: Dur,
+}
+
+fn one_second() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+
+/// What a rollout must look like at the end.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectRollout {
+    /// The app.
+    pub app: String,
+    /// `rolling`, `paused`, `halted`, `aborted` or `done`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Every live node that runs the app runs this version.
+    #[serde(default)]
+    pub all_run: Option<String>,
+    /// At most this many nodes ever ran a bad version.
+    #[serde(default)]
+    pub ran_bad_at_most: Option<usize>,
+    /// Exactly this many waves open (wave 0 included).
+    #[serde(default)]
+    pub waves_open: Option<usize>,
+}
+
 /// Clock skew of one node: `by = "3d"` (ahead) or `by = "-2h"` (behind),
 /// like every other time in a scenario; `seconds = N` is still read.
 #[derive(Clone, Debug, Deserialize)]
@@ -204,6 +255,9 @@ pub struct Event {
     /// Skew a node's clock.
     #[serde(default)]
     pub skew: Option<Skew>,
+    /// Apply manifests (an operator's `shoal apply`).
+    #[serde(default)]
+    pub apply: Option<Apply>,
 }
 
 /// What must hold at the end.
@@ -216,6 +270,9 @@ pub struct Expect {
     /// This many fields in conflict at the end (when given).
     #[serde(default)]
     pub conflicts: Option<usize>,
+    /// Rollouts.
+    #[serde(default, rename = "rollout")]
+    pub rollouts: Vec<ExpectRollout>,
 }
 
 /// A whole scenario.
@@ -246,6 +303,11 @@ pub struct Scenario {
     /// that followed them was sent.
     #[serde(default)]
     pub commit_latency: Dur,
+    /// Run the nodes' shares on a pretend runtime, report them, and let
+    /// anchors judge rollouts' gates (every node is registered in the
+    /// fleet document at the start, with its group's site).
+    #[serde(default)]
+    pub runtime: Option<Runtime>,
 }
 
 fn seed1() -> u64 {
@@ -293,6 +355,16 @@ impl Scenario {
             }
             if let Some(k) = &e.skew {
                 k.secs()?;
+            }
+            if let Some(a) = &e.apply {
+                if !known(&a.on) {
+                    return Err(ScenarioError(format!(
+                        "apply at {:?} is on {:?}, which is no group and no node",
+                        e.at.0, a.on
+                    )));
+                }
+                crdt_state::fleet::manifest::parse("apply", &a.manifest)
+                    .map_err(|x| ScenarioError(format!("apply at {:?}: {x}", e.at.0)))?;
             }
         }
         for l in &s.links {

@@ -6,10 +6,11 @@
 //! interrupts.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use automerge::ChangeHash;
 use automerge::sync::{ChunkList, Message, MessageVersion};
+use crdt_state::fleet::model::{FleetView, WorkloadReport, WorkloadState};
 use crdt_state::signed::doc::signing_message;
 use crdt_state::signed::sync::{Engine, SyncConfig, wants};
 use crdt_state::signed::verify::verify_and_apply;
@@ -73,6 +74,20 @@ struct SimNode {
     sync_states: HashMap<PublicKey, BTreeMap<DocId, Vec<u8>>>,
     skew: i64,
     starts: u64,
+    /// What its pretend runtime runs (with `runtime`), by app.
+    apps: BTreeMap<String, SimApp>,
+    /// Every version it ever ran.
+    ran: BTreeSet<String>,
+    /// A tick is queued for it.
+    tick_queued: bool,
+}
+
+/// One app on a node's pretend runtime.
+struct SimApp {
+    version: Option<String>,
+    revision: String,
+    state: WorkloadState,
+    restarts: u32,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -90,6 +105,20 @@ enum Ev {
         from: usize,
         to: usize,
         frame: Vec<u8>,
+    },
+    /// A core's tick (anchors: every second, with `runtime`; nodes: after
+    /// a change of their desired state).
+    Tick {
+        node: usize,
+        starts: u64,
+    },
+    /// An app on a node's pretend runtime is running, or has failed.
+    AppState {
+        node: usize,
+        starts: u64,
+        app: String,
+        revision: String,
+        failed: bool,
     },
 }
 
@@ -159,6 +188,29 @@ pub struct Report {
     pub invariants: Invariants,
     /// Replicas agreeing with the latest fleet heads, sampled over time (seconds, count).
     pub agreement: Vec<(f64, usize)>,
+    /// Rollouts at the end (with `runtime`), by app.
+    pub rollouts: BTreeMap<String, RolloutSummary>,
+}
+
+/// A rollout at the end of a run.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct RolloutSummary {
+    /// `rolling`, `paused`, `halted`, `aborted` or `done`.
+    pub phase: String,
+    /// The version rolled out.
+    pub version: Option<String>,
+    /// Waves open, wave 0 included.
+    pub waves_open: usize,
+    /// Nodes in each wave.
+    pub wave_sizes: Vec<usize>,
+    /// The decisions: virtual second (the writer's clock), what, by whom.
+    pub decisions: Vec<String>,
+    /// Live nodes running each version of the app.
+    pub running: BTreeMap<String, usize>,
+    /// Nodes that ever ran a bad version of the app.
+    pub ran_bad: usize,
+    /// Nodes that rolled back on their own.
+    pub rolled_back: usize,
 }
 
 impl Report {
@@ -202,6 +254,8 @@ pub struct Sim {
     /// Commits under way: (node, its start count, batch) → changes.
     writing: HashMap<(usize, u64, u64), daemon::core::Batch>,
     agreement: Vec<(f64, usize)>,
+    /// Rollbacks nodes made on their own.
+    rollbacks: usize,
 }
 
 fn us(d: std::time::Duration) -> u64 {
@@ -249,6 +303,9 @@ impl Sim {
                     sync_states: HashMap::new(),
                     skew: 0,
                     starts: 0,
+                    apps: BTreeMap::new(),
+                    ran: BTreeSet::new(),
+                    tick_queued: false,
                 });
             }
             if let Some(site) = &g.site
@@ -355,10 +412,14 @@ impl Sim {
             written: HashMap::new(),
             lost: HashSet::new(),
             agreement: Vec::new(),
+            rollbacks: 0,
         };
         let _ = &sim.root;
         for i in 0..sim.nodes.len() {
             sim.start(i);
+        }
+        if sim.scenario.runtime.is_some() {
+            sim.register_nodes()?;
         }
         for l in 0..sim.links.len() {
             sim.connect(l);
@@ -395,13 +456,144 @@ impl Sim {
         );
         node.starts += 1;
         engine.set_actor_seed(self.scenario.seed ^ ((i as u64) << 20) ^ node.starts);
+        let runtime = self.scenario.runtime.is_some();
+        let anchor = node.identity.cert.role == Role::Anchor;
         let settings = Settings {
             // Every sync state is saved as it comes (the simulator keeps
             // them in memory; a crash loses none).
             state_flush_ms: 0,
+            workloads: runtime && !anchor,
+            gates: runtime && anchor,
+            // Reconciles come with changes of the desired state here.
+            reconcile_every_ms: u64::MAX,
             ..Settings::default()
         };
         node.core = Some(Core::new(engine, node.identity.clone(), settings));
+        node.apps.clear();
+        node.tick_queued = false;
+        let starts = node.starts;
+        if runtime {
+            let now = self.clock(i);
+            if let Some(core) = self.nodes[i].core.as_mut() {
+                core.start(now);
+            }
+            // Anchors judge gates every second; a node reconciles at start.
+            let at = self.now + if anchor { 1_000_000 } else { 1_000 };
+            self.nodes[i].tick_queued = true;
+            self.push(at, Ev::Tick { node: i, starts });
+        }
+    }
+
+    /// Registers every node in the fleet document (with its site), as the
+    /// operator, on the first anchor: placement needs the registry.
+    fn register_nodes(&mut self) -> Result<(), String> {
+        let mut ops = BTreeMap::new();
+        for n in &self.nodes {
+            if let Some(site) = &n.identity.cert.site {
+                let base = format!("nodes.{}", n.name);
+                ops.insert(base.clone(), Some("\"Node\"".to_string()));
+                ops.insert(
+                    format!("{base}.site"),
+                    Some(serde_json::Value::String(site.clone()).to_string()),
+                );
+            }
+        }
+        let Some(i) = self
+            .nodes
+            .iter()
+            .position(|n| n.identity.cert.role == Role::Anchor)
+        else {
+            return Err("a scenario with `runtime` needs an anchor".into());
+        };
+        let now = self.clock(i);
+        let op = self.operator.clone();
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.write(now, &DocId::Fleet, &op, &ops)
+                .map_err(|e| e.to_string())?;
+        }
+        self.act(i);
+        Ok(())
+    }
+
+    /// A node's pretend runtime takes its share: a new revision of an app
+    /// starts (running after `start`, or failed after `fail_after` for a
+    /// bad version); apps no longer in the share stop.
+    fn run_share(&mut self, i: usize) {
+        let Some(rt) = self.scenario.runtime.clone() else {
+            return;
+        };
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return;
+        };
+        let share = core.share();
+        let starts = self.nodes[i].starts;
+        let node = &mut self.nodes[i];
+        node.apps.retain(|a, _| share.iter().any(|w| &w.app == a));
+        let mut timers = Vec::new();
+        for w in share {
+            if node
+                .apps
+                .get(&w.app)
+                .is_some_and(|a| a.revision == w.revision)
+            {
+                continue;
+            }
+            let bad = w.spec.version.as_ref().is_some_and(|v| rt.bad.contains(v));
+            if let Some(v) = &w.spec.version {
+                node.ran.insert(v.clone());
+            }
+            let after = if bad { rt.fail_after } else { rt.start };
+            timers.push((
+                us(after.0),
+                Ev::AppState {
+                    node: i,
+                    starts,
+                    app: w.app.clone(),
+                    revision: w.revision.clone(),
+                    failed: bad,
+                },
+            ));
+            node.apps.insert(
+                w.app.clone(),
+                SimApp {
+                    version: w.spec.version.clone(),
+                    revision: w.revision,
+                    state: WorkloadState::Pending,
+                    restarts: 0,
+                },
+            );
+        }
+        for (after, ev) in timers {
+            self.push(self.now + after, ev);
+        }
+        self.report_runtime(i);
+    }
+
+    /// The node's core hears its pretend runtime's status.
+    fn report_runtime(&mut self, i: usize) {
+        let now = self.clock(i);
+        let node = &mut self.nodes[i];
+        let workloads = node
+            .apps
+            .iter()
+            .map(|(a, s)| {
+                (
+                    a.clone(),
+                    WorkloadReport {
+                        state: s.state,
+                        reason: (s.state == WorkloadState::Failed)
+                            .then(|| "exited with code 1".to_string()),
+                        restarts: s.restarts,
+                        version: s.version.clone(),
+                        revision: None,
+                    },
+                )
+            })
+            .collect();
+        if let Some(core) = node.core.as_mut() {
+            core.report(now, workloads, BTreeMap::new(), BTreeMap::new());
+        }
+        self.act(i);
     }
 
     /// The time as node `i`'s clock tells it.
@@ -505,10 +697,18 @@ impl Sim {
                         states.remove(&doc);
                     }
                 }
+                Action::Reconcile => self.run_share(i),
+                Action::RolledBack { .. } => self.rollbacks += 1,
+                Action::Changed(DocId::Fleet)
+                    if self.scenario.runtime.is_some() && !self.nodes[i].tick_queued =>
+                {
+                    // The daemon reconciles at its next tick.
+                    self.nodes[i].tick_queued = true;
+                    let starts = self.nodes[i].starts;
+                    self.push(self.now + 1_000, Ev::Tick { node: i, starts });
+                }
                 Action::Admit { .. }
                 | Action::SavePeers(_)
-                | Action::Reconcile
-                | Action::RolledBack { .. }
                 | Action::Report
                 | Action::Changed(_)
                 | Action::Contact { .. }
@@ -697,6 +897,21 @@ impl Sim {
                 .push(format!("{t}s skew {} by {secs}s", self.nodes[i].name));
             self.nodes[i].skew = secs;
         }
+        if let Some(a) = &ev.apply {
+            let i = self.node_ref(&a.on)?;
+            self.events
+                .push(format!("{t}s apply on {}", self.nodes[i].name));
+            let ms = crdt_state::fleet::manifest::parse("apply", &a.manifest)
+                .map_err(|e| e.to_string())?;
+            let now = self.clock(i);
+            let op = self.operator.clone();
+            if let Some(core) = self.nodes[i].core.as_mut() {
+                let (_, edits) = crdt_state::local::datadir::plan_apply(&ms, &|id| core.doc(id));
+                core.write_many(now, &edits, &op, None)
+                    .map_err(|e| e.to_string())?;
+            }
+            self.act(i);
+        }
         if let Some(r) = &ev.rogue {
             let i = self.node_ref(r)?;
             self.events
@@ -866,10 +1081,135 @@ impl Sim {
                     }
                     self.act(to);
                 }
+                Ev::Tick { node, starts } => {
+                    if self.nodes[node].core.is_none() || self.nodes[node].starts != starts {
+                        continue;
+                    }
+                    self.nodes[node].tick_queued = false;
+                    let now = self.clock(node);
+                    if let Some(core) = self.nodes[node].core.as_mut() {
+                        core.tick(now);
+                    }
+                    if self.nodes[node].identity.cert.role == Role::Anchor {
+                        self.nodes[node].tick_queued = true;
+                        self.push(self.now + 1_000_000, Ev::Tick { node, starts });
+                    }
+                    self.act(node);
+                }
+                Ev::AppState {
+                    node,
+                    starts,
+                    app,
+                    revision,
+                    failed,
+                } => {
+                    if self.nodes[node].core.is_none() || self.nodes[node].starts != starts {
+                        continue;
+                    }
+                    let Some(a) = self.nodes[node].apps.get_mut(&app) else {
+                        continue;
+                    };
+                    if a.revision != revision {
+                        continue;
+                    }
+                    if failed {
+                        a.state = WorkloadState::Failed;
+                        a.restarts = 2;
+                    } else {
+                        a.state = WorkloadState::Running;
+                    }
+                    self.report_runtime(node);
+                }
             }
         }
         self.agreement.push((end as f64 / 1e6, self.agreeing()));
         Ok(self.report())
+    }
+
+    /// Every rollout as the first live anchor holds it, with what the
+    /// nodes' pretend runtimes run.
+    fn rollout_summaries(&self) -> BTreeMap<String, RolloutSummary> {
+        let Some(rt) = &self.scenario.runtime else {
+            return BTreeMap::new();
+        };
+        let Some(fleet) = self
+            .nodes
+            .iter()
+            .filter(|n| n.identity.cert.role == Role::Anchor)
+            .find_map(|n| n.core.as_ref().and_then(|c| c.doc(&DocId::Fleet)))
+        else {
+            return BTreeMap::new();
+        };
+        let view = FleetView::read(fleet);
+        let mut out = BTreeMap::new();
+        for (app, state) in &view.rollouts {
+            let status = view.apps.get(app).and_then(|a| {
+                let p = a.rollout.as_ref()?;
+                Some(crdt_state::fleet::rollout::waves(
+                    &view,
+                    app,
+                    a,
+                    p,
+                    &state.revision,
+                ))
+            });
+            let mut sizes = Vec::new();
+            for w in status.iter().flat_map(|m| m.values()) {
+                if sizes.len() <= *w {
+                    sizes.resize(*w + 1, 0);
+                }
+                sizes[*w] += 1;
+            }
+            let mut running = BTreeMap::new();
+            let mut ran_bad = 0;
+            for n in &self.nodes {
+                if let Some(a) = n.apps.get(app)
+                    && n.core.is_some()
+                {
+                    *running
+                        .entry(a.version.clone().unwrap_or_default())
+                        .or_insert(0) += 1;
+                }
+                if n.ran.iter().any(|v| rt.bad.contains(v)) {
+                    ran_bad += 1;
+                }
+            }
+            let mut decisions: Vec<(i64, String)> = state
+                .opened
+                .iter()
+                .map(|(i, m)| (m.at, format!("open wave {i} by {}", m.by)))
+                .collect();
+            for (what, m) in [
+                ("halt", &state.halted),
+                ("abort", &state.aborted),
+                ("done", &state.done),
+            ] {
+                if let Some(m) = m {
+                    decisions.push((m.at, format!("{what} by {}: {}", m.by, m.reason)));
+                }
+            }
+            decisions.sort();
+            let phase = state.phase();
+            out.insert(
+                app.clone(),
+                RolloutSummary {
+                    phase: phase.into(),
+                    version: view.apps.get(app).and_then(|a| a.version.clone()),
+                    waves_open: (0..sizes.len().max(1))
+                        .filter(|i| state.is_open(*i) || state.done.is_some())
+                        .count(),
+                    wave_sizes: sizes,
+                    decisions: decisions
+                        .into_iter()
+                        .map(|(at, d)| format!("{at}s {d}"))
+                        .collect(),
+                    running,
+                    ran_bad,
+                    rolled_back: self.rollbacks,
+                },
+            );
+        }
+        out
     }
 
     fn report(self) -> Report {
@@ -981,6 +1321,42 @@ impl Sim {
         {
             failed.push(format!("{conflicts} fields in conflict, expected {c}"));
         }
+        let rollouts = self.rollout_summaries();
+        for e in &self.scenario.expect.rollouts {
+            let Some(r) = rollouts.get(&e.app) else {
+                failed.push(format!("no rollout of {}", e.app));
+                continue;
+            };
+            if let Some(p) = &e.phase
+                && *p != r.phase
+            {
+                failed.push(format!("rollout of {} is {}, expected {p}", e.app, r.phase));
+            }
+            if let Some(v) = &e.all_run
+                && r.running.keys().any(|k| k != v)
+            {
+                failed.push(format!(
+                    "nodes run {:?} of {}, expected all on {v}",
+                    r.running, e.app
+                ));
+            }
+            if let Some(n) = e.ran_bad_at_most
+                && r.ran_bad > n
+            {
+                failed.push(format!(
+                    "{} nodes ran a bad version of {}, expected at most {n}",
+                    r.ran_bad, e.app
+                ));
+            }
+            if let Some(n) = e.waves_open
+                && r.waves_open != n
+            {
+                failed.push(format!(
+                    "{} waves of {} open, expected {n}",
+                    r.waves_open, e.app
+                ));
+            }
+        }
         Report {
             name: self.scenario.name.clone(),
             seed: self.scenario.seed,
@@ -1001,6 +1377,7 @@ impl Sim {
                 failed,
             },
             agreement: self.agreement,
+            rollouts,
         }
     }
 }

@@ -196,3 +196,32 @@ fn a_crash_before_the_commit_loses_only_what_was_never_acknowledged() {
     assert!(r.passed(), "{:?}", r.invariants);
     assert_eq!(r.uncommitted_lost, 0);
 }
+
+/// Staged rollouts (ADR 0011) on the simulator's pretend runtime: a good
+/// version through three waves over 200 nodes in five sites; then, over
+/// five sites of eight (each node receives its site's reports, so the cost
+/// grows with the square of a site), a bad version rolled back on the
+/// canary and halted before wave 1, a site cut off during wave 2 that
+/// finishes after the heal, two anchors judging at once, skewed clocks.
+#[test]
+fn rollouts_go_by_waves_and_halt_on_a_bad_canary() {
+    let good = check("rollout-three-waves");
+    let r = &good.rollouts["meter"];
+    assert_eq!(r.wave_sizes, [40, 16, 144]);
+    assert_eq!(r.decisions.len(), 3, "{:?}", r.decisions);
+    let bad = check("rollout-bad-canary");
+    let r = &bad.rollouts["meter"];
+    assert_eq!((r.ran_bad, r.rolled_back), (8, 8));
+    assert!(r.decisions[0].contains("halt"), "{:?}", r.decisions);
+}
+
+#[test]
+fn a_rollout_survives_a_partition_two_anchors_and_skewed_clocks() {
+    let cut = check("rollout-site-partitioned-in-wave-2");
+    // The last gate could only hold once the west site was back.
+    let done = &cut.rollouts["meter"].decisions[2];
+    let at: f64 = done.split('s').next().unwrap().parse().unwrap();
+    assert!(at > 600.0, "{done}");
+    check("rollout-two-anchors");
+    check("rollout-clock-skew");
+}

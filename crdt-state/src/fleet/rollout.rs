@@ -252,31 +252,47 @@ pub fn read_all(doc: &Document) -> BTreeMap<String, RolloutState> {
             continue;
         };
         let field = |name: &str| fields.get(&format!("{k}.{name}"));
-        let mark = |name: &str| {
-            field(&format!("{name}.{revision}")).and_then(|v| serde_json::from_str::<Mark>(v).ok())
+        let mut state = RolloutState {
+            from: field("from").and_then(|v| serde_json::from_str(v).ok()),
+            from_revision: field("from_revision").and_then(|v| serde_json::from_str(v).ok()),
+            revision: revision.clone(),
+            ..RolloutState::default()
         };
-        let open_prefix = format!("{k}.open.{revision}.");
-        let opened = fields
-            .range(open_prefix.clone()..)
-            .take_while(|(key, _)| key.starts_with(&open_prefix))
-            .filter_map(|(key, v)| {
-                let i = key[open_prefix.len()..].parse().ok()?;
-                Some((i, serde_json::from_str::<Mark>(v).ok()?))
-            })
-            .collect();
-        out.insert(
-            app.to_string(),
-            RolloutState {
-                from: field("from").and_then(|v| serde_json::from_str(v).ok()),
-                from_revision: field("from_revision").and_then(|v| serde_json::from_str(v).ok()),
-                opened,
-                halted: mark("halted"),
-                paused: mark("paused"),
-                aborted: mark("aborted"),
-                done: mark("done"),
-                revision,
-            },
-        );
+        // Decisions: `<what>.<revision>[.<wave>].<writer>`, one key per
+        // writer, so concurrent deciders never conflict; the earliest
+        // counts.
+        let keep = |slot: &mut Option<Mark>, m: Mark| {
+            if slot.as_ref().is_none_or(|s| (m.at, &m.by) < (s.at, &s.by)) {
+                *slot = Some(m);
+            }
+        };
+        let prefix = format!("{k}.");
+        for (key, v) in fields.range(prefix.clone()..) {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                break;
+            };
+            let parts: Vec<&str> = rest.split('.').collect();
+            let Ok(mark) = serde_json::from_str::<Mark>(v) else {
+                continue;
+            };
+            match parts.as_slice() {
+                ["open", rev, wave, _] if *rev == revision => {
+                    if let Ok(i) = wave.parse::<usize>() {
+                        let mut slot = state.opened.remove(&i);
+                        keep(&mut slot, mark);
+                        if let Some(m) = slot {
+                            state.opened.insert(i, m);
+                        }
+                    }
+                }
+                ["halted", rev, _] if *rev == revision => keep(&mut state.halted, mark),
+                ["paused", rev, _] if *rev == revision => keep(&mut state.paused, mark),
+                ["aborted", rev, _] if *rev == revision => keep(&mut state.aborted, mark),
+                ["done", rev, _] if *rev == revision => keep(&mut state.done, mark),
+                _ => {}
+            }
+        }
+        out.insert(app.to_string(), state);
     }
     out
 }
@@ -366,35 +382,36 @@ pub enum Decision {
     Resume,
 }
 
-/// The field writes of `decision` on `app`'s rollout of `revision`.
+/// The field writes of `decision` on `app`'s rollout of `revision` in the
+/// fleet document `doc`, under the writer's own key.
 pub fn decision_ops(
+    doc: &Document,
     app: &str,
     revision: &str,
     decision: &Decision,
     mark: &Mark,
 ) -> BTreeMap<String, Option<String>> {
     let base = key(app);
+    let by = crate::fleet::model::escape(&mark.by);
     let m = Some(serde_json::to_string(mark).unwrap_or_default());
     let mut ops = BTreeMap::new();
+    let mut put = |what: String| {
+        ops.insert(format!("{base}.{what}.{by}"), m.clone());
+    };
     match decision {
-        Decision::Open(i) => {
-            ops.insert(format!("{base}.open.{revision}.{i}"), m);
-        }
-        Decision::Halt => {
-            ops.insert(format!("{base}.halted.{revision}"), m);
-        }
-        Decision::Abort => {
-            ops.insert(format!("{base}.aborted.{revision}"), m);
-        }
-        Decision::Done => {
-            ops.insert(format!("{base}.done.{revision}"), m);
-        }
-        Decision::Pause => {
-            ops.insert(format!("{base}.paused.{revision}"), m);
-        }
+        Decision::Open(i) => put(format!("open.{revision}.{i}")),
+        Decision::Halt => put(format!("halted.{revision}")),
+        Decision::Abort => put(format!("aborted.{revision}")),
+        Decision::Done => put(format!("done.{revision}")),
+        Decision::Pause => put(format!("paused.{revision}")),
         Decision::Resume => {
-            ops.insert(format!("{base}.paused.{revision}"), None);
-            ops.insert(format!("{base}.halted.{revision}"), None);
+            // Every writer's pause and halt of this revision goes.
+            for what in ["paused", "halted"] {
+                let prefix = format!("{base}.{what}.{revision}.");
+                for k in doc.fields(&prefix).into_keys() {
+                    ops.insert(k, None);
+                }
+            }
         }
     }
     ops
@@ -753,6 +770,13 @@ pub fn judge(
         None
     };
     Some((status, decision))
+}
+
+impl RolloutState {
+    /// `rolling`, `paused`, `halted`, `aborted` or `done`.
+    pub fn phase(&self) -> &'static str {
+        phase(self)
+    }
 }
 
 fn phase(state: &RolloutState) -> &'static str {
