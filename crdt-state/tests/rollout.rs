@@ -374,3 +374,45 @@ fn a_failure_is_what_the_runtime_cannot_get_over() {
     );
     assert!(rollout::failure(&spec, &unhealthy).is_some());
 }
+
+/// A new model is a new revision of the App that reads it: the artifact's
+/// name in `spec.artifacts` changes, and nodes move to it by their wave.
+#[test]
+fn a_new_artifact_version_rolls_out_wave_by_wave() {
+    let f = common::fleet();
+    let mut doc = fleet(&f.op1);
+    let with_model = |model: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Artifact\nmetadata: {{name: {model}}}\nspec: {{size: 3, hash: {}}}\n---\n{}  artifacts: {{model: {model}}}\n",
+            "ab".repeat(32),
+            app("v1", WAVES)
+        )
+    };
+    apply(&mut doc, &f.op1, &with_model("model-a"));
+    // model-a reached every node.
+    decide(&mut doc, &f.op1, Decision::Done, 5);
+    apply(&mut doc, &f.op1, &with_model("model-b"));
+    let view = FleetView::read(&doc);
+    let state = &view.rollouts["web"];
+    assert_eq!(
+        state.from.as_ref().unwrap().artifacts["model"],
+        "model-a",
+        "the rollout replaces the App reading model-a"
+    );
+    let model_of = |view: &FleetView, n: &str| {
+        placement::share(view, None, n, &|_| true)
+            .into_iter()
+            .find(|w| w.app == "web")
+            .map(|w| w.spec.artifacts["model"].clone())
+    };
+    assert_eq!(model_of(&view, "n000").as_deref(), Some("model-b"));
+    let later = (5..NODES)
+        .map(|i| format!("n{i:03}"))
+        .find(|n| rollout::wave_of(&view, "web", n) == Some(2))
+        .unwrap();
+    assert_eq!(model_of(&view, &later).as_deref(), Some("model-a"));
+    decide(&mut doc, &f.op1, Decision::Open(1), 10);
+    decide(&mut doc, &f.op1, Decision::Open(2), 20);
+    let view = FleetView::read(&doc);
+    assert_eq!(model_of(&view, &later).as_deref(), Some("model-b"));
+}
