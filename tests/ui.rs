@@ -1,7 +1,8 @@
 //! The operator web UI in a real headless Chromium (Debian's `chromium`),
 //! served by a real anchor with a real node: log in, watch a node go
 //! offline and come back without a reload, edit an app (a validation error
-//! next to its field, then a good edit), resolve a conflict with one click.
+//! next to its field, then a good edit), resolve a conflict with one click,
+//! upload an artifact, and pause, resume and abort a rollout.
 //! Without Chromium this test fails, saying to install it.
 //!
 //! `SHOAL_SCREENSHOTS=DIR` keeps screenshots of the main pages there
@@ -330,5 +331,56 @@ fn operator_ui_in_chromium() {
         .unwrap();
     assert!(row.as_str().unwrap().contains("from anchor"), "{row}");
     shot(&mut b, "artifacts");
+
+    // A rollout: its waves as the anchor judges them, then pause, resume
+    // and abort from the page (each a signed change naming alice).
+    let meter = |v: &str| {
+        json!({ "files": [{ "name": "meter.yaml", "text": format!(
+            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: meter}}\nspec:\n  version: {v}\n  native: {{command: [/bin/sh, -c, 'exec sleep 3600', meter-{v}]}}\n  rollout: {{waves: [{{sites: [s1]}}, {{percent: 100}}], healthy_for_s: 600}}\n"
+        ) }] })
+        .to_string()
+    };
+    for v in ["v1", "v2"] {
+        let (status, body) = http(
+            "POST",
+            &format!("{url}/api/apply"),
+            Some(&token),
+            Some(&meter(v)),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    go(&mut b, "#/rollouts");
+    let section = "document.querySelector('section.rollout[data-app=\"meter\"]')";
+    wait(
+        &mut b,
+        &format!(
+            "{section}?.dataset.phase === 'rolling' && {section}.querySelector('tr[data-wave=\"0\"]').cells[3].innerText === '1'"
+        ),
+    );
+    let text = b.eval(&format!("{section}.innerText")).unwrap();
+    assert!(text.as_str().unwrap().contains("v2"), "{text}");
+    shot(&mut b, "rollouts");
+    let click = |b: &mut cdp::Browser, action: &str| {
+        b.eval(&format!(
+            "{section}.querySelector('button[data-action=\"{action}\"]').click()"
+        ))
+        .unwrap();
+    };
+    click(&mut b, "pause");
+    wait(&mut b, &format!("{section}?.dataset.phase === 'paused'"));
+    click(&mut b, "resume");
+    wait(&mut b, &format!("{section}?.dataset.phase === 'rolling'"));
+    b.eval("window.confirm = () => true").unwrap();
+    click(&mut b, "abort");
+    wait(&mut b, &format!("{section}?.dataset.phase === 'aborted'"));
+    let decisions = b
+        .eval(&format!(
+            "{section}.querySelector('table.decisions').innerText"
+        ))
+        .unwrap();
+    assert!(
+        decisions.as_str().unwrap().contains("abort by alice"),
+        "{decisions}"
+    );
     assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
 }

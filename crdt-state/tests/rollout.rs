@@ -278,7 +278,7 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
         .collect();
     let mut seen = rollout::Seen::new();
     // Healthy, but not for 30 s yet: no decision.
-    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_000).unwrap();
+    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_000_000).unwrap();
     assert_eq!(d, None);
     assert_eq!(status.waves[0].updated, 5);
     assert_eq!(status.waves[0].healthy, 0);
@@ -288,12 +288,12 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
         status.waiting_for
     );
     // 30 s later by the anchor's clock: wave 1 opens.
-    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_030).unwrap();
+    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_030_000).unwrap();
     assert_eq!(status.waves[0].healthy, 5);
     assert!(matches!(d, Some((Decision::Open(1), _))), "{d:?}");
     // One canary missing its report: 10% of 5 is 0 allowed, so the gate waits.
     let gone = reports.remove(&canary[4]).unwrap();
-    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_031).unwrap();
+    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_031_000).unwrap();
     assert_eq!((status.waves[0].unreachable, d), (1, None));
     reports.insert(canary[4].clone(), gone);
     // One canary rolled back: more than the budget, halted, naming it.
@@ -305,7 +305,7 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
             at: 0,
         },
     );
-    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_040).unwrap();
+    let (status, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_040_000).unwrap();
     assert_eq!(status.waves[0].failed, 1);
     let (d, why) = d.unwrap();
     assert_eq!(d, Decision::Halt);
@@ -316,7 +316,7 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
     // A crash-looping node counts as failed too (third crash).
     reports.get_mut(&canary[2]).unwrap().rollbacks.clear();
     *reports.get_mut(&canary[3]).unwrap() = report(&rev, WorkloadState::Failed, 2);
-    let (_, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_041).unwrap();
+    let (_, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_041_000).unwrap();
     assert_eq!(d.map(|d| d.0), Some(Decision::Halt));
 }
 

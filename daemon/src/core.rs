@@ -448,6 +448,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
             frame: bytes,
         });
         self.pump(now);
+        // A node acts on a new desired state at once (a wave opened), not
+        // at its next tick.
+        if self.settings.workloads && self.reconcile_due {
+            self.reconcile(now);
+        }
     }
 
     /// A connection ended.

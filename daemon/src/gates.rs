@@ -95,7 +95,7 @@ impl Gates {
                 continue;
             }
             if let Some((_, Some((decision, why)))) =
-                rollout::judge(&view, app, &reports, &mut self.seen, now.unix_s)
+                rollout::judge(&view, app, &reports, &mut self.seen, now.mono_ms as i64)
             {
                 out.push(GateDecision {
                     app: app.clone(),
@@ -133,7 +133,14 @@ impl Gates {
             .map(|(n, (_, d))| (n, NodeReport::read(d)))
             .collect();
         let mut seen = self.seen.clone();
-        rollout::judge(&fleet_view(fleet), app, &reports, &mut seen, now.unix_s).map(|(s, _)| s)
+        rollout::judge(
+            &fleet_view(fleet),
+            app,
+            &reports,
+            &mut seen,
+            now.mono_ms as i64,
+        )
+        .map(|(s, _)| s)
     }
 }
 

@@ -56,7 +56,7 @@ async function render() {
   setActive();
   const { parts, params } = route();
   const page = parts[0] || "overview";
-  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, artifacts, conflicts, security, timeline, demo };
+  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, artifacts, rollouts, conflicts, security, timeline, demo };
   const f = pages[page];
   if (!f) { main().innerHTML = `<p>No page ${esc(page)}.</p>`; return; }
   try { await f(parts, params); } catch (e) { if (e.message !== "not logged in") main().innerHTML = `<div class="error">${esc(e.message)}</div>`; }
@@ -421,6 +421,41 @@ async function editor(parts) {
     dirty = false;
     location.hash = `#/${kind}s`;
   };
+}
+
+// Staged rollouts (ADR 0011): per wave, how many nodes are updated,
+// healthy, failed and unreachable, why nodes failed, every decision with
+// its author; pause, resume and abort.
+async function rollouts() {
+  const d = await api("GET", "/api/rollouts");
+  const when = (t) => new Date(t * 1000).toISOString().replace(".000Z", "Z");
+  const one = (r) => {
+    const over = r.phase === "done" || r.phase === "aborted";
+    const fails = r.waves.flatMap((w, i) => Object.entries(w.failures || {}).map(([n, why]) => `<li data-failed="${esc(n)}">wave ${i}: <a href="#/node/${encodeURIComponent(n)}">${esc(n)}</a>: ${esc(why)}</li>`));
+    return `<section class="rollout" data-app="${esc(r.app)}" data-phase="${esc(r.phase)}">
+    <h2><a href="#/app/${encodeURIComponent(r.app)}">${esc(r.app)}</a> ${esc(r.version || r.revision)} <span class="muted">from ${esc(r.from_version || "-")}</span> <span class="state phase ${r.phase === "rolling" || r.phase === "done" ? "running" : r.phase === "paused" ? "pending" : "failed"}">${esc(r.phase)}</span></h2>
+    ${r.waiting_for ? `<p class="muted">${esc(r.waiting_for)}</p>` : ""}
+    <table class="waves"><thead><tr><th>Wave</th><th>Nodes</th><th>Open</th><th>Updated</th><th>Healthy</th><th>Failed</th><th>Unreachable</th></tr></thead><tbody>
+    ${r.waves.map((w, i) => `<tr data-wave="${i}"><td>${i}</td><td>${w.nodes}</td><td>${w.open ? "yes" : "no"}</td><td>${w.updated}</td><td>${w.healthy}</td><td>${w.failed}</td><td>${w.unreachable}</td></tr>`).join("")}
+    </tbody></table>
+    ${fails.length ? `<h3>Failures</h3><ul class="failures">${fails.join("")}</ul>` : ""}
+    <h3>Decisions</h3>
+    <table class="decisions"><tbody>${r.decisions.map(([what, m]) => `<tr><td>${when(m.at)}</td><td>${esc(what)}</td><td>${esc(m.by)}</td><td>${esc(m.reason || "")}</td></tr>`).join("") || `<tr><td class="muted">none yet: wave 0 is open</td></tr>`}</tbody></table>
+    <p>${over ? "" : `${r.phase === "paused" || r.phase === "halted" ? `<button data-action="resume">Resume</button>` : `<button data-action="pause">Pause</button>`} <button class="danger" data-action="abort">Abort: every node back to ${esc(r.from_version || "the version before")}</button>`}
+    <span class="result"></span></p></section>`;
+  };
+  main().innerHTML = `<h1>Rollouts</h1>${d.rollouts.map(one).join("") || `<p class="muted">No rollout. An App with <code>spec.rollout</code> starts one when its spec changes.</p>`}`;
+  document.querySelectorAll(".rollout button[data-action]").forEach((b) => {
+    b.onclick = async () => {
+      const sec = b.closest(".rollout"), action = b.dataset.action, app = sec.dataset.app;
+      if (action === "abort" && !confirm(`Abort the rollout of ${app}? Every node goes back to the version before.`)) return;
+      try {
+        const r = await api("POST", `/api/rollouts/${encodeURIComponent(app)}/${action}`);
+        sec.querySelector(".result").innerHTML = `<span class="notice">${esc(r.result)}</span>`;
+        setTimeout(() => { if (route().parts[0] === "rollouts") render(); }, 300);
+      } catch (e) { sec.querySelector(".result").innerHTML = `<span class="error">${esc(e.message)}</span>`; }
+    };
+  });
 }
 
 async function conflicts() {

@@ -628,18 +628,19 @@ pub struct RolloutStatus {
 }
 
 /// The anchor's view of each node's health under a rollout: when it first
-/// saw a node run the new revision (its own clock, seconds).
+/// saw a node run the new revision (its own monotonic clock, ms).
 pub type Seen = HashMap<(String, String, String), i64>;
 
 /// Judges `app`'s rollout: where each wave stands, and the decision the
 /// gate makes now, if any. `seen` carries, across calls, when this anchor
-/// first saw each node running the new revision; `now` is its clock.
+/// first saw each node running the new revision; `now_ms` is its
+/// monotonic clock (never a node's: node clocks are not trusted).
 pub fn judge(
     fleet: &FleetView,
     app: &str,
     reports: &BTreeMap<String, NodeReport>,
     seen: &mut Seen,
-    now: i64,
+    now_ms: i64,
 ) -> Option<(RolloutStatus, Option<(Decision, String)>)> {
     let state = fleet.rollouts.get(app)?;
     let target = fleet.apps.get(app)?;
@@ -690,11 +691,12 @@ pub fn judge(
                 }
                 NodeStand::Failed
             } else if r.state == WorkloadState::Running {
-                let since = *seen.entry(key).or_insert(now);
-                if now - since >= policy.healthy_for_s as i64 {
+                let since = *seen.entry(key).or_insert(now_ms);
+                let healthy_for = policy.healthy_for_s as i64 * 1000;
+                if now_ms - since >= healthy_for {
                     NodeStand::Healthy
                 } else {
-                    let at = since + policy.healthy_for_s as i64;
+                    let at = since + healthy_for;
                     earliest_healthy = Some(earliest_healthy.map_or(at, |e| e.min(at)));
                     NodeStand::Updating
                 }
@@ -763,7 +765,7 @@ pub fn judge(
             Some(at) => format!(
                 "{} of {judged} nodes healthy; the next may count in {} s",
                 healthy,
-                (at - now).max(0)
+                ((at - now_ms).max(0) + 999) / 1000
             ),
             None => format!("{healthy} of {judged} nodes healthy"),
         };
