@@ -150,6 +150,12 @@ fn an_apply_starts_a_rollout_and_nodes_run_by_their_wave() {
     for n in in_wave(0).into_iter().chain(in_wave(1)) {
         assert_eq!(spec_of(&view, &n).as_deref(), Some("v1"), "{n}");
     }
+    // Applying v1 again ends it: no rollout from v1 to v1.
+    let mut back = Document::load(DocId::Fleet, &doc.save()).unwrap();
+    apply(&mut back, &f.op1, &app("v1", WAVES));
+    let view = FleetView::read(&back);
+    assert!(view.rollouts.is_empty(), "{:?}", view.rollouts);
+    assert_eq!(spec_of(&view, "n050").as_deref(), Some("v1"));
     // A new revision starts a new rollout, from the last version every
     // node was given (v1: v2's rollout was aborted, it is no fallback).
     apply(&mut doc, &f.op1, &app("v3", WAVES));

@@ -351,6 +351,11 @@ pub fn plan_start(doc: &Document, app: &str, new: &AppSpec) -> BTreeMap<String, 
     };
     let from_rev = revision(&current);
     clear(&mut ops);
+    if from_rev == rev {
+        // Back to the spec every node was given (after an abort, say):
+        // nothing to roll out.
+        return ops;
+    }
     ops.insert(base.clone(), Some(json(&rev)));
     ops.insert(
         format!("{base}.from"),
