@@ -30,18 +30,9 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// The version a node's `meter` process runs (its command line's
-/// `meter-<version>`), if one runs.
+/// The version a node's `meter` process runs, if one runs.
 fn running(node_dir: &Path) -> Option<String> {
-    let pid = app_pid(node_dir, "meter")?;
-    if !alive(pid) {
-        return None;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    cmdline
-        .split(|b| *b == 0)
-        .filter_map(|a| std::str::from_utf8(a).ok())
-        .find_map(|a| a.strip_prefix("meter-").map(String::from))
+    running_version(node_dir, "meter")
 }
 
 fn app(version: &str, script: &str, health: &str) -> String {
@@ -72,17 +63,7 @@ fn gate(nodes: usize, rounds: usize) {
         dirs.push(bundle_node(&anchor_dir, root, &format!("p{i}"), "plant"));
     }
     let port = free_udp_port();
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &[
-            "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-        ],
-        None,
-    );
+    let anchor = anchor_with_http(&anchor_dir, port);
     let url = http_url(&anchor_dir);
     let mut daemons = Vec::new();
     for d in &dirs {

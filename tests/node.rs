@@ -233,11 +233,7 @@ fn site_api_authenticates_and_offline_site_edits_merge_with_the_anchor() {
     .unwrap();
     let api = format!("127.0.0.1:{}", free_tcp_port());
     let url = format!("http://{api}");
-    let anchor_id = {
-        let a: Vec<String> =
-            serde_json::from_slice(&std::fs::read(anchor_dir.join("addrs.json")).unwrap()).unwrap();
-        a[0].rsplit('/').next().unwrap().to_string()
-    };
+    let anchor_id = anchor_id(&anchor_dir);
     let _node = Daemon::start(
         "node",
         &nd,

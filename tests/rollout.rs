@@ -29,17 +29,9 @@ fn app(version: &str, script: &str, healthy_for: u64) -> String {
     )
 }
 
-/// The version of `web` a node's own process runs (from its command line).
+/// The version of `web` a node's own process runs.
 fn running(node_dir: &Path) -> Option<String> {
-    let pid = app_pid(node_dir, "web")?;
-    if !alive(pid) {
-        return None;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    cmdline
-        .split(|b| *b == 0)
-        .filter_map(|a| std::str::from_utf8(a).ok())
-        .find_map(|a| a.strip_prefix("web-").map(String::from))
+    running_version(node_dir, "web")
 }
 
 /// The rollout's status, as the anchor's API gives it.
@@ -58,23 +50,9 @@ fn a_rollout_goes_wave_by_wave_and_a_failing_version_is_rolled_back_on_the_canar
     // link the test can cut.
     let c1 = bundle_node(&anchor_dir, root, "c1", "canary");
     let port = free_udp_port();
-    let _anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &[
-            "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-        ],
-        None,
-    );
+    let _anchor = anchor_with_http(&anchor_dir, port);
     let url = http_url(&anchor_dir);
-    let anchor_id = {
-        let a: Vec<String> =
-            serde_json::from_slice(&std::fs::read(anchor_dir.join("addrs.json")).unwrap()).unwrap();
-        a[0].rsplit('/').next().unwrap().to_string()
-    };
+    let anchor_id = anchor_id(&anchor_dir);
     let link = UdpLink::start(
         "127.0.0.1:0".parse().unwrap(),
         format!("127.0.0.1:{port}").parse().unwrap(),

@@ -761,3 +761,41 @@ fn nix_is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+/// Starts an anchor on loopback: QUIC on `port`, its HTTP API on a free
+/// port (see [`http_url`]).
+pub fn anchor_with_http(dir: &Path, port: u16) -> Daemon {
+    Daemon::start(
+        "anchor",
+        dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+        ],
+        None,
+    )
+}
+
+/// The peer id of a started anchor (from the addresses it wrote).
+pub fn anchor_id(dir: &Path) -> String {
+    let a: Vec<String> =
+        serde_json::from_slice(&std::fs::read(dir.join("addrs.json")).unwrap()).unwrap();
+    a[0].rsplit('/').next().unwrap().to_string()
+}
+
+/// The version a node's native `app` runs, from its process's command line
+/// (an argument `<app>-<version>`), if one runs.
+pub fn running_version(node_dir: &Path, app: &str) -> Option<String> {
+    let pid = app_pid(node_dir, app)?;
+    if !alive(pid) {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let prefix = format!("{app}-");
+    cmdline
+        .split(|b| *b == 0)
+        .filter_map(|a| std::str::from_utf8(a).ok())
+        .find_map(|a| a.strip_prefix(prefix.as_str()).map(String::from))
+}
