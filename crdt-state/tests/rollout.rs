@@ -325,11 +325,17 @@ fn the_gate_opens_on_health_held_long_enough_and_halts_past_the_budget() {
     let (_, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_041_000).unwrap();
     assert_eq!(d.map(|d| d.0), Some(Decision::Halt));
     // With `on_failure: rollback` the same gate aborts: everyone goes back.
-    let text = app("v2", WAVES).replace("healthy_for_s: 30", "healthy_for_s: 30\n    on_failure: rollback");
+    let text = app("v2", WAVES).replace(
+        "healthy_for_s: 30",
+        "healthy_for_s: 30\n    on_failure: rollback",
+    );
     let mut again = Document::load(DocId::Fleet, &doc.save()).unwrap();
     apply(&mut again, &f.op1, &text);
     let view = FleetView::read(&again);
-    assert_eq!(view.rollouts["web"].revision, rev, "a policy change starts nothing");
+    assert_eq!(
+        view.rollouts["web"].revision, rev,
+        "a policy change starts nothing"
+    );
     let (_, d) = rollout::judge(&view, "web", &reports, &mut seen, 1_042_000).unwrap();
     assert_eq!(d.map(|d| d.0), Some(Decision::Abort));
 }

@@ -513,8 +513,8 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
     }
 
     /// An anchor judges the gates of rollouts in progress and writes what
-    /// it decides (at most once a tick, and only when a document changed or
-    /// a node's health may have lasted long enough).
+    /// it decides: once a tick while any rollout is in progress (reading
+    /// only the node reports that changed), nothing otherwise.
     fn judge_gates(&mut self, now: Now) {
         let Some(fleet) = self.engine.doc(&DocId::Fleet) else {
             return;
