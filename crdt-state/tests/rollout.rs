@@ -67,6 +67,18 @@ fn decide(doc: &mut Document, who: &Identity, d: Decision, at: i64) -> crdt_stat
     doc.edit(who, at, &ops).unwrap().unwrap().1
 }
 
+/// Every node's wave in `web`'s rollout.
+fn waves_of(view: &FleetView) -> HashMap<String, usize> {
+    let app = &view.apps["web"];
+    rollout::waves(
+        view,
+        "web",
+        app,
+        app.rollout.as_ref().unwrap(),
+        &view.rollouts["web"].revision,
+    )
+}
+
 fn spec_of(view: &FleetView, node: &str) -> Option<String> {
     placement::share(view, None, node, &|_| true)
         .into_iter()
@@ -192,13 +204,7 @@ fn a_new_revision_draws_a_new_canary_share_and_waves_agree_everywhere() {
     let mut doc = fleet(&f.op1);
     apply(&mut doc, &f.op1, &app("v2", WAVES));
     let a = FleetView::read(&doc);
-    let wa = rollout::waves(
-        &a,
-        "web",
-        &a.apps["web"],
-        a.apps["web"].rollout.as_ref().unwrap(),
-        &a.rollouts["web"].revision,
-    );
+    let wa = waves_of(&a);
     // Another replica (a copy loaded from bytes) computes the same waves.
     let copy = Document::load(DocId::Fleet, &doc.save()).unwrap();
     let b = FleetView::read(&copy);
@@ -207,13 +213,7 @@ fn a_new_revision_draws_a_new_canary_share_and_waves_agree_everywhere() {
     }
     apply(&mut doc, &f.op1, &app("v3", WAVES));
     let c = FleetView::read(&doc);
-    let wc = rollout::waves(
-        &c,
-        "web",
-        &c.apps["web"],
-        c.apps["web"].rollout.as_ref().unwrap(),
-        &c.rollouts["web"].revision,
-    );
+    let wc = waves_of(&c);
     let first = |w: &HashMap<String, usize>| {
         let mut v: Vec<&String> = w.iter().filter(|(_, x)| **x == 1).map(|(n, _)| n).collect();
         v.sort();
