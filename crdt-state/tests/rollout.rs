@@ -104,13 +104,7 @@ fn an_apply_starts_a_rollout_and_nodes_run_by_their_wave() {
         state.from.as_ref().and_then(|s| s.version.as_deref()),
         Some("v1")
     );
-    let waves = rollout::waves(
-        &view,
-        "web",
-        &view.apps["web"],
-        view.apps["web"].rollout.as_ref().unwrap(),
-        &state.revision,
-    );
+    let waves = waves_of(&view);
     // Every node in exactly one wave: the canary site, a tenth of the
     // other 95 (rounded up), the rest.
     assert_eq!(waves.len(), NODES);
