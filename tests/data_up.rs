@@ -595,22 +595,27 @@ fn readings_reach_postgresql_through_restarts_and_a_replica_switch() {
 #[test]
 fn an_app_posts_records_with_its_own_token() {
     let script = r#"
-import os, json, time, urllib.request
+import os, json, signal, time, urllib.request
 url = os.environ['SHOAL_SITE_API'] + '/v1/data'
 tok = os.environ['SHOAL_APP_TOKEN']
 body = json.dumps({'records': [
     {'series': 'defects', 'value': {'kind': 'crack', 'confidence': 0.93}},
     {'series': 'count', 'value': 3, 'time': int(time.time() * 1000) - 5000},
 ]}).encode()
+# Posts once the node's site API answers (it starts with the node), for
+# at most 60 s; then waits to be stopped.
+deadline = time.monotonic() + 60
 while True:
     try:
         r = urllib.request.Request(url, data=body, headers={'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
         print('posted', urllib.request.urlopen(r).read().decode(), flush=True)
         break
     except Exception as e:
+        if time.monotonic() > deadline:
+            raise
         print('waiting', e, flush=True)
-        time.sleep(0.3)
-time.sleep(3600)
+        signal.sigtimedwait([signal.SIGTERM], 0.3)
+signal.pause()
 "#;
     let command = serde_json::to_string(&[python().as_str(), "-c", script]).unwrap();
     let app = format!(
@@ -843,29 +848,21 @@ fn a_forged_batch_is_refused_and_becomes_a_security_event() {
         });
         let mut out = Vec::new();
         for bytes in [&as_n1, &damaged] {
-            // The anchor answers once it has admitted this peer: retried
-            // until then, within the deadline.
-            let deadline = std::time::Instant::now() + WITHIN;
-            let answer = loop {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no answer from the anchor"
-                );
-                let Ok(mut s) = m.open(anchor_peer, mesh::DATA).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                if mesh::frame::write(&mut s, bytes).await.is_err() {
-                    continue;
-                }
+            // The anchor answers once it has admitted this peer: asked
+            // again until then, within the deadline.
+            let answer = poll(WITHIN, || async {
+                let mut s = m.open(anchor_peer, mesh::DATA).await.ok()?;
+                mesh::frame::write(&mut s, bytes).await.ok()?;
                 match mesh::frame::read(&mut s, uplink::wire::MAX_ANSWER).await {
-                    Ok(Some(a)) => break Answer::decode(&a).unwrap(),
+                    Ok(Some(a)) => Some(Answer::decode(&a).unwrap()),
                     _ => {
                         let _ = s.close().await;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        None
                     }
                 }
-            };
+            })
+            .await
+            .expect("no answer from the anchor");
             out.push(answer);
         }
         m.shutdown().await;
@@ -944,12 +941,18 @@ fn the_chart_shows_summaries_and_gaps_in_chromium() {
         .as_u64()
         .unwrap_or(0)
         >= 60));
-    // The node goes down too for a while: nothing is read at all.
+    // The node goes down too for a while: nothing is read at all. The
+    // chart marks a gap where no reading is for over twice its 500 ms
+    // step: the node stays down until its newest stored reading is 3 s old.
+    let newest = stored(&f, "temp").last().map(|(t, _)| *t).unwrap();
     node.kill();
-    // The length of the stretch with no data is this test's input (the
-    // chart marks a gap over twice its 500 ms step), not a wait for
-    // something to happen.
-    std::thread::sleep(Duration::from_secs(4));
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    assert!(wait_for(WITHIN, || unix_ms() > newest + 3_000));
     let node = Daemon::start("node", &f.node_dir, &node_args, None);
     assert!(wait_for(WITHIN, || unacked(&f) > 20));
     let anchor = start_anchor(&f);

@@ -17,6 +17,8 @@
 
 #[path = "support/kubetest.rs"]
 mod kubetest;
+#[path = "support/poll.rs"]
+mod poll;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kubetest::{CFG, CFG2, CLASS, DEPLOY, HPA_V1, HPA_V2, app, manifests, until, with_site_api};
 use node::runtime::Runtime;
 use node::runtime::kube::Kube;
+use poll::poll;
 use serde_json::{Value, json};
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -821,28 +824,19 @@ async fn real_cluster_pods_get_the_site_api_and_their_token() {
         app("web", "v1", Some(&ns), manifests(&[DEPLOY, pod])),
         &token,
     )]);
-    let deadline = Instant::now() + WITHIN;
-    let secret = loop {
-        if let Some(s) = get(&c, "v1", "Secret", Some(&ns), "shoal-web-token").await {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no token Secret within {WITHIN:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let secret = poll(WITHIN, || {
+        get(&c, "v1", "Secret", Some(&ns), "shoal-web-token")
+    })
+    .await
+    .expect("the token's Secret");
     let stored: k8s_openapi::ByteString =
         serde_json::from_value(secret["data"]["token"].clone()).unwrap();
     assert_eq!(stored.0, token.as_bytes());
-    let deadline = Instant::now() + WITHIN;
-    let d = loop {
-        if let Some(d) = get(&c, "apps/v1", "Deployment", Some(&ns), "web").await {
-            break d;
-        }
-        assert!(Instant::now() < deadline, "no Deployment within {WITHIN:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let d = poll(WITHIN, || {
+        get(&c, "apps/v1", "Deployment", Some(&ns), "web")
+    })
+    .await
+    .expect("the Deployment");
     assert!(
         !d.to_string().contains(&token),
         "the token is in the Deployment"
@@ -855,16 +849,14 @@ async fn real_cluster_pods_get_the_site_api_and_their_token() {
     if schedulable(&c).await {
         // The pulled image and a started container within 300 s.
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.clone(), &ns);
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let line = loop {
-            if let Ok(log) = pods.logs("probe", &Default::default()).await
-                && let Some(l) = log.lines().find(|l| l.starts_with("given "))
-            {
-                break l.to_string();
-            }
-            assert!(Instant::now() < deadline, "the probe pod printed nothing");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
+        let line = poll(Duration::from_secs(300), || async {
+            let log = pods.logs("probe", &Default::default()).await.ok()?;
+            log.lines()
+                .find(|l| l.starts_with("given "))
+                .map(String::from)
+        })
+        .await
+        .expect("the probe pod printed what it was given");
         let words: Vec<&str> = line.split(' ').collect();
         assert_eq!(words[1], token, "{line}");
         assert!(
@@ -939,19 +931,14 @@ async fn real_cluster_artifacts_are_mounted_read_only() {
         let c = c.clone();
         let ns = ns.clone();
         async move {
-            let deadline = Instant::now() + WITHIN;
-            while Instant::now() < deadline {
-                if let Some(d) = get(&c, "apps/v1", "Deployment", Some(&ns), "web").await {
-                    let spec = &d["spec"]["template"]["spec"];
-                    if spec["volumes"][0]["hostPath"]["path"]
-                        == format!("/var/lib/shoal/blobs/{blob}").as_str()
-                    {
-                        return Some(spec.clone());
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            None
+            poll(WITHIN, || async {
+                let d = get(&c, "apps/v1", "Deployment", Some(&ns), "web").await?;
+                let spec = &d["spec"]["template"]["spec"];
+                (spec["volumes"][0]["hostPath"]["path"]
+                    == format!("/var/lib/shoal/blobs/{blob}").as_str())
+                .then(|| spec.clone())
+            })
+            .await
         }
     };
     let spec = deployed("aa11")

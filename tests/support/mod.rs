@@ -2,6 +2,11 @@
 //! and waiting for conditions with deadlines.
 #![allow(dead_code)]
 
+#[path = "../../node/tests/support/poll.rs"]
+mod poll_impl;
+#[allow(unused_imports)]
+pub use poll_impl::poll;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
