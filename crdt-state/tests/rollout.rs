@@ -79,6 +79,11 @@ fn waves_of(view: &FleetView) -> HashMap<String, usize> {
     )
 }
 
+/// The version `web`'s rollout replaces.
+fn from_version(view: &FleetView) -> Option<String> {
+    view.rollouts["web"].from.as_ref()?.version.clone()
+}
+
 fn spec_of(view: &FleetView, node: &str) -> Option<String> {
     placement::share(view, None, node, &|_| true)
         .into_iter()
@@ -100,10 +105,7 @@ fn an_apply_starts_a_rollout_and_nodes_run_by_their_wave() {
     let state = &view.rollouts["web"];
     // The revision nodes compute from the document is the apply's.
     assert_eq!(state.revision, rollout::revision(&view.apps["web"]));
-    assert_eq!(
-        state.from.as_ref().and_then(|s| s.version.as_deref()),
-        Some("v1")
-    );
+    assert_eq!(from_version(&view).as_deref(), Some("v1"));
     let waves = waves_of(&view);
     // Every node in exactly one wave: the canary site, a tenth of the
     // other 95 (rounded up), the rest.
@@ -168,28 +170,12 @@ fn an_apply_starts_a_rollout_and_nodes_run_by_their_wave() {
     let view = FleetView::read(&doc);
     assert!(view.rollouts["web"].aborted.is_none());
     assert!(view.rollouts["web"].opened.is_empty());
-    assert_eq!(
-        view.rollouts["web"]
-            .from
-            .as_ref()
-            .unwrap()
-            .version
-            .as_deref(),
-        Some("v1")
-    );
+    assert_eq!(from_version(&view).as_deref(), Some("v1"));
     // Once a rollout is done, the next starts from its version.
     decide(&mut doc, &f.op1, Decision::Done, 30);
     apply(&mut doc, &f.op1, &app("v4", WAVES));
     let view = FleetView::read(&doc);
-    assert_eq!(
-        view.rollouts["web"]
-            .from
-            .as_ref()
-            .unwrap()
-            .version
-            .as_deref(),
-        Some("v3")
-    );
+    assert_eq!(from_version(&view).as_deref(), Some("v3"));
 }
 
 #[test]

@@ -52,8 +52,10 @@ impl GateDecision {
 pub struct Gates {
     /// When each node was first seen healthy on a revision (anchor clock).
     seen: rollout::Seen,
-    /// Each node's latest report, with the heads of the document read.
-    reports: HashMap<String, (u32, Vec<ChangeHash>, NodeReport)>,
+    /// Each node's latest report, and the epoch and heads of the document
+    /// it was read from (read again only when they change).
+    reports: BTreeMap<String, NodeReport>,
+    read: HashMap<String, (u32, Vec<ChangeHash>)>,
 }
 
 impl Gates {
@@ -75,27 +77,23 @@ impl Gates {
                 continue;
             };
             let heads = doc.heads();
-            match self.reports.get(name) {
-                Some((e, h, _)) if (*e, h) == (*epoch, &heads) => continue,
-                Some((e, _, _)) if *e > *epoch => continue,
+            match self.read.get(name) {
+                Some((e, h)) if (*e, h) == (*epoch, &heads) => continue,
+                Some((e, _)) if *e > *epoch => continue,
                 _ => {}
             }
-            let report = NodeReport::read(doc);
-            self.reports.insert(name.clone(), (*epoch, heads, report));
+            self.reports.insert(name.clone(), NodeReport::read(doc));
+            self.read.insert(name.clone(), (*epoch, heads));
         }
         let view = fleet_view(fleet);
-        let reports: BTreeMap<String, NodeReport> = self
-            .reports
-            .iter()
-            .map(|(n, (_, _, r))| (n.clone(), r.clone()))
-            .collect();
+        let reports = &self.reports;
         let mut out = Vec::new();
         for (app, state) in &states {
             if !state.in_progress() {
                 continue;
             }
             if let Some((_, Some((decision, why)))) =
-                rollout::judge(&view, app, &reports, &mut self.seen, now.mono_ms as i64)
+                rollout::judge(&view, app, reports, &mut self.seen, now.mono_ms as i64)
             {
                 out.push(GateDecision {
                     app: app.clone(),

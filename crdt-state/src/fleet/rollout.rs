@@ -660,7 +660,7 @@ pub fn judge(
         revision: rev.clone(),
         version: target.version.clone(),
         from_version: state.from.as_ref().and_then(|f| f.version.clone()),
-        phase: phase(state).into(),
+        phase: state.phase().into(),
         waves: vec![WaveStatus::default(); policy.waves.len()],
         decisions: decisions(state),
         waiting_for: String::new(),
@@ -782,21 +782,17 @@ pub fn judge(
 impl RolloutState {
     /// `rolling`, `paused`, `halted`, `aborted` or `done`.
     pub fn phase(&self) -> &'static str {
-        phase(self)
-    }
-}
-
-fn phase(state: &RolloutState) -> &'static str {
-    if state.aborted.is_some() {
-        "aborted"
-    } else if state.done.is_some() {
-        "done"
-    } else if state.halted.is_some() {
-        "halted"
-    } else if state.paused.is_some() {
-        "paused"
-    } else {
-        "rolling"
+        if self.aborted.is_some() {
+            "aborted"
+        } else if self.done.is_some() {
+            "done"
+        } else if self.halted.is_some() {
+            "halted"
+        } else if self.paused.is_some() {
+            "paused"
+        } else {
+            "rolling"
+        }
     }
 }
 
