@@ -78,8 +78,6 @@ struct SimNode {
     apps: BTreeMap<String, SimApp>,
     /// Every version it ever ran.
     ran: BTreeSet<String>,
-    /// A tick is queued for it.
-    tick_queued: bool,
 }
 
 /// One app on a node's pretend runtime.
@@ -106,8 +104,9 @@ enum Ev {
         to: usize,
         frame: Vec<u8>,
     },
-    /// A core's tick (anchors: every second, with `runtime`; nodes: after
-    /// a change of their desired state).
+    /// A core's tick, with `runtime`: anchors every second (gates); nodes
+    /// once at start (their first reconcile; a change of their desired
+    /// state arriving in a frame reconciles at once).
     Tick {
         node: usize,
         starts: u64,
@@ -305,7 +304,6 @@ impl Sim {
                     starts: 0,
                     apps: BTreeMap::new(),
                     ran: BTreeSet::new(),
-                    tick_queued: false,
                 });
             }
             if let Some(site) = &g.site
@@ -470,7 +468,6 @@ impl Sim {
         };
         node.core = Some(Core::new(engine, node.identity.clone(), settings));
         node.apps.clear();
-        node.tick_queued = false;
         let starts = node.starts;
         if runtime {
             let now = self.clock(i);
@@ -479,7 +476,6 @@ impl Sim {
             }
             // Anchors judge gates every second; a node reconciles at start.
             let at = self.now + if anchor { 1_000_000 } else { 1_000 };
-            self.nodes[i].tick_queued = true;
             self.push(at, Ev::Tick { node: i, starts });
         }
     }
@@ -699,14 +695,6 @@ impl Sim {
                 }
                 Action::Reconcile => self.run_share(i),
                 Action::RolledBack { .. } => self.rollbacks += 1,
-                Action::Changed(DocId::Fleet)
-                    if self.scenario.runtime.is_some() && !self.nodes[i].tick_queued =>
-                {
-                    // The daemon reconciles at its next tick.
-                    self.nodes[i].tick_queued = true;
-                    let starts = self.nodes[i].starts;
-                    self.push(self.now + 1_000, Ev::Tick { node: i, starts });
-                }
                 Action::Admit { .. }
                 | Action::SavePeers(_)
                 | Action::Report
@@ -1085,13 +1073,11 @@ impl Sim {
                     if self.nodes[node].core.is_none() || self.nodes[node].starts != starts {
                         continue;
                     }
-                    self.nodes[node].tick_queued = false;
                     let now = self.clock(node);
                     if let Some(core) = self.nodes[node].core.as_mut() {
                         core.tick(now);
                     }
                     if self.nodes[node].identity.cert.role == Role::Anchor {
-                        self.nodes[node].tick_queued = true;
                         self.push(self.now + 1_000_000, Ev::Tick { node, starts });
                     }
                     self.act(node);
