@@ -249,13 +249,63 @@ fn an_operator_change_reaches_every_node_and_node_reports_reach_the_anchor() {
         net.get(0, &own, "report.workloads.x.state"),
         Some(serde_json::json!("running"))
     );
-    // Nodes of the same site keep each other's node documents (store-and-forward).
+    // The anchor does not hand a node's report to the other nodes of its
+    // site (ADR 0012): they hear it from each other.
+    assert_eq!(net.get(3, &own, "report.workloads.x.state"), None);
+    net.connect(2, 3); // the site's LAN
     assert_eq!(
         net.get(3, &own, "report.workloads.x.state"),
         Some(serde_json::json!("running"))
     );
     assert!(net.security.is_empty(), "{:?}", net.security);
-    assert!(net.persisted[2] >= 1 && net.persisted[4] >= 2);
+    // n1 stored the fleet change and n0's report.
+    assert!(net.persisted[2] >= 1 && net.persisted[3] >= 2);
+}
+
+#[test]
+fn a_node_cut_off_from_the_anchor_reports_through_a_site_neighbour() {
+    let mut net = anchor_and_nodes(2, SyncConfig::default());
+    let (n0, n1) = (2, 3);
+    let own = DocId::Node {
+        name: "n0".into(),
+        epoch: 0,
+    };
+    // n0 has no uplink; it reaches n1 over the site's LAN.
+    net.connect(n0, n1);
+    net.edit(n0, &own, "report.workloads.x.state", "starting");
+    assert_eq!(
+        net.get(n1, &own, "report.workloads.x.state"),
+        Some(serde_json::json!("starting"))
+    );
+    // n1's uplink comes up: it offers what it holds for n0 when the
+    // session opens, and the anchor takes it.
+    net.connect(0, n1);
+    assert_eq!(
+        net.get(0, &own, "report.workloads.x.state"),
+        Some(serde_json::json!("starting"))
+    );
+    // Later reports go up through n1 as they arrive.
+    net.edit(n0, &own, "report.workloads.x.state", "running");
+    assert_eq!(
+        net.get(0, &own, "report.workloads.x.state"),
+        Some(serde_json::json!("running"))
+    );
+    // The anchor's own copy never goes back down to n1: an anchor edit to
+    // n0's document cannot happen (only n0 writes it), so check the other
+    // way round: with n1's LAN link gone, n0's next report reaches the
+    // anchor directly and n1 does not get it from the anchor.
+    net.disconnect(n0, n1);
+    net.connect(0, n0);
+    net.edit(n0, &own, "report.workloads.x.state", "failed");
+    assert_eq!(
+        net.get(0, &own, "report.workloads.x.state"),
+        Some(serde_json::json!("failed"))
+    );
+    assert_eq!(
+        net.get(n1, &own, "report.workloads.x.state"),
+        Some(serde_json::json!("running"))
+    );
+    assert!(net.security.is_empty(), "{:?}", net.security);
 }
 
 #[test]

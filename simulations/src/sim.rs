@@ -1211,13 +1211,46 @@ impl Sim {
                 .any(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e > epoch)),
             _ => false,
         };
+        // A node holds another node's document only when a path of node
+        // links leads to it: anchors do not hand it down (ADR 0012).
+        let is_node = |i: usize| self.nodes[i].identity.cert.role == Role::Node;
+        let mut site_links: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (a, b) in self.by_pair.keys() {
+            if is_node(*a) && is_node(*b) {
+                site_links.entry(*a).or_default().push(*b);
+            }
+        }
         for id in &all_docs {
             if superseded(id) {
                 continue; // an old node epoch, dropped by design
             }
+            let mut reach: Option<HashSet<usize>> = None;
+            if let DocId::Node { name, .. } = id
+                && let Some(owner) = self.nodes.iter().position(|n| n.name == *name)
+            {
+                let mut seen = HashSet::from([owner]);
+                let mut todo = vec![owner];
+                while let Some(i) = todo.pop() {
+                    for j in site_links.get(&i).into_iter().flatten() {
+                        if wants(&self.trust, &self.nodes[*j].identity.cert, id) && seen.insert(*j)
+                        {
+                            todo.push(*j);
+                        }
+                    }
+                }
+                reach = Some(seen);
+            }
             let mut seen: Option<Vec<ChangeHash>> = None;
-            for n in &live {
+            for (i, n) in self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.core.is_some())
+            {
                 if !wants(&self.trust, &n.identity.cert, id) {
+                    continue;
+                }
+                if is_node(i) && reach.as_ref().is_some_and(|r| !r.contains(&i)) {
                     continue;
                 }
                 let doc = n.core.as_ref().and_then(|c| c.doc(id));

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use automerge::sync::{ChunkList, Message, MessageVersion, State, SyncDoc};
+use automerge::sync::{Capability, ChunkList, Message, MessageVersion, State, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash};
 use sha2::{Digest, Sha256};
 
@@ -44,6 +44,12 @@ pub struct SyncConfig {
     /// a cheap anti-entropy round (one 34-byte frame when nothing differs).
     pub reannounce_ms: u64,
 }
+
+/// Documents of at most this many changes are sent as their changes, never
+/// as a whole saved document (see `Engine::generate`): a node's document
+/// until it rolls to a new epoch (2,000 by default), and a young fleet. At
+/// ~100–300 B a change that is at most ~600 KB in one go, far under a frame.
+const CHANGES_NOT_WHOLE: usize = 2_000;
 
 impl Default for SyncConfig {
     fn default() -> Self {
@@ -169,6 +175,11 @@ pub struct Engine {
     docs: BTreeMap<DocId, Document>,
     sigs: HashMap<DocId, HashMap<ChangeHash, [u8; 64]>>,
     peers: BTreeMap<PublicKey, Peer>,
+    /// Connected peers that are not nodes, and nodes by name: an anchor
+    /// with 10,000 nodes finds who keeps a node's document without looking
+    /// at every session.
+    not_nodes: std::collections::BTreeSet<PublicKey>,
+    nodes_by_name: HashMap<String, PublicKey>,
     out: VecDeque<Output>,
     config: SyncConfig,
     actor_seed: Option<u64>,
@@ -189,6 +200,18 @@ pub fn wants(trust: &Trust, cert: &Certificate, doc: &DocId) -> bool {
             }
         },
     }
+}
+
+/// Whether `doc` goes only from `holder` to `other` on their session, never
+/// back: a node keeps the documents of its site's other nodes to forward
+/// them to an anchor (store-and-forward) and for site work while cut off,
+/// but it hears them from those nodes, not from an anchor. Relayed by the
+/// anchor, every report of a site reached every node of the site (site size²
+/// verified changes per round of reports); ADR 0012.
+pub fn upload_only(holder: &Certificate, other: &Certificate, doc: &DocId) -> bool {
+    holder.role == Role::Node
+        && other.role == Role::Anchor
+        && matches!(doc, DocId::Node { name, .. } if *name != holder.name)
 }
 
 fn digest_of<'a>(pairs: impl Iterator<Item = (&'a DocId, Vec<ChangeHash>)>) -> ([u8; 32], u64) {
@@ -222,6 +245,8 @@ impl Engine {
             docs: BTreeMap::new(),
             sigs: HashMap::new(),
             peers: BTreeMap::new(),
+            not_nodes: Default::default(),
+            nodes_by_name: HashMap::new(),
             out: VecDeque::new(),
             config,
             actor_seed: None,
@@ -273,9 +298,7 @@ impl Engine {
     pub fn handle(&mut self, input: Input) {
         match input {
             Input::Connected { peer, cert, saved } => self.connected(peer, cert, saved),
-            Input::Disconnected { peer } => {
-                self.peers.remove(&peer);
-            }
+            Input::Disconnected { peer } => self.remove_peer(&peer),
             Input::Received { peer, frame } => self.received(peer, frame),
             Input::Local { doc, changes } => self.local(doc, changes),
             Input::Tick { now_ms } => self.tick(now_ms),
@@ -506,10 +529,14 @@ impl Engine {
         }
         self.out.push_back(Output::Changed { doc: doc.clone() });
         let peers: Vec<PublicKey> = self
-            .peers
-            .iter()
-            .filter(|(k, p)| Some(**k) != except && wants(&self.trust, &p.cert, doc))
-            .map(|(k, _)| *k)
+            .candidates(doc)
+            .into_iter()
+            .filter(|k| {
+                Some(*k) != except
+                    && self.peers.get(k).is_some_and(|p| {
+                        wants(&self.trust, &p.cert, doc) && !upload_only(&p.cert, &self.me, doc)
+                    })
+            })
             .collect();
         for p in peers {
             self.generate(p, doc);
@@ -522,13 +549,62 @@ impl Engine {
             reason: reason.clone(),
         });
         self.out.push_back(Output::Disconnect { peer, reason });
-        self.peers.remove(&peer);
+        self.remove_peer(&peer);
     }
 
+    fn remove_peer(&mut self, peer: &PublicKey) {
+        if let Some(p) = self.peers.remove(peer) {
+            self.not_nodes.remove(peer);
+            if self.nodes_by_name.get(&p.cert.name) == Some(peer) {
+                self.nodes_by_name.remove(&p.cert.name);
+            }
+        }
+    }
+
+    /// Peers that may keep `doc`: at an anchor, a node's document concerns
+    /// only that node and the peers that are not nodes (its site's other
+    /// nodes only upload it); elsewhere every peer is looked at.
+    fn candidates(&self, doc: &DocId) -> Vec<PublicKey> {
+        match doc {
+            DocId::Node { name, .. } if self.me.role == Role::Anchor => self
+                .not_nodes
+                .iter()
+                .chain(self.nodes_by_name.get(name))
+                .copied()
+                .collect(),
+            _ => self.peers.keys().copied().collect(),
+        }
+    }
+
+    /// The documents both sides sync both ways: announced in digests and
+    /// compared by heads. Upload-only documents are not among them: they
+    /// are offered when they change and when the session opens.
     fn shared_docs(&self, peer: &Peer) -> Vec<DocId> {
+        if self.me.role == Role::Anchor && peer.cert.role == Role::Node {
+            // The fleet, its site and its own documents: not a walk over
+            // every node's document.
+            let own = DocId::Node {
+                name: peer.cert.name.clone(),
+                epoch: 0,
+            }..=DocId::Node {
+                name: peer.cert.name.clone(),
+                epoch: u32::MAX,
+            };
+            let site = peer.cert.site.clone().map(DocId::Site);
+            return [Some(DocId::Fleet), site]
+                .into_iter()
+                .flatten()
+                .filter(|id| self.docs.contains_key(id))
+                .chain(self.docs.range(own).map(|(id, _)| id.clone()))
+                .collect();
+        }
         self.docs
             .keys()
-            .filter(|id| wants(&self.trust, &peer.cert, id))
+            .filter(|id| {
+                wants(&self.trust, &peer.cert, id)
+                    && !upload_only(&self.me, &peer.cert, id)
+                    && !upload_only(&peer.cert, &self.me, id)
+            })
             .cloned()
             .collect()
     }
@@ -554,8 +630,22 @@ impl Engine {
             states,
             announced_ms: None,
         };
+        let uploads: Vec<DocId> = self
+            .docs
+            .keys()
+            .filter(|id| upload_only(&self.me, &p.cert, id))
+            .cloned()
+            .collect();
+        if p.cert.role == Role::Node {
+            self.nodes_by_name.insert(p.cert.name.clone(), peer);
+        } else {
+            self.not_nodes.insert(peer);
+        }
         self.peers.insert(peer, p);
         self.announce(peer);
+        for id in uploads {
+            self.generate(peer, &id);
+        }
     }
 
     fn send(&mut self, peer: PublicKey, frame: Frame) {
@@ -700,6 +790,7 @@ impl Engine {
             return;
         };
         let state = p.states.entry(id.clone()).or_default();
+        one_way(state, &self.me, &p.cert, &id);
         let before = state.shared_heads.clone();
         let last_sent = state.last_sent_heads.clone();
         let am = doc.automerge_mut();
@@ -739,6 +830,7 @@ impl Engine {
             return;
         };
         let state = p.states.entry(id.clone()).or_default();
+        one_way(state, &self.me, &p.cert, id);
         let am = doc.automerge();
         // Automerge asks only for what it knows is missing; changes we hold
         // back (their dependencies have not arrived) are invisible to it, so
@@ -746,7 +838,20 @@ impl Engine {
         // bloom-filter false positive that hid such a dependency from the
         // sender would stall the sync for good.
         let extra_need = doc.pending_missing_deps();
-        let Some(mut msg) = am.generate_sync_message(state) else {
+        // Automerge sends a whole saved document when the peer holds none of
+        // it or lacks more than a third of it. For a small document that
+        // costs more than it saves: a save (and deflate) here, and a load
+        // into a scratch document on each side to list the changes for their
+        // signatures. A node's report going to its site peers is that case,
+        // once per report per peer. So small documents go as their changes.
+        let small = self.sigs.get(id).map_or(0, HashMap::len) <= CHANGES_NOT_WHOLE;
+        let caps = state.their_capabilities.clone();
+        if small && let Some(c) = state.their_capabilities.as_mut() {
+            c.retain(|c| *c != Capability::MessageV2);
+        }
+        let msg = am.generate_sync_message(state);
+        state.their_capabilities = caps;
+        let Some(mut msg) = msg else {
             return;
         };
         if !extra_need.is_empty() {
@@ -818,6 +923,17 @@ impl Engine {
             sigs,
         };
         self.send(peer, frame);
+    }
+}
+
+/// Sets Automerge's read-only flags on an upload-only document's sync state
+/// (they are not saved with it): the uploader asks for nothing and takes in
+/// nothing, the anchor sends no changes even before it heard the flag.
+fn one_way(state: &mut State, me: &Certificate, peer: &Certificate, id: &DocId) {
+    if upload_only(me, peer, id) {
+        state.set_read_only(true);
+    } else if upload_only(peer, me, id) {
+        state.peer_read_only = true;
     }
 }
 
