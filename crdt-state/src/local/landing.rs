@@ -55,7 +55,7 @@ impl Store {
     /// ([`Store::export_queue`]). Returns how many records were new.
     pub fn land(&self, node: &str, records: &[Landed], export: Option<&[u8]>) -> Result<u64> {
         self.guard(|| {
-            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let wtx = self.db()?.begin_write().map_err(|e| err(self, e))?;
             let mut new = 0;
             {
                 let mut names = wtx.open_table(SERIES).map_err(|e| err(self, e))?;
@@ -125,7 +125,7 @@ impl Store {
     /// The series of `node` that hold data (by name).
     pub fn landed_series(&self, node: &str) -> Result<Vec<String>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let names = match rtx.open_table(SERIES) {
                 Ok(n) => n,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -148,7 +148,7 @@ impl Store {
     /// node, the batch's bytes).
     pub fn export_queue(&self, limit: usize) -> Result<Vec<(u64, String, Vec<u8>)>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let q = match rtx.open_table(EXPORT) {
                 Ok(q) => q,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -172,7 +172,7 @@ impl Store {
     /// queue.
     pub fn exported(&self, through: u64) -> Result<()> {
         self.guard(|| {
-            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let wtx = self.db()?.begin_write().map_err(|e| err(self, e))?;
             {
                 let mut q = wtx.open_table(EXPORT).map_err(|e| err(self, e))?;
                 q.retain_in(..=through, |_, _| false)
@@ -186,7 +186,7 @@ impl Store {
     /// Batches waiting for the exporter.
     pub fn export_backlog(&self) -> Result<u64> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             match rtx.open_table(EXPORT) {
                 Ok(q) => q.len().map_err(|e| err(self, e)),
                 Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
@@ -206,7 +206,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Landed>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let (names, d) = match (rtx.open_table(SERIES), rtx.open_table(DATA)) {
                 (Ok(n), Ok(d)) => (n, d),
                 (Err(redb::TableError::TableDoesNotExist(_)), _)
@@ -248,7 +248,7 @@ impl Store {
     /// deleted.
     pub fn prune_landed(&self, before_ms: u64, limit: usize) -> Result<u64> {
         self.guard(|| {
-            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let wtx = self.db()?.begin_write().map_err(|e| err(self, e))?;
             let mut gone = 0u64;
             {
                 let names = match wtx.open_table(SERIES) {

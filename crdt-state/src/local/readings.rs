@@ -183,7 +183,7 @@ impl Store {
         summary_ms: Option<u64>,
     ) -> Result<u64> {
         self.guard(|| {
-            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let wtx = self.db()?.begin_write().map_err(|e| err(self, e))?;
             let dropped_now;
             {
                 let mut r = wtx.open_table(READINGS).map_err(|e| err(self, e))?;
@@ -273,7 +273,7 @@ impl Store {
     /// no anchor has acknowledged, by sequence number, at most `limit`.
     pub fn outbox(&self, from: u64, limit: usize) -> Result<Vec<Outgoing>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let (o, r) = match (rtx.open_table(ORDER), rtx.open_table(READINGS)) {
                 (Ok(o), Ok(r)) => (o, r),
                 (Err(redb::TableError::TableDoesNotExist(_)), _)
@@ -330,7 +330,7 @@ impl Store {
     /// are gone. Acknowledging twice, or what is not here, changes nothing.
     pub fn acknowledge(&self, ranges: &[(u64, u64)]) -> Result<u64> {
         self.guard(|| {
-            let wtx = self.db().begin_write().map_err(|e| err(self, e))?;
+            let wtx = self.db()?.begin_write().map_err(|e| err(self, e))?;
             let mut moved = 0u64;
             {
                 let mut o = wtx.open_table(ORDER).map_err(|e| err(self, e))?;
@@ -373,7 +373,7 @@ impl Store {
     /// The latest reading of a series: (time ms, value).
     pub fn latest_reading(&self, series: &str) -> Result<Option<(u64, Vec<u8>)>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let t = match rtx.open_table(READINGS) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -399,7 +399,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let t = match rtx.open_table(READINGS) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -424,7 +424,7 @@ impl Store {
     /// none ever).
     pub fn readings_newest(&self) -> Result<Option<u64>> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let m = match rtx.open_table(META) {
                 Ok(m) => m,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -438,7 +438,7 @@ impl Store {
     /// How many readings are held and how many were dropped.
     pub fn reading_stats(&self) -> Result<ReadingStats> {
         self.guard(|| {
-            let rtx = self.db().begin_read().map_err(|e| err(self, e))?;
+            let rtx = self.db()?.begin_read().map_err(|e| err(self, e))?;
             let m = rtx.open_table(META).map_err(|e| err(self, e))?;
             let (unacked, oldest_unacked_ms) = match rtx.open_table(ORDER) {
                 Ok(o) => (

@@ -86,9 +86,24 @@ impl Default for StoreConfig {
 
 /// An open store file.
 pub struct Store {
-    db: Database,
+    /// Always `Some` until the store is dropped (see `Drop`).
+    db: Option<Database>,
     path: PathBuf,
     config: StoreConfig,
+}
+
+impl Drop for Store {
+    /// redb writes its allocator state when the database closes and has
+    /// panicked doing so on a damaged file (seen in a release build of
+    /// `corrupt_and_foreign_store_files_are_clear_errors`): caught, so that
+    /// closing a corrupt store is not a crash.
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take()
+            && let Err(e) = crate::panics::catch(move || drop(db))
+        {
+            tracing::warn!(path = %self.path.display(), "closing the store failed: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -125,8 +140,11 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 impl Store {
     /// The database (for the readings table in `readings.rs`).
-    pub(crate) fn db(&self) -> &Database {
-        &self.db
+    pub(crate) fn db(&self) -> Result<&Database> {
+        self.db.as_ref().ok_or_else(|| Error::Store {
+            path: self.path.clone(),
+            reason: "is closed".into(),
+        })
     }
 
     /// Runs `f` with storage-engine panics turned into errors.
@@ -138,7 +156,7 @@ impl Store {
     pub fn put_sync_states(&self, states: &[(String, DocId, Vec<u8>)]) -> Result<()> {
         guarded(&self.path, || {
             let p = &self.path;
-            let wtx = self.db.begin_write().at(p)?;
+            let wtx = self.db()?.begin_write().at(p)?;
             {
                 let mut t = wtx.open_table(SYNC).at(p)?;
                 for (peer, doc, state) in states {
@@ -178,7 +196,7 @@ impl Store {
         // error, and a panic inside redb is caught (`guarded`).
         // `Store::check` runs the full check on demand.
         let store = Store {
-            db,
+            db: Some(db),
             path: path.to_path_buf(),
             config,
         };
@@ -189,7 +207,7 @@ impl Store {
     fn check_format(&self) -> Result<()> {
         let p = &self.path;
         {
-            let rtx = self.db.begin_read().at(p)?;
+            let rtx = self.db()?.begin_read().at(p)?;
             let has_tables = rtx.list_tables().at(p)?.next().is_some();
             if has_tables {
                 let format = match rtx.open_table(META) {
@@ -214,7 +232,7 @@ impl Store {
                 };
             }
         }
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         {
             wtx.open_table(META).at(p)?.insert("format", FORMAT).at(p)?;
             wtx.open_table(DOCS).at(p)?;
@@ -249,7 +267,7 @@ impl Store {
 
     fn fleet_root_inner(&self) -> Result<Option<PublicKey>> {
         let p = &self.path;
-        let rtx = self.db.begin_read().at(p)?;
+        let rtx = self.db()?.begin_read().at(p)?;
         let t = rtx.open_table(META).at(p)?;
         match t.get("fleet_root").at(p)? {
             None => Ok(None),
@@ -282,7 +300,7 @@ impl Store {
             return Ok(());
         }
         let p = &self.path;
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         wtx.open_table(META)
             .at(p)?
             .insert("fleet_root", root.0.as_slice())
@@ -297,7 +315,7 @@ impl Store {
 
     fn doc_ids_inner(&self) -> Result<Vec<DocId>> {
         let p = &self.path;
-        let rtx = self.db.begin_read().at(p)?;
+        let rtx = self.db()?.begin_read().at(p)?;
         let t = rtx.open_table(DOCS).at(p)?;
         let mut out = Vec::new();
         for entry in t.iter().at(p)? {
@@ -321,7 +339,7 @@ impl Store {
     fn load_inner(&self, id: &DocId) -> Result<Option<Document>> {
         let p = &self.path;
         let key = id.to_string();
-        let rtx = self.db.begin_read().at(p)?;
+        let rtx = self.db()?.begin_read().at(p)?;
         if rtx
             .open_table(DOCS)
             .at(p)?
@@ -394,7 +412,7 @@ impl Store {
     pub fn chunk_counts(&self) -> Result<HashMap<DocId, u64>> {
         guarded(&self.path, || {
             let p = &self.path;
-            let rtx = self.db.begin_read().at(p)?;
+            let rtx = self.db()?.begin_read().at(p)?;
             let t = rtx.open_table(DOCS).at(p)?;
             let mut out = HashMap::new();
             for entry in t.iter().at(p)? {
@@ -409,7 +427,7 @@ impl Store {
 
     fn commit_batch_inner(&self, items: &[Item<'_>]) -> Result<()> {
         let p = &self.path;
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         {
             let mut docs = wtx.open_table(DOCS).at(p)?;
             let mut sigs = wtx.open_table(SIGNATURES).at(p)?;
@@ -463,7 +481,7 @@ impl Store {
     fn compact_inner(&self, doc: &Document) -> Result<()> {
         let p = &self.path;
         let key = doc.id().to_string();
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         {
             let mut docs = wtx.open_table(DOCS).at(p)?;
             let (next, _) = docs
@@ -493,7 +511,7 @@ impl Store {
     fn drop_doc_inner(&self, id: &DocId) -> Result<()> {
         let p = &self.path;
         let key = id.to_string();
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         {
             wtx.open_table(DOCS).at(p)?.remove(key.as_str()).at(p)?;
             wtx.open_table(SNAPSHOTS)
@@ -526,7 +544,7 @@ impl Store {
     fn signatures_inner(&self, id: &DocId) -> Result<HashMap<ChangeHash, [u8; 64]>> {
         let p = &self.path;
         let key = id.to_string();
-        let rtx = self.db.begin_read().at(p)?;
+        let rtx = self.db()?.begin_read().at(p)?;
         let t = rtx.open_table(SIGNATURES).at(p)?;
         let lo: &[u8] = &[];
         let hi: &[u8] = &[0xff; 33];
@@ -553,7 +571,7 @@ impl Store {
 
     fn put_certs_inner(&self, certs: &[Certificate]) -> Result<()> {
         let p = &self.path;
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         {
             let mut t = wtx.open_table(CERTS).at(p)?;
             for c in certs {
@@ -571,7 +589,7 @@ impl Store {
 
     fn certs_inner(&self) -> Result<Vec<Certificate>> {
         let p = &self.path;
-        let rtx = self.db.begin_read().at(p)?;
+        let rtx = self.db()?.begin_read().at(p)?;
         let t = rtx.open_table(CERTS).at(p)?;
         let mut out = Vec::new();
         for entry in t.iter().at(p)? {
@@ -586,7 +604,7 @@ impl Store {
     pub fn sync_states_of(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>> {
         guarded(&self.path, || {
             let p = &self.path;
-            let rtx = self.db.begin_read().at(p)?;
+            let rtx = self.db()?.begin_read().at(p)?;
             let t = rtx.open_table(SYNC).at(p)?;
             let mut out = Vec::new();
             for entry in t.range((peer, "")..).at(p)? {
@@ -613,7 +631,7 @@ impl Store {
     fn put_sync_state_inner(&self, peer: &str, doc: &DocId, state: &[u8]) -> Result<()> {
         let p = &self.path;
         let d = doc.to_string();
-        let wtx = self.db.begin_write().at(p)?;
+        let wtx = self.db()?.begin_write().at(p)?;
         wtx.open_table(SYNC)
             .at(p)?
             .insert((peer, d.as_str()), state)
