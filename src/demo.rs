@@ -201,7 +201,14 @@ fn prepare(root: &Path, exe: &Path) -> anyhow::Result<Prepared> {
         daemon::enroll::enroll_with_bundle(&n.dir, &root.join(format!("{}.bundle", n.name)))?;
         let _ = std::fs::remove_file(root.join(format!("{}.bundle", n.name)));
     }
-    let token = cloud_anchor::tokens::create(&anchor_dir, "demo", None, now())?;
+    let token = cloud_anchor::tokens::create(
+        &anchor_dir,
+        "demo",
+        cloud_anchor::tokens::ApiRole::Admin,
+        None,
+        None,
+        now(),
+    )?;
     Ok(Prepared {
         nodes,
         anchor: me,

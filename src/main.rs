@@ -240,6 +240,14 @@ enum OperatorTokenCmd {
         /// The operator's name (recorded in the changes they make).
         #[arg(long)]
         name: String,
+        /// What the token may do: viewer (reads), site-engineer (reads and
+        /// its site's SiteOverride; needs --site), operator (fleet edits),
+        /// admin (also decommissions nodes).
+        #[arg(long, default_value = "operator")]
+        role: cloud_anchor::tokens::ApiRole,
+        /// The site of a site engineer's token.
+        #[arg(long)]
+        site: Option<String>,
         /// Lifetime (90s, 30m, 1h, 7d); default: until revoked.
         #[arg(long)]
         ttl: Option<String>,
@@ -870,11 +878,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             verb(target.dir()?, None, req)?;
         }
-        Command::Operator(OperatorCmd::Token(OperatorTokenCmd::Create { dir, name, ttl })) => {
+        Command::Operator(OperatorCmd::Token(OperatorTokenCmd::Create {
+            dir,
+            name,
+            role,
+            site,
+            ttl,
+        })) => {
             let ttl = ttl.as_deref().map(parse_ttl).transpose()?;
-            let token = cloud_anchor::tokens::create(&dir.data_dir, &name, ttl, now())?;
+            let token = cloud_anchor::tokens::create(
+                &dir.data_dir,
+                &name,
+                role,
+                site.as_deref(),
+                ttl,
+                now(),
+            )?;
             println!("{token}");
-            eprintln!("operator {name}: keep this token; only its hash is stored");
+            eprintln!("{role} {name}: keep this token; only its hash is stored");
         }
         Command::Operator(OperatorCmd::Token(OperatorTokenCmd::List { dir })) => {
             let rows = cloud_anchor::tokens::read(&dir.data_dir)?
@@ -882,6 +903,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|t| {
                     vec![
                         t.name,
+                        t.role.to_string(),
+                        t.site.unwrap_or_else(|| "-".into()),
                         t.created_at.to_string(),
                         t.expires_at
                             .map(|e| e.to_string())
@@ -893,7 +916,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             print!(
                 "{}",
-                daemon::render::table(&["NAME", "CREATED", "EXPIRES", "SHA256"], rows)
+                daemon::render::table(
+                    &["NAME", "ROLE", "SITE", "CREATED", "EXPIRES", "SHA256"],
+                    rows
+                )
             );
         }
         Command::Operator(OperatorCmd::Token(OperatorTokenCmd::Revoke { dir, name })) => {

@@ -297,6 +297,28 @@ fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
         "n1 not back"
     );
 
+    // Roles: a viewer reads but may not edit, and is told which role it
+    // needs; the refusal is a security event.
+    let viewer = support::token_with_role(&anchor_dir, "vic", "viewer");
+    assert_eq!(
+        http("GET", &format!("{url}/api/apps"), Some(&viewer), None).0,
+        200
+    );
+    let (status, body) = post(&format!("{url}/api/apply"), &viewer, app_file("web", "v9"));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("needs the site-engineer role") && e.contains("vic")),
+        "{body}"
+    );
+    assert!(
+        wait_for(WITHIN, || api_get(&format!("{url}/api/security"), &token)
+            .to_string()
+            .contains("refused vic")),
+        "no security event for the refusal"
+    );
+
     // A revoked token stops working at once.
     ok(&[
         "operator",

@@ -336,6 +336,62 @@ fn token_list_shows_a_hand_edited_entry_instead_of_panicking() {
     let out = ok(&["operator", "token", "list", "--data-dir", d]);
     assert!(out.contains("alice") && out.contains("abc"), "{out}");
     assert!(out.contains("bob"), "{out}");
+    // Written before roles: they could do everything, and say so.
+    assert!(
+        out.lines()
+            .filter(|l| l.contains("alice") || l.contains("bob"))
+            .all(|l| l.contains("admin")),
+        "{out}"
+    );
+}
+
+#[test]
+fn tokens_carry_a_role_and_a_site_engineer_a_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "operator",
+            "token",
+            "create",
+            "--data-dir",
+            d,
+            "--name",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        shoal(&args)
+    };
+    assert!(create("vic", &["--role", "viewer"]).status.success());
+    assert!(create("olga", &[]).status.success());
+    assert!(
+        create("carol", &["--role", "site-engineer", "--site", "north"])
+            .status
+            .success()
+    );
+    let no_site = create("dan", &["--role", "site-engineer"]);
+    assert!(!no_site.status.success());
+    assert!(String::from_utf8_lossy(&no_site.stderr).contains("--site"));
+    let bad = create("eve", &["--role", "root"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("viewer, site-engineer, operator or admin")
+    );
+    let out = ok(&["operator", "token", "list", "--data-dir", d]);
+    let row = |n: &str| {
+        out.lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(row("vic"), "vic viewer -", "{out}");
+    assert_eq!(row("olga"), "olga operator -", "{out}");
+    assert_eq!(row("carol"), "carol site-engineer north", "{out}");
+    assert!(!out.contains("dan") && !out.contains("eve"), "{out}");
 }
 
 #[test]

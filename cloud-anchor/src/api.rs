@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::tokens::Tokens;
+use crate::tokens::{ApiRole, TokenEntry, Tokens};
 use crate::view::{NodeState, Snapshot};
 
 /// A failed request: a command's [`Refusal`] (status and words naming what
@@ -107,48 +107,70 @@ pub struct Server {
 
 type Shared = Arc<Server>;
 
-/// Every route (method, path), as in `openapi.json`.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("POST", "/api/login"),
-    ("POST", "/api/logout"),
-    ("GET", "/api/whoami"),
-    ("GET", "/api/openapi.json"),
-    ("GET", "/api/overview"),
-    ("GET", "/api/nodes"),
-    ("GET", "/api/nodes/{name}"),
-    ("DELETE", "/api/nodes/{name}"),
-    ("GET", "/api/nodes/{name}/series"),
-    ("GET", "/api/nodes/{name}/series/{series}"),
-    ("GET", "/api/sites"),
-    ("GET", "/api/sites/{name}"),
-    ("DELETE", "/api/sites/{name}"),
-    ("GET", "/api/apps"),
-    ("GET", "/api/apps/{name}"),
-    ("DELETE", "/api/apps/{name}"),
-    ("GET", "/api/configs"),
-    ("GET", "/api/configs/{name}"),
-    ("DELETE", "/api/configs/{name}"),
-    ("DELETE", "/api/devices/{name}"),
-    ("DELETE", "/api/profiles/{name}"),
-    ("DELETE", "/api/artifacts/{name}"),
-    ("PUT", "/api/artifacts/{name}"),
-    ("POST", "/api/apply"),
-    ("GET", "/api/rollouts"),
-    ("GET", "/api/rollouts/{app}"),
-    ("POST", "/api/rollouts/{app}/{action}"),
-    ("GET", "/api/conflicts"),
-    ("POST", "/api/conflicts/resolve"),
-    ("GET", "/api/security"),
-    ("GET", "/api/timeline"),
-    ("GET", "/api/events"),
-    ("GET", "/api/get/{what}"),
-    ("GET", "/api/demo"),
-    ("POST", "/api/demo/sites/{site}/cut"),
-    ("POST", "/api/demo/sites/{site}/restore"),
-    ("POST", "/api/demo/sites/{site}/edit"),
+/// Every route (method, path) as in `openapi.json`, with the least role a
+/// token needs for it (`None`: no token). The OpenAPI document gives the same
+/// as each operation's `x-shoal-role`; a route missing here is refused.
+pub const ROUTES: &[(&str, &str, Option<ApiRole>)] = &[
+    ("GET", "/healthz", None),
+    ("GET", "/readyz", None),
+    ("GET", "/metrics", Some(ApiRole::Viewer)),
+    ("POST", "/api/login", None),
+    ("POST", "/api/logout", Some(ApiRole::Viewer)),
+    ("GET", "/api/whoami", Some(ApiRole::Viewer)),
+    ("GET", "/api/openapi.json", Some(ApiRole::Viewer)),
+    ("GET", "/api/overview", Some(ApiRole::Viewer)),
+    ("GET", "/api/nodes", Some(ApiRole::Viewer)),
+    ("GET", "/api/nodes/{name}", Some(ApiRole::Viewer)),
+    ("DELETE", "/api/nodes/{name}", Some(ApiRole::Admin)),
+    ("GET", "/api/nodes/{name}/series", Some(ApiRole::Viewer)),
+    (
+        "GET",
+        "/api/nodes/{name}/series/{series}",
+        Some(ApiRole::Viewer),
+    ),
+    ("GET", "/api/sites", Some(ApiRole::Viewer)),
+    ("GET", "/api/sites/{name}", Some(ApiRole::Viewer)),
+    ("DELETE", "/api/sites/{name}", Some(ApiRole::Operator)),
+    ("GET", "/api/apps", Some(ApiRole::Viewer)),
+    ("GET", "/api/apps/{name}", Some(ApiRole::Viewer)),
+    ("DELETE", "/api/apps/{name}", Some(ApiRole::Operator)),
+    ("GET", "/api/configs", Some(ApiRole::Viewer)),
+    ("GET", "/api/configs/{name}", Some(ApiRole::Viewer)),
+    ("DELETE", "/api/configs/{name}", Some(ApiRole::Operator)),
+    ("DELETE", "/api/devices/{name}", Some(ApiRole::Operator)),
+    ("DELETE", "/api/profiles/{name}", Some(ApiRole::Operator)),
+    ("DELETE", "/api/artifacts/{name}", Some(ApiRole::Operator)),
+    ("PUT", "/api/artifacts/{name}", Some(ApiRole::Operator)),
+    ("POST", "/api/apply", Some(ApiRole::SiteEngineer)),
+    ("GET", "/api/rollouts", Some(ApiRole::Viewer)),
+    ("GET", "/api/rollouts/{app}", Some(ApiRole::Viewer)),
+    (
+        "POST",
+        "/api/rollouts/{app}/{action}",
+        Some(ApiRole::Operator),
+    ),
+    ("GET", "/api/conflicts", Some(ApiRole::Viewer)),
+    ("POST", "/api/conflicts/resolve", Some(ApiRole::Operator)),
+    ("GET", "/api/security", Some(ApiRole::Viewer)),
+    ("GET", "/api/timeline", Some(ApiRole::Viewer)),
+    ("GET", "/api/events", Some(ApiRole::Viewer)),
+    ("GET", "/api/get/{what}", Some(ApiRole::Viewer)),
+    ("GET", "/api/demo", Some(ApiRole::Viewer)),
+    (
+        "POST",
+        "/api/demo/sites/{site}/cut",
+        Some(ApiRole::Operator),
+    ),
+    (
+        "POST",
+        "/api/demo/sites/{site}/restore",
+        Some(ApiRole::Operator),
+    ),
+    (
+        "POST",
+        "/api/demo/sites/{site}/edit",
+        Some(ApiRole::Operator),
+    ),
 ];
 
 /// The OpenAPI document.
@@ -313,9 +335,21 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// The operator a request is made by (set by [`authenticate`]).
+/// The operator a request is made by (set by [`authenticate`]): name, role
+/// and the site of a site engineer.
 #[derive(Clone, Debug)]
-struct Operator(String);
+struct Operator(String, ApiRole, Option<String>);
+
+/// The least role a route needs; `None` for a route not in [`ROUTES`]
+/// (refused: a route nobody gave a role is nobody's).
+pub fn route_role(method: &str, path: &str) -> Option<Option<ApiRole>> {
+    // axum names a catch-all segment `{*x}`; the table and OpenAPI `{x}`.
+    let path = path.replace("{*", "{");
+    ROUTES
+        .iter()
+        .find(|(m, p, _)| *m == method && *p == path)
+        .map(|(_, _, r)| *r)
+}
 
 /// A request carried by the session cookie that changes something must
 /// come from the UI's own origin (defence in depth: the cookie is
@@ -343,8 +377,36 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
     let token = token_of(req.headers());
     let who = token.as_deref().and_then(|t| s.tokens.check(t, now()));
     match who {
-        Some(name) => {
-            req.extensions_mut().insert(Operator(name));
+        Some(TokenEntry {
+            name, role, site, ..
+        }) => {
+            let route = req
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map(|m| m.as_str().to_string())
+                .unwrap_or_default();
+            let needed = route_role(req.method().as_str(), &route);
+            let refusal = match needed {
+                Some(None) => None,
+                Some(Some(r)) if role >= r => None,
+                Some(Some(r)) => Some(format!(
+                    "{} {route} needs the {r} role; {name}'s token is {role}",
+                    req.method()
+                )),
+                None => Some(format!("{} {route} has no role set", req.method())),
+            };
+            if let Some(reason) = refusal {
+                let _ = s.commands.try_send((
+                    Caller::Surface("HTTP API".into()),
+                    Command::Security {
+                        source: "HTTP API".into(),
+                        reason: format!("refused {name}: {reason}"),
+                    },
+                    oneshot::channel().0,
+                ));
+                return ApiError::new(403, reason).into_response();
+            }
+            req.extensions_mut().insert(Operator(name, role, site));
             next.run(req).await
         }
         None => {
@@ -439,9 +501,10 @@ async fn login(State(s): State<Shared>, bytes: Bytes) -> Response {
         Err(e) => return e.into_response(),
     };
     match s.tokens.check(&l.token, now()) {
-        Some(name) => {
+        Some(t) => {
             let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", l.token);
-            let mut r = axum::Json(json!({ "operator": name })).into_response();
+            let mut r = axum::Json(json!({ "operator": t.name, "role": t.role, "site": t.site }))
+                .into_response();
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }
@@ -472,8 +535,11 @@ async fn logout() -> Response {
 
 async fn whoami(State(s): State<Shared>, req: Request) -> Response {
     let sn = snap(&s);
+    let who = req.extensions().get::<Operator>();
     axum::Json(json!({
         "operator": user(req.extensions()),
+        "role": who.map(|o| o.1),
+        "site": who.and_then(|o| o.2.clone()),
         "fleet": sn.fleet,
         "anchor": sn.anchor,
         "demo": s.demo.is_some(),
@@ -906,6 +972,29 @@ async fn apply(
     }
     if manifests.is_empty() {
         return ApiError::new(400, "the request holds no manifest").into_response();
+    }
+    let Operator(who, role, site) = &req_ext.0;
+    if *role == ApiRole::SiteEngineer {
+        let site = site.as_deref().unwrap_or_default();
+        if let Some(m) = manifests
+            .iter()
+            .find(|m| m.kind() != Kind::SiteOverride || m.name != site)
+        {
+            let reason = format!(
+                "{who} is a site engineer of {site}: applies only SiteOverride {site}, not {}/{} (that needs the operator role)",
+                m.kind().as_str().to_lowercase(),
+                m.name
+            );
+            let _ = s.commands.try_send((
+                Caller::Surface("HTTP API".into()),
+                Command::Security {
+                    source: "HTTP API".into(),
+                    reason: format!("refused {who}: {reason}"),
+                },
+                oneshot::channel().0,
+            ));
+            return ApiError::new(403, reason).into_response();
+        }
     }
     if req.dry_run {
         let names: Vec<String> = manifests
@@ -1525,11 +1614,146 @@ mod tests {
         }
         let mut routes: Vec<(String, String)> = ROUTES
             .iter()
-            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
             .collect();
         listed.sort();
         routes.sort();
         assert_eq!(listed, routes);
+    }
+
+    #[test]
+    fn openapi_gives_each_route_the_role_the_router_checks() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        for (m, p, role) in ROUTES {
+            let op = &doc["paths"][*p][m.to_lowercase()];
+            let want = role.map_or("public", ApiRole::as_str);
+            assert_eq!(op["x-shoal-role"], json!(want), "{m} {p}");
+            assert_eq!(
+                op["responses"].get("403").is_some(),
+                role.is_some(),
+                "{m} {p}: a 403 answer is documented exactly where a role is needed"
+            );
+        }
+    }
+
+    /// Every route, with a token of every role: refused with 403 naming the
+    /// role needed exactly when the token's role is below it. The daemon is
+    /// gone (its command channel closed), so an admitted request ends in
+    /// the handler's own answer (503 where it needs the daemon), never 401
+    /// or 403.
+    #[tokio::test]
+    async fn every_route_admits_exactly_the_roles_it_names() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+        let mut tokens = BTreeMap::new();
+        for r in ApiRole::ALL {
+            let site = (r == ApiRole::SiteEngineer).then_some("north");
+            let t = crate::tokens::create(dir.path(), r.as_str(), r, site, None, now()).unwrap();
+            tokens.insert(r, t);
+        }
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (commands, closed) = mpsc::channel(16);
+        drop(closed);
+        let app = router(Server {
+            snapshot: rx,
+            commands,
+            tokens: Tokens::new(dir.path()),
+            demo: None,
+            blobs: None,
+            store: None,
+            data: None,
+            export: None,
+        });
+        let mut checked = 0;
+        for (m, p, needed) in ROUTES {
+            let Some(needed) = needed else { continue };
+            let uri = p
+                .replace("{name}", "x")
+                .replace("{series}", "s")
+                .replace("{app}", "x")
+                .replace("{action}", "pause")
+                .replace("{what}", "apps")
+                .replace("{site}", "north");
+            for (role, token) in &tokens {
+                let req = Request::builder()
+                    .method(*m)
+                    .uri(&uri)
+                    .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                let r = app.clone().oneshot(req).await.unwrap();
+                let status = r.status().as_u16();
+                if role < needed {
+                    assert_eq!(status, 403, "{m} {p} as {role}");
+                    let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+                    let text = String::from_utf8_lossy(&b);
+                    assert!(
+                        text.contains(&format!("needs the {needed} role")),
+                        "{m} {p} as {role}: {text}"
+                    );
+                } else {
+                    assert!(
+                        status != 403 && status != 401,
+                        "{m} {p} as {role}: {status}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4 * 30, "{checked}");
+    }
+
+    #[tokio::test]
+    async fn a_site_engineer_applies_only_its_own_site() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+        let t = crate::tokens::create(
+            dir.path(),
+            "carol",
+            ApiRole::SiteEngineer,
+            Some("north"),
+            None,
+            now(),
+        )
+        .unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (commands, closed) = mpsc::channel(16);
+        drop(closed);
+        let app = router(Server {
+            snapshot: rx,
+            commands,
+            tokens: Tokens::new(dir.path()),
+            demo: None,
+            blobs: None,
+            store: None,
+            data: None,
+            export: None,
+        });
+        let apply = |text: &'static str| {
+            Request::builder()
+                .method("POST")
+                .uri("/api/apply")
+                .header(header::AUTHORIZATION, format!("Bearer {t}"))
+                .body(axum::body::Body::from(text))
+                .unwrap()
+        };
+        let own =
+            "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {name: north}\nspec: {}\n";
+        let other =
+            "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {name: south}\nspec: {}\n";
+        let app_m = "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {name: meter}\nspec: {version: v1, native: {command: [/bin/true]}}\n";
+        // Its own site's overrides reach the daemon (gone here: 503).
+        let r = app.clone().oneshot(apply(own)).await.unwrap();
+        assert_eq!(r.status().as_u16(), 503);
+        for (text, what) in [(other, "siteoverride/south"), (app_m, "app/meter")] {
+            let r = app.clone().oneshot(apply(text)).await.unwrap();
+            assert_eq!(r.status().as_u16(), 403, "{what}");
+            let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            let text = String::from_utf8_lossy(&b);
+            assert!(text.contains(what) && text.contains("north"), "{text}");
+        }
     }
 
     #[test]
@@ -1588,7 +1812,7 @@ mod tests {
                 std::time::Duration::from_secs(5),
                 cli_get(
                     State(shared.clone()),
-                    axum::Extension(Operator("op".into())),
+                    axum::Extension(Operator("op".into(), ApiRole::Viewer, None)),
                     Path(what.to_string()),
                     Query(q),
                 ),

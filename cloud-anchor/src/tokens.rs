@@ -21,6 +21,66 @@ pub const OPERATORS_FILE: &str = "operators.json";
 /// What every token starts with (so a leaked one is recognisable).
 pub const TOKEN_PREFIX: &str = "shoal-op-";
 
+/// What a token may do. Each role may do everything the roles before it
+/// may: a viewer reads; a site engineer also applies the overrides of the
+/// site its token names; an operator edits the fleet; an admin also
+/// decommissions nodes (which revokes their certificates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiRole {
+    /// Reads.
+    Viewer,
+    /// Reads, and applies its site's `SiteOverride`.
+    SiteEngineer,
+    /// Fleet edits.
+    Operator,
+    /// Everything, revocations included.
+    Admin,
+}
+
+impl ApiRole {
+    /// Every role, least first.
+    pub const ALL: [ApiRole; 4] = [
+        ApiRole::Viewer,
+        ApiRole::SiteEngineer,
+        ApiRole::Operator,
+        ApiRole::Admin,
+    ];
+
+    /// The name used in files, flags and answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiRole::Viewer => "viewer",
+            ApiRole::SiteEngineer => "site-engineer",
+            ApiRole::Operator => "operator",
+            ApiRole::Admin => "admin",
+        }
+    }
+
+    /// Tokens written before roles existed could do everything.
+    fn before_roles() -> ApiRole {
+        ApiRole::Admin
+    }
+}
+
+impl std::fmt::Display for ApiRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ApiRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ApiRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown role {s:?}: expected viewer, site-engineer, operator or admin")
+            })
+    }
+}
+
 /// One operator's token, as kept at rest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenEntry {
@@ -33,6 +93,13 @@ pub struct TokenEntry {
     /// Expires (Unix seconds), if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// What it may do (absent in files written before roles: admin, which
+    /// is what those tokens could do).
+    #[serde(default = "ApiRole::before_roles")]
+    pub role: ApiRole,
+    /// The site a site engineer's token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 fn digest(secret: &str) -> String {
@@ -67,9 +134,25 @@ fn write(dir: &Path, entries: &[TokenEntry]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates a token for `name` and returns the secret (shown once).
-pub fn create(dir: &Path, name: &str, ttl_s: Option<i64>, now: i64) -> anyhow::Result<String> {
+/// Creates a token for `name` with `role` (and the site of a site
+/// engineer) and returns the secret (shown once).
+pub fn create(
+    dir: &Path,
+    name: &str,
+    role: ApiRole,
+    site: Option<&str>,
+    ttl_s: Option<i64>,
+    now: i64,
+) -> anyhow::Result<String> {
     crdt_state::fleet::model::validate_name("operator", name).map_err(|e| anyhow!(e))?;
+    match (role, site) {
+        (ApiRole::SiteEngineer, None) => bail!("a site engineer's token needs --site"),
+        (ApiRole::SiteEngineer, Some(s)) => {
+            crdt_state::fleet::model::validate_name("site", s).map_err(|e| anyhow!(e))?
+        }
+        (_, Some(_)) => bail!("only a site engineer's token names a site (--role site-engineer)"),
+        (_, None) => {}
+    }
     if !dir.join(crdt_state::local::datadir::ROOT_KEY_FILE).exists()
         && !dir.join(crdt_state::local::datadir::IDENTITY_FILE).exists()
     {
@@ -90,6 +173,8 @@ pub fn create(dir: &Path, name: &str, ttl_s: Option<i64>, now: i64) -> anyhow::R
         sha256: digest(&secret),
         created_at: now,
         expires_at: ttl_s.map(|t| now + t),
+        role,
+        site: site.map(str::to_string),
     });
     write(dir, &entries)?;
     Ok(secret)
@@ -125,8 +210,8 @@ impl Tokens {
         }
     }
 
-    /// The operator a secret belongs to, if it is valid at `now`.
-    pub fn check(&self, secret: &str, now: i64) -> Option<String> {
+    /// The token a secret is, if it is valid at `now`.
+    pub fn check(&self, secret: &str, now: i64) -> Option<TokenEntry> {
         if !secret.starts_with(TOKEN_PREFIX) || secret.len() > 256 {
             return None;
         }
@@ -148,7 +233,7 @@ impl Tokens {
         if e.expires_at.is_some_and(|x| x <= now) {
             return None;
         }
-        Some(e.name.clone())
+        Some(e.clone())
     }
 }
 
@@ -160,13 +245,33 @@ mod tests {
     fn create_check_revoke() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("root.key"), b"x").unwrap();
-        let t = create(dir.path(), "alice", None, 100).unwrap();
-        let short = create(dir.path(), "bob", Some(10), 100).unwrap();
+        let t = create(dir.path(), "alice", ApiRole::Operator, None, None, 100).unwrap();
+        let short = create(dir.path(), "bob", ApiRole::Viewer, None, Some(10), 100).unwrap();
+        let eng = create(
+            dir.path(),
+            "carol",
+            ApiRole::SiteEngineer,
+            Some("north"),
+            None,
+            100,
+        )
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join(OPERATORS_FILE)).unwrap();
         assert!(!text.contains(&t), "the secret itself must not be stored");
         let tokens = Tokens::new(dir.path());
-        assert_eq!(tokens.check(&t, 200).as_deref(), Some("alice"));
-        assert_eq!(tokens.check(&short, 105).as_deref(), Some("bob"));
+        let name = |t: &str, now| tokens.check(t, now).map(|e| (e.name, e.role, e.site));
+        assert_eq!(
+            name(&t, 200),
+            Some(("alice".into(), ApiRole::Operator, None))
+        );
+        assert_eq!(
+            name(&short, 105),
+            Some(("bob".into(), ApiRole::Viewer, None))
+        );
+        assert_eq!(
+            name(&eng, 105),
+            Some(("carol".into(), ApiRole::SiteEngineer, Some("north".into())))
+        );
         assert_eq!(tokens.check(&short, 111), None, "expired");
         assert_eq!(tokens.check("shoal-op-00", 100), None);
         assert_eq!(tokens.check("", 100), None);
@@ -175,6 +280,24 @@ mod tests {
         let tokens = Tokens::new(dir.path());
         assert_eq!(tokens.check(&t, 200), None);
         assert!(revoke(dir.path(), "alice").is_err());
-        assert!(create(dir.path(), "no/slash", None, 1).is_err());
+        assert!(create(dir.path(), "no/slash", ApiRole::Admin, None, None, 1).is_err());
+        let e = create(dir.path(), "dan", ApiRole::SiteEngineer, None, None, 1).unwrap_err();
+        assert!(e.to_string().contains("--site"), "{e}");
+        let e = create(dir.path(), "dan", ApiRole::Operator, Some("north"), None, 1).unwrap_err();
+        assert!(e.to_string().contains("site engineer"), "{e}");
+    }
+
+    #[test]
+    fn tokens_from_before_roles_are_admins_and_roles_are_ordered() {
+        let old = r#"[{"name":"ops","sha256":"00","created_at":1}]"#;
+        let e: Vec<TokenEntry> = serde_json::from_str(old).unwrap();
+        assert_eq!(e[0].role, ApiRole::Admin);
+        assert!(ApiRole::Viewer < ApiRole::SiteEngineer);
+        assert!(ApiRole::SiteEngineer < ApiRole::Operator);
+        assert!(ApiRole::Operator < ApiRole::Admin);
+        for r in ApiRole::ALL {
+            assert_eq!(r.as_str().parse::<ApiRole>(), Ok(r));
+        }
+        assert!("root".parse::<ApiRole>().unwrap_err().contains("viewer"));
     }
 }

@@ -479,8 +479,14 @@ pub fn http_url(anchor_dir: &Path) -> String {
     )
 }
 
-/// Creates an operator token on an anchor's data dir.
+/// Creates an admin's token on an anchor's data dir (the tests exercise
+/// every route; `token_with_role` for the others).
 pub fn operator_token(anchor_dir: &Path, name: &str) -> String {
+    token_with_role(anchor_dir, name, "admin")
+}
+
+/// Creates a token with `role` on an anchor's data dir.
+pub fn token_with_role(anchor_dir: &Path, name: &str, role: &str) -> String {
     ok(&[
         "operator",
         "token",
@@ -489,6 +495,8 @@ pub fn operator_token(anchor_dir: &Path, name: &str) -> String {
         s(anchor_dir),
         "--name",
         name,
+        "--role",
+        role,
     ])
     .trim()
     .to_string()
