@@ -335,6 +335,59 @@ fn operators_authenticate_edit_through_the_api_and_watch_nodes() {
     );
 }
 
+/// The timeline and the security log are kept in the anchor's store: a
+/// restart shows what was there before it.
+#[test]
+fn the_timeline_and_security_log_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&dir), "--name", "f"]);
+    let token = operator_token(&dir, "alice");
+    let port = free_udp_port();
+    let mut anchor = start_anchor(&dir, port, &[]);
+    let url = http_url(&dir);
+    let (status, body) = post(&format!("{url}/api/apply"), &token, app_file("web", "v1"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{url}/api/nodes"),
+            Some("shoal-op-forged"),
+            None
+        )
+        .0,
+        401
+    );
+    let items = |what: &str, url: &str| -> Vec<Value> {
+        api_get(&format!("{url}/api/{what}?per_page=500"), &token)["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_for(WITHIN, || {
+            items("timeline", &url)
+                .iter()
+                .any(|e| e["text"].as_str().is_some_and(|t| t.contains("app/web")))
+                && !items("security", &url).is_empty()
+        }),
+        "the edit and the refusal were not recorded"
+    );
+    let timeline = items("timeline", &url);
+    let security = items("security", &url);
+    assert!(anchor.stop().success());
+
+    let _anchor = start_anchor(&dir, port, &[]);
+    let url = http_url(&dir);
+    let (t2, s2) = (items("timeline", &url), items("security", &url));
+    for e in &timeline {
+        assert!(t2.contains(e), "{e} lost in the restart; after it: {t2:?}");
+    }
+    for e in &security {
+        assert!(s2.contains(e), "{e} lost in the restart; after it: {s2:?}");
+    }
+}
+
 #[test]
 fn a_replica_carries_on_when_an_anchor_dies() {
     let tmp = tempfile::tempdir().unwrap();

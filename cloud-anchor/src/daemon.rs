@@ -8,6 +8,7 @@
 //! identity (ADR 0006) while its mesh identity is its own anchor
 //! certificate, and listens on UDP 7411 by default.
 
+use crdt_state::local::audit::{AuditEntry, AuditLog};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,10 @@ struct Anchor {
     /// The operator API's read model (when serving HTTP).
     view: Option<View>,
     snapshots: Option<watch::Sender<Arc<Snapshot>>>,
+    /// The view's new timeline and security entries, to the task that
+    /// appends them to the store (one writer: their order is kept).
+    audit: Option<tokio::sync::mpsc::UnboundedSender<Vec<(AuditLog, AuditEntry)>>>,
+    audit_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Runs the anchor until `shutdown` resolves.
@@ -115,9 +120,35 @@ pub async fn run(
         enrollments: AfterCommit::default(),
         view: None,
         snapshots: None,
+        audit: None,
+        audit_task: None,
     };
     if let Some(addr) = opts.http {
         let mut view = View::new(&a.base.core.me().cert.name);
+        // What the store kept of the timeline and the security log (one
+        // read at start, before the loop runs).
+        let store = a.base.dd.shared_store();
+        match (
+            store.audit(AuditLog::Timeline, crate::view::TIMELINE_KEPT),
+            store.audit(AuditLog::Security, crate::view::SECURITY_KEPT),
+        ) {
+            (Ok(t), Ok(s)) => view.restore(t, s),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "the stored timeline could not be read")
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(AuditLog, AuditEntry)>>();
+        let writer = store.clone();
+        a.audit_task = Some(tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                let store = writer.clone();
+                let r = tokio::task::spawn_blocking(move || save_audit(&store, &batch)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "timeline not stored");
+                }
+            }
+        }));
+        a.audit = Some(tx);
         let first = {
             let engine = a.base.core.engine();
             view.publish(
@@ -173,7 +204,34 @@ pub async fn run(
         a.answer();
         a.publish_with(false);
     }
+    // What happened since the last round is stored, after what was queued
+    // before it, before the store closes.
+    if let (Some(v), Some(audit)) = (a.view.as_mut(), a.audit.take()) {
+        let _ = audit.send(v.take_unsaved());
+    }
+    if let Some(task) = a.audit_task.take() {
+        let _ = task.await;
+    }
     a.base.close().await;
+    Ok(())
+}
+
+/// Appends the view's new entries to the store, each log bounded.
+fn save_audit(
+    store: &crdt_state::Store,
+    batch: &[(AuditLog, AuditEntry)],
+) -> crdt_state::Result<()> {
+    for (log, keep) in [
+        (AuditLog::Timeline, crate::view::TIMELINE_KEPT),
+        (AuditLog::Security, crate::view::SECURITY_KEPT),
+    ] {
+        let entries: Vec<AuditEntry> = batch
+            .iter()
+            .filter(|(l, _)| *l == log)
+            .map(|(_, e)| e.clone())
+            .collect();
+        store.append_audit(log, &entries, keep as u64)?;
+    }
     Ok(())
 }
 
@@ -330,6 +388,12 @@ impl Anchor {
         let (Some(view), Some(tx)) = (self.view.as_mut(), self.snapshots.as_ref()) else {
             return;
         };
+        let unsaved = view.take_unsaved();
+        if !unsaved.is_empty()
+            && let Some(audit) = &self.audit
+        {
+            let _ = audit.send(unsaved);
+        }
         view.counters.sync_bytes_out = self.base.sent.bytes;
         view.counters.sync_messages_out = self.base.sent.messages;
         let engine = self.base.core.engine();

@@ -14,6 +14,7 @@
 //! distinct set of applied heads, not per node, and recomputed only when
 //! the fleet or that site document changes.
 
+use crdt_state::local::audit::{AuditEntry, AuditLog};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -216,6 +217,8 @@ pub struct View {
     security: VecDeque<SecurityEvent>,
     security_total: u64,
     timeline: VecDeque<TimelineEvent>,
+    /// Timeline and security entries not yet in the store.
+    unsaved: Vec<(AuditLog, AuditEntry)>,
     lag_cache: HashMap<(DocId, Vec<String>), Lag>,
     docs_dirty: BTreeSet<DocId>,
     last_publish: Option<Instant>,
@@ -239,6 +242,7 @@ impl View {
             security: VecDeque::new(),
             security_total: 0,
             timeline: VecDeque::new(),
+            unsaved: Vec::new(),
             lag_cache: HashMap::new(),
             docs_dirty: BTreeSet::new(),
             last_publish: None,
@@ -293,6 +297,49 @@ impl View {
             source: source.to_string(),
             reason: reason.to_string(),
         });
+        self.unsaved.push((
+            AuditLog::Security,
+            AuditEntry {
+                at,
+                kind: String::new(),
+                subject: source.to_string(),
+                text: reason.to_string(),
+            },
+        ));
+        self.changed.insert("security");
+    }
+
+    /// The entries to store since the last call (the anchor appends them
+    /// to its store: the timeline and security log survive a restart).
+    pub fn take_unsaved(&mut self) -> Vec<(AuditLog, AuditEntry)> {
+        std::mem::take(&mut self.unsaved)
+    }
+
+    /// Puts back what the store kept, before anything new happens.
+    pub fn restore(&mut self, timeline: Vec<AuditEntry>, security: Vec<AuditEntry>) {
+        let keep = |n: usize, max: usize| n.saturating_sub(max);
+        let skip = keep(timeline.len(), TIMELINE_KEPT);
+        self.timeline = timeline
+            .into_iter()
+            .skip(skip)
+            .map(|e| TimelineEvent {
+                at: e.at,
+                kind: e.kind,
+                subject: e.subject,
+                text: e.text,
+            })
+            .collect();
+        let skip = keep(security.len(), SECURITY_KEPT);
+        self.security = security
+            .into_iter()
+            .skip(skip)
+            .map(|e| SecurityEvent {
+                at: e.at,
+                source: e.subject,
+                reason: e.text,
+            })
+            .collect();
+        self.changed.insert("timeline");
         self.changed.insert("security");
     }
 
@@ -301,6 +348,15 @@ impl View {
         if self.timeline.len() == TIMELINE_KEPT {
             self.timeline.pop_front();
         }
+        self.unsaved.push((
+            AuditLog::Timeline,
+            AuditEntry {
+                at,
+                kind: kind.to_string(),
+                subject: subject.to_string(),
+                text: text.clone(),
+            },
+        ));
         self.timeline.push_back(TimelineEvent {
             at,
             kind: kind.to_string(),

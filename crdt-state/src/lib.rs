@@ -58,7 +58,9 @@ pub mod fleet {
 
 pub mod local {
     //! What a node keeps on its own disk: the store, readings, the data dir;
-    //! what an anchor keeps of the data that came up (`landing`).
+    //! what an anchor keeps of the data that came up (`landing`) and of
+    //! what it saw (`audit`).
+    pub mod audit;
     pub mod datadir;
     pub mod landing;
     pub mod readings;
