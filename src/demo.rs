@@ -321,6 +321,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         demo: Some(controls.clone()),
         readings_db: None,
         retention: Some(std::time::Duration::from_secs(7 * 86_400)),
+        failed_logins_per_minute: cloud_anchor::api::FAILED_LOGINS_PER_MINUTE,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -408,6 +408,11 @@ enum AnchorCmd {
         /// (e.g. 30d; for ever if absent).
         #[arg(long)]
         retention: Option<String>,
+        /// Failed logins (wrong, expired or revoked tokens) one client
+        /// address may make in a minute; past that its wrong tokens get 429
+        /// until the minute is over. 0: no limit.
+        #[arg(long, default_value_t = cloud_anchor::api::FAILED_LOGINS_PER_MINUTE)]
+        failed_logins_per_minute: u32,
     },
     /// Make a replica's data dir from a seed directory (root.key,
     /// identity.json, operators.json, fleet.bundle); it gets its own anchor
@@ -529,6 +534,7 @@ enum Daemon {
         http: Option<std::net::SocketAddr>,
         readings_db: Option<String>,
         retention: Option<std::time::Duration>,
+        failed_logins_per_minute: u32,
     },
 }
 
@@ -577,6 +583,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                 http,
                 readings_db,
                 retention,
+                failed_logins_per_minute,
             } => {
                 let opts = cloud_anchor::daemon::Options {
                     mesh,
@@ -584,6 +591,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                     demo: None,
                     readings_db,
                     retention,
+                    failed_logins_per_minute,
                 };
                 cloud_anchor::daemon::run(opts, shutdown).await
             }
@@ -1015,6 +1023,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             http,
             readings_db,
             retention,
+            failed_logins_per_minute,
         }) => {
             let retention = match retention {
                 Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
@@ -1027,6 +1036,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     http,
                     readings_db,
                     retention,
+                    failed_logins_per_minute,
                 },
             )?
         }

@@ -103,6 +103,102 @@ pub struct Server {
     pub data: Option<Arc<daemon::data_up::Counters>>,
     /// The exporter to PostgreSQL, when there is one.
     pub export: Option<Arc<crate::export::Stats>>,
+    /// Failed logins per client address.
+    pub throttle: Throttle,
+}
+
+/// How many failed logins (a wrong, expired or revoked token, at
+/// `/api/login` or on any route) one client address may make in a minute;
+/// past that its wrong tokens get 429, with no security event each, until
+/// the minute is over. A valid token still passes: operators behind one
+/// proxy or NAT are not locked out by one misconfigured script. A 256-bit
+/// token cannot be guessed; this keeps a scanner from filling the security
+/// log and the disk, and names it.
+pub const FAILED_LOGINS_PER_MINUTE: u32 = 10;
+
+/// Failed logins per client address, in windows of a minute.
+#[derive(Debug)]
+pub struct Throttle {
+    limit: u32,
+    seen: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (i64, u32)>>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new(FAILED_LOGINS_PER_MINUTE)
+    }
+}
+
+impl Throttle {
+    /// At most `limit` failed logins per address and minute (0: no limit).
+    pub fn new(limit: u32) -> Throttle {
+        Throttle {
+            limit,
+            seen: Default::default(),
+        }
+    }
+
+    /// Seconds until `ip` may try again, if it is held back at `now`.
+    pub fn blocked(&self, ip: std::net::IpAddr, now: i64) -> Option<i64> {
+        if self.limit == 0 {
+            return None;
+        }
+        let map = self.seen.lock().ok()?;
+        let (start, n) = *map.get(&ip)?;
+        (n >= self.limit && now - start < 60).then_some(60 - (now - start))
+    }
+
+    /// Counts a failed login from `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr, now: i64) {
+        if self.limit == 0 {
+            return;
+        }
+        let Ok(mut map) = self.seen.lock() else {
+            return;
+        };
+        if map.len() >= 10_000 {
+            // Bounded: windows that are over are forgotten.
+            map.retain(|_, (start, _)| now - *start < 60);
+        }
+        let e = map.entry(ip).or_insert((now, 0));
+        if now - e.0 >= 60 {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
+/// The client's address (when served with connection info).
+fn client(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The answer to a wrong token from an address past its failed logins.
+fn held_back(s: &Server, ip: std::net::IpAddr) -> Option<Response> {
+    let wait = s.throttle.blocked(ip, now())?;
+    let mut r = ApiError::new(
+        429,
+        format!("too many failed logins from {ip}: try again in {wait} s"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(r)
+}
+
+/// A refused request: a security event naming where it came from.
+fn refused(s: &Server, from: Option<std::net::IpAddr>, reason: String) {
+    let source = match from {
+        Some(ip) => format!("HTTP API from {ip}"),
+        None => "HTTP API".to_string(),
+    };
+    let _ = s.commands.try_send((
+        Caller::Surface(source.clone()),
+        Command::Security { source, reason },
+        oneshot::channel().0,
+    ));
 }
 
 type Shared = Arc<Server>;
@@ -308,6 +404,7 @@ pub async fn serve(addr: SocketAddr, server: Server) -> anyhow::Result<SocketAdd
     let app = router(server);
     tokio::spawn(
         async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "HTTP API stopped");
             }
@@ -335,10 +432,10 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// The operator a request is made by (set by [`authenticate`]): name, role
-/// and the site of a site engineer.
+/// The operator a request is made by (set by [`authenticate`]): name, role,
+/// the site of a site engineer, and the client's address.
 #[derive(Clone, Debug)]
-struct Operator(String, ApiRole, Option<String>);
+struct Operator(String, ApiRole, Option<String>, Option<std::net::IpAddr>);
 
 /// The least role a route needs; `None` for a route not in [`ROUTES`]
 /// (refused: a route nobody gave a role is nobody's).
@@ -374,6 +471,7 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
     if cross_site(&req) {
         return ApiError::new(403, "a cross-site request with the session cookie").into_response();
     }
+    let from = client(req.extensions());
     let token = token_of(req.headers());
     let who = token.as_deref().and_then(|t| s.tokens.check(t, now()));
     match who {
@@ -396,17 +494,11 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
                 None => Some(format!("{} {route} has no role set", req.method())),
             };
             if let Some(reason) = refusal {
-                let _ = s.commands.try_send((
-                    Caller::Surface("HTTP API".into()),
-                    Command::Security {
-                        source: "HTTP API".into(),
-                        reason: format!("refused {name}: {reason}"),
-                    },
-                    oneshot::channel().0,
-                ));
+                refused(&s, from, format!("refused {name}: {reason}"));
                 return ApiError::new(403, reason).into_response();
             }
-            req.extensions_mut().insert(Operator(name, role, site));
+            req.extensions_mut()
+                .insert(Operator(name, role, site, from));
             next.run(req).await
         }
         None => {
@@ -414,14 +506,17 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
                 None => "no operator token".to_string(),
                 Some(_) => "unknown, revoked or expired operator token".to_string(),
             };
-            let _ = s.commands.try_send((
-                Caller::Surface("HTTP API".into()),
-                Command::Security {
-                    source: "HTTP API".into(),
-                    reason: format!("{} {}: {reason}", req.method(), req.uri().path()),
-                },
-                oneshot::channel().0,
-            ));
+            if let (Some(ip), Some(_)) = (from, &token) {
+                if let Some(r) = held_back(&s, ip) {
+                    return r;
+                }
+                s.throttle.failed(ip, now());
+            }
+            refused(
+                &s,
+                from,
+                format!("{} {}: {reason}", req.method(), req.uri().path()),
+            );
             let mut r = ApiError::new(401, reason).into_response();
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -495,7 +590,8 @@ struct Login {
     token: String,
 }
 
-async fn login(State(s): State<Shared>, bytes: Bytes) -> Response {
+async fn login(State(s): State<Shared>, ext: axum::http::Extensions, bytes: Bytes) -> Response {
+    let from = client(&ext);
     let l: Login = match body(&bytes) {
         Ok(l) => l,
         Err(e) => return e.into_response(),
@@ -511,14 +607,17 @@ async fn login(State(s): State<Shared>, bytes: Bytes) -> Response {
             r
         }
         None => {
-            let _ = s.commands.try_send((
-                Caller::Surface("HTTP API".into()),
-                Command::Security {
-                    source: "HTTP API".into(),
-                    reason: "login with an unknown, revoked or expired operator token".into(),
-                },
-                oneshot::channel().0,
-            ));
+            if let Some(ip) = from {
+                if let Some(r) = held_back(&s, ip) {
+                    return r;
+                }
+                s.throttle.failed(ip, now());
+            }
+            refused(
+                &s,
+                from,
+                "login with an unknown, revoked or expired operator token".into(),
+            );
             ApiError::new(401, "unknown, revoked or expired operator token").into_response()
         }
     }
@@ -973,7 +1072,7 @@ async fn apply(
     if manifests.is_empty() {
         return ApiError::new(400, "the request holds no manifest").into_response();
     }
-    let Operator(who, role, site) = &req_ext.0;
+    let Operator(who, role, site, from) = &req_ext.0;
     if *role == ApiRole::SiteEngineer {
         let site = site.as_deref().unwrap_or_default();
         if let Some(m) = manifests
@@ -985,14 +1084,7 @@ async fn apply(
                 m.kind().as_str().to_lowercase(),
                 m.name
             );
-            let _ = s.commands.try_send((
-                Caller::Surface("HTTP API".into()),
-                Command::Security {
-                    source: "HTTP API".into(),
-                    reason: format!("refused {who}: {reason}"),
-                },
-                oneshot::channel().0,
-            ));
+            refused(&s, *from, format!("refused {who}: {reason}"));
             return ApiError::new(403, reason).into_response();
         }
     }
@@ -1621,6 +1713,25 @@ mod tests {
         assert_eq!(listed, routes);
     }
 
+    /// The router over the tokens of `dir`, its daemon gone (the command
+    /// channel closed: a request that reaches it gets 503).
+    fn router_without_daemon(dir: &std::path::Path) -> Router {
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (commands, closed) = mpsc::channel(16);
+        drop(closed);
+        router(Server {
+            snapshot: rx,
+            commands,
+            tokens: Tokens::new(dir),
+            demo: None,
+            blobs: None,
+            store: None,
+            data: None,
+            export: None,
+            throttle: Throttle::default(),
+        })
+    }
+
     #[test]
     fn openapi_gives_each_route_the_role_the_router_checks() {
         let doc: Value = serde_json::from_str(OPENAPI).unwrap();
@@ -1652,19 +1763,7 @@ mod tests {
             let t = crate::tokens::create(dir.path(), r.as_str(), r, site, None, now()).unwrap();
             tokens.insert(r, t);
         }
-        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        let (commands, closed) = mpsc::channel(16);
-        drop(closed);
-        let app = router(Server {
-            snapshot: rx,
-            commands,
-            tokens: Tokens::new(dir.path()),
-            demo: None,
-            blobs: None,
-            store: None,
-            data: None,
-            export: None,
-        });
+        let app = router_without_daemon(dir.path());
         let mut checked = 0;
         for (m, p, needed) in ROUTES {
             let Some(needed) = needed else { continue };
@@ -1718,19 +1817,7 @@ mod tests {
             now(),
         )
         .unwrap();
-        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        let (commands, closed) = mpsc::channel(16);
-        drop(closed);
-        let app = router(Server {
-            snapshot: rx,
-            commands,
-            tokens: Tokens::new(dir.path()),
-            demo: None,
-            blobs: None,
-            store: None,
-            data: None,
-            export: None,
-        });
+        let app = router_without_daemon(dir.path());
         let apply = |text: &'static str| {
             Request::builder()
                 .method("POST")
@@ -1754,6 +1841,58 @@ mod tests {
             let text = String::from_utf8_lossy(&b);
             assert!(text.contains(what) && text.contains("north"), "{text}");
         }
+    }
+
+    /// Ten failed logins from one address in a minute hold its wrong tokens
+    /// back (429) until the minute is over; a valid token from it still
+    /// passes, and another address is not held back.
+    #[tokio::test]
+    async fn failed_logins_are_throttled_per_address() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+        let good =
+            crate::tokens::create(dir.path(), "al", ApiRole::Viewer, None, None, now()).unwrap();
+        let app = router_without_daemon(dir.path());
+        let ask = |ip: [u8; 4], token: &str| {
+            let mut req = Request::builder()
+                .uri("/api/overview")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(SocketAddr::from((ip, 4000))));
+            app.clone().oneshot(req)
+        };
+        let scanner = [10, 0, 0, 1];
+        assert_eq!(ask(scanner, &good).await.unwrap().status().as_u16(), 200);
+        for i in 0..FAILED_LOGINS_PER_MINUTE {
+            let r = ask(scanner, "shoal-op-guess").await.unwrap();
+            assert_eq!(r.status().as_u16(), 401, "attempt {i}");
+        }
+        assert_eq!(ask(scanner, &good).await.unwrap().status().as_u16(), 200);
+        let r = ask(scanner, "shoal-op-guess").await.unwrap();
+        assert_eq!(r.status().as_u16(), 429);
+        assert!(r.headers().get(header::RETRY_AFTER).is_some());
+        let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        assert!(String::from_utf8_lossy(&b).contains("10.0.0.1"));
+        let other = ask([10, 0, 0, 2], "shoal-op-guess").await.unwrap();
+        assert_eq!(other.status().as_u16(), 401);
+        // The window ends a minute after the first failure.
+        let t = Throttle::default();
+        let ip = std::net::IpAddr::from(scanner);
+        for _ in 0..FAILED_LOGINS_PER_MINUTE {
+            t.failed(ip, 1_000);
+        }
+        assert_eq!(t.blocked(ip, 1_030), Some(30));
+        assert_eq!(t.blocked(ip, 1_060), None);
+        t.failed(ip, 1_060);
+        assert_eq!(t.blocked(ip, 1_061), None, "a new window starts at one");
+        let off = Throttle::new(0);
+        for _ in 0..100 {
+            off.failed(ip, 1_000);
+        }
+        assert_eq!(off.blocked(ip, 1_001), None, "0: no limit");
     }
 
     #[test]
@@ -1796,6 +1935,7 @@ mod tests {
             store: None,
             data: None,
             export: None,
+            throttle: Throttle::default(),
         });
         for what in [
             "conflicts",
@@ -1812,7 +1952,7 @@ mod tests {
                 std::time::Duration::from_secs(5),
                 cli_get(
                     State(shared.clone()),
-                    axum::Extension(Operator("op".into(), ApiRole::Viewer, None)),
+                    axum::Extension(Operator("op".into(), ApiRole::Viewer, None, None)),
                     Path(what.to_string()),
                     Query(q),
                 ),

@@ -41,6 +41,9 @@ pub struct Options {
     /// Keep the data that came up this long in the anchor's own store
     /// (`None`: for ever).
     pub retention: Option<Duration>,
+    /// Failed logins one client address may make in a minute before it is
+    /// held back (0: no limit).
+    pub failed_logins_per_minute: u32,
 }
 
 /// The anchor's own identity: made (and certified with the root key) the
@@ -172,6 +175,7 @@ pub async fn run(
                 data: Some(a.base.data.counters.clone()),
                 export: export.clone(),
                 demo: opts.demo.clone(),
+                throttle: crate::api::Throttle::new(opts.failed_logins_per_minute),
             },
         )
         .await?;
