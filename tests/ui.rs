@@ -382,5 +382,31 @@ fn operator_ui_in_chromium() {
         decisions.as_str().unwrap().contains("abort by alice"),
         "{decisions}"
     );
+
+    // A viewer reads, and an edit is refused with the role it needs.
+    let viewer = support::token_with_role(&anchor_dir, "vic", "viewer");
+    let before = api_get(&format!("{url}/api/apps/web"), &token)["spec"].clone();
+    assert!(before["version"].is_string(), "{before}");
+    b.click("#logout").unwrap();
+    wait(&mut b, "!!document.querySelector('#token')");
+    b.fill("#token", &viewer).unwrap();
+    b.click("#login-form button").unwrap();
+    wait(
+        &mut b,
+        "(document.querySelector('#role')?.textContent || '').includes('viewer')",
+    );
+    go(&mut b, "#/app/web");
+    wait(&mut b, "!!document.querySelector('#save')");
+    b.click("#save").unwrap();
+    wait(
+        &mut b,
+        "(document.querySelector('#validation-error')?.innerText || '').includes('needs the site-engineer role')",
+    );
+    shot(&mut b, "viewer-refused");
+    assert_eq!(
+        api_get(&format!("{url}/api/apps/web"), &token)["spec"],
+        before,
+        "the viewer's edit changed nothing"
+    );
     assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
 }

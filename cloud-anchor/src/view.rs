@@ -217,8 +217,9 @@ pub struct View {
     security: VecDeque<SecurityEvent>,
     security_total: u64,
     timeline: VecDeque<TimelineEvent>,
-    /// Timeline and security entries not yet in the store.
-    unsaved: Vec<(AuditLog, AuditEntry)>,
+    /// Timeline and security entries not yet in the store (bounded: the
+    /// store keeps no more than the two logs' limits anyway).
+    unsaved: VecDeque<(AuditLog, AuditEntry)>,
     lag_cache: HashMap<(DocId, Vec<String>), Lag>,
     docs_dirty: BTreeSet<DocId>,
     last_publish: Option<Instant>,
@@ -242,7 +243,7 @@ impl View {
             security: VecDeque::new(),
             security_total: 0,
             timeline: VecDeque::new(),
-            unsaved: Vec::new(),
+            unsaved: VecDeque::new(),
             lag_cache: HashMap::new(),
             docs_dirty: BTreeSet::new(),
             last_publish: None,
@@ -297,7 +298,7 @@ impl View {
             source: source.to_string(),
             reason: reason.to_string(),
         });
-        self.unsaved.push((
+        self.unsave(
             AuditLog::Security,
             AuditEntry {
                 at,
@@ -305,14 +306,21 @@ impl View {
                 subject: source.to_string(),
                 text: reason.to_string(),
             },
-        ));
+        );
         self.changed.insert("security");
     }
 
     /// The entries to store since the last call (the anchor appends them
     /// to its store: the timeline and security log survive a restart).
     pub fn take_unsaved(&mut self) -> Vec<(AuditLog, AuditEntry)> {
-        std::mem::take(&mut self.unsaved)
+        self.unsaved.drain(..).collect()
+    }
+
+    fn unsave(&mut self, log: AuditLog, entry: AuditEntry) {
+        if self.unsaved.len() >= TIMELINE_KEPT + SECURITY_KEPT {
+            self.unsaved.pop_front();
+        }
+        self.unsaved.push_back((log, entry));
     }
 
     /// Puts back what the store kept, before anything new happens.
@@ -348,7 +356,7 @@ impl View {
         if self.timeline.len() == TIMELINE_KEPT {
             self.timeline.pop_front();
         }
-        self.unsaved.push((
+        self.unsave(
             AuditLog::Timeline,
             AuditEntry {
                 at,
@@ -356,7 +364,7 @@ impl View {
                 subject: subject.to_string(),
                 text: text.clone(),
             },
-        ));
+        );
         self.timeline.push_back(TimelineEvent {
             at,
             kind: kind.to_string(),

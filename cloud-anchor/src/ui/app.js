@@ -104,7 +104,8 @@ async function start() {
   $("#nav").hidden = false;
   $("#nav-demo").hidden = !me.demo;
   $("#fleet").textContent = `fleet ${me.fleet} · ${me.anchor}`;
-  $("#who").innerHTML = `${esc(me.operator)} · <a href="#" id="logout">log out</a>`;
+  const role = me.role ? ` <span class="muted" id="role">(${esc(me.role)}${me.site ? ` of ${esc(me.site)}` : ""})</span>` : "";
+  $("#who").innerHTML = `${esc(me.operator)}${role} · <a href="#" id="logout">log out</a>`;
   $("#logout").onclick = async (ev) => { ev.preventDefault(); await api("POST", "/api/logout"); showLogin(); };
   if (!events) {
     events = new EventSource("/api/events");
