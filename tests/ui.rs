@@ -29,6 +29,13 @@ fn shot(b: &mut cdp::Browser, name: &str) {
     }
 }
 
+/// Fills the login form, once it is shown, with `token` and sends it.
+fn log_in(b: &mut cdp::Browser, token: &str) {
+    wait(b, "!!document.querySelector('#token')");
+    b.fill("#token", token).unwrap();
+    b.click("#login-form button").unwrap();
+}
+
 fn wait(b: &mut cdp::Browser, cond: &str) {
     if let Err(e) = b.wait_until(cond, UI_WITHIN) {
         let html = b
@@ -164,12 +171,9 @@ fn operator_ui_in_chromium() {
     });
     // Log in with the token.
     b.navigate(&format!("{url}/")).unwrap();
-    wait(&mut b, "!!document.querySelector('#token')");
-    b.fill("#token", "shoal-op-wrong").unwrap();
-    b.click("#login-form button").unwrap();
+    log_in(&mut b, "shoal-op-wrong");
     wait(&mut b, "!!document.querySelector('#login-error')");
-    b.fill("#token", &token).unwrap();
-    b.click("#login-form button").unwrap();
+    log_in(&mut b, &token);
     wait(
         &mut b,
         "document.querySelector('#total-nodes')?.textContent === '1'",
@@ -388,9 +392,7 @@ fn operator_ui_in_chromium() {
     let before = api_get(&format!("{url}/api/apps/web"), &token)["spec"].clone();
     assert!(before["version"].is_string(), "{before}");
     b.click("#logout").unwrap();
-    wait(&mut b, "!!document.querySelector('#token')");
-    b.fill("#token", &viewer).unwrap();
-    b.click("#login-form button").unwrap();
+    log_in(&mut b, &viewer);
     wait(
         &mut b,
         "(document.querySelector('#role')?.textContent || '').includes('viewer')",
