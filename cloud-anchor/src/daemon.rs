@@ -73,8 +73,9 @@ struct Anchor {
     view: Option<View>,
     snapshots: Option<watch::Sender<Arc<Snapshot>>>,
     /// The view's new timeline and security entries, to the task that
-    /// appends them to the store (one writer: their order is kept).
-    audit: Option<tokio::sync::mpsc::UnboundedSender<Vec<(AuditLog, AuditEntry)>>>,
+    /// appends them to the store (one writer: their order is kept). Bounded:
+    /// while the disk is behind, entries wait in the view (itself bounded).
+    audit: Option<tokio::sync::mpsc::Sender<Vec<(AuditLog, AuditEntry)>>>,
     audit_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -140,7 +141,7 @@ pub async fn run(
                 tracing::warn!(error = %e, "the stored timeline could not be read")
             }
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(AuditLog, AuditEntry)>>();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(AuditLog, AuditEntry)>>(16);
         let writer = store.clone();
         a.audit_task = Some(tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
@@ -211,7 +212,7 @@ pub async fn run(
     // What happened since the last round is stored, after what was queued
     // before it, before the store closes.
     if let (Some(v), Some(audit)) = (a.view.as_mut(), a.audit.take()) {
-        let _ = audit.send(v.take_unsaved());
+        let _ = audit.send(v.take_unsaved()).await;
     }
     if let Some(task) = a.audit_task.take() {
         let _ = task.await;
@@ -392,11 +393,13 @@ impl Anchor {
         let (Some(view), Some(tx)) = (self.view.as_mut(), self.snapshots.as_ref()) else {
             return;
         };
-        let unsaved = view.take_unsaved();
-        if !unsaved.is_empty()
-            && let Some(audit) = &self.audit
+        if let Some(audit) = &self.audit
+            && audit.capacity() > 0
         {
-            let _ = audit.send(unsaved);
+            let unsaved = view.take_unsaved();
+            if !unsaved.is_empty() {
+                let _ = audit.try_send(unsaved);
+            }
         }
         view.counters.sync_bytes_out = self.base.sent.bytes;
         view.counters.sync_messages_out = self.base.sent.messages;
