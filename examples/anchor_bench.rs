@@ -22,8 +22,8 @@ use crdt_state::signed::bundle::Bundle;
 use crdt_state::{DataDir, DocId, Document, Identity, PublicKey, Role, fleet::manifest};
 use serde_json::json;
 use support::{
-    Daemon, api_get, enroll, free_udp_port, http, http_url, ok, operator_token, percentile, rss_mb,
-    s,
+    Daemon, api_get, enroll, fleet_init, free_udp_port, http, http_url, ok, operator_token,
+    percentile, rss_mb, s,
 };
 
 fn now() -> i64 {
@@ -136,14 +136,7 @@ fn populate(anchor_dir: &Path, n: usize) {
 fn scale(n: usize, requests: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let anchor_dir = tmp.path().join("anchor");
-    ok(&[
-        "fleet",
-        "init",
-        "--data-dir",
-        s(&anchor_dir),
-        "--name",
-        "big",
-    ]);
+    fleet_init(&anchor_dir, "big");
     populate(&anchor_dir, n);
     let token = operator_token(&anchor_dir, "bench");
     let store = std::fs::metadata(anchor_dir.join("store.redb"))

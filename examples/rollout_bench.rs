@@ -49,14 +49,7 @@ fn gate(nodes: usize, rounds: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
-    ok(&[
-        "fleet",
-        "init",
-        "--data-dir",
-        s(&anchor_dir),
-        "--name",
-        "bench",
-    ]);
+    fleet_init(&anchor_dir, "bench");
     let token = operator_token(&anchor_dir, "bench");
     let mut dirs = vec![bundle_node(&anchor_dir, root, "c1", "canary")];
     for i in 1..nodes {
@@ -152,14 +145,7 @@ fn rollback(rounds: usize) {
             let tmp = tempfile::tempdir().unwrap();
             let root = tmp.path();
             let anchor_dir = root.join("anchor");
-            ok(&[
-                "fleet",
-                "init",
-                "--data-dir",
-                s(&anchor_dir),
-                "--name",
-                "bench",
-            ]);
+            fleet_init(&anchor_dir, "bench");
             let apply = |text: &str| {
                 let f = write(root, "meter.yaml", text);
                 ok(&["apply", "--data-dir", s(&anchor_dir), "-f", s(&f)]);

@@ -54,14 +54,7 @@ fn operator_ui_in_chromium() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
-    ok(&[
-        "fleet",
-        "init",
-        "--data-dir",
-        s(&anchor_dir),
-        "--name",
-        "plant",
-    ]);
+    fleet_init(&anchor_dir, "plant");
     let token = operator_token(&anchor_dir, "alice");
     let n1 = bundle_node(&anchor_dir, root, "n1", "s1");
     // A second operator, working offline on her own copy (for a conflict).

@@ -132,14 +132,18 @@ pub async fn run(
         // What the store kept of the timeline and the security log (one
         // read at start, before the loop runs).
         let store = a.base.dd.shared_store();
-        match (
-            store.audit(AuditLog::Timeline, crate::view::TIMELINE_KEPT),
-            store.audit(AuditLog::Security, crate::view::SECURITY_KEPT),
-        ) {
-            (Ok(t), Ok(s)) => view.restore(t, s),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "the stored timeline could not be read")
-            }
+        let reader = store.clone();
+        let kept = tokio::task::spawn_blocking(move || {
+            Ok::<_, crdt_state::Error>((
+                reader.audit(AuditLog::Timeline, crate::view::TIMELINE_KEPT)?,
+                reader.audit(AuditLog::Security, crate::view::SECURITY_KEPT)?,
+            ))
+        })
+        .await;
+        match kept {
+            Ok(Ok((t, s))) => view.restore(t, s),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the stored timeline could not be read"),
+            Err(e) => tracing::warn!(error = %e, "the stored timeline could not be read"),
         }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(AuditLog, AuditEntry)>>(16);
         let writer = store.clone();

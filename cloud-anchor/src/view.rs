@@ -134,18 +134,10 @@ pub struct SecurityEvent {
     pub reason: String,
 }
 
-/// A timeline entry: partitions, merges, edits, conflicts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TimelineEvent {
-    /// When (Unix seconds).
-    pub at: i64,
-    /// `connected`, `disconnected`, `merged`, `edit`, `conflict`, `enrolled`.
-    pub kind: String,
-    /// The node, site or document it concerns.
-    pub subject: String,
-    /// Words for people.
-    pub text: String,
-}
+/// A timeline entry: partitions, merges, edits, conflicts (`kind`:
+/// `connected`, `disconnected`, `merged`, `edit`, `conflict`, `enrolled`,
+/// …). The same value is what the store keeps.
+pub type TimelineEvent = AuditEntry;
 
 /// Counters for `/metrics`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -327,16 +319,7 @@ impl View {
     pub fn restore(&mut self, timeline: Vec<AuditEntry>, security: Vec<AuditEntry>) {
         let keep = |n: usize, max: usize| n.saturating_sub(max);
         let skip = keep(timeline.len(), TIMELINE_KEPT);
-        self.timeline = timeline
-            .into_iter()
-            .skip(skip)
-            .map(|e| TimelineEvent {
-                at: e.at,
-                kind: e.kind,
-                subject: e.subject,
-                text: e.text,
-            })
-            .collect();
+        self.timeline = timeline.into_iter().skip(skip).collect();
         let skip = keep(security.len(), SECURITY_KEPT);
         self.security = security
             .into_iter()
@@ -356,21 +339,14 @@ impl View {
         if self.timeline.len() == TIMELINE_KEPT {
             self.timeline.pop_front();
         }
-        self.unsave(
-            AuditLog::Timeline,
-            AuditEntry {
-                at,
-                kind: kind.to_string(),
-                subject: subject.to_string(),
-                text: text.clone(),
-            },
-        );
-        self.timeline.push_back(TimelineEvent {
+        let entry = TimelineEvent {
             at,
             kind: kind.to_string(),
             subject: subject.to_string(),
             text,
-        });
+        };
+        self.unsave(AuditLog::Timeline, entry.clone());
+        self.timeline.push_back(entry);
         self.changed.insert("timeline");
     }
 

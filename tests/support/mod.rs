@@ -479,6 +479,11 @@ pub fn http_url(anchor_dir: &Path) -> String {
     )
 }
 
+/// Makes a fleet (`shoal fleet init`) in `dir`.
+pub fn fleet_init(dir: &Path, name: &str) {
+    ok(&["fleet", "init", "--data-dir", s(dir), "--name", name]);
+}
+
 /// Creates an admin's token on an anchor's data dir (the tests exercise
 /// every route; `token_with_role` for the others).
 pub fn operator_token(anchor_dir: &Path, name: &str) -> String {

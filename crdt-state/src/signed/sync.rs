@@ -528,16 +528,29 @@ impl Engine {
             self.trust.absorb_fleet(fleet);
         }
         self.out.push_back(Output::Changed { doc: doc.clone() });
-        let peers: Vec<PublicKey> = self
-            .candidates(doc)
-            .into_iter()
-            .filter(|k| {
-                Some(*k) != except
-                    && self.peers.get(k).is_some_and(|p| {
-                        wants(&self.trust, &p.cert, doc) && !upload_only(&p.cert, &self.me, doc)
-                    })
-            })
-            .collect();
+        let keeps = |k: &PublicKey, p: &Peer| {
+            Some(*k) != except
+                && wants(&self.trust, &p.cert, doc)
+                && !upload_only(&p.cert, &self.me, doc)
+        };
+        let peers: Vec<PublicKey> = match doc {
+            // At an anchor a node's document concerns only that node and
+            // the peers that are not nodes (its site's other nodes only
+            // upload it): found by index, not by a walk over every session.
+            DocId::Node { name, .. } if self.me.role == Role::Anchor => self
+                .not_nodes
+                .iter()
+                .chain(self.nodes_by_name.get(name))
+                .filter(|k| self.peers.get(k).is_some_and(|p| keeps(k, p)))
+                .copied()
+                .collect(),
+            _ => self
+                .peers
+                .iter()
+                .filter(|(k, p)| keeps(k, p))
+                .map(|(k, _)| *k)
+                .collect(),
+        };
         for p in peers {
             self.generate(p, doc);
         }
@@ -558,21 +571,6 @@ impl Engine {
             if self.nodes_by_name.get(&p.cert.name) == Some(peer) {
                 self.nodes_by_name.remove(&p.cert.name);
             }
-        }
-    }
-
-    /// Peers that may keep `doc`: at an anchor, a node's document concerns
-    /// only that node and the peers that are not nodes (its site's other
-    /// nodes only upload it); elsewhere every peer is looked at.
-    fn candidates(&self, doc: &DocId) -> Vec<PublicKey> {
-        match doc {
-            DocId::Node { name, .. } if self.me.role == Role::Anchor => self
-                .not_nodes
-                .iter()
-                .chain(self.nodes_by_name.get(name))
-                .copied()
-                .collect(),
-            _ => self.peers.keys().copied().collect(),
         }
     }
 
