@@ -85,7 +85,9 @@ enum Command {
         /// Manifest files; `-` reads standard input.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
-        /// Sign with this identity file instead of the data dir's.
+        /// Sign with this identity file instead of the data dir's; with
+        /// --anchor, the edit is made and signed here and the anchor only
+        /// checks it.
         #[arg(long)]
         identity: Option<PathBuf>,
         /// Output format: table, json or yaml.
@@ -100,7 +102,9 @@ enum Command {
         kind: String,
         /// Its name.
         name: String,
-        /// Sign with this identity file instead of the data dir's.
+        /// Sign with this identity file instead of the data dir's; with
+        /// --anchor, the edit is made and signed here and the anchor only
+        /// checks it.
         #[arg(long)]
         identity: Option<PathBuf>,
     },
@@ -816,12 +820,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 manifest::parse(label, text)?;
             }
             if let Some(c) = target.client() {
-                if identity.is_some() {
-                    anyhow::bail!(
-                        "--identity is for data dirs: the anchor signs with its operator identity"
-                    );
+                match &identity {
+                    // Signed here, with the operator's own key.
+                    Some(file) => {
+                        let mut manifests = Vec::new();
+                        for (label, text) in &texts {
+                            manifests.extend(manifest::parse(label, text)?);
+                        }
+                        let applied = c.apply_signed(file, &manifests)?;
+                        print!("{}", daemon::render::applied(output, &applied));
+                    }
+                    None => print!("{}", c.apply(&texts, &output.to_string())?),
                 }
-                print!("{}", c.apply(&texts, &output.to_string())?);
                 return Ok(());
             }
             let req = Verb::Apply {
@@ -838,12 +848,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
         } => {
             if let Some(c) = target.client() {
-                if identity.is_some() {
-                    anyhow::bail!(
-                        "--identity is for data dirs: the anchor signs with its operator identity"
-                    );
+                match &identity {
+                    Some(file) => print!("{}", c.delete_signed(file, &kind, &name)?),
+                    None => print!("{}", c.delete(&kind, &name)?),
                 }
-                print!("{}", c.delete(&kind, &name)?);
                 return Ok(());
             }
             let req = Verb::Delete {

@@ -388,6 +388,144 @@ fn the_timeline_and_security_log_survive_a_restart() {
     }
 }
 
+/// An operator's edit made with `--identity` is built and signed on the
+/// operator's machine: the node holds it as that operator's change, not the
+/// anchor's. A change whose signature was tampered with on the way is
+/// refused whole (403, a security event) and nothing of it is kept; the
+/// same change untampered then goes through.
+#[test]
+fn an_operator_signs_edits_on_their_own_machine() {
+    use crdt_state::signed::bundle::Bundle;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
+    // Made where the root is; from here on it lives on alice's machine.
+    let alice = root.join("alice.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--role",
+        "operator",
+        "--name",
+        "alice",
+        "--out",
+        s(&alice),
+    ]);
+    let token = token_with_role(&anchor_dir, "alice-laptop", "operator");
+    let n1 = bundle_node(&anchor_dir, root, "n1", "s1");
+    let anchor = start_anchor(&anchor_dir, free_udp_port(), &[]);
+    let url = http_url(&anchor_dir);
+    let _node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
+
+    let web = write(root, "web.yaml", &app_yaml("web", "v2"));
+    let out = ok(&[
+        "apply",
+        "--anchor",
+        &url,
+        "--token",
+        &token,
+        "--identity",
+        s(&alice),
+        "-f",
+        s(&web),
+    ]);
+    assert!(out.contains("app/web configured"), "{out}");
+    assert!(
+        wait_for(WITHIN, || app_version(&n1, "web").as_deref() == Some("v2")),
+        "the signed edit never reached n1"
+    );
+    // The node checks whose it is against the certificates alone.
+    let latest = |dir: &Path| -> Value {
+        get(dir, "changes")
+            .as_array()
+            .and_then(|a| a.iter().rev().find(|c| c["doc"] == "fleet").cloned())
+            .unwrap_or(Value::Null)
+    };
+    let c = latest(&n1);
+    assert_eq!(c["writer"], "alice", "{c}");
+    assert_eq!(c["role"], "operator", "{c}");
+    assert!(c.get("message").is_none(), "no service signed it: {c}");
+    let timeline = api_get(&format!("{url}/api/timeline?per_page=500"), &token);
+    let texts: Vec<&str> = timeline["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("alice-laptop posted") && t.contains("fleet")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("written by alice")),
+        "{texts:?}"
+    );
+
+    // A change built and signed like the CLI does, then tampered with.
+    let client = cloud_anchor::client::Client::new(&url, &token);
+    let fetched = client.bundle(&[crdt_state::DocId::Fleet]).unwrap();
+    let manifests = crdt_state::fleet::manifest::parse("web.yaml", &app_yaml("web", "v3")).unwrap();
+    let (_, signed) =
+        crdt_state::local::datadir::edit_offline(&fetched, &alice, |dd| dd.apply(&manifests, 1))
+            .unwrap();
+    let signed = signed.expect("v3 is a change");
+    let mut bundle = Bundle::decode(&signed).unwrap();
+    let fleet_root = bundle.root.unwrap();
+    bundle.docs[0].1[0].signature[7] ^= 0x40;
+    let err = client
+        .post_changes(bundle.encode(fleet_root))
+        .expect_err("a tampered change is refused");
+    assert!(err.to_string().contains("403"), "{err:#}");
+    assert!(
+        wait_for(WITHIN, || {
+            api_get(&format!("{url}/api/security?per_page=500"), &token)["items"]
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter().any(|e| {
+                        e["reason"].as_str().is_some_and(|r| {
+                            r.contains("refused signed changes sent by alice-laptop")
+                        })
+                    })
+                })
+        }),
+        "no security event for the tampered change"
+    );
+    let apps = ok(&[
+        "get", "apps", "--anchor", &url, "--token", &token, "-o", "json",
+    ]);
+    let apps: Value = serde_json::from_str(&apps).unwrap();
+    assert_eq!(apps["web"]["version"], "v2", "nothing of it was kept");
+    client.post_changes(signed).unwrap();
+    assert!(
+        wait_for(WITHIN, || app_version(&n1, "web").as_deref() == Some("v3")),
+        "the untampered change never reached n1"
+    );
+
+    // Deletes are signed here too.
+    let out = ok(&[
+        "delete",
+        "app",
+        "web",
+        "--anchor",
+        &url,
+        "--token",
+        &token,
+        "--identity",
+        s(&alice),
+    ]);
+    assert!(out.contains("app/web deleted"), "{out}");
+    assert!(
+        wait_for(WITHIN, || app_version(&n1, "web").is_none()),
+        "the signed delete never reached n1"
+    );
+    assert_eq!(latest(&n1)["writer"], "alice");
+}
+
 #[test]
 fn a_replica_carries_on_when_an_anchor_dies() {
     let tmp = tempfile::tempdir().unwrap();
@@ -472,8 +610,9 @@ fn schemathesis() -> std::path::PathBuf {
 }
 
 /// Every check on (CLI flags would override the per-operation lines).
-/// `/api/apply` takes any text as YAML manifests, which no schema can tell
-/// valid from not: there "valid data is accepted" is off. `/api/events` is a
+/// `/api/apply` takes any text as YAML manifests, and `/api/changes` any
+/// bytes as a bundle of signed changes, which no schema can tell valid from
+/// not: there "valid data is accepted" is off. `/api/events` is a
 /// stream with no parameters: nothing to fuzz, and each request would wait
 /// out the stream.
 ///
@@ -499,6 +638,10 @@ ignored_auth.enabled = true
 
 [[operations]]
 include-path = "/api/apply"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/api/changes"
 checks.positive_data_acceptance.enabled = false
 
 [[operations]]

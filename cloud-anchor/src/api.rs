@@ -238,6 +238,8 @@ pub const ROUTES: &[(&str, &str, Option<ApiRole>)] = &[
     ("DELETE", "/api/artifacts/{name}", Some(ApiRole::Operator)),
     ("PUT", "/api/artifacts/{name}", Some(ApiRole::Operator)),
     ("POST", "/api/apply", Some(ApiRole::SiteEngineer)),
+    ("GET", "/api/bundle", Some(ApiRole::Viewer)),
+    ("POST", "/api/changes", Some(ApiRole::SiteEngineer)),
     ("GET", "/api/rollouts", Some(ApiRole::Viewer)),
     ("GET", "/api/rollouts/{app}", Some(ApiRole::Viewer)),
     (
@@ -314,6 +316,11 @@ pub fn router(server: Server) -> Router {
                 .delete(delete_entity),
         )
         .route("/api/apply", post(apply))
+        .route("/api/bundle", get(bundle))
+        .route(
+            "/api/changes",
+            post(changes).layer(DefaultBodyLimit::max(MAX_CHANGES_BODY)),
+        )
         .route("/api/rollouts", get(rollouts))
         .route("/api/rollouts/{app}", get(rollout_status))
         .route("/api/rollouts/{app}/{action}", post(rollout_action))
@@ -1109,6 +1116,58 @@ async fn apply(
     {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
+    }
+}
+
+/// Largest body of `POST /api/changes`: the signed changes of one edit
+/// (an offline bundle's whole history goes through `shoal bundle import`).
+pub const MAX_CHANGES_BODY: usize = 16 << 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleQuery {
+    only: Option<String>,
+}
+
+/// The signed changes of some documents (`?only=fleet,site/north`) or all,
+/// as an offline bundle: what an operator's CLI edits against and signs.
+async fn bundle(
+    State(s): State<Shared>,
+    Query(q): Query<BundleQuery>,
+    req_ext: axum::Extension<Operator>,
+) -> Response {
+    match call(&s, req_ext.0.0, Command::Export { only: q.only }).await {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Changes an operator built and signed on their own machine (an offline
+/// bundle's encoding): verified like synced ones, then committed and
+/// synced. Their signatures, not the token, give them authority; a bundle
+/// that does not decode or verify is refused whole and is a security event.
+async fn changes(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let Operator(who, _, _, from) = &req_ext.0;
+    let cmd = Command::Import {
+        bundle: bytes.to_vec(),
+        output: None,
+    };
+    match call(&s, who.clone(), cmd).await {
+        Ok(a) => answer(a),
+        Err(e) => {
+            if matches!(e.0.status, 400 | 403) {
+                refused(
+                    &s,
+                    *from,
+                    format!("refused signed changes sent by {who}: {}", e.0.error),
+                );
+            }
+            e.into_response()
+        }
     }
 }
 

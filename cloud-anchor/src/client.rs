@@ -1,7 +1,16 @@
-//! The CLI's side of the API: `shoal apply|get|delete --anchor URL --token T`.
+//! The CLI's side of the API: `shoal apply|get|delete --anchor URL --token T`,
+//! and with `--identity FILE` the edits signed here with the operator's own
+//! key (`GET /api/bundle`, `POST /api/changes`).
 //! Answers are the text the same verbs print on a local data dir.
 
+use std::path::Path;
 use std::time::Duration;
+
+use crdt_state::DocId;
+use crdt_state::fleet::manifest::{Manifest, Spec};
+use crdt_state::fleet::model::Kind;
+use crdt_state::local::datadir::{Applied, edit_offline};
+use daemon::driver::unix_now;
 
 use anyhow::{anyhow, bail};
 use serde_json::json;
@@ -32,15 +41,26 @@ impl Client {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<String> {
+        let body = body.map(|b| (b.into_bytes(), "application/json"));
+        let bytes = self.call_bytes(method, path, body)?;
+        String::from_utf8(bytes).map_err(|_| anyhow!("{}{path}: the answer is not text", self.base))
+    }
+
+    fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(Vec<u8>, &str)>,
+    ) -> anyhow::Result<Vec<u8>> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let resp = match (method, body) {
-            ("POST", Some(b)) => self
+            ("POST", Some((b, content_type))) => self
                 .agent
                 .post(&url)
                 .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(b.as_bytes()),
+                .header("Content-Type", content_type)
+                .send(&b[..]),
             ("DELETE", _) => self
                 .agent
                 .delete(&url)
@@ -50,13 +70,14 @@ impl Client {
         };
         let mut resp = resp.map_err(|e| anyhow!("{url}: {e}"))?;
         let status = resp.status().as_u16();
-        let text = resp
+        let bytes = resp
             .body_mut()
             .with_config()
             .limit(MAX_ANSWER)
-            .read_to_string()
+            .read_to_vec()
             .map_err(|e| anyhow!("{url}: {e}"))?;
         if status >= 400 {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
             let msg = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
@@ -66,7 +87,76 @@ impl Client {
             }
             bail!("the anchor answered {status}: {msg}");
         }
-        Ok(text)
+        Ok(bytes)
+    }
+
+    /// The signed changes of `docs`, as an offline bundle.
+    pub fn bundle(&self, docs: &[DocId]) -> anyhow::Result<Vec<u8>> {
+        let only: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
+        self.call_bytes(
+            "GET",
+            &format!("/api/bundle?only={}", encode(&only.join(","))),
+            None,
+        )
+    }
+
+    /// Posts signed changes (an offline bundle's encoding).
+    pub fn post_changes(&self, bundle: Vec<u8>) -> anyhow::Result<()> {
+        self.call_bytes(
+            "POST",
+            "/api/changes",
+            Some((bundle, "application/octet-stream")),
+        )?;
+        Ok(())
+    }
+
+    /// `shoal apply --anchor URL --identity FILE`: the documents the
+    /// manifests write are fetched, the edit is made and signed here with
+    /// the operator's own key, and only the signed changes are sent. The
+    /// anchor checks them like any synced change: it never signs for us.
+    pub fn apply_signed(
+        &self,
+        identity_file: &Path,
+        manifests: &[Manifest],
+    ) -> anyhow::Result<Vec<Applied>> {
+        let mut docs = vec![DocId::Fleet];
+        for m in manifests {
+            if let Spec::SiteOverride(_) = m.spec {
+                docs.push(DocId::Site(m.name.clone()));
+            }
+        }
+        docs.dedup();
+        let bundle = self.bundle(&docs)?;
+        let (applied, changes) =
+            edit_offline(&bundle, identity_file, |dd| dd.apply(manifests, unix_now()))?;
+        if let Some(changes) = changes {
+            self.post_changes(changes)?;
+        }
+        Ok(applied)
+    }
+
+    /// `shoal delete KIND NAME --anchor URL --identity FILE`, signed here.
+    pub fn delete_signed(
+        &self,
+        identity_file: &Path,
+        kind: &str,
+        name: &str,
+    ) -> anyhow::Result<String> {
+        let k = Kind::parse(kind)
+            .ok_or_else(|| anyhow!("unknown kind {kind:?}: expected app, config, node or site"))?;
+        let target = crdt_state::local::datadir::delete_target(k, name);
+        let mut docs = vec![DocId::Fleet, target];
+        docs.dedup();
+        let bundle = self.bundle(&docs)?;
+        let (n, changes) =
+            edit_offline(&bundle, identity_file, |dd| dd.delete(k, name, unix_now()))?;
+        if let Some(changes) = changes {
+            self.post_changes(changes)?;
+        }
+        Ok(format!(
+            "{}/{name} deleted ({n} fields)\n",
+            k.as_str().to_lowercase()
+        ))
     }
 
     /// `shoal apply`: (label, text) of each file.

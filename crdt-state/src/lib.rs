@@ -33,6 +33,8 @@
 //! ```
 
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod panics;
 
 pub mod signed {

@@ -74,10 +74,10 @@ pub enum Command {
     },
     /// `shoal fleet token create`.
     TokenCreate(TokenRequest),
-    /// `shoal bundle export`, `GET /api/site/bundle`: the signed changes
-    /// of every document, or of one.
+    /// `shoal bundle export`, `GET /api/site/bundle`, `GET /api/bundle`:
+    /// the signed changes of every document, or of some.
     Export {
-        /// Only this document (`site/<name>`).
+        /// Only these documents (`fleet,site/<name>`).
         only: Option<String>,
     },
     /// `shoal bundle import`, `POST /api/site/changes`: signed changes made
@@ -494,16 +494,15 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             })))
         }
         Command::Export { only } => {
-            let only = only
-                .map(|d| DocId::parse(&d).map_err(|e| Refusal::new(400, format!("only: {e}"))))
-                .transpose()?;
+            let only = only_docs(only.as_deref())?;
             let trust = host.base().core.trust().clone();
             Ok(Answer::Blocking(Box::new(move |store| {
                 let reader = Reader {
                     store,
                     trust: &trust,
                 };
-                let bytes = reader.export_some(|id| only.as_ref().is_none_or(|o| o == id))?;
+                let bytes =
+                    reader.export_some(|id| only.as_ref().is_none_or(|o| o.contains(id)))?;
                 Ok(Answer::Bytes(bytes))
             })))
         }
@@ -514,6 +513,16 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                 _ => None,
             };
             let report = host.base().import(&bundle, only.as_ref())?;
+            if let Caller::Operator(user) = caller {
+                // Who signed them is on the "merged" entry the core writes.
+                for (doc, n) in &report.new_changes {
+                    host.event(
+                        "edit",
+                        doc,
+                        format!("{user} posted {n} signed change(s) to {doc}"),
+                    );
+                }
+            }
             Ok(match output {
                 Some(_) => Answer::Text(imported(&report)),
                 None => Answer::Json(json!({
@@ -559,6 +568,7 @@ pub fn authorize(
             | Command::Get { .. }
             | Command::Rollout { .. }
             | Command::Export { .. }
+            | Command::Import { .. }
             | Command::Security { .. } => Ok(()),
             _ => Err(refuse(&format!("operator {name} (an API token)"))),
         },
@@ -597,6 +607,16 @@ pub fn authorize(
             _ => Err(refuse(s)),
         },
     }
+}
+
+/// The documents an export names: `fleet,site/north` (all when absent).
+pub fn only_docs(only: Option<&str>) -> Result<Option<Vec<DocId>>, Refusal> {
+    only.map(|list| {
+        list.split(',')
+            .map(|d| DocId::parse(d.trim()).map_err(|e| Refusal::new(400, format!("only: {e}"))))
+            .collect()
+    })
+    .transpose()
 }
 
 /// This node's site document (404 on a daemon that belongs to no site).
@@ -809,6 +829,7 @@ enum Table {
     Profiles,
     Devices,
     Artifacts,
+    Changes,
 }
 
 fn get_kind(what: &str) -> Result<Table, Refusal> {
@@ -821,11 +842,12 @@ fn get_kind(what: &str) -> Result<Table, Refusal> {
         "profiles" | "profile" => Table::Profiles,
         "devices" | "device" => Table::Devices,
         "artifacts" | "artifact" => Table::Artifacts,
+        "changes" | "change" => Table::Changes,
         other => {
             return Err(Refusal::new(
                 400,
                 format!(
-                    "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices, artifacts or conflicts"
+                    "cannot get {other:?}: expected apps, configs, nodes, sites, profiles, devices, artifacts, conflicts or changes"
                 ),
             ));
         }
@@ -853,6 +875,7 @@ pub fn get(
                 now,
             ),
             Table::Conflicts => render::conflicts(output, &reader.conflicts()?),
+            Table::Changes => render::changes(output, &reader.changes()?),
             Table::Sites => render::sites(output, &reader.sites()?),
             Table::Profiles => render::profiles(output, &reader.fleet()?),
             Table::Devices => render::devices(output, &reader.fleet()?),

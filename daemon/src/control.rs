@@ -142,10 +142,8 @@ fn execute_inner(dd: &mut DataDir, cmd: Command) -> Result<Answer, Refusal> {
             format!("{token}\n")
         }
         Command::Export { only } => {
-            let only = only
-                .map(|d| DocId::parse(&d).map_err(|e| Refusal::new(400, format!("only: {e}"))))
-                .transpose()?;
-            let bytes = dd.export_some(|id| only.as_ref().is_none_or(|o| o == id))?;
+            let only = command::only_docs(only.as_deref())?;
+            let bytes = dd.export_some(|id| only.as_ref().is_none_or(|o| o.contains(id)))?;
             return Ok(Answer::Bytes(bytes));
         }
         Command::Import { bundle, .. } => command::imported(&dd.import(&bundle)?),

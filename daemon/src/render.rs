@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crdt_state::fleet::model::FleetView;
-use crdt_state::local::datadir::{Applied, Conflict};
+use crdt_state::local::datadir::{Applied, ChangeEntry, Conflict};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -428,6 +428,29 @@ pub fn conflicts(format: Format, conflicts: &[Conflict]) -> String {
         format,
         &conflicts,
         &["DOC", "FIELD", "VALUE", "WRITER", "ROLE", "WINS"],
+        rows,
+    )
+}
+
+/// `shoal get changes`: the latest signed changes to desired state.
+pub fn changes(format: Format, changes: &[ChangeEntry]) -> String {
+    let rows = changes
+        .iter()
+        .map(|c| {
+            vec![
+                utc(c.time.max(0) as u64 * 1000, false),
+                c.doc.clone(),
+                c.writer.clone(),
+                c.role.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
+                c.ops.to_string(),
+                c.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    render(
+        format,
+        &changes,
+        &["TIME", "DOC", "WRITER", "ROLE", "OPS", "MESSAGE"],
         rows,
     )
 }

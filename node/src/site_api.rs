@@ -585,36 +585,23 @@ pub fn apply(
     let v = client.get("/api/site/bundle")?;
     let bundle = hex::decode(v["bundle"].as_str().unwrap_or_default())
         .map_err(|_| anyhow!("the node sent a damaged bundle"))?;
-    let scratch = std::env::temp_dir().join(format!("shoal-site-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    let result = (|| {
-        let mut dd = crdt_state::DataDir::use_identity(&scratch, identity_file)?;
-        dd.import(&bundle)?;
-        dd.forward_changes();
-        for m in manifests {
-            if m.kind() != crdt_state::fleet::model::Kind::SiteOverride || m.name != site {
-                bail!(
-                    "{} {}: only the SiteOverride of site {site} can be applied through a node",
-                    m.kind().as_str(),
-                    m.name
-                );
-            }
+    for m in manifests {
+        if m.kind() != crdt_state::fleet::model::Kind::SiteOverride || m.name != site {
+            bail!(
+                "{} {}: only the SiteOverride of site {site} can be applied through a node",
+                m.kind().as_str(),
+                m.name
+            );
         }
-        let applied = dd.apply(manifests, now())?;
-        let docs = dd.take_outbox();
-        if !docs.is_empty() {
-            let root = dd.trust().root();
-            let out = crdt_state::signed::bundle::Bundle {
-                root: Some(root),
-                certs: Vec::new(),
-                docs,
-            };
-            client.post("/api/site/changes", out.encode(root))?;
-        }
-        Ok(applied)
-    })();
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
+    }
+    let (applied, changes) =
+        crdt_state::local::datadir::edit_offline(&bundle, identity_file, |dd| {
+            dd.apply(manifests, now())
+        })?;
+    if let Some(changes) = changes {
+        client.post("/api/site/changes", changes)?;
+    }
+    Ok(applied)
 }
 
 fn now() -> i64 {

@@ -63,6 +63,30 @@ pub struct ConflictValue {
     pub message: Option<String>,
 }
 
+/// One signed change of the fleet or a site document, for people: who
+/// wrote it is the certificate its signature checks against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChangeEntry {
+    /// The document.
+    pub doc: String,
+    /// The change's hash.
+    pub hash: String,
+    /// Seconds since the epoch on the writer's clock (informational).
+    pub time: i64,
+    /// Writer name (or key prefix when unknown).
+    pub writer: String,
+    /// Writer role.
+    pub role: Option<Role>,
+    /// Operations in the change.
+    pub ops: u64,
+    /// Who asked for it, when a service signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Most changes `shoal get changes` lists (the latest, by writer's time).
+pub const CHANGES_LISTED: usize = 200;
+
 /// A field with concurrent values.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conflict {
@@ -419,6 +443,13 @@ impl DataDir {
         self.reader().reports()
     }
 
+    /// The latest signed changes of the fleet and site documents (at most
+    /// [`CHANGES_LISTED`], oldest first): who changed desired state, as
+    /// every holder can check it without any server.
+    pub fn changes(&self) -> Result<Vec<ChangeEntry>> {
+        self.reader().changes()
+    }
+
     /// Every site document held, read.
     pub fn sites(&self) -> Result<BTreeMap<String, model::SiteOverrideSpec>> {
         self.reader().sites()
@@ -582,7 +613,42 @@ impl DataDir {
     }
 }
 
-/// The document a manifest writes.
+/// Edits made away from the documents' holder, signed here: the documents
+/// of `bundle` (fetched from an anchor or a node) are verified against the
+/// fleet root that certified `identity_file` in a scratch data dir, `edit`
+/// writes with that identity, and the new signed changes come back as a
+/// bundle to post (`None` when nothing changed). The scratch dir is removed
+/// either way; the secret key never leaves this machine.
+pub fn edit_offline<R>(
+    bundle: &[u8],
+    identity_file: &Path,
+    edit: impl FnOnce(&mut DataDir) -> Result<R>,
+) -> Result<(R, Option<Vec<u8>>)> {
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed)
+        .map_err(|e| Error::Identity(format!("no randomness from the OS: {e}")))?;
+    let scratch = std::env::temp_dir().join(format!("shoal-edit-{}", hex::encode(seed)));
+    let result = (|| {
+        let mut dd = DataDir::use_identity(&scratch, identity_file)?;
+        dd.import(bundle)?;
+        dd.forward_changes();
+        let r = edit(&mut dd)?;
+        let docs = dd.take_outbox();
+        if docs.is_empty() {
+            return Ok((r, None));
+        }
+        let root = dd.trust().root();
+        let out = Bundle {
+            root: Some(root),
+            certs: Vec::new(),
+            docs,
+        };
+        Ok((r, Some(out.encode(root))))
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
 /// Whether `writer` may write `doc` now: its certificate's authority, and
 /// not revoked. The one check every local write passes (a data dir's verbs,
 /// the daemon core's writes).
@@ -889,6 +955,39 @@ impl Reader<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// The latest signed changes of the fleet and site documents (at most
+    /// [`CHANGES_LISTED`], oldest first): who changed desired state, as
+    /// every holder can check it without any server.
+    pub fn changes(&self) -> Result<Vec<ChangeEntry>> {
+        let mut out = Vec::new();
+        for id in self.store.doc_ids()? {
+            if matches!(id, DocId::Node { .. }) {
+                continue;
+            }
+            let Some(doc) = self.store.load(&id)? else {
+                continue;
+            };
+            for m in doc.history() {
+                let cert = m.writer.and_then(|k| self.trust.cert(&k));
+                out.push(ChangeEntry {
+                    doc: id.to_string(),
+                    hash: m.hash.to_string(),
+                    time: m.time,
+                    writer: cert.map(|c| c.name.clone()).unwrap_or_else(|| {
+                        m.writer.map(|k| k.short()).unwrap_or_else(|| "?".into())
+                    }),
+                    role: cert.map(|c| c.role),
+                    ops: m.ops,
+                    message: m.message,
+                });
+            }
+        }
+        // Stable: causal order within a document stays for equal times.
+        out.sort_by_key(|e| e.time);
+        let skip = out.len().saturating_sub(CHANGES_LISTED);
+        Ok(out.split_off(skip))
     }
 
     /// Every site document held, read.

@@ -145,6 +145,21 @@ pub struct FieldValue {
     pub message: Option<String>,
 }
 
+/// One change of a document, for people (`shoal get changes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeMeta {
+    /// The change.
+    pub hash: ChangeHash,
+    /// The key that signed it (through its actor's first change).
+    pub writer: Option<PublicKey>,
+    /// Seconds since the epoch on the writer's clock (never trusted).
+    pub time: i64,
+    /// Operations in it.
+    pub ops: u64,
+    /// Who asked for it, when a service signed it.
+    pub message: Option<String>,
+}
+
 /// A signed Automerge document.
 pub struct Document {
     id: DocId,
@@ -217,6 +232,22 @@ impl Document {
     /// Every change (for export), in causal order.
     pub fn changes(&self) -> Vec<Change> {
         self.doc.get_changes(&[])
+    }
+
+    /// Every change's metadata, in causal order: hash, writer key, time
+    /// (the writer's clock, informational), number of operations, message.
+    pub fn history(&self) -> Vec<ChangeMeta> {
+        self.doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|m| ChangeMeta {
+                hash: m.hash,
+                writer: self.actor_key(&m.actor),
+                time: m.timestamp,
+                ops: (m.max_op + 1).saturating_sub(m.start_op),
+                message: m.message.map(|s| s.into_owned()),
+            })
+            .collect()
     }
 
     /// The key bound to an actor through its first (authored) change.
