@@ -151,6 +151,7 @@ fn scale(n: usize, requests: usize) {
             format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
             "--http".into(),
             "127.0.0.1:0".into(),
+            "--insecure-http".into(),
         ],
         None,
     );
@@ -286,6 +287,7 @@ fn edit(nodes: usize, reps: usize) {
             format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
             "--http".into(),
             "127.0.0.1:0".into(),
+            "--insecure-http".into(),
         ],
         None,
     );

@@ -128,6 +128,7 @@ fn main() {
         format!("/ip4/127.0.0.1/udp/{anchor_port}/quic-v1"),
         "--http".into(),
         "127.0.0.1:0".into(),
+        "--insecure-http".into(),
     ];
     if let Some(pg) = &pg {
         args.extend(["--readings-db".into(), pg.url()]);

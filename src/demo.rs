@@ -320,6 +320,9 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         http: Some(http),
         demo: Some(controls.clone()),
         readings_db: None,
+        // A demo on one machine's loopback; the UI shows that it is plain
+        // HTTP.
+        tls: None,
         retention: Some(std::time::Duration::from_secs(7 * 86_400)),
         failed_logins_per_minute: cloud_anchor::api::FAILED_LOGINS_PER_MINUTE,
     };

@@ -57,13 +57,24 @@ struct Target {
     /// Operator token for --anchor (from `shoal operator token create`).
     #[arg(long, env = "SHOAL_TOKEN")]
     token: Option<String>,
+    /// Trust this CA (PEM; the fleet's tls-ca.pem) for an https:// anchor,
+    /// instead of the public CAs.
+    #[arg(long, env = "SHOAL_CA", requires = "anchor")]
+    ca: Option<PathBuf>,
 }
 
 impl Target {
-    fn client(&self) -> Option<cloud_anchor::client::Client> {
+    fn client(&self) -> anyhow::Result<Option<cloud_anchor::client::Client>> {
         self.anchor
             .as_deref()
-            .map(|a| cloud_anchor::client::Client::new(a, self.token.as_deref().unwrap_or("")))
+            .map(|a| {
+                cloud_anchor::client::Client::with_ca(
+                    a,
+                    self.token.as_deref().unwrap_or(""),
+                    self.ca.as_deref(),
+                )
+            })
+            .transpose()
     }
 
     fn dir(&self) -> anyhow::Result<&Path> {
@@ -294,6 +305,19 @@ enum FleetCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A TLS server certificate for an anchor's API, from the fleet's TLS
+    /// CA (made beside the root key the first time: give its tls-ca.pem to
+    /// browsers and to `--ca`).
+    TlsCert {
+        #[command(flatten)]
+        dir: Dir,
+        /// A DNS name or IP address the anchor is reached at (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Directory to write tls.pem (chain), tls.key and tls-ca.pem to.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -400,9 +424,22 @@ enum AnchorCmd {
         dir: Dir,
         #[command(flatten)]
         mesh: MeshArgs,
-        /// Serve the operator HTTP API and web UI here (e.g. 0.0.0.0:8080).
+        /// Serve the operator HTTP API and web UI here (e.g. 0.0.0.0:8443),
+        /// over TLS with --tls-cert and --tls-key.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// The certificate chain (PEM, leaf first) the API serves: from
+        /// your CA, or `shoal fleet tls-cert`.
+        #[arg(long, requires = "tls_key", conflicts_with = "insecure_http")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP: tokens and edits cross the network readable by
+        /// anyone on the path. For a loopback or a lab only; the UI says so
+        /// on every page.
+        #[arg(long)]
+        insecure_http: bool,
         /// Copy the data that comes up from the nodes to this PostgreSQL
         /// too (postgres://user@host/db; table shoal_readings, made if
         /// missing).
@@ -536,6 +573,7 @@ enum Daemon {
     },
     Anchor {
         http: Option<std::net::SocketAddr>,
+        tls: Option<std::sync::Arc<daemon::tls::ServerConfig>>,
         readings_db: Option<String>,
         retention: Option<std::time::Duration>,
         failed_logins_per_minute: u32,
@@ -585,6 +623,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
             }
             Daemon::Anchor {
                 http,
+                tls,
                 readings_db,
                 retention,
                 failed_logins_per_minute,
@@ -592,6 +631,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                 let opts = cloud_anchor::daemon::Options {
                     mesh,
                     http,
+                    tls,
                     demo: None,
                     readings_db,
                     retention,
@@ -704,6 +744,10 @@ enum DataCmd {
         /// Operator token.
         #[arg(long, env = "SHOAL_TOKEN")]
         token: String,
+        /// Trust this CA (PEM; the fleet's tls-ca.pem) for an https://
+        /// anchor, instead of the public CAs.
+        #[arg(long, env = "SHOAL_CA")]
+        ca: Option<PathBuf>,
         /// The node.
         node: String,
         /// The series: `device/resource`, or `app/<app>/<series>`.
@@ -819,7 +863,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (label, text) in &texts {
                 manifest::parse(label, text)?;
             }
-            if let Some(c) = target.client() {
+            if let Some(c) = target.client()? {
                 match &identity {
                     // Signed here, with the operator's own key.
                     Some(file) => {
@@ -847,7 +891,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             identity,
         } => {
-            if let Some(c) = target.client() {
+            if let Some(c) = target.client()? {
                 match &identity {
                     Some(file) => print!("{}", c.delete_signed(file, &kind, &name)?),
                     None => print!("{}", c.delete(&kind, &name)?),
@@ -868,7 +912,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             output,
         } => {
-            if let Some(c) = target.client() {
+            if let Some(c) = target.client()? {
                 print!("{}", c.rollout(&app, &action, &output.to_string())?);
                 return Ok(());
             }
@@ -884,7 +928,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             output,
         } => {
-            if let Some(c) = target.client() {
+            if let Some(c) = target.client()? {
                 print!("{}", c.get(&what, &output.to_string())?);
                 return Ok(());
             }
@@ -1009,6 +1053,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             verb(&dir.data_dir, None, req)?;
         }
+        Command::Fleet(FleetCmd::TlsCert {
+            dir,
+            names,
+            out_dir,
+        }) => {
+            // Read without the store: the anchor may be running on it.
+            let root = crdt_state::local::datadir::root_public(&dir.data_dir)?;
+            let (chain, key) = daemon::tls::issue_server_cert(&dir.data_dir, &root, &names, now())?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            std::fs::write(out_dir.join("tls.pem"), &chain)?;
+            crdt_state::signed::identity::write_private(&out_dir.join("tls.key"), key.as_bytes())?;
+            std::fs::copy(
+                dir.data_dir.join(daemon::tls::CA_CERT_FILE),
+                out_dir.join(daemon::tls::CA_CERT_FILE),
+            )?;
+            println!(
+                "{}: tls.pem and tls.key for {} (valid {} days; run the anchor with --tls-cert and --tls-key), and tls-ca.pem for browsers and --ca",
+                out_dir.display(),
+                names.join(", "),
+                daemon::tls::SERVER_CERT_DAYS
+            );
+            println!("pin: sha256//{}", daemon::tls::spki_pin(&chain)?);
+        }
         Command::Fleet(FleetCmd::NodeBundle { dir, node, out }) => {
             let mut dd = DataDir::open(&dir.data_dir, None)?;
             daemon::enroll::node_bundle(
@@ -1029,6 +1097,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             mesh,
             http,
+            tls_cert,
+            tls_key,
+            insecure_http,
             readings_db,
             retention,
             failed_logins_per_minute,
@@ -1037,11 +1108,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
                 None => None,
             };
+            let tls = match (&http, tls_cert, tls_key) {
+                (Some(_), Some(cert), Some(key)) => Some(
+                    daemon::tls::Credentials::read(&cert, &key)?
+                        .server_config()
+                        .with_context(|| format!("{} and {}", cert.display(), key.display()))?,
+                ),
+                (Some(addr), _, _) if !insecure_http => anyhow::bail!(
+                    "--http {addr} needs --tls-cert and --tls-key (from your CA, or `shoal fleet tls-cert`), or --insecure-http to serve plain HTTP"
+                ),
+                _ => None,
+            };
             run_daemon(
                 dir,
                 &mesh,
                 Daemon::Anchor {
                     http,
+                    tls,
                     readings_db,
                     retention,
                     failed_logins_per_minute,
@@ -1253,6 +1336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(DataCmd::Read {
             anchor,
             token,
+            ca,
             node,
             series,
             since,
@@ -1267,7 +1351,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(s) => parse_ttl(&s)? as u64 * 1000,
                 None => 0,
             };
-            let client = cloud_anchor::client::Client::new(&anchor, &token);
+            let client = cloud_anchor::client::Client::with_ca(&anchor, &token, ca.as_deref())?;
             print!(
                 "{}",
                 client.series(&node, &series, (from, to), step, &output)?

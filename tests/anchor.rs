@@ -21,6 +21,9 @@ fn start_anchor(dir: &Path, port: u16, extra: &[String]) -> Daemon {
         "--http".into(),
         "127.0.0.1:0".into(),
     ];
+    if !extra.iter().any(|a| a == "--tls-cert") {
+        args.push("--insecure-http".into());
+    }
     args.extend_from_slice(extra);
     let _ = std::fs::remove_file(dir.join("http.addr"));
     Daemon::start("anchor", dir, &args, None)
@@ -524,6 +527,130 @@ fn an_operator_signs_edits_on_their_own_machine() {
         "the signed delete never reached n1"
     );
     assert_eq!(latest(&n1)["writer"], "alice");
+}
+
+/// The operator API over HTTPS with a certificate from the fleet's TLS
+/// CA: the CLI that trusts that CA gets answers; one that does not, one
+/// that trusts another fleet's CA, and a plain-HTTP request all get none.
+/// Plain HTTP is refused at start unless asked for by name.
+#[test]
+fn the_anchor_serves_https_with_a_fleet_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&dir), "--name", "f"]);
+    let token = operator_token(&dir, "alice");
+    let out = shoal(&[
+        "anchor",
+        "run",
+        "--data-dir",
+        s(&dir),
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success(), "plain HTTP without --insecure-http");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--insecure-http") && err.contains("--tls-cert"),
+        "{err}"
+    );
+
+    let alice = root.join("alice.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&dir),
+        "--role",
+        "operator",
+        "--name",
+        "alice2",
+        "--out",
+        s(&alice),
+    ]);
+    let tls = root.join("tls");
+    let said = ok(&[
+        "fleet",
+        "tls-cert",
+        "--data-dir",
+        s(&dir),
+        "--name",
+        "localhost",
+        "--name",
+        "127.0.0.1",
+        "--out-dir",
+        s(&tls),
+    ]);
+    assert!(said.contains("pin: sha256//"), "{said}");
+    let _anchor = start_anchor(
+        &dir,
+        free_udp_port(),
+        &[
+            "--tls-cert".into(),
+            s(&tls.join("tls.pem")).into(),
+            "--tls-key".into(),
+            s(&tls.join("tls.key")).into(),
+        ],
+    );
+    let addr = http_url(&dir).replace("http://", "");
+    let url = format!("https://{addr}");
+    let ca = tls.join("tls-ca.pem");
+    let get = |extra: &[&str]| {
+        let mut args = vec!["get", "apps", "--anchor", &url, "--token", &token];
+        args.extend_from_slice(extra);
+        shoal(&args)
+    };
+    assert!(
+        wait_for(WITHIN, || get(&["--ca", s(&ca)]).status.success()),
+        "no answer over HTTPS: {}",
+        String::from_utf8_lossy(&get(&["--ca", s(&ca)]).stderr)
+    );
+    // The signed path works over it too.
+    let web = write(root, "web.yaml", &app_yaml("web", "v1"));
+    let out = ok(&[
+        "apply",
+        "--anchor",
+        &url,
+        "--ca",
+        s(&ca),
+        "--token",
+        &token,
+        "--identity",
+        s(&alice),
+        "-f",
+        s(&web),
+    ]);
+    assert!(out.contains("app/web configured"), "{out}");
+
+    let refused = get(&[]);
+    assert!(
+        !refused.status.success(),
+        "the public CAs do not know the fleet's"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(
+        err.contains("issuer") || err.contains("certificate"),
+        "{err}"
+    );
+    let other = root.join("other");
+    ok(&["fleet", "init", "--data-dir", s(&other), "--name", "g"]);
+    ok(&[
+        "fleet",
+        "tls-cert",
+        "--data-dir",
+        s(&other),
+        "--name",
+        "localhost",
+        "--out-dir",
+        s(&root.join("other-tls")),
+    ]);
+    let refused = get(&["--ca", s(&root.join("other-tls").join("tls-ca.pem"))]);
+    assert!(
+        !refused.status.success(),
+        "another fleet's CA does not vouch for this anchor"
+    );
+    let (status, _) = http("GET", &format!("http://{addr}/healthz"), None, None);
+    assert_ne!(status, 200, "no plain HTTP on the TLS port");
 }
 
 #[test]

@@ -354,6 +354,7 @@ fn a_neighbour_serving_corrupt_groups_is_cut_off_and_the_anchor_serves_the_rest(
             "/ip4/127.0.0.1/udp/0/quic-v1".into(),
             "--http".into(),
             "127.0.0.1:0".into(),
+            "--insecure-http".into(),
         ],
         None,
     );

@@ -81,6 +81,7 @@ fn start_anchor(f: &Fleet) -> Daemon {
             format!("/ip4/127.0.0.1/udp/{}/quic-v1", f.anchor_port),
             "--http".into(),
             "127.0.0.1:0".into(),
+            "--insecure-http".into(),
         ],
         None,
     )
@@ -407,6 +408,7 @@ fn start_anchor_with(dir: &Path, port: u16, extra: &[String]) -> Daemon {
         format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
         "--http".into(),
         "127.0.0.1:0".into(),
+        "--insecure-http".into(),
     ];
     args.extend_from_slice(extra);
     Daemon::start("anchor", dir, &args, None)

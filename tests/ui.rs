@@ -92,6 +92,7 @@ fn operator_ui_in_chromium() {
             format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
             "--http".into(),
             "127.0.0.1:0".into(),
+            "--insecure-http".into(),
         ],
         None,
     );
@@ -170,6 +171,11 @@ fn operator_ui_in_chromium() {
     wait(
         &mut b,
         "document.querySelector('#total-nodes')?.textContent === '1'",
+    );
+    // Served with --insecure-http: every page says so.
+    wait(
+        &mut b,
+        "document.querySelector('#insecure')?.hidden === false",
     );
     wait(
         &mut b,
@@ -404,4 +410,68 @@ fn operator_ui_in_chromium() {
         "the viewer's edit changed nothing"
     );
     assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
+}
+
+/// Over HTTPS with a certificate from the fleet's TLS CA (Chromium told to
+/// accept exactly that certificate's key, as a browser that imported
+/// `tls-ca.pem` would), the UI logs in and shows no plain-HTTP warning.
+#[test]
+fn the_ui_over_https_has_no_plain_http_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&dir), "--name", "f"]);
+    let token = operator_token(&dir, "alice");
+    let tls = root.join("tls");
+    let said = ok(&[
+        "fleet",
+        "tls-cert",
+        "--data-dir",
+        s(&dir),
+        "--name",
+        "127.0.0.1",
+        "--out-dir",
+        s(&tls),
+    ]);
+    let pin = said
+        .lines()
+        .find_map(|l| l.strip_prefix("pin: sha256//"))
+        .unwrap_or_else(|| panic!("no pin in {said}"))
+        .to_string();
+    let _anchor = Daemon::start(
+        "anchor",
+        &dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            s(&tls.join("tls.pem")).into(),
+            "--tls-key".into(),
+            s(&tls.join("tls.key")).into(),
+        ],
+        None,
+    );
+    let url = http_url(&dir).replace("http://", "https://");
+    let mut b = cdp::Browser::launch_with(
+        1280,
+        860,
+        &[format!("--ignore-certificate-errors-spki-list={pin}")],
+    )
+    .unwrap_or_else(|e| {
+        panic!("cannot start headless Chromium: {e} (install chromium: `apt-get install chromium`)")
+    });
+    b.navigate(&format!("{url}/")).unwrap();
+    log_in(&mut b, &token);
+    wait(
+        &mut b,
+        "location.protocol === 'https:' && (document.querySelector('#who')?.textContent || '').includes('alice')",
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#insecure').hidden")
+            .unwrap(),
+        json!(true),
+        "no plain-HTTP warning over HTTPS"
+    );
 }

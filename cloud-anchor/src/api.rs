@@ -402,22 +402,45 @@ async fn json_errors(res: Response) -> Response {
     ApiError::new(status.as_u16(), text).into_response()
 }
 
-/// Serves the API on `addr`; returns the bound address.
-pub async fn serve(addr: SocketAddr, server: Server) -> anyhow::Result<SocketAddr> {
+/// Serves the API on `addr`, over TLS with `tls` (plain HTTP without);
+/// returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    tls: Option<Arc<daemon::tls::ServerConfig>>,
+    server: Server,
+) -> anyhow::Result<SocketAddr> {
+    use axum::serve::ListenerExt;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("HTTP API on {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    let app = router(server);
-    tokio::spawn(
-        async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "HTTP API stopped");
-            }
+    let app = router(server).into_make_service_with_connect_info::<SocketAddr>();
+    let span = tracing::info_span!("operator_api", %local);
+    match tls {
+        Some(config) => {
+            // `tap_io` gives the listener the client address axum's
+            // ConnectInfo takes.
+            let listener = daemon::tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+            tokio::spawn(
+                async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "HTTPS API stopped");
+                    }
+                }
+                .instrument(span),
+            );
         }
-        .instrument(tracing::info_span!("operator_api", %local)),
-    );
+        None => {
+            tokio::spawn(
+                async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "HTTP API stopped");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
     Ok(local)
 }
 

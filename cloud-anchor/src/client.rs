@@ -40,6 +40,39 @@ impl Client {
         }
     }
 
+    /// A client that trusts the CA certificates in the PEM file `ca` (the
+    /// fleet's `tls-ca.pem`) for an `https://` anchor, instead of the
+    /// public CAs it trusts without one.
+    pub fn with_ca(base: &str, token: &str, ca: Option<&Path>) -> anyhow::Result<Client> {
+        let Some(ca) = ca else {
+            return Ok(Client::new(base, token));
+        };
+        let pem = std::fs::read(ca).map_err(|e| anyhow!("{}: {e}", ca.display()))?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        if certs.is_empty() {
+            bail!("{}: holds no PEM certificate", ca.display());
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .tls_config(tls)
+            .build()
+            .into();
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            agent,
+        })
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<String> {
         let body = body.map(|b| (b.into_bytes(), "application/json"));
         let bytes = self.call_bytes(method, path, body)?;

@@ -33,6 +33,9 @@ pub struct Options {
     pub mesh: MeshOptions,
     /// Serve the operator HTTP API and UI here.
     pub http: Option<std::net::SocketAddr>,
+    /// Over TLS with this configuration; plain HTTP when absent (only
+    /// with `--insecure-http`, and the UI says so).
+    pub tls: Option<Arc<daemon::tls::ServerConfig>>,
     /// Demo controls for the UI (`shoal demo` only).
     pub demo: Option<Arc<dyn crate::Demo>>,
     /// Copy the data that comes up to this PostgreSQL as well
@@ -171,6 +174,7 @@ pub async fn run(
         let (tx, rx) = watch::channel(first);
         let local = crate::api::serve(
             addr,
+            opts.tls.clone(),
             crate::Server {
                 snapshot: rx,
                 commands: a.base.commands(),
@@ -185,7 +189,8 @@ pub async fn run(
         )
         .await?;
         let _ = std::fs::write(data_dir.join(HTTP_ADDR_FILE), local.to_string());
-        daemon::say!("HTTP API and UI on http://{local}");
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        daemon::say!("HTTP API and UI on {scheme}://{local}");
         a.view = Some(view);
         a.snapshots = Some(tx);
     }

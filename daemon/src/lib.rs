@@ -64,5 +64,7 @@ pub mod data_up;
 pub mod driver;
 #[cfg(feature = "driver")]
 pub mod enroll;
+#[cfg(feature = "driver")]
+pub mod tls;
 
 pub use crate::core::{Action, Arrival, Core, Now, Settings};

@@ -79,6 +79,11 @@ impl Browser {
     /// The binary is `$SHOAL_CHROMIUM`, else `chromium` or
     /// `chromium-browser` on `PATH`; without one this is an error saying so.
     pub fn launch(width: u32, height: u32) -> Result<Browser, String> {
+        Browser::launch_with(width, height, &[])
+    }
+
+    /// [`Browser::launch`] with more command-line flags.
+    pub fn launch_with(width: u32, height: u32, extra: &[String]) -> Result<Browser, String> {
         let binary = find_chromium()?;
         let dir = tempfile::Builder::new()
             .prefix("shoal-cdp-")
@@ -88,7 +93,7 @@ impl Browser {
         let log_path = dir.path().join("chromium.log");
         let log = File::create(&log_path)
             .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-        let flags = [
+        let mut flags = vec![
             "--headless=new".to_string(),
             "--no-sandbox".to_string(),
             "--disable-gpu".to_string(),
@@ -98,8 +103,9 @@ impl Browser {
             "--remote-debugging-pipe".to_string(),
             format!("--user-data-dir={}", profile.display()),
             format!("--window-size={width},{height}"),
-            "about:blank".to_string(),
         ];
+        flags.extend_from_slice(extra);
+        flags.push("about:blank".to_string());
         let mut child = Command::new("sh")
             .arg("-c")
             .arg("exec \"$0\" \"$@\" 3<&0 4>&1 </dev/null >/dev/null")

@@ -791,6 +791,7 @@ pub fn anchor_with_http(dir: &Path, port: u16) -> Daemon {
             format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
             "--http".into(),
             "127.0.0.1:0".into(),
+            "--insecure-http".into(),
         ],
         None,
     )

@@ -550,6 +550,10 @@ async function demo() {
 window.addEventListener("pagehide", () => { if (events) { events.close(); events = null; } });
 window.addEventListener("pageshow", (ev) => { if (ev.persisted && me) start(); });
 window.addEventListener("hashchange", () => { dirty = false; clearTimeout(refreshTimer); render(); });
+// The anchor serves plain HTTP only with --insecure-http; say so on every
+// page (behind a TLS proxy the browser's own link is https: and this stays
+// hidden).
+$("#insecure").hidden = location.protocol !== "http:";
 (async () => {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {

@@ -1050,6 +1050,19 @@ impl Reader<'_> {
 
 /// Reads the fleet root key a data dir holds (`root.key`), checked against
 /// the fleet's root `root`.
+/// The public half of the fleet root key held in `dir`, read without the
+/// store (which a running daemon holds): where the root is, this proves it.
+pub fn root_public(dir: &Path) -> Result<PublicKey> {
+    let root_path = dir.join(ROOT_KEY_FILE);
+    let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
+        path: dir.to_path_buf(),
+        reason: "holds no fleet root key (root.key): run this where `shoal fleet init` ran".into(),
+    })?;
+    let key = parse_secret(&text)
+        .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
+    Ok(PublicKey(key.verifying_key().to_bytes()))
+}
+
 fn read_root_key(dir: &Path, root: &PublicKey) -> Result<ed25519_dalek::SigningKey> {
     let root_path = dir.join(ROOT_KEY_FILE);
     let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
