@@ -178,7 +178,7 @@ fn poll(devices: usize, seconds: u64) {
                 "device",
                 "read",
                 "--node",
-                &format!("http://{api}"),
+                &format!("https://{api}"),
                 "--identity",
                 s(&eng),
                 "--json",

@@ -296,7 +296,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
                 let api = free_tcp_port()?;
                 args.push("--site-api".into());
                 args.push(format!("127.0.0.1:{api}"));
-                site_api.insert(n.site.clone(), format!("http://127.0.0.1:{api}"));
+                site_api.insert(n.site.clone(), format!("https://127.0.0.1:{api}"));
                 first_of_site.insert(n.site.clone(), me);
             }
         }

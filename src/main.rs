@@ -494,9 +494,16 @@ enum NodeCmd {
         dir: Dir,
         #[command(flatten)]
         mesh: MeshArgs,
-        /// Serve the local site API for field engineers here (e.g. 0.0.0.0:7480).
+        /// Serve the local site API for field engineers and the node's apps
+        /// here (e.g. 0.0.0.0:7480), over TLS with a certificate for the
+        /// node's own key.
         #[arg(long)]
         site_api: Option<std::net::SocketAddr>,
+        /// Serve the site API as plain HTTP: engineers' edits and readings
+        /// cross the LAN readable by anyone on it. For apps that cannot do
+        /// TLS, on a trusted network only.
+        #[arg(long, requires = "site_api")]
+        site_api_insecure_http: bool,
         /// Where apps run: native (processes) or kube (the local K3s).
         #[arg(long, default_value = "native")]
         runtime: String,
@@ -567,6 +574,7 @@ fn as_yaml(v: &serde_json::Value) -> String {
 enum Daemon {
     Node {
         site_api: Option<std::net::SocketAddr>,
+        site_api_tls: bool,
         runtime: RuntimeChoice,
         readings_cap: u64,
         summary_ms: u64,
@@ -608,6 +616,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
         match which {
             Daemon::Node {
                 site_api,
+                site_api_tls,
                 runtime,
                 readings_cap,
                 summary_ms,
@@ -615,6 +624,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                 let opts = node::daemon::Options {
                     mesh,
                     site_api,
+                    site_api_tls,
                     runtime,
                     readings_cap,
                     summary_ms,
@@ -1135,6 +1145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             mesh,
             site_api,
+            site_api_insecure_http,
             runtime,
             kubeconfig,
             readings_cap,
@@ -1150,6 +1161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &mesh,
                 Daemon::Node {
                     site_api,
+                    site_api_tls: !site_api_insecure_http,
                     runtime: rt,
                     readings_cap,
                     summary_ms: summary_interval.saturating_mul(1000),

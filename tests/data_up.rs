@@ -125,7 +125,7 @@ fn landed(url: &str, token: &str, series: &str) -> Vec<(u64, Value)> {
 
 /// `shoal device read` on the node's site API as the site's engineer.
 fn device_read(f: &Fleet, args: &[&str]) -> std::process::Output {
-    let node = format!("http://{}", f.site_api);
+    let node = format!("https://{}", f.site_api);
     let mut all = vec!["device", "read", "--node", &node, "--identity", s(&f.eng)];
     all.extend_from_slice(args);
     Command::new(bin()).args(all).output().unwrap()
@@ -609,9 +609,12 @@ fn readings_reach_postgresql_through_restarts_and_a_replica_switch() {
 #[test]
 fn an_app_posts_records_with_its_own_token() {
     let script = r#"
-import os, json, signal, time, urllib.request
+import os, json, signal, ssl, time, urllib.request
 url = os.environ['SHOAL_SITE_API'] + '/v1/data'
 tok = os.environ['SHOAL_APP_TOKEN']
+# The site API's own certificate is what the app trusts (it names no host).
+ctx = ssl.create_default_context(cafile=os.environ['SHOAL_SITE_API_CA'])
+ctx.check_hostname = False
 body = json.dumps({'records': [
     {'series': 'defects', 'value': {'kind': 'crack', 'confidence': 0.93}},
     {'series': 'count', 'value': 3, 'time': int(time.time() * 1000) - 5000},
@@ -622,7 +625,7 @@ deadline = time.monotonic() + 60
 while True:
     try:
         r = urllib.request.Request(url, data=body, headers={'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
-        print('posted', urllib.request.urlopen(r).read().decode(), flush=True)
+        print('posted', urllib.request.urlopen(r, context=ctx).read().decode(), flush=True)
         break
     except Exception as e:
         if time.monotonic() > deadline:
@@ -661,15 +664,17 @@ signal.pause()
     // The node's shared token (what apps were given before) does not make
     // app tokens.
     let forged = node::site_api::app_token_for(secret.trim(), "inspect");
-    let (st, body) = http(
+    let (st, body) = site_http(
+        &f.anchor_dir,
         "POST",
-        &format!("http://{}/v1/data", f.site_api),
+        &format!("https://{}/v1/data", f.site_api),
         Some(&forged),
         Some(r#"{"series": "bad", "value": 1}"#),
     );
     assert_eq!(st, 401, "{body}");
-    let api = format!("http://{}/v1/data", f.site_api);
-    let post = |tok: &str, body: &str| http("POST", &api, Some(tok), Some(body));
+    let api = format!("https://{}/v1/data", f.site_api);
+    let post =
+        |tok: &str, body: &str| site_http(&f.anchor_dir, "POST", &api, Some(tok), Some(body));
     let good = r#"{"series": "bad", "value": 1}"#;
     let flipped = if own.ends_with('0') { '1' } else { '0' };
     let (st, body) = post(&format!("{}{flipped}", &own[..own.len() - 1]), good);

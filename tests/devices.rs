@@ -96,7 +96,7 @@ fn raw_devices(site: &Site) -> Value {
             "device",
             "read",
             "--node",
-            &format!("http://{}", site.api),
+            &format!("https://{}", site.api),
             "--identity",
             s(&site.eng),
             "--json",
@@ -111,7 +111,7 @@ fn latest(site: &Site, dev: &str, res: &str) -> Value {
 }
 
 fn device_cmd(site: &Site, args: &[&str]) -> std::process::Output {
-    let api = format!("http://{}", site.api);
+    let api = format!("https://{}", site.api);
     let mut full = vec![
         "device",
         args[0],
@@ -148,19 +148,22 @@ fn modbus_tcp_polls_reports_faults_and_takes_setpoints() {
     ));
     // An edge app on the node reading its devices with the node's app token.
     let script = r#"
-import os, json, time, urllib.request
+import os, json, ssl, time, urllib.request
 url = os.environ['SHOAL_SITE_API'] + '/api/devices'
 tok = os.environ['SHOAL_APP_TOKEN']
+# The site API's own certificate is what the app trusts (it names no host).
+ctx = ssl.create_default_context(cafile=os.environ['SHOAL_SITE_API_CA'])
+ctx.check_hostname = False
 while True:
     try:
         r = urllib.request.Request(url, headers={'Authorization': 'Bearer ' + tok})
-        print('temp', json.load(urllib.request.urlopen(r))['devices']['dev-a']['latest']['temp']['value'], flush=True)
+        print('temp', json.load(urllib.request.urlopen(r, context=ctx))['devices']['dev-a']['latest']['temp']['value'], flush=True)
         break
     except Exception as e:
         print('waiting', e, flush=True)
         time.sleep(0.3)
 try:
-    urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': 'Bearer nope'}))
+    urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': 'Bearer nope'}), context=ctx)
 except Exception as e:
     print('wrong token:', e, flush=True)
 time.sleep(3600)
@@ -294,7 +297,7 @@ time.sleep(3600)
             "read",
             "--follow",
             "--node",
-            &format!("http://{}", site.api),
+            &format!("https://{}", site.api),
             "--identity",
             s(&site.eng),
             "dev-a",
@@ -335,7 +338,7 @@ time.sleep(3600)
         "--role",
         "site-engineer",
         "--site",
-        "s2",
+        "s1",
         "--name",
         "eng2",
         "--out",
@@ -346,7 +349,7 @@ time.sleep(3600)
         "read",
         "--follow",
         "--node",
-        &format!("http://{}", site.api),
+        &format!("https://{}", site.api),
         "--identity",
         s(&other),
     ]);

@@ -143,7 +143,7 @@ fn node_runs_its_share_reports_it_and_restarts_it_offline() {
         .args(["site", "apply"])
         .args([
             "--node",
-            "http://127.0.0.1:7480",
+            "https://127.0.0.1:7480",
             "--identity",
             s(&eng),
             "-f",
@@ -179,9 +179,10 @@ fn raw_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    let mut out = Vec::new();
+    // A TLS port closes on a plain request, maybe with a reset.
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]
@@ -232,7 +233,7 @@ fn site_api_authenticates_and_offline_site_edits_merge_with_the_anchor() {
     )
     .unwrap();
     let api = format!("127.0.0.1:{}", free_tcp_port());
-    let url = format!("http://{api}");
+    let url = format!("https://{api}");
     let anchor_id = anchor_id(&anchor_dir);
     let _node = Daemon::start(
         "node",
@@ -252,17 +253,34 @@ fn site_api_authenticates_and_offline_site_edits_merge_with_the_anchor() {
     );
     assert!(all_connected(&anchor_dir, &["n1"], Duration::from_secs(30)));
 
-    // Authentication: none → 401; another fleet's key → 401; another
-    // site's engineer → 403; this site's engineer → the view.
+    // TLS: no plain HTTP on the port; the CLI of another fleet's or
+    // another site's engineer does not take n1 for its node (ADR 0014).
     let raw = raw_get(&api, "/api/view");
-    assert!(raw.lines().next().unwrap_or("").contains(" 401 "), "{raw}");
+    assert!(!raw.contains("HTTP/1"), "a plain-HTTP answer: {raw}");
     let refused = |who: &Path| {
         let out = shoal(&["site", "get", "--node", &url, "--identity", s(who)]);
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    assert!(refused(&stranger).contains("401"), "{}", refused(&stranger));
-    assert!(refused(&eng2).contains("403"), "{}", refused(&eng2));
+    let e = refused(&stranger);
+    assert!(e.contains("certificate") && e.contains("root"), "{e}");
+    let e = refused(&eng2);
+    assert!(e.contains("not of s2"), "{e}");
+    // Authentication behind it: none → 401; another fleet's key → 401;
+    // another site's engineer → 403; this site's engineer → the view.
+    let (status, body) = site_http(&anchor_dir, "GET", &format!("{url}/api/view"), None, None);
+    assert_eq!(status, 401, "{body}");
+    let any_node = |who: &Path| {
+        node::site_api::Client::new(&url, crdt_state::Identity::read(who).unwrap())
+            .trusting_any_node_of(crdt_state::local::datadir::root_public(&anchor_dir).unwrap())
+    };
+    let e = any_node(&stranger)
+        .get("/api/view")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("401"), "{e}");
+    let e = any_node(&eng2).get("/api/view").unwrap_err().to_string();
+    assert!(e.contains("403"), "{e}");
     let view = ok(&[
         "site",
         "get",
@@ -397,9 +415,10 @@ fn a_kube_app_gets_its_own_site_api_token_from_the_node() {
     let stored = String::from_utf8(stored.0).unwrap();
     assert_eq!(stored, want);
     // The site API takes the app's records with it.
-    let (status, body) = http(
+    let (status, body) = site_http(
+        &anchor_dir,
         "POST",
-        &format!("http://127.0.0.1:{port}/v1/data"),
+        &format!("https://127.0.0.1:{port}/v1/data"),
         Some(&stored),
         Some(r#"{"records": [{"series": "defects", "value": 1}]}"#),
     );
@@ -408,9 +427,17 @@ fn a_kube_app_gets_its_own_site_api_token_from_the_node() {
         .get("apps/v1", "Deployment", Some("shoal-web"), "cam")
         .unwrap();
     let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
-    assert_eq!(env[1]["value"], format!("http://$(SHOAL_NODE_IP):{port}"));
+    assert_eq!(env[1]["value"], format!("https://$(SHOAL_NODE_IP):{port}"));
+    // The certificate to trust is the one the site API presents.
+    assert_eq!(env[2]["name"], "SHOAL_SITE_API_CA_PEM");
     assert_eq!(
-        env[2]["valueFrom"]["secretKeyRef"]["name"],
+        env[2]["value"].as_str(),
+        std::fs::read_to_string(nd.join("site-api.pem"))
+            .ok()
+            .as_deref()
+    );
+    assert_eq!(
+        env[3]["valueFrom"]["secretKeyRef"]["name"],
         "shoal-web-token"
     );
     drop(rt);

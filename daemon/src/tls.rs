@@ -73,6 +73,11 @@ impl Credentials {
         Ok(Credentials { chain, key })
     }
 
+    /// The chain as PEM.
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(|c| pem("CERTIFICATE", c)).collect()
+    }
+
     /// A server configuration for HTTP/1.1 over TLS 1.2 or 1.3.
     pub fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
         let mut config = ServerConfig::builder_with_provider(provider())
@@ -279,6 +284,18 @@ pub fn spki_pin(chain_pem: &str) -> anyhow::Result<String> {
     let (_, x509) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| anyhow!("not an X.509 certificate: {e}"))?;
     Ok(base64(&sha2::Sha256::digest(x509.public_key().raw)))
+}
+
+/// One PEM block.
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 /// Standard base64 with padding.
@@ -560,11 +577,13 @@ impl<R: BufRead> Read for Chunked<R> {
         }
         if self.left == 0 {
             let mut size = String::new();
-            self.inner.read_line(&mut size)?;
+            if self.inner.read_line(&mut size)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
             let size = size.trim();
             if size.is_empty() {
-                // The CRLF that ends the previous chunk.
-                self.inner.read_line(&mut String::new())?;
+                // The CRLF that ends the previous chunk's data; the size
+                // comes on the next line.
                 return self.read(buf);
             }
             let hex = size.split(';').next().unwrap_or_default();
@@ -647,6 +666,32 @@ mod tests {
             .expect_err("another key");
         assert!(e.contains("for another key"), "{e}");
         Ok(())
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_chunks() {
+        let wire = b"5\r\nhello\r\n7\r\n, world\r\n1;ext=1\r\n\n\r\n0\r\n\r\n";
+        let mut out = String::new();
+        Chunked {
+            inner: &wire[..],
+            left: 0,
+            done: false,
+        }
+        .read_to_string(&mut out)
+        .unwrap();
+        assert_eq!(out, "hello, world\n");
+        let cut = b"5\r\nhel";
+        let mut out = Vec::new();
+        assert!(
+            Chunked {
+                inner: &cut[..],
+                left: 0,
+                done: false,
+            }
+            .read_to_end(&mut out)
+            .is_err(),
+            "a body cut short is an error, not an end"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use crdt_state::{DataDir, DocId, Role};
 use daemon::driver::{Base, Input, MeshOptions};
 use daemon::{Action, Settings};
@@ -36,6 +36,9 @@ pub struct Options {
     pub mesh: MeshOptions,
     /// Serve the local site API here.
     pub site_api: Option<std::net::SocketAddr>,
+    /// Over TLS, with a certificate for the node's own key (ADR 0014);
+    /// plain HTTP when false.
+    pub site_api_tls: bool,
     /// Where the node's share runs.
     pub runtime: RuntimeChoice,
     /// Most device readings kept in the store (oldest dropped beyond it).
@@ -48,6 +51,9 @@ pub struct Options {
 /// How long a polled reading waits, at most, before it is stored in one
 /// transaction with the others polled meanwhile: at most four commits a
 /// second for readings, whatever the number of devices.
+/// The site API's certificate in the data dir, for the node's apps to trust.
+pub const SITE_API_CERT_FILE: &str = "site-api.pem";
+
 const READINGS_FLUSH: Duration = Duration::from_millis(250);
 
 /// Device readings kept by default: about 11 days of 1 resource at 1 Hz,
@@ -83,6 +89,9 @@ struct Node {
     runtime: Box<dyn Runtime>,
     /// The site API's address as this node's apps reach it.
     site_api_url: Option<String>,
+    /// The site API's certificate, as a file apps are pointed to and its
+    /// PEM (kube apps get the text), when it serves HTTPS.
+    site_api_ca: Option<(std::path::PathBuf, String)>,
     /// The site API's address as pods of the kube runtime reach it.
     site_api_pods: Option<String>,
     /// The node's shared token (`app-token`): device reads only; what
@@ -145,6 +154,7 @@ pub async fn run(
         base,
         runtime,
         site_api_url: None,
+        site_api_ca: None,
         site_api_pods: None,
         app_token: Some(secret_file(&data_dir, "app-token")?),
         app_key: Some(secret_file(&data_dir, "app-key")?),
@@ -168,15 +178,26 @@ pub async fn run(
             n.app_token.clone(),
             n.app_key.clone(),
         );
-        let local = site_api::serve(addr, surface).await?;
-        crate::say!("site API on http://{local}");
+        let tls = if opts.site_api_tls {
+            let creds = daemon::tls::Credentials::for_identity(&n.base.identity()?)?;
+            let pem = creds.chain_pem();
+            let path = opts.mesh.data_dir.join(SITE_API_CERT_FILE);
+            std::fs::write(&path, &pem).with_context(|| format!("writing {}", path.display()))?;
+            n.site_api_ca = Some((path, pem));
+            Some(creds.server_config()?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let local = site_api::serve(addr, surface, tls).await?;
+        crate::say!("site API on {scheme}://{local}");
         // What the node's own apps dial (a wildcard bind is reached on loopback).
         let mut reach = local;
         if reach.ip().is_unspecified() {
             reach.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        n.site_api_url = Some(format!("http://{reach}"));
-        n.site_api_pods = Some(pods_url(local));
+        n.site_api_url = Some(format!("{scheme}://{reach}"));
+        n.site_api_pods = Some(pods_url(scheme, local));
     }
     // The last desired state from the store, before any peer is heard.
     n.base.start();
@@ -351,6 +372,10 @@ impl Node {
                 if let Some(u) = &self.site_api_url {
                     n.env.insert("SHOAL_SITE_API".into(), u.clone());
                 }
+                if let Some((path, _)) = &self.site_api_ca {
+                    n.env
+                        .insert("SHOAL_SITE_API_CA".into(), path.display().to_string());
+                }
             }
             if w.spec.kube.is_some()
                 && let (Some(key), Some(url)) = (&self.app_key, &self.site_api_pods)
@@ -358,6 +383,7 @@ impl Node {
                 w.site_api = Some(SiteApi {
                     url: url.clone(),
                     token: site_api::app_token_for(key, &w.app),
+                    ca_pem: self.site_api_ca.as_ref().map(|(_, pem)| pem.clone()),
                 });
             }
         }
@@ -821,11 +847,11 @@ fn app_readings(
 /// the pod's host IP (`$(SHOAL_NODE_IP)`, which the kube runtime sets from
 /// the downward API); a loopback bind only from pods on the host's network;
 /// any other address as it is.
-fn pods_url(local: std::net::SocketAddr) -> String {
+fn pods_url(scheme: &str, local: std::net::SocketAddr) -> String {
     let port = local.port();
     match local.ip() {
-        ip if ip.is_unspecified() => format!("http://$(SHOAL_NODE_IP):{port}"),
-        _ => format!("http://{local}"),
+        ip if ip.is_unspecified() => format!("{scheme}://$(SHOAL_NODE_IP):{port}"),
+        _ => format!("{scheme}://{local}"),
     }
 }
 
@@ -871,15 +897,21 @@ mod tests {
     #[test]
     fn pods_reach_a_wildcard_site_api_at_their_host_ip() -> anyhow::Result<()> {
         assert_eq!(
-            pods_url("0.0.0.0:8700".parse()?),
-            "http://$(SHOAL_NODE_IP):8700"
+            pods_url("https", "0.0.0.0:8700".parse()?),
+            "https://$(SHOAL_NODE_IP):8700"
         );
         assert_eq!(
-            pods_url("[::]:8700".parse()?),
-            "http://$(SHOAL_NODE_IP):8700"
+            pods_url("https", "[::]:8700".parse()?),
+            "https://$(SHOAL_NODE_IP):8700"
         );
-        assert_eq!(pods_url("10.1.2.3:8700".parse()?), "http://10.1.2.3:8700");
-        assert_eq!(pods_url("[fd00::1]:8700".parse()?), "http://[fd00::1]:8700");
+        assert_eq!(
+            pods_url("http", "10.1.2.3:8700".parse()?),
+            "http://10.1.2.3:8700"
+        );
+        assert_eq!(
+            pods_url("https", "[fd00::1]:8700".parse()?),
+            "https://[fd00::1]:8700"
+        );
         Ok(())
     }
 }

@@ -23,8 +23,10 @@
 //! | GET | `/api/site/bundle` | `{"bundle": hex}`: the site document's signed changes |
 //! | POST | `/api/site/changes` | body: a bundle of the site document's new changes; `{"new": bool}` |
 //!
-//! Plain HTTP: requests are authenticated, answers are not encrypted; the
-//! API is for the LAN of the substation.
+//! Served over TLS with a certificate for the node's own key that carries
+//! its Shoal certificate; the CLI accepts only a node of its engineer's
+//! fleet and site (ADR 0014). Plain HTTP only with
+//! `--site-api-insecure-http`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -375,6 +377,7 @@ pub const LIVE_PATH: &str = "/api/devices/stream";
 pub async fn serve(
     addr: std::net::SocketAddr,
     surface: Surface,
+    tls: Option<std::sync::Arc<daemon::tls::ServerConfig>>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -426,37 +429,76 @@ pub async fn serve(
     let app = axum::Router::new()
         .fallback(handler)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
-    tokio::spawn(
-        async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "site API stopped");
-            }
+    let span = tracing::info_span!("site_api", %local);
+    match tls {
+        Some(config) => {
+            let listener = daemon::tls::TlsListener::new(listener, config)?;
+            tokio::spawn(
+                async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "site API stopped");
+                    }
+                }
+                .instrument(span),
+            );
         }
-        .instrument(tracing::info_span!("site_api", %local)),
-    );
+        None => {
+            tokio::spawn(
+                async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "site API stopped");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
     Ok(local)
 }
 
-/// A signed client of a node's site API.
+/// A signed client of a node's site API. Over `https://` it accepts only
+/// a node of its identity's fleet and site (`daemon::tls::NodeVerifier`,
+/// ADR 0014).
 pub struct Client {
     base: String,
     identity: Identity,
     agent: ureq::Agent,
+    verifier: Option<std::sync::Arc<daemon::tls::NodeVerifier>>,
 }
 
 impl Client {
-    /// A client for the node at `base` (`http://host:port`).
+    /// A client for the node at `base` (`https://host:port`, or
+    /// `http://` for a site API served with `--site-api-insecure-http`).
     pub fn new(base: &str, identity: Identity) -> Client {
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
             .http_status_as_error(false)
             .build()
             .into();
+        let verifier = base.starts_with("https://").then(|| {
+            std::sync::Arc::new(daemon::tls::NodeVerifier::new(
+                identity.cert.issuer,
+                identity.cert.site.clone(),
+            ))
+        });
         Client {
             base: base.trim_end_matches('/').to_string(),
             identity,
             agent,
+            verifier,
         }
+    }
+
+    /// Over `https://`, accepts any node of the fleet `root` instead of
+    /// only nodes of the identity's own fleet and site: for tests of what
+    /// the node itself refuses.
+    pub fn trusting_any_node_of(mut self, root: crdt_state::PublicKey) -> Client {
+        if self.verifier.is_some() {
+            self.verifier = Some(std::sync::Arc::new(daemon::tls::NodeVerifier::new(
+                root, None,
+            )));
+        }
+        self
     }
 
     fn nonce(&self) -> anyhow::Result<[u8; 32]> {
@@ -467,6 +509,73 @@ impl Client {
             .ok_or_else(|| anyhow!("the node answered no challenge"))
     }
 
+    fn auth(&self, method: &str, path: &str, nonce: &[u8; 32], body: &[u8]) -> String {
+        let sig = self
+            .identity
+            .sign(&signing_message(method, path, nonce, body));
+        format!(
+            "Shoal key={},nonce={},sig={}",
+            self.identity.key().to_hex(),
+            hex::encode(nonce),
+            hex::encode(sig)
+        )
+    }
+
+    /// One request: the status and the body, or with `lines` the body
+    /// line by line until `lines` returns false.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Vec<u8>,
+        lines: Option<&mut dyn FnMut(&str) -> bool>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        use std::io::{BufRead, Read};
+        let url = format!("{}{path}", self.base);
+        if let Some(verifier) = &self.verifier {
+            let mut headers = vec![("Content-Type", "application/octet-stream")];
+            if let Some(a) = auth {
+                headers.push(("Authorization", a));
+            }
+            return daemon::tls::request(verifier.clone(), method, &url, &headers, &body, lines);
+        }
+        let mut resp = if method == "POST" {
+            let mut r = self.agent.post(&url);
+            if let Some(a) = auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(&body[..])
+        } else {
+            let mut r = self.agent.get(&url);
+            if let Some(a) = auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        .map_err(|e| anyhow!("{url}: {e}"))?;
+        let status = resp.status().as_u16();
+        if let Some(f) = lines
+            && status == 200
+        {
+            let reader = std::io::BufReader::new(resp.into_body().into_reader());
+            for line in reader.lines() {
+                let line = line.map_err(|e| anyhow!("{url}: {e}"))?;
+                if !f(&line) {
+                    break;
+                }
+            }
+            return Ok((status, Vec::new()));
+        }
+        let mut out = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(MAX_BODY as u64 * 3)
+            .read_to_end(&mut out)
+            .map_err(|e| anyhow!("{url}: {e}"))?;
+        Ok((status, out))
+    }
+
     fn call(
         &self,
         method: &str,
@@ -475,39 +584,9 @@ impl Client {
         body: Vec<u8>,
     ) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);
-        let auth = nonce.map(|n| {
-            let sig = self
-                .identity
-                .sign(&signing_message(method, path, &n, &body));
-            format!(
-                "Shoal key={},nonce={},sig={}",
-                self.identity.key().to_hex(),
-                hex::encode(n),
-                hex::encode(sig)
-            )
-        });
-        let mut resp = if method == "POST" {
-            let mut r = self.agent.post(&url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.send(&body[..])
-        } else {
-            let mut r = self.agent.get(&url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        .map_err(|e| anyhow!("{url}: {e}"))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_BODY as u64 * 3)
-            .read_to_string()
-            .map_err(|e| anyhow!("{url}: {e}"))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let auth = nonce.map(|n| self.auth(method, path, &n, &body));
+        let (status, text) = self.send(method, path, auth.as_deref(), body, None)?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|_| anyhow!("{url}: answered {status} with no JSON"))?;
         if status >= 400 {
             bail!(
@@ -521,35 +600,11 @@ impl Client {
     /// Follows a streaming route: calls `f` with every line until it
     /// returns false or the node ends the stream.
     pub fn follow(&self, path: &str, mut f: impl FnMut(&str) -> bool) -> anyhow::Result<()> {
-        use std::io::BufRead;
         let n = self.nonce()?;
-        let url = format!("{}{path}", self.base);
-        let sig = self.identity.sign(&signing_message("GET", path, &n, &[]));
-        let auth = format!(
-            "Shoal key={},nonce={},sig={}",
-            self.identity.key().to_hex(),
-            hex::encode(n),
-            hex::encode(sig)
-        );
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let resp = agent
-            .get(&url)
-            .header("Authorization", &auth)
-            .call()
-            .map_err(|e| anyhow!("{url}: {e}"))?;
-        let status = resp.status().as_u16();
+        let auth = self.auth("GET", path, &n, &[]);
+        let (status, _) = self.send("GET", path, Some(&auth), Vec::new(), Some(&mut f))?;
         if status != 200 {
-            bail!("{url}: {status}");
-        }
-        let reader = std::io::BufReader::new(resp.into_body().into_reader());
-        for line in reader.lines() {
-            let line = line.map_err(|e| anyhow!("{url}: {e}"))?;
-            if !f(&line) {
-                break;
-            }
+            bail!("{}{path}: {status}", self.base);
         }
         Ok(())
     }

@@ -445,6 +445,37 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) ->
     }
 }
 
+/// A request to a node's site API over TLS, as one of the node's apps
+/// makes it (`Authorization: Bearer`): the node's certificate is checked
+/// against the fleet root held in `root_dir` (a data dir made by `fleet
+/// init`). Status 0 and the error when no answer came.
+pub fn site_http(
+    root_dir: &Path,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let root = crdt_state::local::datadir::root_public(root_dir).unwrap();
+    let verifier = std::sync::Arc::new(daemon::tls::NodeVerifier::new(root, None));
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    match daemon::tls::request(
+        verifier,
+        method,
+        url,
+        &headers,
+        body.unwrap_or("").as_bytes(),
+        None,
+    ) {
+        Ok((status, body)) => (status, String::from_utf8_lossy(&body).into_owned()),
+        Err(e) => (0, format!("{e:#}")),
+    }
+}
+
 /// GET with a token, parsed as JSON (`Null` unless 200).
 pub fn api_get(url: &str, token: &str) -> serde_json::Value {
     let (status, body) = http("GET", url, Some(token), None);

@@ -40,6 +40,9 @@ pub struct SiteApi {
     pub url: String,
     /// The app's token (`Authorization: Bearer …`).
     pub token: String,
+    /// The site API's TLS certificate (PEM) for the app to trust, when it
+    /// serves HTTPS (ADR 0014).
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for SiteApi {

@@ -50,6 +50,7 @@ pub fn with_site_api(mut w: Workload, token: &str) -> Workload {
     w.site_api = Some(crdt_state::fleet::placement::SiteApi {
         url: "http://$(SHOAL_NODE_IP):8700".into(),
         token: token.into(),
+        ca_pem: None,
     });
     w
 }

@@ -193,8 +193,9 @@ pub const TOKEN_DIGEST: &str = "shoal.dev/app-token-sha256";
 
 /// Gives every container of every pod an object describes its node's site
 /// API: `SHOAL_SITE_API` (the URL; `$(SHOAL_NODE_IP)` in it is the pod's
-/// host IP, from the downward API) and `SHOAL_APP_TOKEN` from the app's
-/// token Secret. Variables of these names the app set are replaced.
+/// host IP, from the downward API), `SHOAL_SITE_API_CA_PEM` (the site
+/// API's certificate to trust, when it serves HTTPS) and `SHOAL_APP_TOKEN`
+/// from the app's token Secret. Variables of these names the app set are replaced.
 pub fn give_site_api(body: &mut Value, app: &str, access: &crdt_state::fleet::placement::SiteApi) {
     let digest = hex::encode(&Sha256::digest(access.token.as_bytes())[..8]);
     let Some(meta) = pod_meta(body) else {
@@ -218,6 +219,10 @@ pub fn give_site_api(body: &mut Value, app: &str, access: &crdt_state::fleet::pl
         }));
     }
     vars.push(json!({"name": "SHOAL_SITE_API", "value": access.url}));
+    if let Some(pem) = &access.ca_pem {
+        // Public: the certificate the node's site API presents, to trust.
+        vars.push(json!({"name": "SHOAL_SITE_API_CA_PEM", "value": pem}));
+    }
     vars.push(json!({
         "name": "SHOAL_APP_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": token_secret_name(app), "key": TOKEN_KEY}},
