@@ -6,6 +6,8 @@
 //! cargo build --release
 //! cargo run --release --example anchor_bench -- scale [nodes] [requests]   # GET /api/nodes p99, RSS, UI render in Chromium
 //! cargo run --release --example anchor_bench -- edit  [nodes] [reps]       # API edit → app restarted with it on every node
+//! cargo run --release --example anchor_bench -- scale-https …               # the same over HTTPS (fleet TLS CA)
+//! cargo run --release --example anchor_bench -- edit-signed …               # the edit signed by the operator's key, over HTTPS
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -133,7 +135,46 @@ fn populate(anchor_dir: &Path, n: usize) {
     );
 }
 
-fn scale(n: usize, requests: usize) {
+/// The anchor's HTTP arguments: TLS with a certificate from the fleet's
+/// TLS CA (which `http` then trusts), or plain HTTP; the URL scheme, and
+/// Chromium's flag to accept that certificate.
+fn http_args(anchor_dir: &Path, tls: bool) -> (Vec<String>, &'static str, Vec<String>) {
+    let mut args = vec!["--http".to_string(), "127.0.0.1:0".into()];
+    if !tls {
+        args.push("--insecure-http".into());
+        return (args, "http", Vec::new());
+    }
+    let out = anchor_dir.join("tls-out");
+    let said = ok(&[
+        "fleet",
+        "tls-cert",
+        "--data-dir",
+        s(anchor_dir),
+        "--name",
+        "127.0.0.1",
+        "--out-dir",
+        s(&out),
+    ]);
+    let pin = said
+        .lines()
+        .find_map(|l| l.strip_prefix("pin: sha256//"))
+        .unwrap()
+        .to_string();
+    support::trust_ca(&out.join("tls-ca.pem"));
+    args.extend([
+        "--tls-cert".into(),
+        s(&out.join("tls.pem")).into(),
+        "--tls-key".into(),
+        s(&out.join("tls.key")).into(),
+    ]);
+    (
+        args,
+        "https",
+        vec![format!("--ignore-certificate-errors-spki-list={pin}")],
+    )
+}
+
+fn scale(n: usize, requests: usize, tls: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let anchor_dir = tmp.path().join("anchor");
     fleet_init(&anchor_dir, "big");
@@ -142,20 +183,16 @@ fn scale(n: usize, requests: usize) {
     let store = std::fs::metadata(anchor_dir.join("store.redb"))
         .unwrap()
         .len();
+    let (http_args, scheme, browser_flags) = http_args(&anchor_dir, tls);
     let t = Instant::now();
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &[
-            "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-            "--insecure-http".into(),
-        ],
-        None,
-    );
-    let url = http_url(&anchor_dir);
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+    ];
+    args.extend(http_args);
+    let anchor = Daemon::start("anchor", &anchor_dir, &args, None);
+    let url = http_url(&anchor_dir).replace("http://", &format!("{scheme}://"));
+    println!("over {scheme} (every request a new connection)");
     while http("GET", &format!("{url}/readyz"), None, None).0 != 200 {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -216,7 +253,7 @@ fn scale(n: usize, requests: usize) {
         rss_mb(anchor.child.id())
     );
 
-    let mut b = cdp::Browser::launch(1280, 860).expect("chromium");
+    let mut b = cdp::Browser::launch_with(1280, 860, &browser_flags).expect("chromium");
     b.navigate(&format!("{url}/#token={token}")).unwrap();
     b.wait_until(
         "!!document.querySelector('#total-nodes')",
@@ -272,26 +309,45 @@ fn scale(n: usize, requests: usize) {
     );
 }
 
-fn edit(nodes: usize, reps: usize) {
+/// `signed`: the edit is made and signed by the operator's own key and
+/// posted as changes (`shoal apply --anchor --identity`'s path), over
+/// HTTPS; else `POST /api/apply` over plain HTTP, signed by the anchor.
+fn edit(nodes: usize, reps: usize, signed: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let anchor_dir = root.join("anchor");
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
     let token = operator_token(&anchor_dir, "bench");
+    let alice = root.join("alice.json");
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--role",
+        "operator",
+        "--name",
+        "alice",
+        "--out",
+        s(&alice),
+    ]);
     let port = free_udp_port();
-    let _anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &[
-            "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-            "--insecure-http".into(),
-        ],
-        None,
-    );
-    let url = http_url(&anchor_dir);
+    let (http_args, scheme, _) = http_args(&anchor_dir, signed);
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+    ];
+    args.extend(http_args);
+    let _anchor = Daemon::start("anchor", &anchor_dir, &args, None);
+    let url = http_url(&anchor_dir).replace("http://", &format!("{scheme}://"));
+    let client = cloud_anchor::client::Client::with_ca(
+        &url,
+        &token,
+        Some(anchor_dir.join("tls-out").join("tls-ca.pem"))
+            .filter(|p| p.exists())
+            .as_deref(),
+    )
+    .unwrap();
     let mut procs = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..nodes {
@@ -322,13 +378,21 @@ fn edit(nodes: usize, reps: usize) {
         let v = format!("r{rep}");
         let want = format!("V={v}\n");
         let t0 = Instant::now();
-        let (st, body) = http(
-            "POST",
-            &format!("{url}/api/apply"),
-            Some(&token),
-            Some(&app(&v)),
-        );
-        assert_eq!(st, 200, "{body}");
+        if signed {
+            let text = app(&v);
+            let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let yaml = body["files"][0]["text"].as_str().unwrap();
+            let manifests = manifest::parse("app.yaml", yaml).unwrap();
+            client.apply_signed(&alice, &manifests).unwrap();
+        } else {
+            let (st, body) = http(
+                "POST",
+                &format!("{url}/api/apply"),
+                Some(&token),
+                Some(&app(&v)),
+            );
+            assert_eq!(st, 200, "{body}");
+        }
         let mut pending: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
         while !pending.is_empty() {
             pending.retain(|d| {
@@ -348,8 +412,13 @@ fn edit(nodes: usize, reps: usize) {
         }
     }
     let mut t = times.clone();
+    let how = if signed {
+        "operator-signed edit (fetch, sign, POST /api/changes over HTTPS)"
+    } else {
+        "API edit (POST /api/apply, plain HTTP)"
+    };
     println!(
-        "API edit → app restarted with it on all {nodes} nodes (loopback), {reps} reps: median {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        "{how} → app restarted with it on all {nodes} nodes (loopback), {reps} reps: median {:.0} ms, p95 {:.0} ms, max {:.0} ms",
         percentile(&mut t, 0.5),
         percentile(&mut t, 0.95),
         percentile(&mut t, 1.0)
@@ -361,8 +430,12 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     match args.first().map(String::as_str) {
-        Some("scale") => scale(arg(1, 10_000), arg(2, 1000)),
-        Some("edit") => edit(arg(1, 50), arg(2, 10)),
-        _ => eprintln!("usage: anchor_bench scale [nodes] [requests] | edit [nodes] [reps]"),
+        Some("scale") => scale(arg(1, 10_000), arg(2, 1000), false),
+        Some("scale-https") => scale(arg(1, 10_000), arg(2, 1000), true),
+        Some("edit") => edit(arg(1, 50), arg(2, 10), false),
+        Some("edit-signed") => edit(arg(1, 50), arg(2, 10), true),
+        _ => eprintln!(
+            "usage: anchor_bench scale|scale-https [nodes] [requests] | edit|edit-signed [nodes] [reps]"
+        ),
     }
 }

@@ -325,6 +325,7 @@ fn run_in(root: &Path, http: SocketAddr) -> anyhow::Result<()> {
         tls: None,
         retention: Some(std::time::Duration::from_secs(7 * 86_400)),
         failed_logins_per_minute: cloud_anchor::api::FAILED_LOGINS_PER_MINUTE,
+        audit_retention: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

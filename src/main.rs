@@ -416,6 +416,8 @@ impl MeshArgs {
     }
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum AnchorCmd {
     /// Run the anchor: holds every document, enrolls nodes, serves relay.
@@ -454,6 +456,11 @@ enum AnchorCmd {
         /// until the minute is over. 0: no limit.
         #[arg(long, default_value_t = cloud_anchor::api::FAILED_LOGINS_PER_MINUTE)]
         failed_logins_per_minute: u32,
+        /// Keep timeline and security-log entries this long (e.g. 365d);
+        /// without it, the newest 10,000 and 2,000 whatever their age.
+        /// Replicas exchange their entries either way.
+        #[arg(long)]
+        audit_retention: Option<String>,
     },
     /// Make a replica's data dir from a seed directory (root.key,
     /// identity.json, operators.json, fleet.bundle); it gets its own anchor
@@ -585,6 +592,7 @@ enum Daemon {
         readings_db: Option<String>,
         retention: Option<std::time::Duration>,
         failed_logins_per_minute: u32,
+        audit_retention: Option<std::time::Duration>,
     },
 }
 
@@ -637,6 +645,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                 readings_db,
                 retention,
                 failed_logins_per_minute,
+                audit_retention,
             } => {
                 let opts = cloud_anchor::daemon::Options {
                     mesh,
@@ -646,6 +655,7 @@ fn run_daemon(dir: Dir, mesh: &MeshArgs, which: Daemon) -> anyhow::Result<()> {
                     readings_db,
                     retention,
                     failed_logins_per_minute,
+                    audit_retention,
                 };
                 cloud_anchor::daemon::run(opts, shutdown).await
             }
@@ -1113,8 +1123,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             readings_db,
             retention,
             failed_logins_per_minute,
+            audit_retention,
         }) => {
             let retention = match retention {
+                Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
+                None => None,
+            };
+            let audit_retention = match audit_retention {
                 Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
                 None => None,
             };
@@ -1138,6 +1153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     readings_db,
                     retention,
                     failed_logins_per_minute,
+                    audit_retention,
                 },
             )?
         }

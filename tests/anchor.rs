@@ -376,7 +376,35 @@ fn the_timeline_and_security_log_survive_a_restart() {
         }),
         "the edit and the refusal were not recorded"
     );
+    // A login through the UI's route is there too; each entry says who
+    // acted and from where.
+    let (status, body) = post(
+        &format!("{url}/api/login"),
+        &token,
+        json!({ "token": token }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        wait_for(WITHIN, || items("timeline", &url)
+            .iter()
+            .any(|e| e["kind"] == "login")),
+        "no login on the timeline"
+    );
     let timeline = items("timeline", &url);
+    for kind in ["edit", "login"] {
+        let e = timeline
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}: {timeline:?}"));
+        assert_eq!(e["who"], "alice", "{e}");
+        assert_eq!(e["from"], "127.0.0.1", "{e}");
+        assert!(
+            e["anchor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("anchor-")),
+            "{e}"
+        );
+    }
     let security = items("security", &url);
     assert!(anchor.stop().success());
 
@@ -718,6 +746,78 @@ fn a_replica_carries_on_when_an_anchor_dies() {
             == "v2"),
         "the restarted anchor did not get the edit"
     );
+
+    // The audit trails are exchanged: B's edit and B's refusal reach A's
+    // timeline and security log, named as B's, and A's entries from
+    // before it died are in B's.
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{b_url}/api/nodes"),
+            Some("shoal-op-wrong"),
+            None
+        )
+        .0,
+        401
+    );
+    let name_of = |url: &str| {
+        api_get(&format!("{url}/api/whoami"), &token)["anchor"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (a_name, b_name) = (name_of(&a_url), name_of(&b_url));
+    assert!(!a_name.is_empty() && a_name != b_name, "{a_name} {b_name}");
+    let items = |url: &str, what: &str| -> Vec<Value> {
+        api_get(&format!("{url}/api/{what}?per_page=500"), &token)["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let has = |url: &str, what: &str, anchor: &str, text: &str| {
+        items(url, what).iter().any(|e| {
+            e["anchor"] == anchor
+                && [&e["text"], &e["reason"]]
+                    .iter()
+                    .any(|t| t.as_str().is_some_and(|t| t.contains(text)))
+        })
+    };
+    assert!(
+        wait_for(WITHIN, || has(
+            &a_url,
+            "timeline",
+            &b_name,
+            "applied app/web"
+        ) && has(
+            &a_url,
+            "security",
+            &b_name,
+            "unknown, revoked or expired"
+        )),
+        "B's entries did not reach A: timeline {:?} security {:?}",
+        items(&a_url, "timeline"),
+        items(&a_url, "security")
+    );
+    assert!(
+        wait_for(WITHIN, || has(&b_url, "timeline", &a_name, "n1 connected")),
+        "A's entries did not reach B: {:?}",
+        items(&b_url, "timeline")
+    );
+    // Each entry once, however often the replicas asked each other.
+    let timeline = items(&a_url, "timeline");
+    let mut ids: Vec<(String, u64)> = timeline
+        .iter()
+        .map(|e| {
+            (
+                e["anchor"].as_str().unwrap_or_default().to_string(),
+                e["id"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an entry twice: {timeline:?}");
 }
 
 /// The schema-driven fuzzer from PyPI that `scripts/test.sh` installs,

@@ -555,18 +555,24 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
     }
 }
 
-fn user(req_ext: &axum::http::Extensions) -> String {
+fn user(req_ext: &axum::http::Extensions) -> Caller {
     req_ext
         .get::<Operator>()
-        .map(|o| o.0.clone())
-        .unwrap_or_default()
+        .map(caller_of)
+        .unwrap_or_else(|| Caller::Operator(String::new(), None))
 }
 
-/// Sends a command to the daemon's one command surface as operator `user`.
-async fn call(s: &Server, user: String, cmd: Command) -> Result<Answer, ApiError> {
+/// The caller an operator's request is: the token's name, and the client's
+/// address for the audit trail.
+fn caller_of(op: &Operator) -> Caller {
+    Caller::Operator(op.0.clone(), op.3.map(|ip| ip.to_string()))
+}
+
+/// Sends a command to the daemon's one command surface as `caller`.
+async fn call(s: &Server, caller: Caller, cmd: Command) -> Result<Answer, ApiError> {
     let (tx, rx) = oneshot::channel();
     s.commands
-        .send((Caller::Operator(user), cmd, tx))
+        .send((caller, cmd, tx))
         .await
         .map_err(|_| ApiError::new(503, "the anchor is stopping"))?;
     rx.await
@@ -628,6 +634,13 @@ async fn login(State(s): State<Shared>, ext: axum::http::Extensions, bytes: Byte
     };
     match s.tokens.check(&l.token, now()) {
         Some(t) => {
+            let _ = s.commands.try_send((
+                Caller::Operator(t.name.clone(), from.map(|ip| ip.to_string())),
+                Command::Login {
+                    role: t.role.as_str().to_string(),
+                },
+                oneshot::channel().0,
+            ));
             let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", l.token);
             let mut r = axum::Json(json!({ "operator": t.name, "role": t.role, "site": t.site }))
                 .into_response();
@@ -666,7 +679,7 @@ async fn whoami(State(s): State<Shared>, req: Request) -> Response {
     let sn = snap(&s);
     let who = req.extensions().get::<Operator>();
     axum::Json(json!({
-        "operator": user(req.extensions()),
+        "operator": who.map(|o| o.0.clone()).unwrap_or_default(),
         "role": who.map(|o| o.1),
         "site": who.and_then(|o| o.2.clone()),
         "fleet": sn.fleet,
@@ -1128,7 +1141,7 @@ async fn apply(
     let files = req.files.into_iter().map(|f| (f.name, f.text)).collect();
     match call(
         &s,
-        req_ext.0.0,
+        caller_of(&req_ext.0),
         Command::Apply {
             files,
             identity: None,
@@ -1159,7 +1172,7 @@ async fn bundle(
     Query(q): Query<BundleQuery>,
     req_ext: axum::Extension<Operator>,
 ) -> Response {
-    match call(&s, req_ext.0.0, Command::Export { only: q.only }).await {
+    match call(&s, caller_of(&req_ext.0), Command::Export { only: q.only }).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
     }
@@ -1179,7 +1192,7 @@ async fn changes(
         bundle: bytes.to_vec(),
         output: None,
     };
-    match call(&s, who.clone(), cmd).await {
+    match call(&s, caller_of(&req_ext.0), cmd).await {
         Ok(a) => answer(a),
         Err(e) => {
             if matches!(e.0.status, 400 | 403) {
@@ -1298,7 +1311,7 @@ async fn upload(
     let manifest = daemon::artifact::manifest(&push, &hash, size);
     match call(
         &s,
-        req_ext.0.0,
+        caller_of(&req_ext.0),
         Command::Apply {
             files: vec![(format!("upload of {name}"), manifest.to_string())],
             identity: None,
@@ -1377,7 +1390,7 @@ async fn resolve(
     }
     match call(
         &s,
-        req_ext.0.0,
+        caller_of(&req_ext.0),
         Command::Resolve {
             doc: r.doc,
             field: r.field,
@@ -1478,7 +1491,7 @@ async fn rollouts(State(s): State<Shared>, req_ext: axum::Extension<Operator>) -
             output: None,
         };
         // A rollout of a revision the App no longer has is not shown.
-        if let Ok(Answer::Json(v)) = call(&s, req_ext.0.0.clone(), cmd).await {
+        if let Ok(Answer::Json(v)) = call(&s, caller_of(&req_ext.0), cmd).await {
             out.push(v);
         }
     }
@@ -1497,7 +1510,7 @@ async fn rollout_status(
         action: "status".into(),
         output: q.output,
     };
-    match call(&s, req_ext.0.0, cmd).await {
+    match call(&s, caller_of(&req_ext.0), cmd).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
     }
@@ -1514,7 +1527,7 @@ async fn rollout_action(
         action,
         output: None,
     };
-    match call(&s, req_ext.0.0, cmd).await {
+    match call(&s, caller_of(&req_ext.0), cmd).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
     }
@@ -1548,7 +1561,7 @@ async fn cli_get(
         return answer(Answer::Text(t));
     }
     let output = output.to_string();
-    match call(&s, req_ext.0.0, Command::Get { what, output }).await {
+    match call(&s, caller_of(&req_ext.0), Command::Get { what, output }).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
     }
@@ -2063,12 +2076,21 @@ mod tests {
 pub mod fuzz {
     use super::*;
 
-    /// Feeds `bytes` to the body, header and path decoders; never panics.
+    /// Feeds `bytes` to the body, header and path decoders, and to the
+    /// audit exchange's (a pull, an answer merged into a view); never
+    /// panics.
     pub fn request_parts(bytes: &[u8]) {
         let _ = body::<Login>(bytes);
         let _ = body::<ApplyBody>(bytes);
         let _ = body::<ResolveBody>(bytes);
         let _ = body::<SiteEdit>(bytes);
+        // `/shoal/audit/1` between anchor replicas: a pull and its answer.
+        let _ = serde_json::from_slice::<crate::view::AuditMarks>(bytes);
+        if let Ok(a) = serde_json::from_slice::<crate::daemon::AuditAnswer>(bytes) {
+            let mut v = crate::View::new("fuzz");
+            v.audit_merge(a.entries, 0);
+            let _ = v.audit_since(&Default::default(), 1024);
+        }
         if let Ok(text) = std::str::from_utf8(bytes) {
             let _ = percent_decode(text);
             let _ = NodeState::parse(text);

@@ -9,8 +9,9 @@
 //! certificate, and listens on UDP 7411 by default.
 
 use crdt_state::local::audit::{AuditEntry, AuditLog};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use crdt_state::fleet::model::FleetView;
@@ -19,8 +20,9 @@ use daemon::command;
 use daemon::driver::{AfterCommit, Base, Enrolling, Input, MeshOptions, Request, unix_now as now};
 use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
 use daemon::{Action, Settings};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use crate::view::{AuditMarks, SentEntry};
 use crate::{Snapshot, View};
 
 /// The file an anchor writes its HTTP address to (for tools and tests).
@@ -47,6 +49,9 @@ pub struct Options {
     /// Failed logins one client address may make in a minute before it is
     /// held back (0: no limit).
     pub failed_logins_per_minute: u32,
+    /// Keep timeline and security entries this long (`None`: the newest
+    /// 10,000 and 2,000 whatever their age).
+    pub audit_retention: Option<Duration>,
 }
 
 /// The anchor's own identity: made (and certified with the root key) the
@@ -80,7 +85,15 @@ struct Anchor {
     /// while the disk is behind, entries wait in the view (itself bounded).
     audit: Option<tokio::sync::mpsc::Sender<Vec<(AuditLog, AuditEntry)>>>,
     audit_task: Option<tokio::task::JoinHandle<()>>,
+    /// Pulls of other anchors' audit entries: when each peer anchor was
+    /// last asked, and whether an answer is awaited.
+    pulls: HashMap<mesh::PeerId, (Instant, bool)>,
+    pulled_tx: mpsc::UnboundedSender<(mesh::PeerId, Result<Vec<u8>, String>)>,
 }
+
+/// How often an anchor asks each replica it is connected to for the audit
+/// entries it lacks (and at once when the last answer said there is more).
+const AUDIT_PULL_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the anchor until `shutdown` resolves.
 pub async fn run(
@@ -102,7 +115,7 @@ pub async fn run(
     let role = daemon::driver::Role {
         default_port: 7411,
         relay_server: true,
-        serve: vec![mesh::ENROLL],
+        serve: vec![mesh::ENROLL, mesh::AUDIT],
         data: daemon::driver::DataMode::Land {
             export: opts.readings_db.is_some(),
         },
@@ -122,6 +135,7 @@ pub async fn run(
     if let Some(keep) = opts.retention {
         tokio::spawn(retain(base.dd.shared_store(), keep));
     }
+    let (pulled_tx, mut pulled_rx) = mpsc::unbounded_channel();
     let mut a = Anchor {
         base,
         enrollments: AfterCommit::default(),
@@ -129,9 +143,12 @@ pub async fn run(
         snapshots: None,
         audit: None,
         audit_task: None,
+        pulls: HashMap::new(),
+        pulled_tx,
     };
     if let Some(addr) = opts.http {
         let mut view = View::new(&a.base.core.me().cert.name);
+        view.set_retention(opts.audit_retention.map(|d| d.as_secs() as i64));
         // What the store kept of the timeline and the security log (one
         // read at start, before the loop runs).
         let store = a.base.dd.shared_store();
@@ -160,6 +177,9 @@ pub async fn run(
             }
         }));
         a.audit = Some(tx);
+        if let Some(keep) = opts.audit_retention {
+            tokio::spawn(prune_audit(store.clone(), keep));
+        }
         let first = {
             let engine = a.base.core.engine();
             view.publish(
@@ -211,7 +231,14 @@ pub async fn run(
                     }
                 }
             },
-            _ = tick.tick() => a.base.tick(),
+            _ = tick.tick() => {
+                a.base.tick();
+                a.pull_audit();
+                if let Some(v) = a.view.as_mut() {
+                    v.expire(now());
+                }
+            }
+            Some((peer, answer)) = pulled_rx.recv() => a.on_pulled(peer, answer),
             _ = &mut shutdown => break,
         }
         a.act();
@@ -228,6 +255,42 @@ pub async fn run(
     }
     a.base.close().await;
     Ok(())
+}
+
+/// At most this much JSON in one answer to an audit pull (a request's
+/// frame is at most 64 KiB).
+const AUDIT_ANSWER_BYTES: usize = 60 << 10;
+
+/// The answer to an audit pull.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditAnswer {
+    /// Entries the asker lacked, each anchor's in its order.
+    pub entries: Vec<SentEntry>,
+    /// More remain: ask again.
+    pub more: bool,
+}
+
+/// Deletes stored audit entries older than `keep`, once a minute.
+async fn prune_audit(store: Arc<crdt_state::Store>, keep: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let before = now() - keep.as_secs() as i64;
+        let store = store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            Ok::<u64, crdt_state::Error>(
+                store.prune_audit(AuditLog::Timeline, before)?
+                    + store.prune_audit(AuditLog::Security, before)?,
+            )
+        })
+        .await;
+        match r {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(entries = n, "audit entries past their retention deleted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "audit retention: nothing deleted"),
+            Err(e) => tracing::warn!(error = %e, "audit retention task failed"),
+        }
+    }
 }
 
 /// Appends the view's new entries to the store, each log bounded.
@@ -308,6 +371,28 @@ impl command::Host for Anchor {
         }
     }
 
+    fn event_by(&mut self, caller: &command::Caller, kind: &str, subject: &str, text: String) {
+        use command::Caller;
+        let (who, from) = match caller {
+            Caller::Operator(name, from) => (Some(name.clone()), from.clone()),
+            Caller::Owner => (None, Some("the anchor's control socket".to_string())),
+            Caller::Signed(key) => (
+                self.base
+                    .core
+                    .trust()
+                    .cert(key)
+                    .map(|c| c.name.clone())
+                    .or_else(|| Some(key.short())),
+                None,
+            ),
+            Caller::App(app) => (app.clone(), None),
+            Caller::Surface(s) => (None, Some(s.clone())),
+        };
+        if let Some(v) = self.view.as_mut() {
+            v.event_by(now(), kind, subject, text, who, from);
+        }
+    }
+
     fn security(&mut self, who: &str, reason: &str) {
         if let Some(v) = self.view.as_mut() {
             v.security(now(), who, reason);
@@ -352,10 +437,129 @@ impl Anchor {
     }
 
     /// A request on `/shoal/enroll/1`: a node with a token asks for its
-    /// certificate. The token is checked off the loop first.
+    /// certificate. The token is checked off the loop first. On
+    /// `/shoal/audit/1`, another anchor asks for the audit entries it lacks.
     fn on_request(&mut self, req: Request) {
         if req.protocol == mesh::ENROLL {
             self.base.enroll(req);
+        } else if req.protocol == mesh::AUDIT {
+            let answer = match self.anchor_peer(&req.peer) {
+                Err(why) => {
+                    self.refused(&format!("{} at {}", req.peer, req.addr), &why);
+                    AuditAnswer::default()
+                }
+                Ok(_) => match (serde_json::from_slice::<AuditMarks>(&req.bytes), &self.view) {
+                    (Ok(marks), Some(v)) => {
+                        let (entries, more) = v.audit_since(&marks, AUDIT_ANSWER_BYTES);
+                        AuditAnswer { entries, more }
+                    }
+                    (Err(e), _) => {
+                        self.refused(
+                            &format!("{} at {}", req.peer, req.addr),
+                            &format!("an audit pull that is not one: {e}"),
+                        );
+                        AuditAnswer::default()
+                    }
+                    // No operator API here: no timeline kept.
+                    (Ok(_), None) => AuditAnswer::default(),
+                },
+            };
+            let _ = req
+                .reply
+                .send(serde_json::to_vec(&answer).unwrap_or_default());
+        }
+    }
+
+    fn refused(&mut self, who: &str, why: &str) {
+        tracing::warn!(%who, reason = %why, "refused");
+        if let Some(v) = self.view.as_mut() {
+            v.security(now(), who, why);
+        }
+    }
+
+    /// The name of an admitted peer that is an anchor of this fleet, or
+    /// why it is not one.
+    fn anchor_peer(&self, peer: &mesh::PeerId) -> Result<String, String> {
+        let name = self
+            .base
+            .core
+            .name_of(peer)
+            .ok_or("an audit pull from a peer that is not admitted")?;
+        let key = mesh::key_of(peer)
+            .map(crdt_state::PublicKey)
+            .ok_or("an audit pull from a peer with no Ed25519 key")?;
+        match self.base.core.trust().cert(&key) {
+            Some(c) if c.role == Role::Anchor => Ok(name),
+            _ => Err(format!("an audit pull from {name}, which is not an anchor")),
+        }
+    }
+
+    /// Asks each connected replica for the audit entries this anchor lacks,
+    /// every [`AUDIT_PULL_EVERY`] (one question at a time per replica).
+    fn pull_audit(&mut self) {
+        let Some(view) = self.view.as_ref() else {
+            return;
+        };
+        let peers: Vec<mesh::PeerId> = self
+            .base
+            .core
+            .admitted()
+            .map(|(p, _)| *p)
+            .filter(|p| self.anchor_peer(p).is_ok())
+            .collect();
+        self.pulls.retain(|p, _| peers.contains(p));
+        let marks = serde_json::to_vec(&view.audit_marks()).unwrap_or_default();
+        for peer in peers {
+            let due = match self.pulls.get(&peer) {
+                Some((_, true)) => false,
+                Some((last, false)) => last.elapsed() >= AUDIT_PULL_EVERY,
+                None => true,
+            };
+            if due {
+                self.ask(peer, marks.clone());
+            }
+        }
+    }
+
+    fn ask(&mut self, peer: mesh::PeerId, marks: Vec<u8>) {
+        self.pulls.insert(peer, (Instant::now(), true));
+        let mesh = self.base.mesh.clone();
+        let tx = self.pulled_tx.clone();
+        let addr = mesh::Multiaddr::empty().with(mesh::multiaddr_p2p(peer));
+        tokio::spawn(async move {
+            let r = mesh
+                .request(addr, mesh::AUDIT, marks)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = tx.send((peer, r));
+        });
+    }
+
+    /// A replica's answer: its entries this anchor lacked are kept; if it
+    /// has more, it is asked again at once.
+    fn on_pulled(&mut self, peer: mesh::PeerId, answer: Result<Vec<u8>, String>) {
+        if let Some(p) = self.pulls.get_mut(&peer) {
+            p.1 = false;
+        }
+        let answer = match answer.and_then(|b| {
+            serde_json::from_slice::<AuditAnswer>(&b).map_err(|e| format!("not an answer: {e}"))
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "audit pull failed");
+                return;
+            }
+        };
+        let Some(view) = self.view.as_mut() else {
+            return;
+        };
+        let n = view.audit_merge(answer.entries, now());
+        if n > 0 {
+            tracing::debug!(%peer, entries = n, "audit entries from a replica");
+        }
+        if answer.more && n > 0 {
+            let marks = serde_json::to_vec(&view.audit_marks()).unwrap_or_default();
+            self.ask(peer, marks);
         }
     }
 

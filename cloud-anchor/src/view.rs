@@ -25,7 +25,7 @@ use crdt_state::fleet::model::{
 };
 use crdt_state::local::datadir::{Conflict, conflicts_of};
 use crdt_state::{DocId, Document, Trust};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Shortest time between two snapshots.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(200);
@@ -132,6 +132,60 @@ pub struct SecurityEvent {
     pub source: String,
     /// What was refused and why.
     pub reason: String,
+    /// The anchor that refused it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub anchor: String,
+}
+
+impl From<&AuditEntry> for SecurityEvent {
+    fn from(e: &AuditEntry) -> SecurityEvent {
+        SecurityEvent {
+            at: e.at,
+            source: e.subject.clone(),
+            reason: e.text.clone(),
+            anchor: e.anchor.clone(),
+        }
+    }
+}
+
+/// What an anchor holds of each anchor's audit entries: per log, the
+/// highest number it has of each (replicas send each other what the other
+/// lacks, `/shoal/audit/1`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditMarks {
+    /// Timeline entries, per anchor.
+    #[serde(default)]
+    pub timeline: BTreeMap<String, u64>,
+    /// Security log entries, per anchor.
+    #[serde(default)]
+    pub security: BTreeMap<String, u64>,
+}
+
+impl AuditMarks {
+    fn of(&self, log: AuditLog) -> &BTreeMap<String, u64> {
+        match log {
+            AuditLog::Timeline => &self.timeline,
+            AuditLog::Security => &self.security,
+        }
+    }
+
+    fn of_mut(&mut self, log: AuditLog) -> &mut BTreeMap<String, u64> {
+        match log {
+            AuditLog::Timeline => &mut self.timeline,
+            AuditLog::Security => &mut self.security,
+        }
+    }
+}
+
+/// One entry as replicas send it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentEntry {
+    /// Its log.
+    pub log: AuditLog,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: AuditEntry,
 }
 
 /// A timeline entry: partitions, merges, edits, conflicts (`kind`:
@@ -206,9 +260,14 @@ pub struct View {
     contacts: BTreeMap<String, (bool, Option<i64>, Option<i64>)>,
     overrides: BTreeMap<String, SiteOverrideSpec>,
     conflicts: BTreeMap<String, Vec<Conflict>>,
-    security: VecDeque<SecurityEvent>,
+    security: VecDeque<AuditEntry>,
     security_total: u64,
     timeline: VecDeque<TimelineEvent>,
+    /// The highest number held of each anchor's entries, per log.
+    marks: AuditMarks,
+    /// Entries older than this many seconds are dropped (`None`: only the
+    /// count limits).
+    retention: Option<i64>,
     /// Timeline and security entries not yet in the store (bounded: the
     /// store keeps no more than the two logs' limits anyway).
     unsaved: VecDeque<(AuditLog, AuditEntry)>,
@@ -235,6 +294,8 @@ impl View {
             security: VecDeque::new(),
             security_total: 0,
             timeline: VecDeque::new(),
+            marks: AuditMarks::default(),
+            retention: None,
             unsaved: VecDeque::new(),
             lag_cache: HashMap::new(),
             docs_dirty: BTreeSet::new(),
@@ -282,24 +343,83 @@ impl View {
     /// A security event.
     pub fn security(&mut self, at: i64, source: &str, reason: &str) {
         self.security_total += 1;
-        if self.security.len() == SECURITY_KEPT {
-            self.security.pop_front();
-        }
-        self.security.push_back(SecurityEvent {
+        let entry = AuditEntry {
             at,
-            source: source.to_string(),
-            reason: reason.to_string(),
+            subject: source.to_string(),
+            text: reason.to_string(),
+            ..Default::default()
+        };
+        self.record(AuditLog::Security, entry);
+    }
+
+    /// A timeline entry.
+    pub fn event(&mut self, at: i64, kind: &str, subject: &str, text: String) {
+        self.event_by(at, kind, subject, text, None, None);
+    }
+
+    /// A timeline entry that names who acted and from where.
+    pub fn event_by(
+        &mut self,
+        at: i64,
+        kind: &str,
+        subject: &str,
+        text: String,
+        who: Option<String>,
+        from: Option<String>,
+    ) {
+        let entry = TimelineEvent {
+            at,
+            kind: kind.to_string(),
+            subject: subject.to_string(),
+            text,
+            who,
+            from,
+            ..Default::default()
+        };
+        self.record(AuditLog::Timeline, entry);
+    }
+
+    /// Numbers an entry of this anchor and keeps it.
+    fn record(&mut self, log: AuditLog, mut entry: AuditEntry) {
+        let n = self
+            .marks
+            .of_mut(log)
+            .entry(self.anchor.clone())
+            .or_insert(0);
+        *n += 1;
+        entry.id = *n;
+        entry.anchor = self.anchor.clone();
+        self.keep(log, entry);
+    }
+
+    fn log_mut(&mut self, log: AuditLog) -> &mut VecDeque<AuditEntry> {
+        match log {
+            AuditLog::Timeline => &mut self.timeline,
+            AuditLog::Security => &mut self.security,
+        }
+    }
+
+    /// Adds an entry in time order (one from another anchor may be older
+    /// than the last held), within the log's limit, to be stored.
+    fn keep(&mut self, log: AuditLog, entry: AuditEntry) {
+        let max = match log {
+            AuditLog::Timeline => TIMELINE_KEPT,
+            AuditLog::Security => SECURITY_KEPT,
+        };
+        self.unsave(log, entry.clone());
+        let list = self.log_mut(log);
+        let at = list
+            .iter()
+            .rposition(|e| e.at <= entry.at)
+            .map_or(0, |i| i + 1);
+        list.insert(at, entry);
+        if list.len() > max {
+            list.pop_front();
+        }
+        self.changed.insert(match log {
+            AuditLog::Timeline => "timeline",
+            AuditLog::Security => "security",
         });
-        self.unsave(
-            AuditLog::Security,
-            AuditEntry {
-                at,
-                kind: String::new(),
-                subject: source.to_string(),
-                text: reason.to_string(),
-            },
-        );
-        self.changed.insert("security");
     }
 
     /// The entries to store since the last call (the anchor appends them
@@ -316,38 +436,124 @@ impl View {
     }
 
     /// Puts back what the store kept, before anything new happens.
+    /// Entries stored before they were numbered are this anchor's, and are
+    /// numbered in their order.
     pub fn restore(&mut self, timeline: Vec<AuditEntry>, security: Vec<AuditEntry>) {
-        let keep = |n: usize, max: usize| n.saturating_sub(max);
-        let skip = keep(timeline.len(), TIMELINE_KEPT);
-        self.timeline = timeline.into_iter().skip(skip).collect();
-        let skip = keep(security.len(), SECURITY_KEPT);
-        self.security = security
-            .into_iter()
-            .skip(skip)
-            .map(|e| SecurityEvent {
-                at: e.at,
-                source: e.subject,
-                reason: e.text,
-            })
-            .collect();
+        for (log, entries, max) in [
+            (AuditLog::Timeline, timeline, TIMELINE_KEPT),
+            (AuditLog::Security, security, SECURITY_KEPT),
+        ] {
+            let skip = entries.len().saturating_sub(max);
+            let mut kept = VecDeque::with_capacity(entries.len() - skip);
+            for mut e in entries.into_iter().skip(skip) {
+                if e.anchor.is_empty() || e.id == 0 {
+                    e.anchor = self.anchor.clone();
+                    e.id = self.marks.of(log).get(&self.anchor).copied().unwrap_or(0) + 1;
+                }
+                let mark = self.marks.of_mut(log).entry(e.anchor.clone()).or_insert(0);
+                *mark = (*mark).max(e.id);
+                kept.push_back(e);
+            }
+            *self.log_mut(log) = kept;
+        }
         self.changed.insert("timeline");
         self.changed.insert("security");
     }
 
-    /// A timeline entry.
-    pub fn event(&mut self, at: i64, kind: &str, subject: &str, text: String) {
-        if self.timeline.len() == TIMELINE_KEPT {
-            self.timeline.pop_front();
-        }
-        let entry = TimelineEvent {
-            at,
-            kind: kind.to_string(),
-            subject: subject.to_string(),
-            text,
+    /// Entries older than `seconds` are dropped from now on.
+    pub fn set_retention(&mut self, seconds: Option<i64>) {
+        self.retention = seconds;
+    }
+
+    /// Drops what is older than the retention (the store's copies are
+    /// pruned by the daemon).
+    pub fn expire(&mut self, now: i64) {
+        let Some(keep) = self.retention else {
+            return;
         };
-        self.unsave(AuditLog::Timeline, entry.clone());
-        self.timeline.push_back(entry);
-        self.changed.insert("timeline");
+        for log in [AuditLog::Timeline, AuditLog::Security] {
+            // Kept in time order: the old ones are at the front.
+            let list = self.log_mut(log);
+            let before = list.len();
+            while list.front().is_some_and(|e| e.at < now - keep) {
+                list.pop_front();
+            }
+            if list.len() != before {
+                self.changed.insert(match log {
+                    AuditLog::Timeline => "timeline",
+                    AuditLog::Security => "security",
+                });
+            }
+        }
+    }
+
+    /// What this anchor holds of each anchor's entries.
+    pub fn audit_marks(&self) -> AuditMarks {
+        self.marks.clone()
+    }
+
+    /// The entries a replica holding `theirs` lacks, oldest first, as many
+    /// as fit in `max_bytes` of JSON; and whether more remain.
+    pub fn audit_since(&self, theirs: &AuditMarks, max_bytes: usize) -> (Vec<SentEntry>, bool) {
+        let mut out = Vec::new();
+        let mut size = 64;
+        for (log, list) in [
+            (AuditLog::Timeline, &self.timeline),
+            (AuditLog::Security, &self.security),
+        ] {
+            let have = theirs.of(log);
+            // Each anchor's in its own order, so a holder cut short by the
+            // size still has no gap below its mark.
+            let mut lacked: Vec<&AuditEntry> = list
+                .iter()
+                .filter(|e| e.id > have.get(&e.anchor).copied().unwrap_or(0))
+                .collect();
+            lacked.sort_by(|a, b| (&a.anchor, a.id).cmp(&(&b.anchor, b.id)));
+            for e in lacked {
+                let sent = SentEntry {
+                    log,
+                    entry: e.clone(),
+                };
+                let n = serde_json::to_vec(&sent).map_or(0, |v| v.len()) + 1;
+                if size + n > max_bytes {
+                    return (out, true);
+                }
+                size += n;
+                out.push(sent);
+            }
+        }
+        (out, false)
+    }
+
+    /// Entries another anchor sent: those not held yet are kept and
+    /// stored. Returns how many were new.
+    pub fn audit_merge(&mut self, entries: Vec<SentEntry>, now: i64) -> usize {
+        let mut new = 0;
+        for SentEntry { log, entry } in entries {
+            if entry.anchor.is_empty() || entry.id == 0 {
+                continue;
+            }
+            if self.retention.is_some_and(|keep| entry.at < now - keep) {
+                continue;
+            }
+            let mark = self
+                .marks
+                .of_mut(log)
+                .entry(entry.anchor.clone())
+                .or_insert(0);
+            if entry.id <= *mark {
+                continue;
+            }
+            // Numbers arrive in order from each anchor (oldest first), so
+            // the highest is all a holder needs to say.
+            *mark = entry.id;
+            if log == AuditLog::Security {
+                self.security_total += 1;
+            }
+            self.keep(log, entry);
+            new += 1;
+        }
+        new
     }
 
     /// Each node's latest report, as of the last publish.
@@ -481,7 +687,7 @@ impl View {
             next.conflicts = Arc::new(self.conflicts.values().flatten().cloned().collect());
         }
         if self.changed.contains("security") {
-            next.security = Arc::new(self.security.iter().cloned().collect());
+            next.security = Arc::new(self.security.iter().map(SecurityEvent::from).collect());
         }
         next.security_total = self.security_total;
         if self.changed.contains("timeline") {
@@ -672,6 +878,94 @@ mod tests {
 
     fn heads(d: &Document) -> Vec<String> {
         d.heads().iter().map(|h| h.to_string()).collect()
+    }
+
+    /// Two replicas exchange their timeline and security entries: each
+    /// ends with every entry once, named by the anchor that recorded it,
+    /// in time order; a small answer size only splits the exchange.
+    #[test]
+    fn replicas_exchange_audit_entries_once_each() {
+        let mut a = View::new("anchor-a");
+        let mut b = View::new("anchor-b");
+        for i in 0..30 {
+            a.event(100 + i * 2, "edit", "fleet", format!("a{i}"));
+        }
+        b.event(101, "edit", "fleet", "b0".into());
+        b.security(103, "10.0.0.9", "a wrong token");
+        // B pulls from A in answers of at most 1 KiB.
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let (entries, more) = a.audit_since(&b.audit_marks(), 1024);
+            assert!(!entries.is_empty() || !more);
+            b.audit_merge(entries, 200);
+            if !more {
+                break;
+            }
+        }
+        assert!(
+            rounds > 2,
+            "the size limit split the answer ({rounds} rounds)"
+        );
+        // And A from B, twice: the second brings nothing.
+        let (entries, more) = b.audit_since(&a.audit_marks(), 1 << 20);
+        assert!(!more);
+        assert_eq!(a.audit_merge(entries, 200), 2, "b0 and the security entry");
+        let (entries, _) = b.audit_since(&a.audit_marks(), 1 << 20);
+        assert!(entries.is_empty(), "{entries:?}");
+        for v in [&a, &b] {
+            let texts: Vec<&str> = v.timeline.iter().map(|e| e.text.as_str()).collect();
+            assert_eq!(texts.len(), 31, "{texts:?}");
+            assert_eq!(&texts[..3], &["a0", "b0", "a1"], "in time order");
+            assert!(v.timeline.iter().all(|e| e.id > 0 && !e.anchor.is_empty()));
+            assert_eq!(v.security.len(), 1);
+            assert_eq!(v.security[0].anchor, "anchor-b");
+        }
+        // What B took from A it also stores, numbered as A numbered it.
+        let stored = b.take_unsaved();
+        assert!(
+            stored
+                .iter()
+                .any(|(l, e)| *l == AuditLog::Timeline && e.anchor == "anchor-a" && e.id == 30)
+        );
+        // B's own next entry goes on from its own numbers.
+        b.event(300, "edit", "fleet", "b1".into());
+        assert_eq!(
+            b.timeline.back().map(|e| (e.anchor.as_str(), e.id)),
+            Some(("anchor-b", 2))
+        );
+    }
+
+    /// Entries stored before they were numbered become this anchor's, in
+    /// order; retention drops old ones and refuses old ones from replicas.
+    #[test]
+    fn legacy_entries_are_numbered_and_retention_drops_the_old() {
+        let mut v = View::new("anchor-a");
+        let old = |at: i64| AuditEntry {
+            at,
+            kind: "edit".into(),
+            subject: "fleet".into(),
+            text: format!("t{at}"),
+            ..Default::default()
+        };
+        v.restore(vec![old(10), old(20)], vec![old(15)]);
+        assert_eq!(v.audit_marks().timeline.get("anchor-a"), Some(&2));
+        assert_eq!(v.audit_marks().security.get("anchor-a"), Some(&1));
+        v.event(30, "edit", "fleet", "t30".into());
+        assert_eq!(v.timeline.back().map(|e| e.id), Some(3));
+        v.set_retention(Some(100));
+        v.expire(125);
+        let left: Vec<i64> = v.timeline.iter().map(|e| e.at).collect();
+        assert_eq!(left, vec![30], "older than 100 s dropped");
+        let from_b = SentEntry {
+            log: AuditLog::Timeline,
+            entry: AuditEntry {
+                anchor: "anchor-b".into(),
+                id: 1,
+                ..old(5)
+            },
+        };
+        assert_eq!(v.audit_merge(vec![from_b], 125), 0, "too old to keep");
     }
 
     #[test]

@@ -119,6 +119,11 @@ pub enum Command {
         /// What was refused.
         reason: String,
     },
+    /// An operator logged in to the web UI (for the timeline).
+    Login {
+        /// The token's role.
+        role: String,
+    },
 }
 
 impl Command {
@@ -138,6 +143,7 @@ impl Command {
             Command::Devices { .. } => "devices",
             Command::Data { .. } => "post data",
             Command::Security { .. } => "security",
+            Command::Login { .. } => "login",
         }
     }
 }
@@ -175,8 +181,9 @@ mod hex_bytes {
 pub enum Caller {
     /// The data dir's owner: the control socket (owner-only file).
     Owner,
-    /// An operator holding an anchor API token (the token's name).
-    Operator(String),
+    /// An operator holding an anchor API token: the token's name, and the
+    /// client's address when known (for the audit trail).
+    Operator(String, Option<String>),
     /// A key that signed a site API request over a fresh nonce; what it may
     /// do is decided by its certificate, in [`authorize`].
     Signed(PublicKey),
@@ -192,7 +199,7 @@ impl std::fmt::Display for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Caller::Owner => write!(f, "owner"),
-            Caller::Operator(n) => write!(f, "operator {n}"),
+            Caller::Operator(n, _) => write!(f, "operator {n}"),
             Caller::Signed(k) => write!(f, "key {}", k.short()),
             Caller::App(None) => write!(f, "app"),
             Caller::App(Some(a)) => write!(f, "app {a}"),
@@ -331,6 +338,13 @@ pub trait Host {
         let _ = (kind, subject, text);
     }
 
+    /// Something `caller` did, for the timeline: the anchor records who
+    /// and from where.
+    fn event_by(&mut self, caller: &Caller, kind: &str, subject: &str, text: String) {
+        let _ = caller;
+        self.event(kind, subject, text);
+    }
+
     /// A refused request, for the security log.
     fn security(&mut self, who: &str, reason: &str) {
         let _ = (who, reason);
@@ -360,7 +374,8 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             let (writer, message, who) = writer_of(host.base(), caller, identity.as_deref())?;
             let applied = host.base().apply(&manifests, &writer, message.as_deref())?;
             for a in applied.iter().filter(|a| a.fields > 0) {
-                host.event(
+                host.event_by(
+                    caller,
                     "edit",
                     &a.doc,
                     format!(
@@ -386,7 +401,7 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             let (writer, message, who) = writer_of(host.base(), caller, identity.as_deref())?;
             let n = host.base().delete(k, &name, &writer, message.as_deref())?;
             let what = format!("{}/{name}", k.as_str().to_lowercase());
-            host.event("edit", &what, format!("{who} deleted {what}"));
+            host.event_by(caller, "edit", &what, format!("{who} deleted {what}"));
             Ok(match output {
                 Some(_) => Answer::Text(deleted(k, &name)),
                 None => Answer::Json(json!({ "deleted": what, "fields": n })),
@@ -410,7 +425,8 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             let message =
                 message.map(|_| format!("{who} resolved a conflict through the anchor API"));
             host.base().write(&id, &ops, &writer, message.as_deref())?;
-            host.event(
+            host.event_by(
+                caller,
                 "edit",
                 &doc,
                 format!("{who} resolved {field} in {doc}: {value} kept"),
@@ -462,7 +478,12 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             if !ops.is_empty() {
                 host.base()
                     .write(&DocId::Fleet, &ops, &writer, message.as_deref())?;
-                host.event("rollout", &format!("app {app}"), format!("{who}: {text}"));
+                host.event_by(
+                    caller,
+                    "rollout",
+                    &format!("app {app}"),
+                    format!("{who}: {text}"),
+                );
             }
             Ok(match output {
                 Some(_) => Answer::Text(format!("{text}\n")),
@@ -474,7 +495,12 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             let key = datadir::find_key(base.core.trust(), &who)?;
             let writer = base.identity()?;
             let r = base.revoke(key, &reason, &writer)?;
-            host.event("revoked", &key.short(), format!("{who} revoked: {reason}"));
+            host.event_by(
+                caller,
+                "revoked",
+                &key.short(),
+                format!("{who} revoked: {reason}"),
+            );
             Ok(Answer::Text(revoked(key, &r)))
         }
         Command::TokenCreate(t) => {
@@ -513,10 +539,11 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                 _ => None,
             };
             let report = host.base().import(&bundle, only.as_ref())?;
-            if let Caller::Operator(user) = caller {
+            if let Caller::Operator(user, _) = caller {
                 // Who signed them is on the "merged" entry the core writes.
                 for (doc, n) in &report.new_changes {
-                    host.event(
+                    host.event_by(
+                        caller,
                         "edit",
                         doc,
                         format!("{user} posted {n} signed change(s) to {doc}"),
@@ -531,6 +558,17 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                     "waiting": report.waiting,
                 })),
             })
+        }
+        Command::Login { role } => {
+            if let Caller::Operator(name, _) = caller {
+                host.event_by(
+                    caller,
+                    "login",
+                    name,
+                    format!("{name} logged in to the web UI ({role})"),
+                );
+            }
+            Ok(Answer::Json(json!({})))
         }
         Command::Security { source, reason } => {
             tracing::warn!(%source, %reason, "request refused");
@@ -561,7 +599,7 @@ pub fn authorize(
     let refuse = |who: &str| Refusal::new(403, format!("{who} may not {} here", cmd.verb()));
     match caller {
         Caller::Owner => Ok(()),
-        Caller::Operator(name) => match cmd {
+        Caller::Operator(name, _) => match cmd {
             Command::Apply { identity: None, .. }
             | Command::Delete { identity: None, .. }
             | Command::Resolve { .. }
@@ -569,6 +607,7 @@ pub fn authorize(
             | Command::Rollout { .. }
             | Command::Export { .. }
             | Command::Import { .. }
+            | Command::Login { .. }
             | Command::Security { .. } => Ok(()),
             _ => Err(refuse(&format!("operator {name} (an API token)"))),
         },
@@ -645,7 +684,7 @@ fn writer_of(
         }
         // The anchor signs with its data dir's operator identity and
         // records who asked (ADR 0006).
-        Caller::Operator(user) => Ok((
+        Caller::Operator(user, _) => Ok((
             base.identity()?,
             Some(format!("{user} through the anchor API")),
             user.clone(),
@@ -1017,6 +1056,9 @@ mod tests {
                 source: "s".into(),
                 reason: "r".into(),
             },
+            Command::Login {
+                role: "viewer".into(),
+            },
         ]
     }
 
@@ -1047,7 +1089,7 @@ mod tests {
         let all: Vec<String> = every_command().iter().map(label).collect();
         assert_eq!(allowed(&Caller::Owner, &f.node), all);
         assert_eq!(
-            allowed(&Caller::Operator("alice".into()), &f.anchor),
+            allowed(&Caller::Operator("alice".into(), None), &f.anchor),
             [
                 "apply",
                 "delete",
@@ -1057,7 +1099,10 @@ mod tests {
                 "export all",
                 "export site/s1",
                 "export site/s2",
-                "security"
+                // Signed elsewhere: the signatures, not the token, decide.
+                "import",
+                "security",
+                "login"
             ]
         );
         let site_api = ["export site/s1", "import", "view", "devices"];

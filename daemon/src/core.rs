@@ -862,6 +862,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         self.names.get(conn).cloned()
     }
 
+    /// Every admitted connection and its peer's name.
+    pub fn admitted(&self) -> impl Iterator<Item = (&C, &str)> {
+        self.names.iter().map(|(c, n)| (c, n.as_str()))
+    }
+
     /// The last report written into the node's document.
     pub fn last_report(&self) -> Option<&NodeReport> {
         self.last_report.as_ref()

@@ -93,6 +93,10 @@ pub const BLOB: StreamProtocol = StreamProtocol::new("/shoal/blob/1");
 /// (issue 15; the `uplink` crate).
 pub const DATA: StreamProtocol = StreamProtocol::new("/shoal/data/1");
 
+/// Anchor replicas' audit trails (timeline and security log): a pull of
+/// what the asker lacks, one request and one answer (issue 17).
+pub const AUDIT: StreamProtocol = StreamProtocol::new("/shoal/audit/1");
+
 /// Largest hello or request frame.
 pub const MAX_SMALL_FRAME: usize = 64 << 10;
 

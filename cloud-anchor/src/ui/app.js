@@ -479,8 +479,9 @@ async function conflicts() {
 }
 
 function timelineTable(items) {
-  return `<table class="timeline"><thead><tr><th>When</th><th>What</th><th>Subject</th><th></th></tr></thead><tbody>
-  ${items.map((e) => `<tr data-kind="${esc(e.kind)}"><td title="${new Date(e.at * 1000).toLocaleString()}">${ago(e.at)}</td><td>${esc(e.kind)}</td><td>${esc(e.subject)}</td><td>${esc(e.text)}</td></tr>`).join("") || `<tr><td colspan=4 class="muted">nothing yet</td></tr>`}</tbody></table>`;
+  const by = (e) => [e.who && `by ${esc(e.who)}`, e.from && `from ${esc(e.from)}`].filter(Boolean).join(" ");
+  return `<table class="timeline"><thead><tr><th>When</th><th>What</th><th>Subject</th><th></th><th>Who</th><th>Anchor</th></tr></thead><tbody>
+  ${items.map((e) => `<tr data-kind="${esc(e.kind)}"><td title="${new Date(e.at * 1000).toLocaleString()}">${ago(e.at)}</td><td>${esc(e.kind)}</td><td>${esc(e.subject)}</td><td>${esc(e.text)}</td><td class="muted">${by(e)}</td><td class="muted">${esc(e.anchor || "")}</td></tr>`).join("") || `<tr><td colspan=6 class="muted">nothing yet</td></tr>`}</tbody></table>`;
 }
 
 function pager(d, base) {
@@ -490,14 +491,14 @@ function pager(d, base) {
 async function security(_parts, params) {
   const d = await api("GET", "/api/security?" + params);
   main().innerHTML = `<h1>Security events <span class="muted">${d.total_since_start} since start</span></h1>
-  <table id="security"><thead><tr><th>When</th><th>Source</th><th>What was refused</th></tr></thead><tbody>
-  ${d.items.map((e) => `<tr><td>${ago(e.at)}</td><td>${esc(e.source)}</td><td>${esc(e.reason)}</td></tr>`).join("") || `<tr><td colspan=3 class="muted">none</td></tr>`}</tbody></table>
+  <table id="security"><thead><tr><th>When</th><th>Source</th><th>What was refused</th><th>Anchor</th></tr></thead><tbody>
+  ${d.items.map((e) => `<tr><td>${ago(e.at)}</td><td>${esc(e.source)}</td><td>${esc(e.reason)}</td><td class="muted">${esc(e.anchor || "")}</td></tr>`).join("") || `<tr><td colspan=4 class="muted">none</td></tr>`}</tbody></table>
   ${pager(d, "#/security?")}`;
 }
 
 async function timeline(_parts, params) {
   const d = await api("GET", "/api/timeline?" + params);
-  main().innerHTML = `<h1>Timeline</h1><p class="muted">Partitions, merges, edits and conflicts, newest first.</p>${timelineTable(d.items)}${pager(d, "#/timeline?")}`;
+  main().innerHTML = `<h1>Timeline</h1><p class="muted">Partitions, merges, edits and conflicts, newest first, as every anchor of the fleet recorded them (replicas exchange their entries).</p>${timelineTable(d.items)}${pager(d, "#/timeline?")}`;
 }
 
 async function demo() {

@@ -18,7 +18,8 @@ use crate::local::store::Store;
 const AUDIT: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("audit");
 
 /// Which log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AuditLog {
     /// Partitions, merges, edits, conflicts, enrollments.
     Timeline,
@@ -36,9 +37,9 @@ impl AuditLog {
 }
 
 /// One entry, as the anchor's view holds it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
-    /// When (Unix seconds).
+    /// When (Unix seconds, on the clock of the anchor that recorded it).
     pub at: i64,
     /// Its kind (`edit`, `connected`, …; empty in the security log).
     #[serde(default)]
@@ -48,6 +49,24 @@ pub struct AuditEntry {
     pub subject: String,
     /// Words for people.
     pub text: String,
+    /// The anchor that recorded it: replicas exchange their entries, so
+    /// each anchor shows every anchor's (empty in entries stored before).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub anchor: String,
+    /// Its number at that anchor, in its log: 1, 2, 3…
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id: u64,
+    /// Who acted, when known: an operator token's name, the writer a
+    /// change's signature names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub who: Option<String>,
+    /// From where, when known: a client's address, a peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn err(store: &Store, e: impl std::fmt::Display) -> Error {
@@ -92,6 +111,38 @@ impl Store {
         })
     }
 
+    /// Deletes the entries of `log` recorded before `before` (Unix
+    /// seconds), from the oldest on, stopping at the first newer one (the
+    /// log is in the order entries arrived, nearly that of their times).
+    /// Returns how many went.
+    pub fn prune_audit(&self, log: AuditLog, before: i64) -> Result<u64> {
+        self.guard(|| {
+            let l = log.key();
+            let wtx = self.db()?.begin_write().map_err(|e| err(self, e))?;
+            let mut gone = 0;
+            {
+                let mut t = wtx.open_table(AUDIT).map_err(|e| err(self, e))?;
+                let mut last = None;
+                for row in t.range((l, 0)..=(l, u64::MAX)).map_err(|e| err(self, e))? {
+                    let (k, v) = row.map_err(|e| err(self, e))?;
+                    let old = serde_json::from_slice::<AuditEntry>(v.value())
+                        .map_or(true, |e| e.at < before);
+                    if !old {
+                        break;
+                    }
+                    last = Some(k.value().1);
+                    gone += 1;
+                }
+                if let Some(last) = last {
+                    t.retain_in((l, 0)..=(l, last), |_, _| false)
+                        .map_err(|e| err(self, e))?;
+                }
+            }
+            wtx.commit().map_err(|e| err(self, e))?;
+            Ok(gone)
+        })
+    }
+
     /// The newest `limit` entries of `log`, oldest first. An entry that
     /// does not decode (a damaged or hand-edited file) is skipped.
     pub fn audit(&self, log: AuditLog, limit: usize) -> Result<Vec<AuditEntry>> {
@@ -132,7 +183,35 @@ mod tests {
             kind: "edit".into(),
             subject: format!("s{i}"),
             text: format!("edit {i}"),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn pruning_drops_what_is_older_than_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("store.redb"), StoreConfig::default()).unwrap();
+        let all: Vec<_> = (0..10).map(entry).collect();
+        s.append_audit(AuditLog::Timeline, &all, 100).unwrap();
+        s.append_audit(AuditLog::Security, &all, 100).unwrap();
+        assert_eq!(s.prune_audit(AuditLog::Timeline, 4).unwrap(), 4);
+        assert_eq!(
+            s.audit(AuditLog::Timeline, 100).unwrap(),
+            (4..10).map(entry).collect::<Vec<_>>()
+        );
+        assert_eq!(s.prune_audit(AuditLog::Timeline, 4).unwrap(), 0);
+        assert_eq!(
+            s.audit(AuditLog::Security, 100).unwrap().len(),
+            10,
+            "the other log stays"
+        );
+        // Appending after a prune goes on after the last number kept.
+        s.append_audit(AuditLog::Timeline, &[entry(10)], 100)
+            .unwrap();
+        assert_eq!(
+            s.audit(AuditLog::Timeline, 100).unwrap().last(),
+            Some(&entry(10))
+        );
     }
 
     #[test]
