@@ -357,6 +357,10 @@ enum TokenCmd {
         /// Lifetime: 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// The operator identity that grants the node (ADR 0013; the data
+        /// dir's own when absent).
+        #[arg(long)]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -689,12 +693,13 @@ enum IdentityCmd {
     Create {
         #[command(flatten)]
         dir: Dir,
-        /// operator, site-engineer, anchor or node.
+        /// operator, site-engineer, anchor, node or issuer.
         #[arg(long)]
         role: Role,
-        /// The site (site engineers and nodes).
-        #[arg(long)]
-        site: Option<String>,
+        /// The site (site engineers and nodes); an issuer's sites, once
+        /// each (`--site north --site south`).
+        #[arg(long = "site")]
+        sites: Vec<String>,
         /// The writer's name.
         #[arg(long)]
         name: String,
@@ -1064,12 +1069,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node::device_cli::write(&node, &identity, &device, &resource, &value, wait)?
             );
         }
-        Command::Fleet(FleetCmd::Token(TokenCmd::Create { dir, node, ttl })) => {
+        Command::Fleet(FleetCmd::Token(TokenCmd::Create {
+            dir,
+            node,
+            ttl,
+            identity,
+        })) => {
+            // The grant is signed here, where the operator's key is; only
+            // the grant goes to the anchor.
+            let labels = node.labels()?;
+            let site = node.site.clone().unwrap_or_else(|| node.node.clone());
+            let grant = match &identity {
+                Some(file) => Some(crdt_state::signed::identity::Grant::sign(
+                    &crdt_state::Identity::read(file)?,
+                    &node.node,
+                    &site,
+                    labels.clone(),
+                    now(),
+                )?),
+                None => None,
+            };
             let req = Verb::TokenCreate(daemon::enroll::TokenRequest {
                 node: node.node.clone(),
                 site: node.site.clone(),
-                labels: node.labels()?,
+                labels,
                 ttl_s: parse_ttl(&ttl)?,
+                grant,
             });
             verb(&dir.data_dir, None, req)?;
         }
@@ -1226,18 +1251,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "enrolled as node {} of site {} (fleet {})",
                 cert.name,
                 cert.site.as_deref().unwrap_or("-"),
-                cert.issuer.short()
+                cert.root().short()
             );
         }
         Command::Identity(IdentityCmd::Create {
             dir,
             role,
-            site,
+            sites,
             name,
             out,
         }) => {
             let mut dd = DataDir::open(&dir.data_dir, None)?;
-            let id = dd.create_identity(role, site.as_deref(), &name, now())?;
+            let id = if role == Role::Issuer {
+                dd.create_issuer(&name, &sites, now())?
+            } else {
+                if sites.len() > 1 {
+                    anyhow::bail!("a {role} has one site; only an issuer names several");
+                }
+                dd.create_identity(role, sites.first().map(String::as_str), &name, now())?
+            };
             id.write(&out)?;
             println!("identity {name} ({role}) written to {}", out.display());
         }
@@ -1249,7 +1281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dir.data_dir.display(),
                 cert.name,
                 cert.role,
-                cert.issuer.short()
+                cert.root().short()
             );
         }
         Command::Identity(IdentityCmd::Revoke { dir, who, reason }) => {

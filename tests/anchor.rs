@@ -557,6 +557,173 @@ fn an_operator_signs_edits_on_their_own_machine() {
     assert_eq!(latest(&n1)["writer"], "alice");
 }
 
+/// ADR 0013's first step: an anchor whose data dir holds neither the fleet
+/// root key nor an operator identity — its anchor key and an issuer of
+/// site s1 only — enrolls a node of s1 against an operator's grant signed
+/// on the operator's machine, and the node runs what the operator signs.
+/// A node of another site, a token with no grant and an edit the anchor
+/// would have to sign are refused; with the anchor's keys alone no
+/// operator's certificate can be made.
+#[test]
+fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let op = root.join("op");
+    ok(&["fleet", "init", "--data-dir", s(&op), "--name", "f"]);
+    let alice = op.join("identity.json");
+    let issuer = root.join("issuer.json");
+    let anchor_key = root.join("anchor-key.json");
+    for (role, name, out) in [
+        ("issuer", "north-issuer", &issuer),
+        ("anchor", "anchor-1", &anchor_key),
+    ] {
+        let mut args = vec![
+            "identity",
+            "create",
+            "--data-dir",
+            s(&op),
+            "--role",
+            role,
+            "--name",
+            name,
+            "--out",
+            s(out),
+        ];
+        if role == "issuer" {
+            args.extend(["--site", "s1"]);
+        }
+        ok(&args);
+    }
+    // The anchor's data dir: the operator's documents, without her keys.
+    let dir = root.join("anchor");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(op.join("store.redb"), dir.join("store.redb")).unwrap();
+    std::fs::copy(&issuer, dir.join("issuer.json")).unwrap();
+    std::fs::copy(&anchor_key, dir.join("anchor.json")).unwrap();
+    let token = token_with_role(&dir, "ops", "operator");
+    let anchor = start_anchor(&dir, free_udp_port(), &[]);
+    let url = http_url(&dir);
+    for file in ["root.key", "identity.json"] {
+        assert!(!dir.join(file).exists(), "{file} on the anchor");
+    }
+
+    let grant_token = |node: &str, site: &str| {
+        ok(&[
+            "fleet",
+            "token",
+            "create",
+            "--data-dir",
+            s(&dir),
+            "--node",
+            node,
+            "--site",
+            site,
+            "--identity",
+            s(&alice),
+        ])
+        .trim()
+        .to_string()
+    };
+    let n1 = root.join("n1");
+    let said = ok(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(&n1),
+        "--token",
+        &grant_token("n1", "s1"),
+    ]);
+    assert!(said.contains("enrolled as node n1"), "{said}");
+    let cert = crdt_state::Identity::read(&n1.join("identity.json"))
+        .unwrap()
+        .cert;
+    let issuer_cert = crdt_state::Identity::read(&issuer).unwrap().cert;
+    assert_eq!(
+        cert.issuer, issuer_cert.key,
+        "certified by the issuer, not the root"
+    );
+    assert_eq!(cert.grant.as_ref().unwrap().by.name, "admin");
+    let _node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
+    let web = write(root, "web.yaml", &app_yaml("web", "v1"));
+    ok(&[
+        "apply",
+        "--anchor",
+        &url,
+        "--token",
+        &token,
+        "--identity",
+        s(&alice),
+        "-f",
+        s(&web),
+    ]);
+    assert!(
+        wait_for(WITHIN, || app_version(&n1, "web").as_deref() == Some("v1")),
+        "n1 never got the operator's edit"
+    );
+    assert!(
+        wait_for(WITHIN, || node_row(&url, &token, "n1")["state"] == "ok"),
+        "n1 not ok at the anchor: {}",
+        node_row(&url, &token, "n1")
+    );
+
+    // Refused: a node of a site the issuer does not cover…
+    let n2 = root.join("n2");
+    let out = shoal(&[
+        "node",
+        "enroll",
+        "--data-dir",
+        s(&n2),
+        "--token",
+        &grant_token("n2", "s2"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not of site s2"), "{err}");
+    // …a token with no operator's grant…
+    let out = shoal(&[
+        "fleet",
+        "token",
+        "create",
+        "--data-dir",
+        s(&dir),
+        "--node",
+        "n3",
+        "--site",
+        "s1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("grant"), "{err}");
+    // …and an edit the anchor would have to sign itself.
+    let (status, body) = post(&format!("{url}/api/apply"), &token, app_file("web", "v2"));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.to_string().contains("holds no operator identity"),
+        "{body}"
+    );
+
+    // With the anchor's keys alone: no certificate from the root's key, and
+    // the issuer's key certifies no operator, even with a grant it made.
+    let fleet_root = cert.root();
+    let key = crdt_state::PublicKey([9; 32]);
+    let e = crdt_state::local::datadir::issue_in(
+        &dir,
+        &fleet_root,
+        key,
+        crdt_state::Role::Operator,
+        None,
+        "mallory",
+        0,
+    )
+    .expect_err("no root key");
+    assert!(e.to_string().contains("root key"), "{e}");
+    let thief = crdt_state::Identity::read(&dir.join("anchor.json")).unwrap();
+    let e =
+        crdt_state::signed::identity::Grant::sign(&thief, "mallory", "s1", Default::default(), 0)
+            .expect_err("an anchor grants nothing");
+    assert!(e.to_string().contains("only an operator"), "{e}");
+}
+
 /// The operator API over HTTPS with a certificate from the fleet's TLS
 /// CA: the CLI that trusts that CA gets answers; one that does not, one
 /// that trusts another fleet's CA, and a plain-HTTP request all get none.

@@ -155,6 +155,7 @@ pub fn create(
     }
     if !dir.join(crdt_state::local::datadir::ROOT_KEY_FILE).exists()
         && !dir.join(crdt_state::local::datadir::IDENTITY_FILE).exists()
+        && !dir.join(daemon::enroll::ANCHOR_IDENTITY_FILE).exists()
     {
         bail!(
             "{} is not an anchor's data dir (made by `shoal fleet init`)",

@@ -242,6 +242,7 @@ fn revocation_keeps_what_was_seen_and_refuses_the_rest() {
         Revocation {
             reason: "laptop stolen".into(),
             accepted: BTreeMap::from([(actor, 1)]),
+            certified: Vec::new(),
         },
     );
     let mut r = Document::new(site_a());

@@ -513,9 +513,17 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             };
             let dir = base.dd.path().to_path_buf();
             let root = base.core.trust().root();
+            let grantor = base.dd.identity().cloned();
             // A file written and synced: off the loop.
             Ok(Answer::Blocking(Box::new(move |_| {
-                let token = crate::enroll::create_token(&dir, &root, addrs, &t, unix_now())?;
+                let token = crate::enroll::create_token(
+                    &dir,
+                    &root,
+                    addrs,
+                    &t,
+                    grantor.as_ref(),
+                    unix_now(),
+                )?;
                 Ok(Answer::Text(format!("{token}\n")))
             })))
         }
@@ -685,7 +693,12 @@ fn writer_of(
         // The anchor signs with its data dir's operator identity and
         // records who asked (ADR 0006).
         Caller::Operator(user, _) => Ok((
-            base.identity()?,
+            base.identity().map_err(|_| {
+                Refusal::new(
+                    403,
+                    "this anchor holds no operator identity, so it signs no edits: sign yours with your own key (shoal apply --anchor URL --identity FILE)",
+                )
+            })?,
             Some(format!("{user} through the anchor API")),
             user.clone(),
         )),
@@ -977,6 +990,7 @@ mod tests {
             Revocation {
                 reason: "left".into(),
                 accepted: Default::default(),
+                certified: Vec::new(),
             },
         );
         let stranger = PublicKey(generate_key().unwrap().verifying_key().to_bytes());
@@ -1033,6 +1047,7 @@ mod tests {
                 site: None,
                 labels: BTreeMap::new(),
                 ttl_s: 60,
+                grant: None,
             }),
             Command::Export { only: None },
             Command::Export {

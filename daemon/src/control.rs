@@ -138,7 +138,15 @@ fn execute_inner(dd: &mut DataDir, cmd: Command) -> Result<Answer, Refusal> {
         }
         Command::TokenCreate(t) => {
             let addrs = enroll::read_addrs(dd.path());
-            let token = enroll::create_token(dd.path(), &dd.trust().root(), addrs, &t, now())?;
+            let grantor = dd.identity().cloned();
+            let token = enroll::create_token(
+                dd.path(),
+                &dd.trust().root(),
+                addrs,
+                &t,
+                grantor.as_ref(),
+                now(),
+            )?;
             format!("{token}\n")
         }
         Command::Export { only } => {

@@ -612,8 +612,12 @@ impl Base {
         reason: &str,
         writer: &Identity,
     ) -> crdt_state::Result<crdt_state::signed::verify::Revocation> {
-        let (r, ops) =
-            crdt_state::local::datadir::plan_revoke(key, reason, self.core.engine().docs());
+        let (r, ops) = crdt_state::local::datadir::plan_revoke(
+            key,
+            reason,
+            self.core.engine().docs(),
+            self.core.trust(),
+        );
         self.write(&DocId::Fleet, &ops, writer, None)?;
         Ok(r)
     }
@@ -717,7 +721,13 @@ impl Base {
         &mut self,
         e: enroll::Enrollment,
     ) -> anyhow::Result<crdt_state::Certificate> {
-        let writer = self.identity()?;
+        // The data dir's operator identity where there is one (ADR 0006);
+        // an anchor that holds none writes the registration with its own
+        // anchor certificate (ADR 0013's first step).
+        let writer = match self.identity() {
+            Ok(w) => w,
+            Err(_) => self.core.me().clone(),
+        };
         let core = &self.core;
         let (_, mut edits) =
             crdt_state::local::datadir::plan_apply(std::slice::from_ref(&e.node), &|id| {

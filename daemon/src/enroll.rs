@@ -9,6 +9,12 @@
 //! checks the token, marks it used, certifies the key and adds the Node to
 //! the fleet document. The node's secret key never leaves it.
 //!
+//! With an issuer (ADR 0013): the token's record also holds a grant — the
+//! node's name, site and labels signed by the operator who made the token
+//! — and an anchor whose data dir holds `issuer.json` instead of the root
+//! key certifies the node's key with the issuer against that grant. The
+//! certificate carries both, so every peer checks it with the root alone.
+//!
 //! Offline: `shoal fleet node-bundle` makes the key, certificate and an
 //! offline bundle of the node's documents on the operator's machine; the
 //! file is carried to the air-gapped site (`shoal node enroll --bundle`).
@@ -30,6 +36,10 @@ pub const ADDRS_FILE: &str = "addrs.json";
 pub const PEERS_FILE: &str = "peers.json";
 /// The anchor's own identity in its data dir.
 pub const ANCHOR_IDENTITY_FILE: &str = "anchor.json";
+/// An issuer's identity in an anchor's data dir (ADR 0013): with it the
+/// anchor certifies nodes of the issuer's sites against operators' grants,
+/// without the fleet root key.
+pub const ISSUER_FILE: &str = "issuer.json";
 
 const TOKEN_PREFIX: &str = "shoal1-";
 
@@ -82,6 +92,10 @@ pub struct TokenRecord {
     /// Used already (one-time).
     #[serde(default)]
     pub used: bool,
+    /// The operator's grant for this node, which an issuer certifies
+    /// against (absent in tokens made before issuers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<crdt_state::signed::identity::Grant>,
 }
 
 fn read_tokens(dir: &Path) -> anyhow::Result<BTreeMap<String, TokenRecord>> {
@@ -137,6 +151,11 @@ pub struct TokenRequest {
     pub labels: BTreeMap<String, String>,
     /// Lifetime in seconds.
     pub ttl_s: i64,
+    /// The operator's grant for the node, signed where the operator's key
+    /// is (`shoal fleet token create --identity`); made with the data
+    /// dir's own operator identity when absent and it has one.
+    #[serde(default)]
+    pub grant: Option<crdt_state::signed::identity::Grant>,
 }
 
 /// Creates a one-time token on an anchor's data dir. `anchors` are the
@@ -146,6 +165,7 @@ pub fn create_token(
     root: &PublicKey,
     anchors: Vec<String>,
     req: &TokenRequest,
+    grantor: Option<&Identity>,
     now: i64,
 ) -> anyhow::Result<String> {
     crdt_state::fleet::model::validate_name("node", &req.node).map_err(|e| anyhow!(e))?;
@@ -160,6 +180,32 @@ pub fn create_token(
     if req.ttl_s <= 0 {
         bail!("token lifetime must be positive");
     }
+    let grant = match (&req.grant, grantor) {
+        (Some(g), _) => {
+            g.verify(root)?;
+            if g.node != req.node || g.site != site || g.labels != req.labels {
+                bail!(
+                    "the grant is for {} of site {}, not for this token's node",
+                    g.node,
+                    g.site
+                );
+            }
+            Some(g.clone())
+        }
+        (None, Some(op)) if op.cert.role == crdt_state::Role::Operator => {
+            Some(crdt_state::signed::identity::Grant::sign(
+                op,
+                &req.node,
+                &site,
+                req.labels.clone(),
+                now,
+            )?)
+        }
+        (None, _) if dir.join(ISSUER_FILE).exists() => bail!(
+            "this anchor certifies nodes with an issuer: a token needs an operator's grant (--identity FILE of an operator)"
+        ),
+        (None, _) => None,
+    };
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
     let secret = hex::encode(secret);
@@ -174,6 +220,7 @@ pub fn create_token(
             labels: req.labels.clone(),
             expires_at: now + req.ttl_s,
             used: false,
+            grant,
         },
     );
     write_tokens(dir, &tokens)?;
@@ -247,15 +294,28 @@ pub fn spend(dir: &Path, root: &PublicKey, bytes: &[u8], now: i64) -> anyhow::Re
         bail!("enrollment token expired");
     }
     let node = node_manifest(&record.node, &record.site, &record.labels)?;
-    let cert = crdt_state::local::datadir::issue_in(
-        dir,
-        root,
-        req.key,
-        Role::Node,
-        Some(&record.site),
-        &record.node,
-        now,
-    )?;
+    let issuer_file = dir.join(ISSUER_FILE);
+    let cert = if issuer_file.exists() {
+        // Without the root: the issuer certifies what the operator granted.
+        let issuer = Identity::read(&issuer_file)?;
+        let grant = record
+            .grant
+            .clone()
+            .ok_or_else(|| anyhow!("the token carries no operator's grant: make a new one"))?;
+        let cert = Certificate::issue_via(&issuer, req.key, grant, now)?;
+        cert.verify(root)?;
+        cert
+    } else {
+        crdt_state::local::datadir::issue_in(
+            dir,
+            root,
+            req.key,
+            Role::Node,
+            Some(&record.site),
+            &record.node,
+            now,
+        )?
+    };
     record.used = true;
     write_tokens(dir, &tokens)?;
     Ok(Enrollment { cert, node })
@@ -313,7 +373,7 @@ pub async fn enroll_with_token(dir: &Path, token: &str) -> anyhow::Result<Certif
         match mesh.request(ma, mesh::ENROLL, req.clone()).await {
             Ok(bytes) => match serde_json::from_slice::<EnrollResponse>(&bytes) {
                 Ok(EnrollResponse::Certified(cert)) => {
-                    if cert.key != key || cert.issuer != token.fleet {
+                    if cert.key != key || cert.root() != token.fleet {
                         bail!("the anchor answered with a certificate for another key or fleet");
                     }
                     cert.verify(&token.fleet)?;
@@ -412,10 +472,67 @@ mod tests {
             site: site.map(str::to_string),
             labels: BTreeMap::new(),
             ttl_s,
+            grant: None,
         };
         let anchors = vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()];
-        let token = create_token(dir, root, anchors, &req, 100).expect("token");
+        let token = create_token(dir, root, anchors, &req, None, 100).expect("token");
         Token::decode(&token).expect("decode").secret
+    }
+
+    /// An anchor data dir with an issuer and no root key enrolls a node of
+    /// the issuer's sites against an operator's grant; the certificate
+    /// checks with the root alone. A token without a grant cannot be made
+    /// there, and a grant for a site the issuer does not cover is spent in
+    /// vain.
+    #[test]
+    fn an_issuer_enrolls_without_the_root_key() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root_dir = tmp.path().join("operator");
+        let mut dd = DataDir::init(&root_dir, "f", 100).expect("init");
+        let root = dd.trust().root();
+        let issuer = dd
+            .create_issuer("north-issuer", &["s1".to_string()], 100)
+            .expect("issuer");
+        let alice = dd.identity().cloned().expect("the operator identity");
+        // The anchor's data dir: the issuer, and no root key.
+        let anchor = tmp.path().join("anchor");
+        std::fs::create_dir_all(&anchor).expect("dir");
+        issuer.write(&anchor.join(ISSUER_FILE)).expect("write");
+        let anchors = vec!["/ip4/127.0.0.1/udp/1/quic-v1".to_string()];
+        let req = |node: &str, site: &str| TokenRequest {
+            node: node.into(),
+            site: Some(site.into()),
+            labels: BTreeMap::from([("rack".to_string(), "r1".to_string())]),
+            ttl_s: 60,
+            grant: None,
+        };
+        let e = create_token(&anchor, &root, anchors.clone(), &req("n1", "s1"), None, 100)
+            .expect_err("no grant");
+        assert!(e.to_string().contains("grant"), "{e}");
+        let token = create_token(
+            &anchor,
+            &root,
+            anchors.clone(),
+            &req("n1", "s1"),
+            Some(&alice),
+            100,
+        )
+        .expect("token");
+        let secret = Token::decode(&token).expect("decode").secret;
+        let e = spend(&anchor, &root, &request(&secret), 110).expect("enrolled");
+        assert_eq!(e.cert.issuer, issuer.key());
+        assert_eq!(e.cert.root(), root);
+        e.cert.verify(&root).expect("checks with the root");
+        assert_eq!(
+            e.cert.grant.as_ref().map(|g| g.by.name.as_str()),
+            Some(alice.cert.name.as_str())
+        );
+        // Site s2 is not the issuer's.
+        let token = create_token(&anchor, &root, anchors, &req("n2", "s2"), Some(&alice), 100)
+            .expect("token");
+        let secret = Token::decode(&token).expect("decode").secret;
+        let e = spend(&anchor, &root, &request(&secret), 110).expect_err("not its site");
+        assert!(format!("{e:#}").contains("not of site s2"), "{e:#}");
     }
 
     /// A token serves one enrollment, even when two arrive at once on two

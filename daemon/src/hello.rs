@@ -55,11 +55,14 @@ pub fn check(
     }
     // One the trust holds was checked when it was added: a reconnection
     // costs no signature check.
-    if !trust.holds(&hello.cert) {
-        hello
-            .cert
-            .verify(&trust.root())
-            .map_err(|e| format!("certificate of {:?}: {e}", hello.cert.name))?;
+    trust
+        .check(&hello.cert)
+        .map_err(|e| format!("certificate of {:?}: {e}", hello.cert.name))?;
+    if hello.cert.role == crdt_state::Role::Issuer {
+        return Err(format!(
+            "{:?} is an issuer's certificate: issuers certify nodes, they are no peers",
+            hello.cert.name
+        ));
     }
     if !proves(&hello.cert.key) {
         return Err(format!(

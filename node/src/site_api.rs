@@ -477,7 +477,7 @@ impl Client {
             .into();
         let verifier = base.starts_with("https://").then(|| {
             std::sync::Arc::new(daemon::tls::NodeVerifier::new(
-                identity.cert.issuer,
+                identity.cert.root(),
                 identity.cert.site.clone(),
             ))
         });

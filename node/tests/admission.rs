@@ -54,6 +54,7 @@ fn a_valid_hello_is_admitted_and_each_defect_is_named() {
         Revocation {
             reason: "stolen".into(),
             accepted: Default::default(),
+            certified: Vec::new(),
         },
     );
     let e = daemon::hello::check_on_mesh(&revoked, &s.peer, &s.hello).unwrap_err();

@@ -264,10 +264,10 @@ impl DataDir {
     /// its store to the identity's fleet if new).
     pub fn use_identity(path: &Path, file: &Path) -> Result<DataDir> {
         let identity = Identity::read(file)?;
-        identity.cert.verify(&identity.cert.issuer)?;
+        identity.cert.verify(&identity.cert.root())?;
         std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
         let store = Store::open(&path.join(STORE_FILE), StoreConfig::default())?;
-        store.set_fleet_root(identity.cert.issuer)?;
+        store.set_fleet_root(identity.cert.root())?;
         store.put_certs(std::slice::from_ref(&identity.cert))?;
         identity.write(&path.join(IDENTITY_FILE))?;
         drop(store);
@@ -475,6 +475,16 @@ impl DataDir {
         Ok(identity)
     }
 
+    /// Makes an issuer for `sites` (ADR 0013): a new key, certified with
+    /// this data dir's root key and published in the fleet document. An
+    /// anchor that holds it enrolls nodes of those sites without the root.
+    pub fn create_issuer(&mut self, name: &str, sites: &[String], now: i64) -> Result<Identity> {
+        let root = self.root_key()?;
+        let identity = Identity::issue_issuer(&root, generate_key()?, name, sites, now)?;
+        self.publish_cert(&identity.cert, now)?;
+        Ok(identity)
+    }
+
     /// Certifies a key generated elsewhere (a node enrolling with a token)
     /// with this data dir's root key, and publishes the certificate.
     pub fn certify(
@@ -535,7 +545,7 @@ impl DataDir {
                 docs.push(doc);
             }
         }
-        let (r, ops) = plan_revoke(key, reason, docs.iter());
+        let (r, ops) = plan_revoke(key, reason, docs.iter(), &self.trust);
         self.write(&DocId::Fleet, &ops, now)?;
         Ok(r)
     }
@@ -882,6 +892,7 @@ pub fn plan_revoke<'d>(
     key: PublicKey,
     reason: &str,
     docs: impl Iterator<Item = &'d Document>,
+    trust: &Trust,
 ) -> (Revocation, BTreeMap<String, Option<String>>) {
     let author = automerge::Author::from(key.0.to_vec());
     let mut accepted = BTreeMap::new();
@@ -898,9 +909,17 @@ pub fn plan_revoke<'d>(
             }
         }
     }
+    // An issuer's: the nodes it certified that this holder knows stay.
+    let mut certified: Vec<PublicKey> = trust
+        .certs()
+        .filter(|c| c.via.as_ref().is_some_and(|v| v.key == key))
+        .map(|c| c.key)
+        .collect();
+    certified.sort();
     let r = Revocation {
         reason: reason.to_string(),
         accepted,
+        certified,
     };
     let mut ops = BTreeMap::new();
     ops.insert(

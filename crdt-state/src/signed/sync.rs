@@ -191,6 +191,8 @@ pub struct Engine {
 pub fn wants(trust: &Trust, cert: &Certificate, doc: &DocId) -> bool {
     match cert.role {
         Role::Anchor | Role::Operator => true,
+        // An issuer's key is held by an anchor, never a peer of its own.
+        Role::Issuer => false,
         Role::SiteEngineer | Role::Node => match doc {
             DocId::Fleet => true,
             DocId::Site(s) => cert.site.as_deref() == Some(s.as_str()),

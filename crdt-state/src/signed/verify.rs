@@ -28,6 +28,11 @@ pub struct Revocation {
     /// other change by the key is refused. No clock involved.
     #[serde(default)]
     pub accepted: BTreeMap<String, u64>,
+    /// For a revoked issuer: the node keys it certified that the operator
+    /// had seen when revoking. Those certificates stay valid; any other
+    /// it signed is refused, made before or after (ADR 0013).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certified: Vec<PublicKey>,
 }
 
 /// What a receiver trusts: the fleet root, the certificates it has
@@ -61,12 +66,25 @@ impl Trust {
         self.root
     }
 
-    /// Adds a certificate after checking the root's signature on it.
+    /// Checks a certificate against the root and, for a node an issuer
+    /// certified, that the issuer is not revoked for it; does not add it.
+    pub fn check(&self, cert: &Certificate) -> Result<()> {
+        if self.holds(cert) {
+            return Ok(());
+        }
+        cert.verify(&self.root)?;
+        match self.revoked_issuer(cert) {
+            Some(why) => Err(Error::Identity(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a certificate after [`Trust::check`].
     pub fn add_cert(&mut self, cert: Certificate) -> Result<()> {
         if self.holds(&cert) {
             return Ok(());
         }
-        cert.verify(&self.root)?;
+        self.check(&cert)?;
         if cert.role == crate::signed::identity::Role::Node
             && let Some(site) = &cert.site
         {
@@ -76,9 +94,37 @@ impl Trust {
         Ok(())
     }
 
-    /// Records a revocation.
+    /// Records a revocation. Revoking an issuer drops the certificates it
+    /// signed that the revocation does not list.
     pub fn revoke(&mut self, key: PublicKey, r: Revocation) {
+        if self.revoked.get(&key) == Some(&r) {
+            return;
+        }
         std::sync::Arc::make_mut(&mut self.revoked).insert(key, r);
+        let dropped: Vec<PublicKey> = self
+            .certs
+            .values()
+            .filter(|c| self.revoked_issuer(c).is_some())
+            .map(|c| c.key)
+            .collect();
+        if !dropped.is_empty() {
+            let certs = std::sync::Arc::make_mut(&mut self.certs);
+            for k in dropped {
+                certs.remove(&k);
+            }
+        }
+    }
+
+    /// Why a node certificate of a revoked issuer is refused, if it is.
+    fn revoked_issuer(&self, cert: &Certificate) -> Option<String> {
+        let via = cert.via.as_ref()?;
+        let r = self.revoked.get(&via.key)?;
+        (!r.certified.contains(&cert.key)).then(|| {
+            format!(
+                "certificate of {} was signed by issuer {}, revoked ({}), and is not one it had certified before",
+                cert.name, via.name, r.reason
+            )
+        })
     }
 
     /// Whether this very certificate is trusted: it was checked against the
@@ -113,17 +159,8 @@ impl Trust {
     /// check are skipped and returned as errors for the caller to report.
     pub fn absorb_fleet(&mut self, fleet: &Document) -> Vec<Error> {
         let mut errors = Vec::new();
-        for (_, text) in fleet.fields("certs.") {
-            let parsed = serde_json::from_str::<String>(&text)
-                .map_err(|e| Error::Identity(format!("certificate entry is not text: {e}")))
-                .and_then(|s| Certificate::from_json(s.as_bytes()));
-            // Called on every fleet change: `add_cert` checks only what it
-            // does not already hold.
-            match parsed.and_then(|c| self.add_cert(c)) {
-                Ok(()) => {}
-                Err(e) => errors.push(e),
-            }
-        }
+        // Revocations first: a revoked issuer's certificates are refused
+        // as they are read.
         for (key, text) in fleet.fields("revoked.") {
             let Some(hex) = key.strip_prefix("revoked.") else {
                 continue;
@@ -134,6 +171,17 @@ impl Trust {
             ) {
                 (Ok(k), Ok(r)) => self.revoke(k, r),
                 _ => errors.push(Error::Identity(format!("malformed revocation {key}"))),
+            }
+        }
+        for (_, text) in fleet.fields("certs.") {
+            let parsed = serde_json::from_str::<String>(&text)
+                .map_err(|e| Error::Identity(format!("certificate entry is not text: {e}")))
+                .and_then(|s| Certificate::from_json(s.as_bytes()));
+            // Called on every fleet change: `add_cert` checks only what it
+            // does not already hold.
+            match parsed.and_then(|c| self.add_cert(c)) {
+                Ok(()) => {}
+                Err(e) => errors.push(e),
             }
         }
         errors
@@ -464,4 +512,49 @@ pub fn verify_and_apply_decoded(
     let waiting = verified.waiting.len();
     doc.set_pending(verified.waiting);
     Ok((persisted, waiting))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signed::identity::{Grant, Identity, Role, generate_key};
+
+    /// Revoking an issuer keeps the node certificates the operator had seen
+    /// it make (the revocation lists them) and refuses every other, whether
+    /// it was held already or arrives later (ADR 0013).
+    #[test]
+    fn a_revoked_issuer_keeps_only_what_it_had_certified() -> anyhow::Result<()> {
+        let root = generate_key()?;
+        let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
+        let alice = Identity::issue(&root, generate_key()?, "alice", Role::Operator, None, 0)?;
+        let issuer = Identity::issue_issuer(&root, generate_key()?, "iss", &["s1".into()], 0)?;
+        let node = |name: &str| -> anyhow::Result<Certificate> {
+            let grant = Grant::sign(&alice, name, "s1", Default::default(), 0)?;
+            let key = PublicKey(generate_key()?.verifying_key().to_bytes());
+            Ok(Certificate::issue_via(&issuer, key, grant, 0)?)
+        };
+        let (seen, unseen, later) = (node("n1")?, node("n2")?, node("n3")?);
+        trust.add_cert(issuer.cert.clone())?;
+        trust.add_cert(seen.clone())?;
+        trust.add_cert(unseen.clone())?;
+        assert_eq!(trust.node_site("n2"), Some("s1"));
+        trust.revoke(
+            issuer.key(),
+            Revocation {
+                reason: "anchor taken over".into(),
+                accepted: BTreeMap::new(),
+                certified: vec![seen.key],
+            },
+        );
+        assert!(trust.holds(&seen), "seen before the revocation: kept");
+        assert!(
+            trust.cert(&unseen.key).is_none(),
+            "held, but not listed: dropped"
+        );
+        let e = trust.add_cert(later).expect_err("after the revocation");
+        assert!(e.to_string().contains("revoked"), "{e}");
+        let e = trust.add_cert(unseen).expect_err("again");
+        assert!(e.to_string().contains("revoked"), "{e}");
+        Ok(())
+    }
 }
