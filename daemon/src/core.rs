@@ -638,8 +638,8 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> Core<C> {
         writer: &Identity,
         message: Option<&str>,
     ) -> crdt_state::Result<(usize, Vec<ChangeHash>)> {
-        for (id, _) in edits {
-            crdt_state::local::datadir::check_writer(self.engine.trust(), writer, id)?;
+        for (id, ops) in edits {
+            crdt_state::local::datadir::check_writer(self.engine.trust(), writer, id, ops)?;
         }
         let mut fields = 0;
         let mut hashes = Vec::new();

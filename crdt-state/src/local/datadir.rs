@@ -327,9 +327,13 @@ impl DataDir {
         self.write_many(vec![(id.clone(), ops.clone())], now)
     }
 
-    fn check_may_write(&self, id: &DocId) -> Result<&Identity> {
+    fn check_may_write(
+        &self,
+        id: &DocId,
+        ops: &BTreeMap<String, Option<String>>,
+    ) -> Result<&Identity> {
         let writer = self.writer()?;
-        check_writer(&self.trust, writer, id)?;
+        check_writer(&self.trust, writer, id, ops)?;
         Ok(writer)
     }
 
@@ -354,8 +358,8 @@ impl DataDir {
         edits: Vec<(DocId, BTreeMap<String, Option<String>>)>,
         now: i64,
     ) -> Result<usize> {
-        for (id, _) in &edits {
-            self.check_may_write(id)?;
+        for (id, ops) in &edits {
+            self.check_may_write(id, ops)?;
         }
         let ids: Vec<DocId> = edits.iter().map(|(id, _)| id.clone()).collect();
         let result = self.write_unchecked(edits, now);
@@ -662,7 +666,20 @@ pub fn edit_offline<R>(
 /// Whether `writer` may write `doc` now: its certificate's authority, and
 /// not revoked. The one check every local write passes (a data dir's verbs,
 /// the daemon core's writes).
-pub fn check_writer(trust: &Trust, writer: &Identity, id: &DocId) -> Result<()> {
+pub fn check_writer(
+    trust: &Trust,
+    writer: &Identity,
+    id: &DocId,
+    ops: &BTreeMap<String, Option<String>>,
+) -> Result<()> {
+    if let Some(field) = ops.keys().find(|k| !writer.cert.may_write_field(id, k))
+        && writer.cert.may_write(id)
+    {
+        return Err(Error::NotAllowed(format!(
+            "{} ({}) may not write {field} of {id}: anchors write node registrations and rollout decisions only",
+            writer.cert.name, writer.cert.role
+        )));
+    }
     if !writer.cert.may_write(id) {
         return Err(Error::NotAllowed(format!(
             "{} ({}{}) may not write {id}",

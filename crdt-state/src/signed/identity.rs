@@ -93,8 +93,9 @@ pub enum Role {
     Operator,
     /// Writes the site document of its own site.
     SiteEngineer,
-    /// An always-on cloud peer; writes the fleet document (enrollment) and
-    /// site documents on behalf of authenticated operators.
+    /// An always-on cloud peer; in the fleet document writes only node
+    /// certificates and registrations (enrollment) and rollout decision
+    /// marks ([`Certificate::may_write_field`], ADR 0013).
     Anchor,
     /// An edge node; writes its own node document.
     Node,
@@ -239,6 +240,25 @@ impl Grant {
                 ))
             })
     }
+}
+
+/// The fields of the fleet document an anchor writes itself: certificates
+/// (each checks on its own), node registrations, and the decision marks of
+/// a rollout (`rollouts.<app>.<open|halted|aborted|done|paused>.…`), never
+/// a rollout's target or the spec it replaces.
+fn anchor_field(key: &str) -> bool {
+    if key.starts_with("certs.") || key.starts_with("nodes.") {
+        return true;
+    }
+    let Some(rest) = key.strip_prefix("rollouts.") else {
+        return false;
+    };
+    let mut parts = rest.splitn(3, '.');
+    matches!(
+        (parts.next(), parts.next(), parts.next()),
+        (Some(app), Some("open" | "halted" | "aborted" | "done" | "paused"), Some(tail))
+            if !app.is_empty() && !tail.is_empty()
+    )
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -521,12 +541,28 @@ impl Certificate {
             .map_err(|_| refuse(format!("a bad signature of issuer {}", via.name)))
     }
 
+    /// Whether this certificate lets its key write field `key` of `doc`:
+    /// [`Certificate::may_write`], and for an anchor, in the fleet
+    /// document, only what it writes on its own — node certificates and
+    /// registrations, and rollout decisions (ADR 0013). An anchor writes no
+    /// app, config, device, artifact, revocation, site override or
+    /// rollout target: what runs is what operators signed.
+    pub fn may_write_field(&self, doc: &crate::signed::doc::DocId, key: &str) -> bool {
+        if !self.may_write(doc) {
+            return false;
+        }
+        match self.role {
+            Role::Anchor => anchor_field(key),
+            _ => true,
+        }
+    }
+
     /// Whether this certificate lets its key write document `doc`.
     pub fn may_write(&self, doc: &crate::signed::doc::DocId) -> bool {
         use crate::signed::doc::DocId;
         match (doc, self.role) {
             (DocId::Fleet, Role::Operator | Role::Anchor) => true,
-            (DocId::Site(_), Role::Operator | Role::Anchor) => true,
+            (DocId::Site(_), Role::Operator) => true,
             (DocId::Site(s), Role::SiteEngineer) => self.site.as_deref() == Some(s.as_str()),
             (DocId::Node { name, .. }, Role::Node) => *name == self.name,
             _ => false,

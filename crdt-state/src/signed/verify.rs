@@ -198,6 +198,23 @@ impl Trust {
     }
 }
 
+/// The fields a change writes (every Shoal document is flat: one map at
+/// the root, ADR 0001); an operation anywhere else is an error.
+fn change_fields(c: &Change) -> std::result::Result<Vec<String>, String> {
+    let expanded = crate::panics::catch(|| c.decode())
+        .map_err(|e| format!("the change does not expand: {e}"))?;
+    expanded
+        .operations
+        .iter()
+        .map(|op| match (&op.obj, &op.key) {
+            (automerge::legacy::ObjectId::Root, automerge::legacy::Key::Map(k)) => {
+                Ok(k.to_string())
+            }
+            _ => Err("an operation below the document's root".to_string()),
+        })
+        .collect()
+}
+
 /// Largest number of changes held back for missing dependencies per document.
 pub const MAX_PENDING: usize = 16_384;
 
@@ -379,6 +396,19 @@ pub fn verify_changes(
                 ),
             ));
         }
+        if cert.role == crate::signed::identity::Role::Anchor {
+            // Field by field (ADR 0013): an anchor's own writes only.
+            let fields = change_fields(c).map_err(|e| reject(hash.to_string(), e))?;
+            if let Some(f) = fields.iter().find(|f| !cert.may_write_field(id, f)) {
+                return Err(reject(
+                    hash.to_string(),
+                    format!(
+                        "unauthorised: anchor {} may not write {f} of {id} (anchors write node registrations and rollout decisions only)",
+                        cert.name
+                    ),
+                ));
+            }
+        }
         if trust.revoked_for(&key, actor, c.seq()) {
             return Err(reject(
                 hash.to_string(),
@@ -518,6 +548,64 @@ pub fn verify_and_apply_decoded(
 mod tests {
     use super::*;
     use crate::signed::identity::{Grant, Identity, Role, generate_key};
+
+    /// A change an anchor signs in the fleet document is taken only when
+    /// every field it writes is one anchors write on their own: an app,
+    /// a config, a rollout's target or a revocation is refused, whatever
+    /// else the change holds; a site document not at all (ADR 0013).
+    #[test]
+    fn an_anchor_writes_no_desired_state() -> anyhow::Result<()> {
+        use crate::signed::doc::{DocId, Document};
+        let root = generate_key()?;
+        let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
+        let anchor = Identity::issue(&root, generate_key()?, "a1", Role::Anchor, None, 0)?;
+        trust.add_cert(anchor.cert.clone())?;
+        let try_write = |doc: DocId, fields: &[&str]| -> Result<usize> {
+            let mut made = Document::new(doc.clone());
+            let ops: BTreeMap<String, Option<String>> = fields
+                .iter()
+                .map(|f| (f.to_string(), Some("\"x\"".to_string())))
+                .collect();
+            let (_, change, _) = made
+                .edit(&anchor, 0, &ops)?
+                .ok_or_else(|| Error::NotFound("a change".into()))?;
+            let mut held = Document::new(doc);
+            Ok(verify_and_apply(&trust, &mut held, &[change])?.0.len())
+        };
+        assert_eq!(
+            try_write(
+                DocId::Fleet,
+                &[
+                    "certs.ab",
+                    "nodes.n1",
+                    "nodes.n1.site",
+                    "rollouts.web.open.r2.1.a1",
+                    "rollouts.web.halted.r2.a1"
+                ]
+            )?,
+            1
+        );
+        for bad in [
+            "apps.rogue",
+            "apps.web.version",
+            "configs.c",
+            "rollouts.web",
+            "rollouts.web.from",
+            "rollouts.web.open",
+            "revoked.ab",
+            "devices.d",
+        ] {
+            let e = try_write(DocId::Fleet, &["nodes.n1", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(&format!("may not write {bad}")), "{bad}: {e}");
+        }
+        let e = try_write(DocId::Site("s1".into()), &["apps.web.version"])
+            .expect_err("a site document")
+            .to_string();
+        assert!(e.contains("may not write site/s1"), "{e}");
+        Ok(())
+    }
 
     /// Revoking an issuer keeps the node certificates the operator had seen
     /// it make (the revocation lists them) and refuses every other, whether
