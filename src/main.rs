@@ -305,6 +305,24 @@ enum FleetCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Takes the fleet root key and the operator identity off a stopped
+    /// anchor's data dir (ADR 0013): they go to a new data dir for your
+    /// machine, and the anchor gets an issuer that enrolls nodes of the
+    /// sites named (every site with a registered node when none is).
+    Migrate {
+        #[command(flatten)]
+        dir: Dir,
+        /// The new data dir for the operator's machine (root key, operator
+        /// identity, the documents); carry it off the anchor's host.
+        #[arg(long)]
+        out: PathBuf,
+        /// A site the anchor's issuer enrolls nodes of (repeatable).
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// The issuer's name.
+        #[arg(long, default_value = "anchor-issuer")]
+        issuer_name: String,
+    },
     /// A TLS server certificate for an anchor's API, from the fleet's TLS
     /// CA (made beside the root key the first time: give its tls-ca.pem to
     /// browsers and to `--ca`).
@@ -1097,6 +1115,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 grant,
             });
             verb(&dir.data_dir, None, req)?;
+        }
+        Command::Fleet(FleetCmd::Migrate {
+            dir,
+            out,
+            sites,
+            issuer_name,
+        }) => {
+            let m = daemon::enroll::migrate(&dir.data_dir, &out, &sites, &issuer_name, now())?;
+            println!(
+                "{}: the anchor now enrolls nodes of {} with issuer {} ({}); {} moved to {}: carry that directory off this host, and make enrollment tokens with --identity {}",
+                dir.data_dir.display(),
+                m.issuer.sites.join(", "),
+                m.issuer.name,
+                m.issuer.key.short(),
+                m.moved.join(", "),
+                out.display(),
+                out.join("identity.json").display(),
+            );
         }
         Command::Fleet(FleetCmd::TlsCert {
             dir,

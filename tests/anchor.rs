@@ -766,6 +766,63 @@ fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
     );
 }
 
+/// An existing anchor moves its root key and operator identity off its
+/// host with one command: the nodes it certified with the root keep
+/// working, and new ones enroll through the issuer it gets.
+#[test]
+fn an_anchor_migrates_off_its_root_key_with_one_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&dir), "--name", "f"]);
+    let n1 = bundle_node(&dir, root, "n1", "s1");
+    let op = root.join("op");
+    let said = ok(&["fleet", "migrate", "--data-dir", s(&dir), "--out", s(&op)]);
+    assert!(said.contains("nodes of s1"), "{said}");
+    for f in ["root.key", "identity.json"] {
+        assert!(!dir.join(f).exists(), "{f} left on the anchor");
+        assert!(op.join(f).exists(), "{f} not in the operator's copy");
+    }
+    assert!(dir.join("issuer.json").exists());
+    let again = shoal(&[
+        "fleet",
+        "migrate",
+        "--data-dir",
+        s(&dir),
+        "--out",
+        s(&root.join("op2")),
+    ]);
+    assert!(!again.status.success(), "migrated twice");
+
+    let token = token_with_role(&dir, "ops", "operator");
+    let anchor = start_anchor(&dir, free_udp_port(), &[]);
+    let url = http_url(&dir);
+    let _n1 = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
+    let t = ok(&[
+        "fleet",
+        "token",
+        "create",
+        "--data-dir",
+        s(&dir),
+        "--node",
+        "n2",
+        "--site",
+        "s1",
+        "--identity",
+        s(&op.join("identity.json")),
+    ]);
+    let n2 = root.join("n2");
+    ok(&["node", "enroll", "--data-dir", s(&n2), "--token", t.trim()]);
+    let _n2 = start_node(&n2, &[anchor.addr_on("127.0.0.1")]);
+    for n in ["n1", "n2"] {
+        assert!(
+            wait_for(WITHIN, || node_row(&url, &token, n)["state"] == "ok"),
+            "{n} not ok after the migration: {}",
+            node_row(&url, &token, n)
+        );
+    }
+}
+
 /// The operator API over HTTPS with a certificate from the fleet's TLS
 /// CA: the CLI that trusts that CA gets answers; one that does not, one
 /// that trusts another fleet's CA, and a plain-HTTP request all get none.

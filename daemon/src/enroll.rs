@@ -349,6 +349,108 @@ fn install(dir: &Path, identity: &Identity, anchors: &[String]) -> anyhow::Resul
     Ok(dd)
 }
 
+/// What `shoal fleet migrate` did.
+#[derive(Debug)]
+pub struct Migrated {
+    /// The issuer the anchor now enrolls with.
+    pub issuer: Certificate,
+    /// Files moved out of the anchor's data dir (now in the operator's copy).
+    pub moved: Vec<String>,
+}
+
+/// Takes the fleet root and the operator identity off a stopped anchor's
+/// data dir `anchor` (ADR 0013): they go to `out`, a new data dir for the
+/// operator's machine (the store, the root key, the operator identity, the
+/// TLS CA), where an issuer for `sites` (every site a node is registered
+/// at, when empty) is made; its certificate reaches the anchor's fleet
+/// document, `issuer.json` its data dir, and the root key, the operator
+/// identity and the TLS CA's key leave it.
+pub fn migrate(
+    anchor: &Path,
+    out: &Path,
+    sites: &[String],
+    issuer_name: &str,
+    now: i64,
+) -> anyhow::Result<Migrated> {
+    use crdt_state::local::datadir::{IDENTITY_FILE, ROOT_KEY_FILE, STORE_FILE};
+    for f in [ROOT_KEY_FILE, IDENTITY_FILE] {
+        if !anchor.join(f).exists() {
+            bail!(
+                "{} has no {f}: it was migrated already, or is not the data dir `shoal fleet init` made",
+                anchor.display()
+            );
+        }
+    }
+    if anchor.join(ISSUER_FILE).exists() {
+        bail!("{} holds an issuer already", anchor.display());
+    }
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} is not empty: give a new directory", out.display());
+    }
+    // The anchor must be stopped: its store is opened here (and refused
+    // while a daemon holds it).
+    let mut here = DataDir::open(anchor, None)?;
+    let sites: Vec<String> = if sites.is_empty() {
+        let mut all: Vec<String> = here
+            .fleet()?
+            .nodes
+            .values()
+            .map(|n| n.site.clone())
+            .collect();
+        all.sort();
+        all.dedup();
+        if all.is_empty() {
+            bail!("no node is registered yet: name the issuer's sites (--site)");
+        }
+        all
+    } else {
+        sites.to_vec()
+    };
+    // An anchor that never ran has no anchor key yet, and could not make
+    // one without the root: made now.
+    let anchor_id = anchor.join(ANCHOR_IDENTITY_FILE);
+    if !anchor_id.exists() {
+        let mut suffix = [0u8; 4];
+        getrandom::fill(&mut suffix).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+        let name = format!("anchor-{}", hex::encode(suffix));
+        here.create_identity(Role::Anchor, None, &name, now)?
+            .write(&anchor_id)?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let tls_ca = [crate::tls::CA_CERT_FILE, crate::tls::CA_KEY_FILE];
+    for f in [STORE_FILE, ROOT_KEY_FILE, IDENTITY_FILE]
+        .into_iter()
+        .chain(tls_ca)
+    {
+        let from = anchor.join(f);
+        if from.exists() {
+            std::fs::copy(&from, out.join(f))
+                .with_context(|| format!("copying {} to {}", from.display(), out.display()))?;
+        }
+    }
+    let issuer = {
+        let mut root_side = DataDir::open(out, None)?;
+        let issuer = root_side.create_issuer(issuer_name, &sites, now)?;
+        let bundle = root_side.export_some(|id| *id == DocId::Fleet)?;
+        here.import(&bundle)?;
+        issuer
+    };
+    issuer.write(&anchor.join(ISSUER_FILE))?;
+    drop(here);
+    let mut moved = Vec::new();
+    for f in [ROOT_KEY_FILE, IDENTITY_FILE, crate::tls::CA_KEY_FILE] {
+        let p = anchor.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            moved.push(f.to_string());
+        }
+    }
+    Ok(Migrated {
+        issuer: issuer.cert,
+        moved,
+    })
+}
+
 /// Enrolls a node with a token over the network: generates the key here,
 /// asks the anchor(s) named in the token, and sets up the data dir.
 pub async fn enroll_with_token(dir: &Path, token: &str) -> anyhow::Result<Certificate> {
