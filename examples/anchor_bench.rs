@@ -145,21 +145,7 @@ fn http_args(anchor_dir: &Path, tls: bool) -> (Vec<String>, &'static str, Vec<St
         return (args, "http", Vec::new());
     }
     let out = anchor_dir.join("tls-out");
-    let said = ok(&[
-        "fleet",
-        "tls-cert",
-        "--data-dir",
-        s(anchor_dir),
-        "--name",
-        "127.0.0.1",
-        "--out-dir",
-        s(&out),
-    ]);
-    let pin = said
-        .lines()
-        .find_map(|l| l.strip_prefix("pin: sha256//"))
-        .unwrap()
-        .to_string();
+    let pin = support::fleet_tls_cert(anchor_dir, &["127.0.0.1"], &out);
     support::trust_ca(&out.join("tls-ca.pem"));
     args.extend([
         "--tls-cert".into(),
@@ -319,18 +305,7 @@ fn edit(nodes: usize, reps: usize, signed: bool) {
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
     let token = operator_token(&anchor_dir, "bench");
     let alice = root.join("alice.json");
-    ok(&[
-        "identity",
-        "create",
-        "--data-dir",
-        s(&anchor_dir),
-        "--role",
-        "operator",
-        "--name",
-        "alice",
-        "--out",
-        s(&alice),
-    ]);
+    support::operator_identity(&anchor_dir, "alice", &alice);
     let port = free_udp_port();
     let (http_args, scheme, _) = http_args(&anchor_dir, signed);
     let mut args = vec![

@@ -433,18 +433,7 @@ fn an_operator_signs_edits_on_their_own_machine() {
     ok(&["fleet", "init", "--data-dir", s(&anchor_dir), "--name", "f"]);
     // Made where the root is; from here on it lives on alice's machine.
     let alice = root.join("alice.json");
-    ok(&[
-        "identity",
-        "create",
-        "--data-dir",
-        s(&anchor_dir),
-        "--role",
-        "operator",
-        "--name",
-        "alice",
-        "--out",
-        s(&alice),
-    ]);
+    operator_identity(&anchor_dir, "alice", &alice);
     let token = token_with_role(&anchor_dir, "alice-laptop", "operator");
     let n1 = bundle_node(&anchor_dir, root, "n1", "s1");
     let anchor = start_anchor(&anchor_dir, free_udp_port(), &[]);
@@ -452,17 +441,7 @@ fn an_operator_signs_edits_on_their_own_machine() {
     let _node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
 
     let web = write(root, "web.yaml", &app_yaml("web", "v2"));
-    let out = ok(&[
-        "apply",
-        "--anchor",
-        &url,
-        "--token",
-        &token,
-        "--identity",
-        s(&alice),
-        "-f",
-        s(&web),
-    ]);
+    let out = apply_signed(&url, &token, &alice, &web);
     assert!(out.contains("app/web configured"), "{out}");
     assert!(
         wait_for(WITHIN, || app_version(&n1, "web").as_deref() == Some("v2")),
@@ -647,17 +626,7 @@ fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
     assert_eq!(cert.grant.as_ref().unwrap().by.name, "admin");
     let mut node = start_node(&n1, &[anchor.addr_on("127.0.0.1")]);
     let web = write(root, "web.yaml", &app_yaml("web", "v1"));
-    ok(&[
-        "apply",
-        "--anchor",
-        &url,
-        "--token",
-        &token,
-        "--identity",
-        s(&alice),
-        "-f",
-        s(&web),
-    ]);
+    apply_signed(&url, &token, &alice, &web);
     assert!(
         wait_for(WITHIN, || app_version(&n1, "web").as_deref() == Some("v1")),
         "n1 never got the operator's edit"
@@ -850,32 +819,10 @@ fn the_anchor_serves_https_with_a_fleet_certificate() {
     );
 
     let alice = root.join("alice.json");
-    ok(&[
-        "identity",
-        "create",
-        "--data-dir",
-        s(&dir),
-        "--role",
-        "operator",
-        "--name",
-        "alice2",
-        "--out",
-        s(&alice),
-    ]);
+    operator_identity(&dir, "alice2", &alice);
     let tls = root.join("tls");
-    let said = ok(&[
-        "fleet",
-        "tls-cert",
-        "--data-dir",
-        s(&dir),
-        "--name",
-        "localhost",
-        "--name",
-        "127.0.0.1",
-        "--out-dir",
-        s(&tls),
-    ]);
-    assert!(said.contains("pin: sha256//"), "{said}");
+    let pin = fleet_tls_cert(&dir, &["localhost", "127.0.0.1"], &tls);
+    assert_eq!(pin.len(), 44, "{pin}");
     let _anchor = start_anchor(
         &dir,
         free_udp_port(),
@@ -901,19 +848,7 @@ fn the_anchor_serves_https_with_a_fleet_certificate() {
     );
     // The signed path works over it too.
     let web = write(root, "web.yaml", &app_yaml("web", "v1"));
-    let out = ok(&[
-        "apply",
-        "--anchor",
-        &url,
-        "--ca",
-        s(&ca),
-        "--token",
-        &token,
-        "--identity",
-        s(&alice),
-        "-f",
-        s(&web),
-    ]);
+    let out = apply_signed_with(&url, &token, &alice, &web, &["--ca", s(&ca)]);
     assert!(out.contains("app/web configured"), "{out}");
 
     let refused = get(&[]);
@@ -928,16 +863,7 @@ fn the_anchor_serves_https_with_a_fleet_certificate() {
     );
     let other = root.join("other");
     ok(&["fleet", "init", "--data-dir", s(&other), "--name", "g"]);
-    ok(&[
-        "fleet",
-        "tls-cert",
-        "--data-dir",
-        s(&other),
-        "--name",
-        "localhost",
-        "--out-dir",
-        s(&root.join("other-tls")),
-    ]);
+    fleet_tls_cert(&other, &["localhost"], &root.join("other-tls"));
     let refused = get(&["--ca", s(&root.join("other-tls").join("tls-ca.pem"))]);
     assert!(
         !refused.status.success(),

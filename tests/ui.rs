@@ -423,21 +423,7 @@ fn the_ui_over_https_has_no_plain_http_warning() {
     ok(&["fleet", "init", "--data-dir", s(&dir), "--name", "f"]);
     let token = operator_token(&dir, "alice");
     let tls = root.join("tls");
-    let said = ok(&[
-        "fleet",
-        "tls-cert",
-        "--data-dir",
-        s(&dir),
-        "--name",
-        "127.0.0.1",
-        "--out-dir",
-        s(&tls),
-    ]);
-    let pin = said
-        .lines()
-        .find_map(|l| l.strip_prefix("pin: sha256//"))
-        .unwrap_or_else(|| panic!("no pin in {said}"))
-        .to_string();
+    let pin = fleet_tls_cert(&dir, &["127.0.0.1"], &tls);
     let _anchor = Daemon::start(
         "anchor",
         &dir,

@@ -273,6 +273,78 @@ pub fn apply_as(dir: &Path, who: &Path, file: &Path) -> String {
     ])
 }
 
+/// `shoal fleet tls-cert` on the data dir where the root is, for `names`,
+/// into `out` (tls.pem, tls.key, tls-ca.pem); the pin it prints (base64 of
+/// the SHA-256 of the leaf's public key).
+#[allow(dead_code)]
+pub fn fleet_tls_cert(root_dir: &Path, names: &[&str], out: &Path) -> String {
+    let mut args = vec![
+        "fleet",
+        "tls-cert",
+        "--data-dir",
+        s(root_dir),
+        "--out-dir",
+        s(out),
+    ];
+    for n in names {
+        args.extend(["--name", n]);
+    }
+    let said = ok(&args);
+    said.lines()
+        .find_map(|l| l.strip_prefix("pin: sha256//"))
+        .unwrap_or_else(|| panic!("no pin in {said}"))
+        .to_string()
+}
+
+/// Issues an operator identity `name` on the data dir where the root is,
+/// written to `out` (from then on it lives on the operator's machine).
+#[allow(dead_code)]
+pub fn operator_identity(root_dir: &Path, name: &str, out: &Path) {
+    ok(&[
+        "identity",
+        "create",
+        "--data-dir",
+        s(root_dir),
+        "--role",
+        "operator",
+        "--name",
+        name,
+        "--out",
+        s(out),
+    ]);
+}
+
+/// `shoal apply --anchor URL --token T --identity FILE -f FILE`: an edit
+/// made and signed on the operator's side; what it prints.
+#[allow(dead_code)]
+pub fn apply_signed(url: &str, token: &str, identity: &Path, file: &Path) -> String {
+    apply_signed_with(url, token, identity, file, &[])
+}
+
+/// [`apply_signed`] with more arguments (`--ca FILE`).
+#[allow(dead_code)]
+pub fn apply_signed_with(
+    url: &str,
+    token: &str,
+    identity: &Path,
+    file: &Path,
+    extra: &[&str],
+) -> String {
+    let mut args = vec![
+        "apply",
+        "--anchor",
+        url,
+        "--token",
+        token,
+        "--identity",
+        s(identity),
+        "-f",
+        s(file),
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
 /// Issues a site engineer identity of `site` on the operator's data dir.
 pub fn site_engineer(operator_dir: &Path, site: &str, out: &Path) {
     ok(&[
