@@ -723,6 +723,24 @@ fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
             .contains("may not write apps.web.native.command"),
         "{e:#}"
     );
+    // Nor move n1 to another site (its registration is its grant's).
+    let ops = std::collections::BTreeMap::from([(
+        "nodes.n1.site".to_string(),
+        Some("\"s9\"".to_string()),
+    )]);
+    // (on the fleet as fetched: a change on top of the refused one would
+    // only wait for it)
+    let mut fleet = crdt_state::Document::new(crdt_state::DocId::Fleet);
+    crdt_state::signed::verify::verify_and_apply(&trust, &mut fleet, &fetched.docs[0].1).unwrap();
+    let (_, moved, _) = fleet.edit(&thief, 2, &ops).unwrap().unwrap();
+    let moved = crdt_state::signed::bundle::Bundle {
+        root: Some(fleet_root),
+        certs: Vec::new(),
+        docs: vec![(crdt_state::DocId::Fleet, vec![moved])],
+    }
+    .encode(fleet_root);
+    let e = client.post_changes(moved).expect_err("refused");
+    assert!(e.to_string().contains("not what n1's grant says"), "{e:#}");
     assert!(node.stop().success());
     let file = root.join("forged.bundle");
     std::fs::write(&file, &forged).unwrap();

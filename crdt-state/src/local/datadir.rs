@@ -680,6 +680,12 @@ pub fn check_writer(
             writer.cert.name, writer.cert.role
         )));
     }
+    if writer.cert.role == Role::Anchor && *id == DocId::Fleet {
+        let fields: Vec<(String, Option<String>)> =
+            ops.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        crate::signed::verify::registrations_as_granted(trust, &fields)
+            .map_err(|e| Error::NotAllowed(format!("{} (anchor): {e}", writer.cert.name)))?;
+    }
     if !writer.cert.may_write(id) {
         return Err(Error::NotAllowed(format!(
             "{} ({}{}) may not write {id}",

@@ -198,21 +198,87 @@ impl Trust {
     }
 }
 
-/// The fields a change writes (every Shoal document is flat: one map at
-/// the root, ADR 0001); an operation anywhere else is an error.
-fn change_fields(c: &Change) -> std::result::Result<Vec<String>, String> {
+/// The fields a change writes and the text it puts there (`None`: a
+/// delete). Every Shoal document is flat (one map at the root, ADR 0001);
+/// an operation anywhere else, or a value that is not text, is an error.
+fn change_fields(c: &Change) -> std::result::Result<Vec<(String, Option<String>)>, String> {
+    use automerge::legacy::{Key, ObjectId, OpType};
     let expanded = crate::panics::catch(|| c.decode())
         .map_err(|e| format!("the change does not expand: {e}"))?;
     expanded
         .operations
         .iter()
-        .map(|op| match (&op.obj, &op.key) {
-            (automerge::legacy::ObjectId::Root, automerge::legacy::Key::Map(k)) => {
-                Ok(k.to_string())
+        .map(|op| match (&op.obj, &op.key, &op.action) {
+            (ObjectId::Root, Key::Map(k), OpType::Put(automerge::ScalarValue::Str(v))) => {
+                Ok((k.to_string(), Some(v.to_string())))
             }
+            (ObjectId::Root, Key::Map(k), OpType::Delete) => Ok((k.to_string(), None)),
+            (ObjectId::Root, Key::Map(k), _) => Err(format!("{k}: not a text value")),
             _ => Err("an operation below the document's root".to_string()),
         })
         .collect()
+}
+
+/// An anchor registers a node (`nodes.<name>…`) only as the operator's
+/// grant in that node's certificate says — its site and labels — and only
+/// for a node an issuer certified: the certificate in the same change, or
+/// one already held. It may drop fields the grant does not name (a node
+/// enrolled again), never set one to anything else. So a taken-over
+/// anchor cannot move a node to another site or relabel it, and so cannot
+/// move operator-signed apps between nodes.
+pub fn registrations_as_granted(
+    trust: &Trust,
+    fields: &[(String, Option<String>)],
+) -> std::result::Result<(), String> {
+    use crate::fleet::model::{NodeSpec, flatten};
+    let mut grants: HashMap<String, crate::signed::identity::Grant> = HashMap::new();
+    for (k, v) in fields {
+        if let (Some(_), Some(v)) = (k.strip_prefix("certs."), v)
+            && let Ok(json) = serde_json::from_str::<String>(v)
+            && let Ok(c) = Certificate::from_json(json.as_bytes())
+            && let Some(g) = c.grant
+        {
+            grants.insert(c.name, *g);
+        }
+    }
+    for (k, v) in fields {
+        let Some(rest) = k.strip_prefix("nodes.") else {
+            continue;
+        };
+        let name = rest.split('.').next().unwrap_or_default();
+        let grant = match grants.get(name) {
+            Some(g) => g.clone(),
+            None => trust
+                .certs()
+                .find(|c| c.name == name && c.role == crate::signed::identity::Role::Node)
+                .and_then(|c| c.grant.as_deref().cloned())
+                .ok_or_else(|| {
+                    format!("{k}: node {name} has no operator's grant to register it by")
+                })?,
+        };
+        let spec = NodeSpec {
+            site: grant.site.clone(),
+            labels: grant.labels.clone(),
+        };
+        let base = format!("nodes.{name}");
+        let mut granted = BTreeMap::new();
+        granted.insert(
+            base.clone(),
+            serde_json::Value::String("Node".into()).to_string(),
+        );
+        flatten(
+            &base,
+            &serde_json::to_value(&spec).unwrap_or_default(),
+            &mut granted,
+        );
+        match v {
+            Some(v) if granted.get(k) == Some(v) => {}
+            None if !granted.contains_key(k) => {}
+            Some(v) => return Err(format!("{k} = {v} is not what {name}'s grant says")),
+            None => return Err(format!("{k}: the grant of {name} names it; it stays")),
+        }
+    }
+    Ok(())
 }
 
 /// Largest number of changes held back for missing dependencies per document.
@@ -397,9 +463,10 @@ pub fn verify_changes(
             ));
         }
         if cert.role == crate::signed::identity::Role::Anchor {
-            // Field by field (ADR 0013): an anchor's own writes only.
+            // Field by field (ADR 0013): an anchor's own writes only, and
+            // a registration only as an operator granted it.
             let fields = change_fields(c).map_err(|e| reject(hash.to_string(), e))?;
-            if let Some(f) = fields.iter().find(|f| !cert.may_write_field(id, f)) {
+            if let Some((f, _)) = fields.iter().find(|(f, _)| !cert.may_write_field(id, f)) {
                 return Err(reject(
                     hash.to_string(),
                     format!(
@@ -408,6 +475,12 @@ pub fn verify_changes(
                     ),
                 ));
             }
+            registrations_as_granted(trust, &fields).map_err(|e| {
+                reject(
+                    hash.to_string(),
+                    format!("unauthorised: anchor {}: {e}", cert.name),
+                )
+            })?;
         }
         if trust.revoked_for(&key, actor, c.seq()) {
             return Err(reject(
@@ -577,8 +650,6 @@ mod tests {
                 DocId::Fleet,
                 &[
                     "certs.ab",
-                    "nodes.n1",
-                    "nodes.n1.site",
                     "rollouts.web.open.r2.1.a1",
                     "rollouts.web.halted.r2.a1"
                 ]
@@ -595,7 +666,7 @@ mod tests {
             "revoked.ab",
             "devices.d",
         ] {
-            let e = try_write(DocId::Fleet, &["nodes.n1", bad])
+            let e = try_write(DocId::Fleet, &["certs.ab", bad])
                 .expect_err(bad)
                 .to_string();
             assert!(e.contains(&format!("may not write {bad}")), "{bad}: {e}");
@@ -604,6 +675,63 @@ mod tests {
             .expect_err("a site document")
             .to_string();
         assert!(e.contains("may not write site/s1"), "{e}");
+        Ok(())
+    }
+
+    /// An anchor registers a node only as its grant says: in the same
+    /// change as the node's certificate, or later for a node whose
+    /// certificate is held; another site or another label is refused, as
+    /// is a registration of a node no operator granted.
+    #[test]
+    fn an_anchor_registers_only_what_was_granted() -> anyhow::Result<()> {
+        use crate::local::datadir::cert_ops;
+        use crate::signed::doc::{DocId, Document};
+        let root = generate_key()?;
+        let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
+        let alice = Identity::issue(&root, generate_key()?, "alice", Role::Operator, None, 0)?;
+        let anchor = Identity::issue(&root, generate_key()?, "a1", Role::Anchor, None, 0)?;
+        let issuer = Identity::issue_issuer(&root, generate_key()?, "iss", &["s1".into()], 0)?;
+        trust.add_cert(anchor.cert.clone())?;
+        trust.add_cert(issuer.cert.clone())?;
+        let labels = BTreeMap::from([("rack".to_string(), "r1".to_string())]);
+        let grant = Grant::sign(&alice, "n1", "s1", labels, 0)?;
+        let key = PublicKey(generate_key()?.verifying_key().to_bytes());
+        let n1 = Certificate::issue_via(&issuer, key, grant, 0)?;
+        let write = |trust: &Trust, ops: BTreeMap<String, Option<String>>| -> Result<usize> {
+            let mut made = Document::new(DocId::Fleet);
+            let (_, change, _) = made
+                .edit(&anchor, 0, &ops)?
+                .ok_or_else(|| Error::NotFound("a change".into()))?;
+            let mut held = Document::new(DocId::Fleet);
+            Ok(verify_and_apply(trust, &mut held, &[change])?.0.len())
+        };
+        let node = |site: &str, rack: &str| -> BTreeMap<String, Option<String>> {
+            BTreeMap::from([
+                ("nodes.n1".to_string(), Some("\"Node\"".to_string())),
+                ("nodes.n1.site".to_string(), Some(format!("\"{site}\""))),
+                (
+                    "nodes.n1.labels.rack".to_string(),
+                    Some(format!("\"{rack}\"")),
+                ),
+            ])
+        };
+        // With its certificate, as enrollment writes it.
+        let mut enrollment = node("s1", "r1");
+        enrollment.extend(cert_ops(&n1));
+        assert_eq!(write(&trust, enrollment)?, 1);
+        // Without: only once the certificate is held.
+        let e = write(&trust, node("s1", "r1"))
+            .expect_err("no grant held")
+            .to_string();
+        assert!(e.contains("has no operator's grant"), "{e}");
+        trust.add_cert(n1)?;
+        assert_eq!(write(&trust, node("s1", "r1"))?, 1);
+        for (site, rack) in [("s2", "r1"), ("s1", "r9")] {
+            let e = write(&trust, node(site, rack))
+                .expect_err("not granted")
+                .to_string();
+            assert!(e.contains("is not what n1's grant says"), "{e}");
+        }
         Ok(())
     }
 
