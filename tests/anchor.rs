@@ -636,6 +636,29 @@ fn an_anchor_without_the_root_key_enrolls_through_an_issuer() {
         "n1 not ok at the anchor: {}",
         node_row(&url, &token, "n1")
     );
+    // The issued certificate is on the timeline, with who granted it.
+    let certified = || {
+        api_get(&format!("{url}/api/timeline?per_page=500"), &token)["items"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|e| e["kind"] == "certified" && e["subject"] == "n1")
+                    .cloned()
+            })
+            .unwrap_or(Value::Null)
+    };
+    assert!(
+        wait_for(WITHIN, || !certified().is_null()),
+        "no certificate on the timeline"
+    );
+    let certified = certified();
+    assert_eq!(certified["who"], "admin", "{certified}");
+    assert!(
+        certified["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("by issuer north-issuer, granted by admin")),
+        "{certified}"
+    );
 
     // Refused: a node of a site the issuer does not cover…
     let n2 = root.join("n2");

@@ -265,6 +265,8 @@ pub struct View {
     timeline: VecDeque<TimelineEvent>,
     /// The highest number held of each anchor's entries, per log.
     marks: AuditMarks,
+    /// The certificates already noted on the timeline.
+    certified: std::collections::HashSet<crdt_state::PublicKey>,
     /// Entries older than this many seconds are dropped (`None`: only the
     /// count limits).
     retention: Option<i64>,
@@ -296,6 +298,7 @@ impl View {
             timeline: VecDeque::new(),
             marks: AuditMarks::default(),
             retention: None,
+            certified: std::collections::HashSet::new(),
             unsaved: VecDeque::new(),
             lag_cache: HashMap::new(),
             docs_dirty: BTreeSet::new(),
@@ -487,6 +490,45 @@ impl View {
         }
     }
 
+    /// Certificates the fleet document brought since the last look go on
+    /// the timeline: who was certified, as what, and by whom (the root, or
+    /// an issuer against an operator's grant). The first look (at start)
+    /// only takes note: what was certified before is not news.
+    fn note_certificates(&mut self, trust: &Trust, now: i64) {
+        let first = self.certified.is_empty();
+        let new: Vec<&crdt_state::Certificate> = trust
+            .certs()
+            .filter(|c| !self.certified.contains(&c.key))
+            .collect();
+        let mut events = Vec::new();
+        for c in new {
+            self.certified.insert(c.key);
+            if first {
+                continue;
+            }
+            let site = c
+                .site
+                .as_deref()
+                .map(|s| format!(" of site {s}"))
+                .unwrap_or_default();
+            let (by, who) = match (&c.via, &c.grant) {
+                (Some(via), Some(g)) => (
+                    format!("issuer {}, granted by {}", via.name, g.by.name),
+                    Some(g.by.name.clone()),
+                ),
+                _ => ("the fleet root".to_string(), None),
+            };
+            events.push((
+                c.name.clone(),
+                format!("{} certified as {}{site} by {by}", c.name, c.role),
+                who,
+            ));
+        }
+        for (subject, text, who) in events {
+            self.event_by(now, "certified", &subject, text, who, None);
+        }
+    }
+
     /// What this anchor holds of each anchor's entries.
     pub fn audit_marks(&self) -> AuditMarks {
         self.marks.clone()
@@ -610,6 +652,7 @@ impl View {
                         self.fleet = f;
                         self.changed.insert("fleet");
                         self.set_conflicts(d, trust, now);
+                        self.note_certificates(trust, now);
                     }
                     self.lag_cache.retain(|(k, _), _| *k != DocId::Fleet);
                     self.changed.insert("nodes");
