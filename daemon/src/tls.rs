@@ -113,6 +113,16 @@ impl Credentials {
         // Dates are required by X.509 and ignored by [`NodeVerifier`].
         params.not_before = rcgen::date_time_ymd(2000, 1, 1);
         params.not_after = rcgen::date_time_ymd(9999, 12, 31);
+        // A serial from the key, and Ed25519's deterministic signature: the
+        // same certificate at every start, so an app (or a pod's spec) that
+        // holds it keeps trusting the node across its restarts.
+        {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(shoal.key.0);
+            let mut serial = digest[..16].to_vec();
+            serial[0] &= 0x7f;
+            params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        }
         let cert = params.self_signed(&key)?;
         Ok(Credentials {
             chain: vec![cert.der().clone()],
@@ -644,6 +654,11 @@ mod tests {
         let (root, public) = fleet()?;
         let n1 = node(&root, "n1", Role::Node, "north")?;
         let der = Credentials::for_identity(&n1)?.chain[0].to_vec();
+        assert_eq!(
+            Credentials::for_identity(&n1)?.chain[0].to_vec(),
+            der,
+            "the same certificate every time"
+        );
         let cert = NodeVerifier::new(public, Some("north".into()))
             .check(&der)
             .map_err(|e| anyhow!(e))?;
