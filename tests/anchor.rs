@@ -390,6 +390,34 @@ fn the_timeline_and_security_log_survive_a_restart() {
             .any(|e| e["kind"] == "login")),
         "no login on the timeline"
     );
+    // A token made and one revoked on the anchor's host while it runs are
+    // there once a request has made it read the file again.
+    token_with_role(&dir, "vic", "viewer");
+    let tokens_said = |what: &str| {
+        items("timeline", &url).iter().any(|e| {
+            e["kind"] == "token"
+                && e["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(&format!("operator token vic (viewer) {what}")))
+        })
+    };
+    assert!(
+        wait_for(WITHIN, || tokens_said("created")),
+        "no token made on the timeline"
+    );
+    ok(&[
+        "operator",
+        "token",
+        "revoke",
+        "--data-dir",
+        s(&dir),
+        "--name",
+        "vic",
+    ]);
+    assert!(
+        wait_for(WITHIN, || tokens_said("revoked")),
+        "no token revoked on the timeline"
+    );
     let timeline = items("timeline", &url);
     for kind in ["edit", "login"] {
         let e = timeline

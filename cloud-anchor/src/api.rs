@@ -201,6 +201,22 @@ fn refused(s: &Server, from: Option<std::net::IpAddr>, reason: String) {
     ));
 }
 
+/// Operator tokens made or revoked on the anchor's host since the last
+/// request, to the timeline.
+fn token_news(s: &Server) {
+    for (kind, subject, text) in s.tokens.take_news() {
+        let _ = s.commands.try_send((
+            Caller::Surface("operators.json on the anchor's host".into()),
+            Command::Audit {
+                kind: kind.into(),
+                subject,
+                text,
+            },
+            oneshot::channel().0,
+        ));
+    }
+}
+
 type Shared = Arc<Server>;
 
 /// Every route (method, path) as in `openapi.json`, with the least role a
@@ -504,6 +520,7 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
     let from = client(req.extensions());
     let token = token_of(req.headers());
     let who = token.as_deref().and_then(|t| s.tokens.check(t, now()));
+    token_news(&s);
     match who {
         Some(TokenEntry {
             name, role, site, ..
@@ -632,7 +649,9 @@ async fn login(State(s): State<Shared>, ext: axum::http::Extensions, bytes: Byte
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };
-    match s.tokens.check(&l.token, now()) {
+    let checked = s.tokens.check(&l.token, now());
+    token_news(&s);
+    match checked {
         Some(t) => {
             let _ = s.commands.try_send((
                 Caller::Operator(t.name.clone(), from.map(|ip| ip.to_string())),

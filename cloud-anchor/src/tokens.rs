@@ -200,7 +200,15 @@ pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<usize> {
 pub struct Tokens {
     path: PathBuf,
     cache: Mutex<(Option<SystemTime>, BTreeMap<String, TokenEntry>)>,
+    /// Tokens made or revoked since the file was first read, for the
+    /// timeline ([`Tokens::take_news`]).
+    news: Mutex<Vec<TokenNews>>,
+    loaded: std::sync::atomic::AtomicBool,
 }
+
+/// A token made or revoked on the anchor's host: (kind, the token's name,
+/// words for people).
+pub type TokenNews = (&'static str, String, String);
 
 impl Tokens {
     /// Tokens of the data dir `dir`.
@@ -208,7 +216,18 @@ impl Tokens {
         Tokens {
             path: dir.join(OPERATORS_FILE),
             cache: Mutex::new((None, BTreeMap::new())),
+            news: Mutex::new(Vec::new()),
+            loaded: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Tokens made or revoked since the last call, as the file showed when
+    /// it was read again (at the request after the change).
+    pub fn take_news(&self) -> Vec<TokenNews> {
+        self.news
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default()
     }
 
     /// The token a secret is, if it is valid at `now`.
@@ -227,7 +246,47 @@ impl Tokens {
                 .map(read)
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            cache.1 = entries.into_iter().map(|e| (e.sha256.clone(), e)).collect();
+            let fresh: BTreeMap<String, TokenEntry> =
+                entries.into_iter().map(|e| (e.sha256.clone(), e)).collect();
+            if self.loaded.swap(true, std::sync::atomic::Ordering::Relaxed)
+                && let Ok(mut news) = self.news.lock()
+            {
+                for (h, e) in &fresh {
+                    if !cache.1.contains_key(h) {
+                        let site = e
+                            .site
+                            .as_deref()
+                            .map(|s| format!(" of site {s}"))
+                            .unwrap_or_default();
+                        news.push((
+                            "token",
+                            e.name.clone(),
+                            format!(
+                                "operator token {} ({}{site}) created, {}…",
+                                e.name,
+                                e.role,
+                                &h[..8.min(h.len())]
+                            ),
+                        ));
+                    }
+                }
+                for (h, e) in &cache.1 {
+                    if !fresh.contains_key(h) {
+                        news.push((
+                            "token",
+                            e.name.clone(),
+                            format!(
+                                "operator token {} ({}) revoked, {}…",
+                                e.name,
+                                e.role,
+                                &h[..8.min(h.len())]
+                            ),
+                        ));
+                    }
+                }
+                news.truncate(1000);
+            }
+            cache.1 = fresh;
             cache.0 = mtime;
         }
         let e = cache.1.get(&digest(secret))?;

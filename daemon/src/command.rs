@@ -124,6 +124,16 @@ pub enum Command {
         /// The token's role.
         role: String,
     },
+    /// Something a surface saw, for the timeline (an operator token made
+    /// or revoked on the anchor's host).
+    Audit {
+        /// Its kind.
+        kind: String,
+        /// What it concerns.
+        subject: String,
+        /// Words for people.
+        text: String,
+    },
 }
 
 impl Command {
@@ -144,6 +154,7 @@ impl Command {
             Command::Data { .. } => "post data",
             Command::Security { .. } => "security",
             Command::Login { .. } => "login",
+            Command::Audit { .. } => "audit",
         }
     }
 }
@@ -567,6 +578,14 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                 })),
             })
         }
+        Command::Audit {
+            kind,
+            subject,
+            text,
+        } => {
+            host.event_by(caller, &kind, &subject, text);
+            Ok(Answer::Json(json!({})))
+        }
         Command::Login { role } => {
             if let Caller::Operator(name, _) = caller {
                 host.event_by(
@@ -650,7 +669,7 @@ pub fn authorize(
             _ => Err(refuse("an app")),
         },
         Caller::Surface(s) => match cmd {
-            Command::Security { .. } => Ok(()),
+            Command::Security { .. } | Command::Audit { .. } => Ok(()),
             _ => Err(refuse(s)),
         },
     }
@@ -1074,6 +1093,11 @@ mod tests {
             Command::Login {
                 role: "viewer".into(),
             },
+            Command::Audit {
+                kind: "token".into(),
+                subject: "t".into(),
+                text: "made".into(),
+            },
         ]
     }
 
@@ -1134,7 +1158,7 @@ mod tests {
         );
         assert_eq!(
             allowed(&Caller::Surface("HTTP API".into()), &f.node),
-            ["security"]
+            ["security", "audit"]
         );
         // A daemon of no site answers no signed request.
         assert!(allowed(&Caller::Signed(f.engineer), &f.anchor).is_empty());
