@@ -1809,12 +1809,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn openapi_lists_exactly_the_routes() {
-        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
-        let paths = doc["paths"].as_object().unwrap();
+    fn openapi_lists_exactly_the_routes() -> anyhow::Result<()> {
+        let doc: Value = serde_json::from_str(OPENAPI)?;
+        let paths = doc["paths"]
+            .as_object()
+            .ok_or_else(|| anyhow::anyhow!("no paths"))?;
         let mut listed = Vec::new();
         for (p, ops) in paths {
-            for m in ops.as_object().unwrap().keys() {
+            let ops = ops
+                .as_object()
+                .ok_or_else(|| anyhow::anyhow!("{p}: no operations"))?;
+            for m in ops.keys() {
                 listed.push((m.to_uppercase(), p.clone()));
             }
         }
@@ -1825,6 +1830,7 @@ mod tests {
         listed.sort();
         routes.sort();
         assert_eq!(listed, routes);
+        Ok(())
     }
 
     /// The router over the tokens of `dir`, its daemon gone (the command
@@ -1847,8 +1853,8 @@ mod tests {
     }
 
     #[test]
-    fn openapi_gives_each_route_the_role_the_router_checks() {
-        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    fn openapi_gives_each_route_the_role_the_router_checks() -> anyhow::Result<()> {
+        let doc: Value = serde_json::from_str(OPENAPI)?;
         for (m, p, role) in ROUTES {
             let op = &doc["paths"][*p][m.to_lowercase()];
             let want = role.map_or("public", ApiRole::as_str);
@@ -1859,6 +1865,7 @@ mod tests {
                 "{m} {p}: a 403 answer is documented exactly where a role is needed"
             );
         }
+        Ok(())
     }
 
     /// Every route, with a token of every role: refused with 403 naming the
@@ -1867,14 +1874,14 @@ mod tests {
     /// the handler's own answer (503 where it needs the daemon), never 401
     /// or 403.
     #[tokio::test]
-    async fn every_route_admits_exactly_the_roles_it_names() {
+    async fn every_route_admits_exactly_the_roles_it_names() -> anyhow::Result<()> {
         use tower::ServiceExt;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("root.key"), b"x")?;
         let mut tokens = BTreeMap::new();
         for r in ApiRole::ALL {
             let site = (r == ApiRole::SiteEngineer).then_some("north");
-            let t = crate::tokens::create(dir.path(), r.as_str(), r, site, None, now()).unwrap();
+            let t = crate::tokens::create(dir.path(), r.as_str(), r, site, None, now())?;
             tokens.insert(r, t);
         }
         let app = router_without_daemon(dir.path());
@@ -1893,13 +1900,12 @@ mod tests {
                     .method(*m)
                     .uri(&uri)
                     .header(header::AUTHORIZATION, format!("Bearer {token}"))
-                    .body(axum::body::Body::empty())
-                    .unwrap();
-                let r = app.clone().oneshot(req).await.unwrap();
+                    .body(axum::body::Body::empty())?;
+                let r = app.clone().oneshot(req).await?;
                 let status = r.status().as_u16();
                 if role < needed {
                     assert_eq!(status, 403, "{m} {p} as {role}");
-                    let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+                    let b = axum::body::to_bytes(r.into_body(), 1 << 16).await?;
                     let text = String::from_utf8_lossy(&b);
                     assert!(
                         text.contains(&format!("needs the {needed} role")),
@@ -1915,13 +1921,14 @@ mod tests {
             }
         }
         assert!(checked >= 4 * 30, "{checked}");
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_site_engineer_applies_only_its_own_site() {
+    async fn a_site_engineer_applies_only_its_own_site() -> anyhow::Result<()> {
         use tower::ServiceExt;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("root.key"), b"x")?;
         let t = crate::tokens::create(
             dir.path(),
             "carol",
@@ -1929,8 +1936,7 @@ mod tests {
             Some("north"),
             None,
             now(),
-        )
-        .unwrap();
+        )?;
         let app = router_without_daemon(dir.path());
         let apply = |text: &'static str| {
             Request::builder()
@@ -1938,7 +1944,6 @@ mod tests {
                 .uri("/api/apply")
                 .header(header::AUTHORIZATION, format!("Bearer {t}"))
                 .body(axum::body::Body::from(text))
-                .unwrap()
         };
         let own =
             "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {name: north}\nspec: {}\n";
@@ -1946,51 +1951,51 @@ mod tests {
             "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {name: south}\nspec: {}\n";
         let app_m = "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {name: meter}\nspec: {version: v1, native: {command: [/bin/true]}}\n";
         // Its own site's overrides reach the daemon (gone here: 503).
-        let r = app.clone().oneshot(apply(own)).await.unwrap();
+        let r = app.clone().oneshot(apply(own)?).await?;
         assert_eq!(r.status().as_u16(), 503);
         for (text, what) in [(other, "siteoverride/south"), (app_m, "app/meter")] {
-            let r = app.clone().oneshot(apply(text)).await.unwrap();
+            let r = app.clone().oneshot(apply(text)?).await?;
             assert_eq!(r.status().as_u16(), 403, "{what}");
-            let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            let b = axum::body::to_bytes(r.into_body(), 1 << 16).await?;
             let text = String::from_utf8_lossy(&b);
             assert!(text.contains(what) && text.contains("north"), "{text}");
         }
+        Ok(())
     }
 
     /// Ten failed logins from one address in a minute hold its wrong tokens
     /// back (429) until the minute is over; a valid token from it still
     /// passes, and another address is not held back.
     #[tokio::test]
-    async fn failed_logins_are_throttled_per_address() {
+    async fn failed_logins_are_throttled_per_address() -> anyhow::Result<()> {
         use tower::ServiceExt;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
-        let good =
-            crate::tokens::create(dir.path(), "al", ApiRole::Viewer, None, None, now()).unwrap();
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("root.key"), b"x")?;
+        let good = crate::tokens::create(dir.path(), "al", ApiRole::Viewer, None, None, now())?;
         let app = router_without_daemon(dir.path());
         let ask = |ip: [u8; 4], token: &str| {
-            let mut req = Request::builder()
-                .uri("/api/overview")
-                .header(header::AUTHORIZATION, format!("Bearer {token}"))
-                .body(axum::body::Body::empty())
-                .unwrap();
+            let mut req = Request::new(axum::body::Body::empty());
+            *req.uri_mut() = axum::http::Uri::from_static("/api/overview");
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                req.headers_mut().insert(header::AUTHORIZATION, v);
+            }
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(SocketAddr::from((ip, 4000))));
             app.clone().oneshot(req)
         };
         let scanner = [10, 0, 0, 1];
-        assert_eq!(ask(scanner, &good).await.unwrap().status().as_u16(), 200);
+        assert_eq!(ask(scanner, &good).await?.status().as_u16(), 200);
         for i in 0..FAILED_LOGINS_PER_MINUTE {
-            let r = ask(scanner, "shoal-op-guess").await.unwrap();
+            let r = ask(scanner, "shoal-op-guess").await?;
             assert_eq!(r.status().as_u16(), 401, "attempt {i}");
         }
-        assert_eq!(ask(scanner, &good).await.unwrap().status().as_u16(), 200);
-        let r = ask(scanner, "shoal-op-guess").await.unwrap();
+        assert_eq!(ask(scanner, &good).await?.status().as_u16(), 200);
+        let r = ask(scanner, "shoal-op-guess").await?;
         assert_eq!(r.status().as_u16(), 429);
         assert!(r.headers().get(header::RETRY_AFTER).is_some());
-        let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let b = axum::body::to_bytes(r.into_body(), 1 << 16).await?;
         assert!(String::from_utf8_lossy(&b).contains("10.0.0.1"));
-        let other = ask([10, 0, 0, 2], "shoal-op-guess").await.unwrap();
+        let other = ask([10, 0, 0, 2], "shoal-op-guess").await?;
         assert_eq!(other.status().as_u16(), 401);
         // The window ends a minute after the first failure.
         let t = Throttle::default();
@@ -2007,6 +2012,7 @@ mod tests {
             off.failed(ip, 1_000);
         }
         assert_eq!(off.blocked(ip, 1_001), None, "0: no limit");
+        Ok(())
     }
 
     #[test]
@@ -2035,8 +2041,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reads_the_snapshot_holds_never_wait_for_the_loop() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn reads_the_snapshot_holds_never_wait_for_the_loop() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         // A daemon that never answers a command.
         let (commands, _held) = mpsc::channel(1);
@@ -2075,6 +2081,7 @@ mod tests {
             .unwrap_or_else(|_| panic!("get {what} waited for the loop"));
             assert_eq!(r.status(), StatusCode::OK, "{what}");
         }
+        Ok(())
     }
 
     #[test]

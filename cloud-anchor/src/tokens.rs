@@ -302,11 +302,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn create_check_revoke() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("root.key"), b"x").unwrap();
-        let t = create(dir.path(), "alice", ApiRole::Operator, None, None, 100).unwrap();
-        let short = create(dir.path(), "bob", ApiRole::Viewer, None, Some(10), 100).unwrap();
+    fn create_check_revoke() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("root.key"), b"x")?;
+        let t = create(dir.path(), "alice", ApiRole::Operator, None, None, 100)?;
+        let short = create(dir.path(), "bob", ApiRole::Viewer, None, Some(10), 100)?;
         let eng = create(
             dir.path(),
             "carol",
@@ -314,9 +314,8 @@ mod tests {
             Some("north"),
             None,
             100,
-        )
-        .unwrap();
-        let text = std::fs::read_to_string(dir.path().join(OPERATORS_FILE)).unwrap();
+        )?;
+        let text = std::fs::read_to_string(dir.path().join(OPERATORS_FILE))?;
         assert!(!text.contains(&t), "the secret itself must not be stored");
         let tokens = Tokens::new(dir.path());
         let name = |t: &str, now| tokens.check(t, now).map(|e| (e.name, e.role, e.site));
@@ -335,7 +334,7 @@ mod tests {
         assert_eq!(tokens.check(&short, 111), None, "expired");
         assert_eq!(tokens.check("shoal-op-00", 100), None);
         assert_eq!(tokens.check("", 100), None);
-        assert_eq!(revoke(dir.path(), "alice").unwrap(), 1);
+        assert_eq!(revoke(dir.path(), "alice")?, 1);
         // The file changed: a fresh check sees the revocation.
         let tokens = Tokens::new(dir.path());
         assert_eq!(tokens.check(&t, 200), None);
@@ -345,12 +344,13 @@ mod tests {
         assert!(e.to_string().contains("--site"), "{e}");
         let e = create(dir.path(), "dan", ApiRole::Operator, Some("north"), None, 1).unwrap_err();
         assert!(e.to_string().contains("site engineer"), "{e}");
+        Ok(())
     }
 
     #[test]
-    fn tokens_from_before_roles_are_admins_and_roles_are_ordered() {
+    fn tokens_from_before_roles_are_admins_and_roles_are_ordered() -> anyhow::Result<()> {
         let old = r#"[{"name":"ops","sha256":"00","created_at":1}]"#;
-        let e: Vec<TokenEntry> = serde_json::from_str(old).unwrap();
+        let e: Vec<TokenEntry> = serde_json::from_str(old)?;
         assert_eq!(e[0].role, ApiRole::Admin);
         assert!(ApiRole::Viewer < ApiRole::SiteEngineer);
         assert!(ApiRole::SiteEngineer < ApiRole::Operator);
@@ -359,5 +359,6 @@ mod tests {
             assert_eq!(r.as_str().parse::<ApiRole>(), Ok(r));
         }
         assert!("root".parse::<ApiRole>().unwrap_err().contains("viewer"));
+        Ok(())
     }
 }

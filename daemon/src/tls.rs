@@ -689,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn chunked_bodies_decode_across_chunks() {
+    fn chunked_bodies_decode_across_chunks() -> anyhow::Result<()> {
         let wire = b"5\r\nhello\r\n7\r\n, world\r\n1;ext=1\r\n\n\r\n0\r\n\r\n";
         let mut out = String::new();
         Chunked {
@@ -697,8 +697,7 @@ mod tests {
             left: 0,
             done: false,
         }
-        .read_to_string(&mut out)
-        .unwrap();
+        .read_to_string(&mut out)?;
         assert_eq!(out, "hello, world\n");
         let cut = b"5\r\nhel";
         let mut out = Vec::new();
@@ -712,6 +711,7 @@ mod tests {
             .is_err(),
             "a body cut short is an error, not an end"
         );
+        Ok(())
     }
 
     #[test]

@@ -188,53 +188,47 @@ mod tests {
     }
 
     #[test]
-    fn pruning_drops_what_is_older_than_the_cutoff() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("store.redb"), StoreConfig::default()).unwrap();
+    fn pruning_drops_what_is_older_than_the_cutoff() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = Store::open(&dir.path().join("store.redb"), StoreConfig::default())?;
         let all: Vec<_> = (0..10).map(entry).collect();
-        s.append_audit(AuditLog::Timeline, &all, 100).unwrap();
-        s.append_audit(AuditLog::Security, &all, 100).unwrap();
-        assert_eq!(s.prune_audit(AuditLog::Timeline, 4).unwrap(), 4);
+        s.append_audit(AuditLog::Timeline, &all, 100)?;
+        s.append_audit(AuditLog::Security, &all, 100)?;
+        assert_eq!(s.prune_audit(AuditLog::Timeline, 4)?, 4);
         assert_eq!(
-            s.audit(AuditLog::Timeline, 100).unwrap(),
+            s.audit(AuditLog::Timeline, 100)?,
             (4..10).map(entry).collect::<Vec<_>>()
         );
-        assert_eq!(s.prune_audit(AuditLog::Timeline, 4).unwrap(), 0);
+        assert_eq!(s.prune_audit(AuditLog::Timeline, 4)?, 0);
         assert_eq!(
-            s.audit(AuditLog::Security, 100).unwrap().len(),
+            s.audit(AuditLog::Security, 100)?.len(),
             10,
             "the other log stays"
         );
         // Appending after a prune goes on after the last number kept.
-        s.append_audit(AuditLog::Timeline, &[entry(10)], 100)
-            .unwrap();
-        assert_eq!(
-            s.audit(AuditLog::Timeline, 100).unwrap().last(),
-            Some(&entry(10))
-        );
+        s.append_audit(AuditLog::Timeline, &[entry(10)], 100)?;
+        assert_eq!(s.audit(AuditLog::Timeline, 100)?.last(), Some(&entry(10)));
+        Ok(())
     }
 
     #[test]
-    fn logs_survive_reopening_and_keep_their_newest() {
-        let dir = tempfile::tempdir().unwrap();
+    fn logs_survive_reopening_and_keep_their_newest() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("store.redb");
         {
-            let s = Store::open(&path, StoreConfig::default()).unwrap();
-            assert!(s.audit(AuditLog::Timeline, 10).unwrap().is_empty());
+            let s = Store::open(&path, StoreConfig::default())?;
+            assert!(s.audit(AuditLog::Timeline, 10)?.is_empty());
             let first: Vec<_> = (0..4).map(entry).collect();
-            s.append_audit(AuditLog::Timeline, &first, 5).unwrap();
+            s.append_audit(AuditLog::Timeline, &first, 5)?;
             let more: Vec<_> = (4..7).map(entry).collect();
-            s.append_audit(AuditLog::Timeline, &more, 5).unwrap();
-            s.append_audit(AuditLog::Security, &[entry(100)], 5)
-                .unwrap();
+            s.append_audit(AuditLog::Timeline, &more, 5)?;
+            s.append_audit(AuditLog::Security, &[entry(100)], 5)?;
         }
-        let s = Store::open(&path, StoreConfig::default()).unwrap();
-        let t = s.audit(AuditLog::Timeline, 100).unwrap();
+        let s = Store::open(&path, StoreConfig::default())?;
+        let t = s.audit(AuditLog::Timeline, 100)?;
         assert_eq!(t, (2..7).map(entry).collect::<Vec<_>>(), "the newest five");
-        assert_eq!(
-            s.audit(AuditLog::Timeline, 2).unwrap(),
-            vec![entry(5), entry(6)]
-        );
-        assert_eq!(s.audit(AuditLog::Security, 100).unwrap(), vec![entry(100)]);
+        assert_eq!(s.audit(AuditLog::Timeline, 2)?, vec![entry(5), entry(6)]);
+        assert_eq!(s.audit(AuditLog::Security, 100)?, vec![entry(100)]);
+        Ok(())
     }
 }
