@@ -195,7 +195,7 @@ fn prepare(root: &Path, exe: &Path) -> anyhow::Result<Prepared> {
             });
         }
     }
-    let me = anchor::anchor_identity(&mut dd)?;
+    let me = anchor::anchor_identity(&mut dd, now())?;
     drop(dd);
     for n in &nodes {
         daemon::enroll::enroll_with_bundle(&n.dir, &root.join(format!("{}.bundle", n.name)))?;

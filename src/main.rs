@@ -1186,14 +1186,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             failed_logins_per_minute,
             audit_retention,
         }) => {
-            let retention = match retention {
-                Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
-                None => None,
+            let duration = |r: Option<String>| -> anyhow::Result<Option<std::time::Duration>> {
+                r.map(|r| Ok(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)))
+                    .transpose()
             };
-            let audit_retention = match audit_retention {
-                Some(r) => Some(std::time::Duration::from_secs(parse_ttl(&r)?.max(1) as u64)),
-                None => None,
-            };
+            let retention = duration(retention)?;
+            let audit_retention = duration(audit_retention)?;
             let tls = match (&http, tls_cert, tls_key) {
                 (Some(_), Some(cert), Some(key)) => Some(
                     daemon::tls::Credentials::read(&cert, &key)?

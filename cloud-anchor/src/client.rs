@@ -28,49 +28,35 @@ pub struct Client {
 impl Client {
     /// A client for `base` (`http://host:port` or `https://…`).
     pub fn new(base: &str, token: &str) -> Client {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(60)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Client {
-            base: base.trim_end_matches('/').to_string(),
-            token: token.trim().to_string(),
-            agent,
-        }
+        Client::with_tls(base, token, None)
     }
 
     /// A client that trusts the CA certificates in the PEM file `ca` (the
     /// fleet's `tls-ca.pem`) for an `https://` anchor, instead of the
     /// public CAs it trusts without one.
     pub fn with_ca(base: &str, token: &str, ca: Option<&Path>) -> anyhow::Result<Client> {
-        let Some(ca) = ca else {
-            return Ok(Client::new(base, token));
+        let tls = match ca {
+            Some(ca) => Some(
+                trusting(&std::fs::read(ca).map_err(|e| anyhow!("{}: {e}", ca.display()))?)
+                    .map_err(|e| anyhow!("{}: {e}", ca.display()))?,
+            ),
+            None => None,
         };
-        let pem = std::fs::read(ca).map_err(|e| anyhow!("{}: {e}", ca.display()))?;
-        let certs = ureq::tls::parse_pem(&pem)
-            .filter_map(|item| match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            })
-            .collect::<Vec<_>>();
-        if certs.is_empty() {
-            bail!("{}: holds no PEM certificate", ca.display());
-        }
-        let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-            .build();
-        let agent = ureq::Agent::config_builder()
+        Ok(Client::with_tls(base, token, tls))
+    }
+
+    fn with_tls(base: &str, token: &str, tls: Option<ureq::tls::TlsConfig>) -> Client {
+        let mut config = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(60)))
-            .http_status_as_error(false)
-            .tls_config(tls)
-            .build()
-            .into();
-        Ok(Client {
+            .http_status_as_error(false);
+        if let Some(tls) = tls {
+            config = config.tls_config(tls);
+        }
+        Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
-            agent,
-        })
+            agent: config.build().into(),
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<String> {
@@ -388,6 +374,22 @@ pub fn render_series(v: &serde_json::Value, output: &str) -> anyhow::Result<Stri
         }
         other => bail!("unknown output {other:?}: expected table, csv or json"),
     })
+}
+
+/// A TLS configuration that trusts exactly the CA certificates of `pem`.
+pub fn trusting(pem: &[u8]) -> anyhow::Result<ureq::tls::TlsConfig> {
+    let certs: Vec<_> = ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        bail!("holds no PEM certificate");
+    }
+    Ok(ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build())
 }
 
 /// `ms` since the epoch as UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ`.

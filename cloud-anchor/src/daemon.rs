@@ -13,12 +13,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
 use crdt_state::fleet::model::FleetView;
-use crdt_state::{DataDir, DocId, Identity, Role};
+use crdt_state::{DataDir, DocId, Role};
 use daemon::command;
 use daemon::driver::{AfterCommit, Base, Enrolling, Input, MeshOptions, Request, unix_now as now};
-use daemon::enroll::{self, ANCHOR_IDENTITY_FILE};
+use daemon::enroll;
 use daemon::{Action, Settings};
 use tokio::sync::{mpsc, watch};
 
@@ -54,24 +53,8 @@ pub struct Options {
     pub audit_retention: Option<Duration>,
 }
 
-/// The anchor's own identity: made (and certified with the root key) the
-/// first time the anchor runs on a data dir.
-pub fn anchor_identity(dd: &mut DataDir) -> anyhow::Result<Identity> {
-    let path = dd.path().join(ANCHOR_IDENTITY_FILE);
-    if path.exists() {
-        return Ok(Identity::read(&path)?);
-    }
-    let mut suffix = [0u8; 4];
-    getrandom::fill(&mut suffix).map_err(|e| anyhow!("{e}"))?;
-    let name = format!("anchor-{}", hex::encode(suffix));
-    let id = dd
-        .create_identity(Role::Anchor, None, &name, now())
-        .context(
-            "an anchor runs on the data dir made by `shoal fleet init` (it needs the root key)",
-        )?;
-    id.write(&path)?;
-    Ok(id)
-}
+/// The anchor's own identity (see [`daemon::enroll::anchor_identity`]).
+pub use daemon::enroll::anchor_identity;
 
 struct Anchor {
     base: Base,
@@ -88,6 +71,7 @@ struct Anchor {
     /// Pulls of other anchors' audit entries: when each peer anchor was
     /// last asked, and whether an answer is awaited.
     pulls: HashMap<mesh::PeerId, (Instant, bool)>,
+    last_pull_scan: Instant,
     pulled_tx: mpsc::UnboundedSender<(mesh::PeerId, Result<Vec<u8>, String>)>,
 }
 
@@ -106,7 +90,7 @@ pub async fn run(
         ..Default::default()
     };
     let mut dd = DataDir::open_with(&data_dir, None, config)?;
-    let me = anchor_identity(&mut dd)?;
+    let me = anchor_identity(&mut dd, now())?;
     let settings = Settings {
         timeline: opts.http.is_some(),
         gates: true,
@@ -144,6 +128,8 @@ pub async fn run(
         audit: None,
         audit_task: None,
         pulls: HashMap::new(),
+        // The first look at the replicas comes a period after the start.
+        last_pull_scan: Instant::now(),
         pulled_tx,
     };
     if let Some(addr) = opts.http {
@@ -273,22 +259,27 @@ pub struct AuditAnswer {
 
 /// Deletes stored audit entries older than `keep`, once a minute.
 async fn prune_audit(store: Arc<crdt_state::Store>, keep: Duration) {
+    every_minute("audit entries", move || {
+        let before = now() - keep.as_secs() as i64;
+        Ok(store.prune_audit(AuditLog::Timeline, before)?
+            + store.prune_audit(AuditLog::Security, before)?)
+    })
+    .await
+}
+
+/// Runs `prune` on a blocking thread once a minute, for ever, and logs
+/// what it deleted (`what`) or why it could not.
+async fn every_minute(
+    what: &'static str,
+    prune: impl Fn() -> crdt_state::Result<u64> + Clone + Send + 'static,
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let before = now() - keep.as_secs() as i64;
-        let store = store.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            Ok::<u64, crdt_state::Error>(
-                store.prune_audit(AuditLog::Timeline, before)?
-                    + store.prune_audit(AuditLog::Security, before)?,
-            )
-        })
-        .await;
-        match r {
+        match tokio::task::spawn_blocking(prune.clone()).await {
             Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(entries = n, "audit entries past their retention deleted"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "audit retention: nothing deleted"),
-            Err(e) => tracing::warn!(error = %e, "audit retention task failed"),
+            Ok(Ok(n)) => tracing::info!(deleted = n, "{what} past their retention deleted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention: {what} not deleted"),
+            Err(e) => tracing::warn!(error = %e, "retention of {what}: the task failed"),
         }
     }
 }
@@ -315,30 +306,20 @@ fn save_audit(
 /// Deletes what came up longer ago than `keep` from the anchor's store,
 /// once a minute, in transactions of at most 50,000 records.
 async fn retain(store: Arc<crdt_state::Store>, keep: Duration) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+    every_minute("records", move || {
         let before = (now().max(0) as u64)
             .saturating_mul(1000)
             .saturating_sub(keep.as_millis() as u64);
-        let store = store.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let mut gone = 0;
-            loop {
-                let n = store.prune_landed(before, 50_000)?;
-                gone += n;
-                if n < 50_000 {
-                    return Ok::<u64, crdt_state::Error>(gone);
-                }
+        let mut gone = 0;
+        loop {
+            let n = store.prune_landed(before, 50_000)?;
+            gone += n;
+            if n < 50_000 {
+                return Ok(gone);
             }
-        })
-        .await;
-        match r {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(records = n, "data past its retention deleted"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention: data not deleted"),
-            Err(e) => tracing::warn!(error = %e, "retention task failed"),
         }
-    }
+    })
+    .await
 }
 
 impl command::Host for Anchor {
@@ -497,9 +478,12 @@ impl Anchor {
     /// Asks each connected replica for the audit entries this anchor lacks,
     /// every [`AUDIT_PULL_EVERY`] (one question at a time per replica).
     fn pull_audit(&mut self) {
-        let Some(view) = self.view.as_ref() else {
+        // The admitted peers (every node too) are looked through once per
+        // period, not at every tick.
+        if self.view.is_none() || self.last_pull_scan.elapsed() < AUDIT_PULL_EVERY {
             return;
-        };
+        }
+        self.last_pull_scan = Instant::now();
         let peers: Vec<mesh::PeerId> = self
             .base
             .core
@@ -508,16 +492,16 @@ impl Anchor {
             .filter(|p| self.anchor_peer(p).is_ok())
             .collect();
         self.pulls.retain(|p, _| peers.contains(p));
+        let due: Vec<mesh::PeerId> = peers
+            .into_iter()
+            .filter(|p| !self.pulls.get(p).is_some_and(|(_, asking)| *asking))
+            .collect();
+        let Some(view) = self.view.as_ref().filter(|_| !due.is_empty()) else {
+            return;
+        };
         let marks = serde_json::to_vec(&view.audit_marks()).unwrap_or_default();
-        for peer in peers {
-            let due = match self.pulls.get(&peer) {
-                Some((_, true)) => false,
-                Some((last, false)) => last.elapsed() >= AUDIT_PULL_EVERY,
-                None => true,
-            };
-            if due {
-                self.ask(peer, marks.clone());
-            }
+        for peer in due {
+            self.ask(peer, marks.clone());
         }
     }
 

@@ -349,6 +349,24 @@ fn install(dir: &Path, identity: &Identity, anchors: &[String]) -> anyhow::Resul
     Ok(dd)
 }
 
+/// An anchor's own identity ([`ANCHOR_IDENTITY_FILE`]): made, and
+/// certified with the root key, the first time an anchor runs on a data
+/// dir (or is migrated); read after that.
+pub fn anchor_identity(dd: &mut DataDir, now: i64) -> anyhow::Result<Identity> {
+    let path = dd.path().join(ANCHOR_IDENTITY_FILE);
+    if path.exists() {
+        return Ok(Identity::read(&path)?);
+    }
+    let mut suffix = [0u8; 4];
+    getrandom::fill(&mut suffix).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+    let name = format!("anchor-{}", hex::encode(suffix));
+    let id = dd.create_identity(Role::Anchor, None, &name, now).context(
+        "an anchor runs on the data dir made by `shoal fleet init` (it needs the root key)",
+    )?;
+    id.write(&path)?;
+    Ok(id)
+}
+
 /// What `shoal fleet migrate` did.
 #[derive(Debug)]
 pub struct Migrated {
@@ -408,14 +426,7 @@ pub fn migrate(
     };
     // An anchor that never ran has no anchor key yet, and could not make
     // one without the root: made now.
-    let anchor_id = anchor.join(ANCHOR_IDENTITY_FILE);
-    if !anchor_id.exists() {
-        let mut suffix = [0u8; 4];
-        getrandom::fill(&mut suffix).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
-        let name = format!("anchor-{}", hex::encode(suffix));
-        here.create_identity(Role::Anchor, None, &name, now)?
-            .write(&anchor_id)?;
-    }
+    anchor_identity(&mut here, now)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
     let tls_ca = [crate::tls::CA_CERT_FILE, crate::tls::CA_KEY_FILE];
     for f in [STORE_FILE, ROOT_KEY_FILE, IDENTITY_FILE]

@@ -485,17 +485,7 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) ->
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)));
     if let Some(pem) = HTTP_CA.get() {
-        let certs: Vec<_> = ureq::tls::parse_pem(pem)
-            .filter_map(|i| match i {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
-        config = config.tls_config(
-            ureq::tls::TlsConfig::builder()
-                .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-                .build(),
-        );
+        config = config.tls_config(cloud_anchor::client::trusting(pem).unwrap());
     }
     let agent: ureq::Agent = config.build().into();
     let auth = token.map(|t| format!("Bearer {t}"));

@@ -1095,30 +1095,25 @@ impl Reader<'_> {
 /// The public half of the fleet root key held in `dir`, read without the
 /// store (which a running daemon holds): where the root is, this proves it.
 pub fn root_public(dir: &Path) -> Result<PublicKey> {
+    Ok(PublicKey(root_secret(dir)?.verifying_key().to_bytes()))
+}
+
+/// The fleet root key held in `dir`.
+fn root_secret(dir: &Path) -> Result<ed25519_dalek::SigningKey> {
     let root_path = dir.join(ROOT_KEY_FILE);
     let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
         path: dir.to_path_buf(),
         reason: "holds no fleet root key (root.key): run this where `shoal fleet init` ran".into(),
     })?;
-    let key = parse_secret(&text)
-        .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
-    Ok(PublicKey(key.verifying_key().to_bytes()))
+    parse_secret(&text).map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))
 }
 
 fn read_root_key(dir: &Path, root: &PublicKey) -> Result<ed25519_dalek::SigningKey> {
-    let root_path = dir.join(ROOT_KEY_FILE);
-    let text = std::fs::read_to_string(&root_path).map_err(|_| Error::DataDir {
-        path: dir.to_path_buf(),
-        reason:
-            "holds no fleet root key: create identities on the data dir made by `shoal fleet init`"
-                .into(),
-    })?;
-    let key = parse_secret(&text)
-        .map_err(|e| Error::Identity(format!("{}: {e}", root_path.display())))?;
+    let key = root_secret(dir)?;
     if PublicKey(key.verifying_key().to_bytes()) != *root {
         return Err(Error::Identity(format!(
             "{} is not the root key of this store's fleet",
-            root_path.display()
+            dir.join(ROOT_KEY_FILE).display()
         )));
     }
     Ok(key)
