@@ -401,6 +401,134 @@ fn edit(nodes: usize, reps: usize, signed: bool) {
     drop(procs);
 }
 
+/// An edit signed in Chromium with the operator's enrolled browser key
+/// (ADR 0015), over HTTPS: from the click on "Sign and apply" (the page
+/// builds the change with Automerge, signs it with WebCrypto and posts it)
+/// to the app restarted with the new value on every node. The click on
+/// "Apply" before it (the anchor prepares the fields; the page shows them)
+/// is timed apart, to the dialog drawn.
+fn edit_browser(nodes: usize, reps: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&anchor_dir)]);
+    let token = support::token_with_role(&anchor_dir, "bench", "admin");
+    let (http_args, _, chrome_flags) = http_args(&anchor_dir, true);
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+    ];
+    args.extend(http_args);
+    let _anchor = Daemon::start("anchor", &anchor_dir, &args, None);
+    let url = http_url(&anchor_dir).replace("http://", "https://");
+    let mut procs = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..nodes {
+        let name = format!("n{i}");
+        let d = root.join(&name);
+        enroll(&anchor_dir, &d, &name, &format!("s{}", i % 5));
+        procs.push(Daemon::start(
+            "node",
+            &d,
+            &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            None,
+        ));
+        dirs.push(d);
+    }
+    let connected = || api_get(&format!("{url}/api/overview"), &token)["connected"] == nodes;
+    let t = Instant::now();
+    while !connected() {
+        assert!(t.elapsed() < Duration::from_secs(120), "not all connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (st, invite) = http(
+        "POST",
+        &format!("{url}/api/keys/invite"),
+        Some(&token),
+        Some(&json!({ "name": "alice", "role": "operator" }).to_string()),
+    );
+    assert_eq!(st, 200, "{invite}");
+    let code: serde_json::Value = serde_json::from_str(&invite).unwrap();
+    let code = code["code"].as_str().unwrap().to_string();
+    let mut b = cdp::Browser::launch_with(1280, 900, &chrome_flags).unwrap();
+    let within = Duration::from_secs(60);
+    b.navigate(&format!("{url}/")).unwrap();
+    b.wait_until("!!document.querySelector('#token')", within)
+        .unwrap();
+    b.fill("#token", &token).unwrap();
+    b.click("#login-form button").unwrap();
+    b.wait_until("!!document.querySelector('#logout')", within)
+        .unwrap();
+    b.eval("location.hash = '#/keys'").unwrap();
+    b.wait_until("!!document.querySelector('#enroll-code')", within)
+        .unwrap();
+    b.fill("#enroll-code", &code).unwrap();
+    b.click("#enroll").unwrap();
+    b.wait_until(
+        "document.querySelector('#key-state')?.dataset.state === 'certified'",
+        within,
+    )
+    .unwrap();
+    let app = |v: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: app0}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'echo V=$V; exec sleep 3600']\n    env: {{V: \"{v}\"}}\n"
+        )
+    };
+    let (mut prepared, mut times) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        let v = format!("r{rep}");
+        let want = format!("V={v}\n");
+        // A new hash each rep: a fresh editor.
+        b.eval(&format!("location.hash = '#/app/new?rep={rep}'"))
+            .unwrap();
+        b.wait_until(
+            &format!("location.hash.endsWith('rep={rep}') && document.querySelector('#yaml')?.value.includes('my-app')"),
+            within,
+        )
+        .unwrap();
+        b.fill("#yaml", &app(&v)).unwrap();
+        let t_apply = Instant::now();
+        b.click("#save").unwrap();
+        b.wait_until("!!document.querySelector('#sign-confirm')", within)
+            .unwrap();
+        let t0 = Instant::now();
+        b.click("#sign-confirm").unwrap();
+        let mut pending: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+        while !pending.is_empty() {
+            pending.retain(|d| {
+                !std::fs::read_to_string(d.join("apps/app0/stdout.log"))
+                    .is_ok_and(|l| l.contains(&want))
+            });
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{} nodes never restarted with {v}",
+                pending.len()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if rep > 0 {
+            // rep 0 warms up (first start of the app everywhere, and the
+            // page's first load of Automerge).
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            prepared.push((t0 - t_apply).as_secs_f64() * 1e3);
+        }
+        b.wait_until(
+            "document.querySelector('#applied')?.innerText.includes('Signed by')",
+            within,
+        )
+        .unwrap();
+    }
+    let (mut t, mut p) = (times.clone(), prepared.clone());
+    println!(
+        "browser-signed edit (Chromium, HTTPS: build with Automerge, sign with WebCrypto, POST /api/changes) → app restarted with it on all {nodes} nodes (loopback), {reps} reps: median {:.0} ms, p95 {:.0} ms, max {:.0} ms; before it, Apply → the fields shown to sign (POST /api/prepare; polled every 50 ms): median {:.0} ms",
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 0.95),
+        percentile(&mut t, 1.0),
+        percentile(&mut p, 0.5),
+    );
+    drop(procs);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
@@ -409,8 +537,9 @@ fn main() {
         Some("scale-https") => scale(arg(1, 10_000), arg(2, 1000), true),
         Some("edit") => edit(arg(1, 50), arg(2, 10), false),
         Some("edit-signed") => edit(arg(1, 50), arg(2, 10), true),
+        Some("edit-browser") => edit_browser(arg(1, 50), arg(2, 10)),
         _ => eprintln!(
-            "usage: anchor_bench scale|scale-https [nodes] [requests] | edit|edit-signed [nodes] [reps]"
+            "usage: anchor_bench scale|scale-https [nodes] [requests] | edit|edit-signed|edit-browser [nodes] [reps]"
         ),
     }
 }

@@ -14,9 +14,12 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # needs one makes a throwaway cluster of its own with initdb and pg_ctl in
 # a temporary directory, on a free port, run as the postgres user, and
 # stops it after; the package's own cluster is not used); the namespace
-# tests need only iproute2.
+# tests need only iproute2. The anchor's build fetches the web UI's
+# Automerge with npm (cloud-anchor/build.rs): Node.js and npm, Debian's if
+# the machine has none.
 export DEBIAN_FRONTEND=noninteractive
 need_apt=(chromium socat postgresql)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 for pkg in "${need_apt[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
 done

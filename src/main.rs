@@ -747,6 +747,61 @@ enum IdentityCmd {
         #[command(flatten)]
         dir: Dir,
     },
+    /// Invite an operator or a site engineer to enroll a key in their
+    /// browser: prints a one-time code for them to enter in the web UI
+    /// (an admin's token).
+    Invite {
+        #[command(flatten)]
+        anchor: AnchorApi,
+        /// operator or site-engineer.
+        #[arg(long)]
+        role: Role,
+        /// A site engineer's site.
+        #[arg(long)]
+        site: Option<String>,
+        /// The writer's name.
+        #[arg(long)]
+        name: String,
+        /// How long the code is good for (30m, 12h, 7d).
+        #[arg(long, default_value = "1d")]
+        ttl: String,
+    },
+    /// Certify, with the fleet root key of --data-dir, the browser key an
+    /// invited writer enrolled, after checking the fingerprint their
+    /// browser shows; the anchor publishes the certificate.
+    Approve {
+        #[command(flatten)]
+        dir: Dir,
+        #[command(flatten)]
+        anchor: AnchorApi,
+        /// The writer's name (as invited).
+        #[arg(long)]
+        name: String,
+        /// The fingerprint the browser shows (at least 16 hex digits).
+        #[arg(long)]
+        fingerprint: String,
+    },
+}
+
+/// An anchor's API, for verbs that only it answers.
+#[derive(Args, Clone)]
+struct AnchorApi {
+    /// The anchor's API (https://host:port).
+    #[arg(long, env = "SHOAL_ANCHOR")]
+    anchor: String,
+    /// Operator token (an admin's).
+    #[arg(long, env = "SHOAL_TOKEN")]
+    token: String,
+    /// Trust this CA (PEM; the fleet's tls-ca.pem) for an https://
+    /// anchor, instead of the public CAs.
+    #[arg(long, env = "SHOAL_CA")]
+    ca: Option<PathBuf>,
+}
+
+impl AnchorApi {
+    fn client(&self) -> anyhow::Result<cloud_anchor::client::Client> {
+        cloud_anchor::client::Client::with_ca(&self.anchor, &self.token, self.ca.as_deref())
+    }
 }
 
 #[derive(Subcommand)]
@@ -1320,6 +1375,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Identity(IdentityCmd::Revoke { dir, who, reason }) => {
             verb(&dir.data_dir, None, Verb::Revoke { who, reason })?;
+        }
+        Command::Identity(IdentityCmd::Invite {
+            anchor,
+            role,
+            site,
+            name,
+            ttl,
+        }) => {
+            let v = anchor.client()?.invite(
+                &name,
+                &role.to_string(),
+                site.as_deref(),
+                Some(parse_ttl(&ttl)?),
+            )?;
+            println!("{}", v["code"].as_str().unwrap_or_default());
+            eprintln!(
+                "{name} enters this code once, on the web UI's Keys page, within {ttl}; then approve the key their browser shows with `shoal identity approve --name {name} --fingerprint …` (an anchor that holds the fleet root certifies it at once)"
+            );
+        }
+        Command::Identity(IdentityCmd::Approve {
+            dir,
+            anchor,
+            name,
+            fingerprint,
+        }) => {
+            let client = anchor.client()?;
+            let waiting: Vec<serde_json::Value> = client
+                .keys()?
+                .into_iter()
+                .filter(|i| i["name"] == name.as_str() && i["state"] == "pending")
+                .collect();
+            let [invite] = waiting.as_slice() else {
+                anyhow::bail!(
+                    "{} browser keys of {name} wait for a certificate (expected one): {}",
+                    waiting.len(),
+                    "invite them with `shoal identity invite`, and have them enter the code in the web UI"
+                );
+            };
+            let key = crdt_state::PublicKey::from_hex(invite["key"].as_str().unwrap_or_default())?;
+            if !cloud_anchor::keys::fingerprint_matches(&key, &fingerprint) {
+                anyhow::bail!(
+                    "the key waiting for {name} is {}, not the {fingerprint} you were told: do not approve it (ask them to enroll again)",
+                    cloud_anchor::keys::fingerprint(&key)
+                );
+            }
+            let role: Role = invite["role"].as_str().unwrap_or_default().parse()?;
+            let dd = DataDir::open(&dir.data_dir, None)?;
+            let cert = dd.issue(key, role, invite["site"].as_str(), &name, now())?;
+            client.post_certificate(&cert)?;
+            println!(
+                "browser key {} of {name} ({role}) certified by the fleet root",
+                cloud_anchor::keys::fingerprint(&key)
+            );
         }
         Command::Identity(IdentityCmd::Show { dir }) => {
             let dd = DataDir::open(&dir.data_dir, None)?;

@@ -1100,7 +1100,11 @@ fn schemathesis() -> std::path::PathBuf {
 /// Every check on (CLI flags would override the per-operation lines).
 /// `/api/apply` takes any text as YAML manifests, and `/api/changes` any
 /// bytes as a bundle of signed changes, which no schema can tell valid from
-/// not: there "valid data is accepted" is off. `/api/events` is a
+/// not: there "valid data is accepted" is off; so too where a valid request
+/// needs what no schema names (`/api/prepare`: an entity or conflict that
+/// exists; `/api/keys/enroll`: a live invitation code; `/api/keys/invite`: a
+/// name that is a valid name; `/api/keys/certificates`: a certificate the
+/// root signed). `/api/events` is a
 /// stream with no parameters: nothing to fuzz, and each request would wait
 /// out the stream.
 ///
@@ -1130,6 +1134,22 @@ checks.positive_data_acceptance.enabled = false
 
 [[operations]]
 include-path = "/api/changes"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/api/prepare"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/api/keys/invite"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/api/keys/enroll"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/api/keys/certificates"
 checks.positive_data_acceptance.enabled = false
 
 [[operations]]
@@ -1264,4 +1284,168 @@ fn an_artifact_uploaded_through_the_api_reaches_a_node() {
         "the API never showed n1 holding it"
     );
     drop((node, anchor));
+}
+
+/// A new Ed25519 public key (a browser's, as the anchor sees it).
+fn browser_key() -> crdt_state::PublicKey {
+    let k = crdt_state::signed::identity::generate_key().unwrap();
+    crdt_state::PublicKey(k.verifying_key().to_bytes())
+}
+
+/// Browser keys at the API (ADR 0015), on an anchor without the root:
+/// only admins invite, and only operators or site engineers; a code binds
+/// the first key sent with it; a certificate is published only if the
+/// root signed it for the invited key, name and role, sent by an admin.
+/// An anchor that still holds the root certifies a key when it comes.
+#[test]
+fn browser_keys_are_invited_bound_and_certified_by_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = root.join("anchor");
+    ok(&["fleet", "init", "--data-dir", s(&dir), "--name", "f"]);
+    let op = root.join("op");
+    ok(&[
+        "fleet",
+        "migrate",
+        "--data-dir",
+        s(&dir),
+        "--out",
+        s(&op),
+        "--site",
+        "north",
+    ]);
+    let admin = token_with_role(&dir, "adm", "admin");
+    let operator = token_with_role(&dir, "ops", "operator");
+    let _anchor = start_anchor(&dir, free_udp_port(), &[]);
+    let url = http_url(&dir);
+    let invite = |token: &str, body: Value| post(&format!("{url}/api/keys/invite"), token, body);
+
+    let (status, v) = invite(&operator, json!({ "name": "carol", "role": "operator" }));
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("needs the admin role"),
+        "{v}"
+    );
+    for (role, site) in [
+        ("anchor", None::<&str>),
+        ("issuer", None),
+        ("site-engineer", None),
+    ] {
+        let (status, v) = invite(&admin, json!({ "name": "x", "role": role, "site": site }));
+        assert_eq!(status, 400, "{role}: {v}");
+    }
+    let (status, v) = invite(&admin, json!({ "name": "carol", "role": "operator" }));
+    assert_eq!(status, 200, "{v}");
+    let code = v["code"].as_str().unwrap().to_string();
+    assert!(
+        !std::fs::read_to_string(dir.join("browser-keys.json"))
+            .unwrap()
+            .contains(&code),
+        "the code is kept hashed"
+    );
+
+    let key = browser_key();
+    let enroll = |k: crdt_state::PublicKey| {
+        post(
+            &format!("{url}/api/keys/enroll"),
+            &operator,
+            json!({ "code": code, "key": k.to_hex() }),
+        )
+    };
+    let (status, v) = enroll(key);
+    assert_eq!((status, v["state"].as_str()), (200, Some("pending")), "{v}");
+    let (status, v) = enroll(browser_key());
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = post(
+        &format!("{url}/api/keys/enroll"),
+        &operator,
+        json!({ "code": "shoal-key-0000", "key": key.to_hex() }),
+    );
+    assert_eq!(status, 403, "{v}");
+
+    // Certificates: the root's, for the invited name and role only.
+    let dd = crdt_state::DataDir::open(&op, None).unwrap();
+    let other = root.join("other");
+    ok(&["fleet", "init", "--data-dir", s(&other), "--name", "f"]);
+    let stranger = crdt_state::DataDir::open(&other, None).unwrap();
+    let certify = |token: &str, cert: &crdt_state::Certificate| {
+        post(
+            &format!("{url}/api/keys/certificates"),
+            token,
+            json!({ "certificate": cert }),
+        )
+    };
+    let now = 1_800_000_000;
+    let good = dd
+        .issue(key, crdt_state::Role::Operator, None, "carol", now)
+        .unwrap();
+    for (cert, why) in [
+        (
+            dd.issue(key, crdt_state::Role::Operator, None, "mallory", now)
+                .unwrap(),
+            "the invitation is for carol",
+        ),
+        (
+            dd.issue(
+                key,
+                crdt_state::Role::SiteEngineer,
+                Some("north"),
+                "carol",
+                now,
+            )
+            .unwrap(),
+            "the invitation is for carol (operator)",
+        ),
+        (
+            stranger
+                .issue(key, crdt_state::Role::Operator, None, "carol", now)
+                .unwrap(),
+            "certificate:",
+        ),
+    ] {
+        let (status, v) = certify(&admin, &cert);
+        assert_eq!(status, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{why}: {v}");
+    }
+    let (status, v) = certify(&operator, &good);
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = certify(&admin, &good);
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("certified")),
+        "{v}"
+    );
+    let (_, v) = enroll(key);
+    assert_eq!(v["certificate"]["name"], "carol", "{v}");
+    let keys = api_get(&format!("{url}/api/keys"), &admin);
+    assert_eq!(keys["items"][0]["state"], "certified", "{keys}");
+
+    // An anchor that holds the root certifies at once.
+    let dir2 = root.join("anchor2");
+    ok(&["fleet", "init", "--data-dir", s(&dir2), "--name", "g"]);
+    let admin2 = token_with_role(&dir2, "adm", "admin");
+    let _anchor2 = start_anchor(&dir2, free_udp_port(), &[]);
+    let url2 = http_url(&dir2);
+    let (_, v) = post(
+        &format!("{url2}/api/keys/invite"),
+        &admin2,
+        json!({ "name": "erin", "role": "site-engineer", "site": "north" }),
+    );
+    let code2 = v["code"].as_str().unwrap();
+    let key2 = browser_key();
+    let (status, v) = post(
+        &format!("{url2}/api/keys/enroll"),
+        &admin2,
+        json!({ "code": code2, "key": key2.to_hex() }),
+    );
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("certified")),
+        "{v}"
+    );
+    assert_eq!(v["certificate"]["key"], key2.to_hex(), "{v}");
+    assert_eq!(v["certificate"]["site"], "north", "{v}");
 }

@@ -461,3 +461,331 @@ fn the_ui_over_https_has_no_plain_http_warning() {
         "no plain-HTTP warning over HTTPS"
     );
 }
+
+/// The text of the first element matching `sel`.
+fn text_of(b: &mut cdp::Browser, sel: &str) -> String {
+    b.eval(&format!(
+        "document.querySelector({})?.innerText ?? ''",
+        json!(sel)
+    ))
+    .unwrap()
+    .as_str()
+    .unwrap_or_default()
+    .to_string()
+}
+
+/// Puts `yaml` in the editor and sends it; waits for the signing dialog,
+/// whose text is returned, and signs.
+fn sign_in_editor(b: &mut cdp::Browser, yaml: &str) -> String {
+    wait(b, "!!document.querySelector('#yaml')");
+    b.fill("#yaml", yaml).unwrap();
+    b.click("#save").unwrap();
+    wait(b, "!!document.querySelector('#sign-confirm')");
+    let shown = text_of(b, "#sign-dialog");
+    shot(b, "sign-dialog");
+    b.click("#sign-confirm").unwrap();
+    wait(
+        b,
+        "document.querySelector('#applied')?.innerText.includes('Signed by')",
+    );
+    shown
+}
+
+/// Logs out (the cookie goes) and in again with `token`.
+fn log_in_as(b: &mut cdp::Browser, token: &str, name: &str) {
+    if b.eval("!!document.querySelector('#logout')").unwrap() == json!(true) {
+        b.click("#logout").unwrap();
+    }
+    log_in(b, token);
+    wait(
+        b,
+        &format!(
+            "document.querySelector('#who')?.innerText.includes({})",
+            json!(name)
+        ),
+    );
+}
+
+/// Enrolls a browser key for the logged-in user with an invitation `code`,
+/// has the admin approve it with the fleet root (`op`, the operator's data
+/// dir) after checking the fingerprint the page shows, and waits until the
+/// page says the key is certified. A wrong fingerprint is not approved.
+fn enroll_browser_key(
+    b: &mut cdp::Browser,
+    url: &str,
+    admin: &str,
+    op: &Path,
+    name: &str,
+    code: &str,
+) {
+    go(b, "#/keys");
+    wait(b, "!!document.querySelector('#enroll-code')");
+    b.fill("#enroll-code", code).unwrap();
+    b.click("#enroll").unwrap();
+    wait(
+        b,
+        "document.querySelector('#key-state')?.dataset.state === 'pending'",
+    );
+    let fp = text_of(b, "#key-fingerprint");
+    assert_eq!(fp.len(), 29, "six groups of four hex digits: {fp:?}");
+    let approve = |fingerprint: &str| {
+        shoal(&[
+            "identity",
+            "approve",
+            "--data-dir",
+            s(op),
+            "--anchor",
+            url,
+            "--token",
+            admin,
+            "--name",
+            name,
+            "--fingerprint",
+            fingerprint,
+        ])
+    };
+    let wrong = approve("0123 4567 89ab cdef");
+    assert!(
+        !wrong.status.success(),
+        "a key with another fingerprint was approved"
+    );
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("do not approve"), "{err}");
+    let out = approve(&fp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        b,
+        "document.querySelector('#key-state')?.dataset.state === 'certified'",
+    );
+}
+
+/// The latest change of `doc` a node holds, as `shoal get changes` on its
+/// data dir shows it (writer and role from the certificates alone).
+fn latest_change(dir: &Path, doc: &str) -> serde_json::Value {
+    get(dir, "changes")
+        .as_array()
+        .and_then(|a| a.iter().rev().find(|c| c["doc"] == doc).cloned())
+        .unwrap_or_default()
+}
+
+/// On an anchor that holds neither the fleet root nor an operator identity
+/// (migrated, ADR 0013), operators sign their edits in Chromium with keys
+/// their browsers made and cannot export (ADR 0015): alice enrolls hers
+/// with an invitation code, the admin approves it with the root after
+/// checking the fingerprint, and her edit reaches the node as alice's
+/// change. A viewer's edit is refused by the anchor (403, shown); a site
+/// engineer signs their own site's overrides and is refused another site's.
+#[test]
+fn operators_sign_their_edits_in_the_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let anchor_dir = root.join("anchor");
+    fleet_init(&anchor_dir, "plant");
+    let n1 = bundle_node(&anchor_dir, root, "n1", "north");
+    let op = root.join("op");
+    ok(&[
+        "fleet",
+        "migrate",
+        "--data-dir",
+        s(&anchor_dir),
+        "--out",
+        s(&op),
+    ]);
+    let admin = token_with_role(&anchor_dir, "root-admin", "admin");
+    let alice_token = token_with_role(&anchor_dir, "alice", "operator");
+    let viewer_token = token_with_role(&anchor_dir, "vic", "viewer");
+    let bob_token = ok(&[
+        "operator",
+        "token",
+        "create",
+        "--data-dir",
+        s(&anchor_dir),
+        "--name",
+        "bob",
+        "--role",
+        "site-engineer",
+        "--site",
+        "north",
+    ])
+    .trim()
+    .to_string();
+    let _anchor = Daemon::start(
+        "anchor",
+        &anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--insecure-http".into(),
+        ],
+        None,
+    );
+    let url = http_url(&anchor_dir);
+    let anchor_addr = _anchor.addr_on("127.0.0.1");
+    let _node = Daemon::start(
+        "node",
+        &n1,
+        &[
+            "--listen".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            "--peer".into(),
+            anchor_addr,
+        ],
+        None,
+    );
+    // A config to edit, signed by the admin's operator identity on their
+    // own machine (the anchor signs nothing).
+    let cfg = |msg: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: greeting}}\nspec:\n  data: {{message: \"{msg}\"}}\n"
+        )
+    };
+    let f = write(root, "greeting.yaml", &cfg("from the admin"));
+    apply_signed(&url, &admin, &op.join("identity.json"), &f);
+
+    let code = ok(&[
+        "identity", "invite", "--anchor", &url, "--token", &admin, "--name", "alice", "--role",
+        "operator",
+    ])
+    .trim()
+    .to_string();
+    assert!(code.starts_with("shoal-key-"), "{code}");
+
+    let mut b = cdp::Browser::launch(1280, 900).unwrap_or_else(|e| {
+        panic!("cannot start headless Chromium: {e} (install chromium: `apt-get install chromium`)")
+    });
+    b.navigate(&format!("{url}/")).unwrap();
+    log_in_as(&mut b, &alice_token, "alice");
+    // Without a key, this anchor makes no edit for her.
+    go(&mut b, "#/config/greeting");
+    wait(
+        &mut b,
+        "document.querySelector('#yaml')?.value.includes('from the admin')",
+    );
+    b.click("#save").unwrap();
+    wait(
+        &mut b,
+        "document.querySelector('#validation-error')?.innerText.includes('enroll your browser')",
+    );
+
+    enroll_browser_key(&mut b, &url, &admin, &op, "alice", &code);
+    shot(&mut b, "keys");
+    // The code was for one key: another key with it is refused.
+    let (status, _) = http(
+        "POST",
+        &format!("{url}/api/keys/enroll"),
+        Some(&alice_token),
+        Some(&json!({ "code": code, "key": "ab".repeat(32) }).to_string()),
+    );
+    assert_eq!(status, 409);
+    // The private key cannot leave the browser.
+    let kept = b
+        .eval(
+            "(async () => { const r = await loadKey(); \
+             try { await crypto.subtle.exportKey('pkcs8', r.privateKey); return 'exported'; } \
+             catch (e) { return r.privateKey.extractable === false ? 'kept' : 'extractable'; } })()",
+        )
+        .unwrap();
+    assert_eq!(kept, json!("kept"));
+
+    go(&mut b, "#/config/greeting");
+    let shown = sign_in_editor(&mut b, &cfg("from alice's browser"));
+    assert!(
+        shown.contains("configs.greeting") && shown.contains("from alice's browser"),
+        "the dialog shows what is signed: {shown}"
+    );
+    assert!(shown.contains("from the admin"), "and what it was: {shown}");
+    shot(&mut b, "signed-edit");
+    assert!(
+        wait_for(UI_WITHIN, || {
+            let c = latest_change(&n1, "fleet");
+            c["writer"] == "alice" && c["role"] == "operator"
+        }),
+        "n1 never held alice's change: {}",
+        latest_change(&n1, "fleet")
+    );
+    assert!(
+        latest_change(&n1, "fleet").get("message").is_none(),
+        "no service signed it"
+    );
+    let configs = get(&n1, "configs").to_string();
+    assert!(configs.contains("from alice's browser"), "{configs}");
+
+    // A viewer may not edit: the anchor refuses (403) and the page says so.
+    log_in_as(&mut b, &viewer_token, "vic");
+    go(&mut b, "#/config/greeting");
+    wait(
+        &mut b,
+        "document.querySelector('#yaml')?.value.includes('alice')",
+    );
+    b.click("#save").unwrap();
+    wait(
+        &mut b,
+        "document.querySelector('#validation-error')?.innerText.includes('needs the site-engineer role')",
+    );
+    let (status, _) = http(
+        "POST",
+        &format!("{url}/api/prepare"),
+        Some(&viewer_token),
+        Some(&json!({ "apply": { "files": [{ "name": "g", "text": cfg("x") }] } }).to_string()),
+    );
+    assert_eq!(status, 403);
+
+    // A site engineer signs their own site's overrides, not another's.
+    let code = ok(&[
+        "identity",
+        "invite",
+        "--anchor",
+        &url,
+        "--token",
+        &admin,
+        "--name",
+        "bob",
+        "--role",
+        "site-engineer",
+        "--site",
+        "north",
+    ])
+    .trim()
+    .to_string();
+    log_in_as(&mut b, &bob_token, "bob");
+    enroll_browser_key(&mut b, &url, &admin, &op, "bob", &code);
+    let site = |name: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: {{name: {name}}}\nspec:\n  configs: {{greeting: {{data: {{message: \"from bob at {name}\"}}}}}}\n"
+        )
+    };
+    go(&mut b, "#/config/new");
+    let shown = sign_in_editor(&mut b, &site("north"));
+    assert!(shown.contains("site/north"), "{shown}");
+    assert!(
+        wait_for(UI_WITHIN, || {
+            let c = latest_change(&n1, "site/north");
+            c["writer"] == "bob" && c["role"] == "site-engineer"
+        }),
+        "n1 never held bob's change: {}",
+        latest_change(&n1, "site/north")
+    );
+    // Another hash: a fresh editor.
+    go(&mut b, "#/config/new?again");
+    wait(
+        &mut b,
+        "location.hash.endsWith('again') && document.querySelector('#yaml')?.value.includes('my-config')",
+    );
+    b.fill("#yaml", &site("south")).unwrap();
+    b.click("#save").unwrap();
+    wait(
+        &mut b,
+        "document.querySelector('#validation-error')?.innerText.includes('applies only SiteOverride north')",
+    );
+    assert!(
+        b.eval("!document.querySelector('#sign-dialog')").unwrap() == json!(true),
+        "nothing offered to sign"
+    );
+    assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
+}

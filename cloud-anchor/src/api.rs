@@ -254,6 +254,11 @@ pub const ROUTES: &[(&str, &str, Option<ApiRole>)] = &[
     ("DELETE", "/api/artifacts/{name}", Some(ApiRole::Operator)),
     ("PUT", "/api/artifacts/{name}", Some(ApiRole::Operator)),
     ("POST", "/api/apply", Some(ApiRole::SiteEngineer)),
+    ("POST", "/api/prepare", Some(ApiRole::SiteEngineer)),
+    ("GET", "/api/keys", Some(ApiRole::Admin)),
+    ("POST", "/api/keys/invite", Some(ApiRole::Admin)),
+    ("POST", "/api/keys/enroll", Some(ApiRole::Viewer)),
+    ("POST", "/api/keys/certificates", Some(ApiRole::Admin)),
     ("GET", "/api/bundle", Some(ApiRole::Viewer)),
     ("POST", "/api/changes", Some(ApiRole::SiteEngineer)),
     ("GET", "/api/rollouts", Some(ApiRole::Viewer)),
@@ -292,6 +297,17 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
 const STYLE_CSS: &str = include_str!("ui/style.css");
+/// The official `@automerge/automerge` browser build (its WebAssembly
+/// inline), fetched by `build.rs` at the version `ui/package-lock.json`
+/// pins: the UI loads it only to build a change it signs (ADR 0015).
+const AUTOMERGE_JS: &[u8] = include_bytes!(env!("SHOAL_AUTOMERGE_JS"));
+/// Where the UI loads it from (the version in the path, so it is cached
+/// for good and a new one is fetched).
+pub const AUTOMERGE_PATH: &str = concat!(
+    "/ui/vendor/automerge-",
+    env!("SHOAL_AUTOMERGE_VERSION"),
+    ".js"
+);
 /// The session cookie's name.
 pub const COOKIE: &str = "shoal_session";
 
@@ -332,6 +348,11 @@ pub fn router(server: Server) -> Router {
                 .delete(delete_entity),
         )
         .route("/api/apply", post(apply))
+        .route("/api/prepare", post(prepare))
+        .route("/api/keys", get(keys_list))
+        .route("/api/keys/invite", post(key_invite))
+        .route("/api/keys/enroll", post(key_enroll))
+        .route("/api/keys/certificates", post(key_certificate))
         .route("/api/bundle", get(bundle))
         .route(
             "/api/changes",
@@ -370,6 +391,18 @@ pub fn router(server: Server) -> Router {
                 (
                     [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
                     APP_JS,
+                )
+            }),
+        )
+        .route(
+            AUTOMERGE_PATH,
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                        (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+                    ],
+                    AUTOMERGE_JS,
                 )
             }),
         )
@@ -704,6 +737,10 @@ async fn whoami(State(s): State<Shared>, req: Request) -> Response {
         "fleet": sn.fleet,
         "anchor": sn.anchor,
         "demo": s.demo.is_some(),
+        // Whether the anchor signs UI edits with an operator identity of
+        // its own (ADR 0006); without one, the browser signs (ADR 0015).
+        "automerge": AUTOMERGE_PATH,
+        "anchor_signs": s.tokens.dir().join(crdt_state::local::datadir::IDENTITY_FILE).exists(),
     }))
     .into_response()
 }
@@ -1119,36 +1156,12 @@ async fn apply(
             Err(_) => return ApiError::new(400, "request body is not UTF-8 text").into_response(),
         }
     };
-    if req.files.is_empty() {
-        return ApiError::new(400, "no manifests given").into_response();
-    }
-    let mut manifests = Vec::new();
-    for f in &req.files {
-        match manifest::parse(&f.name, &f.text) {
-            Ok(m) => manifests.extend(m),
-            Err(e) => {
-                return ApiError(Refusal::from(crdt_state::Error::from(e))).into_response();
-            }
-        }
-    }
-    if manifests.is_empty() {
-        return ApiError::new(400, "the request holds no manifest").into_response();
-    }
-    let Operator(who, role, site, from) = &req_ext.0;
-    if *role == ApiRole::SiteEngineer {
-        let site = site.as_deref().unwrap_or_default();
-        if let Some(m) = manifests
-            .iter()
-            .find(|m| m.kind() != Kind::SiteOverride || m.name != site)
-        {
-            let reason = format!(
-                "{who} is a site engineer of {site}: applies only SiteOverride {site}, not {}/{} (that needs the operator role)",
-                m.kind().as_str().to_lowercase(),
-                m.name
-            );
-            refused(&s, *from, format!("refused {who}: {reason}"));
-            return ApiError::new(403, reason).into_response();
-        }
+    let manifests = match parse_files(&req.files) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = may_apply(&s, &req_ext.0, &manifests) {
+        return e.into_response();
     }
     if req.dry_run {
         let names: Vec<String> = manifests
@@ -1171,6 +1184,388 @@ async fn apply(
     {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
+    }
+}
+
+/// The manifests of an apply request (at least one).
+fn parse_files(files: &[ApplyFile]) -> Result<Vec<manifest::Manifest>, ApiError> {
+    if files.is_empty() {
+        return Err(ApiError::new(400, "no manifests given"));
+    }
+    let mut manifests = Vec::new();
+    for f in files {
+        manifests.extend(
+            manifest::parse(&f.name, &f.text)
+                .map_err(|e| ApiError(Refusal::from(crdt_state::Error::from(e))))?,
+        );
+    }
+    if manifests.is_empty() {
+        return Err(ApiError::new(400, "the request holds no manifest"));
+    }
+    Ok(manifests)
+}
+
+/// A site engineer's token applies its own site's overrides only; a
+/// refusal is a security event.
+fn may_apply(s: &Server, op: &Operator, manifests: &[manifest::Manifest]) -> Result<(), ApiError> {
+    let Operator(who, role, site, from) = op;
+    if *role != ApiRole::SiteEngineer {
+        return Ok(());
+    }
+    let site = site.as_deref().unwrap_or_default();
+    match manifests
+        .iter()
+        .find(|m| m.kind() != Kind::SiteOverride || m.name != site)
+    {
+        Some(m) => {
+            let reason = format!(
+                "{who} is a site engineer of {site}: applies only SiteOverride {site}, not {}/{} (that needs the operator role)",
+                m.kind().as_str().to_lowercase(),
+                m.name
+            );
+            refused(s, *from, format!("refused {who}: {reason}"));
+            Err(ApiError::new(403, reason))
+        }
+        None => Ok(()),
+    }
+}
+
+/// An edit to prepare for signing in the browser (`POST /api/prepare`),
+/// as the routes that make it with the anchor's key take it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum PrepareBody {
+    Apply { files: Vec<ApplyFile> },
+    Delete { kind: String, name: String },
+    Resolve(ResolveBody),
+    Rollout { app: String, action: String },
+}
+
+/// What an edit would write, for the operator's browser to build and sign
+/// with its own key and send to `POST /api/changes` (ADR 0015). Each edit
+/// needs the role its own route needs; nothing is written here.
+async fn prepare(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let p: PrepareBody = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let op = &req_ext.0;
+    let (needed, edit) = match p {
+        PrepareBody::Apply { files } => {
+            let manifests = match parse_files(&files) {
+                Ok(m) => m,
+                Err(e) => return e.into_response(),
+            };
+            if let Err(e) = may_apply(&s, op, &manifests) {
+                return e.into_response();
+            }
+            let files = files.into_iter().map(|f| (f.name, f.text)).collect();
+            (
+                ApiRole::SiteEngineer,
+                Command::Apply {
+                    files,
+                    identity: None,
+                    output: None,
+                },
+            )
+        }
+        PrepareBody::Delete { kind, name } => {
+            let Some(k) = Kind::parse(&kind) else {
+                let mut e = ApiError::new(400, format!("kind: unknown kind {kind:?}"));
+                e.field = Some("delete.kind".into());
+                return e.into_response();
+            };
+            let route = format!("/api/{}/{{name}}", crate::client::collection(k));
+            let needed = route_role("DELETE", &route)
+                .flatten()
+                .unwrap_or(ApiRole::Admin);
+            (
+                needed,
+                Command::Delete {
+                    kind,
+                    name,
+                    identity: None,
+                    output: None,
+                },
+            )
+        }
+        PrepareBody::Resolve(r) => {
+            if let Err(e) = conflicting(&snap(&s), &r) {
+                return e.into_response();
+            }
+            (
+                ApiRole::Operator,
+                Command::Resolve {
+                    doc: r.doc,
+                    field: r.field,
+                    value: r.value,
+                },
+            )
+        }
+        PrepareBody::Rollout { app, action } => (
+            ApiRole::Operator,
+            Command::Rollout {
+                app,
+                action,
+                output: None,
+            },
+        ),
+    };
+    if op.1 < needed {
+        let reason = format!(
+            "{} needs the {needed} role; {}'s token is {}",
+            edit.verb(),
+            op.0,
+            op.1
+        );
+        refused(&s, op.3, format!("refused {}: {reason}", op.0));
+        return ApiError::new(403, reason).into_response();
+    }
+    match call(&s, caller_of(op), Command::Prepare(Box::new(edit))).await {
+        Ok(a) => answer(a),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    name: String,
+    role: String,
+    #[serde(default)]
+    site: Option<String>,
+    /// Seconds the code is good for (a day when absent).
+    #[serde(default)]
+    ttl_s: Option<i64>,
+}
+
+/// Runs file work of the key invitations off the loop.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(500, format!("internal: {e}")))?
+}
+
+/// An admin invites a writer to enroll a browser key: a one-time code
+/// (shown once) for that name, role and site (ADR 0015).
+async fn key_invite(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let b: InviteBody = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let role = match b.role.parse::<crdt_state::Role>() {
+        Ok(r) => r,
+        Err(e) => {
+            let mut e = ApiError::new(400, format!("role: {e}"));
+            e.field = Some("role".into());
+            return e.into_response();
+        }
+    };
+    let dir = s.tokens.dir().to_path_buf();
+    let by = req_ext.0.0.clone();
+    let (name, site) = (b.name.clone(), b.site.clone());
+    let at = now();
+    let ttl = b.ttl_s.unwrap_or(crate::keys::DEFAULT_TTL_S);
+    let code = blocking(move || {
+        crate::keys::invite(&dir, &name, role, site.as_deref(), &by, ttl, at)
+            .map_err(|e| ApiError::new(400, format!("{e:#}")))
+    })
+    .await;
+    let code = match code {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let site = b
+        .site
+        .as_deref()
+        .map(|s| format!(" of {s}"))
+        .unwrap_or_default();
+    let _ = call(
+        &s,
+        caller_of(&req_ext.0),
+        Command::Audit {
+            kind: "invited".into(),
+            subject: b.name.clone(),
+            text: format!(
+                "{} invited {} ({role}{site}) to enroll a browser key",
+                req_ext.0.0, b.name
+            ),
+        },
+    )
+    .await;
+    axum::Json(json!({
+        "code": code,
+        "name": b.name,
+        "role": role.to_string(),
+        "site": b.site,
+        "expires_at": at + ttl,
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollBody {
+    code: String,
+    /// The browser key's public half, 64 hex digits.
+    key: String,
+}
+
+/// A browser sends its new public key with an invitation's code. The code
+/// binds to that key; the answer says whether the key is certified yet.
+/// An anchor that still holds the fleet root certifies it at once; any
+/// other waits for an admin's `shoal identity approve` (asking again with
+/// the same code and key answers the state now).
+async fn key_enroll(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let b: EnrollBody = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let key = match crdt_state::PublicKey::from_hex(b.key.trim()) {
+        Ok(k) => k,
+        Err(e) => {
+            let mut e = ApiError::new(400, format!("key: {e}"));
+            e.field = Some("key".into());
+            return e.into_response();
+        }
+    };
+    let op = req_ext.0.clone();
+    let dir = s.tokens.dir().to_path_buf();
+    let at = now();
+    let d = dir.clone();
+    let submitted = blocking(move || {
+        crate::keys::submit(&d, &b.code, key, at).map_err(|r| ApiError::new(r.0, r.1))
+    })
+    .await;
+    let mut invite = match submitted {
+        Ok(i) => i,
+        Err(e) => {
+            refused(
+                &s,
+                op.3,
+                format!("refused a browser key from {}: {}", op.0, e.0.error),
+            );
+            return e.into_response();
+        }
+    };
+    if invite.requested_at == Some(at) {
+        let _ = call(
+            &s,
+            caller_of(&op),
+            Command::Audit {
+                kind: "key-requested".into(),
+                subject: invite.name.clone(),
+                text: format!(
+                    "a browser key {} came for {}'s invitation",
+                    crate::keys::fingerprint(&key),
+                    invite.name
+                ),
+            },
+        )
+        .await;
+    }
+    let root_here = dir.join(crdt_state::local::datadir::ROOT_KEY_FILE).exists();
+    if invite.certificate.is_none() && root_here {
+        let i = invite.clone();
+        let d = dir.clone();
+        let issued = blocking(move || {
+            use crdt_state::local::datadir::{issue_in, root_public};
+            let root = root_public(&d)
+                .map_err(|e| ApiError::new(500, format!("the root key here: {e}")))?;
+            issue_in(&d, &root, key, i.role, i.site.as_deref(), &i.name, at)
+                .map_err(|e| ApiError::new(500, format!("issuing the certificate: {e}")))
+        })
+        .await;
+        match issued {
+            Ok(cert) => match publish(&s, &op, cert).await {
+                Ok(i) => invite = i,
+                Err(e) => return e.into_response(),
+            },
+            Err(e) => return e.into_response(),
+        }
+    }
+    axum::Json(invite.to_json(now())).into_response()
+}
+
+/// Publishes a root-issued certificate for an invited browser key (the
+/// daemon checks it against the root) and records it with the invitation.
+async fn publish(
+    s: &Server,
+    op: &Operator,
+    cert: crdt_state::Certificate,
+) -> Result<crate::keys::Invite, ApiError> {
+    let dir = s.tokens.dir().to_path_buf();
+    let c = cert.clone();
+    let d = dir.clone();
+    blocking(move || crate::keys::matching(&d, &c, now()).map_err(|r| ApiError::new(r.0, r.1)))
+        .await?;
+    call(s, caller_of(op), Command::Certify(Box::new(cert.clone()))).await?;
+    blocking(move || {
+        crate::keys::certified(&dir, &cert, now()).map_err(|r| ApiError::new(r.0, r.1))
+    })
+    .await
+}
+
+/// Every invitation and its state (admins).
+async fn keys_list(State(s): State<Shared>) -> Response {
+    let dir = s.tokens.dir().to_path_buf();
+    match blocking(move || {
+        crate::keys::read(&dir).map_err(|e| ApiError::new(500, format!("{e:#}")))
+    })
+    .await
+    {
+        Ok(items) => {
+            let t = now();
+            let items: Vec<Value> = items.iter().map(|i| i.to_json(t)).collect();
+            axum::Json(json!({ "items": items })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateBody {
+    certificate: crdt_state::Certificate,
+}
+
+/// An admin's `shoal identity approve`: the certificate the fleet root
+/// issued, on the admin's machine, for an invited browser key.
+async fn key_certificate(
+    State(s): State<Shared>,
+    req_ext: axum::Extension<Operator>,
+    bytes: Bytes,
+) -> Response {
+    let b: CertificateBody = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match publish(&s, &req_ext.0, b.certificate).await {
+        Ok(i) => axum::Json(i.to_json(now())).into_response(),
+        Err(e) => {
+            if e.0.status == 400 {
+                refused(
+                    &s,
+                    req_ext.0.3,
+                    format!("refused a certificate from {}: {}", req_ext.0.0, e.0.error),
+                );
+            }
+            e.into_response()
+        }
     }
 }
 
@@ -1378,6 +1773,30 @@ struct ResolveBody {
     value: Value,
 }
 
+/// A conflict settled must be one the anchor sees now, and the value kept
+/// one of its values.
+fn conflicting(sn: &Snapshot, r: &ResolveBody) -> Result<(), ApiError> {
+    let Some(c) = sn
+        .conflicts
+        .iter()
+        .find(|c| c.doc == r.doc && c.field == r.field)
+    else {
+        return Err(ApiError::new(
+            409,
+            format!(
+                "no conflict on {} in {} (resolved already?)",
+                r.field, r.doc
+            ),
+        ));
+    };
+    if !c.values.iter().any(|v| v.value == r.value) {
+        let mut e = ApiError::new(400, "value: not one of the conflicting values");
+        e.field = Some("value".into());
+        return Err(e);
+    }
+    Ok(())
+}
+
 async fn resolve(
     State(s): State<Shared>,
     req_ext: axum::Extension<Operator>,
@@ -1387,24 +1806,7 @@ async fn resolve(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let sn = snap(&s);
-    let Some(c) = sn
-        .conflicts
-        .iter()
-        .find(|c| c.doc == r.doc && c.field == r.field)
-    else {
-        return ApiError::new(
-            409,
-            format!(
-                "no conflict on {} in {} (resolved already?)",
-                r.field, r.doc
-            ),
-        )
-        .into_response();
-    };
-    if !c.values.iter().any(|v| v.value == r.value) {
-        let mut e = ApiError::new(400, "value: not one of the conflicting values");
-        e.field = Some("value".into());
+    if let Err(e) = conflicting(&snap(&s), &r) {
         return e.into_response();
     }
     match call(

@@ -218,18 +218,59 @@ impl Client {
 
     /// `shoal delete KIND NAME`.
     pub fn delete(&self, kind: &str, name: &str) -> anyhow::Result<String> {
-        let kinds = match crdt_state::fleet::model::Kind::parse(kind) {
-            Some(crdt_state::fleet::model::Kind::App) => "apps",
-            Some(crdt_state::fleet::model::Kind::Config) => "configs",
-            Some(crdt_state::fleet::model::Kind::Node) => "nodes",
-            Some(crdt_state::fleet::model::Kind::SiteOverride) => "sites",
-            Some(crdt_state::fleet::model::Kind::DeviceProfile) => "profiles",
-            Some(crdt_state::fleet::model::Kind::Device) => "devices",
-            Some(crdt_state::fleet::model::Kind::Artifact) => "artifacts",
-            None => bail!("unknown kind {kind:?}: expected app, config, node or site"),
-        };
+        let kinds = crdt_state::fleet::model::Kind::parse(kind)
+            .map(collection)
+            .ok_or_else(|| anyhow!("unknown kind {kind:?}: expected app, config, node or site"))?;
         self.call("DELETE", &format!("/api/{kinds}/{}", encode(name)), None)?;
         Ok(format!("{}/{name} deleted\n", kinds.trim_end_matches('s')))
+    }
+}
+
+/// The API's collection of a kind (`DELETE /api/{collection}/{name}`).
+pub fn collection(kind: crdt_state::fleet::model::Kind) -> &'static str {
+    use crdt_state::fleet::model::Kind;
+    match kind {
+        Kind::App => "apps",
+        Kind::Config => "configs",
+        Kind::Node => "nodes",
+        Kind::SiteOverride => "sites",
+        Kind::DeviceProfile => "profiles",
+        Kind::Device => "devices",
+        Kind::Artifact => "artifacts",
+    }
+}
+
+impl Client {
+    /// `shoal invite`: a one-time code for `name` to enroll a browser key
+    /// as `role` (a site engineer of `site`), good for `ttl_s` seconds.
+    pub fn invite(
+        &self,
+        name: &str,
+        role: &str,
+        site: Option<&str>,
+        ttl_s: Option<i64>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let body = json!({ "name": name, "role": role, "site": site, "ttl_s": ttl_s });
+        let answer = self.call("POST", "/api/keys/invite", Some(body.to_string()))?;
+        Ok(serde_json::from_str(&answer)?)
+    }
+
+    /// Every browser-key invitation and its state.
+    pub fn keys(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let answer = self.call("GET", "/api/keys", None)?;
+        let v: serde_json::Value = serde_json::from_str(&answer)?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Sends the certificate the fleet root issued for an invited browser
+    /// key, for the anchor to publish.
+    pub fn post_certificate(
+        &self,
+        cert: &crdt_state::Certificate,
+    ) -> anyhow::Result<serde_json::Value> {
+        let body = json!({ "certificate": cert });
+        let answer = self.call("POST", "/api/keys/certificates", Some(body.to_string()))?;
+        Ok(serde_json::from_str(&answer)?)
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`view`]: the read model the API answers from.
 //! - [`series`]: a series that came up from a node, shaped for a chart.
 //! - [`tokens`]: operator tokens.
+//! - [`keys`]: invitations for operators' browser keys (ADR 0015).
 //! - [`client`]: the CLI's side of the API (`--anchor URL`).
 //! - [`replica`]: seeding anchor replicas' data dirs.
 //!
@@ -19,6 +20,7 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod export;
+pub mod keys;
 pub mod replica;
 pub mod series;
 pub mod tokens;

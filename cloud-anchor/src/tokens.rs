@@ -117,10 +117,20 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<TokenEntry>> {
 }
 
 fn write(dir: &Path, entries: &[TokenEntry]) -> anyhow::Result<()> {
+    write_private(
+        &dir.join(OPERATORS_FILE),
+        &serde_json::to_vec_pretty(entries)?,
+    )
+}
+
+/// Writes a file only its owner reads, whole or not at all (a temporary
+/// file synced, then renamed over it).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(OPERATORS_FILE);
-    let tmp = dir.join(format!("{OPERATORS_FILE}.tmp"));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -128,9 +138,9 @@ fn write(dir: &Path, entries: &[TokenEntry]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("{}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(entries)?)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("{}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
     Ok(())
 }
 
@@ -219,6 +229,11 @@ impl Tokens {
             news: Mutex::new(Vec::new()),
             loaded: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The data dir the tokens are of.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     /// Tokens made or revoked since the last call, as the file showed when

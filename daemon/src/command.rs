@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use crdt_state::fleet::model::Kind;
 use crdt_state::local::datadir::{self, ImportReport, Reader};
-use crdt_state::{Certificate, DocId, Identity, PublicKey, Store, Trust};
+use crdt_state::{Certificate, DocId, Identity, PublicKey, Role, Store, Trust};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -99,6 +99,16 @@ pub enum Command {
         /// Answer as text in this format; JSON when absent.
         output: Option<String>,
     },
+    /// `POST /api/prepare`: what an edit (an `Apply`, `Delete`, `Resolve`
+    /// or a rollout's `pause`, `resume` or `abort`) would write, for a key
+    /// held elsewhere (an operator's browser) to build and sign; writes
+    /// nothing (ADR 0015).
+    Prepare(Box<Command>),
+    /// `POST /api/keys/…`: publishes in the fleet document a certificate
+    /// the fleet root issued for an operator's or a site engineer's
+    /// browser key (ADR 0015). The certificate is checked against the root;
+    /// the daemon only publishes it.
+    Certify(Box<Certificate>),
     /// `GET /api/view` on a node's site API.
     View,
     /// A node's device routes (`/api/devices…` on the site API).
@@ -149,6 +159,8 @@ impl Command {
             Command::Export { .. } => "export",
             Command::Import { .. } => "import",
             Command::Rollout { .. } => "rollout",
+            Command::Prepare(_) => "prepare",
+            Command::Certify(_) => "certify",
             Command::View => "view",
             Command::Devices { .. } => "devices",
             Command::Data { .. } => "post data",
@@ -419,19 +431,7 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
             })
         }
         Command::Resolve { doc, field, value } => {
-            let id = match DocId::parse(&doc) {
-                Ok(DocId::Node { .. }) => {
-                    return Err(Refusal::new(
-                        403,
-                        "node documents are their node's to write",
-                    ));
-                }
-                Ok(id) => id,
-                Err(e) => return Err(Refusal::new(400, format!("doc: {e}"))),
-            };
-            let ops = [(field.clone(), Some(value.to_string()))]
-                .into_iter()
-                .collect();
+            let (id, ops) = resolve_ops(&doc, &field, &value)?;
             let (writer, message, who) = writer_of(host.base(), caller, None)?;
             let message =
                 message.map(|_| format!("{who} resolved a conflict through the anchor API"));
@@ -500,6 +500,46 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                 Some(_) => Answer::Text(format!("{text}\n")),
                 None => Answer::Json(json!({ "rollout": app, "action": action, "result": text })),
             })
+        }
+        Command::Prepare(edit) => {
+            let who = match caller {
+                Caller::Operator(user, _) => user.clone(),
+                _ => host.base().identity()?.cert.name,
+            };
+            prepare(host.base(), &edit, &who)
+        }
+        Command::Certify(cert) => {
+            if !matches!(cert.role, Role::Operator | Role::SiteEngineer) {
+                return Err(Refusal::new(
+                    400,
+                    format!(
+                        "a browser key is an operator's or a site engineer's, not a {}'s",
+                        cert.role
+                    ),
+                ));
+            }
+            let base = host.base();
+            base.core
+                .trust()
+                .check(&cert)
+                .map_err(|e| Refusal::new(400, format!("certificate: {e}")))?;
+            let writer = base.publisher();
+            base.write(&DocId::Fleet, &datadir::cert_ops(&cert), &writer, None)?;
+            let site = cert
+                .site
+                .as_deref()
+                .map(|s| format!(" of {s}"))
+                .unwrap_or_default();
+            host.event_by(
+                caller,
+                "certified",
+                &cert.key.short(),
+                format!(
+                    "browser key of {} ({}{site}) certified by the fleet root",
+                    cert.name, cert.role
+                ),
+            );
+            Ok(Answer::Json(json!({ "certificate": cert })))
         }
         Command::Revoke { who, reason } => {
             let base = host.base();
@@ -632,6 +672,8 @@ pub fn authorize(
             | Command::Resolve { .. }
             | Command::Get { .. }
             | Command::Rollout { .. }
+            | Command::Prepare(_)
+            | Command::Certify(_)
             | Command::Export { .. }
             | Command::Import { .. }
             | Command::Login { .. }
@@ -723,6 +765,108 @@ fn writer_of(
         )),
         other => Err(Refusal::new(403, format!("{other} may not write here"))),
     }
+}
+
+/// What keeping `value` of `field` in `doc` writes (a conflict settled).
+fn resolve_ops(doc: &str, field: &str, value: &Value) -> Result<(DocId, Ops), Refusal> {
+    match DocId::parse(doc) {
+        Ok(DocId::Node { .. }) => Err(Refusal::new(
+            403,
+            "node documents are their node's to write",
+        )),
+        Ok(id) => Ok((
+            id,
+            [(field.to_string(), Some(value.to_string()))]
+                .into_iter()
+                .collect(),
+        )),
+        Err(e) => Err(Refusal::new(400, format!("doc: {e}"))),
+    }
+}
+
+/// Fields of one document to write: a value's JSON text, or `None` to
+/// delete.
+type Ops = BTreeMap<String, Option<String>>;
+
+/// [`Command::Prepare`]: per document the fields `edit` would write (only
+/// those that differ from now, or hold concurrent values), their values
+/// now, and the document itself in Automerge's form (read from the store
+/// off the loop), for the writer to make and sign the change on.
+fn prepare(base: &mut Base, edit: &Command, who: &str) -> Result<Answer, Refusal> {
+    let edits: Vec<(DocId, Ops)> = match edit {
+        Command::Apply {
+            files,
+            identity: None,
+            ..
+        } => {
+            let manifests = manifests(files)?;
+            let core = &base.core;
+            datadir::plan_apply(&manifests, &|id| core.doc(id)).1
+        }
+        Command::Delete {
+            kind,
+            name,
+            identity: None,
+            ..
+        } => {
+            let k = kind_of(kind)?;
+            let core = &base.core;
+            vec![datadir::plan_delete(k, name, &|id| core.doc(id))?]
+        }
+        Command::Resolve { doc, field, value } => vec![resolve_ops(doc, field, value)?],
+        Command::Rollout { app, action, .. } if action != "status" => {
+            let now = base.now();
+            let (fleet, _) = base.core.desired();
+            let empty = crdt_state::Document::new(DocId::Fleet);
+            let doc = base.core.doc(&DocId::Fleet).unwrap_or(&empty);
+            let (ops, _) = rollout_ops(doc, &fleet, app, action, who, now.unix_s)?;
+            vec![(DocId::Fleet, ops)]
+        }
+        other => {
+            return Err(Refusal::new(
+                400,
+                format!(
+                    "{} is not an edit that can be prepared (apply, delete, resolve, or a rollout's pause, resume or abort)",
+                    other.verb()
+                ),
+            ));
+        }
+    };
+    let mut planned = Vec::new();
+    for (id, ops) in edits {
+        let doc = base.core.doc(&id);
+        let ops: Ops = ops
+            .into_iter()
+            .filter(|(k, v)| {
+                doc.is_none_or(|d| d.raw(k).as_ref() != v.as_ref() || d.is_conflicted(k))
+            })
+            .collect();
+        if ops.is_empty() {
+            continue;
+        }
+        let before: BTreeMap<String, Option<String>> = ops
+            .keys()
+            .map(|k| (k.clone(), doc.and_then(|d| d.raw(k))))
+            .collect();
+        planned.push((id, ops, before));
+    }
+    let root = base.core.trust().root();
+    Ok(Answer::Blocking(Box::new(move |store| {
+        use base64::Engine;
+        let mut edits = Vec::new();
+        for (id, ops, before) in planned {
+            let saved = store.load(&id)?.map(|d| d.save()).unwrap_or_default();
+            edits.push(json!({
+                "doc": id.to_string(),
+                "base": base64::engine::general_purpose::STANDARD.encode(saved),
+                "ops": ops,
+                "before": before,
+            }));
+        }
+        Ok(Answer::Json(
+            json!({ "root": root.to_string(), "edits": edits }),
+        ))
+    })))
 }
 
 fn no_rollout(app: &str) -> Refusal {

@@ -604,6 +604,17 @@ impl Base {
         self.dd.writer().cloned()
     }
 
+    /// Who writes what the daemon publishes on its own (certificates,
+    /// registrations): the data dir's operator identity where there is one
+    /// (ADR 0006); else the daemon's own certificate, which may write those
+    /// fields (an anchor's, ADR 0013).
+    pub fn publisher(&self) -> Identity {
+        match self.identity() {
+            Ok(w) => w,
+            Err(_) => self.core.me().clone(),
+        }
+    }
+
     /// Revokes `key` as `writer`: the changes of that key the documents
     /// hold stay valid, any other is refused wherever this reaches.
     pub fn revoke(
@@ -721,13 +732,7 @@ impl Base {
         &mut self,
         e: enroll::Enrollment,
     ) -> anyhow::Result<crdt_state::Certificate> {
-        // The data dir's operator identity where there is one (ADR 0006);
-        // an anchor that holds none writes the registration with its own
-        // anchor certificate (ADR 0013's first step).
-        let writer = match self.identity() {
-            Ok(w) => w,
-            Err(_) => self.core.me().clone(),
-        };
+        let writer = self.publisher();
         let core = &self.core;
         let (_, mut edits) =
             crdt_state::local::datadir::plan_apply(std::slice::from_ref(&e.node), &|id| {

@@ -1,6 +1,8 @@
 // Shoal operator UI: one page, no build step, served by the anchor.
 // Reads the JSON API, follows /api/events (server-sent events) to stay
-// live, and edits through /api/apply like `shoal apply`.
+// live. Edits are signed in this browser with the operator's own key when
+// it holds one (the Keys page; ADR 0015), else made through /api/apply by
+// the anchor's operator identity where it keeps one (ADR 0006).
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -56,7 +58,7 @@ async function render() {
   setActive();
   const { parts, params } = route();
   const page = parts[0] || "overview";
-  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, artifacts, rollouts, conflicts, security, timeline, demo };
+  const pages = { overview, nodes, node, apps, app: editor, configs, config: editor, artifacts, rollouts, conflicts, keys, security, timeline, demo };
   const f = pages[page];
   if (!f) { main().innerHTML = `<p>No page ${esc(page)}.</p>`; return; }
   try { await f(parts, params); } catch (e) { if (e.message !== "not logged in") main().innerHTML = `<div class="error">${esc(e.message)}</div>`; }
@@ -403,11 +405,15 @@ async function editor(parts) {
     $("#result").innerHTML = `<div class="error" id="validation-error">${e.data && e.data.field ? `<span class="field">${esc(e.data.field)}</span>${line >= 0 ? ` (line ${line + 1})` : ""}: ` : ""}${esc(e.message)}</div>`;
   };
   const send = async (dry) => {
+    const files = [{ name: `${kind}/${isNew ? "new" : name}`, text: ta.value }];
     try {
-      const r = await api("POST", "/api/apply", { files: [{ name: `${kind}/${isNew ? "new" : name}`, text: ta.value }], dry_run: dry });
+      const r = dry ? await api("POST", "/api/apply", { files, dry_run: true })
+        : await edit({ apply: { files } }, () => api("POST", "/api/apply", { files }));
       gutter(-1);
       if (dry) { $("#result").innerHTML = `<div class="notice">Valid: ${r.valid.map(esc).join(", ")}</div>`; return; }
+      if (!r) return;
       dirty = false;
+      if (r.signed) { $("#result").innerHTML = `<div class="notice" id="applied">${signedText(r)}</div>`; return; }
       const changed = r.applied.map((a) => `${a.kind.toLowerCase()}/${a.name}: ${a.fields ? a.fields + " fields written" : "unchanged"}`);
       $("#result").innerHTML = `<div class="notice" id="applied">Applied: ${changed.map(esc).join(", ")}</div>`;
       const first = r.applied[0];
@@ -418,7 +424,10 @@ async function editor(parts) {
   $("#validate").onclick = () => send(true);
   if (!isNew) $("#delete").onclick = async () => {
     if (!confirm(`Delete ${kind} ${name} from every node?`)) return;
-    await api("DELETE", `/api/${kind}s/${encodeURIComponent(name)}`);
+    try {
+      const r = await edit({ delete: { kind, name } }, () => api("DELETE", `/api/${kind}s/${encodeURIComponent(name)}`));
+      if (!r) return;
+    } catch (e) { if (e.data) { show(e); return; } throw e; }
     dirty = false;
     location.hash = `#/${kind}s`;
   };
@@ -451,8 +460,9 @@ async function rollouts() {
       const sec = b.closest(".rollout"), action = b.dataset.action, app = sec.dataset.app;
       if (action === "abort" && !confirm(`Abort the rollout of ${app}? Every node goes back to the version before.`)) return;
       try {
-        const r = await api("POST", `/api/rollouts/${encodeURIComponent(app)}/${action}`);
-        sec.querySelector(".result").innerHTML = `<span class="notice">${esc(r.result)}</span>`;
+        const r = await edit({ rollout: { app, action } }, () => api("POST", `/api/rollouts/${encodeURIComponent(app)}/${action}`));
+        if (!r) return;
+        sec.querySelector(".result").innerHTML = `<span class="notice">${r.signed ? signedText(r) : esc(r.result)}</span>`;
         setTimeout(() => { if (route().parts[0] === "rollouts") render(); }, 300);
       } catch (e) { sec.querySelector(".result").innerHTML = `<span class="error">${esc(e.message)}</span>`; }
     };
@@ -472,7 +482,10 @@ async function conflicts() {
   document.querySelectorAll("button.keep").forEach((b) => {
     b.onclick = async () => {
       const c = d.items[+b.dataset.i];
-      await api("POST", "/api/conflicts/resolve", { doc: c.doc, field: c.field, value: c.values[+b.dataset.j].value });
+      const resolve = { doc: c.doc, field: c.field, value: c.values[+b.dataset.j].value };
+      try {
+        if (!await edit({ resolve }, () => api("POST", "/api/conflicts/resolve", resolve))) return;
+      } catch (e) { main().insertAdjacentHTML("afterbegin", `<div class="error" id="resolve-error">${esc(e.message)}</div>`); return; }
       await render();
     };
   });
@@ -539,9 +552,234 @@ async function demo() {
     const text = site
       ? `apiVersion: shoal.dev/v1\nkind: SiteOverride\nmetadata: { name: ${JSON.stringify(site)} }\nspec:\n  configs: { greeting: { data: { message: ${v} } } }\n`
       : `apiVersion: shoal.dev/v1\nkind: Config\nmetadata: { name: greeting }\nspec:\n  data: { message: ${v} }\n`;
-    try { await api("POST", "/api/apply", { files: [{ name: "demo", text }] }); result(`<div class="notice">Applied as operator.</div>`); }
+    const files = [{ name: "demo", text }];
+    try {
+      const r = await edit({ apply: { files } }, () => api("POST", "/api/apply", { files }));
+      if (r) result(`<div class="notice">${r.signed ? signedText(r) : "Applied as operator."}</div>`);
+    }
     catch (e) { result(`<div class="error">${esc(e.message)}</div>`); }
   };
+}
+
+// ---- operators' own keys (ADR 0015) -----------------------------------------
+// The browser holds the operator's Ed25519 key: made by WebCrypto, not
+// extractable, kept in IndexedDB. The anchor prepares an edit (which fields
+// to write); the browser shows it, builds the change with the official
+// Automerge and signs it here; the anchor checks the signature like any
+// synced change and cannot make one itself.
+
+const KEY_DB = "shoal-keys";
+function idb(mode, f) {
+  return new Promise((ok, fail) => {
+    const open = indexedDB.open(KEY_DB, 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("keys");
+    open.onerror = () => fail(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction("keys", mode);
+      const req = f(tx.objectStore("keys"));
+      tx.oncomplete = () => { open.result.close(); ok(req.result); };
+      tx.onerror = () => { open.result.close(); fail(tx.error); };
+    };
+  });
+}
+// One key per anchor, fleet and login (people sharing a browser keep theirs
+// apart).
+const keySlot = () => `${location.origin} ${me.fleet} ${me.operator}`;
+const loadKey = () => idb("readonly", (st) => st.get(keySlot())).catch(() => undefined);
+const saveKey = (rec) => idb("readwrite", (st) => st.put(rec, keySlot()));
+const forgetKey = () => idb("readwrite", (st) => st.delete(keySlot()));
+
+const hex = (b) => Array.from(new Uint8Array(b), (x) => x.toString(16).padStart(2, "0")).join("");
+const unhex = (h) => Uint8Array.from(h.match(/../g) || [], (x) => parseInt(x, 16));
+const unb64 = (t) => Uint8Array.from(atob(t), (c) => c.charCodeAt(0));
+const fingerprint = (h) => h.slice(0, 24).match(/..../g).join(" ");
+const utf8 = (t) => new TextEncoder().encode(t);
+function concat(parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+function be(n, bytes) {
+  const b = new Uint8Array(bytes);
+  for (let i = bytes - 1; i >= 0; i--) { b[i] = n & 0xff; n = Math.floor(n / 256); }
+  return b;
+}
+
+async function enrollKey(code) {
+  if (!window.crypto || !crypto.subtle) throw new Error("This page is not a secure context (HTTPS): the browser offers no keys here.");
+  const pair = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
+  const key = hex(await crypto.subtle.exportKey("raw", pair.publicKey));
+  // Kept before it is sent: the code binds to this key, and a reload must
+  // not lose it.
+  const rec = { privateKey: pair.privateKey, key, code, state: "new" };
+  await saveKey(rec);
+  return await refreshKey(rec);
+}
+
+// Asks the anchor what became of the key; keeps its certificate once the
+// root issued one for exactly this key.
+async function refreshKey(rec) {
+  const r = await api("POST", "/api/keys/enroll", { code: rec.code, key: rec.key });
+  Object.assign(rec, { state: r.state, name: r.name, role: r.role, site: r.site });
+  if (r.certificate && r.certificate.key === rec.key) { rec.certificate = r.certificate; delete rec.code; }
+  await saveKey(rec);
+  return rec;
+}
+
+let automergeLoad = null;
+function loadAutomerge() {
+  if (window.Automerge) return Promise.resolve(window.Automerge);
+  automergeLoad = automergeLoad || new Promise((ok, fail) => {
+    const el = document.createElement("script");
+    el.src = me.automerge;
+    el.onload = () => (window.Automerge ? ok(window.Automerge) : fail(new Error("Automerge did not load")));
+    el.onerror = () => { automergeLoad = null; fail(new Error(`could not load ${me.automerge}`)); };
+    document.head.appendChild(el);
+  });
+  return automergeLoad;
+}
+
+// What a writer signs for a change (crdt-state's signing_message): the
+// domain, the document id, a zero byte, the change hash.
+const CHANGE_DOMAIN = "shoal/change/v1\0";
+
+// An offline bundle (crdt-state's Bundle::encode): what /api/changes takes.
+function bundleBytes(rootHex, docs) {
+  const parts = [utf8("SHOALBDL"), Uint8Array.of(1), unhex(rootHex), be(0, 4), be(docs.length, 4)];
+  for (const d of docs) {
+    const id = utf8(d.doc);
+    parts.push(be(id.length, 2), id, be(d.changes.length, 4));
+    for (const c of d.changes) parts.push(be(c.bytes.length, 4), c.bytes, c.signature);
+  }
+  return concat(parts);
+}
+
+const shown = (v) => (v === null || v === undefined ? "—" : v.length > 120 ? v.slice(0, 117) + "…" : v);
+
+// Shows what will be written and waits for the operator's yes.
+function confirmEdit(edits, rec) {
+  return new Promise((ok) => {
+    const rows = edits.flatMap((e) => Object.entries(e.ops).map(([k, v]) =>
+      `<tr><td>${esc(e.doc)}</td><td><code>${esc(k)}</code></td><td><code>${esc(shown(e.before[k]))}</code></td><td>${v === null ? "<i>deleted</i>" : `<code>${esc(shown(v))}</code>`}</td></tr>`));
+    const box = document.createElement("div");
+    box.className = "dialog";
+    box.id = "sign-dialog";
+    box.innerHTML = `<div class="dialog-box"><h2>Sign this edit as ${esc(rec.name)}?</h2>
+      <p class="muted">Your browser's key (<code>${fingerprint(rec.key)}</code>) signs these fields; the anchor only checks the signature and passes the change on.</p>
+      <table><thead><tr><th>Document</th><th>Field</th><th>Now</th><th>After</th></tr></thead><tbody>${rows.join("")}</tbody></table>
+      <p><button class="primary" id="sign-confirm">Sign and apply</button> <button id="sign-cancel">Cancel</button></p></div>`;
+    document.body.appendChild(box);
+    const done = (v) => { box.remove(); ok(v); };
+    $("#sign-confirm").onclick = () => done(true);
+    $("#sign-cancel").onclick = () => done(false);
+  });
+}
+
+async function signEdit(what, rec) {
+  const p = await api("POST", "/api/prepare", what);
+  if (!p.edits.length) return { signed: [], by: rec.name };
+  if (!await confirmEdit(p.edits, rec)) return null;
+  const A = await loadAutomerge();
+  const docs = [];
+  for (const e of p.edits) {
+    // A fresh actor whose first change names this key as its author.
+    let doc = A.clone(e.base ? A.load(unb64(e.base)) : A.init(), { author: rec.key });
+    doc = A.change(doc, (d) => {
+      for (const [k, v] of Object.entries(e.ops)) {
+        if (v === null) delete d[k]; else d[k] = new A.ImmutableString(v);
+      }
+    });
+    const bytes = A.getLastLocalChange(doc);
+    const msg = concat([utf8(CHANGE_DOMAIN), utf8(e.doc), Uint8Array.of(0), unhex(A.decodeChange(bytes).hash)]);
+    const signature = new Uint8Array(await crypto.subtle.sign({ name: "Ed25519" }, rec.privateKey, msg));
+    docs.push({ doc: e.doc, changes: [{ bytes, signature }] });
+  }
+  const r = await fetch("/api/changes", { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/octet-stream" }, body: bundleBytes(p.root, docs) });
+  if (!r.ok) {
+    let data = {};
+    try { data = await r.json(); } catch { /* not JSON */ }
+    const e = new Error(data.error || r.statusText); e.status = r.status; e.data = data; throw e;
+  }
+  return { signed: p.edits.map((e) => ({ doc: e.doc, fields: Object.keys(e.ops).length })), by: rec.name };
+}
+
+function signedText(r) {
+  if (!r.signed.length) return "Nothing to change.";
+  return `Signed by ${esc(r.by)} in this browser: ${r.signed.map((s) => `${esc(s.doc)} (${s.fields} field${s.fields === 1 ? "" : "s"})`).join(", ")}`;
+}
+
+// An edit: signed here when this browser holds a certified key; else made
+// by the anchor's own operator identity, where it keeps one.
+async function edit(what, viaAnchor) {
+  const rec = await loadKey();
+  if (rec && rec.certificate) return await signEdit(what, rec);
+  if (me.anchor_signs) return await viaAnchor();
+  // The anchor says first whether this login may make the edit at all.
+  await api("POST", "/api/prepare", what);
+  const e = new Error("This anchor signs no edits for you: enroll your browser's key on the Keys page (an admin invites you with shoal identity invite).");
+  e.status = 403; e.data = { error: e.message };
+  throw e;
+}
+
+async function keys() {
+  let rec = await loadKey();
+  let problem = "";
+  if (rec && !rec.certificate && rec.code) {
+    try { rec = await refreshKey(rec); } catch (e) { problem = e.message; }
+  }
+  const of = (r) => `${esc(r.name || "")} (${esc(r.role || "")}${r.site ? ` of ${esc(r.site)}` : ""})`;
+  const mine = !rec
+    ? `<p>No signing key in this browser. An admin invites you (<code>shoal identity invite --name you --role operator</code>); enter the code here once.</p>
+      <form id="enroll-form" class="filters">Invitation code <input id="enroll-code" autocomplete="off" placeholder="shoal-key-…"> <button class="primary" type="submit" id="enroll">Make a key and enroll it</button></form>`
+    : `<table id="my-key"><tbody><tr><th>Fingerprint</th><td id="key-fingerprint"><code>${fingerprint(rec.key)}</code></td></tr>
+      <tr><th>Writer</th><td>${of(rec)}</td></tr>
+      <tr><th>State</th><td id="key-state" data-state="${esc(rec.state)}">${badge(rec.state)}</td></tr></tbody></table>
+      ${rec.state === "pending" ? `<p class="notice">Waiting for an admin to approve this key with the fleet root: <code>shoal identity approve --name ${esc(rec.name)} --fingerprint "${fingerprint(rec.key)}"</code>. Tell them the fingerprint yourself, not through this page.</p>` : ""}
+      ${rec.certificate ? `<p class="muted">Your edits on this anchor are signed in this browser as ${of(rec)}.</p>` : ""}
+      <p><button class="danger" id="forget-key">Forget this key</button></p>`;
+  let admin = "";
+  if (me.role === "admin") {
+    const list = await api("GET", "/api/keys");
+    admin = `<h2>Invite a writer</h2>
+      <form id="invite-form" class="filters">name <input name="name" required> role <select name="role"><option>operator</option><option>site-engineer</option></select> site <input name="site" placeholder="site engineers only"> <button type="submit">Invite</button></form>
+      <div id="invite-result"></div>
+      <h2>Invitations</h2><table id="invitations"><thead><tr><th>Writer</th><th>State</th><th>Fingerprint</th><th>Invited by</th><th>Code good until</th></tr></thead><tbody>
+      ${list.items.map((i) => `<tr data-name="${esc(i.name)}"><td>${of(i)}</td><td>${badge(i.state)}</td><td><code>${esc(i.fingerprint || "")}</code></td><td>${esc(i.by)}</td><td>${new Date(i.expires_at * 1000).toLocaleString()}</td></tr>`).join("") || `<tr><td colspan=5 class="muted">none</td></tr>`}</tbody></table>`;
+  }
+  main().innerHTML = `<h1>Keys</h1>
+    <p class="muted">Edits you make here are signed in this browser with your own key, which the browser keeps and cannot export; the anchor checks them like any synced change and cannot sign for you.</p>
+    ${problem ? `<div class="error" id="key-error">${esc(problem)}</div>` : ""}
+    <h2>This browser</h2>${mine}${admin}`;
+  // Typing is not redrawn away by live updates.
+  document.querySelectorAll("#enroll-form input, #invite-form input").forEach((i) => { i.oninput = () => { dirty = true; }; });
+  const form = $("#enroll-form");
+  if (form) form.onsubmit = async (ev) => {
+    ev.preventDefault();
+    dirty = false;
+    try { await enrollKey($("#enroll-code").value.trim()); await render(); }
+    catch (e) {
+      await forgetKey();
+      main().insertAdjacentHTML("beforeend", `<div class="error" id="key-error">${esc(e.message)}</div>`);
+    }
+  };
+  const forget = $("#forget-key");
+  if (forget) forget.onclick = async () => {
+    if (!confirm("Forget this browser's key? Edits here will need a new invitation.")) return;
+    await forgetKey();
+    await render();
+  };
+  const inv = $("#invite-form");
+  if (inv) inv.onsubmit = async (ev) => {
+    ev.preventDefault();
+    dirty = false;
+    try {
+      const r = await api("POST", "/api/keys/invite", { name: inv.name.value, role: inv.role.value, site: inv.site.value || null });
+      $("#invite-result").innerHTML = `<div class="notice">Code for ${esc(r.name)} (shown once): <code id="invite-code">${esc(r.code)}</code></div>`;
+      dirty = true; // shown once: live updates must not redraw it away
+    } catch (e) { $("#invite-result").innerHTML = `<div class="error">${esc(e.message)}</div>`; }
+  };
+  if (rec && rec.state === "pending") setTimeout(() => { if (route().parts[0] === "keys" && !dirty) render(); }, 2000);
 }
 
 // ---- boot -------------------------------------------------------------------
