@@ -8,6 +8,7 @@
 //! cargo run --release --example anchor_bench -- edit  [nodes] [reps]       # API edit → app restarted with it on every node
 //! cargo run --release --example anchor_bench -- scale-https …               # the same over HTTPS (fleet TLS CA)
 //! cargo run --release --example anchor_bench -- edit-signed …               # the edit signed by the operator's key, over HTTPS
+//! cargo run --release --example anchor_bench -- edit-browser …              # the edit signed in Chromium with the operator's browser key
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
