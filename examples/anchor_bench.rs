@@ -294,6 +294,87 @@ fn scale(n: usize, requests: usize, tls: bool) {
         "anchor RSS after the UI loads: {:.0} MB",
         rss_mb(anchor.child.id())
     );
+
+    // An edit signed in the browser at this size (ADR 0015): the prepared
+    // answer carries the whole fleet document.
+    let cfg = |rep: usize| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: bench}}\nspec:\n  data: {{rep: \"{rep}\"}}\n"
+        )
+    };
+    let body = json!({ "apply": { "files": [{ "name": "c", "text": cfg(0) }] } }).to_string();
+    let (mut times, mut size) = (Vec::new(), 0);
+    for _ in 0..10 {
+        let t = Instant::now();
+        let (st, answer) = http(
+            "POST",
+            &format!("{url}/api/prepare"),
+            Some(&token),
+            Some(&body),
+        );
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(st, 200, "{answer}");
+        size = answer.len();
+    }
+    let mut t = times.clone();
+    println!(
+        "POST /api/prepare of a config edit with {n} nodes (10 requests): median {:.1} ms, answer {:.2} MB (the fleet document, base64)",
+        percentile(&mut t, 0.5),
+        size as f64 / 1e6
+    );
+    let (st, invite) = http(
+        "POST",
+        &format!("{url}/api/keys/invite"),
+        Some(&token),
+        Some(&json!({ "name": "alice", "role": "operator" }).to_string()),
+    );
+    assert_eq!(st, 200, "{invite}");
+    let code: serde_json::Value = serde_json::from_str(&invite).unwrap();
+    let within = Duration::from_secs(60);
+    b.eval("location.hash = '#/keys'").unwrap();
+    b.wait_until("!!document.querySelector('#enroll-code')", within)
+        .unwrap();
+    b.fill("#enroll-code", code["code"].as_str().unwrap())
+        .unwrap();
+    b.click("#enroll").unwrap();
+    b.wait_until(
+        "document.querySelector('#key-state')?.dataset.state === 'certified'",
+        within,
+    )
+    .unwrap();
+    let (mut shown, mut signed) = (Vec::new(), Vec::new());
+    for rep in 0..=5 {
+        b.eval(&format!("location.hash = '#/config/new?rep={rep}'"))
+            .unwrap();
+        b.wait_until(
+            &format!("location.hash.endsWith('rep={rep}') && document.querySelector('#yaml')?.value.includes('my-config')"),
+            within,
+        )
+        .unwrap();
+        b.fill("#yaml", &cfg(rep + 1)).unwrap();
+        let t = Instant::now();
+        b.click("#save").unwrap();
+        b.wait_until("!!document.querySelector('#sign-confirm')", within)
+            .unwrap();
+        let t1 = Instant::now();
+        b.click("#sign-confirm").unwrap();
+        b.wait_until(
+            "document.querySelector('#applied')?.innerText.includes('Signed by')",
+            within,
+        )
+        .unwrap();
+        if rep > 0 {
+            // rep 0 also loads the Automerge script.
+            shown.push((t1 - t).as_secs_f64() * 1e3);
+            signed.push(t1.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let (mut a, mut z) = (shown.clone(), signed.clone());
+    println!(
+        "browser-signed config edit with {n} nodes (5 reps; polled every 50 ms): Apply → fields shown median {:.0} ms; Sign → the anchor's answer (load into Automerge, change, sign, POST /api/changes) median {:.0} ms",
+        percentile(&mut a, 0.5),
+        percentile(&mut z, 0.5)
+    );
 }
 
 /// `signed`: the edit is made and signed by the operator's own key and

@@ -716,6 +716,50 @@ fn operators_sign_their_edits_in_the_browser() {
     let configs = get(&n1, "configs").to_string();
     assert!(configs.contains("from alice's browser"), "{configs}");
 
+    // The admin, on the root's machine, edits the same field on a copy
+    // that never saw alice's change: a conflict, which names both signers;
+    // alice keeps her value with one click, signed in her browser.
+    let stale = write(root, "stale.yaml", &cfg("from the root machine"));
+    ok(&["apply", "--data-dir", s(&op), "-f", s(&stale)]);
+    let bundle = root.join("op.bundle");
+    ok(&[
+        "bundle",
+        "export",
+        "--data-dir",
+        s(&op),
+        "--out",
+        s(&bundle),
+    ]);
+    cloud_anchor::client::Client::new(&url, &admin)
+        .post_changes(std::fs::read(&bundle).unwrap())
+        .unwrap();
+    go(&mut b, "#/conflicts");
+    let conflict = "document.querySelector('.conflict[data-field=\"configs.greeting.data.message\"]')";
+    wait(
+        &mut b,
+        &format!("{conflict}?.innerText.includes('from the root machine')"),
+    );
+    let writers = text_of(&mut b, ".conflict");
+    assert!(
+        writers.contains("alice") && writers.contains("admin"),
+        "the conflict names each value's signer: {writers}"
+    );
+    b.eval(&format!(
+        "[...{conflict}.querySelectorAll('tr')].find((tr) => tr.innerText.includes(\"alice's browser\")).querySelector('button.keep').click()"
+    ))
+    .unwrap();
+    wait(&mut b, "!!document.querySelector('#sign-confirm')");
+    b.click("#sign-confirm").unwrap();
+    wait(&mut b, "!!document.querySelector('#no-conflicts')");
+    let conflicts = get(&n1, "conflicts").to_string();
+    assert!(
+        wait_for(UI_WITHIN, || get(&n1, "conflicts")
+            .as_array()
+            .is_some_and(|a| a.is_empty())),
+        "n1 still holds the conflict: {conflicts}"
+    );
+    assert_eq!(latest_change(&n1, "fleet")["writer"], "alice");
+
     // A viewer may not edit: the anchor refuses (403) and the page says so.
     log_in_as(&mut b, &viewer_token, "vic");
     go(&mut b, "#/config/greeting");
