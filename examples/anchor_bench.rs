@@ -377,6 +377,54 @@ fn scale(n: usize, requests: usize, tls: bool) {
     );
 }
 
+/// Enrolls and starts `nodes` nodes in five sites; returns once the
+/// anchor sees them all connected.
+fn start_nodes(
+    anchor_dir: &Path,
+    root: &Path,
+    url: &str,
+    token: &str,
+    nodes: usize,
+) -> (Vec<Daemon>, Vec<std::path::PathBuf>) {
+    let mut procs = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..nodes {
+        let name = format!("n{i}");
+        let d = root.join(&name);
+        enroll(anchor_dir, &d, &name, &format!("s{}", i % 5));
+        procs.push(Daemon::start(
+            "node",
+            &d,
+            &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            None,
+        ));
+        dirs.push(d);
+    }
+    let connected = || api_get(&format!("{url}/api/overview"), token)["connected"] == nodes;
+    let t = Instant::now();
+    while !connected() {
+        assert!(t.elapsed() < Duration::from_secs(120), "not all connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (procs, dirs)
+}
+
+/// Waits until app0's log on every node shows `want` (60 s from `t0`).
+fn restarted(dirs: &[std::path::PathBuf], want: &str, t0: Instant) {
+    let mut pending: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+    while !pending.is_empty() {
+        pending.retain(|d| {
+            !std::fs::read_to_string(d.join("apps/app0/stdout.log")).is_ok_and(|l| l.contains(want))
+        });
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{} nodes never restarted with {want:?}",
+            pending.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// `signed`: the edit is made and signed by the operator's own key and
 /// posted as changes (`shoal apply --anchor --identity`'s path), over
 /// HTTPS; else `POST /api/apply` over plain HTTP, signed by the anchor.
@@ -405,26 +453,7 @@ fn edit(nodes: usize, reps: usize, signed: bool) {
             .as_deref(),
     )
     .unwrap();
-    let mut procs = Vec::new();
-    let mut dirs = Vec::new();
-    for i in 0..nodes {
-        let name = format!("n{i}");
-        let d = root.join(&name);
-        enroll(&anchor_dir, &d, &name, &format!("s{}", i % 5));
-        procs.push(Daemon::start(
-            "node",
-            &d,
-            &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
-            None,
-        ));
-        dirs.push(d);
-    }
-    let connected = || api_get(&format!("{url}/api/overview"), &token)["connected"] == nodes;
-    let t = Instant::now();
-    while !connected() {
-        assert!(t.elapsed() < Duration::from_secs(120), "not all connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (procs, dirs) = start_nodes(&anchor_dir, root, &url, &token, nodes);
     let app = |v: &str| {
         json!({ "files": [{ "name": "app.yaml", "text": format!(
             "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: app0}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'echo V=$V; exec sleep 3600']\n    env: {{V: \"{v}\"}}\n") }] })
@@ -450,19 +479,7 @@ fn edit(nodes: usize, reps: usize, signed: bool) {
             );
             assert_eq!(st, 200, "{body}");
         }
-        let mut pending: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
-        while !pending.is_empty() {
-            pending.retain(|d| {
-                !std::fs::read_to_string(d.join("apps/app0/stdout.log"))
-                    .is_ok_and(|l| l.contains(&want))
-            });
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{} nodes never restarted with {v}",
-                pending.len()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        restarted(&dirs, &want, t0);
         if rep > 0 {
             // rep 0 warms up (first start of the app everywhere).
             times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -503,26 +520,7 @@ fn edit_browser(nodes: usize, reps: usize) {
     args.extend(http_args);
     let _anchor = Daemon::start("anchor", &anchor_dir, &args, None);
     let url = http_url(&anchor_dir).replace("http://", "https://");
-    let mut procs = Vec::new();
-    let mut dirs = Vec::new();
-    for i in 0..nodes {
-        let name = format!("n{i}");
-        let d = root.join(&name);
-        enroll(&anchor_dir, &d, &name, &format!("s{}", i % 5));
-        procs.push(Daemon::start(
-            "node",
-            &d,
-            &["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
-            None,
-        ));
-        dirs.push(d);
-    }
-    let connected = || api_get(&format!("{url}/api/overview"), &token)["connected"] == nodes;
-    let t = Instant::now();
-    while !connected() {
-        assert!(t.elapsed() < Duration::from_secs(120), "not all connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (procs, dirs) = start_nodes(&anchor_dir, root, &url, &token, nodes);
     let (st, invite) = http(
         "POST",
         &format!("{url}/api/keys/invite"),
@@ -575,19 +573,7 @@ fn edit_browser(nodes: usize, reps: usize) {
             .unwrap();
         let t0 = Instant::now();
         b.click("#sign-confirm").unwrap();
-        let mut pending: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
-        while !pending.is_empty() {
-            pending.retain(|d| {
-                !std::fs::read_to_string(d.join("apps/app0/stdout.log"))
-                    .is_ok_and(|l| l.contains(&want))
-            });
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{} nodes never restarted with {v}",
-                pending.len()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        restarted(&dirs, &want, t0);
         if rep > 0 {
             // rep 0 warms up (first start of the app everywhere, and the
             // page's first load of Automerge).

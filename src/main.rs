@@ -789,7 +789,7 @@ struct AnchorApi {
     /// The anchor's API (https://host:port).
     #[arg(long, env = "SHOAL_ANCHOR")]
     anchor: String,
-    /// Operator token (an admin's).
+    /// Operator token (`identity invite|approve`: an admin's).
     #[arg(long, env = "SHOAL_TOKEN")]
     token: String,
     /// Trust this CA (PEM; the fleet's tls-ca.pem) for an https://
@@ -836,16 +836,8 @@ enum DataCmd {
     /// Print a node's series as it landed at an anchor: records (or per
     /// --step), the summaries of what the node's quota dropped, and gaps.
     Read {
-        /// The anchor's API (http://host:port).
-        #[arg(long, env = "SHOAL_ANCHOR")]
-        anchor: String,
-        /// Operator token.
-        #[arg(long, env = "SHOAL_TOKEN")]
-        token: String,
-        /// Trust this CA (PEM; the fleet's tls-ca.pem) for an https://
-        /// anchor, instead of the public CAs.
-        #[arg(long, env = "SHOAL_CA")]
-        ca: Option<PathBuf>,
+        #[command(flatten)]
+        anchor: AnchorApi,
         /// The node.
         node: String,
         /// The series: `device/resource`, or `app/<app>/<series>`.
@@ -1537,8 +1529,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Data(DataCmd::Read {
             anchor,
-            token,
-            ca,
             node,
             series,
             since,
@@ -1553,7 +1543,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(s) => parse_ttl(&s)? as u64 * 1000,
                 None => 0,
             };
-            let client = cloud_anchor::client::Client::with_ca(&anchor, &token, ca.as_deref())?;
+            let client = anchor.client()?;
             print!(
                 "{}",
                 client.series(&node, &series, (from, to), step, &output)?

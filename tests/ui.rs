@@ -49,6 +49,22 @@ fn go(b: &mut cdp::Browser, hash: &str) {
     b.eval(&format!("location.hash = {}", json!(hash))).unwrap();
 }
 
+/// An anchor on loopback serving its API and UI over plain HTTP.
+fn plain_anchor(dir: &Path) -> Daemon {
+    Daemon::start(
+        "anchor",
+        dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--insecure-http".into(),
+        ],
+        None,
+    )
+}
+
 #[test]
 fn operator_ui_in_chromium() {
     let tmp = tempfile::tempdir().unwrap();
@@ -84,18 +100,7 @@ fn operator_ui_in_chromium() {
     ]);
     ok(&["bundle", "import", "--data-dir", s(&bob_dir), s(&snapshot)]);
 
-    let anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &[
-            "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-            "--insecure-http".into(),
-        ],
-        None,
-    );
+    let anchor = plain_anchor(&anchor_dir);
     let url = http_url(&anchor_dir);
     let node_args = vec![
         "--listen".to_string(),
@@ -613,20 +618,9 @@ fn operators_sign_their_edits_in_the_browser() {
     ])
     .trim()
     .to_string();
-    let _anchor = Daemon::start(
-        "anchor",
-        &anchor_dir,
-        &[
-            "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp_port()),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-            "--insecure-http".into(),
-        ],
-        None,
-    );
+    let anchor = plain_anchor(&anchor_dir);
     let url = http_url(&anchor_dir);
-    let anchor_addr = _anchor.addr_on("127.0.0.1");
+    let anchor_addr = anchor.addr_on("127.0.0.1");
     let _node = Daemon::start(
         "node",
         &n1,
@@ -734,7 +728,8 @@ fn operators_sign_their_edits_in_the_browser() {
         .post_changes(std::fs::read(&bundle).unwrap())
         .unwrap();
     go(&mut b, "#/conflicts");
-    let conflict = "document.querySelector('.conflict[data-field=\"configs.greeting.data.message\"]')";
+    let conflict =
+        "document.querySelector('.conflict[data-field=\"configs.greeting.data.message\"]')";
     wait(
         &mut b,
         &format!("{conflict}?.innerText.includes('from the root machine')"),
