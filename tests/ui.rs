@@ -827,4 +827,28 @@ fn operators_sign_their_edits_in_the_browser() {
         "nothing offered to sign"
     );
     assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
+
+    // The audit trail holds each invitation, key and certificate, by whom.
+    let timeline = api_get(&format!("{url}/api/timeline?per_page=500"), &admin);
+    let seen = |kind: &str, words: &str| {
+        timeline["items"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e["kind"] == kind && e["text"].as_str().is_some_and(|t| t.contains(words)))
+        })
+    };
+    for (kind, words) in [
+        ("invited", "root-admin invited alice (operator)"),
+        ("invited", "root-admin invited bob (site-engineer of north)"),
+        ("key-requested", "for alice's invitation"),
+        ("certified", "browser key of alice (operator) certified"),
+        (
+            "certified",
+            "browser key of bob (site-engineer of north) certified",
+        ),
+    ] {
+        assert!(
+            seen(kind, words),
+            "no {kind} entry with {words:?}: {timeline}"
+        );
+    }
 }

@@ -1352,6 +1352,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::new(500, format!("internal: {e}")))?
 }
 
+/// Records something an operator did in the timeline (who and from where);
+/// a failure to record is logged, not the request's failure.
+async fn audit(s: &Server, op: &Operator, kind: &str, subject: &str, text: String) {
+    let cmd = Command::Audit {
+        kind: kind.into(),
+        subject: subject.into(),
+        text,
+    };
+    if let Err(e) = call(s, caller_of(op), cmd).await {
+        tracing::warn!(error = %e.0, kind, subject, "not recorded in the timeline");
+    }
+}
+
 /// An admin invites a writer to enroll a browser key: a one-time code
 /// (shown once) for that name, role and site (ADR 0015).
 async fn key_invite(
@@ -1390,17 +1403,15 @@ async fn key_invite(
         .as_deref()
         .map(|s| format!(" of {s}"))
         .unwrap_or_default();
-    let _ = call(
+    audit(
         &s,
-        caller_of(&req_ext.0),
-        Command::Audit {
-            kind: "invited".into(),
-            subject: b.name.clone(),
-            text: format!(
-                "{} invited {} ({role}{site}) to enroll a browser key",
-                req_ext.0.0, b.name
-            ),
-        },
+        &req_ext.0,
+        "invited",
+        &b.name,
+        format!(
+            "{} invited {} ({role}{site}) to enroll a browser key",
+            req_ext.0.0, b.name
+        ),
     )
     .await;
     axum::Json(json!({
@@ -1463,18 +1474,16 @@ async fn key_enroll(
         }
     };
     if invite.requested_at == Some(at) {
-        let _ = call(
+        audit(
             &s,
-            caller_of(&op),
-            Command::Audit {
-                kind: "key-requested".into(),
-                subject: invite.name.clone(),
-                text: format!(
-                    "a browser key {} came for {}'s invitation",
-                    crate::keys::fingerprint(&key),
-                    invite.name
-                ),
-            },
+            &op,
+            "key-requested",
+            &invite.name,
+            format!(
+                "a browser key {} came for {}'s invitation",
+                crate::keys::fingerprint(&key),
+                invite.name
+            ),
         )
         .await;
     }

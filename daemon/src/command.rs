@@ -674,6 +674,7 @@ pub fn authorize(
             | Command::Rollout { .. }
             | Command::Prepare(_)
             | Command::Certify(_)
+            | Command::Audit { .. }
             | Command::Export { .. }
             | Command::Import { .. }
             | Command::Login { .. }
@@ -1169,7 +1170,7 @@ mod tests {
         }
     }
 
-    fn every_command() -> Vec<Command> {
+    fn every_command(f: &Fleet) -> Vec<Command> {
         vec![
             Command::Apply {
                 files: vec![],
@@ -1205,6 +1206,12 @@ mod tests {
                 action: "abort".into(),
                 output: None,
             },
+            Command::Prepare(Box::new(Command::Resolve {
+                doc: "fleet".into(),
+                field: "f".into(),
+                value: Value::Null,
+            })),
+            Command::Certify(Box::new(f.node.clone())),
             Command::TokenCreate(TokenRequest {
                 node: "n".into(),
                 site: None,
@@ -1263,13 +1270,13 @@ mod tests {
     fn who_may_do_what() {
         let f = fleet();
         let allowed = |caller: &Caller, me: &Certificate| -> Vec<String> {
-            every_command()
+            every_command(&f)
                 .iter()
                 .filter(|c| authorize(&f.trust, me, caller, c).is_ok())
                 .map(label)
                 .collect()
         };
-        let all: Vec<String> = every_command().iter().map(label).collect();
+        let all: Vec<String> = every_command(&f).iter().map(label).collect();
         assert_eq!(allowed(&Caller::Owner, &f.node), all);
         assert_eq!(
             allowed(&Caller::Operator("alice".into(), None), &f.anchor),
@@ -1279,13 +1286,19 @@ mod tests {
                 "resolve",
                 "get",
                 "rollout",
+                // What an edit writes, for a browser to sign, and a
+                // certificate the root made, to publish (ADR 0015).
+                "prepare",
+                "certify",
                 "export all",
                 "export site/s1",
                 "export site/s2",
                 // Signed elsewhere: the signatures, not the token, decide.
                 "import",
                 "security",
-                "login"
+                "login",
+                // The timeline entries of the API's own routes (invitations).
+                "audit"
             ]
         );
         let site_api = ["export site/s1", "import", "view", "devices"];
@@ -1337,7 +1350,7 @@ mod tests {
 
     #[test]
     fn commands_cross_the_socket_unchanged() {
-        for c in every_command() {
+        for c in every_command(&fleet()) {
             let text = serde_json::to_string(&c).unwrap();
             let back: Command = serde_json::from_str(&text).unwrap();
             assert_eq!(serde_json::to_string(&back).unwrap(), text);
