@@ -687,6 +687,47 @@ fn operators_sign_their_edits_in_the_browser() {
         .unwrap();
     assert_eq!(kept, json!("kept"));
 
+    // The page signs only a change that writes what it shows: one that
+    // says otherwise, or is made for another key, is refused before any
+    // signature.
+    let checked = b
+        .eval(&format!(
+            "(async () => {{ const rec = await loadKey(); \
+             const p = await api('POST', `/api/prepare?key=${{rec.key}}`, {}); \
+             const A = await loadAutomerge(); const e = p.edits[0]; const bytes = unb64(e.change); \
+             const seen = checkChange(A, bytes, e, rec.key).ops.length; \
+             const lie = {{ ...e, ops: {{ ...e.ops, [Object.keys(e.ops)[0]]: '\"else\"' }} }}; \
+             const more = {{ ...e, ops: {{ ...e.ops, 'configs.extra': '1' }} }}; \
+             const why = (f) => {{ try {{ f(); return ''; }} catch (x) {{ return x.message; }} }}; \
+             return [seen, why(() => checkChange(A, bytes, lie, rec.key)), \
+               why(() => checkChange(A, bytes, more, rec.key)), \
+               why(() => checkChange(A, bytes, e, '00'.repeat(32)))]; }})()",
+            json!({ "apply": { "files": [{ "name": "g", "text": cfg("checked") }] } })
+        ))
+        .unwrap();
+    assert_eq!(checked[0], 1, "{checked}");
+    assert!(
+        checked[1]
+            .as_str()
+            .unwrap()
+            .contains("otherwise than shown"),
+        "{checked}"
+    );
+    assert!(
+        checked[2]
+            .as_str()
+            .unwrap()
+            .contains("leaves out configs.extra"),
+        "{checked}"
+    );
+    assert!(
+        checked[3]
+            .as_str()
+            .unwrap()
+            .contains("not made for this browser's key"),
+        "{checked}"
+    );
+
     go(&mut b, "#/config/greeting");
     let shown = sign_in_editor(&mut b, &cfg("from alice's browser"));
     assert!(
@@ -743,7 +784,11 @@ fn operators_sign_their_edits_in_the_browser() {
         "[...{conflict}.querySelectorAll('tr')].find((tr) => tr.innerText.includes(\"alice's browser\")).querySelector('button.keep').click()"
     ))
     .unwrap();
-    wait(&mut b, "!!document.querySelector('#sign-confirm')");
+    wait(
+        &mut b,
+        "document.querySelector('#sign-confirm') || document.querySelector('#resolve-error')",
+    );
+    assert_eq!(text_of(&mut b, "#resolve-error"), "", "keeping a value");
     b.click("#sign-confirm").unwrap();
     wait(&mut b, "!!document.querySelector('#no-conflicts')");
     let conflicts = get(&n1, "conflicts").to_string();

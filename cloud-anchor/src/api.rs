@@ -1241,11 +1241,21 @@ enum PrepareBody {
     Rollout { app: String, action: String },
 }
 
-/// What an edit would write, for the operator's browser to build and sign
-/// with its own key and send to `POST /api/changes` (ADR 0015). Each edit
-/// needs the role its own route needs; nothing is written here.
+/// What an edit would write and, for `?key=`, the unsigned changes that
+/// write it as that key, for the operator's browser to check against what
+/// it shows, sign with its own key and send to `POST /api/changes` (ADR
+/// 0015). Each edit needs the role its own route needs; nothing is written
+/// here.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareQuery {
+    /// The browser key to make the unsigned changes for (64 hex digits).
+    key: Option<crdt_state::PublicKey>,
+}
+
 async fn prepare(
     State(s): State<Shared>,
+    Query(q): Query<PrepareQuery>,
     req_ext: axum::Extension<Operator>,
     bytes: Bytes,
 ) -> Response {
@@ -1325,7 +1335,11 @@ async fn prepare(
         refused(&s, op.3, format!("refused {}: {reason}", op.0));
         return ApiError::new(403, reason).into_response();
     }
-    match call(&s, caller_of(op), Command::Prepare(Box::new(edit))).await {
+    let cmd = Command::Prepare {
+        edit: Box::new(edit),
+        key: q.key,
+    };
+    match call(&s, caller_of(op), cmd).await {
         Ok(a) => answer(a),
         Err(e) => e.into_response(),
     }

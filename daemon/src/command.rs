@@ -100,10 +100,16 @@ pub enum Command {
         output: Option<String>,
     },
     /// `POST /api/prepare`: what an edit (an `Apply`, `Delete`, `Resolve`
-    /// or a rollout's `pause`, `resume` or `abort`) would write, for a key
-    /// held elsewhere (an operator's browser) to build and sign; writes
-    /// nothing (ADR 0015).
-    Prepare(Box<Command>),
+    /// or a rollout's `pause`, `resume` or `abort`) would write, and, for
+    /// `key`, the unsigned changes that write it as that key, for the key's
+    /// holder (an operator's browser) to check and sign; writes nothing
+    /// (ADR 0015).
+    Prepare {
+        /// The edit.
+        edit: Box<Command>,
+        /// Whose changes to make.
+        key: Option<PublicKey>,
+    },
     /// `POST /api/keys/…`: publishes in the fleet document a certificate
     /// the fleet root issued for an operator's or a site engineer's
     /// browser key (ADR 0015). The certificate is checked against the root;
@@ -159,7 +165,7 @@ impl Command {
             Command::Export { .. } => "export",
             Command::Import { .. } => "import",
             Command::Rollout { .. } => "rollout",
-            Command::Prepare(_) => "prepare",
+            Command::Prepare { .. } => "prepare",
             Command::Certify(_) => "certify",
             Command::View => "view",
             Command::Devices { .. } => "devices",
@@ -501,12 +507,12 @@ pub fn handle<H: Host>(host: &mut H, caller: &Caller, cmd: Command) -> Result<An
                 None => Answer::Json(json!({ "rollout": app, "action": action, "result": text })),
             })
         }
-        Command::Prepare(edit) => {
+        Command::Prepare { edit, key } => {
             let who = match caller {
                 Caller::Operator(user, _) => user.clone(),
                 _ => host.base().identity()?.cert.name,
             };
-            prepare(host.base(), &edit, &who)
+            prepare(host.base(), &edit, key, &who)
         }
         Command::Certify(cert) => {
             if !matches!(cert.role, Role::Operator | Role::SiteEngineer) {
@@ -672,7 +678,7 @@ pub fn authorize(
             | Command::Resolve { .. }
             | Command::Get { .. }
             | Command::Rollout { .. }
-            | Command::Prepare(_)
+            | Command::Prepare { .. }
             | Command::Certify(_)
             | Command::Audit { .. }
             | Command::Export { .. }
@@ -790,10 +796,17 @@ fn resolve_ops(doc: &str, field: &str, value: &Value) -> Result<(DocId, Ops), Re
 type Ops = BTreeMap<String, Option<String>>;
 
 /// [`Command::Prepare`]: per document the fields `edit` would write (only
-/// those that differ from now, or hold concurrent values), their values
-/// now, and the document itself in Automerge's form (read from the store
-/// off the loop), for the writer to make and sign the change on.
-fn prepare(base: &mut Base, edit: &Command, who: &str) -> Result<Answer, Refusal> {
+/// those that differ from now, or hold concurrent values) and their values
+/// now; for `key`, also the unsigned change that writes them as that key,
+/// made on a copy of the committed document off the loop. The key's
+/// holder checks the change says what it was shown and signs it; the
+/// answer costs the size of the edit, not of the document (ADR 0015).
+fn prepare(
+    base: &mut Base,
+    edit: &Command,
+    key: Option<PublicKey>,
+    who: &str,
+) -> Result<Answer, Refusal> {
     let edits: Vec<(DocId, Ops)> = match edit {
         Command::Apply {
             files,
@@ -852,17 +865,22 @@ fn prepare(base: &mut Base, edit: &Command, who: &str) -> Result<Answer, Refusal
         planned.push((id, ops, before));
     }
     let root = base.core.trust().root();
+    let now = base.now().unix_s;
     Ok(Answer::Blocking(Box::new(move |store| {
         use base64::Engine;
         let mut edits = Vec::new();
         for (id, ops, before) in planned {
-            let saved = store.load(&id)?.map(|d| d.save()).unwrap_or_default();
-            edits.push(json!({
-                "doc": id.to_string(),
-                "base": base64::engine::general_purpose::STANDARD.encode(saved),
-                "ops": ops,
-                "before": before,
-            }));
+            let mut edit = json!({ "doc": id.to_string(), "ops": ops, "before": before });
+            if let Some(key) = key {
+                let mut doc = store
+                    .load(&id)?
+                    .unwrap_or_else(|| crdt_state::Document::new(id.clone()));
+                if let Some((hash, bytes)) = doc.unsigned_change(key, now, &ops)? {
+                    edit["change"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+                    edit["hash"] = json!(hash.to_string());
+                }
+            }
+            edits.push(edit);
         }
         Ok(Answer::Json(
             json!({ "root": root.to_string(), "edits": edits }),
@@ -1206,11 +1224,14 @@ mod tests {
                 action: "abort".into(),
                 output: None,
             },
-            Command::Prepare(Box::new(Command::Resolve {
-                doc: "fleet".into(),
-                field: "f".into(),
-                value: Value::Null,
-            })),
+            Command::Prepare {
+                edit: Box::new(Command::Resolve {
+                    doc: "fleet".into(),
+                    field: "f".into(),
+                    value: Value::Null,
+                }),
+                key: Some(f.operator),
+            },
             Command::Certify(Box::new(f.node.clone())),
             Command::TokenCreate(TokenRequest {
                 node: "n".into(),

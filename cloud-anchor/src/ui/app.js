@@ -53,7 +53,22 @@ function setActive() {
   });
 }
 
-async function render() {
+// One page is drawn at a time: a render asked for while one runs (the
+// hash changed, a live update came) runs after it, once. Two renders that
+// interleaved could let the older page, whose data came back last, draw
+// over the newer one.
+let rendering = null, renderAgain = false;
+function render() {
+  if (rendering) { renderAgain = true; return rendering; }
+  rendering = (async () => {
+    try {
+      do { renderAgain = false; await renderOnce(); } while (renderAgain);
+    } finally { rendering = null; }
+  })();
+  return rendering;
+}
+
+async function renderOnce() {
   if (!me) return;
   setActive();
   const { parts, params } = route();
@@ -563,10 +578,11 @@ async function demo() {
 
 // ---- operators' own keys (ADR 0015) -----------------------------------------
 // The browser holds the operator's Ed25519 key: made by WebCrypto, not
-// extractable, kept in IndexedDB. The anchor prepares an edit (which fields
-// to write); the browser shows it, builds the change with the official
-// Automerge and signs it here; the anchor checks the signature like any
-// synced change and cannot make one itself.
+// extractable, kept in IndexedDB. The anchor prepares an edit: the fields
+// to write and the unsigned change that writes them as this key. The page
+// decodes the change with the official Automerge, checks that it writes
+// exactly the fields it shows, shows them, and signs it here; the anchor
+// checks the signature like any synced change and cannot make one itself.
 
 const KEY_DB = "shoal-keys";
 function idb(mode, f) {
@@ -676,22 +692,42 @@ function confirmEdit(edits, rec) {
   });
 }
 
+// The change the anchor made says exactly what the page shows: a fresh
+// actor's first change naming this browser's key, one put or delete at the
+// document's root per field shown, with the value shown, nothing else.
+function checkChange(A, bytes, e, key) {
+  const c = A.decodeChange(bytes);
+  const fail = (why) => { throw new Error(`the anchor's change to ${e.doc} ${why}; nothing was signed`); };
+  if (c.author !== key) fail("is not made for this browser's key");
+  if (c.seq !== 1) fail("is not a fresh actor's first change");
+  if (e.hash && c.hash !== e.hash) fail("is not the one it named");
+  const left = new Set(Object.keys(e.ops));
+  for (const op of c.ops) {
+    if (op.obj !== "_root" || !left.has(op.key)) fail(`writes ${op.key === undefined ? "elsewhere" : op.key}, which is not shown or twice`);
+    const v = e.ops[op.key];
+    // Keeping the value a conflicted field shows now: Automerge writes it
+    // as deletes of the other values (which ones is the anchor's word,
+    // like every operation's predecessors).
+    const keeps = op.action === "del" && v !== null && e.before[op.key] === v;
+    if (v === null ? op.action !== "del" : !keeps && (op.action !== "set" || op.value !== v)) fail(`writes ${op.key} otherwise than shown`);
+    left.delete(op.key);
+  }
+  if (left.size) fail(`leaves out ${[...left].join(", ")}`);
+  return c;
+}
+
 async function signEdit(what, rec) {
-  const p = await api("POST", "/api/prepare", what);
+  const p = await api("POST", `/api/prepare?key=${rec.key}`, what);
   if (!p.edits.length) return { signed: [], by: rec.name };
-  if (!await confirmEdit(p.edits, rec)) return null;
   const A = await loadAutomerge();
+  const made = p.edits.map((e) => {
+    const bytes = unb64(e.change || "");
+    return { e, bytes, change: checkChange(A, bytes, e, rec.key) };
+  });
+  if (!await confirmEdit(p.edits, rec)) return null;
   const docs = [];
-  for (const e of p.edits) {
-    // A fresh actor whose first change names this key as its author.
-    let doc = A.clone(e.base ? A.load(unb64(e.base)) : A.init(), { author: rec.key });
-    doc = A.change(doc, (d) => {
-      for (const [k, v] of Object.entries(e.ops)) {
-        if (v === null) delete d[k]; else d[k] = new A.ImmutableString(v);
-      }
-    });
-    const bytes = A.getLastLocalChange(doc);
-    const msg = concat([utf8(CHANGE_DOMAIN), utf8(e.doc), Uint8Array.of(0), unhex(A.decodeChange(bytes).hash)]);
+  for (const { e, bytes, change } of made) {
+    const msg = concat([utf8(CHANGE_DOMAIN), utf8(e.doc), Uint8Array.of(0), unhex(change.hash)]);
     const signature = new Uint8Array(await crypto.subtle.sign({ name: "Ed25519" }, rec.privateKey, msg));
     docs.push({ doc: e.doc, changes: [{ bytes, signature }] });
   }

@@ -429,6 +429,43 @@ impl Document {
         actor: Option<[u8; 16]>,
         message: Option<&str>,
     ) -> Result<Option<(ChangeHash, SignedChange, usize)>> {
+        let Some((hash, bytes, n)) = self.build(writer.key(), now, ops, actor, message)? else {
+            return Ok(None);
+        };
+        let signature = writer.sign(&signing_message(&self.id, &hash));
+        Ok(Some((hash, SignedChange { bytes, signature }, n)))
+    }
+
+    /// The change that sets or deletes `ops` as `author` would make it,
+    /// unsigned, for the author to check and sign elsewhere (an operator's
+    /// browser, ADR 0015): a fresh actor whose first change names the key.
+    /// The document takes the change; callers use a copy. `None` when
+    /// nothing would change.
+    pub fn unsigned_change(
+        &mut self,
+        author: PublicKey,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+    ) -> Result<Option<(ChangeHash, Vec<u8>)>> {
+        let mut actor = [0u8; 16];
+        getrandom::fill(&mut actor)
+            .map_err(|e| Error::Identity(format!("no randomness from the OS: {e}")))?;
+        // Another author's fresh actor even if this copy wrote as `author`.
+        self.writer = None;
+        Ok(self
+            .build(author, now, ops, Some(actor), None)?
+            .map(|(hash, bytes, _)| (hash, bytes)))
+    }
+
+    /// Makes the change (raw bytes) that writes `ops` as `author`.
+    fn build(
+        &mut self,
+        author: PublicKey,
+        now: i64,
+        ops: &BTreeMap<String, Option<String>>,
+        actor: Option<[u8; 16]>,
+        message: Option<&str>,
+    ) -> Result<Option<(ChangeHash, Vec<u8>, usize)>> {
         let ops: Vec<_> = ops
             .iter()
             .filter(|(k, v)| {
@@ -439,15 +476,14 @@ impl Document {
         if ops.is_empty() {
             return Ok(None);
         }
-        if self.writer != Some(writer.key()) {
+        if self.writer != Some(author) {
             // A fresh actor for this writer in this process (never reuse an
             // actor in two places); its first change carries the author.
-            self.doc
-                .set_author(Some(Author::from(writer.key().0.to_vec())));
+            self.doc.set_author(Some(Author::from(author.0.to_vec())));
             if let Some(a) = actor {
                 self.doc.set_actor(ActorId::from(a.as_slice()));
             }
-            self.writer = Some(writer.key());
+            self.writer = Some(author);
         }
         let n = ops.len();
         let mut tx = self.doc.transaction();
@@ -467,15 +503,7 @@ impl Document {
             .doc
             .get_change_by_hash(&hash)
             .ok_or_else(|| Error::NotFound(format!("change {hash} just made")))?;
-        let signature = writer.sign(&signing_message(&self.id, &hash));
-        Ok(Some((
-            hash,
-            SignedChange {
-                bytes: change.raw_bytes().to_vec(),
-                signature,
-            },
-            n,
-        )))
+        Ok(Some((hash, change.raw_bytes().to_vec(), n)))
     }
 
     /// Whether a field holds concurrent values.

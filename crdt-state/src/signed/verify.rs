@@ -622,6 +622,51 @@ mod tests {
     use super::*;
     use crate::signed::identity::{Grant, Identity, Role, generate_key};
 
+    /// A change made unsigned for a key held elsewhere (a browser's, ADR
+    /// 0015) and signed there verifies as that writer's; signed by another
+    /// key, it is refused.
+    #[test]
+    fn a_change_made_for_a_key_held_elsewhere_verifies_once_signed() -> anyhow::Result<()> {
+        use crate::signed::doc::{DocId, Document, SignedChange, signing_message};
+        let root = generate_key()?;
+        let mut trust = Trust::new(PublicKey(root.verifying_key().to_bytes()));
+        let alice = Identity::issue(&root, generate_key()?, "alice", Role::Operator, None, 0)?;
+        let mallory = Identity::issue(&root, generate_key()?, "mallory", Role::Operator, None, 0)?;
+        trust.add_cert(alice.cert.clone())?;
+        trust.add_cert(mallory.cert.clone())?;
+        // The anchor's copy already holds a change by alice's key.
+        let mut anchor = Document::new(DocId::Fleet);
+        let ops = |v: &str| -> BTreeMap<String, Option<String>> {
+            [("configs.c".to_string(), Some(format!("\"{v}\"")))].into()
+        };
+        anchor.edit(&alice, 0, &ops("one"))?;
+        let copy = || Document::load(DocId::Fleet, &anchor.save());
+        let (hash, bytes) = copy()?
+            .unsigned_change(alice.key(), 1, &ops("two"))?
+            .ok_or_else(|| Error::NotFound("a change".into()))?;
+        assert!(
+            copy()?
+                .unsigned_change(alice.key(), 1, &ops("one"))?
+                .is_none(),
+            "nothing to change"
+        );
+        for (signer, taken) in [(&mallory, false), (&alice, true)] {
+            let signed = SignedChange {
+                bytes: bytes.clone(),
+                signature: signer.sign(&signing_message(&DocId::Fleet, &hash)),
+            };
+            let mut held = copy()?;
+            let r = verify_and_apply(&trust, &mut held, &[signed]);
+            assert_eq!(r.is_ok(), taken, "signed by {}: {r:?}", signer.cert.name);
+            if taken {
+                assert_eq!(held.raw("configs.c").as_deref(), Some("\"two\""));
+                let last = held.history().pop().map(|m| m.writer);
+                assert_eq!(last, Some(Some(alice.key())));
+            }
+        }
+        Ok(())
+    }
+
     /// A change an anchor signs in the fleet document is taken only when
     /// every field it writes is one anchors write on their own: an app,
     /// a config, a rollout's target or a revocation is refused, whatever
