@@ -299,7 +299,8 @@ const APP_JS: &str = include_str!("ui/app.js");
 const STYLE_CSS: &str = include_str!("ui/style.css");
 /// The official `@automerge/automerge` browser build (its WebAssembly
 /// inline), fetched by `build.rs` at the version `ui/package-lock.json`
-/// pins: the UI loads it only to build a change it signs (ADR 0015).
+/// pins: the UI loads it only to decode and check a change before it
+/// signs it (ADR 0015).
 const AUTOMERGE_JS: &[u8] = include_bytes!(env!("SHOAL_AUTOMERGE_JS"));
 /// Where the UI loads it from (the version in the path, so it is cached
 /// for good and a new one is fetched).

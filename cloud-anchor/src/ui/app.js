@@ -795,7 +795,10 @@ async function keys() {
     dirty = false;
     try { await enrollKey($("#enroll-code").value.trim()); await render(); }
     catch (e) {
-      await forgetKey();
+      // Refused (a wrong or spent code): the key is of no use. A lost
+      // answer keeps it: the code may be bound to it already, and the
+      // page asks again on its next visit.
+      if (e.status) await forgetKey();
       main().insertAdjacentHTML("beforeend", `<div class="error" id="key-error">${esc(e.message)}</div>`);
     }
   };
