@@ -733,9 +733,15 @@ enum IdentityCmd {
         file: PathBuf,
     },
     /// Revoke a writer: its changes made so far stay, any other is refused.
+    /// With --anchor, the revocation is made and signed here with
+    /// --identity (an operator's, where the root is) and sent to the
+    /// anchor, which checks it like any synced change.
     Revoke {
         #[command(flatten)]
-        dir: Dir,
+        target: Target,
+        /// Sign with this identity file (required with --anchor).
+        #[arg(long)]
+        identity: Option<PathBuf>,
         /// The writer's name or public key (hex).
         who: String,
         /// Why, for the record.
@@ -1365,9 +1371,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cert.root().short()
             );
         }
-        Command::Identity(IdentityCmd::Revoke { dir, who, reason }) => {
-            verb(&dir.data_dir, None, Verb::Revoke { who, reason })?;
-        }
+        Command::Identity(IdentityCmd::Revoke {
+            target,
+            identity,
+            who,
+            reason,
+        }) => match target.client()? {
+            Some(c) => {
+                let identity = identity.context(
+                    "--anchor needs --identity: the revocation is signed here, with your key",
+                )?;
+                print!("{}", c.revoke_signed(&identity, &who, &reason)?);
+            }
+            None => {
+                verb(
+                    target.dir()?,
+                    identity.as_deref(),
+                    Verb::Revoke { who, reason },
+                )?;
+            }
+        },
         Command::Identity(IdentityCmd::Invite {
             anchor,
             role,

@@ -1292,6 +1292,45 @@ fn browser_key() -> crdt_state::PublicKey {
     crdt_state::PublicKey(k.verifying_key().to_bytes())
 }
 
+/// What the web UI does with a browser key, done here: asks the anchor to
+/// prepare an edit for `who`'s key, signs the unsigned change it makes, and
+/// posts it; the anchor's refusal, if any.
+fn sign_prepared(
+    url: &str,
+    token: &str,
+    who: &crdt_state::Identity,
+    yaml: &str,
+) -> Result<(), String> {
+    use base64::Engine;
+    use crdt_state::signed::bundle::Bundle;
+    use crdt_state::signed::doc::signing_message;
+    let (status, v) = post(
+        &format!("{url}/api/prepare?key={}", who.key()),
+        token,
+        json!({ "apply": { "files": [{ "name": "edit", "text": yaml }] } }),
+    );
+    assert_eq!(status, 200, "{v}");
+    let edit = &v["edits"][0];
+    let doc = crdt_state::DocId::parse(edit["doc"].as_str().unwrap()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(edit["change"].as_str().unwrap())
+        .unwrap();
+    let hash = crdt_state::signed::doc::decode_change(&bytes)
+        .unwrap()
+        .hash();
+    assert_eq!(edit["hash"], hash.to_string());
+    let root = crdt_state::PublicKey::from_hex(v["root"].as_str().unwrap()).unwrap();
+    let signature = who.sign(&signing_message(&doc, &hash));
+    let bundle = Bundle {
+        root: Some(root),
+        certs: Vec::new(),
+        docs: vec![(doc, vec![crdt_state::SignedChange { bytes, signature }])],
+    };
+    cloud_anchor::client::Client::new(url, token)
+        .post_changes(bundle.encode(root))
+        .map_err(|e| format!("{e:#}"))
+}
+
 /// Browser keys at the API (ADR 0015), on an anchor without the root:
 /// only admins invite, and only operators or site engineers; a code binds
 /// the first key sent with it; a certificate is published only if the
@@ -1347,7 +1386,8 @@ fn browser_keys_are_invited_bound_and_certified_by_the_root() {
         "the code is kept hashed"
     );
 
-    let key = browser_key();
+    let carol_secret = crdt_state::signed::identity::generate_key().unwrap();
+    let key = crdt_state::PublicKey(carol_secret.verifying_key().to_bytes());
     let enroll = |k: crdt_state::PublicKey| {
         post(
             &format!("{url}/api/keys/enroll"),
@@ -1422,6 +1462,40 @@ fn browser_keys_are_invited_bound_and_certified_by_the_root() {
     assert_eq!(v["certificate"]["name"], "carol", "{v}");
     let keys = api_get(&format!("{url}/api/keys"), &admin);
     assert_eq!(keys["items"][0]["state"], "certified", "{keys}");
+
+    // Carol's key signs what the anchor prepares for it; once an admin
+    // revoked her (signed where the root is, sent to the anchor), her next
+    // change is refused.
+    let carol = crdt_state::Identity::new(good.clone(), carol_secret).unwrap();
+    let cfg = |v: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: c}}\nspec: {{data: {{v: \"{v}\"}}}}\n"
+        )
+    };
+    sign_prepared(&url, &operator, &carol, &cfg("1")).unwrap();
+    let out = ok(&[
+        "identity",
+        "revoke",
+        "--anchor",
+        &url,
+        "--token",
+        &admin,
+        "--identity",
+        s(&op.join("identity.json")),
+        "carol",
+        "--reason",
+        "laptop lost",
+    ]);
+    assert!(out.contains("carol") && out.contains("revoked"), "{out}");
+    let refused = sign_prepared(&url, &operator, &carol, &cfg("2")).unwrap_err();
+    assert!(
+        refused.contains("403") && refused.contains("revoked"),
+        "{refused}"
+    );
+    let no_identity = shoal(&[
+        "identity", "revoke", "--anchor", &url, "--token", &admin, "carol",
+    ]);
+    assert!(!no_identity.status.success());
 
     // An anchor that holds the root certifies at once.
     let dir2 = root.join("anchor2");

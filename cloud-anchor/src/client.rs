@@ -109,8 +109,12 @@ impl Client {
         Ok(bytes)
     }
 
-    /// The signed changes of `docs`, as an offline bundle.
+    /// The signed changes of `docs` (of every document when empty), as an
+    /// offline bundle.
     pub fn bundle(&self, docs: &[DocId]) -> anyhow::Result<Vec<u8>> {
+        if docs.is_empty() {
+            return self.call_bytes("GET", "/api/bundle", None);
+        }
         let only: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
         self.call_bytes(
             "GET",
@@ -152,6 +156,27 @@ impl Client {
             self.post_changes(changes)?;
         }
         Ok(applied)
+    }
+
+    /// `shoal identity revoke WHO --anchor URL --identity FILE`: the
+    /// revocation (with the watermarks of the changes the fetched documents
+    /// hold) is made and signed here and posted as changes.
+    pub fn revoke_signed(
+        &self,
+        identity_file: &Path,
+        who: &str,
+        reason: &str,
+    ) -> anyhow::Result<String> {
+        let bundle = self.bundle(&[])?;
+        let (key, changes) = edit_offline(&bundle, identity_file, |dd| {
+            let key = dd.find_key(who)?;
+            dd.revoke(key, reason, unix_now())?;
+            Ok(key)
+        })?;
+        if let Some(changes) = changes {
+            self.post_changes(changes)?;
+        }
+        Ok(format!("{who} ({}) revoked\n", key.short()))
     }
 
     /// `shoal delete KIND NAME --anchor URL --identity FILE`, signed here.
