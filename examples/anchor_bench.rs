@@ -322,26 +322,8 @@ fn scale(n: usize, requests: usize, tls: bool) {
         percentile(&mut t, 0.5),
         size
     );
-    let (st, invite) = http(
-        "POST",
-        &format!("{url}/api/keys/invite"),
-        Some(&token),
-        Some(&json!({ "name": "alice", "role": "operator" }).to_string()),
-    );
-    assert_eq!(st, 200, "{invite}");
-    let code: serde_json::Value = serde_json::from_str(&invite).unwrap();
     let within = Duration::from_secs(60);
-    b.eval("location.hash = '#/keys'").unwrap();
-    b.wait_until("!!document.querySelector('#enroll-code')", within)
-        .unwrap();
-    b.fill("#enroll-code", code["code"].as_str().unwrap())
-        .unwrap();
-    b.click("#enroll").unwrap();
-    b.wait_until(
-        "document.querySelector('#key-state')?.dataset.state === 'certified'",
-        within,
-    )
-    .unwrap();
+    enroll_browser_key(&mut b, &url, &token);
     let (mut shown, mut signed) = (Vec::new(), Vec::new());
     for rep in 0..=5 {
         b.eval(&format!("location.hash = '#/config/new?rep={rep}'"))
@@ -500,6 +482,32 @@ fn edit(nodes: usize, reps: usize, signed: bool) {
     drop(procs);
 }
 
+/// Invites "alice" as an operator (an admin's `token`) and enrolls a key in
+/// the logged-in page with the code; returns once it is certified (the
+/// bench's anchors hold the root, so at once).
+fn enroll_browser_key(b: &mut cdp::Browser, url: &str, token: &str) {
+    let (st, invite) = http(
+        "POST",
+        &format!("{url}/api/keys/invite"),
+        Some(token),
+        Some(&json!({ "name": "alice", "role": "operator" }).to_string()),
+    );
+    assert_eq!(st, 200, "{invite}");
+    let code: serde_json::Value = serde_json::from_str(&invite).unwrap();
+    let within = Duration::from_secs(60);
+    b.eval("location.hash = '#/keys'").unwrap();
+    b.wait_until("!!document.querySelector('#enroll-code')", within)
+        .unwrap();
+    b.fill("#enroll-code", code["code"].as_str().unwrap())
+        .unwrap();
+    b.click("#enroll").unwrap();
+    b.wait_until(
+        "document.querySelector('#key-state')?.dataset.state === 'certified'",
+        within,
+    )
+    .unwrap();
+}
+
 /// An edit signed in Chromium with the operator's enrolled browser key
 /// (ADR 0015), over HTTPS: from the click on "Sign and apply" (the page
 /// signs the change it checked with WebCrypto and posts it) to the app
@@ -522,15 +530,6 @@ fn edit_browser(nodes: usize, reps: usize) {
     let _anchor = Daemon::start("anchor", &anchor_dir, &args, None);
     let url = http_url(&anchor_dir).replace("http://", "https://");
     let (procs, dirs) = start_nodes(&anchor_dir, root, &url, &token, nodes);
-    let (st, invite) = http(
-        "POST",
-        &format!("{url}/api/keys/invite"),
-        Some(&token),
-        Some(&json!({ "name": "alice", "role": "operator" }).to_string()),
-    );
-    assert_eq!(st, 200, "{invite}");
-    let code: serde_json::Value = serde_json::from_str(&invite).unwrap();
-    let code = code["code"].as_str().unwrap().to_string();
     let mut b = cdp::Browser::launch_with(1280, 900, &chrome_flags).unwrap();
     let within = Duration::from_secs(60);
     b.navigate(&format!("{url}/")).unwrap();
@@ -540,16 +539,7 @@ fn edit_browser(nodes: usize, reps: usize) {
     b.click("#login-form button").unwrap();
     b.wait_until("!!document.querySelector('#logout')", within)
         .unwrap();
-    b.eval("location.hash = '#/keys'").unwrap();
-    b.wait_until("!!document.querySelector('#enroll-code')", within)
-        .unwrap();
-    b.fill("#enroll-code", &code).unwrap();
-    b.click("#enroll").unwrap();
-    b.wait_until(
-        "document.querySelector('#key-state')?.dataset.state === 'certified'",
-        within,
-    )
-    .unwrap();
+    enroll_browser_key(&mut b, &url, &token);
     let app = |v: &str| {
         format!(
             "apiVersion: shoal.dev/v1\nkind: App\nmetadata: {{name: app0}}\nspec:\n  native:\n    command: [/bin/sh, -c, 'echo V=$V; exec sleep 3600']\n    env: {{V: \"{v}\"}}\n"
