@@ -7,7 +7,9 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-const main = () => $("#main");
+// Where a page draws. Logged out, a page whose data came back after the
+// login form was drawn draws nowhere, not over the form.
+const main = () => (me ? $("#main") : document.createElement("div"));
 let me = null;          // whoami
 let events = null;      // EventSource
 let dirty = false;      // an editor holds unsaved text: do not re-render under it
@@ -95,7 +97,7 @@ function showLogin(msg) {
   $("#nav").hidden = true;
   $("#who").textContent = "";
   if (events) { events.close(); events = null; }
-  main().innerHTML = `<div class="login">
+  $("#main").innerHTML = `<div class="login">
     <h1>Log in</h1>
     <p class="muted">Paste an operator token (<code>shoal operator token create --name you</code>).</p>
     <form id="login-form"><input id="token" type="password" autocomplete="off" placeholder="shoal-op-…">
