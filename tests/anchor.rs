@@ -1487,6 +1487,8 @@ fn browser_keys_are_invited_bound_and_certified_by_the_root() {
         "laptop lost",
     ]);
     assert!(out.contains("carol") && out.contains("revoked"), "{out}");
+    let keys = api_get(&format!("{url}/api/keys"), &admin);
+    assert_eq!(keys["items"][0]["state"], "revoked", "{keys}");
     let refused = sign_prepared(&url, &operator, &carol, &cfg("2")).unwrap_err();
     assert!(
         refused.contains("403") && refused.contains("revoked"),
