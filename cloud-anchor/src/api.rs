@@ -1477,7 +1477,7 @@ async fn key_enroll(
         crate::keys::submit(&d, &b.code, key, at).map_err(|r| ApiError::new(r.0, r.1))
     })
     .await;
-    let mut invite = match submitted {
+    let (mut invite, first) = match submitted {
         Ok(i) => i,
         Err(e) => {
             refused(
@@ -1488,7 +1488,7 @@ async fn key_enroll(
             return e.into_response();
         }
     };
-    if invite.requested_at == Some(at) {
+    if first {
         audit(
             &s,
             &op,

@@ -64,10 +64,15 @@ impl Invite {
     pub fn state(&self, now: i64) -> &'static str {
         match (&self.key, &self.certificate) {
             (_, Some(_)) => "certified",
-            (Some(_), None) if now <= self.expires_at => "pending",
-            (None, None) if now <= self.expires_at => "invited",
-            _ => "expired",
+            _ if self.expired(now) => "expired",
+            (Some(_), None) => "pending",
+            (None, None) => "invited",
         }
+    }
+
+    /// Whether the code is past its time with no certificate issued.
+    pub fn expired(&self, now: i64) -> bool {
+        self.certificate.is_none() && now > self.expires_at
     }
 
     /// The invitation as the API lists it (no code hash).
@@ -132,17 +137,18 @@ fn write(dir: &Path, entries: &[Invite]) -> anyhow::Result<()> {
     crate::tokens::write_private(&dir.join(KEYS_FILE), &serde_json::to_vec_pretty(entries)?)
 }
 
-/// Reads, changes and writes the file under the lock.
+/// Reads, changes and writes the file under the lock. A failure of the
+/// file itself is a 500.
 fn update<R>(
     dir: &Path,
-    f: impl FnOnce(&mut Vec<Invite>) -> anyhow::Result<R>,
-) -> anyhow::Result<R> {
+    f: impl FnOnce(&mut Vec<Invite>) -> Result<R, Refused>,
+) -> Result<R, Refused> {
     let _held = LOCK
         .lock()
-        .map_err(|_| anyhow!("the key file's lock is poisoned"))?;
-    let mut entries = read(dir)?;
+        .map_err(|_| Refused(500, "the key file's lock is poisoned".into()))?;
+    let mut entries = read(dir).map_err(Refused::internal)?;
     let r = f(&mut entries)?;
-    write(dir, &entries)?;
+    write(dir, &entries).map_err(Refused::internal)?;
     Ok(r)
 }
 
@@ -175,7 +181,7 @@ pub fn invite(
     let code = format!("{CODE_PREFIX}{}", hex::encode(secret));
     update(dir, |entries| {
         // Expired invitations nobody used go when a new one comes.
-        entries.retain(|e| e.state(now) != "expired" || e.certificate.is_some());
+        entries.retain(|e| !e.expired(now));
         entries.push(Invite {
             name: name.to_string(),
             role,
@@ -197,37 +203,43 @@ pub fn invite(
 #[derive(Debug)]
 pub struct Refused(pub u16, pub String);
 
+impl Refused {
+    fn internal(e: anyhow::Error) -> Refused {
+        Refused(500, format!("{e:#}"))
+    }
+}
+
 /// A browser sends its public key with a code: the code binds to that key
 /// (sending the same key again answers the invitation as it is now; a
-/// different key is refused). Returns the invitation.
-pub fn submit(dir: &Path, code: &str, key: PublicKey, now: i64) -> Result<Invite, Refused> {
+/// different key is refused). Returns the invitation, and whether the key
+/// was bound now (its first coming).
+pub fn submit(dir: &Path, code: &str, key: PublicKey, now: i64) -> Result<(Invite, bool), Refused> {
     let sha = digest(code);
     update(dir, |entries| {
         let e = entries
             .iter_mut()
             .find(|e| e.sha256 == sha)
-            .ok_or_else(|| anyhow!(Refused(403, "no such invitation code".into())))?;
+            .ok_or_else(|| Refused(403, "no such invitation code".into()))?;
         match e.key {
-            Some(k) if k != key => Err(anyhow!(Refused(
+            Some(k) if k != key => Err(Refused(
                 409,
                 format!(
                     "this code was already used for another key ({}); ask for a new invitation",
                     fingerprint(&k)
-                )
-            ))),
-            _ if e.certificate.is_none() && now > e.expires_at => Err(anyhow!(Refused(
+                ),
+            )),
+            _ if e.expired(now) => Err(Refused(
                 403,
-                format!("the invitation for {} expired", e.name)
-            ))),
-            Some(_) => Ok(e.clone()),
+                format!("the invitation for {} expired", e.name),
+            )),
+            Some(_) => Ok((e.clone(), false)),
             None => {
                 e.key = Some(key);
                 e.requested_at = Some(now);
-                Ok(e.clone())
+                Ok((e.clone(), true))
             }
         }
     })
-    .map_err(refused)
 }
 
 impl std::fmt::Display for Refused {
@@ -274,7 +286,7 @@ fn find<'a>(
             ),
         ));
     }
-    if e.certificate.is_none() && now > e.expires_at {
+    if e.expired(now) {
         return Err(Refused(
             403,
             format!("the invitation for {} expired", e.name),
@@ -283,16 +295,9 @@ fn find<'a>(
     Ok(e)
 }
 
-fn refused(e: anyhow::Error) -> Refused {
-    match e.downcast::<Refused>() {
-        Ok(r) => r,
-        Err(e) => Refused(500, format!("{e:#}")),
-    }
-}
-
 /// Checks, without recording, that `cert` answers an invitation.
 pub fn matching(dir: &Path, cert: &Certificate, now: i64) -> Result<Invite, Refused> {
-    let mut entries = read(dir).map_err(refused)?;
+    let mut entries = read(dir).map_err(Refused::internal)?;
     find(&mut entries, cert, now).map(|e| e.clone())
 }
 
@@ -303,7 +308,6 @@ pub fn certified(dir: &Path, cert: &Certificate, now: i64) -> Result<Invite, Ref
         e.certificate = Some(cert.clone());
         Ok(e.clone())
     })
-    .map_err(refused)
 }
 
 #[cfg(test)]
@@ -321,10 +325,14 @@ mod tests {
         assert!(code.starts_with(CODE_PREFIX));
         let on_disk = std::fs::read_to_string(dir.path().join(KEYS_FILE))?;
         assert!(!on_disk.contains(&code), "the code is stored hashed");
-        let got = submit(dir.path(), &code, key(1), 110).map_err(|e| anyhow!(e))?;
-        assert_eq!((got.key, got.state(110)), (Some(key(1)), "pending"));
+        let (got, first) = submit(dir.path(), &code, key(1), 110).map_err(|e| anyhow!(e))?;
+        assert_eq!(
+            (got.key, got.state(110), first),
+            (Some(key(1)), "pending", true)
+        );
         // The same key again: the same invitation; another key: refused.
-        assert!(submit(dir.path(), &code, key(1), 120).is_ok());
+        let again = submit(dir.path(), &code, key(1), 120).map_err(|e| anyhow!(e))?;
+        assert_eq!((again.0.key, again.1), (Some(key(1)), false));
         let other = submit(dir.path(), &code, key(2), 120).err().map(|r| r.0);
         assert_eq!(other, Some(409));
         assert_eq!(

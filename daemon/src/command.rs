@@ -851,9 +851,7 @@ fn prepare(
         let doc = base.core.doc(&id);
         let ops: Ops = ops
             .into_iter()
-            .filter(|(k, v)| {
-                doc.is_none_or(|d| d.raw(k).as_ref() != v.as_ref() || d.is_conflicted(k))
-            })
+            .filter(|(k, v)| doc.is_none_or(|d| d.would_change(k, v.as_deref())))
             .collect();
         if ops.is_empty() {
             continue;

@@ -468,10 +468,7 @@ impl Document {
     ) -> Result<Option<(ChangeHash, Vec<u8>, usize)>> {
         let ops: Vec<_> = ops
             .iter()
-            .filter(|(k, v)| {
-                // Writing the value already there still resolves a conflict.
-                self.raw(k).as_ref() != v.as_ref() || self.is_conflicted(k)
-            })
+            .filter(|(k, v)| self.would_change(k, v.as_deref()))
             .collect();
         if ops.is_empty() {
             return Ok(None);
@@ -504,6 +501,13 @@ impl Document {
             .get_change_by_hash(&hash)
             .ok_or_else(|| Error::NotFound(format!("change {hash} just made")))?;
         Ok(Some((hash, change.raw_bytes().to_vec(), n)))
+    }
+
+    /// Whether writing `value` (`None`: deleting) to `key` changes the
+    /// document: another value there, or concurrent values (writing the one
+    /// shown still settles the conflict).
+    pub fn would_change(&self, key: &str, value: Option<&str>) -> bool {
+        self.raw(key).as_deref() != value || self.is_conflicted(key)
     }
 
     /// Whether a field holds concurrent values.
