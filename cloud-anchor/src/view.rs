@@ -794,7 +794,8 @@ impl View {
             .filter_map(|h| h.parse::<ChangeHash>().ok())
             .filter(|h| d.has_change(h))
             .collect();
-        let missing = d.automerge().get_changes_meta(&known);
+        let am = d.automerge();
+        let missing = am.get_changes_meta(&known);
         let lag = (
             missing.len(),
             missing.iter().map(|m| m.timestamp).filter(|t| *t > 0).min(),

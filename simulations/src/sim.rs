@@ -7,6 +7,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 
 use automerge::ChangeHash;
 use automerge::sync::{ChunkList, Message, MessageVersion};
@@ -68,8 +69,9 @@ struct SimNode {
     identity: Identity,
     /// The daemon core, as shipped (None: crashed).
     core: Option<Core<usize>>,
-    /// What the node's store committed: changes per document.
-    store: BTreeMap<DocId, Vec<(ChangeHash, SignedChange)>>,
+    /// What the node's store committed: changes per document (the bytes
+    /// of a change every node stores, such as the registry, held once).
+    store: BTreeMap<DocId, Vec<(ChangeHash, Arc<SignedChange>)>>,
     /// Saved sync states per (peer, document).
     sync_states: HashMap<PublicKey, BTreeMap<DocId, Vec<u8>>>,
     skew: i64,
@@ -223,6 +225,9 @@ impl Report {
     }
 }
 
+/// A document's signatures, by change.
+type Sigs = HashMap<ChangeHash, [u8; 64]>;
+
 /// A running simulation.
 pub struct Sim {
     scenario: Scenario,
@@ -255,6 +260,10 @@ pub struct Sim {
     agreement: Vec<(f64, usize)>,
     /// Rollbacks nodes made on their own.
     rollbacks: usize,
+    /// Documents loaded at the start, by what was stored: nodes whose
+    /// stores hold the same changes start from one loaded copy (shared
+    /// until one changes it). Emptied once every node started.
+    loaded: HashMap<(DocId, Vec<ChangeHash>), (Document, Sigs)>,
 }
 
 fn us(d: std::time::Duration) -> u64 {
@@ -411,14 +420,20 @@ impl Sim {
             lost: HashSet::new(),
             agreement: Vec::new(),
             rollbacks: 0,
+            loaded: HashMap::new(),
         };
         let _ = &sim.root;
-        for i in 0..sim.nodes.len() {
-            sim.start(i);
-        }
+        // Documents that hold the same changes are shared between the
+        // cores until one of them changes (ADR 0016): thousands of nodes
+        // in one process hold one fleet document, not thousands.
+        crdt_state::signed::doc::share_applied(true);
         if sim.scenario.runtime.is_some() {
             sim.register_nodes()?;
         }
+        for i in 0..sim.nodes.len() {
+            sim.start(i);
+        }
+        sim.loaded.clear();
         for l in 0..sim.links.len() {
             sim.connect(l);
         }
@@ -439,10 +454,15 @@ impl Sim {
         let node = &mut self.nodes[i];
         let mut docs = Vec::new();
         for (id, changes) in &node.store {
+            let key = (id.clone(), changes.iter().map(|(h, _)| *h).collect());
+            if let Some((doc, sigs)) = self.loaded.get(&key) {
+                docs.push((doc.clone(), sigs.clone()));
+                continue;
+            }
             let mut doc = Document::new(id.clone());
-            let signed: Vec<SignedChange> = changes.iter().map(|(_, c)| c.clone()).collect();
+            let signed: Vec<SignedChange> = changes.iter().map(|(_, c)| (**c).clone()).collect();
             if verify_and_apply(&self.trust, &mut doc, &signed).is_ok() {
-                let sigs = changes.iter().map(|(h, c)| (*h, c.signature)).collect();
+                let sigs: Sigs = changes.iter().map(|(h, c)| (*h, c.signature)).collect();
                 docs.push((doc, sigs));
             }
         }
@@ -481,7 +501,11 @@ impl Sim {
     }
 
     /// Registers every node in the fleet document (with its site), as the
-    /// operator, on the first anchor: placement needs the registry.
+    /// operator: placement needs the registry. The scenario starts with
+    /// every node enrolled and synced: the registry is in every store, as
+    /// a node's store holds it once it synced after enrolling. Making
+    /// thousands of nodes sync it at time zero would measure the
+    /// enrollment of a whole fleet at once, not the scenario.
     fn register_nodes(&mut self) -> Result<(), String> {
         let mut ops = BTreeMap::new();
         for n in &self.nodes {
@@ -494,20 +518,38 @@ impl Sim {
                 );
             }
         }
-        let Some(i) = self
+        if !self
             .nodes
             .iter()
-            .position(|n| n.identity.cert.role == Role::Anchor)
-        else {
+            .any(|n| n.identity.cert.role == Role::Anchor)
+        {
             return Err("a scenario with `runtime` needs an anchor".into());
-        };
-        let now = self.clock(i);
-        let op = self.operator.clone();
-        if let Some(core) = self.nodes[i].core.as_mut() {
-            core.write(now, &DocId::Fleet, &op, &ops)
-                .map_err(|e| e.to_string())?;
         }
-        self.act(i);
+        let mut fleet = Document::new(DocId::Fleet);
+        let actor = {
+            let mut a = [0u8; 16];
+            a[..8].copy_from_slice(&self.rng.next().to_be_bytes());
+            a
+        };
+        let Some((hash, change, _)) = fleet
+            .edit_with_actor(&self.operator, 0, &ops, Some(actor))
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let sigs = HashMap::from([(hash, change.signature)]);
+        let change = Arc::new(change);
+        self.loaded
+            .insert((DocId::Fleet, vec![hash]), (fleet, sigs));
+        self.committed.entry(DocId::Fleet).or_default().insert(hash);
+        for n in &mut self.nodes {
+            if wants(&self.trust, &n.identity.cert, &DocId::Fleet) {
+                n.store
+                    .entry(DocId::Fleet)
+                    .or_default()
+                    .push((hash, change.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -718,7 +760,11 @@ impl Sim {
             for (h, _) in &changes {
                 set.insert(*h);
             }
-            self.nodes[i].store.entry(doc).or_default().extend(changes);
+            self.nodes[i]
+                .store
+                .entry(doc)
+                .or_default()
+                .extend(changes.into_iter().map(|(h, c)| (h, Arc::new(c))));
         }
         if self.persist_times.last() != Some(&self.now) {
             self.persist_times.push(self.now);

@@ -7,8 +7,11 @@
 //! merge, and only writes to the same field conflict (see
 //! `docs/adr/0001-flat-documents.md`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
@@ -160,10 +163,116 @@ pub struct ChangeMeta {
     pub message: Option<String>,
 }
 
+/// The Automerge state of a document. Copies of a [`Document`] share it
+/// until one of them changes it (copy on write): the simulator's thousands
+/// of cores in one process hold one fleet document, not thousands
+/// (docs/adr/0016-documents-shared-copy-on-write.md). A daemon's documents
+/// are never copied, so there it is the one owner's and is never cloned.
+///
+/// The lock is there because Automerge's `receive_sync_message` takes
+/// `&mut` even for a message that carries no changes, which changes
+/// nothing in the document; [`Document::receive_sync`] is that call, on a
+/// shared state, under the lock.
+struct Shared(Mutex<Automerge>);
+
+impl Shared {
+    fn new(doc: Automerge) -> Arc<Shared> {
+        Arc::new(Shared(Mutex::new(doc)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Automerge> {
+        // A panic inside Automerge while the lock was held is caught where
+        // it happens (`panics::catch`), and the document dropped there.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Clone for Shared {
+    fn clone(&self) -> Self {
+        let mut copy = self.lock().clone();
+        // The copy writes as an actor of its own (the original may go on
+        // writing as the one it had).
+        copy.set_actor(ActorId::random());
+        Shared(Mutex::new(copy))
+    }
+}
+
+/// Read access to a document's Automerge state (held under its lock).
+pub struct AutomergeRef<'a>(MutexGuard<'a, Automerge>);
+
+impl Deref for AutomergeRef<'_> {
+    type Target = Automerge;
+    fn deref(&self) -> &Automerge {
+        &self.0
+    }
+}
+
+/// Results of applying changes, shared between the documents of one
+/// process when [`share_applied`] is on: the state a set of changes makes
+/// from a state with given heads is the same wherever it is computed
+/// (Automerge's state is a function of the changes it holds, and heads
+/// name that set), so the second document to take the same changes at the
+/// same heads takes the first one's result instead of applying them again.
+/// Off (the default) in daemons; the simulator turns it on.
+static SHARING: AtomicBool = AtomicBool::new(false);
+
+type AppliedKey = (Vec<ChangeHash>, Vec<ChangeHash>);
+
+struct Applied {
+    results: HashMap<AppliedKey, Weak<Shared>>,
+    since_sweep: usize,
+}
+
+static APPLIED: Mutex<Option<Applied>> = Mutex::new(None);
+
+/// Turns on (or off) sharing of applied changes between this process's
+/// documents (see [`Document`]): for a process that holds many copies of
+/// the same documents, the simulator.
+pub fn share_applied(on: bool) {
+    SHARING.store(on, Ordering::Relaxed);
+    let mut memo = APPLIED.lock().unwrap_or_else(PoisonError::into_inner);
+    *memo = on.then(|| Applied {
+        results: HashMap::new(),
+        since_sweep: 0,
+    });
+}
+
+fn applied_key(before: Vec<ChangeHash>, changes: &[Change]) -> AppliedKey {
+    let mut before = before;
+    before.sort();
+    let mut hashes: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
+    hashes.sort();
+    (before, hashes)
+}
+
+fn applied_get(key: &AppliedKey) -> Option<Arc<Shared>> {
+    let memo = APPLIED.lock().unwrap_or_else(PoisonError::into_inner);
+    memo.as_ref()?.results.get(key)?.upgrade()
+}
+
+fn applied_put(key: AppliedKey, state: &Arc<Shared>) {
+    let mut memo = APPLIED.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(m) = memo.as_mut() else { return };
+    m.results.insert(key, Arc::downgrade(state));
+    m.since_sweep += 1;
+    // Results no document holds any more are forgotten now and then: the
+    // table stays about as large as the states alive.
+    if m.since_sweep > 4096 && m.since_sweep > m.results.len() {
+        m.results.retain(|_, w| w.strong_count() > 0);
+        m.since_sweep = 0;
+    }
+}
+
+/// The key bound to an actor through its first (authored) change.
+fn actor_key_in(am: &Automerge, actor: &ActorId) -> Option<PublicKey> {
+    let author = am.get_author_for_actor(actor)?;
+    PublicKey::from_slice(author.as_bytes()).ok()
+}
+
 /// A signed Automerge document.
 pub struct Document {
     id: DocId,
-    doc: Automerge,
+    doc: Arc<Shared>,
     writer: Option<PublicKey>,
     /// Changes received before their dependencies (not verified yet).
     pending: Vec<(Change, [u8; 64])>,
@@ -175,12 +284,25 @@ impl fmt::Debug for Document {
     }
 }
 
+impl Clone for Document {
+    /// A copy that shares the Automerge state until one side changes it.
+    fn clone(&self) -> Self {
+        Document {
+            id: self.id.clone(),
+            doc: self.doc.clone(),
+            // The copy's first write sets its own actor.
+            writer: None,
+            pending: self.pending.clone(),
+        }
+    }
+}
+
 impl Document {
     /// A new, empty document.
     pub fn new(id: DocId) -> Self {
         Document {
             id,
-            doc: Automerge::new(),
+            doc: Shared::new(Automerge::new()),
             writer: None,
             pending: Vec::new(),
         }
@@ -194,7 +316,7 @@ impl Document {
         })?;
         Ok(Document {
             id,
-            doc,
+            doc: Shared::new(doc),
             writer: None,
             pending: Vec::new(),
         })
@@ -207,42 +329,89 @@ impl Document {
 
     /// The whole document in Automerge's compressed form.
     pub fn save(&self) -> Vec<u8> {
-        self.doc.save()
+        self.am().save()
     }
 
     /// The current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
-        self.doc.get_heads()
+        self.am().get_heads()
     }
 
     /// Read access to the Automerge document.
-    pub fn automerge(&self) -> &Automerge {
-        &self.doc
+    pub fn automerge(&self) -> AutomergeRef<'_> {
+        AutomergeRef(self.am())
     }
 
-    pub(crate) fn automerge_mut(&mut self) -> &mut Automerge {
-        &mut self.doc
+    /// Whether this copy and `other` hold one shared Automerge state (see
+    /// [`share_applied`]).
+    pub fn shares_state_with(&self, other: &Document) -> bool {
+        Arc::ptr_eq(&self.doc, &other.doc)
+    }
+
+    fn am(&self) -> MutexGuard<'_, Automerge> {
+        self.doc.lock()
+    }
+
+    /// The Automerge state to change: this copy's own (copied first if
+    /// another copy shares it).
+    fn am_mut(&mut self) -> &mut Automerge {
+        if Arc::get_mut(&mut self.doc).is_none() {
+            // Another copy holds this state: from here on this copy
+            // writes as an actor of its own (set by its next write).
+            self.writer = None;
+        }
+        let shared = Arc::make_mut(&mut self.doc);
+        shared.0.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Automerge's bookkeeping of a peer's sync message that carries no
+    /// changes (the engine applies changes itself, after verifying them):
+    /// heads, have and need go into `state`; the document is not changed,
+    /// so this is done on a state other copies share.
+    pub(crate) fn receive_sync(
+        &self,
+        state: &mut automerge::sync::State,
+        message: automerge::sync::Message,
+    ) -> Result<()> {
+        if !message.changes.is_empty() {
+            return Err(Error::CorruptDocument {
+                doc: self.id.to_string(),
+                reason: "a sync message with changes reached the bookkeeping".into(),
+            });
+        }
+        let mut am = self.am();
+        let doc: &mut Automerge = am.deref_mut();
+        match crate::panics::catch(|| {
+            automerge::sync::SyncDoc::receive_sync_message(doc, state, message)
+        }) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(Error::CorruptDocument {
+                doc: self.id.to_string(),
+                reason: "automerge failed reading a sync message".into(),
+            }),
+        }
     }
 
     /// Whether the document holds the change with this hash.
     pub fn has_change(&self, hash: &ChangeHash) -> bool {
-        self.doc.get_change_meta_by_hash(hash).is_some()
+        self.am().get_change_meta_by_hash(hash).is_some()
     }
 
     /// Every change (for export), in causal order.
     pub fn changes(&self) -> Vec<Change> {
-        self.doc.get_changes(&[])
+        self.am().get_changes(&[])
     }
 
     /// Every change's metadata, in causal order: hash, writer key, time
     /// (the writer's clock, informational), number of operations, message.
     pub fn history(&self) -> Vec<ChangeMeta> {
-        self.doc
-            .get_changes_meta(&[])
+        let am = self.am();
+        am.get_changes_meta(&[])
             .into_iter()
             .map(|m| ChangeMeta {
                 hash: m.hash,
-                writer: self.actor_key(&m.actor),
+                writer: actor_key_in(&am, &m.actor),
                 time: m.timestamp,
                 ops: (m.max_op + 1).saturating_sub(m.start_op),
                 message: m.message.map(|s| s.into_owned()),
@@ -252,15 +421,25 @@ impl Document {
 
     /// The key bound to an actor through its first (authored) change.
     pub fn actor_key(&self, actor: &ActorId) -> Option<PublicKey> {
-        let author = self.doc.get_author_for_actor(actor)?;
-        PublicKey::from_slice(author.as_bytes()).ok()
+        actor_key_in(&self.am(), actor)
     }
 
     /// Applies changes that have already been verified and whose
     /// dependencies are present.
     pub(crate) fn apply_verified(&mut self, changes: Vec<Change>) -> Result<()> {
-        let doc = &mut self.doc;
-        match crate::panics::catch(|| doc.apply_changes(changes)) {
+        let key = SHARING
+            .load(Ordering::Relaxed)
+            .then(|| applied_key(self.heads(), &changes));
+        if let Some(k) = &key
+            && let Some(state) = applied_get(k)
+        {
+            self.doc = state;
+            // Another copy's state: this one's next write sets its actor.
+            self.writer = None;
+            return Ok(());
+        }
+        let doc = self.am_mut();
+        let r = match crate::panics::catch(|| doc.apply_changes(changes)) {
             Ok(r) => Ok(r?),
             // The document may be half-updated: callers drop it (nothing was
             // stored) and load it again from the store.
@@ -268,7 +447,13 @@ impl Document {
                 doc: self.id.to_string(),
                 reason: "automerge failed applying verified changes".into(),
             }),
+        };
+        if r.is_ok()
+            && let Some(k) = key
+        {
+            applied_put(k, &self.doc);
         }
+        r
     }
 
     /// Changes held back for missing dependencies.
@@ -313,7 +498,8 @@ impl Document {
     /// Every field whose key starts with `prefix`, as raw JSON texts.
     pub fn fields(&self, prefix: &str) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        let range = self.doc.map_range(ROOT, prefix.to_string()..);
+        let am = self.am();
+        let range = am.map_range(ROOT, prefix.to_string()..);
         for item in range {
             if !item.key.starts_with(prefix) {
                 break;
@@ -330,7 +516,7 @@ impl Document {
     /// conflict to a person and need no resolving.
     pub fn conflicts(&self) -> Vec<(String, Vec<FieldValue>)> {
         let keys: Vec<String> = self
-            .doc
+            .am()
             .map_range(ROOT, ..)
             .filter(|i| i.conflict)
             .map(|i| i.key.into_owned())
@@ -348,7 +534,7 @@ impl Document {
     /// (a walk over the document's change metadata: for conflicts, which
     /// are rare, not for every read).
     fn message_of(&self, actor: &ActorId, counter: u64) -> Option<String> {
-        self.doc
+        self.am()
             .get_changes_meta(&[])
             .into_iter()
             .find(|m| *m.actor == *actor && m.start_op <= counter && counter <= m.max_op)
@@ -357,8 +543,17 @@ impl Document {
 
     /// All values of a field, the winner marked.
     pub fn values(&self, key: &str) -> Vec<FieldValue> {
-        let winner = self.doc.get(ROOT, key).ok().flatten().map(|(_, id)| id);
-        let all = self.doc.get_all(ROOT, key).unwrap_or_default();
+        let (winner, all) = {
+            let am = self.am();
+            let winner = am.get(ROOT, key).ok().flatten().map(|(_, id)| id);
+            let all: Vec<_> = am
+                .get_all(ROOT, key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(v, id)| (v.into_owned(), id))
+                .collect();
+            (winner, all)
+        };
         all.into_iter()
             .map(|(v, id)| {
                 let value = match v {
@@ -473,17 +668,22 @@ impl Document {
         if ops.is_empty() {
             return Ok(None);
         }
-        if self.writer != Some(author) {
+        self.am_mut(); // this copy's own state first: it may need a fresh actor
+        let fresh = self.writer != Some(author);
+        self.writer = Some(author);
+        let doc = self.am_mut();
+        if fresh {
             // A fresh actor for this writer in this process (never reuse an
-            // actor in two places); its first change carries the author.
-            self.doc.set_author(Some(Author::from(author.0.to_vec())));
-            if let Some(a) = actor {
-                self.doc.set_actor(ActorId::from(a.as_slice()));
-            }
-            self.writer = Some(author);
+            // actor in two places, nor one another copy of this state
+            // wrote as); its first change carries the author.
+            doc.set_author(Some(Author::from(author.0.to_vec())));
+            doc.set_actor(match actor {
+                Some(a) => ActorId::from(a.as_slice()),
+                None => ActorId::random(),
+            });
         }
         let n = ops.len();
-        let mut tx = self.doc.transaction();
+        let mut tx = doc.transaction();
         for (k, v) in ops {
             match v {
                 Some(v) => tx.put(ROOT, k.as_str(), v.as_str())?,
@@ -496,8 +696,7 @@ impl Document {
         }
         let (hash, _) = tx.commit_with(options);
         let Some(hash) = hash else { return Ok(None) };
-        let change = self
-            .doc
+        let change = doc
             .get_change_by_hash(&hash)
             .ok_or_else(|| Error::NotFound(format!("change {hash} just made")))?;
         Ok(Some((hash, change.raw_bytes().to_vec(), n)))
@@ -512,7 +711,7 @@ impl Document {
 
     /// Whether a field holds concurrent values.
     pub fn is_conflicted(&self, key: &str) -> bool {
-        self.doc
+        self.am()
             .get_all(ROOT, key)
             .map(|v| v.len() > 1)
             .unwrap_or(false)
@@ -520,7 +719,7 @@ impl Document {
 
     /// The winning value of one field as its raw JSON text.
     pub fn raw(&self, key: &str) -> Option<String> {
-        match self.doc.get(ROOT, key).ok()?? {
+        match self.am().get(ROOT, key).ok()?? {
             (automerge::Value::Scalar(s), _) => match s.as_ref() {
                 automerge::ScalarValue::Str(t) => Some(t.to_string()),
                 _ => None,

@@ -793,15 +793,14 @@ impl Engine {
         one_way(state, &self.me, &p.cert, &id);
         let before = state.shared_heads.clone();
         let last_sent = state.last_sent_heads.clone();
-        let am = doc.automerge_mut();
-        let received = crate::panics::catch(|| am.receive_sync_message(state, rest));
+        let received = doc.receive_sync(state, rest);
         if carried {
             // Automerge took the message for one without changes that
             // found us at its heads already (we applied them first), and
             // would then never acknowledge them. Keep what we last sent.
             state.last_sent_heads = last_sent;
         }
-        if !matches!(received, Ok(Ok(()))) {
+        if received.is_err() {
             return self.cut_off(
                 peer,
                 format!("sync message for {id} could not be processed"),
@@ -831,7 +830,6 @@ impl Engine {
         };
         let state = p.states.entry(id.clone()).or_default();
         one_way(state, &self.me, &p.cert, id);
-        let am = doc.automerge();
         // Automerge asks only for what it knows is missing; changes we hold
         // back (their dependencies have not arrived) are invisible to it, so
         // ask for their missing dependencies ourselves. Without this, a
@@ -849,6 +847,8 @@ impl Engine {
         if small && let Some(c) = state.their_capabilities.as_mut() {
             c.retain(|c| *c != Capability::MessageV2);
         }
+        // Held to the end: no other read of `doc` below (its lock).
+        let am = doc.automerge();
         let msg = am.generate_sync_message(state);
         state.their_capabilities = caps;
         let Some(mut msg) = msg else {
@@ -872,7 +872,7 @@ impl Engine {
                 .their_heads
                 .iter()
                 .flatten()
-                .filter(|h| doc.has_change(h))
+                .filter(|h| am.get_change_meta_by_hash(h).is_some())
                 .copied()
                 .collect();
             changes = am.get_changes(&theirs);
@@ -922,6 +922,7 @@ impl Engine {
             msg: msg.encode(),
             sigs,
         };
+        drop(am);
         self.send(peer, frame);
     }
 }
