@@ -1251,12 +1251,23 @@ impl Sim {
         let mut no_forged = true;
         let live: Vec<&SimNode> = self.nodes.iter().filter(|n| n.core.is_some()).collect();
         let all_docs: HashSet<DocId> = self.committed.keys().cloned().collect();
+        let mut newest: HashMap<&str, u32> = HashMap::new();
+        for d in &all_docs {
+            if let DocId::Node { name, epoch } = d {
+                let e = newest.entry(name.as_str()).or_default();
+                *e = (*e).max(*epoch);
+            }
+        }
         let superseded = |id: &DocId| match id {
-            DocId::Node { name, epoch } => all_docs
-                .iter()
-                .any(|d| matches!(d, DocId::Node { name: n, epoch: e } if n == name && e > epoch)),
+            DocId::Node { name, epoch } => newest.get(name.as_str()).is_some_and(|e| e > epoch),
             _ => false,
         };
+        let index: HashMap<&str, usize> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
         // A node holds another node's document only when a path of node
         // links leads to it: anchors do not hand it down (ADR 0012).
         let is_node = |i: usize| self.nodes[i].identity.cert.role == Role::Node;
@@ -1266,13 +1277,15 @@ impl Sim {
                 site_links.entry(*a).or_default().push(*b);
             }
         }
+        let not_nodes: Vec<usize> = (0..self.nodes.len()).filter(|i| !is_node(*i)).collect();
+        let everyone: Vec<usize> = (0..self.nodes.len()).collect();
         for id in &all_docs {
             if superseded(id) {
                 continue; // an old node epoch, dropped by design
             }
             let mut reach: Option<HashSet<usize>> = None;
             if let DocId::Node { name, .. } = id
-                && let Some(owner) = self.nodes.iter().position(|n| n.name == *name)
+                && let Some(&owner) = index.get(name.as_str())
             {
                 let mut seen = HashSet::from([owner]);
                 let mut todo = vec![owner];
@@ -1286,17 +1299,21 @@ impl Sim {
                 }
                 reach = Some(seen);
             }
-            let mut seen: Option<Vec<ChangeHash>> = None;
-            for (i, n) in self
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.core.is_some())
-            {
-                if !wants(&self.trust, &n.identity.cert, id) {
-                    continue;
+            // Who must hold it: with a reach, the nodes in it and every
+            // daemon that is not a node; else everyone.
+            let holders: Vec<usize> = match &reach {
+                Some(r) => {
+                    let mut h: Vec<usize> =
+                        r.iter().copied().chain(not_nodes.iter().copied()).collect();
+                    h.sort_unstable();
+                    h
                 }
-                if is_node(i) && reach.as_ref().is_some_and(|r| !r.contains(&i)) {
+                None => everyone.clone(),
+            };
+            let mut seen: Option<Vec<ChangeHash>> = None;
+            for i in holders {
+                let n = &self.nodes[i];
+                if n.core.is_none() || !wants(&self.trust, &n.identity.cert, id) {
                     continue;
                 }
                 let doc = n.core.as_ref().and_then(|c| c.doc(id));
