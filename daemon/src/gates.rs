@@ -86,15 +86,24 @@ impl Gates {
             self.read.insert(name.clone(), (*epoch, heads));
         }
         let view = fleet_view(fleet);
+        let heads = fleet.heads();
         let reports = &self.reports;
         let mut out = Vec::new();
         for (app, state) in &states {
             if !state.in_progress() {
                 continue;
             }
-            if let Some((_, Some((decision, why)))) =
-                rollout::judge(&view, app, reports, &mut self.seen, now.mono_ms as i64)
-            {
+            let Some(waves) = waves_at(&heads, &view, app) else {
+                continue;
+            };
+            if let Some((_, Some((decision, why)))) = rollout::judge_in_waves(
+                &view,
+                app,
+                &waves,
+                reports,
+                &mut self.seen,
+                now.mono_ms as i64,
+            ) {
                 out.push(GateDecision {
                     app: app.clone(),
                     revision: state.revision.clone(),
@@ -179,23 +188,32 @@ pub fn fleet_view(doc: &Document) -> Arc<FleetView> {
 /// The wave of `node` in `app`'s rollout of the fleet document at `heads`
 /// (see [`rollout::wave_of`]), the waves computed once per heads.
 pub fn wave_of(heads: &[ChangeHash], fleet: &FleetView, app: &str, node: &str) -> Option<usize> {
+    waves_at(heads, fleet, app)?.get(node).copied()
+}
+
+/// Every node's wave in `app`'s rollout of the fleet document at `heads`
+/// ([`rollout::waves`]), computed once per heads.
+pub fn waves_at(
+    heads: &[ChangeHash],
+    fleet: &FleetView,
+    app: &str,
+) -> Option<Arc<HashMap<String, usize>>> {
     let mut heads = heads.to_vec();
     heads.sort();
     if let Ok(w) = WAVES.lock()
         && let Some((_, _, waves)) = w.iter().find(|(h, a, _)| *h == heads && a == app)
     {
-        return waves.get(node).copied();
+        return Some(waves.clone());
     }
     let target = fleet.apps.get(app)?;
     let policy = target.rollout.as_ref()?;
     let state = fleet.rollouts.get(app)?;
     let waves = Arc::new(rollout::waves(fleet, app, target, policy, &state.revision));
-    let mine = waves.get(node).copied();
     if let Ok(mut w) = WAVES.lock() {
         if w.len() >= CACHED {
             w.remove(0);
         }
-        w.push((heads, app.to_string(), waves));
+        w.push((heads, app.to_string(), waves.clone()));
     }
-    mine
+    Some(waves)
 }

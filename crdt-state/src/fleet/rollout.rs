@@ -633,8 +633,9 @@ pub struct RolloutStatus {
 }
 
 /// The anchor's view of each node's health under a rollout: when it first
-/// saw a node run the new revision (its own monotonic clock, ms).
-pub type Seen = HashMap<(String, String, String), i64>;
+/// saw a node run the new revision (its own monotonic clock, ms), by app
+/// and revision, then by node.
+pub type Seen = HashMap<(String, String), HashMap<String, i64>>;
 
 /// Judges `app`'s rollout: where each wave stands, and the decision the
 /// gate makes now, if any. `seen` carries, across calls, when this anchor
@@ -650,11 +651,29 @@ pub fn judge(
     let state = fleet.rollouts.get(app)?;
     let target = fleet.apps.get(app)?;
     let policy = target.rollout.as_ref()?;
+    let wave_of = waves(fleet, app, target, policy, &state.revision);
+    judge_in_waves(fleet, app, &wave_of, reports, seen, now_ms)
+}
+
+/// [`judge`] with the rollout's waves ([`waves`]) computed by the caller
+/// (an anchor keeps them per fleet heads instead of ranking every node on
+/// every tick).
+pub fn judge_in_waves(
+    fleet: &FleetView,
+    app: &str,
+    wave_of: &HashMap<String, usize>,
+    reports: &BTreeMap<String, NodeReport>,
+    seen: &mut Seen,
+    now_ms: i64,
+) -> Option<(RolloutStatus, Option<(Decision, String)>)> {
+    let state = fleet.rollouts.get(app)?;
+    let target = fleet.apps.get(app)?;
+    let policy = target.rollout.as_ref()?;
     if revision(target) != state.revision || state.from.is_none() {
         return None;
     }
     let rev = &state.revision;
-    let wave_of = waves(fleet, app, target, policy, rev);
+    let seen = seen.entry((app.to_string(), rev.clone())).or_default();
     let mut status = RolloutStatus {
         app: app.to_string(),
         revision: rev.clone(),
@@ -669,14 +688,13 @@ pub fn judge(
         w.open = state.is_open(i) || state.done.is_some();
     }
     let mut earliest_healthy: Option<i64> = None;
-    for (node, &w) in &wave_of {
+    for (node, &w) in wave_of {
         let ws = &mut status.waves[w];
         ws.nodes += 1;
         if !ws.open {
             continue;
         }
         let report = reports.get(node);
-        let key = (app.to_string(), rev.clone(), node.clone());
         let rolled = report
             .and_then(|r| r.rollbacks.get(app))
             .filter(|b| b.revision == *rev);
@@ -696,7 +714,13 @@ pub fn judge(
                 }
                 NodeStand::Failed
             } else if r.state == WorkloadState::Running {
-                let since = *seen.entry(key).or_insert(now_ms);
+                let since = match seen.get(node) {
+                    Some(t) => *t,
+                    None => {
+                        seen.insert(node.clone(), now_ms);
+                        now_ms
+                    }
+                };
                 let healthy_for = policy.healthy_for_s as i64 * 1000;
                 if now_ms - since >= healthy_for {
                     NodeStand::Healthy
@@ -706,7 +730,7 @@ pub fn judge(
                     NodeStand::Updating
                 }
             } else {
-                seen.remove(&key);
+                seen.remove(node);
                 NodeStand::Updating
             }
         } else {
