@@ -537,10 +537,16 @@ impl Sim {
         else {
             return Ok(());
         };
+        // Loaded as a node loads it: verified, into a document of its own
+        // (not the writer's, whose actor only the writer may use).
+        let mut loaded = Document::new(DocId::Fleet);
+        verify_and_apply(&self.trust, &mut loaded, std::slice::from_ref(&change))
+            .map_err(|e| format!("the registry: {e}"))?;
+        drop(fleet);
         let sigs = HashMap::from([(hash, change.signature)]);
         let change = Arc::new(change);
         self.loaded
-            .insert((DocId::Fleet, vec![hash]), (fleet, sigs));
+            .insert((DocId::Fleet, vec![hash]), (loaded, sigs));
         self.committed.entry(DocId::Fleet).or_default().insert(hash);
         for n in &mut self.nodes {
             if wants(&self.trust, &n.identity.cert, &DocId::Fleet) {
