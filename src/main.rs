@@ -27,7 +27,7 @@ use node::daemon::RuntimeChoice;
 )]
 struct Cli {
     /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text")]
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
     #[command(subcommand)]
     command: Command,

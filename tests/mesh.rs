@@ -253,6 +253,65 @@ fn strangers_and_revoked_nodes_never_get_documents() {
 /// A revocation made through the running anchor (the control socket, so
 /// the anchor's one write path) reaches its core at once: the revoked node,
 /// connected until then, is cut off and gets nothing written after it.
+/// `--log-format json`: every line the daemon logs is one JSON object, and
+/// a line logged inside a task's span carries that span with its fields
+/// (here the mesh task's own peer id), as the text format does.
+#[test]
+fn json_logs_carry_the_span_of_each_line() {
+    let f = Fleet::new();
+    let anchor = Daemon::start(
+        "anchor",
+        &f.anchor_dir,
+        &[
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", f.anchor_port),
+            "--log-format".into(),
+            "json".into(),
+        ],
+        None,
+    );
+    let addr = anchor.addr_on("127.0.0.1");
+    let me = addr.rsplit("/p2p/").next().unwrap().to_string();
+    let listening = |log: &str| {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| {
+                v["fields"]["message"] == "listening"
+                    && v["spans"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["name"] == "mesh" && s["me"] == me))
+            })
+    };
+    assert!(
+        wait_for(SYNC_WITHIN, || listening(&anchor.log_text())),
+        "no JSON line 'listening' inside the mesh span of {me}: {}",
+        anchor.log_text()
+    );
+    // Every line of the log is JSON (the daemon's few plain `say!` lines
+    // go to stdout, which the harness appends to the same file: skip them).
+    let log = anchor.log_text();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with('{') && serde_json::from_str::<serde_json::Value>(l).is_err())
+        .collect();
+    assert!(bad.is_empty(), "lines that are not JSON: {bad:?}");
+    // An unknown format is refused, not taken as text.
+    let out = shoal(&[
+        "--log-format",
+        "jsn",
+        "get",
+        "nodes",
+        "--data-dir",
+        s(&f.anchor_dir),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jsn"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn revoking_through_a_running_anchor_cuts_the_node_off_at_once() {
     let f = Fleet::new();
