@@ -242,8 +242,9 @@ pub struct Sim {
     queue: BinaryHeap<Reverse<(u64, u64, Ev)>>,
     seq: u64,
     now: u64,
-    traffic: BTreeMap<String, Traffic>,
-    per_link: BTreeMap<String, Traffic>,
+    /// Traffic per link, by link index (named and summed by kind in the
+    /// report, not on every frame).
+    per_link: HashMap<usize, Traffic>,
     events: Vec<String>,
     heals: Vec<u64>,
     /// When changes were committed anywhere (virtual µs), in order.
@@ -407,8 +408,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             seq: 0,
             now: 0,
-            traffic: BTreeMap::new(),
-            per_link: BTreeMap::new(),
+            per_link: HashMap::new(),
             events: Vec::new(),
             heals: Vec::new(),
             persist_times: Vec::new(),
@@ -1108,11 +1108,7 @@ impl Sim {
                     if !l.up || l.epoch != epoch || self.nodes[to].core.is_none() {
                         continue;
                     }
-                    let t = self.traffic.entry(l.kind.clone()).or_default();
-                    t.messages += 1;
-                    t.bytes += frame.len() as u64;
-                    let name = format!("{}<->{}", self.nodes[l.a].name, self.nodes[l.b].name);
-                    let t = self.per_link.entry(name).or_default();
+                    let t = self.per_link.entry(link).or_default();
                     t.messages += 1;
                     t.bytes += frame.len() as u64;
                     let now = self.clock(to);
@@ -1445,6 +1441,16 @@ impl Sim {
                 ));
             }
         }
+        let mut links: BTreeMap<String, Traffic> = BTreeMap::new();
+        let mut per_link: BTreeMap<String, Traffic> = BTreeMap::new();
+        for (l, t) in &self.per_link {
+            let link = &self.links[*l];
+            let kind = links.entry(link.kind.clone()).or_default();
+            kind.messages += t.messages;
+            kind.bytes += t.bytes;
+            let name = format!("{}<->{}", self.nodes[link.a].name, self.nodes[link.b].name);
+            per_link.insert(name, t.clone());
+        }
         Report {
             name: self.scenario.name.clone(),
             seed: self.scenario.seed,
@@ -1452,8 +1458,8 @@ impl Sim {
             virtual_seconds: self.scenario.duration.0.as_secs_f64(),
             events: self.events,
             heals,
-            links: self.traffic,
-            per_link: self.per_link,
+            links,
+            per_link,
             conflicts,
             security_events: self.security,
             uncommitted_lost: self.lost.len(),
