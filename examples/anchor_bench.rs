@@ -326,20 +326,7 @@ fn scale(n: usize, requests: usize, tls: bool) {
     enroll_browser_key(&mut b, &url, &token);
     let (mut shown, mut signed) = (Vec::new(), Vec::new());
     for rep in 0..=5 {
-        b.eval(&format!("location.hash = '#/config/new?rep={rep}'"))
-            .unwrap();
-        b.wait_until(
-            &format!("location.hash.endsWith('rep={rep}') && document.querySelector('#yaml')?.value.includes('my-config')"),
-            within,
-        )
-        .unwrap();
-        b.fill("#yaml", &cfg(rep + 1)).unwrap();
-        let t = Instant::now();
-        b.click("#save").unwrap();
-        b.wait_until("!!document.querySelector('#sign-confirm')", within)
-            .unwrap();
-        let t1 = Instant::now();
-        b.click("#sign-confirm").unwrap();
+        let (t, t1) = sign_in_browser(&mut b, "config", rep, &cfg(rep + 1), within);
         b.wait_until(
             "document.querySelector('#applied')?.innerText.includes('Signed by')",
             within,
@@ -357,6 +344,33 @@ fn scale(n: usize, requests: usize, tls: bool) {
         percentile(&mut a, 0.5),
         percentile(&mut z, 0.5)
     );
+}
+
+/// In a fresh editor of `kind` (`app` or `config`; a new hash each rep),
+/// puts `yaml`, applies it and signs it in the page. Returns when Apply
+/// and when Sign were clicked.
+fn sign_in_browser(
+    b: &mut cdp::Browser,
+    kind: &str,
+    rep: usize,
+    yaml: &str,
+    within: Duration,
+) -> (Instant, Instant) {
+    b.eval(&format!("location.hash = '#/{kind}/new?rep={rep}'"))
+        .unwrap();
+    b.wait_until(
+        &format!("location.hash.endsWith('rep={rep}') && document.querySelector('#yaml')?.value.includes('my-{kind}')"),
+        within,
+    )
+    .unwrap();
+    b.fill("#yaml", yaml).unwrap();
+    let apply = Instant::now();
+    b.click("#save").unwrap();
+    b.wait_until("!!document.querySelector('#sign-confirm')", within)
+        .unwrap();
+    let sign = Instant::now();
+    b.click("#sign-confirm").unwrap();
+    (apply, sign)
 }
 
 /// Enrolls and starts `nodes` nodes in five sites; returns once the
@@ -549,21 +563,7 @@ fn edit_browser(nodes: usize, reps: usize) {
     for rep in 0..=reps {
         let v = format!("r{rep}");
         let want = format!("V={v}\n");
-        // A new hash each rep: a fresh editor.
-        b.eval(&format!("location.hash = '#/app/new?rep={rep}'"))
-            .unwrap();
-        b.wait_until(
-            &format!("location.hash.endsWith('rep={rep}') && document.querySelector('#yaml')?.value.includes('my-app')"),
-            within,
-        )
-        .unwrap();
-        b.fill("#yaml", &app(&v)).unwrap();
-        let t_apply = Instant::now();
-        b.click("#save").unwrap();
-        b.wait_until("!!document.querySelector('#sign-confirm')", within)
-            .unwrap();
-        let t0 = Instant::now();
-        b.click("#sign-confirm").unwrap();
+        let (t_apply, t0) = sign_in_browser(&mut b, "app", rep, &app(&v), within);
         restarted(&dirs, &want, t0);
         if rep > 0 {
             // rep 0 warms up (first start of the app everywhere, and the

@@ -1544,40 +1544,34 @@ async fn publish(
     .await
 }
 
-/// Every invitation and its state (admins).
-/// Every invitation and its state (admins); a certified key the fleet
-/// document revokes shows as `revoked`.
+/// Every invitation and its state (admins); a certified key the daemon's
+/// trust holds revoked (as of the last snapshot) shows as `revoked`.
 async fn keys_list(State(s): State<Shared>) -> Response {
     let dir = s.tokens.dir().to_path_buf();
-    let store = s.store.clone();
+    let trust = snap(&s).trust.clone();
     match blocking(move || {
-        let items = crate::keys::read(&dir).map_err(|e| ApiError::new(500, format!("{e:#}")))?;
-        let fleet = match &store {
-            Some(st) => st
-                .load(&crdt_state::DocId::Fleet)
-                .map_err(|e| ApiError::new(500, format!("the fleet document: {e}")))?,
-            None => None,
-        };
-        let t = now();
-        Ok(items
-            .iter()
-            .map(|i| {
-                let mut v = i.to_json(t);
-                let revoked = i.certificate.as_ref().is_some_and(|c| {
-                    fleet
-                        .as_ref()
-                        .is_some_and(|f| f.raw(&format!("revoked.{}", c.key)).is_some())
-                });
-                if revoked {
-                    v["state"] = json!("revoked");
-                }
-                v
-            })
-            .collect::<Vec<Value>>())
+        crate::keys::read(&dir).map_err(|e| ApiError::new(500, format!("{e:#}")))
     })
     .await
     {
-        Ok(items) => axum::Json(json!({ "items": items })).into_response(),
+        Ok(items) => {
+            let t = now();
+            let items: Vec<Value> = items
+                .iter()
+                .map(|i| {
+                    let mut v = i.to_json(t);
+                    let revoked = i
+                        .certificate
+                        .as_ref()
+                        .is_some_and(|c| trust.as_ref().is_some_and(|tr| tr.is_revoked(&c.key)));
+                    if revoked {
+                        v["state"] = json!("revoked");
+                    }
+                    v
+                })
+                .collect();
+            axum::Json(json!({ "items": items })).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -242,6 +242,9 @@ pub struct Snapshot {
     /// What each node holds of the artifacts its apps name (node →
     /// artifact → report).
     pub holdings: Arc<Holdings>,
+    /// The certificates and revocations the daemon trusts (`None` before
+    /// the first publish; its maps are shared, not copied).
+    pub trust: Option<Trust>,
 }
 
 pub use daemon::render::Holdings;
@@ -737,6 +740,7 @@ impl View {
             next.timeline = Arc::new(self.timeline.iter().cloned().collect());
         }
         next.counters = self.counters.clone();
+        next.trust = Some(trust.clone());
         self.changed.clear();
         self.version += 1;
         self.last_publish = Some(Instant::now());

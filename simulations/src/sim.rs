@@ -525,13 +525,12 @@ impl Sim {
         {
             return Err("a scenario with `runtime` needs an anchor".into());
         }
-        let mut fleet = Document::new(DocId::Fleet);
         let actor = {
             let mut a = [0u8; 16];
             a[..8].copy_from_slice(&self.rng.next().to_be_bytes());
             a
         };
-        let Some((hash, change, _)) = fleet
+        let Some((hash, change, _)) = Document::new(DocId::Fleet)
             .edit_with_actor(&self.operator, 0, &ops, Some(actor))
             .map_err(|e| e.to_string())?
         else {
@@ -542,7 +541,6 @@ impl Sim {
         let mut loaded = Document::new(DocId::Fleet);
         verify_and_apply(&self.trust, &mut loaded, std::slice::from_ref(&change))
             .map_err(|e| format!("the registry: {e}"))?;
-        drop(fleet);
         let sigs = HashMap::from([(hash, change.signature)]);
         let change = Arc::new(change);
         self.loaded
@@ -1303,17 +1301,18 @@ impl Sim {
             }
             // Who must hold it: with a reach, the nodes in it and every
             // daemon that is not a node; else everyone.
-            let holders: Vec<usize> = match &reach {
+            let reached: Vec<usize>;
+            let holders: &[usize] = match &reach {
                 Some(r) => {
-                    let mut h: Vec<usize> =
-                        r.iter().copied().chain(not_nodes.iter().copied()).collect();
+                    let mut h: Vec<usize> = r.iter().chain(&not_nodes).copied().collect();
                     h.sort_unstable();
-                    h
+                    reached = h;
+                    &reached
                 }
-                None => everyone.clone(),
+                None => &everyone,
             };
             let mut seen: Option<Vec<ChangeHash>> = None;
-            for i in holders {
+            for &i in holders {
                 let n = &self.nodes[i];
                 if n.core.is_none() || !wants(&self.trust, &n.identity.cert, id) {
                     continue;

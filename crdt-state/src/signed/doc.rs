@@ -188,12 +188,10 @@ impl Shared {
 }
 
 impl Clone for Shared {
+    /// A copy for one [`Document`] to change (`Arc::make_mut`); the
+    /// document then writes as a fresh actor (see [`Document::am_mut`]).
     fn clone(&self) -> Self {
-        let mut copy = self.lock().clone();
-        // The copy writes as an actor of its own (the original may go on
-        // writing as the one it had).
-        copy.set_actor(ActorId::random());
-        Shared(Mutex::new(copy))
+        Shared(Mutex::new(self.lock().clone()))
     }
 }
 
@@ -231,10 +229,14 @@ static APPLIED: Mutex<Option<Applied>> = Mutex::new(None);
 pub fn share_applied(on: bool) {
     SHARING.store(on, Ordering::Relaxed);
     let mut memo = APPLIED.lock().unwrap_or_else(PoisonError::into_inner);
-    *memo = on.then(|| Applied {
-        results: HashMap::new(),
-        since_sweep: 0,
-    });
+    if !on {
+        *memo = None;
+    } else if memo.is_none() {
+        *memo = Some(Applied {
+            results: HashMap::new(),
+            since_sweep: 0,
+        });
+    }
 }
 
 fn applied_key(before: Vec<ChangeHash>, changes: &[Change]) -> AppliedKey {
@@ -352,14 +354,20 @@ impl Document {
         self.doc.lock()
     }
 
-    /// The Automerge state to change: this copy's own (copied first if
-    /// another copy shares it).
-    fn am_mut(&mut self) -> &mut Automerge {
+    /// Makes the Automerge state this copy's own: copied first if another
+    /// copy (or the table of shared results) holds it. Such a state carries
+    /// the other copy's actor, so this copy's next write takes a fresh
+    /// actor: `writer` is forgotten.
+    fn make_own(&mut self) {
         if Arc::get_mut(&mut self.doc).is_none() {
-            // Another copy holds this state: from here on this copy
-            // writes as an actor of its own (set by its next write).
             self.writer = None;
+            Arc::make_mut(&mut self.doc);
         }
+    }
+
+    /// The Automerge state to change ([`Document::make_own`] first).
+    fn am_mut(&mut self) -> &mut Automerge {
+        self.make_own();
         let shared = Arc::make_mut(&mut self.doc);
         shared.0.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
@@ -668,7 +676,7 @@ impl Document {
         if ops.is_empty() {
             return Ok(None);
         }
-        self.am_mut(); // this copy's own state first: it may need a fresh actor
+        self.make_own();
         let fresh = self.writer != Some(author);
         self.writer = Some(author);
         let doc = self.am_mut();
