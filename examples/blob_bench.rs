@@ -88,9 +88,11 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -102,6 +104,8 @@ async fn main() {
     }
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
     let runs: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    // For profiling one side alone: `BLOB_BENCH_ONLY=plain` or `=blob`.
+    let only = std::env::var("BLOB_BENCH_ONLY").unwrap_or_default();
     let size = mib << 20;
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("model.bin");
@@ -150,26 +154,21 @@ async fn main() {
     let mut wire = 0.0;
     for run in 0..runs {
         // Plain stream.
-        let cpu = cpu_seconds();
-        let t = Instant::now();
-        let mut s = b.open(a.peer_id(), PLAIN).await.unwrap();
-        s.write_all(&[1]).await.unwrap();
-        s.flush().await.unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut got = 0u64;
-        loop {
-            let n = s.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-        }
-        assert_eq!(got, size);
-        let p = t.elapsed().as_secs_f64();
-        plain.push(size as f64 / p / 1e6);
-        let plain_cores = (cpu_seconds() - cpu) / p;
+        let (mbs, plain_cores) = if only == "blob" {
+            (f64::NAN, f64::NAN)
+        } else {
+            plain_run(&a, &b, size).await
+        };
+        plain.push(mbs);
 
         // The blob, into a fresh store.
+        if only == "plain" {
+            println!(
+                "run {run}: plain {mbs:.0} MB/s; cores busy {plain_cores:.2}; CPU s per GiB {:.2}",
+                plain_cores * GIB / (mbs * 1e6)
+            );
+            continue;
+        }
         let dir = tmp.path().join(format!("node{run}"));
         let store = BlobStore::open(&dir, None).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -207,8 +206,14 @@ async fn main() {
         wire = (served + asked) as f64 / size as f64;
         assert_eq!(node.counters().received.load(Ordering::Relaxed), size);
         println!(
-            "run {run}: plain {:.0} MB/s, blob {:.0} MB/s (to the last group written {:.0} MB/s), wire/size {:.5}; cores busy: plain {plain_cores:.2}, blob {blob_cores:.2}",
-            plain[run], blob[run], to_last_group[run], wire
+            "run {run}: plain {:.0} MB/s, blob {:.0} MB/s = {:.0}% (to the last group written {:.0} MB/s), wire/size {:.5}; cores busy: plain {plain_cores:.2}, blob {blob_cores:.2}; CPU s per GiB: plain {:.2}, blob {:.2}",
+            plain[run],
+            blob[run],
+            100.0 * blob[run] / plain[run],
+            to_last_group[run],
+            wire,
+            plain_cores * GIB / (plain[run] * 1e6),
+            blob_cores * GIB / (blob[run] * 1e6),
         );
         drop(node);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -224,6 +229,27 @@ async fn main() {
         100.0 * lg / p,
         100.0 * (wire - 1.0)
     );
+}
+
+/// One plain stream of `size` bytes from `a` to `b`: MB/s and cores busy.
+async fn plain_run(a: &Mesh, b: &Mesh, size: u64) -> (f64, f64) {
+    let cpu = cpu_seconds();
+    let t = Instant::now();
+    let mut s = b.open(a.peer_id(), PLAIN).await.unwrap();
+    s.write_all(&[1]).await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    assert_eq!(got, size);
+    let p = t.elapsed().as_secs_f64();
+    (size as f64 / p / 1e6, (cpu_seconds() - cpu) / p)
 }
 
 /// Writes `size` bytes in 1 MiB writes after the reader's one byte.

@@ -27,6 +27,10 @@ use tokio::sync::mpsc;
 /// refusal or an error reports at once).
 const REPORT_EVERY: usize = 16;
 
+/// The buffer a stream of groups is read through: a read of the stream
+/// takes up to this much (16 groups), whatever it holds.
+const READ_BUFFER: usize = 256 * 1024;
+
 /// How long a frame may take to arrive or leave before the stream is
 /// given up (a stalled peer; the fetch asks someone else).
 const FRAME_WAIT: Duration = Duration::from_secs(30);
@@ -619,6 +623,38 @@ fn read_frame<S: futures::AsyncRead + Unpin>(
     })
 }
 
+/// Reads one frame through `frames` (from a blocking thread): taken from
+/// what the buffer holds without a wait if it is there, else the stream
+/// is read (as much as it has) until it is, the frame whole within
+/// [`FRAME_WAIT`].
+fn read_buffered<'b, S: futures::AsyncRead + Unpin>(
+    handle: &tokio::runtime::Handle,
+    frames: &'b mut mesh::frame::Buffered,
+    stream: &mut S,
+    max: usize,
+) -> Result<Option<&'b [u8]>, String> {
+    use futures::AsyncReadExt;
+    let mut deadline = None;
+    while !frames.has_frame(max).map_err(|e| e.to_string())? {
+        let by = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + FRAME_WAIT);
+        let room = frames.room(max).map_err(|e| e.to_string())?;
+        let n = handle.block_on(async {
+            match tokio::time::timeout_at(by, stream.read(room)).await {
+                Ok(r) => r.map_err(|e| mesh::frame::FrameError::Io(e).to_string()),
+                Err(_) => Err(format!("no frame within {} s", FRAME_WAIT.as_secs())),
+            }
+        })?;
+        if n == 0 {
+            return match frames.ended(max) {
+                None => Ok(None),
+                Some(e) => Err(e.to_string()),
+            };
+        }
+        frames.filled(n);
+    }
+    frames.frame(max).map_err(|e| e.to_string())
+}
+
 /// Writes one frame within [`FRAME_WAIT`] (from a blocking thread).
 fn write_frame<S: futures::AsyncWrite + Unpin>(
     handle: &tokio::runtime::Handle,
@@ -727,6 +763,9 @@ impl GroupStream<'_> {
         requests: &std::sync::mpsc::Receiver<Request>,
         queued: &mut std::collections::VecDeque<Request>,
     ) -> String {
+        // Answers are read through one buffer for the stream's life: what
+        // is read past one run's last group begins the next run's.
+        let mut frames = mesh::frame::Buffered::new(READ_BUFFER);
         loop {
             // Everything asked so far goes out at once.
             loop {
@@ -752,7 +791,7 @@ impl GroupStream<'_> {
             let Some(req) = queued.front().cloned() else {
                 continue;
             };
-            match self.read_run(stream, &req, requests, queued) {
+            match self.read_run(stream, &mut frames, &req, requests, queued) {
                 Ok(()) => {
                     queued.pop_front();
                     self.ended(req, None);
@@ -768,12 +807,13 @@ impl GroupStream<'_> {
     fn read_run(
         &self,
         stream: &mut mesh::Stream,
+        frames: &mut mesh::frame::Buffered,
         req: &Request,
         requests: &std::sync::mpsc::Receiver<Request>,
         queued: &mut std::collections::VecDeque<Request>,
     ) -> Result<(), String> {
         let mut written = Vec::new();
-        let r = self.read_groups(stream, req, &mut written, requests, queued);
+        let r = self.read_groups(stream, frames, req, &mut written, requests, queued);
         self.report(&mut written);
         r
     }
@@ -807,6 +847,7 @@ impl GroupStream<'_> {
     fn read_groups(
         &self,
         stream: &mut mesh::Stream,
+        frames: &mut mesh::frame::Buffered,
         req: &Request,
         written: &mut Vec<(u64, Option<bool>)>,
         requests: &std::sync::mpsc::Receiver<Request>,
@@ -816,12 +857,12 @@ impl GroupStream<'_> {
         let mut i = 0;
         while let Some(one) = req.group(i) {
             i += 1;
-            let frame = read_frame(self.handle, stream, MAX_ANSWER)?
+            let frame = read_buffered(self.handle, frames, stream, MAX_ANSWER)?
                 .ok_or_else(|| "the peer closed the stream inside a run".to_string())?;
             let Request::Groups { from, .. } = one else {
                 break;
             };
-            match blobs::wire::groups_in(&one, &frame).map_err(|e| e.to_string())? {
+            match blobs::wire::groups_in(&one, frame).map_err(|e| e.to_string())? {
                 Some(data) => {
                     self.counters
                         .received
@@ -841,7 +882,7 @@ impl GroupStream<'_> {
                 None => {
                     // Told why it stops: the fetch forgets what it said it
                     // held; the rest of the run is asked elsewhere.
-                    let refused = Answer::decode(&one, &frame).map_err(|e| e.to_string())?;
+                    let refused = Answer::decode(&one, frame).map_err(|e| e.to_string())?;
                     self.report(written);
                     let _ = self.tx.send(Event::Answered {
                         hash,
@@ -991,27 +1032,27 @@ fn answer(
         .filter(|f| f.metadata().is_ok_and(|m| m.len() == req.size()));
     let mut i = 0;
     // Frames of a whole blob leave in batches of up to 8 (128 KiB): fewer
-    // waits on the stream; the receiver still reads them one by one.
-    let mut batch: Vec<u8> = Vec::new();
+    // waits on the stream; the receiver still reads them one by one. The
+    // batch's buffer is made once and filled in place (no zeroing per
+    // group).
+    let mut batch = Batch::default();
     while let Some(one) = req.group(i) {
         i += 1;
         if let (Some(f), Request::Groups { size, from, .. }) = (&whole, &one)
-            && let Some(n) = group_frame(f, *size, *from, &mut batch)
+            && let Some(n) = batch.add_group(f, *size, *from)
         {
             counters.served_wire.fetch_add(
                 (n + mesh::frame::HEADER + GROUP_HEADER) as u64,
                 Ordering::Relaxed,
             );
             counters.served.fetch_add(n as u64, Ordering::Relaxed);
-            if batch.len() >= 8 * (blobs::GROUP as usize) {
-                write_raw(handle, stream, &batch)?;
-                batch.clear();
+            if batch.is_full() {
+                write_raw(handle, stream, batch.take())?;
             }
             continue;
         }
         if !batch.is_empty() {
-            write_raw(handle, stream, &batch)?;
-            batch.clear();
+            write_raw(handle, stream, batch.take())?;
         }
         let answer = answer_one(&one);
         let stop = !matches!(answer, Answer::Groups { .. });
@@ -1028,29 +1069,58 @@ fn answer(
         }
     }
     if !batch.is_empty() {
-        write_raw(handle, stream, &batch)?;
+        write_raw(handle, stream, batch.take())?;
     }
     Ok(())
 }
 
-/// Appends to `out` the whole frame (the mesh's length header, the
-/// answer's header, the group) of group `g` of a whole blob, the group read
-/// from `f` straight into place. Returns the group's length; `None` (and
-/// `out` as it was) if it could not be read.
-fn group_frame(f: &std::fs::File, size: u64, g: u64, out: &mut Vec<u8>) -> Option<usize> {
-    use std::os::unix::fs::FileExt;
-    let r = blobs::tree::group_range(size, g);
-    let len = (r.end - r.start) as usize;
-    let at = out.len();
-    out.extend_from_slice(&((GROUP_HEADER + len) as u32).to_be_bytes());
-    out.extend_from_slice(&group_header(g));
-    let body = out.len();
-    out.resize(body + len, 0);
-    if f.read_exact_at(&mut out[body..], r.start).is_err() {
-        out.truncate(at);
-        return None;
+/// Whole frames of groups of a whole blob (the mesh's length header, the
+/// answer's header, the group), read from the file straight into place.
+#[derive(Default)]
+struct Batch {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+/// Groups in a [`Batch`].
+const BATCH_GROUPS: usize = 8;
+
+impl Batch {
+    const FRAME: usize = mesh::frame::HEADER + GROUP_HEADER + blobs::GROUP as usize;
+
+    /// Appends the frame of group `g` of a blob of `size` bytes read from
+    /// `f`. Returns the group's length; `None` (and the batch as it was)
+    /// if it could not be read.
+    fn add_group(&mut self, f: &std::fs::File, size: u64, g: u64) -> Option<usize> {
+        use std::os::unix::fs::FileExt;
+        if self.buf.is_empty() {
+            self.buf = vec![0; BATCH_GROUPS * Self::FRAME];
+        }
+        let r = blobs::tree::group_range(size, g);
+        let len = (r.end - r.start) as usize;
+        let out = self.buf.get_mut(self.used..self.used + Self::FRAME)?;
+        let (head, rest) = out.split_at_mut(mesh::frame::HEADER + GROUP_HEADER);
+        head[..mesh::frame::HEADER].copy_from_slice(&((GROUP_HEADER + len) as u32).to_be_bytes());
+        head[mesh::frame::HEADER..].copy_from_slice(&group_header(g));
+        f.read_exact_at(rest.get_mut(..len)?, r.start).ok()?;
+        self.used += mesh::frame::HEADER + GROUP_HEADER + len;
+        Some(len)
     }
-    Some(len)
+
+    /// Whether another group might not fit.
+    fn is_full(&self) -> bool {
+        self.buf.len() - self.used < Self::FRAME
+    }
+
+    fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// The frames held, emptying the batch (its buffer stays).
+    fn take(&mut self) -> &[u8] {
+        let n = std::mem::take(&mut self.used);
+        &self.buf[..n]
+    }
 }
 
 /// Writes bytes that are already a frame (header included).

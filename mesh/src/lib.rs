@@ -56,6 +56,7 @@
 
 pub mod frame;
 mod session;
+pub mod udp;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -152,6 +153,10 @@ pub struct Config {
     /// a send that would go over ends the peer's session and cuts it off
     /// (a slow consumer).
     pub max_queued: usize,
+    /// Receive buffer asked for each listening UDP socket, in bytes as the
+    /// kernel counts them (`SO_RCVBUF`); 0 leaves the system's default.
+    /// See [`udp`].
+    pub udp_receive_buffer: usize,
 }
 
 impl Config {
@@ -180,6 +185,9 @@ impl Config {
             serve: Vec::new(),
             serve_streams: Vec::new(),
             max_queued: 32 << 20,
+            // 8 MiB as the kernel counts it (about 4 MiB of datagrams):
+            // 13 ms of a 300 MB/s transfer, 30 ms of a gigabit link.
+            udp_receive_buffer: 8 << 20,
         }
     }
 }
@@ -650,6 +658,8 @@ struct Task {
     inbound_rx: mpsc::Receiver<Inbound>,
     requests: HashMap<PeerId, Vec<PendingRequest>>,
     listening: Vec<Multiaddr>,
+    /// UDP ports whose sockets' receive buffers were sized.
+    sized_ports: std::collections::HashSet<u16>,
     incarnation: [u8; INCARNATION],
     closing: Option<oneshot::Sender<()>>,
 }
@@ -826,6 +836,7 @@ impl Task {
             inbound_rx,
             requests: HashMap::new(),
             listening: Vec::new(),
+            sized_ports: Default::default(),
             incarnation,
             closing: None,
         })
@@ -948,6 +959,44 @@ impl Task {
         }
     }
 
+    /// Sizes the receive buffer of the UDP socket behind a new listening
+    /// address, once per port (see [`udp`]).
+    fn size_socket(&mut self, address: &Multiaddr) {
+        let want = self.config.udp_receive_buffer;
+        if want == 0 || address.iter().any(|p| p == Protocol::P2pCircuit) {
+            return;
+        }
+        let Some(port) = address.iter().find_map(|p| match p {
+            Protocol::Udp(port) => Some(port),
+            _ => None,
+        }) else {
+            return;
+        };
+        if !self.sized_ports.insert(port) {
+            return;
+        }
+        match udp::enlarge(port, want) {
+            Ok(sockets) => {
+                for s in sockets {
+                    if s.enough {
+                        tracing::debug!(port, bytes = s.bytes, "UDP receive buffer");
+                    } else {
+                        tracing::warn!(
+                            port,
+                            bytes = s.bytes,
+                            wanted = want,
+                            "UDP receive buffer smaller than wanted: fast transfers \
+                             may lose datagrams; raise net.core.rmem_max to {} or \
+                             give the process CAP_NET_ADMIN",
+                            want / 2
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(port, error = %e, "UDP receive buffer left as it is"),
+        }
+    }
+
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         let now = Instant::now();
         match ev {
@@ -956,6 +1005,7 @@ impl Task {
                 if self.config.relay_server && !address.iter().any(|p| p == Protocol::P2pCircuit) {
                     self.swarm.add_external_address(address.clone());
                 }
+                self.size_socket(&address);
                 self.listening.push(address.clone());
                 self.emit(Event::Listening(address));
             }

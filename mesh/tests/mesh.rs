@@ -381,3 +381,62 @@ async fn a_stalled_consumer_slows_the_sender_which_cuts_it_off_without_a_gap() {
     }
     assert!(next_no < sent, "b got {next_no} frames of {sent}");
 }
+
+/// The receive buffer of the UDP socket bound to `port`, as `ss` reports it
+/// (`skmem:(…,rbN,…)` on the line after the socket's).
+fn receive_buffer(port: u16) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-u", "-a", "-m", "-n"])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let bound_here = line
+            .split_whitespace()
+            .nth(3)
+            .is_some_and(|local| local.ends_with(&format!(":{port}")));
+        if bound_here {
+            let mem = lines.next()?;
+            let rb = mem
+                .split(['(', ',', ')'])
+                .find_map(|f| f.strip_prefix("rb"))?;
+            return rb.parse().ok();
+        }
+    }
+    None
+}
+
+fn port_of(addr: &Multiaddr) -> u16 {
+    addr.iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+        .expect("a UDP address")
+}
+
+/// The mesh asks for a large receive buffer on its listening socket (a
+/// burst that overflows the default one is dropped, and QUIC halves its
+/// window); with 0 it leaves the system's default. Needs root or a
+/// `net.core.rmem_max` of at least 4 MiB (CI runs as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_sockets_get_the_receive_buffer_asked_for() {
+    let (_a, _ae, a_addr) = start(config(41), b"a").await;
+    let mut plain = config(42);
+    plain.udp_receive_buffer = 0;
+    let (_b, _be, b_addr) = start(plain, b"b").await;
+    let sized = receive_buffer(port_of(&a_addr)).expect("a's socket listed by ss");
+    assert!(
+        sized >= 8 << 20,
+        "a's receive buffer is {sized} bytes, asked for {}",
+        8 << 20
+    );
+    let default: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_default")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let left = receive_buffer(port_of(&b_addr)).expect("b's socket listed by ss");
+    assert_eq!(left, default, "b's buffer was left as the system sets it");
+}
