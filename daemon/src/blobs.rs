@@ -5,9 +5,10 @@
 //! Every request is a stream of its own, run on a blocking thread (files
 //! are read and written there, never on the loop): the asker writes the
 //! request, then reads the answer frame by frame; for a run of groups it
-//! checks and writes each group before it reads the next, so a transfer
-//! holds one group in memory and the disk's pace reaches the sender through
-//! QUIC's flow control. What each request brought is reported to the loop
+//! reads through one buffer of [`READ_BUFFER`] bytes and checks and writes
+//! the groups it holds before it reads more, so a transfer holds that
+//! buffer in memory and the disk's pace reaches the sender through QUIC's
+//! flow control. What each request brought is reported to the loop
 //! through one channel ([`crate::driver::Input::Blob`]). Only admitted
 //! peers are answered.
 
@@ -27,8 +28,9 @@ use tokio::sync::mpsc;
 /// refusal or an error reports at once).
 const REPORT_EVERY: usize = 16;
 
-/// The buffer a stream of groups is read through: a read of the stream
-/// takes up to this much (16 groups), whatever it holds.
+/// The buffer a stream of groups is read through: one read of the stream
+/// takes whatever it holds, up to this much (16 groups with their
+/// headers, less a few bytes).
 const READ_BUFFER: usize = 256 * 1024;
 
 /// How long a frame may take to arrive or leave before the stream is
@@ -1032,9 +1034,8 @@ fn answer(
         .filter(|f| f.metadata().is_ok_and(|m| m.len() == req.size()));
     let mut i = 0;
     // Frames of a whole blob leave in batches of up to 8 (128 KiB): fewer
-    // waits on the stream; the receiver still reads them one by one. The
-    // batch's buffer is made once and filled in place (no zeroing per
-    // group).
+    // waits on the stream. The batch's buffer is made once and filled in
+    // place (no zeroing per group).
     let mut batch = Batch::default();
     while let Some(one) = req.group(i) {
         i += 1;

@@ -993,7 +993,11 @@ impl Task {
                     }
                 }
             }
-            Err(e) => tracing::debug!(port, error = %e, "UDP receive buffer left as it is"),
+            Err(e) => tracing::info!(
+                port,
+                error = %e,
+                "UDP receive buffer left at the system's default"
+            ),
         }
     }
 

@@ -60,8 +60,12 @@ pub fn enlarge(port: u16, want: usize) -> Result<Vec<Buffer>, String> {
         if !is_socket {
             continue;
         }
-        let Ok(fd) = pidfd_getfd(&me, n, PidfdGetfdFlags::empty()) else {
-            continue;
+        let fd = match pidfd_getfd(&me, n, PidfdGetfdFlags::empty()) {
+            Ok(fd) => fd,
+            // Closed meanwhile.
+            Err(rustix::io::Errno::BADF) => continue,
+            // Not allowed here (a seccomp filter, a kernel before 5.6).
+            Err(e) => return Err(format!("pidfd_getfd: {e}")),
         };
         if sockopt::socket_type(&fd).ok() != Some(rustix::net::SocketType::DGRAM) {
             continue;
