@@ -626,35 +626,23 @@ fn read_frame<S: futures::AsyncRead + Unpin>(
 }
 
 /// Reads one frame through `frames` (from a blocking thread): taken from
-/// what the buffer holds without a wait if it is there, else the stream
-/// is read (as much as it has) until it is, the frame whole within
-/// [`FRAME_WAIT`].
+/// what the buffer holds without a wait if it is there, else read
+/// ([`mesh::frame::Buffered::read`]) within [`FRAME_WAIT`].
 fn read_buffered<'b, S: futures::AsyncRead + Unpin>(
     handle: &tokio::runtime::Handle,
     frames: &'b mut mesh::frame::Buffered,
     stream: &mut S,
     max: usize,
 ) -> Result<Option<&'b [u8]>, String> {
-    use futures::AsyncReadExt;
-    let mut deadline = None;
-    while !frames.has_frame(max).map_err(|e| e.to_string())? {
-        let by = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + FRAME_WAIT);
-        let room = frames.room(max).map_err(|e| e.to_string())?;
-        let n = handle.block_on(async {
-            match tokio::time::timeout_at(by, stream.read(room)).await {
-                Ok(r) => r.map_err(|e| mesh::frame::FrameError::Io(e).to_string()),
-                Err(_) => Err(format!("no frame within {} s", FRAME_WAIT.as_secs())),
-            }
-        })?;
-        if n == 0 {
-            return match frames.ended(max) {
-                None => Ok(None),
-                Some(e) => Err(e.to_string()),
-            };
-        }
-        frames.filled(n);
+    if frames.has_frame(max).map_err(|e| e.to_string())? {
+        return frames.frame(max).map_err(|e| e.to_string());
     }
-    frames.frame(max).map_err(|e| e.to_string())
+    handle.block_on(async move {
+        match tokio::time::timeout(FRAME_WAIT, frames.read(stream, max)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no frame within {} s", FRAME_WAIT.as_secs())),
+        }
+    })
 }
 
 /// Writes one frame within [`FRAME_WAIT`] (from a blocking thread).
